@@ -1,0 +1,236 @@
+# -*- test-case-name: tests.test_chat -*-
+"""
+C{POST /v1/chat/completions}: check, forward, relay.
+
+The request body is validated, then sent upstream unchanged; the upstream
+status, headers and body come back as they arrive.  The render method
+follows the discipline twisted.web requires of asynchronous resources (and
+that klein's C{KleinResource.render} models): it returns C{NOT_DONE_YET},
+tracks whether the client is still there through C{notifyFinish}, cancels
+the upstream work when it is not, and never calls C{finish()} on a request
+whose connection is gone.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Optional, Sequence
+
+from twisted.internet import error as netError
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client as webClient
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.server import NOT_DONE_YET, Request
+
+from oaiproxy.config import Secret
+from oaiproxy.errors import (
+    ApiError,
+    invalid_api_key,
+    sse_error_event,
+    upstream_failed_mid_response,
+    upstream_timeout,
+    upstream_unreachable,
+)
+from oaiproxy.headers import bearer_token, client_response_headers
+from oaiproxy.relay import BodyRelay, UpstreamIdle
+from oaiproxy.resources import Endpoint, error_response, send_error
+from oaiproxy.upstream import UpstreamClient, UpstreamTimeout
+from oaiproxy.validation import ChatRequest, parse_chat_request
+
+__all__ = ["ChatCompletionsResource", "classify_upstream_failure", "read_body"]
+
+CHAT_COMPLETIONS = "/chat/completions"
+
+
+def classify_upstream_failure(failure: Failure, connect_timeout: float) -> ApiError:
+    """
+    Turn a failure to get a response head from upstream into the error the
+    client receives.
+
+    Only exception class names reach the message: a formatted exception
+    could quote a URL or a header.
+    """
+    if failure.check(UpstreamTimeout):
+        return upstream_timeout(failure.value.seconds, "send a response")
+    if failure.check(netError.TimeoutError):
+        return upstream_timeout(connect_timeout, "accept a connection")
+    if failure.check(webClient.ResponseNeverReceived, webClient.RequestTransmissionFailed):
+        reasons = getattr(failure.value, "reasons", [])
+        names = sorted({type(r.value).__name__ for r in reasons}) or ["no response"]
+        return upstream_unreachable(", ".join(names))
+    return upstream_unreachable(type(failure.value).__name__)
+
+
+def read_body(request: Request) -> bytes:
+    """
+    The whole request body.  L{oaiproxy.site.ProxyRequest} keeps it in
+    memory; a plain twisted.web request may have spooled it to a file.
+    """
+    content = request.content
+    getvalue = getattr(content, "getvalue", None)
+    if getvalue is not None:
+        body: bytes = getvalue()
+        return body
+    content.seek(0)
+    data: bytes = content.read()
+    return data
+
+
+def _authorized(request: Request, keys: Sequence[Secret]) -> bool:
+    token = bearer_token(request.requestHeaders)
+    if token is None:
+        return False
+    # Compare against every key, in constant time each, so timing reveals
+    # neither a key's prefix nor which key matched.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(token, key.reveal())
+    return matched
+
+
+class ChatCompletionsResource(Endpoint):
+    """
+    The chat completions endpoint.
+
+    @param upstream: where requests go.
+    @param clock: the clock for stream idle timeouts.
+    @param client_keys: keys a client must present; empty for none.
+    @param connect_timeout: reported in the 504 for a connect timeout.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        clock: IReactorTime,
+        client_keys: Sequence[Secret] = (),
+        connect_timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self._upstream = upstream
+        self._clock = clock
+        self._client_keys = tuple(client_keys)
+        self._connect_timeout = connect_timeout
+
+    def render_POST(self, request: Request) -> bytes | int:
+        if self._client_keys and not _authorized(request, self._client_keys):
+            return error_response(request, invalid_api_key())
+        body = read_body(request)
+        parsed = parse_chat_request(body)
+        if isinstance(parsed, ApiError):
+            return error_response(request, parsed)
+        _Exchange(self, request, parsed).start(body)
+        return NOT_DONE_YET
+
+
+class _Exchange:
+    """
+    One client request's trip upstream and back.
+
+    @ivar finished: the client request is over, either finished by us or
+        disconnected; nothing may be written to it any more.
+    """
+
+    def __init__(self, resource: ChatCompletionsResource, request: Request, chat: ChatRequest) -> None:
+        self._resource = resource
+        self._request = request
+        self._chat = chat
+        self._pending: Optional[Deferred[IResponse]] = None
+        self._relay: Optional[BodyRelay] = None
+        self._event_stream = False
+        self.finished = False
+
+    @property
+    def _log(self) -> Logger:
+        return self._resource.log
+
+    def start(self, body: bytes) -> None:
+        self._request.notifyFinish().addBoth(self._client_done)
+        upstream = self._resource._upstream
+        pending = upstream.post(CHAT_COMPLETIONS, body, self._request.requestHeaders)
+        self._pending = pending
+        pending.addCallbacks(self._got_head, self._no_head)
+        pending.addErrback(self._bug)
+
+    def _client_done(self, result: Optional[Failure]) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if isinstance(result, Failure):
+            self._log.info(
+                "client went away during {method} {path}; upstream request cancelled",
+                method="POST",
+                path=self._request.path.decode("latin-1"),
+            )
+            if self._relay is not None:
+                self._relay.abort()
+            elif self._pending is not None:
+                self._pending.cancel()
+
+    def _got_head(self, response: IResponse) -> None:
+        self._pending = None
+        request = self._request
+        request.setResponseCode(response.code, response.phrase)
+        length = None if response.length is UNKNOWN_LENGTH else response.length
+        for name, values in client_response_headers(response.headers, length):
+            request.responseHeaders.setRawHeaders(name, values)
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        self._event_stream = content_type.lower().startswith(b"text/event-stream")
+        # Send the head now, as upstream did, so a client sees the status of
+        # a long stream before its first token.
+        request.write(b"")
+        self._relay = BodyRelay(
+            request,
+            self._resource._clock,
+            self._resource._upstream.read_timeout,
+            self._body_done,
+        )
+        response.deliverBody(self._relay)
+
+    def _no_head(self, failure: Failure) -> None:
+        self._pending = None
+        if self.finished:
+            # The client left and we cancelled: whatever the failure says,
+            # nobody is waiting for an answer.
+            return
+        error = classify_upstream_failure(failure, self._resource._connect_timeout)
+        self._log.warn(
+            "upstream gave no response: {status} {code} ({message})",
+            status=error.status,
+            code=error.code,
+            message=error.message,
+        )
+        self.finished = True
+        send_error(self._request, error)
+
+    def _body_done(self, failure: Optional[Failure]) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        request = self._request
+        request.unregisterProducer()
+        if failure is None:
+            request.finish()
+            return
+        if failure.check(UpstreamIdle):
+            reason = f"no data for {failure.value.seconds:g} seconds"
+        else:
+            reason = type(failure.value).__name__
+        self._log.warn("upstream response cut short: {reason}", reason=reason)
+        if self._event_stream:
+            # The status line is long gone; the SDKs raise APIError on an
+            # event whose JSON has an "error" key.
+            request.write(sse_error_event(upstream_failed_mid_response(reason)))
+        # Close without the final chunk, so no client can take the partial
+        # body for a complete one.
+        request.loseConnection()
+
+    def _bug(self, failure: Failure) -> None:
+        self._log.failure("bug while relaying a chat completion", failure=failure)
+        if not self.finished:
+            self.finished = True
+            self._request.loseConnection()

@@ -1,0 +1,246 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The proxy's configuration: one frozen value built once at startup, and the
+pure parsers that turn command-line and environment strings into it.
+
+Secrets are wrapped in L{Secret}, whose C{repr} and C{str} never show the
+value, so a config object can be logged, printed in a traceback or put in
+an assertion message without leaking the upstream key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+from urllib.parse import urlsplit
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IAddress
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Secret",
+    "DEFAULT_PORT",
+    "DEFAULT_UPSTREAM",
+    "CREDENTIAL_NAME",
+    "parse_seconds",
+    "parse_byte_count",
+    "parse_upstream",
+    "port_from_env",
+    "client_keys_from_env",
+    "load_api_key",
+    "is_private_address",
+]
+
+DEFAULT_PORT = "tcp:8080:interface=127.0.0.1"
+DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+#: The name of the systemd credential (C{LoadCredential=openai_api_key:...})
+#: looked up under C{$CREDENTIALS_DIRECTORY}.
+CREDENTIAL_NAME = "openai_api_key"
+
+
+class ConfigError(Exception):
+    """
+    A configuration value is missing or malformed.  The message is one line
+    meant for an operator and never contains a secret.
+    """
+
+
+class Secret:
+    """
+    A credential that refuses to be displayed.
+
+    The value is available only through L{reveal}, which makes every place
+    that handles the raw key easy to find.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(<redacted>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    Everything the running proxy needs, validated.
+
+    @ivar ports: server endpoint descriptions to listen on.
+    @ivar upstream: the upstream base URL, without a trailing slash.
+    @ivar api_key: the upstream key, or C{None} only with C{mock_upstream}.
+    @ivar client_keys: keys clients must present; empty means no client auth.
+    """
+
+    ports: tuple[str, ...]
+    upstream: str
+    api_key: Optional[Secret]
+    client_keys: tuple[Secret, ...] = ()
+    connect_timeout: float = 10.0
+    read_timeout: float = 600.0
+    max_body_bytes: int = 64 * 1024 * 1024
+    idle_timeout: float = 75.0
+    mock_upstream: bool = False
+
+    @property
+    def chat_completions_url(self) -> str:
+        return self.upstream + "/chat/completions"
+
+
+def parse_seconds(name: str, text: str) -> float:
+    """
+    Parse a positive, finite number of seconds.
+
+    @param name: the option's name, for the error message.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, not {text!r}")
+    if not (0 < value < float("inf")):
+        raise ConfigError(f"{name} must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def parse_byte_count(name: str, text: str) -> int:
+    """
+    Parse a positive whole number of bytes.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number of bytes, not {text!r}")
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive number of bytes, not {text!r}")
+    return value
+
+
+def parse_upstream(text: str) -> str:
+    """
+    Check an upstream base URL and normalise it (no trailing slash).
+
+    Only C{http} and C{https} with a host are accepted; credentials, a query
+    or a fragment in the URL are refused, because they would be silently
+    dropped or, worse, logged.
+    """
+    try:
+        parts = urlsplit(text)
+        parts.port  # raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"--upstream is not a valid URL: {_redact_url(text)!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"--upstream must be an http:// or https:// URL with a host, not "
+            f"{_redact_url(text)!r}"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            "--upstream must not carry credentials; the key goes in "
+            "--api-key-file or OPENAI_API_KEY"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(f"--upstream must not have a query or fragment: {_redact_url(text)!r}")
+    return text.rstrip("/")
+
+
+def _redact_url(text: str) -> str:
+    # A URL with userinfo may carry a password; show only what follows '@'.
+    scheme, sep, rest = text.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://<redacted>@{rest.split('@', 1)[1]}"
+    return text
+
+
+def port_from_env(environ: Mapping[str, str]) -> Optional[str]:
+    """
+    The endpoint for the C{PORT} environment variable (a bare port number,
+    as platforms such as Heroku set it), kept on loopback like the default.
+    """
+    text = environ.get("PORT")
+    if not text:
+        return None
+    if not text.isdigit() or not (0 <= int(text) <= 65535):
+        raise ConfigError(f"PORT must be a port number, not {text!r}")
+    return f"tcp:{int(text)}:interface=127.0.0.1"
+
+
+def client_keys_from_env(environ: Mapping[str, str]) -> tuple[Secret, ...]:
+    """
+    The client keys from C{OAIPROXY_CLIENT_KEYS} (comma-separated).
+
+    Client keys are read from the environment only, never from the command
+    line, where any user of the host could read them in C{ps}.
+    """
+    text = environ.get("OAIPROXY_CLIENT_KEYS", "")
+    keys = [k.strip() for k in text.split(",")]
+    return tuple(Secret(k.encode("utf-8")) for k in keys if k)
+
+
+def load_api_key(key_file: Optional[str], environ: Mapping[str, str]) -> Secret:
+    """
+    Find the upstream key, in order: C{--api-key-file}, the systemd
+    credential C{$CREDENTIALS_DIRECTORY/openai_api_key}, C{OPENAI_API_KEY}.
+
+    @raise ConfigError: when none is set, or a named file is unreadable or
+        empty.  The message names the file, never its content.
+    """
+    if key_file:
+        return _read_key_file(key_file)
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if credentials:
+        path = os.path.join(credentials, CREDENTIAL_NAME)
+        if os.path.exists(path):
+            return _read_key_file(path)
+    value = environ.get("OPENAI_API_KEY", "").strip()
+    if value:
+        return Secret(value.encode("utf-8"))
+    raise ConfigError(
+        "no upstream API key: set OPENAI_API_KEY, pass --api-key-file PATH, "
+        f"provide the systemd credential {CREDENTIAL_NAME}, or use "
+        "--mock-upstream to try the proxy without one"
+    )
+
+
+def _read_key_file(path: str) -> Secret:
+    try:
+        with open(path, "rb") as f:
+            value = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read the API key file {path}: {e.strerror}")
+    if not value:
+        raise ConfigError(f"the API key file {path} is empty")
+    if b"\n" in value or b" " in value:
+        raise ConfigError(f"the API key file {path} must hold the key alone on one line")
+    return Secret(value)
+
+
+def is_private_address(address: IAddress) -> bool:
+    """
+    Whether a listening address is reachable only from this host: a loopback
+    IP, or a UNIX socket (guarded by file permissions).
+    """
+    if isinstance(address, UNIXAddress):
+        return True
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        host = address.host.split("%", 1)[0]
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+    return False

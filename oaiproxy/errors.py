@@ -1,0 +1,210 @@
+# -*- test-case-name: tests.test_errors -*-
+"""
+OpenAI-shaped error responses, as pure data.
+
+Every error the proxy itself produces (bad input, a missing route, an
+unreachable upstream) uses the same JSON envelope as the OpenAI API, so the
+official SDKs raise their usual exception classes (C{BadRequestError},
+C{AuthenticationError}, C{InternalServerError}...) and users see a message
+instead of a parse failure.  Nothing here performs I/O: resources decide
+I{when} to send an error, this module only decides I{what} it looks like.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = [
+    "ApiError",
+    "bad_request",
+    "invalid_api_key",
+    "not_found",
+    "method_not_allowed",
+    "body_too_large",
+    "upstream_unreachable",
+    "upstream_timeout",
+    "upstream_failed_mid_response",
+    "internal_error",
+    "sse_error_event",
+]
+
+INVALID_REQUEST = "invalid_request_error"
+API_ERROR = "api_error"
+
+
+@dataclass(frozen=True)
+class ApiError:
+    """
+    One error answer: the HTTP status plus the four fields of OpenAI's
+    C{{"error": {...}}} object.
+
+    @ivar headers: extra response headers (for example C{Allow} on a 405);
+        pairs so that the order on the wire is stable.
+    """
+
+    status: int
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def payload(self) -> dict[str, dict[str, Optional[str]]]:
+        """
+        The JSON-ready envelope, exactly the four keys the SDKs read.
+        """
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        """
+        The response body: compact UTF-8 JSON with a trailing newline, so
+        that C{curl} output ends cleanly in a terminal.
+        """
+        return json.dumps(self.payload()).encode("utf-8") + b"\n"
+
+
+def bad_request(message: str, param: Optional[str], code: Optional[str] = None) -> ApiError:
+    """
+    A 400 for a request body the proxy refuses before calling upstream.
+    """
+    return ApiError(400, message, INVALID_REQUEST, param, code)
+
+
+def invalid_api_key() -> ApiError:
+    """
+    A 401 for a missing or unknown client key.  Like OpenAI's own answer it
+    never echoes the key that was presented.
+    """
+    return ApiError(
+        401,
+        "Incorrect or missing API key: this proxy expects one of its client "
+        "keys as 'Authorization: Bearer <key>'.",
+        INVALID_REQUEST,
+        None,
+        "invalid_api_key",
+    )
+
+
+def not_found(method: str, path: str) -> ApiError:
+    """
+    A 404 that names what was asked for and how to point an SDK at the
+    proxy, because the usual cause is a base URL missing or doubling C{/v1}.
+    """
+    return ApiError(
+        404,
+        f"Invalid URL ({method} {path}): this proxy serves POST "
+        "/v1/chat/completions and GET /health. Set the SDK's base URL to "
+        "http://<proxy-host>:<port>/v1.",
+        INVALID_REQUEST,
+        None,
+        "unknown_url",
+    )
+
+
+def method_not_allowed(method: str, path: str, allowed: list[str]) -> ApiError:
+    """
+    A 405 carrying the C{Allow} header that RFC 9110 requires.
+    """
+    allow = ", ".join(allowed)
+    return ApiError(
+        405,
+        f"Method {method} is not allowed on {path}; use {allow}.",
+        INVALID_REQUEST,
+        None,
+        "method_not_allowed",
+        ((b"Allow", allow.encode("ascii")),),
+    )
+
+
+def body_too_large(limit: int) -> ApiError:
+    """
+    A 413 for a request body over the configured limit.
+    """
+    return ApiError(
+        413,
+        f"Request body is larger than this proxy's limit of {limit} bytes.",
+        INVALID_REQUEST,
+        None,
+        "request_too_large",
+    )
+
+
+def upstream_unreachable(reason: str) -> ApiError:
+    """
+    A 502 when no response head came back from upstream: connection refused,
+    DNS or TLS failure, or the connection dropped before the headers.  The
+    SDKs retry 5xx, which is right for these.
+
+    @param reason: a short, secret-free description (an exception class name
+        or a fixed phrase), never a formatted exception that could carry
+        request data.
+    """
+    return ApiError(
+        502,
+        f"The proxy could not get a response from the upstream API ({reason}).",
+        API_ERROR,
+        None,
+        "upstream_unreachable",
+    )
+
+
+def upstream_timeout(seconds: float, what: str) -> ApiError:
+    """
+    A 504 for an upstream that did not connect or answer in time.
+    """
+    return ApiError(
+        504,
+        f"The upstream API did not {what} within {seconds:g} seconds.",
+        API_ERROR,
+        None,
+        "upstream_timeout",
+    )
+
+
+def upstream_failed_mid_response(reason: str) -> ApiError:
+    """
+    The error reported inside an event stream when upstream fails after the
+    response has started: the status line is gone, so only the body can say
+    it.
+    """
+    return ApiError(
+        502,
+        f"The upstream API failed during the response ({reason}); the output "
+        "is incomplete.",
+        API_ERROR,
+        None,
+        "upstream_stream_interrupted",
+    )
+
+
+def internal_error() -> ApiError:
+    """
+    A 500 for a bug in the proxy.  Details go to the log, never the client.
+    """
+    return ApiError(
+        500,
+        "The proxy hit an internal error; it has been logged.",
+        API_ERROR,
+        None,
+        "internal_error",
+    )
+
+
+def sse_error_event(error: ApiError) -> bytes:
+    """
+    Encode C{error} as a final server-sent event.
+
+    The openai SDKs raise C{APIError} when a C{data:} event's JSON has an
+    C{error} key, so this is how a stream reports a failure after its 200
+    status has already been sent.
+    """
+    return b"data: " + json.dumps(error.payload()).encode("utf-8") + b"\n\n"

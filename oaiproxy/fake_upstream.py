@@ -1,0 +1,342 @@
+# -*- test-case-name: tests.test_fake_upstream -*-
+"""
+A fake OpenAI chat completions API, shared by the tests, the benchmarks and
+C{twistd oaiproxy --mock-upstream}.
+
+It answers like the real API (JSON completions, server-sent event streams,
+OpenAI-shaped errors, the usual response headers) with deterministic text,
+and misbehaves on request: the C{model} of a request picks a scenario, so a
+test drives a failure through the real SDK without any side channel.
+
+    =====================  ==============================================
+    model                  behaviour
+    =====================  ==============================================
+    (anything else)        a normal answer, streamed if asked
+    C{fake-429}            429 with C{retry-after} and rate-limit headers
+    C{fake-429-once}       429 once (C{retry-after-ms: 20}), then normal
+    C{fake-500}            500 server error
+    C{fake-silent}         never answers
+    C{fake-stall}          sends the head and one chunk, then goes silent
+    C{fake-crash}          sends the head and one chunk, then drops the
+                           connection
+    C{fake-gated}          sends the head and one chunk, then waits for
+                           C{POST /_fake/release} (control mode)
+    C{fake-redirect}       307 to another URL (a proxy must not follow)
+    =====================  ==============================================
+
+In control mode, C{GET /_fake/requests} returns what was received and
+C{POST /_fake/release} releases gated streams.
+
+Run it alone with C{python -m oaiproxy.fake_upstream --port 0}: it prints
+the URL it listens on.  It only ever listens on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+__all__ = ["FakeUpstream", "RecordedRequest", "main"]
+
+
+@dataclass
+class RecordedRequest:
+    """
+    One request as the fake upstream received it.
+    """
+
+    method: str
+    path: str
+    headers: dict[str, list[str]]
+    body: bytes
+
+
+@dataclass
+class _Stream:
+    request: Request
+    events: list[bytes]
+    gated_after: Optional[int] = None
+    ending: str = "finish"
+    sent: int = 0
+    call: Optional[IDelayedCall] = None
+    done: bool = False
+
+
+def _error(message: str, type_: str, code: Optional[str]) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+
+
+class FakeUpstream(Resource):
+    """
+    The fake API as a twisted.web resource.
+
+    @param clock: paces streamed chunks.
+    @param api_key: when set, requests must carry C{Bearer <api_key>}.
+    @param chunk_interval: seconds between streamed chunks; 0 sends a whole
+        stream in one go.
+    @param control: serve the C{/_fake/} control routes.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        api_key: Optional[bytes] = None,
+        chunk_interval: float = 0.0,
+        control: bool = False,
+    ) -> None:
+        super().__init__()
+        self._clock = clock
+        self._api_key = api_key
+        self.chunk_interval = chunk_interval
+        self._control = control
+        self.requests: list[RecordedRequest] = []
+        self.disconnects = 0
+        self._streams: list[_Stream] = []
+        self._limited_once = False
+        self._serial = 0
+
+    # Dispatch.
+
+    def render(self, request: Request) -> bytes | int:
+        path = request.path.decode("latin-1")
+        method = request.method.decode("ascii")
+        if self._control and path.startswith("/_fake/"):
+            return self._render_control(request, method, path)
+        body = request.content.read()
+        self.requests.append(
+            RecordedRequest(
+                method,
+                path,
+                {
+                    name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
+                    for name, values in request.requestHeaders.getAllRawHeaders()
+                },
+                body,
+            )
+        )
+        if not path.endswith("/chat/completions"):
+            request.setResponseCode(404)
+            return self._json(request, _error(f"Invalid URL ({method} {path})", "invalid_request_error", None))
+        if method != "POST":
+            request.setResponseCode(405)
+            return self._json(request, _error("Method not allowed", "invalid_request_error", None))
+        if self._api_key is not None:
+            if request.getHeader(b"authorization") != b"Bearer " + self._api_key:
+                request.setResponseCode(401)
+                return self._json(
+                    request, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+                )
+        try:
+            document = json.loads(body)
+            model = document["model"]
+            prompt = str(document["messages"][-1].get("content", ""))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            request.setResponseCode(400)
+            return self._json(request, _error("bad body", "invalid_request_error", None))
+        self._serial += 1
+        request.setHeader(b"x-request-id", b"req_fake_%d" % (self._serial,))
+        request.setHeader(b"openai-processing-ms", b"7")
+        request.setHeader(b"set-cookie", b"__cf_bm=fake-session; path=/; HttpOnly")
+        request.setHeader(b"x-ratelimit-remaining-requests", b"4999")
+        return self._render_chat(request, document, model, prompt)
+
+    def _render_control(self, request: Request, method: str, path: str) -> bytes:
+        if path == "/_fake/requests" and method == "GET":
+            recorded = [
+                {"method": r.method, "path": r.path, "headers": r.headers, "body": r.body.decode("utf-8", "replace")}
+                for r in self.requests
+            ]
+            return self._json(request, json.dumps(recorded).encode())
+        if path == "/_fake/release" and method == "POST":
+            released = self.release()
+            return self._json(request, json.dumps({"released": released}).encode())
+        request.setResponseCode(404)
+        return self._json(request, _error("no such control route", "invalid_request_error", None))
+
+    def _render_chat(self, request: Request, document: dict[str, Any], model: str, prompt: str) -> bytes | int:
+        if model == "fake-429" or (model == "fake-429-once" and not self._limited_once):
+            self._limited_once = True
+            request.setResponseCode(429)
+            request.setHeader(b"retry-after", b"1" if model == "fake-429" else b"0")
+            if model == "fake-429-once":
+                request.setHeader(b"retry-after-ms", b"20")
+            request.setHeader(b"x-ratelimit-limit-requests", b"5000")
+            request.setHeader(b"x-ratelimit-remaining-requests", b"0")
+            request.setHeader(b"x-ratelimit-reset-requests", b"1s")
+            return self._json(
+                request,
+                _error("Rate limit reached for requests (fake).", "requests", "rate_limit_exceeded"),
+            )
+        if model == "fake-500":
+            request.setResponseCode(500)
+            return self._json(request, _error("The server had an error (fake).", "server_error", None))
+        if model == "fake-redirect":
+            request.setResponseCode(307)
+            request.setHeader(b"location", b"http://127.0.0.1:9/elsewhere")
+            return b""
+        if model == "fake-silent":
+            request.notifyFinish().addErrback(lambda _: self._count_disconnect())
+            return NOT_DONE_YET
+
+        text = f"This is a mock reply to: {prompt[:200]}"
+        created = int(self._clock.seconds())
+        ident = f"chatcmpl-fake{self._serial}"
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if document.get("stream") is not True:
+            completion = {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": usage,
+            }
+            return self._json(request, json.dumps(completion).encode())
+
+        def chunk(delta: dict[str, Any], finish: Optional[str] = None, **more: Any) -> bytes:
+            payload = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **more,
+            }
+            return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+        events = [chunk({"role": "assistant", "content": ""})]
+        words = text.split(" ")
+        events += [chunk({"content": (" " if i else "") + w}) for i, w in enumerate(words)]
+        events.append(chunk({}, "stop"))
+        if (document.get("stream_options") or {}).get("include_usage"):
+            events.append(
+                b"data: "
+                + json.dumps(
+                    {"id": ident, "object": "chat.completion.chunk", "created": created,
+                     "model": model, "choices": [], "usage": usage}
+                ).encode()
+                + b"\n\n"
+            )
+        events.append(b"data: [DONE]\n\n")
+        stream = _Stream(request, events)
+        if model in ("fake-stall", "fake-crash", "fake-gated"):
+            stream.gated_after = 2
+            stream.ending = {"fake-stall": "stall", "fake-crash": "crash", "fake-gated": "gate"}[model]
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.notifyFinish().addErrback(lambda _: self._stream_lost(stream))
+        self._streams.append(stream)
+        request.write(b"")
+        self._pump(stream)
+        return NOT_DONE_YET
+
+    # Streams.
+
+    def _pump(self, stream: _Stream) -> None:
+        stream.call = None
+        while not stream.done:
+            if stream.gated_after is not None and stream.sent >= stream.gated_after:
+                if stream.ending == "crash":
+                    stream.done = True
+                    stream.request.channel.transport.abortConnection()
+                # "stall" and "gate" wait here; release() resumes a gate.
+                return
+            if stream.sent >= len(stream.events):
+                stream.done = True
+                self._streams.remove(stream)
+                stream.request.finish()
+                return
+            stream.request.write(stream.events[stream.sent])
+            stream.sent += 1
+            if self.chunk_interval > 0:
+                stream.call = self._clock.callLater(self.chunk_interval, self._pump, stream)
+                return
+
+    def release(self) -> int:
+        """
+        Let every gated stream send the rest of its events.
+        """
+        gated = [s for s in self._streams if s.ending == "gate" and not s.done]
+        for stream in gated:
+            stream.gated_after = None
+            if stream.call is None:
+                self._pump(stream)
+        return len(gated)
+
+    def _stream_lost(self, stream: _Stream) -> None:
+        self._count_disconnect()
+        stream.done = True
+        if stream.call is not None and stream.call.active():
+            stream.call.cancel()
+        if stream in self._streams:
+            self._streams.remove(stream)
+
+    def _count_disconnect(self) -> None:
+        self.disconnects += 1
+
+    @staticmethod
+    def _json(request: Request, body: bytes) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return body
+
+
+def listen(reactor: Any, upstream: FakeUpstream, port: int = 0) -> Any:
+    """
+    Serve C{upstream} on loopback; return the listening port.
+    """
+    site = _QuietSite(upstream, reactor=reactor)
+    return reactor.listenTCP(port, site, interface="127.0.0.1")
+
+
+class _QuietSite(Site):
+    """
+    A site without access log or factory start/stop lines: the proxy in
+    front already logs each request.
+    """
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+def main(argv: Optional[list[str]] = None, reactor: Any = None, out: Callable[[str], None] = print) -> None:
+    """
+    Run the fake upstream as a real HTTP server until killed.  The key it
+    demands, if any, is read from C{OPENAI_API_KEY}.
+    """
+    parser = argparse.ArgumentParser(prog="python -m oaiproxy.fake_upstream", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free port)")
+    parser.add_argument("--chunk-interval", type=float, default=0.0, help="seconds between streamed chunks")
+    args = parser.parse_args(argv)
+    if reactor is None:
+        from twisted.internet import reactor
+    key = os.environ.get("OPENAI_API_KEY")
+    upstream = FakeUpstream(
+        reactor, api_key=key.encode() if key else None, chunk_interval=args.chunk_interval, control=True
+    )
+    port = listen(reactor, upstream, args.port)
+    out(f"fake upstream listening on http://127.0.0.1:{port.getHost().port}/v1")
+    sys.stdout.flush()
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

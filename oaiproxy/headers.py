@@ -1,0 +1,158 @@
+# -*- test-case-name: tests.test_headers -*-
+"""
+The proxy's header policy, as pure functions over L{Headers}.
+
+A forwarding proxy has to decide, for every header, whether it describes the
+end-to-end message (forward it) or one hop of the connection (drop it), and
+whether it carries a credential (never forward it).  Keeping these decisions
+here, free of I/O, lets them be read in one place and tested exhaustively.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from twisted.web.http_headers import Headers
+
+__all__ = [
+    "HOP_BY_HOP",
+    "upstream_request_headers",
+    "client_response_headers",
+    "bearer_token",
+]
+
+#: Connection-level headers (RFC 9110 section 7.6.1 plus the historical
+#: ones) that describe a single hop and must never be relayed.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Request headers that never go upstream, beyond the hop-by-hop ones:
+#:  - credentials of the client (the proxy substitutes its own key);
+#:  - framing and routing that the upstream connection sets for itself
+#:    (Host, Content-Length) or that the proxy negotiates itself
+#:    (Accept-Encoding: treq asks for gzip and decodes it);
+#:  - C{Expect}, which the proxy already answered;
+#:  - addresses of the client, which the upstream has no need to learn.
+_REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | frozenset(
+    {
+        b"authorization",
+        b"api-key",
+        b"cookie",
+        b"host",
+        b"content-length",
+        b"accept-encoding",
+        b"expect",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+    }
+)
+
+#: Response headers that never go back to the client, beyond hop-by-hop:
+#: cookies (one upstream session must not leak between proxy users),
+#: framing, which twisted.web recomputes for the body it actually sends, and
+#: C{Server}, which names the proxy the client is really talking to.
+_RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | frozenset(
+    {b"set-cookie", b"set-cookie2", b"content-length", b"server"}
+)
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    """
+    The header names listed in C{Connection}, which are hop-by-hop for this
+    message only (RFC 9110 section 7.6.1).
+    """
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def _kept(headers: Headers, drop: frozenset[bytes]) -> Iterable[tuple[bytes, list[bytes]]]:
+    also = _connection_tokens(headers)
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in drop or lowered in also:
+            continue
+        if lowered == b"content-encoding" and not b"".join(values).strip():
+            # Twisted's ContentDecoderAgent leaves an empty Content-Encoding
+            # on responses that had none; it means nothing, so drop it.
+            continue
+        yield name, list(values)
+
+
+def upstream_request_headers(client: Headers, authorization: bytes) -> Headers:
+    """
+    The headers to send upstream for a client request.
+
+    End-to-end headers the SDKs rely on (C{Content-Type}, C{Accept},
+    C{OpenAI-Organization}, C{OpenAI-Project}, C{OpenAI-Beta},
+    C{User-Agent}, C{X-Stainless-*}, C{X-Request-Id}...) pass through
+    unchanged; the client's credentials are replaced by C{authorization}.
+
+    @param client: the headers of the incoming request.
+    @param authorization: the complete C{Authorization} value for upstream,
+        for example C{b"Bearer sk-..."}.
+    """
+    out = Headers()
+    for name, values in _kept(client, _REQUEST_DROP):
+        out.setRawHeaders(name, values)
+    out.setRawHeaders(b"authorization", [authorization])
+    return out
+
+
+def client_response_headers(
+    upstream: Headers, length: Optional[int]
+) -> list[tuple[bytes, list[bytes]]]:
+    """
+    The headers to send back to the client for an upstream response.
+
+    Rate-limit headers, C{retry-after}, C{retry-after-ms},
+    C{x-should-retry}, C{x-request-id} and C{content-type} pass through so
+    that the SDKs' retry logic behaves as if talking to upstream directly.
+
+    @param length: the length of the body the client will receive, when it
+        is known; C{None} makes twisted.web frame the body itself (chunked),
+        which is also what lets a stream flow without buffering.
+    @return: C{(name, values)} pairs, meant for C{setRawHeaders} so that
+        upstream values replace the defaults twisted.web presets (C{Date},
+        C{Content-Type}).
+    """
+    out = list(_kept(upstream, _RESPONSE_DROP))
+    if length is not None:
+        out.append((b"Content-Length", [b"%d" % (length,)]))
+    # An nginx in front of the proxy would otherwise buffer event streams.
+    out.append((b"X-Accel-Buffering", [b"no"]))
+    return out
+
+
+def bearer_token(headers: Headers) -> Optional[bytes]:
+    """
+    The token of an C{Authorization: Bearer <token>} header, or C{None}.
+
+    The scheme is matched case-insensitively, as RFC 9110 requires.
+    """
+    values = headers.getRawHeaders(b"authorization")
+    if not values:
+        return None
+    scheme, _, token = values[0].strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    token = token.strip()
+    return token or None

@@ -1,0 +1,143 @@
+# -*- test-case-name: tests.test_chat -*-
+"""
+Copy an upstream response body to a client as it arrives.
+
+One relay serves plain and streamed bodies alike: every chunk treq delivers
+is written to the client at once, so server-sent events are never held
+back, and a plain JSON body costs no buffer either.  Two things a naive
+copy loop gets wrong are handled here:
+
+ - B{backpressure}: the upstream transport is registered as the client
+   request's push producer, so a client that reads slowly pauses the
+   upstream socket instead of growing the proxy's memory;
+ - B{silence}: treq's own timeout stops at the response head, so a stream
+   that goes quiet is bounded here, with an injected clock, by a timer that
+   restarts on every chunk and is suspended while the client holds the
+   upstream paused (that silence is the client's, not upstream's).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.server import Request
+from zope.interface import implementer
+
+__all__ = ["BodyRelay", "UpstreamIdle"]
+
+
+class UpstreamIdle(Exception):
+    """
+    The upstream sent no body data for longer than the read timeout.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class _IdleTimer:
+    """
+    A restartable one-shot timer.
+    """
+
+    def __init__(self, clock: IReactorTime, seconds: float, expired: Callable[[], None]) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._expired = expired
+        self._call: Optional[IDelayedCall] = None
+
+    def restart(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.reset(self._seconds)
+        else:
+            self._call = self._clock.callLater(self._seconds, self._expired)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
+@implementer(IPushProducer)
+class _PauseAwareProducer:
+    """
+    The upstream transport as the client's producer, with the idle timer
+    suspended for as long as the client keeps it paused.
+    """
+
+    def __init__(self, upstream: IPushProducer, timer: _IdleTimer) -> None:
+        self._upstream = upstream
+        self._timer = timer
+
+    def pauseProducing(self) -> None:
+        self._timer.stop()
+        self._upstream.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._timer.restart()
+        self._upstream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._timer.stop()
+        self._upstream.stopProducing()
+
+
+class BodyRelay(Protocol):
+    """
+    An C{IResponse.deliverBody} protocol that writes each chunk to a
+    twisted.web request.
+
+    @param done: called once when the body ends, with C{None} for a complete
+        body or the L{Failure} that cut it short (L{UpstreamIdle} for a
+        silent upstream).  It decides how to end the client's response.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        read_timeout: float,
+        done: Callable[[Optional[Failure]], None],
+    ) -> None:
+        self._request = request
+        self._read_timeout = read_timeout
+        self._done = done
+        self._timer = _IdleTimer(clock, read_timeout, self._idle)
+        self._timed_out = False
+        self.bytes_relayed = 0
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(_PauseAwareProducer(self.transport, self._timer), True)
+        self._timer.restart()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._timer.restart()
+        if data:
+            self.bytes_relayed += len(data)
+            self._request.write(data)
+
+    def abort(self) -> None:
+        """
+        Close the upstream connection now: the client has gone.
+        """
+        self._timer.stop()
+        self.transport.stopProducing()
+
+    def _idle(self) -> None:
+        self._timed_out = True
+        self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._timer.stop()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._done(None)
+        elif self._timed_out:
+            self._done(Failure(UpstreamIdle(self._read_timeout)))
+        else:
+            self._done(reason)

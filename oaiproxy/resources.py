@@ -1,0 +1,158 @@
+# -*- test-case-name: tests.test_resources -*-
+"""
+The Resource tree's plumbing: JSON errors for unknown paths and methods,
+the health check, and the tree itself.
+
+twisted.web's own answers for these cases are HTML pages, which an SDK
+reports as an undecodable body; here every answer is OpenAI-shaped JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+
+from oaiproxy.errors import ApiError, method_not_allowed, not_found
+
+__all__ = [
+    "error_response",
+    "send_error",
+    "JSONResource",
+    "Directory",
+    "Endpoint",
+    "NotFound",
+    "HealthResource",
+    "build_root",
+]
+
+
+def error_response(request: Request, error: ApiError) -> bytes:
+    """
+    Set the status and headers for C{error} on C{request} and return the
+    body, for a C{render_*} method to return.
+    """
+    request.setResponseCode(error.status)
+    body = error.body()
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"content-type", [b"application/json"])
+    headers.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
+    for name, value in error.headers:
+        headers.setRawHeaders(name, [value])
+    return body
+
+
+def send_error(request: Request, error: ApiError) -> None:
+    """
+    Answer a request that was left pending (C{NOT_DONE_YET}) with C{error}.
+    """
+    request.write(error_response(request, error))
+    request.finish()
+
+
+def _path(request: Request) -> str:
+    return request.path.decode("latin-1")
+
+
+class JSONResource(Resource):
+    """
+    A resource whose unsupported methods get a JSON 405 with C{Allow}, and
+    whose unknown children get a JSON 404.
+    """
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return NotFound()
+
+    def allowed_methods(self) -> list[str]:
+        names = [name[len("render_") :] for name in dir(self) if name.startswith("render_")]
+        methods = [name for name in names if name.isupper()]
+        if "GET" in methods and "HEAD" not in methods:
+            methods.append("HEAD")
+        return sorted(methods)
+
+    def render(self, request: Request) -> bytes | int:
+        method = request.method.decode("ascii", "replace")
+        handler = getattr(self, "render_" + method, None)
+        if handler is None and method == "HEAD":
+            handler = getattr(self, "render_GET", None)
+        if handler is None:
+            return error_response(
+                request, method_not_allowed(method, _path(request), self.allowed_methods())
+            )
+        result: bytes | int = handler(request)
+        return result
+
+
+class NotFound(JSONResource):
+    """
+    Everything at and below an unknown path: a 404 that hints at C{/v1}.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        method = request.method.decode("ascii", "replace")
+        return error_response(request, not_found(method, _path(request)))
+
+
+class Directory(JSONResource):
+    """
+    An inner node of the tree (C{/}, C{/v1}, C{/v1/chat}): it only has
+    children, so asking for it directly is a 404, whatever the method.
+    """
+
+    def render(self, request: Request) -> bytes:
+        return NotFound().render(request)
+
+
+class Endpoint(JSONResource):
+    """
+    A leaf endpoint: any path below it (C{/health/x}) is a 404.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes | int:
+        if request.postpath:
+            return NotFound().render(request)
+        return super().render(request)
+
+
+class HealthResource(Endpoint):
+    """
+    C{GET /health}: the process is up and serving.  It never calls upstream,
+    so a load balancer's probes cost no tokens and an upstream outage does
+    not take every proxy out of rotation at once.
+    """
+
+    _BODY = json.dumps({"status": "healthy"}).encode("ascii")
+
+    def render_GET(self, request: Request) -> bytes:
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+        return self._BODY
+
+
+def build_root(chat: IResource, health: Optional[IResource] = None) -> Resource:
+    """
+    Assemble the tree::
+
+        /health                 health check
+        /v1/chat/completions    chat completions (SDK base URL .../v1)
+        /chat/completions       the same (SDK base URL without /v1)
+    """
+    root = Directory()
+    root.putChild(b"health", health if health is not None else HealthResource())
+    for parent in (root, _child(root, b"v1")):
+        _child(parent, b"chat").putChild(b"completions", chat)
+    return root
+
+
+def _child(parent: Resource, name: bytes) -> Resource:
+    node = parent.children.get(name)
+    if node is None:
+        node = Directory()
+        parent.putChild(name, node)
+    return node

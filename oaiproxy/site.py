@@ -1,0 +1,208 @@
+# -*- test-case-name: tests.test_site -*-
+"""
+The HTTP server side: a L{Site} whose requests enforce the body limit before
+reading the body, answer failures in JSON, and write one access log line
+each, including for requests that end by disconnect.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Optional
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+from oaiproxy import __version__
+from oaiproxy.errors import ApiError, body_too_large, internal_error
+from oaiproxy.resources import error_response
+
+__all__ = ["ProxyRequest", "ProxySite", "SERVER", "raw_error_response", "LINGER_SECONDS"]
+
+SERVER = b"oaiproxy/" + __version__.encode("ascii")
+
+#: After refusing an oversized body, how long to keep reading (and
+#: discarding) what the client still sends before closing.  Closing at once
+#: would make the kernel reset the connection, and a reset can destroy the
+#: 413 before the client reads it; nginx's "lingering close" is the model.
+LINGER_SECONDS = 5.0
+
+
+def raw_error_response(error: ApiError) -> bytes:
+    """
+    A complete HTTP/1.1 response for C{error} that closes the connection,
+    for the moment before twisted.web has a request to answer through.
+    """
+    body = error.body()
+    phrase = RESPONSES.get(error.status, b"Error")
+    head = [
+        b"HTTP/1.1 %d %s" % (error.status, phrase),
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % (len(body),),
+        b"Connection: close",
+        b"Server: " + SERVER,
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+class ProxyRequest(Request):
+    """
+    A request that keeps its body in memory within the site's limit and
+    refuses a larger one as soon as the length is known.
+    """
+
+    _log = Logger()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._body_bytes = 0
+        self._refused = False
+        self._logged = False
+        self._linger: Optional[IDelayedCall] = None
+        site = self.channel.site
+        self._clock: IReactorTime = site.reactor
+        self._limit: int = site.max_body_bytes
+        self._started = self._clock.seconds()
+
+    # Body handling.
+
+    def gotLength(self, length: Optional[int]) -> None:
+        if length is not None and length > self._limit:
+            self._refuse_body()
+            return
+        # The body is parsed as JSON whole, so it is in memory anyway: keep
+        # it in one buffer instead of twisted.web's temporary file.
+        self.content = io.BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > self._limit:
+            self._refuse_body()
+            return
+        self.content.write(data)
+
+    def _refuse_body(self) -> None:
+        """
+        Answer 413 now, before the body is read, then discard the rest.
+        """
+        self._refused = True
+        self.content = io.BytesIO()
+        # Do not invite the body with "100 Continue".
+        self.requestHeaders.removeHeader(b"expect")
+        error = body_too_large(self._limit)
+        transport = self.channel.transport
+        transport.write(raw_error_response(error))
+        self.code = error.status
+        self.sentLength = len(error.body())
+        # The request line has been parsed but not handed to us yet; the
+        # channel holds it until the body is complete.
+        self._log_access(
+            getattr(self.channel, "_command", b"-"), getattr(self.channel, "_path", b"-")
+        )
+        self._linger = self._clock.callLater(LINGER_SECONDS, self._stop_lingering)
+
+    def _stop_lingering(self) -> None:
+        self._linger = None
+        if self.channel is not None:
+            self.channel.transport.abortConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            # The whole oversized body has been read and discarded; the
+            # answer is already out.
+            if self._linger is not None and self._linger.active():
+                self._linger.cancel()
+            self.channel.loseConnection()
+            return
+        super().requestReceived(command, path, version)
+
+    # Responses.
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            self.responseHeaders.setRawHeaders(b"server", [SERVER])
+        super().write(data)
+
+    def processingFailed(self, reason: Failure) -> None:
+        """
+        A bug in a resource: log the traceback, answer a JSON 500 that says
+        nothing about it.
+        """
+        self._log.failure("error rendering {path}", failure=reason, path=self.path.decode("latin-1"))
+        if self.finished or self._disconnected:
+            return
+        body = error_response(self, internal_error())
+        self.write(body)
+        self.finish()
+
+    # Access log.
+
+    def finish(self) -> None:
+        super().finish()
+        self._log_access(self.method, self.path)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        method, path = self.method, getattr(self, "path", None)
+        super().connectionLost(reason)
+        if path is not None:
+            self._log_access(method, path, disconnected=True)
+
+    def _log_access(self, method: bytes, path: bytes, disconnected: bool = False) -> None:
+        """
+        One line per request.  The path is logged without its query string,
+        and no header or body ever is: they are where credentials live.
+        """
+        if self._logged:
+            return
+        self._logged = True
+        peer = self.client
+        self._log.info(
+            "{client} {method} {path} {status} {bytes_sent} {duration:.3f}s{note}",
+            client=getattr(peer, "host", "-"),
+            method=method.decode("latin-1"),
+            path=path.split(b"?", 1)[0].decode("latin-1"),
+            status=self.code,
+            bytes_sent=self.sentLength,
+            duration=self._clock.seconds() - self._started,
+            disconnected=disconnected,
+            note=" (client disconnected)" if disconnected else "",
+        )
+
+
+class ProxySite(Site):
+    """
+    The proxy's HTTP factory.
+
+    @ivar max_body_bytes: the request body limit.
+    """
+
+    requestFactory = ProxyRequest
+    # The startup report names every listener; "Starting factory" adds noise.
+    noisy = False
+    # Tracebacks go to the log only, never to a client.
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        resource: IResource,
+        *,
+        max_body_bytes: int,
+        idle_timeout: float,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        self.max_body_bytes = max_body_bytes
+
+    def log(self, request: Request) -> None:
+        """
+        Do nothing: L{ProxyRequest} logs itself, including requests that
+        end without C{finish()}, which twisted.web would never report.
+        """

@@ -1,0 +1,328 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The twistd plugin's options and service: all of the daemon's wiring.
+
+Every setting has a command-line option and an environment variable; the
+option wins.  Secrets are the exception: the upstream key comes from a
+file, a systemd credential or the environment, and client keys from the
+environment only, so that no secret ever appears in C{ps} output.
+
+A configuration error ends startup with one line on stderr and exit status
+1, rather than twistd's usual full usage text or a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Optional
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.iweb import IAgent
+from zope.interface import implementer
+
+from oaiproxy import __version__
+from oaiproxy.chat import ChatCompletionsResource
+from oaiproxy.config import (
+    DEFAULT_PORT,
+    DEFAULT_UPSTREAM,
+    Config,
+    ConfigError,
+    Secret,
+    client_keys_from_env,
+    is_private_address,
+    load_api_key,
+    parse_byte_count,
+    parse_seconds,
+    parse_upstream,
+    port_from_env,
+)
+from oaiproxy.fake_upstream import FakeUpstream, listen
+from oaiproxy.resources import build_root
+from oaiproxy.site import ProxySite
+from oaiproxy.upstream import UpstreamClient, make_http_client
+
+__all__ = ["Options", "makeService"]
+
+log = Logger()
+
+_DEFAULTS = Config(ports=(DEFAULT_PORT,), upstream=DEFAULT_UPSTREAM, api_key=None)
+
+#: (option, environment variable, parser, Config field) for every plain
+#: setting; the option wins over the environment, which wins over the
+#: default.
+_SETTINGS: list[tuple[str, str, Callable[[str, str], Any], str]] = [
+    ("connect-timeout", "OAIPROXY_CONNECT_TIMEOUT", parse_seconds, "connect_timeout"),
+    ("read-timeout", "OAIPROXY_READ_TIMEOUT", parse_seconds, "read_timeout"),
+    ("idle-timeout", "OAIPROXY_IDLE_TIMEOUT", parse_seconds, "idle_timeout"),
+    ("max-body-bytes", "OAIPROXY_MAX_BODY_BYTES", parse_byte_count, "max_body_bytes"),
+]
+
+_MOCK_KEY = Secret(b"mock-upstream-key")
+
+
+class Options(usage.Options):
+    """
+    C{twistd oaiproxy} options.  After parsing, C{self.config} holds the
+    validated L{Config}.
+
+    @param environ: the environment to read (injected by tests).
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve POST /v1/chat/completions (streaming included) and GET /health, "
+        "forwarding to the OpenAI API with the key held here. The key is read "
+        "from --api-key-file, $CREDENTIALS_DIRECTORY/openai_api_key or "
+        "OPENAI_API_KEY; clients may be required to present one of the keys "
+        "in OAIPROXY_CLIENT_KEYS (comma-separated, environment only)."
+    )
+    optFlags = [
+        [
+            "mock-upstream",
+            None,
+            "Forward to a built-in mock of the OpenAI API (deterministic answers, "
+            "streaming too) instead of a real upstream; no key needed.",
+        ],
+    ]
+    optParameters = [
+        [
+            "upstream",
+            None,
+            None,
+            f"Upstream base URL; /chat/completions is appended. "
+            f"[env OPENAI_BASE_URL, default {DEFAULT_UPSTREAM}]",
+        ],
+        [
+            "api-key-file",
+            None,
+            None,
+            "File holding the upstream API key. [else the systemd credential "
+            "openai_api_key, else env OPENAI_API_KEY]",
+        ],
+        [
+            "connect-timeout",
+            None,
+            None,
+            f"Seconds to open the upstream connection. [env OAIPROXY_CONNECT_TIMEOUT, "
+            f"default {_DEFAULTS.connect_timeout:g}]",
+        ],
+        [
+            "read-timeout",
+            None,
+            None,
+            "Longest upstream silence, before the response head and between body "
+            f"chunks, in seconds. [env OAIPROXY_READ_TIMEOUT, default {_DEFAULTS.read_timeout:g}]",
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Seconds an idle client connection is kept open. [env OAIPROXY_IDLE_TIMEOUT, "
+            f"default {_DEFAULTS.idle_timeout:g}]",
+        ],
+        [
+            "max-body-bytes",
+            None,
+            None,
+            f"Largest request body accepted. [env OAIPROXY_MAX_BODY_BYTES, "
+            f"default {_DEFAULTS.max_body_bytes}]",
+        ],
+    ]
+
+    def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__()
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        self["port"] = []
+        self.config: Config = _DEFAULTS
+
+    def opt_port(self, description: str) -> None:
+        """
+        Listen on this Twisted endpoint (tcp:, ssl:, unix:, systemd:...); repeatable. [env PORT as a port number, default tcp:8080:interface=127.0.0.1]
+        """  # noqa: E501 (usage.Options shows the docstring as one paragraph)
+        self["port"].append(description)
+
+    def opt_version(self) -> None:
+        """
+        Print the oaiproxy version and exit.
+        """
+        print(f"oaiproxy {__version__}")
+        raise SystemExit(0)
+
+    def parseOptions(self, options: Optional[list[str]] = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"twistd oaiproxy: error: {e} (see: twistd oaiproxy --help)")
+
+    def postOptions(self) -> None:
+        try:
+            self.config = self._build()
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+    def _build(self) -> Config:
+        env = self.environ
+        ports = tuple(self["port"]) or (port_from_env(env) or DEFAULT_PORT,)
+        upstream = parse_upstream(self["upstream"] or env.get("OPENAI_BASE_URL") or DEFAULT_UPSTREAM)
+        mock = bool(self["mock-upstream"])
+        api_key = None if mock else load_api_key(self["api-key-file"], env)
+        values: dict[str, Any] = {}
+        for option, variable, parse, name in _SETTINGS:
+            if self[option] is not None:
+                values[name] = parse("--" + option, self[option])
+            elif env.get(variable):
+                values[name] = parse(variable, env[variable])
+        return Config(
+            ports=ports,
+            upstream=upstream,
+            api_key=api_key,
+            client_keys=client_keys_from_env(env),
+            mock_upstream=mock,
+            **values,
+        )
+
+
+@implementer(IStreamServerEndpoint)
+class _AnnouncingEndpoint:
+    """
+    An endpoint that reports the address it actually bound, which only the
+    listening port knows (C{tcp:0}, C{systemd:} sockets).
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, announce: Callable[[IListeningPort], None]) -> None:
+        self._endpoint = endpoint
+        self._announce = announce
+
+    def listen(self, factory: Any) -> "Deferred[IListeningPort]":
+        d: Deferred[IListeningPort] = self._endpoint.listen(factory)
+
+        def announced(port: IListeningPort) -> IListeningPort:
+            self._announce(port)
+            return port
+
+        return d.addCallback(announced)
+
+
+def _announcer(description: str, config: Config) -> Callable[[IListeningPort], None]:
+    scheme = "https" if description.startswith("ssl:") else "http"
+
+    def announce(port: IListeningPort) -> None:
+        address = port.getHost()
+        host = getattr(address, "host", None)
+        if host is None:
+            base = f"{scheme}+unix:{getattr(address, 'name', address)}"
+        else:
+            shown = f"[{host}]" if ":" in host else host
+            base = f"{scheme}://{shown}:{address.port}"  # type: ignore[attr-defined]
+        log.info(
+            "oaiproxy listening on {base}: chat completions at {base}/v1/chat/completions, "
+            "health at {base}/health",
+            base=base,
+            endpoint=description,
+        )
+        if not config.client_keys and not is_private_address(address):
+            log.critical(
+                "OPEN RELAY: {base} is reachable from other hosts and no client keys are "
+                "set (OAIPROXY_CLIENT_KEYS). Anyone who can connect can spend the upstream "
+                "API key. Listen on 127.0.0.1 or set client keys.",
+                base=base,
+            )
+
+    return announce
+
+
+class _MockUpstreamService(Service):
+    """
+    Serve the built-in fake API on a free loopback port and point the
+    upstream client at it, before the proxy's own listeners open.
+    """
+
+    def __init__(self, reactor: Any, upstream: UpstreamClient) -> None:
+        self._reactor = reactor
+        self._upstream = upstream
+        self._port: Optional[IListeningPort] = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        fake = FakeUpstream(self._reactor, api_key=_MOCK_KEY.reveal(), chunk_interval=0.05)
+        self._port = listen(self._reactor, fake)
+        self._upstream.base_url = f"http://127.0.0.1:{self._port.getHost().port}/v1"
+        log.info(
+            "mock upstream on {url}: answers are canned, no real API is called",
+            url=self._upstream.base_url,
+        )
+
+    def startService(self) -> None:
+        if self._port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> "Optional[Deferred[None]]":
+        super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()  # type: ignore[no-any-return]
+        return None
+
+
+def makeService(
+    options: Options,
+    reactor: Any = None,
+    http: Optional[Any] = None,
+) -> IService:
+    """
+    Build the daemon: listeners on every C{--port}, the Resource tree, and
+    the upstream client.
+
+    @param reactor: the reactor (the global one by default).
+    @param http: a treq-like client to use instead of the pooled one
+        (for tests).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    config = options.config
+    service = MultiService()
+
+    api_key = _MOCK_KEY if config.mock_upstream else config.api_key
+    assert api_key is not None, "Options guarantees a key unless mocking"
+    if http is None:
+        http = make_http_client(reactor, config.connect_timeout)
+    upstream = UpstreamClient(http, config.upstream, api_key, reactor, config.read_timeout)
+    if config.mock_upstream:
+        _MockUpstreamService(reactor, upstream).setServiceParent(service)
+
+    chat = ChatCompletionsResource(upstream, reactor, config.client_keys, config.connect_timeout)
+    site = ProxySite(
+        build_root(chat),
+        max_body_bytes=config.max_body_bytes,
+        idle_timeout=config.idle_timeout,
+        reactor=reactor,
+    )
+    for description in config.ports:
+        try:
+            listener = strports.service(description, site, reactor=reactor)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise SystemExit(f"twistd oaiproxy: error: cannot use --port {description!r}: {e}")
+        # strports makes a bind failure stop twistd (exit status 1), which
+        # systemd sees; the wrapper only adds the startup report.
+        listener.endpoint = _AnnouncingEndpoint(listener.endpoint, _announcer(description, config))
+        listener.setServiceParent(service)
+
+    log.info(
+        "oaiproxy {version} forwarding to {upstream}/chat/completions "
+        "(client keys: {keys}, read timeout {read:g}s, body limit {limit} bytes)",
+        version=__version__,
+        upstream=upstream.base_url if not config.mock_upstream else "the mock upstream",
+        keys=len(config.client_keys) or "none",
+        read=config.read_timeout,
+        limit=config.max_body_bytes,
+    )
+    return service

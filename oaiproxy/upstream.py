@@ -1,0 +1,185 @@
+# -*- test-case-name: tests.test_chat -*-
+"""
+The proxy's one upstream: an HTTP client bound to a base URL and a key.
+
+This is the only module that handles the upstream key in the clear, and the
+only one that knows how treq is asked to behave like a proxy's client
+rather than a browser: never buffer a body, never follow a redirect, never
+keep a cookie, and give up when the response head is late.
+"""
+
+from __future__ import annotations
+
+from http.cookiejar import CookiePolicy
+from typing import Any, Optional, Protocol
+
+from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
+
+from oaiproxy.config import Secret
+from oaiproxy.headers import upstream_request_headers
+
+__all__ = ["UpstreamClient", "UpstreamTimeout", "TreqLike", "make_http_client"]
+
+#: Idle upstream connections kept per host.  Twisted's default of 2 would
+#: make a busy proxy open a new TCP and TLS connection for most requests.
+MAX_PERSISTENT_PER_HOST = 64
+
+
+class TreqLike(Protocol):
+    """
+    The part of treq's API the proxy uses; C{treq.testing.StubTreq} and
+    L{treq.client.HTTPClient} both provide it.
+    """
+
+    def request(self, method: str, url: str, **kwargs: Any) -> "Deferred[IResponse]":
+        ...
+
+
+class UpstreamTimeout(Exception):
+    """
+    The upstream sent no response head within the read timeout.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class _NoCookies(CookiePolicy):
+    """
+    Refuse every cookie: an upstream session cookie stored by a shared
+    client would be replayed on behalf of every user of the proxy.
+    """
+
+    netscape = True
+    rfc2965 = False
+    hide_cookie2 = True
+
+    def set_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+    def domain_return_ok(self, domain: str, request: Any) -> bool:
+        return False
+
+    def path_return_ok(self, path: str, request: Any) -> bool:
+        return False
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    Hand an in-memory body to the connection in one write.
+
+    treq's default producer for bytes feeds a C{FileBodyProducer} through
+    the global cooperator 64 KiB per reactor turn; the body is already in
+    memory (it was validated), so that only adds latency.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def make_http_client(reactor: Any, connect_timeout: float) -> HTTPClient:
+    """
+    Build the production treq client: pooled persistent connections,
+    certificate-verifying TLS (Agent's default policy) and no cookie jar.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
+    agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+    return HTTPClient(
+        agent,
+        cookiejar=IndexableCookieJar(policy=_NoCookies()),
+        data_to_body_producer=_BytesProducer,
+    )
+
+
+class UpstreamClient:
+    """
+    Sends requests to the upstream API on behalf of clients.
+
+    @param http: a treq-like client (injected so tests can use
+        C{StubTreq}).
+    @param base_url: the upstream base, for example
+        C{https://api.openai.com/v1}.
+    @param api_key: the upstream key.
+    @param clock: the clock for the response-head timeout.
+    @param read_timeout: seconds to wait for the response head.
+    """
+
+    def __init__(
+        self,
+        http: TreqLike,
+        base_url: str,
+        api_key: Secret,
+        clock: IReactorTime,
+        read_timeout: float,
+    ) -> None:
+        self._http = http
+        self.base_url = base_url.rstrip("/")
+        self._authorization = b"Bearer " + api_key.reveal()
+        self._clock = clock
+        self.read_timeout = read_timeout
+
+    def __repr__(self) -> str:
+        return f"UpstreamClient({self.base_url!r})"
+
+    def post(self, path: str, body: bytes, client_headers: Headers) -> "Deferred[IResponse]":
+        """
+        Forward a request body, byte for byte, to C{base_url + path}.
+
+        @return: a Deferred firing with the unbuffered response as soon as
+            its head arrives; failing with L{UpstreamTimeout} if that takes
+            longer than C{read_timeout}.  Cancelling it aborts the upstream
+            request, which is how a client disconnect stops token spend.
+        """
+        headers = upstream_request_headers(client_headers, self._authorization)
+        d = self._http.request(
+            "POST",
+            self.base_url + path,
+            data=body,
+            headers=headers,
+            unbuffered=True,
+            allow_redirects=False,
+        )
+        timed_out = []
+
+        def on_timeout() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        call = self._clock.callLater(self.read_timeout, on_timeout)
+
+        def settle(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            if timed_out and isinstance(result, Failure):
+                return Failure(UpstreamTimeout(self.read_timeout))
+            return result
+
+        return d.addBoth(settle)

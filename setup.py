@@ -1,0 +1,37 @@
+"""
+Packaging for oaiproxy.
+
+The twistd plugin lives in C{twisted/plugins/}, which must stay a namespace
+directory without C{__init__.py} (Twisted's own C{twisted.plugins} package
+extends its C{__path__} to find it), so C{find_packages()} cannot see it and
+it is listed by hand.  setuptools warns that C{twisted.plugins} has no
+C{__init__.py}; that warning is expected.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="oaiproxy",
+    version="0.1.0",
+    description="A self-hosted OpenAI API proxy on Twisted that keeps the API key on the proxy host",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/oaiproxy_plugin.py"]},
+    install_requires=[
+        # Twisted's "tls" extra brings pyOpenSSL, service_identity and idna,
+        # without which treq cannot verify an https upstream's certificate.
+        "Twisted[tls]>=24.7.0",
+        "treq>=23.11.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40"],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: Internet :: Proxy Servers",
+    ],
+)
