@@ -9,6 +9,7 @@ reports as an undecodable body; here every answer is OpenAI-shaped JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Optional
 
@@ -56,6 +57,22 @@ def _path(request: Request) -> str:
     return request.path.decode("latin-1")
 
 
+@functools.lru_cache(maxsize=None)
+def _allowed_methods(cls: type) -> list[str]:
+    # Twisted's Resource defines render_HEAD ("GET without the body") on
+    # every resource, so HEAD is derived from GET, not taken from the class.
+    # Cached per class: dir() on every request would be a waste.
+    methods = {
+        name[len("render_") :]
+        for name in dir(cls)
+        if name.startswith("render_") and name[len("render_") :].isupper()
+    }
+    methods.discard("HEAD")
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 class JSONResource(Resource):
     """
     A resource whose unsupported methods get a JSON 405 with C{Allow}, and
@@ -66,22 +83,19 @@ class JSONResource(Resource):
         return NotFound()
 
     def allowed_methods(self) -> list[str]:
-        names = [name[len("render_") :] for name in dir(self) if name.startswith("render_")]
-        methods = [name for name in names if name.isupper()]
-        if "GET" in methods and "HEAD" not in methods:
-            methods.append("HEAD")
-        return sorted(methods)
+        """
+        The methods with a C{render_*} handler, plus HEAD wherever GET is.
+        """
+        return _allowed_methods(type(self))
 
     def render(self, request: Request) -> bytes | int:
         method = request.method.decode("ascii", "replace")
-        handler = getattr(self, "render_" + method, None)
-        if handler is None and method == "HEAD":
-            handler = getattr(self, "render_GET", None)
-        if handler is None:
-            return error_response(
-                request, method_not_allowed(method, _path(request), self.allowed_methods())
-            )
-        result: bytes | int = handler(request)
+        allowed = self.allowed_methods()
+        if method not in allowed:
+            return error_response(request, method_not_allowed(method, _path(request), allowed))
+        if method == "HEAD":
+            method = "GET"  # twisted.web drops the body of a HEAD response
+        result: bytes | int = getattr(self, "render_" + method)(request)
         return result
 
 

@@ -31,6 +31,11 @@ SERVER = b"oaiproxy/" + __version__.encode("ascii")
 #: 413 before the client reads it; nginx's "lingering close" is the model.
 LINGER_SECONDS = 5.0
 
+#: Access lines and request failures.  A module-level logger, not a class
+#: attribute: bound to a request, a Logger would attach the request as
+#: C{log_source}, whose repr carries the full URI, query string included.
+_log = Logger(namespace="oaiproxy.access")
+
 
 def raw_error_response(error: ApiError) -> bytes:
     """
@@ -54,8 +59,6 @@ class ProxyRequest(Request):
     A request that keeps its body in memory within the site's limit and
     refuses a larger one as soon as the length is known.
     """
-
-    _log = Logger()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -134,7 +137,7 @@ class ProxyRequest(Request):
         A bug in a resource: log the traceback, answer a JSON 500 that says
         nothing about it.
         """
-        self._log.failure("error rendering {path}", failure=reason, path=self.path.decode("latin-1"))
+        _log.failure("error rendering {path}", failure=reason, path=self.path.decode("latin-1"))
         if self.finished or self._disconnected:
             return
         body = error_response(self, internal_error())
@@ -164,7 +167,7 @@ class ProxyRequest(Request):
             return
         self._logged = True
         peer = self.client
-        self._log.info(
+        _log.info(
             "{client} {method} {path} {status} {bytes_sent} {duration:.3f}s{note}",
             client=getattr(peer, "host", "-"),
             method=method.decode("latin-1"),

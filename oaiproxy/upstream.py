@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from oaiproxy.config import Secret
@@ -106,12 +106,19 @@ class _BytesProducer:
 
 def make_http_client(reactor: Any, connect_timeout: float) -> HTTPClient:
     """
-    Build the production treq client: pooled persistent connections,
-    certificate-verifying TLS (Agent's default policy) and no cookie jar.
+    Build the production treq client: pooled persistent connections and
+    certificate-verifying TLS (Agent's default policy).
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
-    agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+    return http_client(Agent(reactor, connectTimeout=connect_timeout, pool=pool))
+
+
+def http_client(agent: IAgent) -> HTTPClient:
+    """
+    A treq client over C{agent} configured for a proxy: a cookie jar that
+    stores nothing, and request bodies written in one go.
+    """
     return HTTPClient(
         agent,
         cookiejar=IndexableCookieJar(policy=_NoCookies()),

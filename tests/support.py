@@ -1,0 +1,109 @@
+"""
+In-memory wiring shared by the resource tests: the proxy's Resource tree
+behind a C{StubTreq} (the client's view), forwarding through another
+C{StubTreq} to a L{FakeUpstream}, with one L{Clock} for every timeout.
+
+No sockets and no reactor: each request moves only when L{Harness.pump}
+says so, which is what lets a test look at a stream between two chunks.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional, Sequence
+
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.web.iweb import IResponse
+from twisted.web.resource import IResource
+
+from oaiproxy.chat import ChatCompletionsResource
+from oaiproxy.config import Secret
+from oaiproxy.fake_upstream import FakeUpstream
+from oaiproxy.resources import build_root
+from oaiproxy.upstream import TreqLike, UpstreamClient, http_client
+
+UPSTREAM_KEY = b"sk-proj-UPSTREAMSECRET0123456789"
+CLIENT_KEY = b"oai-client-CLIENTSECRET42"
+UPSTREAM_URL = "http://upstream.test/v1"
+
+
+def chat_body(model: str = "gpt-4o-mini", stream: bool = False, **more: Any) -> bytes:
+    """
+    A valid chat completions body.
+    """
+    document: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hello proxy"}]}
+    if stream:
+        document["stream"] = True
+    document.update(more)
+    return json.dumps(document).encode()
+
+
+class Harness:
+    """
+    A proxy wired to a fake upstream, entirely in memory.
+
+    @ivar fake: the upstream resource (records requests, counts
+        disconnects).
+    @ivar clock: drives read timeouts and the fake's chunk pacing.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_keys: Sequence[bytes] = (),
+        read_timeout: float = 30.0,
+        chunk_interval: float = 0.0,
+        http: Optional[TreqLike] = None,
+        upstream_resource: Optional[IResource] = None,
+    ) -> None:
+        self.clock = Clock()
+        self.fake = FakeUpstream(self.clock, api_key=UPSTREAM_KEY, chunk_interval=chunk_interval)
+        # The proxy's own client configuration (no cookies, one-write
+        # bodies) over an in-memory agent instead of a connection pool.
+        self.upstream_agent = RequestTraversalAgent(upstream_resource or self.fake)
+        self.upstream = UpstreamClient(
+            http or http_client(self.upstream_agent),
+            UPSTREAM_URL,
+            Secret(UPSTREAM_KEY),
+            self.clock,
+            read_timeout,
+        )
+        self.chat = ChatCompletionsResource(
+            self.upstream, self.clock, [Secret(k) for k in client_keys], connect_timeout=10.0
+        )
+        self.proxy = StubTreq(build_root(self.chat))
+
+    def pump(self) -> None:
+        """
+        Move every pending byte between client, proxy and upstream.  Ten
+        rounds bound the loop; one request needs at most three.
+        """
+        for _ in range(10):
+            self.proxy.flush()
+            self.upstream_agent.flush()
+
+    def post(
+        self,
+        body: bytes,
+        path: str = "/v1/chat/completions",
+        headers: Optional[dict[bytes, list[bytes]]] = None,
+    ) -> "Deferred[IResponse]":
+        """
+        Send a POST to the proxy, unbuffered so a test sees a stream's
+        chunks as they arrive; the request is pumped until it settles.
+        """
+        sent = {b"content-type": [b"application/json"]}
+        sent.update(headers or {})
+        d: Deferred[IResponse] = self.proxy.request(
+            "POST",
+            "http://proxy.test" + path,
+            data=body,
+            headers=sent,
+            unbuffered=True,
+            # Like the openai SDK (httpx), never follow a redirect.
+            allow_redirects=False,
+        )
+        self.pump()
+        return d

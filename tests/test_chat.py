@@ -1,0 +1,367 @@
+"""
+The chat completions endpoint, end to end in memory: client -> proxy ->
+fake upstream and back, through real twisted.web requests and treq
+responses (C{StubTreq}), with a fake clock for every timeout.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from twisted.internet.defer import fail
+from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
+from twisted.python.failure import Failure
+from twisted.internet.error import ConnectionLost
+
+from oaiproxy.chat import classify_upstream_failure
+from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body
+
+
+def events(data: bytes) -> list[Any]:
+    """
+    The JSON payloads of the C{data:} events in an SSE body.
+    """
+    out: list[Any] = []
+    for block in data.split(b"\n\n"):
+        if block.startswith(b"data: ") and block != b"data: [DONE]":
+            out.append(json.loads(block[len(b"data: ") :]))
+    return out
+
+
+class PlainCompletionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_answer_passes_through(self) -> None:
+        """
+        The upstream's status, JSON body and API headers reach the client
+        unchanged.
+        """
+        response = self.successResultOf(self.h.post(chat_body()))
+        body = self.successResultOf(treq.content(response))
+        self.assertEqual(response.code, 200)
+        answer = json.loads(body)
+        self.assertEqual(answer["object"], "chat.completion")
+        self.assertEqual(answer["choices"][0]["message"]["content"], "This is a mock reply to: hello proxy")
+        self.assertEqual(response.headers.getRawHeaders(b"x-request-id"), [b"req_fake_1"])
+        self.assertEqual(response.headers.getRawHeaders(b"openai-processing-ms"), [b"7"])
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        # Twisted's client keeps Content-Length out of .headers; .length is
+        # what the proxy announced.
+        self.assertEqual(response.length, len(body))
+
+    def test_upstream_cookie_is_not_relayed(self) -> None:
+        """
+        An upstream session cookie would be shared by every proxy user; it
+        never reaches a client, and is not replayed upstream either.
+        """
+        first = self.successResultOf(self.h.post(chat_body()))
+        self.assertIsNone(first.headers.getRawHeaders(b"set-cookie"))
+        self.successResultOf(self.h.post(chat_body()))
+        self.assertNotIn("cookie", self.h.fake.requests[1].headers)
+
+    def test_body_forwarded_byte_for_byte(self) -> None:
+        """
+        The body upstream receives is exactly what the client sent: key
+        order, spacing and unknown fields survive.
+        """
+        body = b'{  "messages":[{"role":"user","content":"x"}],\n "model" : "gpt-4o",  "new_field_2027": [1,2]}'
+        self.successResultOf(self.h.post(body))
+        self.assertEqual(self.h.fake.requests[0].body, body)
+
+    def test_upstream_gets_proxy_key_not_client_credentials(self) -> None:
+        """
+        The upstream sees the proxy's key; the client's Authorization,
+        api-key and cookies stay on the proxy, while SDK headers pass.
+        """
+        self.successResultOf(
+            self.h.post(
+                chat_body(),
+                headers={
+                    b"authorization": [b"Bearer client-supplied"],
+                    b"api-key": [b"client-azure-key"],
+                    b"cookie": [b"session=abc"],
+                    b"openai-organization": [b"org-123"],
+                    b"openai-project": [b"proj_456"],
+                    b"x-stainless-lang": [b"python"],
+                },
+            )
+        )
+        seen = self.h.fake.requests[0].headers
+        self.assertEqual(seen["authorization"], ["Bearer " + UPSTREAM_KEY.decode()])
+        self.assertNotIn("api-key", seen)
+        self.assertNotIn("cookie", seen)
+        self.assertEqual(seen["openai-organization"], ["org-123"])
+        self.assertEqual(seen["openai-project"], ["proj_456"])
+        self.assertEqual(seen["x-stainless-lang"], ["python"])
+        self.assertEqual(self.h.fake.requests[0].path, "/v1/chat/completions")
+
+    def test_path_without_v1(self) -> None:
+        """
+        An SDK whose base URL lacks /v1 posts to /chat/completions; it is
+        served the same way.
+        """
+        response = self.successResultOf(self.h.post(chat_body(), path="/chat/completions"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.h.fake.requests[0].path, "/v1/chat/completions")
+
+    def test_upstream_errors_pass_through(self) -> None:
+        """
+        A 429 keeps its status, body and retry headers, so the SDK raises
+        RateLimitError and waits as told.
+        """
+        response = self.successResultOf(self.h.post(chat_body(model="fake-429")))
+        body = json.loads(self.successResultOf(treq.content(response)))
+        self.assertEqual(response.code, 429)
+        self.assertEqual(body["error"]["code"], "rate_limit_exceeded")
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"1"])
+        self.assertEqual(response.headers.getRawHeaders(b"x-ratelimit-remaining-requests"), [b"0"])
+
+    def test_upstream_500_passes_through(self) -> None:
+        """
+        An upstream server error is the client's to see and retry.
+        """
+        response = self.successResultOf(self.h.post(chat_body(model="fake-500")))
+        self.assertEqual(response.code, 500)
+        body = json.loads(self.successResultOf(treq.content(response)))
+        self.assertEqual(body["error"]["type"], "server_error")
+
+    def test_redirect_not_followed(self) -> None:
+        """
+        A redirect from upstream is returned, not followed: following it
+        would send the key wherever the Location points.
+        """
+        response = self.successResultOf(self.h.post(chat_body(model="fake-redirect")))
+        self.assertEqual(response.code, 307)
+        self.assertEqual(len(self.h.fake.requests), 1)
+
+
+class ValidationTests(SynchronousTestCase):
+    def test_bad_body_never_reaches_upstream(self) -> None:
+        """
+        A body without messages is answered 400 by the proxy, OpenAI-shaped,
+        and costs no upstream call.
+        """
+        h = Harness()
+        response = self.successResultOf(h.post(b'{"model": "gpt-4o"}'))
+        error = json.loads(self.successResultOf(treq.content(response)))["error"]
+        self.assertEqual(response.code, 400)
+        self.assertEqual(error["type"], "invalid_request_error")
+        self.assertEqual(error["param"], "messages")
+        self.assertEqual(h.fake.requests, [])
+
+
+class ClientKeyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(client_keys=[b"other-key", CLIENT_KEY])
+
+    def test_missing_key_is_refused(self) -> None:
+        """
+        With client keys configured, a request without one gets 401 and
+        nothing goes upstream.
+        """
+        response = self.successResultOf(self.h.post(chat_body()))
+        error = json.loads(self.successResultOf(treq.content(response)))["error"]
+        self.assertEqual(response.code, 401)
+        self.assertEqual(error["code"], "invalid_api_key")
+        self.assertEqual(self.h.fake.requests, [])
+
+    def test_wrong_key_is_refused(self) -> None:
+        """
+        An unknown key is refused, and the answer does not echo it.
+        """
+        response = self.successResultOf(
+            self.h.post(chat_body(), headers={b"authorization": [b"Bearer guess-123"]})
+        )
+        body = self.successResultOf(treq.content(response))
+        self.assertEqual(response.code, 401)
+        self.assertNotIn(b"guess-123", body)
+
+    def test_known_key_is_served(self) -> None:
+        """
+        Any configured key is accepted, and it is replaced by the upstream
+        key on the way out.
+        """
+        response = self.successResultOf(
+            self.h.post(chat_body(), headers={b"authorization": [b"Bearer " + CLIENT_KEY]})
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.h.fake.requests[0].headers["authorization"], ["Bearer " + UPSTREAM_KEY.decode()])
+
+
+class StreamingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(chunk_interval=1.0, read_timeout=30.0)
+
+    def test_chunks_arrive_as_upstream_sends_them(self) -> None:
+        """
+        Each event reaches the client when upstream sends it, not when the
+        stream ends: after one upstream chunk the client has one event.
+        """
+        response = self.successResultOf(self.h.post(chat_body(stream=True)))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream; charset=utf-8"])
+        self.assertEqual(response.headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
+        received: list[bytes] = []
+        done = treq.collect(response, received.append)
+        self.h.pump()
+        self.assertEqual(len(events(b"".join(received))), 1)
+        self.assertNoResult(done)
+
+        self.h.clock.advance(1.0)
+        self.h.pump()
+        self.assertEqual(len(events(b"".join(received))), 2)
+        self.assertNoResult(done)
+
+        for _ in range(20):
+            self.h.clock.advance(1.0)
+            self.h.pump()
+        self.successResultOf(done)
+        body = b"".join(received)
+        self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events(body))
+        self.assertEqual(text, "This is a mock reply to: hello proxy")
+
+    def test_upstream_crash_mid_stream_ends_with_error_event(self) -> None:
+        """
+        When upstream drops the connection mid-stream, the client gets a
+        final error event (the SDK raises APIError on it) and the response
+        is not completed, so it cannot pass for a whole answer.
+        """
+        h = Harness(chunk_interval=0.0)
+        response = self.successResultOf(h.post(chat_body(model="fake-crash", stream=True)))
+        received: list[bytes] = []
+        done = treq.collect(response, received.append)
+        h.pump()
+        self.failureResultOf(done)
+        got = events(b"".join(received))
+        self.assertEqual(len(got), 3)
+        self.assertEqual(got[-1]["error"]["code"], "upstream_stream_interrupted")
+        self.assertEqual(got[-1]["error"]["type"], "api_error")
+
+    def test_silent_stream_times_out_with_error_event(self) -> None:
+        """
+        A stream that goes quiet for the read timeout is ended with an
+        error event, and the upstream connection is closed.
+        """
+        h = Harness(chunk_interval=0.0, read_timeout=5.0)
+        response = self.successResultOf(h.post(chat_body(model="fake-stall", stream=True)))
+        received: list[bytes] = []
+        done = treq.collect(response, received.append)
+        h.pump()
+        h.clock.advance(4.9)
+        h.pump()
+        self.assertNoResult(done)
+        h.clock.advance(0.2)
+        h.pump()
+        self.failureResultOf(done)
+        got = events(b"".join(received))
+        self.assertIn("no data for 5 seconds", got[-1]["error"]["message"])
+        self.assertEqual(h.fake.disconnects, 1)
+
+
+class DisconnectTests(SynchronousTestCase):
+    def test_disconnect_before_head_cancels_upstream(self) -> None:
+        """
+        A client that gives up before the answer starts takes the upstream
+        request down with it: no tokens are spent for nobody.
+        """
+        h = Harness()
+        d = h.post(chat_body(model="fake-silent"))
+        self.assertNoResult(d)
+        self.assertEqual(len(h.fake.requests), 1)
+        d.cancel()
+        h.pump()
+        self.failureResultOf(d)
+        self.assertEqual(h.fake.disconnects, 1)
+
+    def test_disconnect_mid_stream_closes_upstream(self) -> None:
+        """
+        A client that leaves mid-stream makes the proxy close the upstream
+        connection at once, and the fake upstream stops sending.
+        """
+        h = Harness(chunk_interval=1.0)
+        response = self.successResultOf(h.post(chat_body(stream=True)))
+        received: list[bytes] = []
+
+        def leave_after_first_event(data: bytes) -> None:
+            # treq.collect closes the connection when its collector raises:
+            # the client walks away after one event.
+            received.append(data)
+            raise RuntimeError("client leaves")
+
+        done = treq.collect(response, leave_after_first_event)
+        h.pump()
+        self.failureResultOf(done, RuntimeError)
+        self.assertEqual(len(events(b"".join(received))), 1)
+        self.assertEqual(h.fake.disconnects, 1)
+        # Nothing more is scheduled for the abandoned stream: no idle timer
+        # in the proxy, no pending chunk upstream.
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+
+class UpstreamFailureTests(SynchronousTestCase):
+    def error_for(self, h: Harness, model: str = "gpt-4o") -> tuple[int, dict[str, Any]]:
+        response = self.successResultOf(h.post(chat_body(model=model)))
+        return response.code, json.loads(self.successResultOf(treq.content(response)))["error"]
+
+    def test_silent_upstream_is_504(self) -> None:
+        """
+        An upstream that sends no response head within the read timeout
+        gives a 504, and its connection is closed.
+        """
+        h = Harness(read_timeout=7.0)
+        d = h.post(chat_body(model="fake-silent"))
+        h.clock.advance(6.9)
+        h.pump()
+        self.assertNoResult(d)
+        h.clock.advance(0.2)
+        h.pump()
+        response = self.successResultOf(d)
+        error = json.loads(self.successResultOf(treq.content(response)))["error"]
+        self.assertEqual(response.code, 504)
+        self.assertEqual(error["code"], "upstream_timeout")
+        self.assertEqual(h.fake.disconnects, 1)
+
+    def test_refused_connection_is_502(self) -> None:
+        """
+        An upstream that cannot be reached gives a 502 the SDK retries.
+        """
+
+        class Refusing:
+            def request(self, *args: Any, **kwargs: Any) -> Any:
+                return fail(ConnectionRefusedError())
+
+        status, error = self.error_for(Harness(http=Refusing()))
+        self.assertEqual(status, 502)
+        self.assertEqual(error["type"], "api_error")
+        self.assertEqual(error["code"], "upstream_unreachable")
+        self.assertIn("ConnectionRefusedError", error["message"])
+
+    def test_connect_timeout_is_504(self) -> None:
+        """
+        A connect timeout is a gateway timeout, like nginx reports it.
+        """
+
+        class Slow:
+            def request(self, *args: Any, **kwargs: Any) -> Any:
+                return fail(TimeoutError())
+
+        status, error = self.error_for(Harness(http=Slow()))
+        self.assertEqual(status, 504)
+        self.assertIn("accept a connection within 10 seconds", error["message"])
+
+    def test_failure_reasons_are_named_without_details(self) -> None:
+        """
+        A lost connection is reported by exception class only: the
+        exception's text could quote a URL or header.
+        """
+        failure = Failure(ResponseNeverReceived([Failure(ConnectionLost("secret detail"))]))
+        error = classify_upstream_failure(failure, 10)
+        self.assertEqual(error.status, 502)
+        self.assertIn("ConnectionLost", error.message)
+        self.assertNotIn("secret detail", error.message)

@@ -1,0 +1,131 @@
+"""
+The body relay's flow control: a slow client pauses the upstream socket
+(so the proxy's memory does not grow with a stream nobody reads), and a
+pause the client causes is never mistaken for a silent upstream.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
+
+from oaiproxy.relay import BodyRelay, UpstreamIdle
+
+
+class Consumer:
+    """
+    The part of a twisted.web request the relay writes to, recording what
+    it is given.
+    """
+
+    def __init__(self) -> None:
+        self.producer: Optional[IPushProducer] = None
+        self.streaming: Optional[bool] = None
+        self.written: list[bytes] = []
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        self.producer, self.streaming = producer, streaming
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class RelayTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.consumer = Consumer()
+        self.upstream = StringTransport()
+        self.outcomes: list[Optional[Failure]] = []
+        self.relay = BodyRelay(self.consumer, self.clock, 10.0, self.outcomes.append)  # type: ignore[arg-type]
+        self.relay.makeConnection(self.upstream)
+
+    def test_chunks_written_immediately(self) -> None:
+        """
+        Every chunk is written to the client as it arrives.
+        """
+        self.relay.dataReceived(b"data: 1\n\n")
+        self.assertEqual(self.consumer.written, [b"data: 1\n\n"])
+        self.relay.dataReceived(b"data: 2\n\n")
+        self.assertEqual(self.consumer.written, [b"data: 1\n\n", b"data: 2\n\n"])
+
+    def test_client_backpressure_pauses_upstream(self) -> None:
+        """
+        The upstream transport is the client's streaming producer: when the
+        client's buffers fill, reading from upstream stops, and resumes
+        when the client catches up.
+        """
+        producer = self.consumer.producer
+        assert producer is not None
+        self.assertTrue(self.consumer.streaming)
+        producer.pauseProducing()
+        self.assertEqual(self.upstream.producerState, "paused")
+        producer.resumeProducing()
+        self.assertEqual(self.upstream.producerState, "producing")
+
+    def test_pause_does_not_count_as_upstream_silence(self) -> None:
+        """
+        A client that keeps the stream paused longer than the read timeout
+        does not get the stream killed for upstream silence.
+        """
+        producer = self.consumer.producer
+        assert producer is not None
+        producer.pauseProducing()
+        self.clock.advance(60)
+        self.assertEqual(self.upstream.producerState, "paused")
+        self.assertEqual(self.outcomes, [])
+        producer.resumeProducing()
+        self.clock.advance(9.9)
+        self.assertEqual(self.upstream.producerState, "producing")
+
+    def test_silence_stops_upstream(self) -> None:
+        """
+        No data for the read timeout closes the upstream connection and
+        reports L{UpstreamIdle}; each chunk restarts the count.
+        """
+        self.clock.advance(9)
+        self.relay.dataReceived(b"x")
+        self.clock.advance(9)
+        self.assertEqual(self.upstream.producerState, "producing")
+        self.clock.advance(1)
+        self.assertEqual(self.upstream.producerState, "stopped")
+        self.relay.connectionLost(Failure(ResponseFailed([])))
+        [outcome] = self.outcomes
+        assert outcome is not None
+        self.assertIsInstance(outcome.value, UpstreamIdle)
+
+    def test_complete_body(self) -> None:
+        """
+        A body that ends normally, or by connection close without a length
+        (HTTP/1.0 style), is complete; the idle timer is gone.
+        """
+        for reason in (ResponseDone(), PotentialDataLoss()):
+            self.outcomes.clear()
+            self.relay.connectionLost(Failure(reason))
+            self.assertEqual(self.outcomes, [None])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_broken_body(self) -> None:
+        """
+        A body cut off by upstream is reported as the failure it was.
+        """
+        failure = Failure(ResponseFailed([Failure(Exception("reset"))]))
+        self.relay.connectionLost(failure)
+        self.assertEqual(self.outcomes, [failure])
+
+    def test_abort_stops_upstream(self) -> None:
+        """
+        When the client leaves, the relay closes the upstream connection
+        and cancels its timer.
+        """
+        self.relay.abort()
+        self.assertEqual(self.upstream.producerState, "stopped")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+

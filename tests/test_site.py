@@ -1,0 +1,204 @@
+"""
+The HTTP server layer, driven with raw bytes over an in-memory transport:
+the body limit, JSON answers to failures, the Server header and the access
+log.  Bytes on the wire are what a client sees, so they are what is
+checked.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
+
+from oaiproxy.resources import Endpoint, build_root
+from oaiproxy.site import LINGER_SECONDS, ProxySite
+
+LIMIT = 1000
+
+
+class Recorder(Endpoint):
+    """
+    An endpoint that records the bodies it is given.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+
+    def render_POST(self, request: Request) -> bytes:
+        self.bodies.append(request.content.read())
+        return b"ok"
+
+
+class Broken(Endpoint):
+    def render_POST(self, request: Request) -> bytes:
+        raise ZeroDivisionError("bug with sk-SECRET in a local")
+
+
+def post(path: bytes, body: bytes, *headers: bytes) -> bytes:
+    head = [b"POST " + path + b" HTTP/1.1", b"Host: proxy.test", b"Content-Length: %d" % len(body)]
+    return b"\r\n".join(head + list(headers)) + b"\r\n\r\n" + body
+
+
+class SiteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.endpoint = Recorder()
+        self.site = ProxySite(build_root(self.endpoint), max_body_bytes=LIMIT, idle_timeout=60, reactor=self.clock)
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        peer = IPv4Address("TCP", "10.1.2.3", 40000)
+        protocol = self.site.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_body_within_limit_reaches_resource(self) -> None:
+        """
+        A body up to the limit is delivered whole.
+        """
+        protocol, transport = self.connect()
+        body = b"x" * LIMIT
+        protocol.dataReceived(post(b"/v1/chat/completions", body))
+        self.assertEqual(self.endpoint.bodies, [body])
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK"))
+
+    def assertTooLarge(self, wire: bytes) -> None:
+        self.assertTrue(wire.startswith(b"HTTP/1.1 413 "), wire[:40])
+        head, _, body = wire.partition(b"\r\n\r\n")
+        self.assertIn(b"Connection: close", head)
+        self.assertIn(b"Content-Type: application/json", head)
+        error = json.loads(body)["error"]
+        self.assertEqual(error["code"], "request_too_large")
+        self.assertIn(str(LIMIT), error["message"])
+
+    def test_declared_length_over_limit_answered_before_body(self) -> None:
+        """
+        A Content-Length over the limit gets 413 at once, before the body is
+        sent; a client waiting on "Expect: 100-continue" is not invited to
+        send it.
+        """
+        protocol, transport = self.connect()
+        request = post(b"/v1/chat/completions", b"y" * (LIMIT + 1), b"Expect: 100-continue")
+        head = request.split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+        protocol.dataReceived(head)
+        self.assertNotIn(b"100 Continue", transport.value())
+        self.assertTooLarge(transport.value())
+        self.assertEqual(self.endpoint.bodies, [])
+
+    def test_refused_body_is_drained_then_connection_closed(self) -> None:
+        """
+        After a 413 the rest of the body is read and thrown away (closing at
+        once could reset the connection before the client reads the 413);
+        then the connection closes.
+        """
+        protocol, transport = self.connect()
+        request = post(b"/v1/chat/completions", b"y" * (LIMIT * 5))
+        protocol.dataReceived(request[: len(request) // 2])
+        self.assertTooLarge(transport.value())
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(request[len(request) // 2 :])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.endpoint.bodies, [])
+
+    def test_lingering_is_bounded(self) -> None:
+        """
+        A client that never finishes sending a refused body is cut off
+        after the linger time.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(post(b"/v1/chat/completions", b"y" * (LIMIT * 5))[:200])
+        self.clock.advance(LINGER_SECONDS - 0.1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_chunked_body_over_limit(self) -> None:
+        """
+        A chunked body, whose size is not declared, is refused as soon as
+        the count passes the limit.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"z" * 600
+        protocol.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.assertEqual(transport.value(), b"")
+        protocol.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.assertTooLarge(transport.value())
+        protocol.dataReceived(b"0\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.endpoint.bodies, [])
+
+    def test_bug_is_json_500_without_details(self) -> None:
+        """
+        A bug in a resource is logged, and the client gets an OpenAI-shaped
+        500 that reveals nothing of it.
+        """
+        site = ProxySite(build_root(Broken()), max_body_bytes=LIMIT, idle_timeout=60, reactor=self.clock)
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(post(b"/v1/chat/completions", b"{}"))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 500 "))
+        self.assertEqual(json.loads(body)["error"]["code"], "internal_error")
+        self.assertNotIn(b"SECRET", body)
+        self.assertNotIn(b"ZeroDivision", body)
+
+    def test_server_header_names_the_proxy(self) -> None:
+        """
+        Responses say they come from oaiproxy, not which Twisted version
+        runs it.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(post(b"/v1/chat/completions", b"{}"))
+        self.assertIn(b"\r\nServer: oaiproxy/", transport.value())
+        self.assertNotIn(b"TwistedWeb", transport.value())
+
+    def test_access_log_line(self) -> None:
+        """
+        Each request logs one line with client, method, path, status and
+        size, but not the query string or any header value.
+        """
+        protocol, transport = self.connect()
+        with capturedLogs() as events:
+            protocol.dataReceived(
+                post(b"/v1/chat/completions?api_key=sk-QUERYSECRET", b"{}", b"Authorization: Bearer sk-HEADERSECRET")
+            )
+        [access] = [e for e in events if "status" in e]
+        self.assertEqual(
+            (access["client"], access["method"], access["path"], access["status"], access["bytes_sent"]),
+            ("10.1.2.3", "POST", "/v1/chat/completions", 200, 2),
+        )
+        everything = repr(events)
+        self.assertNotIn("QUERYSECRET", everything)
+        self.assertNotIn("HEADERSECRET", everything)
+
+    def test_disconnect_is_logged_once(self) -> None:
+        """
+        A request that ends by the client leaving still gets its one access
+        line, marked as a disconnect.
+        """
+
+        class Pending(Endpoint):
+            def render_POST(self, request: Request) -> int:
+                return 1  # NOT_DONE_YET
+
+        site = ProxySite(build_root(Pending()), max_body_bytes=LIMIT, idle_timeout=60, reactor=self.clock)
+        protocol = site.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        with capturedLogs() as events:
+            protocol.dataReceived(post(b"/chat/completions", b"{}"))
+            protocol.connectionLost(None)
+        access = [e for e in events if "status" in e]
+        self.assertEqual(len(access), 1)
+        self.assertTrue(access[0]["disconnected"])
