@@ -14,7 +14,7 @@ whose connection is gone.
 from __future__ import annotations
 
 import hmac
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from twisted.internet import error as netError
 from twisted.internet.defer import Deferred
@@ -69,7 +69,7 @@ def read_body(request: Request) -> bytes:
     The whole request body.  L{oaiproxy.site.ProxyRequest} keeps it in
     memory; a plain twisted.web request may have spooled it to a file.
     """
-    content = request.content
+    content: Any = request.content
     getvalue = getattr(content, "getvalue", None)
     if getvalue is not None:
         body: bytes = getvalue()

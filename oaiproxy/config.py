@@ -112,7 +112,7 @@ def parse_seconds(name: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, not {text!r}")
+        raise ConfigError(f"{name} must be a number of seconds, not {text!r}") from None
     if not (0 < value < float("inf")):
         raise ConfigError(f"{name} must be a positive number of seconds, not {text!r}")
     return value
@@ -125,7 +125,7 @@ def parse_byte_count(name: str, text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number of bytes, not {text!r}")
+        raise ConfigError(f"{name} must be a whole number of bytes, not {text!r}") from None
     if value <= 0:
         raise ConfigError(f"{name} must be a positive number of bytes, not {text!r}")
     return value
@@ -141,19 +141,13 @@ def parse_upstream(text: str) -> str:
     """
     try:
         parts = urlsplit(text)
-        parts.port  # raises ValueError for a port that is not a number
+        _ = parts.port  # raises ValueError for a port that is not a number
     except ValueError:
-        raise ConfigError(f"--upstream is not a valid URL: {_redact_url(text)!r}")
+        raise ConfigError(f"--upstream is not a valid URL: {_redact_url(text)!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            f"--upstream must be an http:// or https:// URL with a host, not "
-            f"{_redact_url(text)!r}"
-        )
+        raise ConfigError(f"--upstream must be an http:// or https:// URL with a host, not {_redact_url(text)!r}")
     if parts.username is not None or parts.password is not None:
-        raise ConfigError(
-            "--upstream must not carry credentials; the key goes in "
-            "--api-key-file or OPENAI_API_KEY"
-        )
+        raise ConfigError("--upstream must not carry credentials; the key goes in --api-key-file or OPENAI_API_KEY")
     if parts.query or parts.fragment:
         raise ConfigError(f"--upstream must not have a query or fragment: {_redact_url(text)!r}")
     return text.rstrip("/")
@@ -162,8 +156,10 @@ def parse_upstream(text: str) -> str:
 def _redact_url(text: str) -> str:
     # A URL with userinfo may carry a password; show only what follows '@'.
     scheme, sep, rest = text.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        return f"{scheme}://<redacted>@{rest.split('@', 1)[1]}"
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:
+        # A password may itself contain "@": keep only what follows the last.
+        return f"{scheme}://<redacted>@{authority.rsplit('@', 1)[1]}{slash}{path}"
     return text
 
 
@@ -175,7 +171,7 @@ def port_from_env(environ: Mapping[str, str]) -> Optional[str]:
     text = environ.get("PORT")
     if not text:
         return None
-    if not text.isdigit() or not (0 <= int(text) <= 65535):
+    if not (text.isascii() and text.isdigit()) or not (0 <= int(text) <= 65535):
         raise ConfigError(f"PORT must be a port number, not {text!r}")
     return f"tcp:{int(text)}:interface=127.0.0.1"
 
@@ -222,7 +218,7 @@ def _read_key_file(path: str) -> Secret:
         with open(path, "rb") as f:
             value = f.read().strip()
     except OSError as e:
-        raise ConfigError(f"cannot read the API key file {path}: {e.strerror}")
+        raise ConfigError(f"cannot read the API key file {path}: {e.strerror}") from None
     if not value:
         raise ConfigError(f"the API key file {path} is empty")
     if b"\n" in value or b" " in value:

@@ -86,8 +86,7 @@ def invalid_api_key() -> ApiError:
     """
     return ApiError(
         401,
-        "Incorrect or missing API key: this proxy expects one of its client "
-        "keys as 'Authorization: Bearer <key>'.",
+        "Incorrect or missing API key: this proxy expects one of its client keys as 'Authorization: Bearer <key>'.",
         INVALID_REQUEST,
         None,
         "invalid_api_key",
@@ -178,8 +177,7 @@ def upstream_failed_mid_response(reason: str) -> ApiError:
     """
     return ApiError(
         502,
-        f"The upstream API failed during the response ({reason}); the output "
-        "is incomplete.",
+        f"The upstream API failed during the response ({reason}); the output is incomplete.",
         API_ERROR,
         None,
         "upstream_stream_interrupted",

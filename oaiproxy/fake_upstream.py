@@ -38,7 +38,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.resource import Resource
@@ -112,7 +112,8 @@ class FakeUpstream(Resource):
         method = request.method.decode("ascii")
         if self._control and path.startswith("/_fake/"):
             return self._render_control(request, method, path)
-        body = request.content.read()
+        content: IO[bytes] = request.content  # type: ignore[assignment]
+        body = content.read()
         self.requests.append(
             RecordedRequest(
                 method,
@@ -229,8 +230,14 @@ class FakeUpstream(Resource):
             events.append(
                 b"data: "
                 + json.dumps(
-                    {"id": ident, "object": "chat.completion.chunk", "created": created,
-                     "model": model, "choices": [], "usage": usage}
+                    {
+                        "id": ident,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": usage,
+                    }
                 ).encode()
                 + b"\n\n"
             )
@@ -254,8 +261,11 @@ class FakeUpstream(Resource):
         while not stream.done:
             if stream.gated_after is not None and stream.sent >= stream.gated_after:
                 if stream.ending == "crash":
+                    # Close without the final chunk, as a dying server
+                    # would.  (An abort would also discard what is still
+                    # buffered, possibly the response head itself.)
                     stream.done = True
-                    stream.request.channel.transport.abortConnection()
+                    stream.request.loseConnection()
                 # "stall" and "gate" wait here; release() resumes a gate.
                 return
             if stream.sent >= len(stream.events):
@@ -313,7 +323,7 @@ class _QuietSite(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         pass
 
 

@@ -65,9 +65,7 @@ _REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | frozenset(
 #: cookies (one upstream session must not leak between proxy users),
 #: framing, which twisted.web recomputes for the body it actually sends, and
 #: C{Server}, which names the proxy the client is really talking to.
-_RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | frozenset(
-    {b"set-cookie", b"set-cookie2", b"content-length", b"server"}
-)
+_RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | frozenset({b"set-cookie", b"set-cookie2", b"content-length", b"server"})
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
@@ -117,9 +115,7 @@ def upstream_request_headers(client: Headers, authorization: bytes) -> Headers:
     return out
 
 
-def client_response_headers(
-    upstream: Headers, length: Optional[int]
-) -> list[tuple[bytes, list[bytes]]]:
+def client_response_headers(upstream: Headers, length: Optional[int]) -> list[tuple[bytes, list[bytes]]]:
     """
     The headers to send back to the client for an upstream response.
 

@@ -113,7 +113,10 @@ class BodyRelay(Protocol):
         self.bytes_relayed = 0
 
     def connectionMade(self) -> None:
-        self._request.registerProducer(_PauseAwareProducer(self.transport, self._timer), True)
+        # deliverBody's transport is a pausable push producer (Twisted's
+        # TransportProxyProducer), not just an ITransport.
+        self._upstream: IPushProducer = self.transport  # type: ignore[assignment]
+        self._request.registerProducer(_PauseAwareProducer(self._upstream, self._timer), True)
         self._timer.restart()
 
     def dataReceived(self, data: bytes) -> None:
@@ -127,11 +130,11 @@ class BodyRelay(Protocol):
         Close the upstream connection now: the client has gone.
         """
         self._timer.stop()
-        self.transport.stopProducing()
+        self._upstream.stopProducing()
 
     def _idle(self) -> None:
         self._timed_out = True
-        self.transport.stopProducing()
+        self._upstream.stopProducing()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._timer.stop()

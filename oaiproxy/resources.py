@@ -9,7 +9,6 @@ reports as an undecodable body; here every answer is OpenAI-shaped JSON.
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Optional
 
@@ -57,20 +56,24 @@ def _path(request: Request) -> str:
     return request.path.decode("latin-1")
 
 
-@functools.lru_cache(maxsize=None)
+_ALLOWED: dict[type, list[str]] = {}
+
+
 def _allowed_methods(cls: type) -> list[str]:
     # Twisted's Resource defines render_HEAD ("GET without the body") on
     # every resource, so HEAD is derived from GET, not taken from the class.
     # Cached per class: dir() on every request would be a waste.
+    cached = _ALLOWED.get(cls)
+    if cached is not None:
+        return cached
     methods = {
-        name[len("render_") :]
-        for name in dir(cls)
-        if name.startswith("render_") and name[len("render_") :].isupper()
+        name[len("render_") :] for name in dir(cls) if name.startswith("render_") and name[len("render_") :].isupper()
     }
     methods.discard("HEAD")
     if "GET" in methods:
         methods.add("HEAD")
-    return sorted(methods)
+    _ALLOWED[cls] = sorted(methods)
+    return _ALLOWED[cls]
 
 
 class JSONResource(Resource):

@@ -66,7 +66,7 @@ class ProxyRequest(Request):
         self._refused = False
         self._logged = False
         self._linger: Optional[IDelayedCall] = None
-        site = self.channel.site
+        site: ProxySite = self.channel.site  # type: ignore[attr-defined]
         self._clock: IReactorTime = site.reactor
         self._limit: int = site.max_body_bytes
         self._started = self._clock.seconds()
@@ -79,7 +79,7 @@ class ProxyRequest(Request):
             return
         # The body is parsed as JSON whole, so it is in memory anyway: keep
         # it in one buffer instead of twisted.web's temporary file.
-        self.content = io.BytesIO()
+        self.content = io.BytesIO()  # type: ignore[assignment]
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -88,32 +88,29 @@ class ProxyRequest(Request):
         if self._body_bytes > self._limit:
             self._refuse_body()
             return
-        self.content.write(data)
+        self.content.write(data)  # type: ignore[attr-defined]
 
     def _refuse_body(self) -> None:
         """
         Answer 413 now, before the body is read, then discard the rest.
         """
         self._refused = True
-        self.content = io.BytesIO()
+        self.content = io.BytesIO()  # type: ignore[assignment]
         # Do not invite the body with "100 Continue".
         self.requestHeaders.removeHeader(b"expect")
         error = body_too_large(self._limit)
-        transport = self.channel.transport
-        transport.write(raw_error_response(error))
+        self.channel.write(raw_error_response(error))
         self.code = error.status
         self.sentLength = len(error.body())
         # The request line has been parsed but not handed to us yet; the
         # channel holds it until the body is complete.
-        self._log_access(
-            getattr(self.channel, "_command", b"-"), getattr(self.channel, "_path", b"-")
-        )
+        self._log_access(getattr(self.channel, "_command", b"-"), getattr(self.channel, "_path", b"-"))
         self._linger = self._clock.callLater(LINGER_SECONDS, self._stop_lingering)
 
     def _stop_lingering(self) -> None:
         self._linger = None
-        if self.channel is not None:
-            self.channel.transport.abortConnection()
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.abortConnection()  # type: ignore[attr-defined]
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
@@ -204,7 +201,7 @@ class ProxySite(Site):
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.max_body_bytes = max_body_bytes
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         """
         Do nothing: L{ProxyRequest} logs itself, including requests that
         end without C{finish()}, which twisted.web would never report.

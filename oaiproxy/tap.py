@@ -18,12 +18,10 @@ from typing import Any, Callable, Mapping, Optional
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from oaiproxy import __version__
@@ -95,15 +93,13 @@ class Options(usage.Options):
             "upstream",
             None,
             None,
-            f"Upstream base URL; /chat/completions is appended. "
-            f"[env OPENAI_BASE_URL, default {DEFAULT_UPSTREAM}]",
+            f"Upstream base URL; /chat/completions is appended. [env OPENAI_BASE_URL, default {DEFAULT_UPSTREAM}]",
         ],
         [
             "api-key-file",
             None,
             None,
-            "File holding the upstream API key. [else the systemd credential "
-            "openai_api_key, else env OPENAI_API_KEY]",
+            "File holding the upstream API key. [else the systemd credential openai_api_key, else env OPENAI_API_KEY]",
         ],
         [
             "connect-timeout",
@@ -130,8 +126,7 @@ class Options(usage.Options):
             "max-body-bytes",
             None,
             None,
-            f"Largest request body accepted. [env OAIPROXY_MAX_BODY_BYTES, "
-            f"default {_DEFAULTS.max_body_bytes}]",
+            f"Largest request body accepted. [env OAIPROXY_MAX_BODY_BYTES, default {_DEFAULTS.max_body_bytes}]",
         ],
     ]
 
@@ -158,13 +153,13 @@ class Options(usage.Options):
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
-            raise SystemExit(f"twistd oaiproxy: error: {e} (see: twistd oaiproxy --help)")
+            raise SystemExit(f"twistd oaiproxy: error: {e} (see: twistd oaiproxy --help)") from None
 
     def postOptions(self) -> None:
         try:
             self.config = self._build()
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            raise usage.UsageError(str(e)) from None
 
     def _build(self) -> Config:
         env = self.environ
@@ -213,16 +208,15 @@ def _announcer(description: str, config: Config) -> Callable[[IListeningPort], N
     scheme = "https" if description.startswith("ssl:") else "http"
 
     def announce(port: IListeningPort) -> None:
-        address = port.getHost()
+        address: Any = port.getHost()
         host = getattr(address, "host", None)
         if host is None:
             base = f"{scheme}+unix:{getattr(address, 'name', address)}"
         else:
             shown = f"[{host}]" if ":" in host else host
-            base = f"{scheme}://{shown}:{address.port}"  # type: ignore[attr-defined]
+            base = f"{scheme}://{shown}:{address.port}"
         log.info(
-            "oaiproxy listening on {base}: chat completions at {base}/v1/chat/completions, "
-            "health at {base}/health",
+            "oaiproxy listening on {base}: chat completions at {base}/v1/chat/completions, health at {base}/health",
             base=base,
             endpoint=description,
         )
@@ -252,7 +246,8 @@ class _MockUpstreamService(Service):
         super().privilegedStartService()
         fake = FakeUpstream(self._reactor, api_key=_MOCK_KEY.reveal(), chunk_interval=0.05)
         self._port = listen(self._reactor, fake)
-        self._upstream.base_url = f"http://127.0.0.1:{self._port.getHost().port}/v1"
+        address: Any = self._port.getHost()
+        self._upstream.base_url = f"http://127.0.0.1:{address.port}/v1"
         log.info(
             "mock upstream on {url}: answers are canned, no real API is called",
             url=self._upstream.base_url,
@@ -267,7 +262,8 @@ class _MockUpstreamService(Service):
         super().stopService()
         if self._port is not None:
             port, self._port = self._port, None
-            return port.stopListening()  # type: ignore[no-any-return]
+            stopped: Optional[Deferred[None]] = port.stopListening()
+            return stopped
         return None
 
 
@@ -295,6 +291,7 @@ def makeService(
     assert api_key is not None, "Options guarantees a key unless mocking"
     if http is None:
         http = make_http_client(reactor, config.connect_timeout)
+    assert http is not None
     upstream = UpstreamClient(http, config.upstream, api_key, reactor, config.read_timeout)
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
@@ -310,7 +307,7 @@ def makeService(
         try:
             listener = strports.service(description, site, reactor=reactor)
         except (ValueError, TypeError, KeyError, OSError) as e:
-            raise SystemExit(f"twistd oaiproxy: error: cannot use --port {description!r}: {e}")
+            raise SystemExit(f"twistd oaiproxy: error: cannot use --port {description!r}: {e}") from None
         # strports makes a bind failure stop twistd (exit status 1), which
         # systemd sees; the wrapper only adds the startup report.
         listener.endpoint = _AnnouncingEndpoint(listener.endpoint, _announcer(description, config))

@@ -11,7 +11,7 @@ keep a cookie, and give up when the response head is late.
 from __future__ import annotations
 
 from http.cookiejar import CookiePolicy
-from typing import Any, Optional, Protocol
+from typing import Any
 
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
@@ -33,14 +33,10 @@ __all__ = ["UpstreamClient", "UpstreamTimeout", "TreqLike", "make_http_client"]
 MAX_PERSISTENT_PER_HOST = 64
 
 
-class TreqLike(Protocol):
-    """
-    The part of treq's API the proxy uses; C{treq.testing.StubTreq} and
-    L{treq.client.HTTPClient} both provide it.
-    """
-
-    def request(self, method: str, url: str, **kwargs: Any) -> "Deferred[IResponse]":
-        ...
+#: A treq-like client: L{treq.client.HTTPClient}, or C{StubTreq} in tests.
+#: Only C{request(method, url, data=, headers=, unbuffered=,
+#: allow_redirects=)} is used.
+TreqLike = Any
 
 
 class UpstreamTimeout(Exception):

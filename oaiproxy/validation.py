@@ -47,10 +47,11 @@ def parse_chat_request(body: bytes) -> "ChatRequest | ApiError":
     """
     try:
         document: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
+        # ValueError covers malformed JSON and invalid UTF-8; RecursionError
+        # is what absurdly deep nesting ("[[[[...") raises.
         return bad_request(
-            "We could not parse the JSON body of your request. The body must "
-            "be a JSON object.",
+            "We could not parse the JSON body of your request. The body must be a JSON object.",
             None,
             "invalid_json",
         )

@@ -10,6 +10,8 @@ says so, which is what lets a test look at a stream between two chunks.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from typing import Any, Optional, Sequence
 
 from treq.testing import RequestTraversalAgent, StubTreq
@@ -23,6 +25,17 @@ from oaiproxy.config import Secret
 from oaiproxy.fake_upstream import FakeUpstream
 from oaiproxy.resources import build_root
 from oaiproxy.upstream import TreqLike, UpstreamClient, http_client
+
+
+def temp_dir(case: Any) -> str:
+    """
+    A fresh directory removed after the test.  (trial's C{mktemp} is
+    relative to the working directory, which under pytest is the checkout.)
+    """
+    path = tempfile.mkdtemp(prefix="oaiproxy-test-")
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
 
 UPSTREAM_KEY = b"sk-proj-UPSTREAMSECRET0123456789"
 CLIENT_KEY = b"oai-client-CLIENTSECRET42"

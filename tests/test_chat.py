@@ -11,11 +11,10 @@ from typing import Any
 
 import treq
 from twisted.internet.defer import fail
-from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
-from twisted.python.failure import Failure
-from twisted.internet.error import ConnectionLost
 
 from oaiproxy.chat import classify_upstream_failure
 from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body
@@ -174,9 +173,7 @@ class ClientKeyTests(SynchronousTestCase):
         """
         An unknown key is refused, and the answer does not echo it.
         """
-        response = self.successResultOf(
-            self.h.post(chat_body(), headers={b"authorization": [b"Bearer guess-123"]})
-        )
+        response = self.successResultOf(self.h.post(chat_body(), headers={b"authorization": [b"Bearer guess-123"]}))
         body = self.successResultOf(treq.content(response))
         self.assertEqual(response.code, 401)
         self.assertNotIn(b"guess-123", body)
@@ -186,9 +183,7 @@ class ClientKeyTests(SynchronousTestCase):
         Any configured key is accepted, and it is replaced by the upstream
         key on the way out.
         """
-        response = self.successResultOf(
-            self.h.post(chat_body(), headers={b"authorization": [b"Bearer " + CLIENT_KEY]})
-        )
+        response = self.successResultOf(self.h.post(chat_body(), headers={b"authorization": [b"Bearer " + CLIENT_KEY]}))
         self.assertEqual(response.code, 200)
         self.assertEqual(self.h.fake.requests[0].headers["authorization"], ["Bearer " + UPSTREAM_KEY.decode()])
 

@@ -127,5 +127,3 @@ class RelayTests(SynchronousTestCase):
         self.relay.abort()
         self.assertEqual(self.upstream.producerState, "stopped")
         self.assertEqual(self.clock.getDelayedCalls(), [])
-
-

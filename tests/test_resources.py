@@ -56,8 +56,15 @@ class TreeTests(SynchronousTestCase):
         An unknown path gets a JSON 404 that names it and points at the /v1
         base URL, the usual misconfiguration.
         """
-        for path in ["/", "/v1", "/v1/models", "/v1/v1/chat/completions", "/health/x",
-                     "/v1/chat/completions/extra", "/v1/chat"]:
+        for path in [
+            "/",
+            "/v1",
+            "/v1/models",
+            "/v1/v1/chat/completions",
+            "/health/x",
+            "/v1/chat/completions/extra",
+            "/v1/chat",
+        ]:
             response, body = self.request("POST", path)
             error = self.assertError(response, body, 404, "unknown_url")
             self.assertIn(f"POST {path}", error["message"])

@@ -125,9 +125,7 @@ class SiteTests(SynchronousTestCase):
         the count passes the limit.
         """
         protocol, transport = self.connect()
-        protocol.dataReceived(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )
+        protocol.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunk = b"z" * 600
         protocol.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         self.assertEqual(transport.value(), b"")

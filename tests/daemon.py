@@ -1,0 +1,152 @@
+"""
+Real processes for the end-to-end tests: the fake upstream
+(C{python -m oaiproxy.fake_upstream}) and the daemon (C{twistd -n
+oaiproxy}), both on 127.0.0.1 with ports chosen by the kernel.
+
+Each process's output is read line by line by a thread, so a test waits
+for "listening on ..." with a condition variable and a deadline instead of
+sleeping, and the daemon can never block on a full pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from typing import Mapping, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Upper bound for a process to start and for any one wait.
+STARTUP_SECONDS = 30.0
+
+
+def twistd() -> str:
+    """
+    The twistd script beside this Python, so the test drives the same
+    installation it imports.
+    """
+    beside = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(beside):
+        return beside
+    found = shutil.which("twistd")
+    if found is None:
+        raise RuntimeError("twistd is not installed")
+    return found
+
+
+def child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """
+    A clean environment: nothing of the caller's OpenAI or oaiproxy
+    settings leaks in, and the checkout comes first on the path.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "OAIPROXY_")) and k not in ("PORT", "CREDENTIALS_DIRECTORY")
+    }
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class Process:
+    """
+    A child process and everything it has printed so far.
+    """
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: str) -> None:
+        self.argv = list(argv)
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+        self._proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            cwd=cwd,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "".join(self._lines)
+
+    def wait_for(self, pattern: str, timeout: float = STARTUP_SECONDS) -> "re.Match[str]":
+        """
+        Wait until a printed line matches C{pattern}; fail with the output
+        if the process exits or the deadline passes first.
+        """
+        regex = re.compile(pattern)
+        found: list[re.Match[str]] = []
+
+        def seen() -> bool:
+            for line in self._lines:
+                match = regex.search(line)
+                if match:
+                    found.append(match)
+                    return True
+            return self._proc.poll() is not None and not self._reader.is_alive()
+
+        with self._changed:
+            self._changed.wait_for(seen, timeout)
+        if not found:
+            raise AssertionError(f"{self.argv[0]} never printed {pattern!r}; output:\n{self.output}")
+        return found[0]
+
+    def stop(self) -> Optional[int]:
+        """
+        Stop the process (by its own PID only) and return its exit status.
+        """
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+        self._reader.join(timeout=10)
+        return self._proc.returncode
+
+
+def start_fake_upstream(cwd: str, key: str, chunk_interval: float = 0.0) -> tuple[Process, str]:
+    """
+    Start the fake upstream; return it and its base URL (ending in /v1).
+    """
+    process = Process(
+        [sys.executable, "-m", "oaiproxy.fake_upstream", "--port", "0", "--chunk-interval", str(chunk_interval)],
+        child_env({"OPENAI_API_KEY": key}),
+        cwd,
+    )
+    url = process.wait_for(r"listening on (http://127\.0\.0\.1:\d+/v1)").group(1)
+    return process, url
+
+
+def start_proxy(cwd: str, args: Sequence[str], env: Mapping[str, str]) -> tuple[Process, str]:
+    """
+    Start C{twistd -n oaiproxy} on a free loopback port; return it and its
+    base URL (without /v1).
+    """
+    process = Process(
+        [twistd(), "--nodaemon", "--pidfile=", "oaiproxy", "--port", "tcp:0:interface=127.0.0.1", *args],
+        child_env(env),
+        cwd,
+    )
+    base = process.wait_for(r"oaiproxy listening on (http://127\.0\.0\.1:\d+)").group(1)
+    return process, base

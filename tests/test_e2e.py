@@ -1,0 +1,265 @@
+"""
+End to end, as a user runs it: the real daemon (C{twistd -n oaiproxy}) on
+127.0.0.1, in front of the fake upstream running as a real HTTP server,
+driven by the official C{openai} Python SDK.
+
+Nothing here sleeps: readiness is read from the processes' output, and the
+streaming test proves the absence of buffering with a gate, not a timer.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from typing import Any, Mapping, Sequence
+
+import openai
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.daemon import Process, start_fake_upstream, start_proxy
+from tests.support import temp_dir
+
+UPSTREAM_KEY = "sk-proj-E2EUPSTREAMSECRET987654321"
+CLIENT_KEY = "oaiproxy-client-E2ECLIENTSECRET"
+MESSAGES = [{"role": "user", "content": "hello proxy"}]
+REPLY = "This is a mock reply to: hello proxy"
+
+
+def http(method: str, url: str, body: bytes | None = None) -> tuple[int, Mapping[str, str], bytes]:
+    """
+    One plain HTTP request, whatever its status.
+    """
+    request = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+class E2ETestCase(SynchronousTestCase):
+    """
+    Starts a fake upstream and a proxy in front of it for each test.
+    """
+
+    proxy_args: Sequence[str] = ("--read-timeout", "3")
+    proxy_env: Mapping[str, str] = {"OAIPROXY_CLIENT_KEYS": CLIENT_KEY}
+
+    def setUp(self) -> None:
+        self.cwd = temp_dir(self)
+        self.upstream, self.upstream_url = start_fake_upstream(self.cwd, UPSTREAM_KEY)
+        self.addCleanup(self.upstream.stop)
+        self.proxy, self.base = self.start_proxy(["--upstream", self.upstream_url, *self.proxy_args])
+
+    def start_proxy(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[Process, str]:
+        full_env = {"OPENAI_API_KEY": UPSTREAM_KEY, **(self.proxy_env if env is None else env)}
+        proxy, base = start_proxy(self.cwd, args, full_env)
+        self.addCleanup(proxy.stop)
+        return proxy, base
+
+    def client(self, base_url: str | None = None, **kwargs: Any) -> openai.OpenAI:
+        options: dict[str, Any] = {"api_key": CLIENT_KEY, "max_retries": 0, "timeout": 20.0}
+        options.update(kwargs)
+        return openai.OpenAI(base_url=base_url or self.base + "/v1", **options)
+
+    def upstream_requests(self) -> list[dict[str, Any]]:
+        status, _, body = http("GET", self.upstream_url.rsplit("/v1", 1)[0] + "/_fake/requests")
+        assert status == 200
+        recorded: list[dict[str, Any]] = json.loads(body)
+        return recorded
+
+
+class ForwardingTests(E2ETestCase):
+    def test_plain_completion(self) -> None:
+        """
+        A plain completion through the SDK comes back as upstream sent it,
+        upstream headers included.
+        """
+        raw = self.client().chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+        completion = raw.parse()
+        self.assertEqual(completion.choices[0].message.content, REPLY)
+        self.assertEqual(raw.headers["x-request-id"], "req_fake_1")
+        [seen] = self.upstream_requests()
+        self.assertEqual(seen["headers"]["authorization"], ["Bearer " + UPSTREAM_KEY])
+        self.assertEqual(seen["headers"]["x-stainless-lang"], ["python"])
+
+    def test_streaming_is_not_buffered(self) -> None:
+        """
+        The first streamed chunk reaches the SDK while upstream is still
+        holding the rest back: the proxy buffers nothing.  (With buffering,
+        the first next() would wait for a stream that never ends.)
+        """
+        stream = self.client().chat.completions.create(model="fake-gated", messages=MESSAGES, stream=True)
+        chunks = iter(stream)
+        first = next(chunks)
+        second = next(chunks)
+        self.assertEqual(first.choices[0].delta.role, "assistant")
+        self.assertEqual(second.choices[0].delta.content, "This")
+        status, _, body = http("POST", self.upstream_url.rsplit("/v1", 1)[0] + "/_fake/release")
+        self.assertEqual(json.loads(body), {"released": 1})
+        rest = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        self.assertEqual("This" + rest, REPLY)
+
+    def test_base_url_without_v1(self) -> None:
+        """
+        An SDK configured with the bare proxy URL (no /v1) works too.
+        """
+        completion = self.client(base_url=self.base).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(completion.choices[0].message.content, REPLY)
+
+    def test_rate_limit_passes_through(self) -> None:
+        """
+        An upstream 429 reaches the SDK as RateLimitError with its message
+        and retry-after.
+        """
+        with self.assertRaises(openai.RateLimitError) as caught:
+            self.client().chat.completions.create(model="fake-429", messages=MESSAGES)
+        self.assertEqual(caught.exception.response.headers["retry-after"], "1")
+        self.assertEqual(caught.exception.code, "rate_limit_exceeded")
+
+    def test_sdk_retries_through_the_proxy(self) -> None:
+        """
+        The SDK's own retry, paced by retry-after-ms, works through the
+        proxy: a 429 then a success.
+        """
+        completion = self.client(max_retries=2).chat.completions.create(model="fake-429-once", messages=MESSAGES)
+        self.assertEqual(completion.choices[0].message.content, REPLY)
+        self.assertEqual(len(self.upstream_requests()), 2)
+
+    def test_mid_stream_crash_raises(self) -> None:
+        """
+        When upstream dies mid-stream, the SDK's iteration ends with an
+        error instead of hanging or ending as if complete.
+        """
+        stream = self.client().chat.completions.create(model="fake-crash", messages=MESSAGES, stream=True)
+        received = []
+        with self.assertRaises(openai.APIError) as caught:
+            for chunk in stream:
+                received.append(chunk)
+        self.assertEqual(len(received), 2)
+        self.assertIn("upstream API failed during the response", str(caught.exception))
+
+    def test_silent_upstream_is_504(self) -> None:
+        """
+        An upstream that never answers gives the SDK a 504 after the read
+        timeout (3 s here).
+        """
+        with self.assertRaises(openai.APIStatusError) as caught:
+            self.client().chat.completions.create(model="fake-silent", messages=MESSAGES)
+        self.assertEqual(caught.exception.status_code, 504)
+        self.assertEqual(caught.exception.code, "upstream_timeout")
+
+    def test_client_keys(self) -> None:
+        """
+        With client keys set, a wrong key is refused with 401 before any
+        upstream call; the right key works.
+        """
+        with self.assertRaises(openai.AuthenticationError):
+            self.client(api_key="wrong").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(self.upstream_requests(), [])
+        completion = self.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(completion.choices[0].message.content, REPLY)
+
+    def test_bad_body(self) -> None:
+        """
+        An invalid request is a BadRequestError naming the parameter, and
+        costs no upstream call.
+        """
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client().chat.completions.create(model="gpt-4o", messages=[])
+        self.assertEqual(caught.exception.param, "messages")
+        self.assertEqual(self.upstream_requests(), [])
+
+    def test_health_and_wrong_method(self) -> None:
+        """
+        /health answers without upstream; a wrong method gets 405 + Allow;
+        an unknown path a 404 with the /v1 hint.
+        """
+        status, _, body = http("GET", self.base + "/health")
+        self.assertEqual((status, json.loads(body)), (200, {"status": "healthy"}))
+        status, headers, body = http("GET", self.base + "/v1/chat/completions")
+        self.assertEqual((status, headers["Allow"]), (405, "POST"))
+        self.assertEqual(json.loads(body)["error"]["code"], "method_not_allowed")
+        status, _, body = http("POST", self.base + "/v1/v1/chat/completions", b"{}")
+        self.assertEqual(status, 404)
+        self.assertIn("/v1", json.loads(body)["error"]["message"])
+        self.assertEqual(self.upstream_requests(), [])
+
+    def test_secrets_never_in_daemon_output(self) -> None:
+        """
+        After successes and every kind of failure, neither the upstream key
+        nor a client key appears anywhere in the daemon's output.
+        """
+        client = self.client()
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+        for model in ("fake-429", "fake-500", "fake-silent"):
+            with self.assertRaises(openai.APIStatusError):
+                client.chat.completions.create(model=model, messages=MESSAGES)
+        with self.assertRaises(openai.APIError):
+            list(client.chat.completions.create(model="fake-crash", messages=MESSAGES, stream=True))
+        with self.assertRaises(openai.AuthenticationError):
+            self.client(api_key="sk-WRONGCLIENTKEY").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.proxy.stop()
+        output = self.proxy.output
+        self.assertIn("POST /v1/chat/completions 200", output)
+        for secret in (UPSTREAM_KEY, CLIENT_KEY, "WRONGCLIENTKEY", "E2EUPSTREAMSECRET", "E2ECLIENTSECRET"):
+            self.assertNotIn(secret, output)
+
+
+class BodyLimitTests(E2ETestCase):
+    proxy_args = ("--max-body-bytes", "100000")
+
+    def test_oversized_body_then_good_request(self) -> None:
+        """
+        A body over the limit is a 413 the SDK reports, nothing goes
+        upstream, and the next request is served normally.
+        """
+        client = self.client()
+        big = [{"role": "user", "content": "x" * 300000}]
+        with self.assertRaises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="gpt-4o", messages=big)
+        self.assertEqual(caught.exception.status_code, 413)
+        self.assertEqual(caught.exception.code, "request_too_large")
+        completion = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(completion.choices[0].message.content, REPLY)
+        self.assertEqual(len(self.upstream_requests()), 1)
+
+
+class UpstreamDownTests(E2ETestCase):
+    def test_unreachable_upstream_is_502(self) -> None:
+        """
+        An upstream that refuses connections gives the SDK a 502 (which it
+        would retry), and the proxy keeps serving.
+        """
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed_port = s.getsockname()[1]
+        _, base = self.start_proxy(["--upstream", f"http://127.0.0.1:{closed_port}/v1"])
+        client = self.client(base_url=base + "/v1")
+        for _ in range(2):
+            with self.assertRaises(openai.InternalServerError) as caught:
+                client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            self.assertEqual(caught.exception.status_code, 502)
+            self.assertEqual(caught.exception.code, "upstream_unreachable")
+        status, _, _ = http("GET", base + "/health")
+        self.assertEqual(status, 200)
+
+
+class MockUpstreamTests(SynchronousTestCase):
+    def test_try_without_a_key(self) -> None:
+        """
+        The README's first command, twistd -n oaiproxy --mock-upstream,
+        serves plain and streamed answers with no key at all.
+        """
+        cwd = temp_dir(self)
+        proxy, base = start_proxy(cwd, ["--mock-upstream"], {})
+        self.addCleanup(proxy.stop)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="anything", max_retries=0, timeout=20)
+        completion = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        self.assertEqual(completion.choices[0].message.content, REPLY)
+        stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        self.assertEqual(text, REPLY)

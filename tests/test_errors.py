@@ -1,0 +1,258 @@
+"""
+Tests for L{oaiproxy.errors}: the OpenAI-shaped error answers the proxy
+produces itself.
+
+They check, for every constructor, the HTTP status and the C{type},
+C{param} and C{code} fields the SDKs map to exception classes; the exact
+shape of the JSON body; the C{Allow} header of a 405; and the server-sent
+event that reports a failure in the middle of a stream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from oaiproxy import errors
+from oaiproxy.errors import ApiError, sse_error_event
+
+#: (constructor call, status, type, param, code) for every error the proxy
+#: can produce.
+CASES: list[tuple[Callable[[], ApiError], int, str, Optional[str], Optional[str]]] = [
+    (lambda: errors.bad_request("bad model", "model"), 400, "invalid_request_error", "model", None),
+    (
+        lambda: errors.bad_request("bad json", None, "invalid_json"),
+        400,
+        "invalid_request_error",
+        None,
+        "invalid_json",
+    ),
+    (errors.invalid_api_key, 401, "invalid_request_error", None, "invalid_api_key"),
+    (lambda: errors.not_found("GET", "/v2/models"), 404, "invalid_request_error", None, "unknown_url"),
+    (
+        lambda: errors.method_not_allowed("GET", "/v1/chat/completions", ["POST"]),
+        405,
+        "invalid_request_error",
+        None,
+        "method_not_allowed",
+    ),
+    (lambda: errors.body_too_large(1024), 413, "invalid_request_error", None, "request_too_large"),
+    (
+        lambda: errors.upstream_unreachable("ConnectionRefusedError"),
+        502,
+        "api_error",
+        None,
+        "upstream_unreachable",
+    ),
+    (lambda: errors.upstream_timeout(10.0, "connect"), 504, "api_error", None, "upstream_timeout"),
+    (
+        lambda: errors.upstream_failed_mid_response("ResponseFailed"),
+        502,
+        "api_error",
+        None,
+        "upstream_stream_interrupted",
+    ),
+    (errors.internal_error, 500, "api_error", None, "internal_error"),
+]
+
+
+def decoded_body(error: ApiError) -> Any:
+    """
+    The response body as a client would parse it.
+    """
+    return json.loads(error.body().decode("utf-8"))
+
+
+class ConstructorTests(SynchronousTestCase):
+    """
+    Each constructor yields the status and fields the SDKs rely on.
+    """
+
+    def test_status_and_fields(self) -> None:
+        """
+        Every error has the HTTP status and C{type}/C{param}/C{code} that
+        make the SDKs raise the matching exception class.
+        """
+        for make, status, type_, param, code in CASES:
+            error = make()
+            self.assertEqual(
+                (error.status, error.type, error.param, error.code),
+                (status, type_, param, code),
+                f"wrong fields for {error!r}",
+            )
+
+    def test_messages_are_non_empty_strings(self) -> None:
+        """
+        Every error carries a human-readable message, which is what a user
+        sees in the SDK's exception.
+        """
+        for make, *_ in CASES:
+            message = make().message
+            self.assertIsInstance(message, str)
+            self.assertTrue(message.strip(), f"empty message from {make}")
+
+    def test_only_405_carries_headers(self) -> None:
+        """
+        Errors other than a 405 add no extra response headers.
+        """
+        for make, status, *_ in CASES:
+            if status != 405:
+                self.assertEqual(make().headers, (), f"unexpected headers on a {status}")
+
+    def test_not_found_names_request_and_base_url(self) -> None:
+        """
+        A 404 names the method and path asked for and points at C{/v1},
+        the usual mistake in an SDK's base URL.
+        """
+        message = errors.not_found("DELETE", "/v2/chat/completions").message
+        self.assertIn("DELETE /v2/chat/completions", message)
+        self.assertIn("/v1", message)
+
+    def test_body_too_large_names_limit(self) -> None:
+        """
+        A 413 tells the user the limit they exceeded.
+        """
+        self.assertIn("4096", errors.body_too_large(4096).message)
+
+    def test_upstream_unreachable_names_reason(self) -> None:
+        """
+        A 502 says why upstream could not be reached.
+        """
+        self.assertIn("DNSLookupError", errors.upstream_unreachable("DNSLookupError").message)
+
+    def test_upstream_timeout_names_duration_and_phase(self) -> None:
+        """
+        A 504 says what timed out and after how long, without a spurious
+        C{.0}.
+        """
+        message = errors.upstream_timeout(600.0, "respond").message
+        self.assertIn("respond", message)
+        self.assertIn("600 seconds", message)
+        self.assertIn("2.5 seconds", errors.upstream_timeout(2.5, "connect").message)
+
+
+class MethodNotAllowedTests(SynchronousTestCase):
+    """
+    A 405 carries the C{Allow} header RFC 9110 requires.
+    """
+
+    def test_allow_header_single(self) -> None:
+        """
+        A client using the wrong method learns the right one from C{Allow}.
+        """
+        error = errors.method_not_allowed("GET", "/v1/chat/completions", ["POST"])
+        self.assertEqual(error.headers, ((b"Allow", b"POST"),))
+        self.assertIn("GET", error.message)
+        self.assertIn("POST", error.message)
+
+    def test_allow_header_several(self) -> None:
+        """
+        Several allowed methods are listed comma-separated in one header.
+        """
+        error = errors.method_not_allowed("POST", "/health", ["GET", "HEAD"])
+        self.assertEqual(error.headers, ((b"Allow", b"GET, HEAD"),))
+
+
+class BodyTests(SynchronousTestCase):
+    """
+    The response body is exactly OpenAI's error envelope.
+    """
+
+    def test_envelope_shape(self) -> None:
+        """
+        The body is JSON with only C{error}, holding exactly the four keys
+        the SDKs read, with the error's values.
+        """
+        for make, *_ in CASES:
+            error = make()
+            self.assertEqual(
+                decoded_body(error),
+                {
+                    "error": {
+                        "message": error.message,
+                        "type": error.type,
+                        "param": error.param,
+                        "code": error.code,
+                    }
+                },
+            )
+
+    def test_null_param_and_code(self) -> None:
+        """
+        An absent C{param} or C{code} is sent as JSON C{null}, as OpenAI
+        does, not omitted.
+        """
+        error = decoded_body(errors.bad_request("x", None))["error"]
+        self.assertIn("param", error)
+        self.assertIn("code", error)
+        self.assertIsNone(error["param"])
+        self.assertIsNone(error["code"])
+
+    def test_ends_with_newline(self) -> None:
+        """
+        The body ends with a newline so C{curl} output ends cleanly.
+        """
+        body = errors.internal_error().body()
+        self.assertTrue(body.endswith(b"\n"))
+        self.assertFalse(body.endswith(b"\n\n"))
+
+    def test_non_ascii_message_is_valid_utf8_json(self) -> None:
+        """
+        A message with non-ASCII characters still decodes to the same
+        text.
+        """
+        error = errors.bad_request("modèle «inconnu» 模型", "model")
+        self.assertEqual(decoded_body(error)["error"]["message"], "modèle «inconnu» 模型")
+
+
+class SseErrorEventTests(SynchronousTestCase):
+    """
+    L{sse_error_event} reports a failure inside an already-started stream.
+    """
+
+    def test_single_data_event(self) -> None:
+        """
+        The event is one C{data:} line followed by a blank line, so a
+        stream reader sees exactly one event.
+        """
+        event = sse_error_event(errors.upstream_failed_mid_response("ResponseFailed"))
+        self.assertTrue(event.startswith(b"data: "))
+        self.assertTrue(event.endswith(b"\n\n"))
+        self.assertEqual(event.count(b"\n"), 2)
+
+    def test_payload_has_error_key(self) -> None:
+        """
+        The event's JSON is the error envelope; its C{error} key is what
+        the openai SDK turns into C{APIError}.
+        """
+        error = errors.upstream_failed_mid_response("ResponseFailed")
+        event = sse_error_event(error)
+        document = json.loads(event[len(b"data: ") : -2].decode("utf-8"))
+        self.assertEqual(document, error.payload())
+        self.assertEqual(document["error"]["code"], "upstream_stream_interrupted")
+
+    def test_newline_in_message_stays_one_event(self) -> None:
+        """
+        A newline inside the message is escaped, so it cannot split the
+        event or end it early.
+        """
+        event = sse_error_event(errors.bad_request("line one\n\nline two", None))
+        self.assertEqual(event.count(b"\n"), 2)
+        self.assertEqual(json.loads(event[len(b"data: ") :])["error"]["message"], "line one\n\nline two")
+
+    def test_openai_sdk_decoder_sees_the_error(self) -> None:
+        """
+        The openai SDK's own event decoder reads exactly one event whose
+        data has an C{error} object with the message.
+        """
+        try:
+            from openai._streaming import SSEDecoder
+        except ImportError:  # pragma: no cover - optional test dependency
+            self.skipTest("the openai SDK is not installed")
+        error = errors.upstream_failed_mid_response("ResponseFailed")
+        stream = [b'data: {"choices": []}\n\n', sse_error_event(error)]
+        events = list(SSEDecoder().iter_bytes(iter(stream)))
+        self.assertEqual(len(events), 2)
+        self.assertEqual(events[1].json()["error"]["message"], error.message)

@@ -1,0 +1,251 @@
+"""
+The twistd plugin's options and service tree: configuration from options
+and environment, startup errors as one line, listeners, the startup report
+and the open-relay warning.  No sockets: a memory reactor records what
+would be bound.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from twisted.application.service import IServiceCollection
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from oaiproxy.config import DEFAULT_PORT, DEFAULT_UPSTREAM, Secret
+from oaiproxy.tap import Options, makeService
+from tests.support import temp_dir
+
+KEY = "sk-proj-TAPSECRET000111222"
+
+
+def parse(argv: list[str], env: Mapping[str, str] = {"OPENAI_API_KEY": KEY}) -> Options:
+    options = Options(environ=dict(env))
+    options.parseOptions(argv)
+    return options
+
+
+class _Port:
+    def __init__(self, address: IPv4Address) -> None:
+        self._address = address
+
+    def getHost(self) -> IPv4Address:
+        return self._address
+
+    def stopListening(self) -> None:
+        pass
+
+
+class HonestReactor(MemoryReactorClock):
+    """
+    A memory reactor whose ports report the interface they were given
+    (MemoryReactor always says 0.0.0.0).
+    """
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> _Port:
+        super().listenTCP(port, factory, backlog, interface)
+        return _Port(IPv4Address("TCP", interface or "0.0.0.0", port))
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """
+        With only a key, the proxy listens on loopback port 8080 and
+        forwards to OpenAI with the documented timeouts.
+        """
+        config = parse([]).config
+        self.assertEqual(config.ports, (DEFAULT_PORT,))
+        self.assertEqual(config.upstream, DEFAULT_UPSTREAM)
+        self.assertEqual(config.api_key, Secret(KEY.encode()))
+        self.assertEqual(
+            (config.connect_timeout, config.read_timeout, config.max_body_bytes, config.client_keys),
+            (10.0, 600.0, 67108864, ()),
+        )
+
+    def test_environment(self) -> None:
+        """
+        Every setting can come from the environment.
+        """
+        config = parse(
+            [],
+            {
+                "OPENAI_API_KEY": KEY,
+                "PORT": "9000",
+                "OPENAI_BASE_URL": "http://127.0.0.1:4000/v1/",
+                "OAIPROXY_CLIENT_KEYS": "a, b",
+                "OAIPROXY_CONNECT_TIMEOUT": "3",
+                "OAIPROXY_READ_TIMEOUT": "30.5",
+                "OAIPROXY_IDLE_TIMEOUT": "20",
+                "OAIPROXY_MAX_BODY_BYTES": "1024",
+            },
+        ).config
+        self.assertEqual(config.ports, ("tcp:9000:interface=127.0.0.1",))
+        self.assertEqual(config.upstream, "http://127.0.0.1:4000/v1")
+        self.assertEqual(config.client_keys, (Secret(b"a"), Secret(b"b")))
+        self.assertEqual(
+            (config.connect_timeout, config.read_timeout, config.idle_timeout, config.max_body_bytes),
+            (3.0, 30.5, 20.0, 1024),
+        )
+
+    def test_options_win_over_environment(self) -> None:
+        """
+        A command-line option beats the environment variable.
+        """
+        env = {"OPENAI_API_KEY": KEY, "PORT": "9000", "OPENAI_BASE_URL": "http://a.test", "OAIPROXY_READ_TIMEOUT": "5"}
+        config = parse(
+            ["--port", "tcp:1", "--port", "unix:/tmp/s", "--upstream", "https://b.test/v1", "--read-timeout", "9"],
+            env,
+        ).config
+        self.assertEqual(config.ports, ("tcp:1", "unix:/tmp/s"))
+        self.assertEqual(config.upstream, "https://b.test/v1")
+        self.assertEqual(config.read_timeout, 9.0)
+
+    def test_key_file_option(self) -> None:
+        """
+        --api-key-file beats OPENAI_API_KEY.
+        """
+        path = os.path.join(temp_dir(self), "key")
+        with open(path, "w") as f:
+            f.write("sk-from-file\n")
+        config = parse(["--api-key-file", path]).config
+        self.assertEqual(config.api_key, Secret(b"sk-from-file"))
+
+    def test_mock_upstream_needs_no_key(self) -> None:
+        """
+        --mock-upstream starts without any key.
+        """
+        config = parse(["--mock-upstream"], {}).config
+        self.assertTrue(config.mock_upstream)
+        self.assertIsNone(config.api_key)
+
+    def assertStartupError(self, argv: list[str], env: Mapping[str, str], *fragments: str) -> str:
+        with self.assertRaises(SystemExit) as caught:
+            parse(argv, env)
+        message = str(caught.exception.code)
+        self.assertTrue(message.startswith("twistd oaiproxy: error: "), message)
+        self.assertNotIn("\n", message)
+        self.assertNotIn("Traceback", message)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        return message
+
+    def test_startup_errors_are_one_line(self) -> None:
+        """
+        Each configuration mistake stops startup with one line saying what
+        is wrong (SystemExit with a message: stderr, exit status 1).
+        """
+        keyed = {"OPENAI_API_KEY": KEY}
+        self.assertStartupError([], {}, "no upstream API key", "OPENAI_API_KEY", "--mock-upstream")
+        self.assertStartupError(["--bogus"], keyed, "bogus")
+        self.assertStartupError(["--read-timeout", "soon"], keyed, "--read-timeout", "soon")
+        self.assertStartupError(["--connect-timeout", "-1"], keyed, "--connect-timeout")
+        self.assertStartupError(["--max-body-bytes", "1e9"], keyed, "--max-body-bytes")
+        self.assertStartupError(["--upstream", "ftp://x"], keyed, "--upstream")
+        self.assertStartupError([], {**keyed, "OAIPROXY_READ_TIMEOUT": "x"}, "OAIPROXY_READ_TIMEOUT")
+        self.assertStartupError([], {**keyed, "PORT": "http"}, "PORT")
+        self.assertStartupError(["--api-key-file", "/nonexistent/key"], keyed, "/nonexistent/key")
+
+    def test_startup_error_never_shows_a_key(self) -> None:
+        """
+        A malformed key file is reported by path, never by content.
+        """
+        path = os.path.join(temp_dir(self), "key")
+        with open(path, "w") as f:
+            f.write("sk-LEAKY one\nsk-LEAKY two\n")
+        message = self.assertStartupError(["--api-key-file", path], {}, path)
+        self.assertNotIn("LEAKY", message)
+
+
+class ServiceTests(SynchronousTestCase):
+    def start(
+        self, argv: list[str], env: Mapping[str, str] = {"OPENAI_API_KEY": KEY}
+    ) -> tuple[Any, HonestReactor, list[dict[str, Any]]]:
+        reactor = HonestReactor()
+        with capturedLogs() as events:
+            service = makeService(parse(argv, env), reactor=reactor)
+            service.privilegedStartService()
+            service.startService()
+        self.addCleanup(service.stopService)
+        return service, reactor, events
+
+    def test_one_listener_per_port(self) -> None:
+        """
+        Every --port becomes a listener on the Site, bound when the service
+        starts.
+        """
+        service, reactor, _ = self.start(
+            ["--port", "tcp:8081:interface=127.0.0.1", "--port", "tcp:8082:interface=127.0.0.2"]
+        )
+        self.assertTrue(IServiceCollection.providedBy(service))
+        self.assertEqual(
+            [(port, interface) for port, _, _, interface in reactor.tcpServers],
+            [(8081, "127.0.0.1"), (8082, "127.0.0.2")],
+        )
+        factories = {factory for _, factory, _, _ in reactor.tcpServers}
+        self.assertEqual(len(factories), 1)
+
+    def test_startup_report(self) -> None:
+        """
+        Startup logs the upstream, and for each listener the chat
+        completions and health URLs; the key appears nowhere.
+        """
+        _, _, events = self.start(["--port", "tcp:8081:interface=127.0.0.1"])
+        listening = [e for e in events if e.get("base")]
+        self.assertEqual([e["base"] for e in listening], ["http://127.0.0.1:8081"])
+        from twisted.logger import formatEvent
+
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("http://127.0.0.1:8081/v1/chat/completions", text)
+        self.assertIn("http://127.0.0.1:8081/health", text)
+        self.assertIn("https://api.openai.com/v1/chat/completions", text)
+        self.assertNotIn("TAPSECRET", text + repr(events))
+
+    def test_open_relay_warning(self) -> None:
+        """
+        A listener reachable from other hosts without client keys logs a
+        critical warning; loopback, or client keys, do not.
+        """
+
+        def warnings(argv: list[str], env: Mapping[str, str]) -> list[str]:
+            _, _, events = self.start(argv, env)
+            return [e["base"] for e in events if e["log_level"] == LogLevel.critical]
+
+        self.assertEqual(warnings(["--port", "tcp:8080"], {"OPENAI_API_KEY": KEY}), ["http://0.0.0.0:8080"])
+        self.assertEqual(warnings(["--port", "tcp:8080:interface=127.0.0.1"], {"OPENAI_API_KEY": KEY}), [])
+        self.assertEqual(warnings(["--port", "tcp:8080"], {"OPENAI_API_KEY": KEY, "OAIPROXY_CLIENT_KEYS": "k"}), [])
+
+    def test_bad_endpoint_is_one_line(self) -> None:
+        """
+        An unparsable --port stops startup with one line naming it.
+        """
+        with self.assertRaises(SystemExit) as caught:
+            makeService(parse(["--port", "carrier-pigeon:1"]), reactor=MemoryReactorClock())
+        message = str(caught.exception.code)
+        self.assertIn("carrier-pigeon:1", message)
+        self.assertNotIn("\n", message)
+
+    def test_busy_port_fails_startup(self) -> None:
+        """
+        A port that cannot be bound makes startup fail (twistd exits
+        non-zero, which systemd sees), rather than only logging it.
+        """
+        reactor = RaisingMemoryReactor(listenException=CannotListenError("127.0.0.1", 8080, OSError("in use")))
+        service = makeService(parse([]), reactor=reactor)
+        self.assertRaises(CannotListenError, service.privilegedStartService)
+
+    def test_mock_upstream(self) -> None:
+        """
+        --mock-upstream serves the fake API on a loopback port before the
+        proxy's own listener opens, and forwards there.
+        """
+        _, reactor, events = self.start(["--mock-upstream", "--port", "tcp:8080:interface=127.0.0.1"], {})
+        self.assertEqual(
+            [(port, interface) for port, _, _, interface in reactor.tcpServers],
+            [(0, "127.0.0.1"), (8080, "127.0.0.1")],
+        )
+        self.assertIn("http://127.0.0.1:0/v1", [e.get("url") for e in events])
