@@ -59,9 +59,20 @@ def classify_upstream_failure(failure: Failure, connect_timeout: float) -> ApiEr
         return upstream_timeout(connect_timeout, "accept a connection")
     if failure.check(webClient.ResponseNeverReceived, webClient.RequestTransmissionFailed):
         reasons = getattr(failure.value, "reasons", [])
-        names = sorted({type(r.value).__name__ for r in reasons}) or ["no response"]
+        names = sorted({_reason(r.value) for r in reasons}) or ["no response"]
         return upstream_unreachable(", ".join(names))
-    return upstream_unreachable(type(failure.value).__name__)
+    return upstream_unreachable(_reason(failure.value))
+
+
+def _reason(exception: BaseException) -> str:
+    """
+    A short, secret-free name for why a connection failed.
+    """
+    module = type(exception).__module__
+    if module.startswith("OpenSSL") or module.startswith("service_identity"):
+        # pyOpenSSL names its exception just "Error"; say what it means.
+        return "TLS handshake failed: certificate not trusted or not for this host"
+    return type(exception).__name__
 
 
 def read_body(request: Request) -> bytes:

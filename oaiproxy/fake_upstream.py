@@ -24,8 +24,10 @@ test drives a failure through the real SDK without any side channel.
     C{fake-redirect}       307 to another URL (a proxy must not follow)
     =====================  ==============================================
 
-In control mode, C{GET /_fake/requests} returns what was received and
-C{POST /_fake/release} releases gated streams.
+In control mode, C{GET /_fake/requests} returns what was received,
+C{POST /_fake/release} releases gated streams, and
+C{GET /_fake/disconnects?at_least=N&within=S} answers with the number of
+client disconnects once it reaches N, or after S seconds.
 
 Run it alone with C{python -m oaiproxy.fake_upstream --port 0}: it prints
 the URL it listens on.  It only ever listens on loopback.
@@ -57,6 +59,8 @@ class RecordedRequest:
     path: str
     headers: dict[str, list[str]]
     body: bytes
+    #: The client's TCP port: equal ports mean a reused connection.
+    peer_port: int = 0
 
 
 @dataclass
@@ -103,6 +107,7 @@ class FakeUpstream(Resource):
         self.disconnects = 0
         self._streams: list[_Stream] = []
         self._limited_once = False
+        self._waiters: list[tuple[int, Callable[[], None]]] = []
         self._serial = 0
 
     # Dispatch.
@@ -123,6 +128,7 @@ class FakeUpstream(Resource):
                     for name, values in request.requestHeaders.getAllRawHeaders()
                 },
                 body,
+                getattr(request.getClientAddress(), "port", 0),
             )
         )
         if not path.endswith("/chat/completions"):
@@ -151,18 +157,55 @@ class FakeUpstream(Resource):
         request.setHeader(b"x-ratelimit-remaining-requests", b"4999")
         return self._render_chat(request, document, model, prompt)
 
-    def _render_control(self, request: Request, method: str, path: str) -> bytes:
+    def _render_control(self, request: Request, method: str, path: str) -> bytes | int:
         if path == "/_fake/requests" and method == "GET":
             recorded = [
-                {"method": r.method, "path": r.path, "headers": r.headers, "body": r.body.decode("utf-8", "replace")}
+                {
+                    "method": r.method,
+                    "path": r.path,
+                    "headers": r.headers,
+                    "body": r.body.decode("utf-8", "replace"),
+                    "peer_port": r.peer_port,
+                }
                 for r in self.requests
             ]
             return self._json(request, json.dumps(recorded).encode())
         if path == "/_fake/release" and method == "POST":
             released = self.release()
             return self._json(request, json.dumps({"released": released}).encode())
+        if path == "/_fake/disconnects" and method == "GET":
+            return self._render_disconnects(request)
         request.setResponseCode(404)
         return self._json(request, _error("no such control route", "invalid_request_error", None))
+
+    def _render_disconnects(self, request: Request) -> bytes | int:
+        """
+        Answer with the number of client disconnects seen, once it reaches
+        C{at_least} or C{within} seconds have passed, whichever is first:
+        a test waits for an event without polling or sleeping.
+        """
+        args: dict[bytes, list[bytes]] = request.args or {}
+        at_least = int(args.get(b"at_least", [b"0"])[0])
+        within = float(args.get(b"within", [b"1"])[0])
+
+        def answer() -> bytes:
+            return self._json(request, json.dumps({"disconnects": self.disconnects}).encode())
+
+        if self.disconnects >= at_least:
+            return answer()
+
+        def respond() -> None:
+            if call.active():
+                call.cancel()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            request.write(answer())
+            request.finish()
+
+        waiter = (at_least, respond)
+        call = self._clock.callLater(within, respond)
+        self._waiters.append(waiter)
+        return NOT_DONE_YET
 
     def _render_chat(self, request: Request, document: dict[str, Any], model: str, prompt: str) -> bytes | int:
         if model == "fake-429" or (model == "fake-429-once" and not self._limited_once):
@@ -300,6 +343,9 @@ class FakeUpstream(Resource):
 
     def _count_disconnect(self) -> None:
         self.disconnects += 1
+        for at_least, respond in list(self._waiters):
+            if self.disconnects >= at_least:
+                respond()
 
     @staticmethod
     def _json(request: Request, body: bytes) -> bytes:
@@ -307,11 +353,18 @@ class FakeUpstream(Resource):
         return body
 
 
-def listen(reactor: Any, upstream: FakeUpstream, port: int = 0) -> Any:
+def listen(reactor: Any, upstream: FakeUpstream, port: int = 0, tls_pem: Optional[bytes] = None) -> Any:
     """
     Serve C{upstream} on loopback; return the listening port.
+
+    @param tls_pem: a PEM private key and certificate to serve https with.
     """
     site = _QuietSite(upstream, reactor=reactor)
+    if tls_pem is not None:
+        from twisted.internet.ssl import PrivateCertificate
+
+        options = PrivateCertificate.loadPEM(tls_pem).options()
+        return reactor.listenSSL(port, site, options, interface="127.0.0.1")
     return reactor.listenTCP(port, site, interface="127.0.0.1")
 
 
@@ -335,6 +388,7 @@ def main(argv: Optional[list[str]] = None, reactor: Any = None, out: Callable[[s
     parser = argparse.ArgumentParser(prog="python -m oaiproxy.fake_upstream", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free port)")
     parser.add_argument("--chunk-interval", type=float, default=0.0, help="seconds between streamed chunks")
+    parser.add_argument("--tls-pem", help="serve https with this PEM file (private key and certificate)")
     args = parser.parse_args(argv)
     if reactor is None:
         from twisted.internet import reactor
@@ -342,8 +396,13 @@ def main(argv: Optional[list[str]] = None, reactor: Any = None, out: Callable[[s
     upstream = FakeUpstream(
         reactor, api_key=key.encode() if key else None, chunk_interval=args.chunk_interval, control=True
     )
-    port = listen(reactor, upstream, args.port)
-    out(f"fake upstream listening on http://127.0.0.1:{port.getHost().port}/v1")
+    pem = None
+    if args.tls_pem:
+        with open(args.tls_pem, "rb") as f:
+            pem = f.read()
+    port = listen(reactor, upstream, args.port, pem)
+    scheme = "https" if pem else "http"
+    out(f"fake upstream listening on {scheme}://127.0.0.1:{port.getHost().port}/v1")
     sys.stdout.flush()
     reactor.run()
 

@@ -19,9 +19,11 @@ from typing import Any, Callable, Mapping, Optional
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from oaiproxy import __version__
@@ -190,8 +192,14 @@ class _AnnouncingEndpoint:
     listening port knows (C{tcp:0}, C{systemd:} sockets).
     """
 
-    def __init__(self, endpoint: IStreamServerEndpoint, announce: Callable[[IListeningPort], None]) -> None:
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        description: str,
+        announce: Callable[[IListeningPort], None],
+    ) -> None:
         self._endpoint = endpoint
+        self._description = description
         self._announce = announce
 
     def listen(self, factory: Any) -> "Deferred[IListeningPort]":
@@ -201,7 +209,15 @@ class _AnnouncingEndpoint:
             self._announce(port)
             return port
 
-        return d.addCallback(announced)
+        def refused(failure: Failure) -> IListeningPort:
+            # A busy or forbidden port: one line instead of a traceback.
+            # strports re-raises it from startup, so twistd exits 1.
+            failure.trap(CannotListenError)
+            raise SystemExit(
+                f"twistd oaiproxy: error: cannot listen on {self._description}: {failure.value.socketError}"
+            )
+
+        return d.addCallbacks(announced, refused)
 
 
 def _announcer(description: str, config: Config) -> Callable[[IListeningPort], None]:
@@ -310,7 +326,7 @@ def makeService(
             raise SystemExit(f"twistd oaiproxy: error: cannot use --port {description!r}: {e}") from None
         # strports makes a bind failure stop twistd (exit status 1), which
         # systemd sees; the wrapper only adds the startup report.
-        listener.endpoint = _AnnouncingEndpoint(listener.endpoint, _announcer(description, config))
+        listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description, _announcer(description, config))
         listener.setServiceParent(service)
 
     log.info(

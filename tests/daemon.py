@@ -110,6 +110,14 @@ class Process:
             raise AssertionError(f"{self.argv[0]} never printed {pattern!r}; output:\n{self.output}")
         return found[0]
 
+    def wait(self, timeout: float = STARTUP_SECONDS) -> int:
+        """
+        Wait for the process to exit by itself; return its exit status.
+        """
+        status = self._proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return status
+
     def stop(self) -> Optional[int]:
         """
         Stop the process (by its own PID only) and return its exit status.
@@ -125,16 +133,16 @@ class Process:
         return self._proc.returncode
 
 
-def start_fake_upstream(cwd: str, key: str, chunk_interval: float = 0.0) -> tuple[Process, str]:
+def start_fake_upstream(cwd: str, key: str, *args: str) -> tuple[Process, str]:
     """
     Start the fake upstream; return it and its base URL (ending in /v1).
     """
     process = Process(
-        [sys.executable, "-m", "oaiproxy.fake_upstream", "--port", "0", "--chunk-interval", str(chunk_interval)],
+        [sys.executable, "-m", "oaiproxy.fake_upstream", "--port", "0", *args],
         child_env({"OPENAI_API_KEY": key}),
         cwd,
     )
-    url = process.wait_for(r"listening on (http://127\.0\.0\.1:\d+/v1)").group(1)
+    url = process.wait_for(r"listening on (https?://127\.0\.0\.1:\d+/v1)").group(1)
     return process, url
 
 

@@ -10,6 +10,7 @@ streaming test proves the absence of buffering with a gate, not a timer.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -18,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.daemon import Process, start_fake_upstream, start_proxy
+from tests.daemon import Process, child_env, start_fake_upstream, start_proxy, twistd
 from tests.support import temp_dir
 
 UPSTREAM_KEY = "sk-proj-E2EUPSTREAMSECRET987654321"
@@ -263,3 +264,124 @@ class MockUpstreamTests(SynchronousTestCase):
         stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         self.assertEqual(text, REPLY)
+
+
+class ConnectionTests(E2ETestCase):
+    def control(self, path: str) -> Any:
+        status, _, body = http("GET", self.upstream_url.rsplit("/v1", 1)[0] + path)
+        assert status == 200
+        return json.loads(body)
+
+    def test_upstream_connection_is_reused(self) -> None:
+        """
+        Consecutive requests share one pooled upstream connection instead
+        of paying a new TCP (and TLS) handshake each.
+        """
+        client = self.client()
+        for _ in range(3):
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        ports = {r["peer_port"] for r in self.upstream_requests()}
+        self.assertEqual(len(ports), 1)
+
+    def test_client_leaving_mid_stream_closes_upstream_within_a_second(self) -> None:
+        """
+        When the SDK closes a stream early, the proxy closes the upstream
+        connection within a second, so no more tokens are generated.
+        """
+        stream = self.client().chat.completions.create(model="fake-gated", messages=MESSAGES, stream=True)
+        next(iter(stream))
+        stream.close()
+        # The fake upstream answers as soon as it sees the disconnect, and
+        # gives up after one second.
+        self.assertEqual(self.control("/_fake/disconnects?at_least=1&within=1"), {"disconnects": 1})
+
+
+def self_signed_pem(directory: str) -> str:
+    """
+    Write a self-signed certificate for 127.0.0.1 with its key; return the
+    file's path.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    path = os.path.join(directory, "upstream.pem")
+    with open(path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+class UpstreamTLSTests(E2ETestCase):
+    def test_untrusted_certificate_is_refused(self) -> None:
+        """
+        The proxy verifies the upstream's certificate: an https upstream
+        with a self-signed one gets no request (and no key), and the SDK
+        sees a 502 that says why.
+        """
+        pem = self_signed_pem(self.cwd)
+        upstream, url = start_fake_upstream(self.cwd, UPSTREAM_KEY, "--tls-pem", pem)
+        self.addCleanup(upstream.stop)
+        self.assertTrue(url.startswith("https://"))
+        _, base = self.start_proxy(["--upstream", url])
+        with self.assertRaises(openai.InternalServerError) as caught:
+            self.client(base_url=base + "/v1").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(caught.exception.status_code, 502)
+        self.assertIn("TLS handshake failed", str(caught.exception))
+
+
+class StartupTests(SynchronousTestCase):
+    def run_daemon(self, args: Sequence[str], env: Mapping[str, str]) -> tuple[int, str]:
+        process = Process([twistd(), "--nodaemon", "--pidfile=", "oaiproxy", *args], child_env(env), temp_dir(self))
+        self.addCleanup(process.stop)
+        return process.wait(), process.output
+
+    def test_missing_key(self) -> None:
+        """
+        Without a key the daemon exits 1 with one line saying how to give
+        one, and no traceback.
+        """
+        status, output = self.run_daemon([], {})
+        self.assertEqual(status, 1)
+        lines = [line for line in output.splitlines() if line.strip()]
+        self.assertEqual(len(lines), 1, output)
+        self.assertIn("no upstream API key", lines[0])
+
+    def test_busy_port(self) -> None:
+        """
+        A port already in use makes the daemon exit 1 with a line naming
+        it, so systemd sees the failure; the key is not printed.
+        """
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            status, output = self.run_daemon(
+                ["--port", f"tcp:{port}:interface=127.0.0.1"], {"OPENAI_API_KEY": UPSTREAM_KEY}
+            )
+        self.assertEqual(status, 1)
+        self.assertIn(f"cannot listen on tcp:{port}:interface=127.0.0.1", output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn(UPSTREAM_KEY, output)

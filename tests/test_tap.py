@@ -234,9 +234,16 @@ class ServiceTests(SynchronousTestCase):
         A port that cannot be bound makes startup fail (twistd exits
         non-zero, which systemd sees), rather than only logging it.
         """
-        reactor = RaisingMemoryReactor(listenException=CannotListenError("127.0.0.1", 8080, OSError("in use")))
+        reactor = RaisingMemoryReactor(
+            listenException=CannotListenError("127.0.0.1", 8080, OSError(98, "Address already in use"))
+        )
         service = makeService(parse([]), reactor=reactor)
-        self.assertRaises(CannotListenError, service.privilegedStartService)
+        with self.assertRaises(SystemExit) as caught:
+            service.privilegedStartService()
+        self.assertEqual(
+            caught.exception.code,
+            "twistd oaiproxy: error: cannot listen on tcp:8080:interface=127.0.0.1: [Errno 98] Address already in use",
+        )
 
     def test_mock_upstream(self) -> None:
         """
