@@ -200,3 +200,15 @@ class SiteTests(SynchronousTestCase):
         access = [e for e in events if "status" in e]
         self.assertEqual(len(access), 1)
         self.assertTrue(access[0]["disconnected"])
+
+    def test_idle_connection_times_out(self) -> None:
+        """
+        A client connection left idle past the idle timeout is closed, so
+        abandoned keep-alive sockets do not pile up.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(post(b"/v1/chat/completions", b"{}"))
+        self.clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
