@@ -17,7 +17,8 @@ test drives a failure through the real SDK without any side channel.
     C{fake-500}            500 server error
     C{fake-silent}         never answers
     C{fake-stall}          sends the head and one chunk, then goes silent
-    C{fake-crash}          sends the head and one chunk, then drops the
+    C{fake-crash}          sends the head and one chunk (half the body
+                           when not streaming), then drops the
                            connection
     C{fake-gated}          sends the head and one chunk, then waits for
                            C{POST /_fake/release} (control mode)
@@ -252,7 +253,15 @@ class FakeUpstream(Resource):
                 ],
                 "usage": usage,
             }
-            return self._json(request, json.dumps(completion).encode())
+            body = json.dumps(completion).encode()
+            if model == "fake-crash":
+                # Announce the whole body, send half, and close.
+                request.setHeader(b"content-type", b"application/json")
+                request.setHeader(b"content-length", b"%d" % (len(body),))
+                request.write(body[: len(body) // 2])
+                request.loseConnection()
+                return NOT_DONE_YET
+            return self._json(request, body)
 
         def chunk(delta: dict[str, Any], finish: Optional[str] = None, **more: Any) -> bytes:
             payload = {

@@ -12,9 +12,10 @@ from typing import Any
 import treq
 from twisted.internet.defer import fail
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from oaiproxy.chat import classify_upstream_failure
 from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body
@@ -238,6 +239,23 @@ class StreamingTests(SynchronousTestCase):
         self.assertEqual(got[-1]["error"]["code"], "upstream_stream_interrupted")
         self.assertEqual(got[-1]["error"]["type"], "api_error")
 
+    def test_upstream_crash_mid_body_is_not_passed_off_as_complete(self) -> None:
+        """
+        When upstream dies in the middle of a plain JSON body, the client's
+        response is cut off too, rather than finished: it fails instead of
+        parsing half an answer.
+        """
+        h = Harness()
+        response = self.successResultOf(h.post(chat_body(model="fake-crash")))
+        self.assertEqual(response.code, 200)
+        received: list[bytes] = []
+        done = treq.collect(response, received.append)
+        h.pump()
+        self.failureResultOf(done, ResponseFailed)
+        body = b"".join(received)
+        self.assertTrue(body.startswith(b'{"id": "chatcmpl-fake'))
+        self.assertNotIn(b"data: ", body)
+
     def test_silent_stream_times_out_with_error_event(self) -> None:
         """
         A stream that goes quiet for the read timeout is ended with an
@@ -289,14 +307,22 @@ class DisconnectTests(SynchronousTestCase):
             received.append(data)
             raise RuntimeError("client leaves")
 
-        done = treq.collect(response, leave_after_first_event)
-        h.pump()
+        with capturedLogs() as logged:
+            done = treq.collect(response, leave_after_first_event)
+            h.pump()
         self.failureResultOf(done, RuntimeError)
         self.assertEqual(len(events(b"".join(received))), 1)
         self.assertEqual(h.fake.disconnects, 1)
         # Nothing more is scheduled for the abandoned stream: no idle timer
         # in the proxy, no pending chunk upstream.
         self.assertEqual(h.clock.getDelayedCalls(), [])
+        # One info line and no error: a client leaving is not a failure (and
+        # the proxy did not call finish() on the dead request, which would
+        # have raised and been logged).
+        self.assertEqual(
+            [(e["log_level"], e["log_format"]) for e in logged if e["log_level"] > LogLevel.debug],
+            [(LogLevel.info, "client went away during {method} {path}; upstream request cancelled")],
+        )
 
 
 class UpstreamFailureTests(SynchronousTestCase):
