@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.daemon import Process, child_env, start_fake_upstream, start_proxy, twistd
+from oaiproxy.testing import Process, child_env, start_fake_upstream, start_proxy, twistd
 from tests.support import temp_dir
 
 UPSTREAM_KEY = "sk-proj-E2EUPSTREAMSECRET987654321"

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from oaiproxy import tap
-from tests.daemon import child_env
+from oaiproxy.testing import child_env
 
 
 class PluginTests(SynchronousTestCase):

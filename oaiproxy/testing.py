@@ -1,9 +1,10 @@
+# -*- test-case-name: tests.test_e2e -*-
 """
-Real processes for the end-to-end tests: the fake upstream
+Real processes for end-to-end tests and benchmarks: the fake upstream
 (C{python -m oaiproxy.fake_upstream}) and the daemon (C{twistd -n
 oaiproxy}), both on 127.0.0.1 with ports chosen by the kernel.
 
-Each process's output is read line by line by a thread, so a test waits
+Each process's output is read line by line by a thread, so a caller waits
 for "listening on ..." with a condition variable and a deadline instead of
 sleeping, and the daemon can never block on a full pipe.
 """
@@ -18,7 +19,10 @@ import sys
 import threading
 from typing import Mapping, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The directory holding the C{oaiproxy} package in use (the checkout, or
+#: site-packages), put first on the children's path so they run the same
+#: code as their parent.
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Upper bound for a process to start and for any one wait.
 STARTUP_SECONDS = 30.0
 
@@ -40,14 +44,14 @@ def twistd() -> str:
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
     """
     A clean environment: nothing of the caller's OpenAI or oaiproxy
-    settings leaks in, and the checkout comes first on the path.
+    settings leaks in, and this copy of oaiproxy comes first on the path.
     """
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("OPENAI_", "OAIPROXY_")) and k not in ("PORT", "CREDENTIALS_DIRECTORY")
     }
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = SOURCE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
@@ -146,13 +150,17 @@ def start_fake_upstream(cwd: str, key: str, *args: str) -> tuple[Process, str]:
     return process, url
 
 
-def start_proxy(cwd: str, args: Sequence[str], env: Mapping[str, str]) -> tuple[Process, str]:
+def start_proxy(
+    cwd: str, args: Sequence[str], env: Mapping[str, str], prefix: Sequence[str] = ()
+) -> tuple[Process, str]:
     """
     Start C{twistd -n oaiproxy} on a free loopback port; return it and its
     base URL (without /v1).
+
+    @param prefix: a command to run twistd under, e.g. C{taskset -c 0}.
     """
     process = Process(
-        [twistd(), "--nodaemon", "--pidfile=", "oaiproxy", "--port", "tcp:0:interface=127.0.0.1", *args],
+        [*prefix, twistd(), "--nodaemon", "--pidfile=", "oaiproxy", "--port", "tcp:0:interface=127.0.0.1", *args],
         child_env(env),
         cwd,
     )
