@@ -38,7 +38,7 @@ from oaiproxy.headers import bearer_token, client_response_headers
 from oaiproxy.relay import BodyRelay, UpstreamIdle
 from oaiproxy.resources import Endpoint, error_response, send_error
 from oaiproxy.upstream import UpstreamClient, UpstreamTimeout
-from oaiproxy.validation import ChatRequest, parse_chat_request
+from oaiproxy.validation import parse_chat_request
 
 __all__ = ["ChatCompletionsResource", "classify_upstream_failure", "read_body"]
 
@@ -56,7 +56,9 @@ def classify_upstream_failure(failure: Failure, connect_timeout: float) -> ApiEr
     if failure.check(UpstreamTimeout):
         return upstream_timeout(failure.value.seconds, "send a response")
     if failure.check(netError.TimeoutError):
-        return upstream_timeout(connect_timeout, "accept a connection")
+        # "Cannot connect" is a bad gateway; 504 is kept for an upstream
+        # that accepted the request and then stayed silent.
+        return upstream_unreachable(f"no connection within {connect_timeout:g} seconds")
     if failure.check(webClient.ResponseNeverReceived, webClient.RequestTransmissionFailed):
         reasons = getattr(failure.value, "reasons", [])
         names = sorted({_reason(r.value) for r in reasons}) or ["no response"]
@@ -109,7 +111,7 @@ class ChatCompletionsResource(Endpoint):
     @param upstream: where requests go.
     @param clock: the clock for stream idle timeouts.
     @param client_keys: keys a client must present; empty for none.
-    @param connect_timeout: reported in the 504 for a connect timeout.
+    @param connect_timeout: named in the 502 for a connect timeout.
     """
 
     log = Logger()
@@ -134,7 +136,7 @@ class ChatCompletionsResource(Endpoint):
         parsed = parse_chat_request(body)
         if isinstance(parsed, ApiError):
             return error_response(request, parsed)
-        _Exchange(self, request, parsed).start(body)
+        _Exchange(request, self._upstream, self._clock, self._connect_timeout, self.log).start(body)
         return NOT_DONE_YET
 
 
@@ -146,23 +148,27 @@ class _Exchange:
         disconnected; nothing may be written to it any more.
     """
 
-    def __init__(self, resource: ChatCompletionsResource, request: Request, chat: ChatRequest) -> None:
-        self._resource = resource
+    def __init__(
+        self,
+        request: Request,
+        upstream: UpstreamClient,
+        clock: IReactorTime,
+        connect_timeout: float,
+        log: Logger,
+    ) -> None:
         self._request = request
-        self._chat = chat
+        self._upstream = upstream
+        self._clock = clock
+        self._connect_timeout = connect_timeout
+        self._log = log
         self._pending: Optional[Deferred[IResponse]] = None
         self._relay: Optional[BodyRelay] = None
         self._event_stream = False
         self.finished = False
 
-    @property
-    def _log(self) -> Logger:
-        return self._resource.log
-
     def start(self, body: bytes) -> None:
         self._request.notifyFinish().addBoth(self._client_done)
-        upstream = self._resource._upstream
-        pending = upstream.post(CHAT_COMPLETIONS, body, self._request.requestHeaders)
+        pending = self._upstream.post(CHAT_COMPLETIONS, body, self._request.requestHeaders)
         self._pending = pending
         pending.addCallbacks(self._got_head, self._no_head)
         pending.addErrback(self._bug)
@@ -196,8 +202,8 @@ class _Exchange:
         request.write(b"")
         self._relay = BodyRelay(
             request,
-            self._resource._clock,
-            self._resource._upstream.read_timeout,
+            self._clock,
+            self._upstream.read_timeout,
             self._body_done,
         )
         response.deliverBody(self._relay)
@@ -208,7 +214,7 @@ class _Exchange:
             # The client left and we cancelled: whatever the failure says,
             # nobody is waiting for an answer.
             return
-        error = classify_upstream_failure(failure, self._resource._connect_timeout)
+        error = classify_upstream_failure(failure, self._connect_timeout)
         self._log.warn(
             "upstream gave no response: {status} {code} ({message})",
             status=error.status,

@@ -214,6 +214,10 @@ def load_api_key(key_file: Optional[str], environ: Mapping[str, str]) -> Secret:
 
 
 def _read_key_file(path: str) -> Secret:
+    if not os.path.exists(path):
+        # Not echoed: a value that names no file may be a key passed by
+        # mistake, and this message goes to the journal.
+        raise ConfigError("the API key file given does not exist (the value is not shown in case it is a key)")
     try:
         with open(path, "rb") as f:
             value = f.read().strip()

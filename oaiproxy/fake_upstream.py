@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_fake_upstream -*-
+# -*- test-case-name: tests.test_chat,tests.test_e2e -*-
 """
 A fake OpenAI chat completions API, shared by the tests, the benchmarks and
 C{twistd oaiproxy --mock-upstream}.
@@ -88,6 +88,8 @@ class FakeUpstream(Resource):
     @param chunk_interval: seconds between streamed chunks; 0 sends a whole
         stream in one go.
     @param control: serve the C{/_fake/} control routes.
+    @param record: keep every request in L{requests} (tests want it; a
+        long-running mock upstream must not, or it grows without bound).
     """
 
     isLeaf = True
@@ -98,12 +100,14 @@ class FakeUpstream(Resource):
         api_key: Optional[bytes] = None,
         chunk_interval: float = 0.0,
         control: bool = False,
+        record: bool = True,
     ) -> None:
         super().__init__()
         self._clock = clock
         self._api_key = api_key
         self.chunk_interval = chunk_interval
         self._control = control
+        self._record = record
         self.requests: list[RecordedRequest] = []
         self.disconnects = 0
         self._streams: list[_Stream] = []
@@ -120,18 +124,19 @@ class FakeUpstream(Resource):
             return self._render_control(request, method, path)
         content: IO[bytes] = request.content  # type: ignore[assignment]
         body = content.read()
-        self.requests.append(
-            RecordedRequest(
-                method,
-                path,
-                {
-                    name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
-                    for name, values in request.requestHeaders.getAllRawHeaders()
-                },
-                body,
-                getattr(request.getClientAddress(), "port", 0),
+        if self._record:
+            self.requests.append(
+                RecordedRequest(
+                    method,
+                    path,
+                    {
+                        name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
+                        for name, values in request.requestHeaders.getAllRawHeaders()
+                    },
+                    body,
+                    getattr(request.getClientAddress(), "port", 0),
+                )
             )
-        )
         if not path.endswith("/chat/completions"):
             request.setResponseCode(404)
             return self._json(request, _error(f"Invalid URL ({method} {path})", "invalid_request_error", None))

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_chat -*-
+# -*- test-case-name: tests.test_relay,tests.test_chat -*-
 """
 Copy an upstream response body to a client as it arrives.
 
@@ -110,7 +110,6 @@ class BodyRelay(Protocol):
         self._done = done
         self._timer = _IdleTimer(clock, read_timeout, self._idle)
         self._timed_out = False
-        self.bytes_relayed = 0
 
     def connectionMade(self) -> None:
         # deliverBody's transport is a pausable push producer (Twisted's
@@ -122,7 +121,6 @@ class BodyRelay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._timer.restart()
         if data:
-            self.bytes_relayed += len(data)
             self._request.write(data)
 
     def abort(self) -> None:
@@ -138,9 +136,12 @@ class BodyRelay(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._timer.stop()
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._done(None)
-        elif self._timed_out:
+        if self._timed_out:
+            # First: a body without length or chunking ends at connection
+            # close, so the close our timeout caused looks like a normal end
+            # (PotentialDataLoss).  It is not.
             self._done(Failure(UpstreamIdle(self._read_timeout)))
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self._done(None)
         else:
             self._done(reason)

@@ -54,6 +54,13 @@ def raw_error_response(error: ApiError) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
+_NOTES = {
+    "complete": "",
+    "client_disconnected": " (client disconnected)",
+    "cut_off": " (response cut off: upstream failed)",
+}
+
+
 class ProxyRequest(Request):
     """
     A request that keeps its body in memory within the site's limit and
@@ -65,6 +72,7 @@ class ProxyRequest(Request):
         self._body_bytes = 0
         self._refused = False
         self._logged = False
+        self._cut_by_proxy = False
         self._linger: Optional[IDelayedCall] = None
         site: ProxySite = self.channel.site  # type: ignore[attr-defined]
         self._clock: IReactorTime = site.reactor
@@ -147,18 +155,30 @@ class ProxyRequest(Request):
         super().finish()
         self._log_access(self.method, self.path)
 
+    def loseConnection(self) -> None:
+        """
+        Close the connection without finishing the response: how the proxy
+        cuts off a response whose upstream failed.  Noted so the access
+        line does not blame the client.
+        """
+        self._cut_by_proxy = True
+        super().loseConnection()
+
     def connectionLost(self, reason: Failure) -> None:
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         method, path = self.method, getattr(self, "path", None)
         super().connectionLost(reason)
         if path is not None:
-            self._log_access(method, path, disconnected=True)
+            self._log_access(method, path, "cut_off" if self._cut_by_proxy else "client_disconnected")
 
-    def _log_access(self, method: bytes, path: bytes, disconnected: bool = False) -> None:
+    def _log_access(self, method: bytes, path: bytes, ended: str = "complete") -> None:
         """
         One line per request.  The path is logged without its query string,
         and no header or body ever is: they are where credentials live.
+
+        @param ended: C{complete}, C{client_disconnected}, or C{cut_off}
+            (the proxy closed the connection mid-response).
         """
         if self._logged:
             return
@@ -172,8 +192,8 @@ class ProxyRequest(Request):
             status=self.code,
             bytes_sent=self.sentLength,
             duration=self._clock.seconds() - self._started,
-            disconnected=disconnected,
-            note=" (client disconnected)" if disconnected else "",
+            ended=ended,
+            note=_NOTES[ended],
         )
 
 

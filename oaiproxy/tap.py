@@ -144,6 +144,17 @@ class Options(usage.Options):
         """  # noqa: E501 (usage.Options shows the docstring as one paragraph)
         self["port"].append(description)
 
+    def opt_api_key(self, value: str) -> None:
+        """
+        Refused: a key on the command line is visible to every user in ps. Use --api-key-file or OPENAI_API_KEY.
+        """  # noqa: E501
+        # Defined so that getopt's prefix matching cannot turn "--api-key
+        # sk-..." into "--api-key-file sk-..." and echo the key as a path.
+        raise usage.UsageError(
+            "--api-key is not accepted: a key on the command line is visible to every user "
+            "of the host in ps; use --api-key-file PATH or the OPENAI_API_KEY environment variable"
+        )
+
     def opt_version(self) -> None:
         """
         Print the oaiproxy version and exit.
@@ -260,7 +271,7 @@ class _MockUpstreamService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        fake = FakeUpstream(self._reactor, api_key=_MOCK_KEY.reveal(), chunk_interval=0.05)
+        fake = FakeUpstream(self._reactor, api_key=_MOCK_KEY.reveal(), chunk_interval=0.05, record=False)
         self._port = listen(self._reactor, fake)
         address: Any = self._port.getHost()
         self._upstream.base_url = f"http://127.0.0.1:{address.port}/v1"

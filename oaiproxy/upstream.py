@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_chat -*-
+# -*- test-case-name: tests.test_upstream,tests.test_chat -*-
 """
 The proxy's one upstream: an HTTP client bound to a base URL and a key.
 
@@ -26,7 +26,7 @@ from zope.interface import implementer
 from oaiproxy.config import Secret
 from oaiproxy.headers import upstream_request_headers
 
-__all__ = ["UpstreamClient", "UpstreamTimeout", "TreqLike", "make_http_client"]
+__all__ = ["UpstreamClient", "UpstreamTimeout", "TreqLike", "make_http_client", "make_pool", "http_client"]
 
 #: Idle upstream connections kept per host.  Twisted's default of 2 would
 #: make a busy proxy open a new TCP and TLS connection for most requests.
@@ -105,9 +105,16 @@ def make_http_client(reactor: Any, connect_timeout: float) -> HTTPClient:
     Build the production treq client: pooled persistent connections and
     certificate-verifying TLS (Agent's default policy).
     """
+    return http_client(Agent(reactor, connectTimeout=connect_timeout, pool=make_pool(reactor)))
+
+
+def make_pool(reactor: Any) -> HTTPConnectionPool:
+    """
+    A pool of persistent upstream connections, many per host.
+    """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
-    return http_client(Agent(reactor, connectTimeout=connect_timeout, pool=pool))
+    return pool
 
 
 def http_client(agent: IAgent) -> HTTPClient:

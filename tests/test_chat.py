@@ -363,9 +363,10 @@ class UpstreamFailureTests(SynchronousTestCase):
         self.assertEqual(error["code"], "upstream_unreachable")
         self.assertIn("ConnectionRefusedError", error["message"])
 
-    def test_connect_timeout_is_504(self) -> None:
+    def test_connect_timeout_is_502(self) -> None:
         """
-        A connect timeout is a gateway timeout, like nginx reports it.
+        An upstream that does not accept a connection in time cannot be
+        reached: 502, naming the connect timeout.
         """
 
         class Slow:
@@ -373,8 +374,9 @@ class UpstreamFailureTests(SynchronousTestCase):
                 return fail(TimeoutError())
 
         status, error = self.error_for(Harness(http=Slow()))
-        self.assertEqual(status, 504)
-        self.assertIn("accept a connection within 10 seconds", error["message"])
+        self.assertEqual(status, 502)
+        self.assertEqual(error["code"], "upstream_unreachable")
+        self.assertIn("no connection within 10 seconds", error["message"])
 
     def test_failure_reasons_are_named_without_details(self) -> None:
         """

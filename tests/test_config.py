@@ -396,10 +396,13 @@ class LoadApiKeyTests(SynchronousTestCase):
 
     def test_missing_key_file(self) -> None:
         """
-        A key file that does not exist is reported by path.
+        A key file that does not exist is refused without echoing the value:
+        it may be a key given to --api-key-file by mistake.
         """
-        path = self.path()
-        self.assertIn(path, self.assertRefused(path, {"OPENAI_API_KEY": "sk-env"}))
+        for value in (self.path(), "sk-proj-MISTAKENKEY"):
+            message = self.assertRefused(value, {"OPENAI_API_KEY": "sk-env"})
+            self.assertIn("does not exist", message)
+            self.assertNotIn(value, message)
 
     def test_unreadable_key_file(self) -> None:
         """

@@ -100,6 +100,19 @@ class RelayTests(SynchronousTestCase):
         assert outcome is not None
         self.assertIsInstance(outcome.value, UpstreamIdle)
 
+    def test_silence_on_close_delimited_body(self) -> None:
+        """
+        A body without length or chunking ends at connection close, so the
+        close the timeout causes looks like a normal end; it is still
+        reported as a timeout, not passed off as a complete answer.
+        """
+        self.clock.advance(10)
+        self.assertEqual(self.upstream.producerState, "stopped")
+        self.relay.connectionLost(Failure(PotentialDataLoss()))
+        [outcome] = self.outcomes
+        assert outcome is not None
+        self.assertIsInstance(outcome.value, UpstreamIdle)
+
     def test_complete_body(self) -> None:
         """
         A body that ends normally, or by connection close without a length

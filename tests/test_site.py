@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
@@ -199,7 +199,31 @@ class SiteTests(SynchronousTestCase):
             protocol.connectionLost(None)
         access = [e for e in events if "status" in e]
         self.assertEqual(len(access), 1)
-        self.assertTrue(access[0]["disconnected"])
+        self.assertEqual(access[0]["ended"], "client_disconnected")
+
+    def test_cut_off_by_proxy_is_not_blamed_on_the_client(self) -> None:
+        """
+        When the proxy itself cuts a response off (its upstream failed), the
+        access line says so instead of "client disconnected".
+        """
+
+        class CutOff(Endpoint):
+            def render_POST(self, request: Request) -> int:
+                request.write(b"partial")
+                request.loseConnection()
+                return 1  # NOT_DONE_YET
+
+        site = ProxySite(build_root(CutOff()), max_body_bytes=LIMIT, idle_timeout=60, reactor=self.clock)
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        with capturedLogs() as events:
+            protocol.dataReceived(post(b"/chat/completions", b"{}"))
+            self.assertTrue(transport.disconnecting)
+            protocol.connectionLost(None)
+        [access] = [e for e in events if "status" in e]
+        self.assertEqual(access["ended"], "cut_off")
+        self.assertIn("upstream failed", formatEvent(access))
 
     def test_idle_connection_times_out(self) -> None:
         """

@@ -148,7 +148,18 @@ class OptionsTests(SynchronousTestCase):
         self.assertStartupError(["--upstream", "ftp://x"], keyed, "--upstream")
         self.assertStartupError([], {**keyed, "OAIPROXY_READ_TIMEOUT": "x"}, "OAIPROXY_READ_TIMEOUT")
         self.assertStartupError([], {**keyed, "PORT": "http"}, "PORT")
-        self.assertStartupError(["--api-key-file", "/nonexistent/key"], keyed, "/nonexistent/key")
+        self.assertStartupError(["--api-key-file", "/nonexistent/key"], keyed, "does not exist")
+
+    def test_key_on_command_line_refused_without_echo(self) -> None:
+        """
+        --api-key (a natural guess) is refused with a pointer to the safe
+        ways, and the key is not repeated: getopt would otherwise take it as
+        a prefix of --api-key-file and print it as a path.
+        """
+        for argv in (["--api-key", "sk-proj-ARGVKEY"], ["--api-key=sk-proj-ARGVKEY"], ["--api-key-file", "sk-ARGVKEY"]):
+            message = self.assertStartupError(argv, {})
+            self.assertNotIn("ARGVKEY", message)
+        self.assertStartupError(["--api-key", "sk-proj-ARGVKEY"], {}, "--api-key-file", "OPENAI_API_KEY", "ps")
 
     def test_startup_error_never_shows_a_key(self) -> None:
         """
