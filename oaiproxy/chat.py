@@ -25,9 +25,10 @@ from twisted.web import client as webClient
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 
-from oaiproxy.config import Secret
+from oaiproxy.config import Credentials, Secret
 from oaiproxy.errors import (
     ApiError,
+    draining,
     invalid_api_key,
     sse_error_event,
     upstream_failed_mid_response,
@@ -35,6 +36,7 @@ from oaiproxy.errors import (
     upstream_unreachable,
 )
 from oaiproxy.headers import bearer_token, client_response_headers
+from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.relay import BodyRelay, UpstreamIdle
 from oaiproxy.resources import Endpoint, error_response, send_error
 from oaiproxy.upstream import UpstreamClient, UpstreamTimeout
@@ -110,7 +112,9 @@ class ChatCompletionsResource(Endpoint):
 
     @param upstream: where requests go.
     @param clock: the clock for stream idle timeouts.
-    @param client_keys: keys a client must present; empty for none.
+    @param credentials: the client keys a request must present (none: no
+        client auth); read per request, so a reload applies at once.
+    @param lifecycle: tells whether the proxy is draining.
     @param connect_timeout: named in the 502 for a connect timeout.
     """
 
@@ -120,17 +124,22 @@ class ChatCompletionsResource(Endpoint):
         self,
         upstream: UpstreamClient,
         clock: IReactorTime,
-        client_keys: Sequence[Secret] = (),
+        credentials: Credentials,
+        lifecycle: Optional[Lifecycle] = None,
         connect_timeout: float = 10.0,
     ) -> None:
         super().__init__()
         self._upstream = upstream
         self._clock = clock
-        self._client_keys = tuple(client_keys)
+        self._credentials = credentials
+        self._lifecycle = lifecycle or Lifecycle()
         self._connect_timeout = connect_timeout
 
     def render_POST(self, request: Request) -> bytes | int:
-        if self._client_keys and not _authorized(request, self._client_keys):
+        if self._lifecycle.draining:
+            return error_response(request, draining())
+        client_keys = self._credentials.client_keys
+        if client_keys and not _authorized(request, client_keys):
             return error_response(request, invalid_api_key())
         body = read_body(request)
         parsed = parse_chat_request(body)

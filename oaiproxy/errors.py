@@ -27,6 +27,8 @@ __all__ = [
     "upstream_timeout",
     "upstream_failed_mid_response",
     "internal_error",
+    "draining",
+    "shut_down_mid_response",
     "sse_error_event",
 ]
 
@@ -194,6 +196,36 @@ def internal_error() -> ApiError:
         API_ERROR,
         None,
         "internal_error",
+    )
+
+
+def draining() -> ApiError:
+    """
+    A 503 for a request that arrives on an open connection while the proxy
+    drains for a restart.  The SDKs retry it (C{x-should-retry}), on a new
+    connection, which reaches the next process.
+    """
+    return ApiError(
+        503,
+        "The proxy is restarting and takes no new requests on this connection; retry.",
+        API_ERROR,
+        None,
+        "proxy_draining",
+        ((b"x-should-retry", b"true"), (b"retry-after", b"1")),
+    )
+
+
+def shut_down_mid_response() -> ApiError:
+    """
+    The error ending a stream that was still running when the drain timeout
+    ran out.
+    """
+    return ApiError(
+        503,
+        "The proxy shut down before this response was complete; the output is incomplete.",
+        API_ERROR,
+        None,
+        "proxy_shutting_down",
     )
 
 

@@ -16,6 +16,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from oaiproxy.errors import ApiError, method_not_allowed, not_found
+from oaiproxy.lifecycle import Lifecycle
 
 __all__ = [
     "error_response",
@@ -144,12 +145,21 @@ class HealthResource(Endpoint):
     not take every proxy out of rotation at once.
     """
 
-    _BODY = json.dumps({"status": "healthy"}).encode("ascii")
+    _HEALTHY = json.dumps({"status": "healthy"}).encode("ascii")
+    _DRAINING = json.dumps({"status": "draining"}).encode("ascii")
+
+    def __init__(self, lifecycle: Optional[Lifecycle] = None) -> None:
+        super().__init__()
+        self._lifecycle = lifecycle or Lifecycle()
 
     def render_GET(self, request: Request) -> bytes:
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
-        return self._BODY
+        if self._lifecycle.draining:
+            # A load balancer stops sending traffic to a 503.
+            request.setResponseCode(503)
+            return self._DRAINING
+        return self._HEALTHY
 
 
 def build_root(chat: IResource, health: Optional[IResource] = None) -> Resource:

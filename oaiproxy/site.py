@@ -18,7 +18,8 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from oaiproxy import __version__
-from oaiproxy.errors import ApiError, body_too_large, internal_error
+from oaiproxy.errors import ApiError, body_too_large, internal_error, shut_down_mid_response, sse_error_event
+from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.resources import error_response
 
 __all__ = ["ProxyRequest", "ProxySite", "SERVER", "raw_error_response", "LINGER_SECONDS"]
@@ -77,6 +78,7 @@ class ProxyRequest(Request):
         site: ProxySite = self.channel.site  # type: ignore[attr-defined]
         self._clock: IReactorTime = site.reactor
         self._limit: int = site.max_body_bytes
+        self._lifecycle: Lifecycle = site.lifecycle
         self._started = self._clock.seconds()
 
     # Body handling.
@@ -112,7 +114,7 @@ class ProxyRequest(Request):
         self.sentLength = len(error.body())
         # The request line has been parsed but not handed to us yet; the
         # channel holds it until the body is complete.
-        self._log_access(getattr(self.channel, "_command", b"-"), getattr(self.channel, "_path", b"-"))
+        self._record_end(getattr(self.channel, "_command", b"-"), getattr(self.channel, "_path", b"-"))
         self._linger = self._clock.callLater(LINGER_SECONDS, self._stop_lingering)
 
     def _stop_lingering(self) -> None:
@@ -131,6 +133,26 @@ class ProxyRequest(Request):
         super().requestReceived(command, path, version)
 
     # Responses.
+
+    def process(self) -> None:
+        self._lifecycle.started(self)
+        if self._lifecycle.draining:
+            # Answer this one (503 from the resources), then close: the
+            # client's next request must find the next process.
+            self.channel.persistent = False
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        super().process()
+
+    def cut_off_for_shutdown(self) -> None:
+        """
+        The drain ran out of time: end this response.  An event stream gets
+        a final error event first, so the SDK raises a clear C{APIError};
+        anything else is cut off, which no client takes for complete.
+        """
+        content_type = (self.responseHeaders.getRawHeaders(b"content-type") or [b""])[0]
+        if self.startedWriting and content_type.startswith(b"text/event-stream"):
+            self.write(sse_error_event(shut_down_mid_response()))
+        self.loseConnection()
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
@@ -153,7 +175,7 @@ class ProxyRequest(Request):
 
     def finish(self) -> None:
         super().finish()
-        self._log_access(self.method, self.path)
+        self._record_end(self.method, self.path)
 
     def loseConnection(self) -> None:
         """
@@ -170,9 +192,9 @@ class ProxyRequest(Request):
         method, path = self.method, getattr(self, "path", None)
         super().connectionLost(reason)
         if path is not None:
-            self._log_access(method, path, "cut_off" if self._cut_by_proxy else "client_disconnected")
+            self._record_end(method, path, "cut_off" if self._cut_by_proxy else "client_disconnected")
 
-    def _log_access(self, method: bytes, path: bytes, ended: str = "complete") -> None:
+    def _record_end(self, method: bytes, path: bytes, ended: str = "complete") -> None:
         """
         One line per request.  The path is logged without its query string,
         and no header or body ever is: they are where credentials live.
@@ -183,6 +205,7 @@ class ProxyRequest(Request):
         if self._logged:
             return
         self._logged = True
+        self._lifecycle.ended(self)
         peer = self.client
         _log.info(
             "{client} {method} {path} {status} {bytes_sent} {duration:.3f}s{note}",
@@ -202,6 +225,7 @@ class ProxySite(Site):
     The proxy's HTTP factory.
 
     @ivar max_body_bytes: the request body limit.
+    @ivar lifecycle: serving or draining, and the requests in flight.
     """
 
     requestFactory = ProxyRequest
@@ -216,10 +240,12 @@ class ProxySite(Site):
         *,
         max_body_bytes: int,
         idle_timeout: float,
+        lifecycle: Optional[Lifecycle] = None,
         reactor: Any = None,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.max_body_bytes = max_body_bytes
+        self.lifecycle = lifecycle or Lifecycle()
 
     def log(self, request: Any) -> None:
         """

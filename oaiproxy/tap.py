@@ -33,17 +33,20 @@ from oaiproxy.config import (
     DEFAULT_UPSTREAM,
     Config,
     ConfigError,
+    Credentials,
     Secret,
-    client_keys_from_env,
     is_private_address,
     load_api_key,
+    load_client_keys,
     parse_byte_count,
     parse_seconds,
     parse_upstream,
     port_from_env,
 )
 from oaiproxy.fake_upstream import FakeUpstream, listen
-from oaiproxy.resources import build_root
+from oaiproxy.lifecycle import DrainService, Lifecycle, ReadinessService, ReloadService
+from oaiproxy.resources import HealthResource, build_root
+from oaiproxy.sdnotify import Notifier
 from oaiproxy.site import ProxySite
 from oaiproxy.upstream import UpstreamClient, make_http_client
 
@@ -61,6 +64,7 @@ _SETTINGS: list[tuple[str, str, Callable[[str, str], Any], str]] = [
     ("read-timeout", "OAIPROXY_READ_TIMEOUT", parse_seconds, "read_timeout"),
     ("idle-timeout", "OAIPROXY_IDLE_TIMEOUT", parse_seconds, "idle_timeout"),
     ("max-body-bytes", "OAIPROXY_MAX_BODY_BYTES", parse_byte_count, "max_body_bytes"),
+    ("drain-timeout", "OAIPROXY_DRAIN_TIMEOUT", parse_seconds, "drain_timeout"),
 ]
 
 _MOCK_KEY = Secret(b"mock-upstream-key")
@@ -123,6 +127,20 @@ class Options(usage.Options):
             None,
             "Seconds an idle client connection is kept open. [env OAIPROXY_IDLE_TIMEOUT, "
             f"default {_DEFAULTS.idle_timeout:g}]",
+        ],
+        [
+            "client-keys-file",
+            None,
+            None,
+            "File of client keys, one per line, re-read on SIGHUP. [env OAIPROXY_CLIENT_KEYS_FILE, else the "
+            "systemd credential client_keys; keys in env OAIPROXY_CLIENT_KEYS are added]",
+        ],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "On SIGTERM, seconds in-flight requests may run on before they are cut off. "
+            f"[env OAIPROXY_DRAIN_TIMEOUT, default {_DEFAULTS.drain_timeout:g}]",
         ],
         [
             "max-body-bytes",
@@ -190,8 +208,10 @@ class Options(usage.Options):
             ports=ports,
             upstream=upstream,
             api_key=api_key,
-            client_keys=client_keys_from_env(env),
+            client_keys=load_client_keys(self["client-keys-file"], env),
             mock_upstream=mock,
+            api_key_file=self["api-key-file"],
+            client_keys_file=self["client-keys-file"],
             **values,
         )
 
@@ -231,7 +251,7 @@ class _AnnouncingEndpoint:
         return d.addCallbacks(announced, refused)
 
 
-def _announcer(description: str, config: Config) -> Callable[[IListeningPort], None]:
+def _announcer(description: str, config: Config, bound: "Deferred[None]") -> Callable[[IListeningPort], None]:
     scheme = "https" if description.startswith("ssl:") else "http"
 
     def announce(port: IListeningPort) -> None:
@@ -254,6 +274,7 @@ def _announcer(description: str, config: Config) -> Callable[[IListeningPort], N
                 "API key. Listen on 127.0.0.1 or set client keys.",
                 base=base,
             )
+        bound.callback(None)
 
     return announce
 
@@ -294,59 +315,117 @@ class _MockUpstreamService(Service):
         return None
 
 
+def _reloader(options: Options, credentials: Credentials) -> Callable[[], bool]:
+    """
+    The SIGHUP action: read the key sources again, then swap the secrets in
+    one step.  Any failure keeps the secrets in use and says why.
+    """
+    config = options.config
+
+    def reload() -> bool:
+        try:
+            if config.mock_upstream:
+                api_key = credentials.api_key
+            else:
+                api_key = load_api_key(config.api_key_file, options.environ)
+            client_keys = load_client_keys(config.client_keys_file, options.environ)
+        except ConfigError as e:
+            log.error("reload failed, keeping the credentials in use: {why}", why=str(e))
+            return False
+        changed = api_key != credentials.api_key
+        credentials.replace(api_key, client_keys)
+        log.info(
+            "reloaded: upstream key {key}, {count} client key(s)",
+            key="changed" if changed else "unchanged",
+            count=len(client_keys),
+        )
+        return True
+
+    return reload
+
+
 def makeService(
     options: Options,
     reactor: Any = None,
     http: Optional[Any] = None,
+    notifier: Optional[Notifier] = None,
 ) -> IService:
     """
-    Build the daemon: listeners on every C{--port}, the Resource tree, and
-    the upstream client.
+    Build the daemon: listeners on every C{--port}, the Resource tree, the
+    upstream client, and the services that talk to systemd (readiness,
+    reload on SIGHUP, drain on stop).
 
     @param reactor: the reactor (the global one by default).
     @param http: a treq-like client to use instead of the pooled one
         (for tests).
+    @param notifier: where readiness goes (by default C{$NOTIFY_SOCKET}).
     """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
     config = options.config
+    if notifier is None:
+        notifier = Notifier.from_environ(options.environ)
     service = MultiService()
 
     api_key = _MOCK_KEY if config.mock_upstream else config.api_key
     assert api_key is not None, "Options guarantees a key unless mocking"
+    credentials = Credentials(api_key, config.client_keys)
+    lifecycle = Lifecycle()
     if http is None:
         http = make_http_client(reactor, config.connect_timeout)
     assert http is not None
-    upstream = UpstreamClient(http, config.upstream, api_key, reactor, config.read_timeout)
+    upstream = UpstreamClient(http, config.upstream, credentials, reactor, config.read_timeout)
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
 
-    chat = ChatCompletionsResource(upstream, reactor, config.client_keys, config.connect_timeout)
+    chat = ChatCompletionsResource(upstream, reactor, credentials, lifecycle, config.connect_timeout)
     site = ProxySite(
-        build_root(chat),
+        build_root(chat, HealthResource(lifecycle)),
         max_body_bytes=config.max_body_bytes,
         idle_timeout=config.idle_timeout,
+        lifecycle=lifecycle,
         reactor=reactor,
     )
+    listening: list[Deferred[None]] = []
     for description in config.ports:
         try:
             listener = strports.service(description, site, reactor=reactor)
         except (ValueError, TypeError, KeyError, OSError) as e:
             raise SystemExit(f"twistd oaiproxy: error: cannot use --port {description!r}: {e}") from None
         # strports makes a bind failure stop twistd (exit status 1), which
-        # systemd sees; the wrapper only adds the startup report.
-        listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description, _announcer(description, config))
+        # systemd sees; the wrapper adds the startup report and readiness.
+        bound: Deferred[None] = Deferred()
+        listening.append(bound)
+        listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description, _announcer(description, config, bound))
         listener.setServiceParent(service)
+
+    def status() -> str:
+        return (
+            f"serving {len(config.ports)} listener(s), forwarding to "
+            f"{'the mock upstream' if config.mock_upstream else upstream.base_url}, "
+            f"{len(credentials.client_keys)} client key(s)"
+        )
+
+    # Stopping runs in reverse order: the drain starts as the listeners
+    # close, so no new connection arrives while in-flight requests finish.
+    DrainService(lifecycle, reactor, config.drain_timeout, notifier).setServiceParent(service)
+    # callFromThread is the signal-safe way back into the reactor.
+    reload = ReloadService(
+        _reloader(options, credentials), notifier, status, lambda f: reactor.callFromThread(f)
+    )
+    reload.setServiceParent(service)
+    ReadinessService(notifier, listening, status).setServiceParent(service)
 
     log.info(
         "oaiproxy {version} forwarding to {upstream}/chat/completions "
-        "(client keys: {keys}, read timeout {read:g}s, body limit {limit} bytes)",
+        "(client keys: {keys}, read timeout {read:g}s, body limit {limit} bytes, drain {drain:g}s)",
         version=__version__,
         upstream=upstream.base_url if not config.mock_upstream else "the mock upstream",
         keys=len(config.client_keys) or "none",
         read=config.read_timeout,
         limit=config.max_body_bytes,
+        drain=config.drain_timeout,
     )
     return service

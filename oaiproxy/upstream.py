@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from oaiproxy.config import Secret
+from oaiproxy.config import Credentials
 from oaiproxy.headers import upstream_request_headers
 
 __all__ = ["UpstreamClient", "UpstreamTimeout", "TreqLike", "make_http_client", "make_pool", "http_client"]
@@ -137,7 +137,8 @@ class UpstreamClient:
         C{StubTreq}).
     @param base_url: the upstream base, for example
         C{https://api.openai.com/v1}.
-    @param api_key: the upstream key.
+    @param credentials: holds the upstream key, read for every request so a
+        reload takes effect at once.
     @param clock: the clock for the response-head timeout.
     @param read_timeout: seconds to wait for the response head.
     """
@@ -146,13 +147,13 @@ class UpstreamClient:
         self,
         http: TreqLike,
         base_url: str,
-        api_key: Secret,
+        credentials: Credentials,
         clock: IReactorTime,
         read_timeout: float,
     ) -> None:
         self._http = http
         self.base_url = base_url.rstrip("/")
-        self._authorization = b"Bearer " + api_key.reveal()
+        self._credentials = credentials
         self._clock = clock
         self.read_timeout = read_timeout
 
@@ -168,7 +169,7 @@ class UpstreamClient:
             longer than C{read_timeout}.  Cancelling it aborts the upstream
             request, which is how a client disconnect stops token spend.
         """
-        headers = upstream_request_headers(client_headers, self._authorization)
+        headers = upstream_request_headers(client_headers, b"Bearer " + self._credentials.api_key.reveal())
         d = self._http.request(
             "POST",
             self.base_url + path,

@@ -21,9 +21,10 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import IResource
 
 from oaiproxy.chat import ChatCompletionsResource
-from oaiproxy.config import Secret
+from oaiproxy.config import Credentials, Secret
+from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.fake_upstream import FakeUpstream
-from oaiproxy.resources import build_root
+from oaiproxy.resources import HealthResource, build_root
 from oaiproxy.upstream import TreqLike, UpstreamClient, http_client
 
 
@@ -76,17 +77,19 @@ class Harness:
         # The proxy's own client configuration (no cookies, one-write
         # bodies) over an in-memory agent instead of a connection pool.
         self.upstream_agent = RequestTraversalAgent(upstream_resource or self.fake)
+        self.credentials = Credentials(Secret(UPSTREAM_KEY), tuple(Secret(k) for k in client_keys))
+        self.lifecycle = Lifecycle()
         self.upstream = UpstreamClient(
             http or http_client(self.upstream_agent),
             UPSTREAM_URL,
-            Secret(UPSTREAM_KEY),
+            self.credentials,
             self.clock,
             read_timeout,
         )
         self.chat = ChatCompletionsResource(
-            self.upstream, self.clock, [Secret(k) for k in client_keys], connect_timeout=10.0
+            self.upstream, self.clock, self.credentials, self.lifecycle, connect_timeout=10.0
         )
-        self.proxy = StubTreq(build_root(self.chat))
+        self.proxy = StubTreq(build_root(self.chat, HealthResource(self.lifecycle)))
 
     def pump(self) -> None:
         """

@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from oaiproxy.config import Secret
+from oaiproxy.config import Credentials, Secret
 from oaiproxy.upstream import MAX_PERSISTENT_PER_HOST, UpstreamClient, UpstreamTimeout, make_pool
 
 
@@ -39,7 +39,7 @@ class UpstreamClientTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.http = Recording()
         self.clock = Clock()
-        self.client = UpstreamClient(self.http, "https://api.test/v1/", Secret(b"sk-UP"), self.clock, 30.0)
+        self.client = UpstreamClient(self.http, "https://api.test/v1/", Credentials(Secret(b"sk-UP")), self.clock, 30.0)
 
     def test_request_options(self) -> None:
         """
