@@ -22,7 +22,7 @@ import signal
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -44,15 +44,40 @@ class Drainable(Protocol):
         """
 
 
+class Closable(Protocol):
+    """
+    A client connection as the drain sees it.
+    """
+
+    def close_gracefully(self) -> None:
+        """
+        Close once everything written so far has been sent; calling it
+        again does nothing more.
+        """
+
+
+#: After the last request (or the drain deadline), how long connections get
+#: to send what is still buffered and close before shutdown drops them.
+CLOSE_GRACE_SECONDS = 2.0
+
+
 class Lifecycle:
     """
-    Serving or draining, and the requests in flight.
+    Serving or draining; the requests in flight and the open connections.
+
+    A drain ends in two steps.  First the requests in flight finish (or are
+    cut off at the deadline).  Then every connection is closed gracefully
+    and the drain waits for them to go: the end of a response may still sit
+    in a send buffer, and reactor shutdown would drop it unsent.
     """
 
     def __init__(self) -> None:
         self.draining = False
         self._active: set[Drainable] = set()
-        self._idle: list[Deferred[None]] = []
+        self._connections: set[Closable] = set()
+        self._drained: Optional[Deferred[None]] = None
+        self._closing = False
+        self._timer: Optional[IDelayedCall] = None
 
     @property
     def in_flight(self) -> int:
@@ -63,45 +88,56 @@ class Lifecycle:
 
     def ended(self, request: Drainable) -> None:
         self._active.discard(request)
-        if not self._active:
-            self._release()
+        self._progress()
 
-    def _release(self) -> None:
-        waiting, self._idle = self._idle, []
-        for d in waiting:
-            d.callback(None)
+    def opened(self, connection: Closable) -> None:
+        self._connections.add(connection)
+
+    def closed(self, connection: Closable) -> None:
+        self._connections.discard(connection)
+        self._progress()
 
     def drain(self, clock: IReactorTime, timeout: float) -> "Deferred[None]":
         """
-        Start draining; fire when nothing is in flight, cutting off what is
-        still running after C{timeout} seconds.
+        Start draining; fire once every request has ended and every
+        connection has closed, cutting off what still runs after
+        C{timeout} seconds.
         """
         self.draining = True
-        if not self._active:
-            return succeed(None)
-        idle: Deferred[None] = Deferred()
-        self._idle.append(idle)
+        self._clock = clock
+        self._drained = Deferred()
+        self._timer = clock.callLater(timeout, self._deadline)
+        drained = self._drained
+        self._progress()
+        return drained
 
-        def deadline() -> None:
-            log.warn(
-                "drain timeout: cutting off {count} request(s) still in flight",
-                count=len(self._active),
-            )
-            for request in list(self._active):
-                request.cut_off_for_shutdown()
-            # A cut-off connection may take a moment to close; shutdown
-            # closes every connection anyway, so stop waiting now.
-            self._active.clear()
-            self._release()
+    def _deadline(self) -> None:
+        log.warn("drain timeout: cutting off {count} request(s) still in flight", count=len(self._active))
+        for request in list(self._active):
+            request.cut_off_for_shutdown()
+        # A client that stopped reading would hold its connection open.
+        self._active.clear()
+        self._progress()
 
-        call: IDelayedCall = clock.callLater(timeout, deadline)
+    def _progress(self) -> None:
+        if self._drained is None or self._active:
+            return
+        if not self._closing:
+            self._closing = True
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = self._clock.callLater(CLOSE_GRACE_SECONDS, self._finish)
+            for connection in list(self._connections):
+                connection.close_gracefully()
+        if not self._connections:
+            self._finish()
 
-        def done(result: None) -> None:
-            if call.active():
-                call.cancel()
-            return result
-
-        return idle.addCallback(done)
+    def _finish(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.callback(None)
 
 
 class DrainService(Service):

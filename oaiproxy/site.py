@@ -13,7 +13,7 @@ from typing import Any, Optional
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -220,6 +220,28 @@ class ProxyRequest(Request):
         )
 
 
+class ProxyChannel(HTTPChannel):
+    """
+    An HTTP/1.1 connection that the drain can see open and close.
+    """
+
+    site: "ProxySite"
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.lifecycle.opened(self)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(reason)
+        self.site.lifecycle.closed(self)
+
+    def close_gracefully(self) -> None:
+        # The transport's close is idempotent and flushes first; the
+        # channel's own loseConnection raises if called twice.
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
 class ProxySite(Site):
     """
     The proxy's HTTP factory.
@@ -229,6 +251,9 @@ class ProxySite(Site):
     """
 
     requestFactory = ProxyRequest
+    # Plain HTTP/1.1 channels (the proxy does not negotiate HTTP/2), so
+    # the drain can track each connection.
+    protocol = ProxyChannel  # type: ignore[assignment]
     # The startup report names every listener; "Starting factory" adds noise.
     noisy = False
     # Tracebacks go to the log only, never to a client.

@@ -412,9 +412,7 @@ def makeService(
     # close, so no new connection arrives while in-flight requests finish.
     DrainService(lifecycle, reactor, config.drain_timeout, notifier).setServiceParent(service)
     # callFromThread is the signal-safe way back into the reactor.
-    reload = ReloadService(
-        _reloader(options, credentials), notifier, status, lambda f: reactor.callFromThread(f)
-    )
+    reload = ReloadService(_reloader(options, credentials), notifier, status, lambda f: reactor.callFromThread(f))
     reload.setServiceParent(service)
     ReadinessService(notifier, listening, status).setServiceParent(service)
 

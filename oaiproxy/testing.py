@@ -114,6 +114,17 @@ class Process:
             raise AssertionError(f"{self.argv[0]} never printed {pattern!r}; output:\n{self.output}")
         return found[0]
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def send_signal(self, signum: int) -> None:
+        """
+        Signal this process (by its own PID: never anything else).
+        """
+        if self._proc.poll() is None:
+            self._proc.send_signal(signum)
+
     def wait(self, timeout: float = STARTUP_SECONDS) -> int:
         """
         Wait for the process to exit by itself; return its exit status.

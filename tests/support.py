@@ -22,8 +22,8 @@ from twisted.web.resource import IResource
 
 from oaiproxy.chat import ChatCompletionsResource
 from oaiproxy.config import Credentials, Secret
-from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.fake_upstream import FakeUpstream
+from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.resources import HealthResource, build_root
 from oaiproxy.upstream import TreqLike, UpstreamClient, http_client
 

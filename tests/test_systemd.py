@@ -1,0 +1,287 @@
+"""
+The daemon as systemd runs it, end to end on 127.0.0.1: socket activation
+through Debian's real C{systemd-socket-activate}, readiness and stopping
+notifications on a real datagram socket, the graceful drain on SIGTERM,
+reload on SIGHUP, and a key passed as a credential file staying out of
+C{ps}, logs and error bodies.  The daemon is the real C{twistd -n oaiproxy};
+the client is the openai SDK; the upstream is the fake, as a real server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from typing import Any, Mapping, Sequence
+
+import openai
+from twisted.trial.unittest import SynchronousTestCase
+
+from oaiproxy.testing import Process, child_env, start_fake_upstream, start_proxy, twistd
+from tests.support import temp_dir
+
+UPSTREAM_KEY = "sk-proj-SYSTEMDSECRET5551234"
+MESSAGES = [{"role": "user", "content": "hello proxy"}]
+REPLY = "This is a mock reply to: hello proxy"
+#: Exit statuses systemd counts as a clean stop: 0, or death by the SIGTERM
+#: that twistd re-raises after shutting down cleanly.
+CLEAN_EXIT = (0, -signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise AssertionError(f"{name} is missing: install Debian's systemd package (apt-get install systemd)")
+    return path
+
+
+class Deployment(SynchronousTestCase):
+    """
+    A fake upstream (accepting any key unless told otherwise) and helpers to
+    start the daemon in front of it.
+    """
+
+    upstream_key = ""
+
+    def setUp(self) -> None:
+        self.cwd = temp_dir(self)
+        self.upstream, self.upstream_url = start_fake_upstream(self.cwd, self.upstream_key)
+        self.addCleanup(self.upstream.stop)
+        self.control = self.upstream_url.rsplit("/v1", 1)[0]
+
+    def proxy(self, args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> tuple[Process, str]:
+        environment = {"OPENAI_API_KEY": UPSTREAM_KEY} if env is None else dict(env)
+        process, base = start_proxy(self.cwd, ["--upstream", self.upstream_url, *args], environment)
+        self.addCleanup(process.stop)
+        return process, base
+
+    def client(self, base: str, **options: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=20.0, **options)
+
+    def fake(self, method: str, path: str) -> Any:
+        url = self.control.split("://", 1)[1]
+        host, port = url.split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=20)
+        connection.request(method, path)
+        body = connection.getresponse().read()
+        connection.close()
+        return json.loads(body)
+
+    def authorizations(self) -> list[str]:
+        return [r["headers"]["authorization"][0] for r in self.fake("GET", "/_fake/requests")]
+
+
+class SocketActivationTests(Deployment):
+    def activated(self, endpoint: str, fdname: str) -> tuple[Process, int]:
+        port = free_port()
+        argv = [
+            tool("systemd-socket-activate"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            f"--fdname={fdname}",
+            # The activator passes on only the variables it is told to.
+            *("-E", "PYTHONPATH", "-E", "PYTHONUNBUFFERED", "-E", "OPENAI_API_KEY"),
+            twistd(),
+            "--nodaemon",
+            "--pidfile=",
+            "oaiproxy",
+            "--upstream",
+            self.upstream_url,
+            "--port",
+            endpoint,
+        ]
+        process = Process(argv, child_env({"OPENAI_API_KEY": UPSTREAM_KEY}), self.cwd)
+        self.addCleanup(process.stop)
+        process.wait_for(rf"Listening on 127\.0\.0\.1:{port}")
+        return process, port
+
+    def test_serves_on_the_inherited_socket_by_name(self) -> None:
+        """
+        Started by systemd-socket-activate as a .socket unit would, the
+        daemon serves on the socket it inherits, found by name; the first
+        connection, made before the daemon even runs, is queued and
+        answered, not refused.
+        """
+        process, port = self.activated("systemd:domain=INET:name=oaiproxy", "oaiproxy")
+        completion = self.client(f"http://127.0.0.1:{port}").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(completion.choices[0].message.content, REPLY)
+        self.assertIn(f"oaiproxy listening on http://127.0.0.1:{port}", process.output)
+
+    def test_serves_on_the_inherited_socket_by_index(self) -> None:
+        """
+        index=0 works as well as name=.
+        """
+        _, port = self.activated("systemd:domain=INET:index=0", "whatever")
+        completion = self.client(f"http://127.0.0.1:{port}").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(completion.choices[0].message.content, REPLY)
+
+
+class NotifyTests(Deployment):
+    def test_ready_after_listening_and_stopping_on_sigterm(self) -> None:
+        """
+        With NOTIFY_SOCKET set, systemd hears READY=1 only once the port
+        accepts connections, and STOPPING=1 when SIGTERM starts the drain.
+        """
+        address = os.path.join(self.cwd, "notify")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(notify.close)
+        notify.bind(address)
+        notify.settimeout(30)
+        process, base = self.proxy(env={"OPENAI_API_KEY": UPSTREAM_KEY, "NOTIFY_SOCKET": address})
+        ready = dict(line.split("=", 1) for line in notify.recv(4096).decode().splitlines())
+        self.assertEqual(ready["READY"], "1")
+        self.assertIn("forwarding to http://127.0.0.1:", ready["STATUS"])
+        host, port = base.split("://")[1].split(":")
+        socket.create_connection((host, int(port)), timeout=5).close()
+        process.send_signal(signal.SIGTERM)
+        stopping = notify.recv(4096).decode()
+        self.assertIn("STOPPING=1", stopping)
+        self.assertIn(process.wait(), CLEAN_EXIT)
+
+
+class DrainTests(Deployment):
+    def test_stream_in_flight_completes_during_drain(self) -> None:
+        """
+        SIGTERM during a stream: the stream completes intact, /health on an
+        open connection says draining, a new connection is refused, and the
+        daemon exits cleanly.
+        """
+        process, base = self.proxy(["--drain-timeout", "20"])
+        host, port = base.split("://")[1].split(":")
+        probe = http.client.HTTPConnection(host, int(port), timeout=20)
+        probe.request("GET", "/health")
+        self.assertEqual(probe.getresponse().read(), b'{"status": "healthy"}')
+
+        stream = self.client(base).chat.completions.create(model="fake-gated", messages=MESSAGES, stream=True)
+        chunks = iter(stream)
+        received = [next(chunks), next(chunks)]
+        process.send_signal(signal.SIGTERM)
+        process.wait_for("draining: no new connections; 1 request")
+
+        probe.request("GET", "/health")
+        response = probe.getresponse()
+        self.assertEqual((response.status, response.read()), (503, b'{"status": "draining"}'))
+        self.assertEqual(response.getheader("connection"), "close")
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=5)
+
+        self.assertEqual(self.fake("POST", "/_fake/release"), {"released": 1})
+        received.extend(chunks)
+        text = "".join(c.choices[0].delta.content or "" for c in received if c.choices)
+        self.assertEqual(text, REPLY)
+        self.assertIn(process.wait(), CLEAN_EXIT)
+        self.assertIn("drained; shutting down", process.output)
+
+    def test_stream_still_open_at_deadline_is_cut_cleanly(self) -> None:
+        """
+        A stream that outlives the drain timeout ends with an error the SDK
+        raises, and the daemon still exits cleanly, soon after the deadline.
+        """
+        process, base = self.proxy(["--drain-timeout", "1"])
+        stream = self.client(base).chat.completions.create(model="fake-gated", messages=MESSAGES, stream=True)
+        chunks = iter(stream)
+        next(chunks)
+        process.send_signal(signal.SIGTERM)
+        with self.assertRaises(openai.APIError) as caught:
+            list(chunks)
+        self.assertIn("shut down before this response was complete", str(caught.exception))
+        self.assertIn(process.wait(timeout=15), CLEAN_EXIT)
+        self.assertIn("drain timeout: cutting off 1 request(s)", process.output)
+
+
+class ReloadTests(Deployment):
+    def setUp(self) -> None:
+        super().setUp()
+        self.key_file = os.path.join(self.cwd, "openai_api_key")
+        self.write_key("sk-proj-FIRSTKEY")
+
+    def write_key(self, text: str) -> None:
+        # Replace atomically, as an operator's editor or install(1) would.
+        with open(self.key_file + ".new", "w") as f:
+            f.write(text)
+        os.replace(self.key_file + ".new", self.key_file)
+
+    def reload(self, process: Process, expect: str) -> None:
+        marker = len(process.output)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while expect not in process.output[marker:]:
+            process.wait_for(expect, timeout=max(0.0, deadline - time.monotonic()))
+
+    def test_new_key_used_after_sighup_while_old_stream_completes(self) -> None:
+        """
+        After the key file changes and SIGHUP arrives, the next request
+        upstream carries the new key, while a stream started before the
+        reload completes intact.
+        """
+        process, base = self.proxy(["--api-key-file", self.key_file], env={})
+        client = self.client(base)
+        stream = client.chat.completions.create(model="fake-gated", messages=MESSAGES, stream=True)
+        chunks = iter(stream)
+        received = [next(chunks)]
+
+        self.write_key("sk-proj-SECONDKEY\n")
+        self.reload(process, "reloaded: upstream key changed")
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(self.authorizations(), ["Bearer sk-proj-FIRSTKEY", "Bearer sk-proj-SECONDKEY"])
+
+        self.fake("POST", "/_fake/release")
+        received.extend(chunks)
+        self.assertEqual("".join(c.choices[0].delta.content or "" for c in received if c.choices), REPLY)
+        self.assertNotIn("SECONDKEY", process.output)
+
+    def test_broken_key_file_keeps_old_key(self) -> None:
+        """
+        A reload that cannot read a usable key keeps the key in use and
+        says why.
+        """
+        process, base = self.proxy(["--api-key-file", self.key_file], env={})
+        self.write_key("")
+        self.reload(process, "reload failed, keeping the credentials in use")
+        self.client(base).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(self.authorizations(), ["Bearer sk-proj-FIRSTKEY"])
+
+
+class CredentialTests(Deployment):
+    upstream_key = UPSTREAM_KEY
+
+    def test_credential_key_stays_secret(self) -> None:
+        """
+        A key passed as a systemd credential is used, and appears neither in
+        ps, nor in the daemon's output, nor in any error body.
+        """
+        credentials = os.path.join(self.cwd, "credentials")
+        os.makedirs(credentials)
+        with open(os.path.join(credentials, "openai_api_key"), "w") as f:
+            f.write(UPSTREAM_KEY + "\n")
+        process, base = self.proxy(env={"CREDENTIALS_DIRECTORY": credentials})
+        client = self.client(base)
+        self.assertEqual(
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES).choices[0].message.content, REPLY
+        )
+        bodies = []
+        for model in ("fake-429", "fake-500", "fake-crash"):
+            try:
+                client.chat.completions.create(model=model, messages=MESSAGES)
+            except openai.APIError as e:
+                bodies.append(repr(e.body) + str(e))
+        with self.assertRaises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="gpt-4o", messages=[])
+        bodies.append(repr(caught.exception.body))
+        ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+        self.assertIn(str(process.pid), ps)
+        process.stop()
+        for place in (ps, process.output, *bodies):
+            self.assertNotIn(UPSTREAM_KEY, place)
