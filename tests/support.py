@@ -10,6 +10,7 @@ says so, which is what lets a test look at a stream between two chunks.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from typing import Any, Optional, Sequence
@@ -123,3 +124,43 @@ class Harness:
         )
         self.pump()
         return d
+
+
+def self_signed_pem(directory: str) -> str:
+    """
+    Write a self-signed certificate for 127.0.0.1 with its key; return the
+    file's path.  It is trusted nowhere unless a test says so.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        # Its own CA, so a test can make it trusted with SSL_CERT_FILE.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    path = os.path.join(directory, "upstream.pem")
+    with open(path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    return path

@@ -20,7 +20,7 @@ import openai
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.testing import Process, child_env, start_fake_upstream, start_proxy, twistd
-from tests.support import temp_dir
+from tests.support import self_signed_pem, temp_dir
 
 UPSTREAM_KEY = "sk-proj-E2EUPSTREAMSECRET987654321"
 CLIENT_KEY = "oaiproxy-client-E2ECLIENTSECRET"
@@ -294,44 +294,6 @@ class ConnectionTests(E2ETestCase):
         # The fake upstream answers as soon as it sees the disconnect, and
         # gives up after one second.
         self.assertEqual(self.control("/_fake/disconnects?at_least=1&within=1"), {"disconnects": 1})
-
-
-def self_signed_pem(directory: str) -> str:
-    """
-    Write a self-signed certificate for 127.0.0.1 with its key; return the
-    file's path.
-    """
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    path = os.path.join(directory, "upstream.pem")
-    with open(path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
-    return path
 
 
 class UpstreamTLSTests(E2ETestCase):

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from typing import Any, Mapping, Sequence
 
@@ -23,7 +24,7 @@ import openai
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.testing import Process, child_env, start_fake_upstream, start_proxy, twistd
-from tests.support import temp_dir
+from tests.support import self_signed_pem, temp_dir
 
 UPSTREAM_KEY = "sk-proj-SYSTEMDSECRET5551234"
 MESSAGES = [{"role": "user", "content": "hello proxy"}]
@@ -285,3 +286,116 @@ class CredentialTests(Deployment):
         process.stop()
         for place in (ps, process.output, *bodies):
             self.assertNotIn(UPSTREAM_KEY, place)
+
+
+UNITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "systemd")
+
+#: Turns on the kernel's memory-deny-write-execute for itself (what
+#: MemoryDenyWriteExecute=yes enforces), then becomes the given command.
+MDWE_WRAPPER = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN\n"
+    "    sys.exit('PR_SET_MDWE failed: ' + os.strerror(ctypes.get_errno()))\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+class HardeningTests(SynchronousTestCase):
+    def test_unit_memory_setting_keeps_tls_working(self) -> None:
+        """
+        Under the unit's MemoryDenyWriteExecute= setting the daemon still
+        speaks TLS to a trusted upstream.  The kernel enforces the setting
+        directly here (prctl PR_SET_MDWE, Linux 6.3+); SSL_CERT_FILE makes
+        the test upstream's certificate trusted.  (With it on, pyOpenSSL's
+        cffi verify callback cannot be created and TLS breaks.)
+        """
+        [setting] = unit_settings(os.path.join(UNITS, "oaiproxy.service"))["MemoryDenyWriteExecute"]
+        cwd = temp_dir(self)
+        pem = self_signed_pem(cwd)
+        upstream, url = start_fake_upstream(cwd, UPSTREAM_KEY, "--tls-pem", pem)
+        self.addCleanup(upstream.stop)
+        enforce = [sys.executable, "-c", MDWE_WRAPPER] if setting == "yes" else []
+        proxy, base = start_proxy(
+            cwd, ["--upstream", url], {"OPENAI_API_KEY": UPSTREAM_KEY, "SSL_CERT_FILE": pem}, prefix=enforce
+        )
+        self.addCleanup(proxy.stop)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=20.0)
+        completion = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(completion.choices[0].message.content, REPLY)
+
+
+def unit_settings(path: str) -> dict[str, list[str]]:
+    """
+    The assignments in a unit file, by key.
+    """
+    settings: dict[str, list[str]] = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith(("#", ";", "[")) and "=" in line:
+                key, value = line.split("=", 1)
+                settings.setdefault(key, []).append(value)
+    return settings
+
+
+class UnitCommandTests(Deployment):
+    upstream_key = UPSTREAM_KEY
+
+    def test_unit_command_serves_on_the_unit_socket(self) -> None:
+        """
+        The service unit's own ExecStart, run the way systemd would run it
+        (the .socket unit's address and FileDescriptorName, the credential
+        directory, NOTIFY_SOCKET), starts, says READY=1 and serves.
+        """
+        service = unit_settings(os.path.join(UNITS, "oaiproxy.service"))
+        sock = unit_settings(os.path.join(UNITS, "oaiproxy.socket"))
+        [exec_start] = service["ExecStart"]
+        argv = exec_start.split()
+        self.assertTrue(argv[0].endswith("/twistd"))
+        [listen] = sock["ListenStream"]
+        self.assertEqual(listen, "127.0.0.1:8080")
+        [fdname] = sock["FileDescriptorName"]
+        [credential] = [c for c in service["LoadCredential"] if c.startswith("openai_api_key:")]
+
+        credentials = os.path.join(self.cwd, "credentials")
+        os.makedirs(credentials)
+        with open(os.path.join(credentials, credential.split(":")[0]), "w") as f:
+            f.write(UPSTREAM_KEY)
+        notify_path = os.path.join(self.cwd, "notify")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(notify.close)
+        notify.bind(notify_path)
+        notify.settimeout(30)
+
+        port = free_port()
+        process = Process(
+            [
+                tool("systemd-socket-activate"),
+                "--listen",
+                f"127.0.0.1:{port}",
+                f"--fdname={fdname}",
+                *("-E", "PYTHONPATH", "-E", "PYTHONUNBUFFERED", "-E", "CREDENTIALS_DIRECTORY"),
+                *("-E", "NOTIFY_SOCKET", "-E", "OPENAI_BASE_URL"),
+                twistd(),
+                *argv[1:],
+            ],
+            child_env(
+                {
+                    "CREDENTIALS_DIRECTORY": credentials,
+                    "NOTIFY_SOCKET": notify_path,
+                    # What /etc/oaiproxy/oaiproxy.env would say.
+                    "OPENAI_BASE_URL": self.upstream_url,
+                }
+            ),
+            self.cwd,
+        )
+        self.addCleanup(process.stop)
+        process.wait_for(rf"Listening on 127\.0\.0\.1:{port}")
+        completion = self.client(f"http://127.0.0.1:{port}").chat.completions.create(
+            model="gpt-4o", messages=MESSAGES
+        )
+        self.assertEqual(completion.choices[0].message.content, REPLY)
+        self.assertIn(b"READY=1", notify.recv(4096))
+        process.send_signal(signal.SIGTERM)
+        self.assertIn(process.wait(), CLEAN_EXIT)
