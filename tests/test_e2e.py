@@ -10,7 +10,6 @@ streaming test proves the absence of buffering with a gate, not a timer.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import urllib.error
 import urllib.request

@@ -392,9 +392,7 @@ class UnitCommandTests(Deployment):
         )
         self.addCleanup(process.stop)
         process.wait_for(rf"Listening on 127\.0\.0\.1:{port}")
-        completion = self.client(f"http://127.0.0.1:{port}").chat.completions.create(
-            model="gpt-4o", messages=MESSAGES
-        )
+        completion = self.client(f"http://127.0.0.1:{port}").chat.completions.create(model="gpt-4o", messages=MESSAGES)
         self.assertEqual(completion.choices[0].message.content, REPLY)
         self.assertIn(b"READY=1", notify.recv(4096))
         process.send_signal(signal.SIGTERM)
