@@ -13,8 +13,7 @@ whose connection is gone.
 
 from __future__ import annotations
 
-import hmac
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from twisted.internet import error as netError
 from twisted.internet.defer import Deferred
@@ -25,11 +24,14 @@ from twisted.web import client as webClient
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 
-from oaiproxy.config import Credentials, Secret
+from oaiproxy.clients import Credentials, looks_like_openai_key
 from oaiproxy.errors import (
     ApiError,
     draining,
     invalid_api_key,
+    model_not_allowed,
+    openai_key_sent,
+    rate_limited,
     sse_error_event,
     upstream_failed_mid_response,
     upstream_timeout,
@@ -37,9 +39,11 @@ from oaiproxy.errors import (
 )
 from oaiproxy.headers import bearer_token, client_response_headers
 from oaiproxy.lifecycle import Lifecycle
+from oaiproxy.limits import UNLIMITED, Limiter, Refusal, Reservation, estimate_tokens
 from oaiproxy.relay import BodyRelay, UpstreamIdle
 from oaiproxy.resources import Endpoint, error_response, send_error
 from oaiproxy.upstream import UpstreamClient, UpstreamTimeout
+from oaiproxy.usage import UsageMeter
 from oaiproxy.validation import parse_chat_request
 
 __all__ = ["ChatCompletionsResource", "classify_upstream_failure", "read_body"]
@@ -94,26 +98,19 @@ def read_body(request: Request) -> bytes:
     return data
 
 
-def _authorized(request: Request, keys: Sequence[Secret]) -> bool:
-    token = bearer_token(request.requestHeaders)
-    if token is None:
-        return False
-    # Compare against every key, in constant time each, so timing reveals
-    # neither a key's prefix nor which key matched.
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(token, key.reveal())
-    return matched
-
-
 class ChatCompletionsResource(Endpoint):
     """
     The chat completions endpoint.
 
+    Before anything goes upstream a request passes, in order: the client
+    key check, body validation, the client's model allow-list, and the
+    client's limits.  Each refusal is an OpenAI-shaped error.
+
     @param upstream: where requests go.
     @param clock: the clock for stream idle timeouts.
-    @param credentials: the client keys a request must present (none: no
-        client auth); read per request, so a reload applies at once.
+    @param credentials: the clients allowed in (none: no client auth); read
+        per request, so a reload applies at once.
+    @param limiter: the clients' limit state.
     @param lifecycle: tells whether the proxy is draining.
     @param connect_timeout: named in the 502 for a connect timeout.
     """
@@ -127,6 +124,7 @@ class ChatCompletionsResource(Endpoint):
         credentials: Credentials,
         lifecycle: Optional[Lifecycle] = None,
         connect_timeout: float = 10.0,
+        limiter: Optional[Limiter] = None,
     ) -> None:
         super().__init__()
         self._upstream = upstream
@@ -134,18 +132,45 @@ class ChatCompletionsResource(Endpoint):
         self._credentials = credentials
         self._lifecycle = lifecycle or Lifecycle()
         self._connect_timeout = connect_timeout
+        self._limiter = limiter or Limiter(clock)
 
     def render_POST(self, request: Request) -> bytes | int:
         if self._lifecycle.draining:
             return error_response(request, draining())
-        client_keys = self._credentials.client_keys
-        if client_keys and not _authorized(request, client_keys):
+        token = bearer_token(request.requestHeaders)
+        clients = self._credentials.clients
+        client = clients.identify(token) if (token is not None and len(clients)) else None
+        if token is not None and client is None and looks_like_openai_key(token):
+            return error_response(request, openai_key_sent())
+        if len(clients) and client is None:
             return error_response(request, invalid_api_key())
+        if client is not None:
+            # For the access log: who, never with what key.
+            request.client_name = client.name  # type: ignore[attr-defined]
         body = read_body(request)
         parsed = parse_chat_request(body)
         if isinstance(parsed, ApiError):
             return error_response(request, parsed)
-        _Exchange(request, self._upstream, self._clock, self._connect_timeout, self.log).start(body)
+        reservation: Reservation = UNLIMITED
+        prompt_estimate = 0
+        if client is not None:
+            if not client.allows(parsed.model):
+                return error_response(request, model_not_allowed(client.name, parsed.model))
+            prompt_estimate, estimate = estimate_tokens(body, parsed.document, client.limits)
+            admitted = self._limiter.admit(client, estimate)
+            if isinstance(admitted, Refusal):
+                self.log.info(
+                    "client {client} over its {limit} limit",
+                    client=client.name,
+                    limit=admitted.limit,
+                )
+                headers = tuple(self._limiter.headers(client))
+                return error_response(request, rate_limited(admitted.message, admitted.retry_after, headers))
+            reservation = admitted
+        exchange = _Exchange(
+            request, self._upstream, self._clock, self._connect_timeout, self.log, reservation, prompt_estimate
+        )
+        exchange.start(body)
         return NOT_DONE_YET
 
 
@@ -164,14 +189,19 @@ class _Exchange:
         clock: IReactorTime,
         connect_timeout: float,
         log: Logger,
+        reservation: Reservation,
+        prompt_estimate: int,
     ) -> None:
         self._request = request
         self._upstream = upstream
         self._clock = clock
         self._connect_timeout = connect_timeout
         self._log = log
+        self._reservation = reservation
+        self._prompt_estimate = prompt_estimate
         self._pending: Optional[Deferred[IResponse]] = None
         self._relay: Optional[BodyRelay] = None
+        self._meter: Optional[UsageMeter] = None
         self._event_stream = False
         self.finished = False
 
@@ -181,6 +211,18 @@ class _Exchange:
         self._pending = pending
         pending.addCallbacks(self._got_head, self._no_head)
         pending.addErrback(self._bug)
+
+    def _settle(self) -> None:
+        """
+        Charge the client's token allowance with what the response used: as
+        reported, or as estimated from what was streamed (see
+        L{oaiproxy.limits}).  Idempotent.
+        """
+        meter = self._meter
+        # No response head: the upstream was cancelled or failed early, and
+        # only the prompt may have been processed.
+        used = meter.used(self._prompt_estimate) if meter is not None else self._prompt_estimate
+        self._reservation.settle(used)
 
     def _client_done(self, result: Optional[Failure]) -> None:
         if self.finished:
@@ -196,6 +238,7 @@ class _Exchange:
                 self._relay.abort()
             elif self._pending is not None:
                 self._pending.cancel()
+        self._settle()
 
     def _got_head(self, response: IResponse) -> None:
         self._pending = None
@@ -206,6 +249,7 @@ class _Exchange:
             request.responseHeaders.setRawHeaders(name, values)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         self._event_stream = content_type.lower().startswith(b"text/event-stream")
+        self._meter = UsageMeter(self._event_stream)
         # Send the head now, as upstream did, so a client sees the status of
         # a long stream before its first token.
         request.write(b"")
@@ -214,6 +258,7 @@ class _Exchange:
             self._clock,
             self._upstream.read_timeout,
             self._body_done,
+            observe=self._meter.feed,
         )
         response.deliverBody(self._relay)
 
@@ -231,12 +276,17 @@ class _Exchange:
             message=error.message,
         )
         self.finished = True
+        # Nothing was generated.
+        self._reservation.settle(0)
         send_error(self._request, error)
 
     def _body_done(self, failure: Optional[Failure]) -> None:
         if self.finished:
             return
         self.finished = True
+        if self._meter is not None and failure is None:
+            self._meter.finish()
+        self._settle()
         request = self._request
         request.unregisterProducer()
         if failure is None:
@@ -257,6 +307,7 @@ class _Exchange:
 
     def _bug(self, failure: Failure) -> None:
         self._log.failure("bug while relaying a chat completion", failure=failure)
+        self._reservation.settle(self._prompt_estimate)
         if not self.finished:
             self.finished = True
             self._request.loseConnection()

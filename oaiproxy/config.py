@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -32,8 +32,6 @@ __all__ = [
     "port_from_env",
     "client_keys_from_env",
     "load_api_key",
-    "load_client_keys",
-    "Credentials",
     "CLIENT_KEYS_CREDENTIAL",
     "is_private_address",
 ]
@@ -90,7 +88,8 @@ class Config:
     @ivar ports: server endpoint descriptions to listen on.
     @ivar upstream: the upstream base URL, without a trailing slash.
     @ivar api_key: the upstream key, or C{None} only with C{mock_upstream}.
-    @ivar client_keys: keys clients must present; empty means no client auth.
+    @ivar clients: the clients allowed in (an L{oaiproxy.clients.ClientRegistry});
+        empty means no client auth.
     @ivar api_key_file: where the key was read from (C{--api-key-file}),
         kept so a reload reads the same place again.
     @ivar client_keys_file: likewise for C{--client-keys-file}.
@@ -99,12 +98,15 @@ class Config:
     ports: tuple[str, ...]
     upstream: str
     api_key: Optional[Secret]
-    client_keys: tuple[Secret, ...] = ()
+    clients: Any = None
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     max_body_bytes: int = 64 * 1024 * 1024
     idle_timeout: float = 75.0
     drain_timeout: float = 30.0
+    header_timeout: float = 10.0
+    max_connections_per_ip: int = 256
+    allow_open_relay: bool = False
     mock_upstream: bool = False
     api_key_file: Optional[str] = None
     client_keys_file: Optional[str] = None
@@ -197,57 +199,6 @@ def client_keys_from_env(environ: Mapping[str, str]) -> tuple[Secret, ...]:
     text = environ.get("OAIPROXY_CLIENT_KEYS", "")
     keys = [k.strip() for k in text.split(",")]
     return tuple(Secret(k.encode("utf-8")) for k in keys if k)
-
-
-def load_client_keys(keys_file: Optional[str], environ: Mapping[str, str]) -> tuple[Secret, ...]:
-    """
-    All client keys: those in C{OAIPROXY_CLIENT_KEYS}, plus those in a keys
-    file, which is C{keys_file} (C{--client-keys-file} or
-    C{OAIPROXY_CLIENT_KEYS_FILE}), else the systemd credential
-    C{$CREDENTIALS_DIRECTORY/client_keys} when present.
-
-    A keys file holds one key per line; blank lines and lines starting with
-    C{#} are ignored.  Unlike the environment, a file can change while the
-    proxy runs, so it is what a reload (SIGHUP) picks up.
-
-    @raise ConfigError: for a named file that is missing or unreadable.
-    """
-    keys = list(client_keys_from_env(environ))
-    path = keys_file or environ.get("OAIPROXY_CLIENT_KEYS_FILE")
-    if not path:
-        credentials = environ.get("CREDENTIALS_DIRECTORY")
-        candidate = os.path.join(credentials, CLIENT_KEYS_CREDENTIAL) if credentials else None
-        if candidate is not None and os.path.exists(candidate):
-            path = candidate
-    if path:
-        try:
-            with open(path, "rb") as f:
-                lines = f.read().splitlines()
-        except OSError as e:
-            raise ConfigError(f"cannot read the client keys file {path}: {e.strerror}") from None
-        for line in lines:
-            line = line.strip()
-            if line and not line.startswith(b"#"):
-                keys.append(Secret(line))
-    return tuple(keys)
-
-
-class Credentials:
-    """
-    The secrets in use, shared by the parts that need them and replaced as
-    a whole on reload, so a request never sees half of an old set and half
-    of a new one.
-    """
-
-    def __init__(self, api_key: Secret, client_keys: tuple[Secret, ...] = ()) -> None:
-        self.api_key = api_key
-        self.client_keys = client_keys
-
-    def replace(self, api_key: Secret, client_keys: tuple[Secret, ...]) -> None:
-        self.api_key, self.client_keys = api_key, client_keys
-
-    def __repr__(self) -> str:
-        return f"Credentials(api_key=<redacted>, client_keys=<{len(self.client_keys)} redacted>)"
 
 
 def load_api_key(key_file: Optional[str], environ: Mapping[str, str]) -> Secret:

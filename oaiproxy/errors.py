@@ -13,6 +13,7 @@ I{when} to send an error, this module only decides I{what} it looks like.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,11 +24,16 @@ __all__ = [
     "not_found",
     "method_not_allowed",
     "body_too_large",
+    "bad_http",
+    "header_timeout",
     "upstream_unreachable",
     "upstream_timeout",
     "upstream_failed_mid_response",
     "internal_error",
     "draining",
+    "openai_key_sent",
+    "model_not_allowed",
+    "rate_limited",
     "shut_down_mid_response",
     "sse_error_event",
 ]
@@ -95,6 +101,52 @@ def invalid_api_key() -> ApiError:
     )
 
 
+def openai_key_sent() -> ApiError:
+    """
+    A 401 for a request carrying what looks like a real OpenAI key.  It is
+    never forwarded: the proxy holds the OpenAI key, clients need only a
+    proxy key, and a real key in every app's configuration is one leak
+    away from misuse.
+    """
+    return ApiError(
+        401,
+        "This request carries what looks like an OpenAI API key (sk-...). Do not send your OpenAI key to "
+        "this proxy: it holds the key itself. Use the client key your proxy operator gave you.",
+        INVALID_REQUEST,
+        None,
+        "openai_key_not_accepted",
+    )
+
+
+def model_not_allowed(client: str, model: str) -> ApiError:
+    """
+    A 403 for a model outside the client's allow-list.
+    """
+    return ApiError(
+        403,
+        f"Client {client!r} may not use the model {model!r} through this proxy.",
+        INVALID_REQUEST,
+        "model",
+        "model_not_allowed",
+    )
+
+
+def rate_limited(message: str, retry_after: Optional[float], headers: tuple[tuple[bytes, bytes], ...]) -> ApiError:
+    """
+    A 429 for a client over one of its limits, with the headers the SDKs
+    use to pace their retries (C{retry-after}, C{retry-after-ms}), or
+    C{x-should-retry: false} when waiting cannot help.
+    """
+    if retry_after is None:
+        timing: tuple[tuple[bytes, bytes], ...] = ((b"x-should-retry", b"false"),)
+    else:
+        timing = (
+            (b"retry-after", b"%d" % max(1, math.ceil(retry_after))),
+            (b"retry-after-ms", b"%d" % max(1, math.ceil(retry_after * 1000))),
+        )
+    return ApiError(429, message, "rate_limit_error", None, "rate_limit_exceeded", timing + headers)
+
+
 def not_found(method: str, path: str) -> ApiError:
     """
     A 404 that names what was asked for and how to point an SDK at the
@@ -123,6 +175,23 @@ def method_not_allowed(method: str, path: str, allowed: list[str]) -> ApiError:
         None,
         "method_not_allowed",
         ((b"Allow", allow.encode("ascii")),),
+    )
+
+
+def bad_http(message: str) -> ApiError:
+    """
+    A 400 for a request that is not acceptable HTTP: headers too large or
+    too many, a malformed request line or body framing.
+    """
+    return ApiError(400, message, INVALID_REQUEST, None, "bad_http_request")
+
+
+def header_timeout(seconds: float) -> ApiError:
+    """
+    A 408 for a client that did not send its request's headers in time.
+    """
+    return ApiError(
+        408, f"The request's headers did not arrive within {seconds:g} seconds.", INVALID_REQUEST, None, "request_timeout"
     )
 
 

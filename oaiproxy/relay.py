@@ -93,6 +93,8 @@ class BodyRelay(Protocol):
     An C{IResponse.deliverBody} protocol that writes each chunk to a
     twisted.web request.
 
+    @param observe: called with each chunk after it is written (usage
+        metering); it must be cheap and must not raise.
     @param done: called once when the body ends, with C{None} for a complete
         body or the L{Failure} that cut it short (L{UpstreamIdle} for a
         silent upstream).  It decides how to end the client's response.
@@ -104,8 +106,10 @@ class BodyRelay(Protocol):
         clock: IReactorTime,
         read_timeout: float,
         done: Callable[[Optional[Failure]], None],
+        observe: Optional[Callable[[bytes], None]] = None,
     ) -> None:
         self._request = request
+        self._observe = observe
         self._read_timeout = read_timeout
         self._done = done
         self._timer = _IdleTimer(clock, read_timeout, self._idle)
@@ -122,6 +126,8 @@ class BodyRelay(Protocol):
         self._timer.restart()
         if data:
             self._request.write(data)
+            if self._observe is not None:
+                self._observe(data)
 
     def abort(self) -> None:
         """

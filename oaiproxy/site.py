@@ -18,7 +18,15 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from oaiproxy import __version__
-from oaiproxy.errors import ApiError, body_too_large, internal_error, shut_down_mid_response, sse_error_event
+from oaiproxy.errors import (
+    ApiError,
+    bad_http,
+    body_too_large,
+    header_timeout,
+    internal_error,
+    shut_down_mid_response,
+    sse_error_event,
+)
 from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.resources import error_response
 
@@ -66,7 +74,12 @@ class ProxyRequest(Request):
     """
     A request that keeps its body in memory within the site's limit and
     refuses a larger one as soon as the length is known.
+
+    @ivar client_name: the client's name once its key is known, for the
+        access log (never the key).
     """
+
+    client_name = "-"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -208,8 +221,9 @@ class ProxyRequest(Request):
         self._lifecycle.ended(self)
         peer = self.client
         _log.info(
-            "{client} {method} {path} {status} {bytes_sent} {duration:.3f}s{note}",
+            "{client} {client_name} {method} {path} {status} {bytes_sent} {duration:.3f}s{note}",
             client=getattr(peer, "host", "-"),
+            client_name=self.client_name,
             method=method.decode("latin-1"),
             path=path.split(b"?", 1)[0].decode("latin-1"),
             status=self.code,
@@ -222,18 +236,80 @@ class ProxyRequest(Request):
 
 class ProxyChannel(HTTPChannel):
     """
-    An HTTP/1.1 connection that the drain can see open and close.
+    An HTTP/1.1 connection with bounds a hostile client cannot stretch, and
+    that the drain can see open and close.
+
+    twisted.web's own timeout is an idle timeout: each byte restarts it, so a
+    client trickling a header byte every few seconds (slowloris) would hold
+    its connection forever.  Here the request line and headers must all
+    arrive within C{header_timeout} of their first byte.
     """
 
     site: "ProxySite"
+    # A request line plus headers: OpenAI SDK requests use about 1 KB.
+    totalHeadersSize = 16384
+    maxHeaders = 100
+
+    _header_deadline: Optional[IDelayedCall] = None
+    _in_request = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.lifecycle.opened(self)
+        self._expect_headers()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._in_request and self._header_deadline is None:
+            self._expect_headers()
+        super().dataReceived(data)
+
+    def _expect_headers(self) -> None:
+        self._header_deadline = self.callLater(self.site.header_timeout, self._headers_too_slow)
+
+    def allHeadersReceived(self) -> None:
+        self._in_request = True
+        self._cancel_deadline()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        # Before the parent replays any pipelined bytes, which start the next
+        # request's deadline.
+        self._in_request = False
+        super().requestDone(request)
+
+    def _cancel_deadline(self) -> None:
+        if self._header_deadline is not None:
+            if self._header_deadline.active():
+                self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        _log.info(
+            "closing a connection from {client}: no complete request headers within {seconds:g}s",
+            client=getattr(self.transport.getPeer(), "host", "-") if self.transport else "-",
+            seconds=self.site.header_timeout,
+        )
+        if self.transport is not None:
+            self.transport.write(raw_error_response(header_timeout(self.site.header_timeout)))
+            self.transport.loseConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # twisted.web answers a bare "400 Bad Request"; answer in JSON.
+        if self.transport is not None:
+            self.transport.write(
+                raw_error_response(
+                    bad_http("The request could not be parsed: line or headers too long, too many headers, "
+                             "or malformed framing.")
+                )
+            )
+        self.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_deadline()
         super().connectionLost(reason)
         self.site.lifecycle.closed(self)
+        self.site.connection_closed(self)
 
     def close_gracefully(self) -> None:
         # The transport's close is idempotent and flushes first; the
@@ -265,12 +341,53 @@ class ProxySite(Site):
         *,
         max_body_bytes: int,
         idle_timeout: float,
+        header_timeout: float = 10.0,
+        max_connections_per_ip: int = 256,
         lifecycle: Optional[Lifecycle] = None,
         reactor: Any = None,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.max_body_bytes = max_body_bytes
+        self.header_timeout = header_timeout
+        self.max_connections_per_ip = max_connections_per_ip
         self.lifecycle = lifecycle or Lifecycle()
+        self._per_ip: dict[str, int] = {}
+        self._host_of: dict[ProxyChannel, str] = {}
+        self._refusing: set[str] = set()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """
+        Refuse a connection from an address that already has
+        C{max_connections_per_ip} open: one client cannot take every socket
+        the process has.
+        """
+        host = getattr(addr, "host", None)
+        if host is not None and self._per_ip.get(host, 0) >= self.max_connections_per_ip:
+            if host not in self._refusing:
+                # Said once per episode, not once per refused connection.
+                self._refusing.add(host)
+                _log.warn(
+                    "refusing connections from {client}: {limit} already open",
+                    client=host,
+                    limit=self.max_connections_per_ip,
+                )
+            return None
+        channel = super().buildProtocol(addr)
+        if host is not None and channel is not None:
+            self._per_ip[host] = self._per_ip.get(host, 0) + 1
+            self._host_of[channel] = host
+        return channel
+
+    def connection_closed(self, channel: ProxyChannel) -> None:
+        host = self._host_of.pop(channel, None)
+        if host is None:
+            return
+        count = self._per_ip[host] - 1
+        if count:
+            self._per_ip[host] = count
+        else:
+            del self._per_ip[host]
+        self._refusing.discard(host)
 
     def log(self, request: Any) -> None:
         """

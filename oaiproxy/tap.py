@@ -33,17 +33,17 @@ from oaiproxy.config import (
     DEFAULT_UPSTREAM,
     Config,
     ConfigError,
-    Credentials,
     Secret,
     is_private_address,
     load_api_key,
-    load_client_keys,
     parse_byte_count,
     parse_seconds,
     parse_upstream,
     port_from_env,
 )
+from oaiproxy.clients import ClientRegistry, Credentials, load_clients
 from oaiproxy.fake_upstream import FakeUpstream, listen
+from oaiproxy.limits import Limiter
 from oaiproxy.lifecycle import DrainService, Lifecycle, ReadinessService, ReloadService
 from oaiproxy.resources import HealthResource, build_root
 from oaiproxy.sdnotify import Notifier
@@ -65,6 +65,8 @@ _SETTINGS: list[tuple[str, str, Callable[[str, str], Any], str]] = [
     ("idle-timeout", "OAIPROXY_IDLE_TIMEOUT", parse_seconds, "idle_timeout"),
     ("max-body-bytes", "OAIPROXY_MAX_BODY_BYTES", parse_byte_count, "max_body_bytes"),
     ("drain-timeout", "OAIPROXY_DRAIN_TIMEOUT", parse_seconds, "drain_timeout"),
+    ("header-timeout", "OAIPROXY_HEADER_TIMEOUT", parse_seconds, "header_timeout"),
+    ("max-connections-per-ip", "OAIPROXY_MAX_CONNECTIONS_PER_IP", parse_byte_count, "max_connections_per_ip"),
 ]
 
 _MOCK_KEY = Secret(b"mock-upstream-key")
@@ -87,6 +89,12 @@ class Options(usage.Options):
         "in OAIPROXY_CLIENT_KEYS (comma-separated, environment only)."
     )
     optFlags = [
+        [
+            "allow-open-relay",
+            None,
+            "Start even when a listener is reachable from other hosts and no client keys are set "
+            "(anyone who can connect spends the upstream key). Without it, that refuses to start.",
+        ],
         [
             "mock-upstream",
             None,
@@ -141,6 +149,20 @@ class Options(usage.Options):
             None,
             "On SIGTERM, seconds in-flight requests may run on before they are cut off. "
             f"[env OAIPROXY_DRAIN_TIMEOUT, default {_DEFAULTS.drain_timeout:g}]",
+        ],
+        [
+            "header-timeout",
+            None,
+            None,
+            "Seconds a client has to send a request's line and headers (slow senders are cut off). "
+            f"[env OAIPROXY_HEADER_TIMEOUT, default {_DEFAULTS.header_timeout:g}]",
+        ],
+        [
+            "max-connections-per-ip",
+            None,
+            None,
+            "Open connections allowed from one client address. "
+            f"[env OAIPROXY_MAX_CONNECTIONS_PER_IP, default {_DEFAULTS.max_connections_per_ip}]",
         ],
         [
             "max-body-bytes",
@@ -208,8 +230,9 @@ class Options(usage.Options):
             ports=ports,
             upstream=upstream,
             api_key=api_key,
-            client_keys=load_client_keys(self["client-keys-file"], env),
+            clients=load_clients(self["client-keys-file"], env),
             mock_upstream=mock,
+            allow_open_relay=bool(self["allow-open-relay"]),
             api_key_file=self["api-key-file"],
             client_keys_file=self["client-keys-file"],
             **values,
@@ -251,7 +274,18 @@ class _AnnouncingEndpoint:
         return d.addCallbacks(announced, refused)
 
 
-def _announcer(description: str, config: Config, bound: "Deferred[None]") -> Callable[[IListeningPort], None]:
+class _Exposure:
+    """
+    Whether any listener is reachable from other hosts; a reload may not
+    leave such a proxy without client keys.
+    """
+
+    public = False
+
+
+def _announcer(
+    description: str, config: Config, bound: "Deferred[None]", exposure: _Exposure
+) -> Callable[[IListeningPort], None]:
     scheme = "https" if description.startswith("ssl:") else "http"
 
     def announce(port: IListeningPort) -> None:
@@ -267,13 +301,22 @@ def _announcer(description: str, config: Config, bound: "Deferred[None]") -> Cal
             base=base,
             endpoint=description,
         )
-        if not config.client_keys and not is_private_address(address):
-            log.critical(
-                "OPEN RELAY: {base} is reachable from other hosts and no client keys are "
-                "set (OAIPROXY_CLIENT_KEYS). Anyone who can connect can spend the upstream "
-                "API key. Listen on 127.0.0.1 or set client keys.",
-                base=base,
-            )
+        if not is_private_address(address):
+            exposure.public = True
+            if not len(config.clients):
+                if not config.allow_open_relay:
+                    raise SystemExit(
+                        f"twistd oaiproxy: error: refusing to start: {base} is reachable from other hosts and "
+                        "no client keys are set, so anyone who can connect could spend the upstream key. "
+                        "Set client keys (--client-keys-file, OAIPROXY_CLIENT_KEYS), listen on 127.0.0.1, "
+                        "or pass --allow-open-relay if that is really what you want."
+                    )
+                log.critical(
+                    "OPEN RELAY: {base} is reachable from other hosts and no client keys are "
+                    "set (--allow-open-relay). Anyone who can connect can spend the upstream "
+                    "API key.",
+                    base=base,
+                )
         bound.callback(None)
 
     return announce
@@ -315,7 +358,7 @@ class _MockUpstreamService(Service):
         return None
 
 
-def _reloader(options: Options, credentials: Credentials) -> Callable[[], bool]:
+def _reloader(options: Options, credentials: Credentials, exposure: _Exposure) -> Callable[[], bool]:
     """
     The SIGHUP action: read the key sources again, then swap the secrets in
     one step.  Any failure keeps the secrets in use and says why.
@@ -328,16 +371,18 @@ def _reloader(options: Options, credentials: Credentials) -> Callable[[], bool]:
                 api_key = credentials.api_key
             else:
                 api_key = load_api_key(config.api_key_file, options.environ)
-            client_keys = load_client_keys(config.client_keys_file, options.environ)
+            clients = load_clients(config.client_keys_file, options.environ)
+            if exposure.public and not len(clients) and not config.allow_open_relay:
+                raise ConfigError("the new configuration has no client keys, and the proxy is reachable from other hosts")
         except ConfigError as e:
             log.error("reload failed, keeping the credentials in use: {why}", why=str(e))
             return False
         changed = api_key != credentials.api_key
-        credentials.replace(api_key, client_keys)
+        credentials.replace(api_key, clients)
         log.info(
-            "reloaded: upstream key {key}, {count} client key(s)",
+            "reloaded: upstream key {key}, {count} client(s)",
             key="changed" if changed else "unchanged",
-            count=len(client_keys),
+            count=len(clients),
         )
         return True
 
@@ -371,7 +416,9 @@ def makeService(
 
     api_key = _MOCK_KEY if config.mock_upstream else config.api_key
     assert api_key is not None, "Options guarantees a key unless mocking"
-    credentials = Credentials(api_key, config.client_keys)
+    clients: ClientRegistry = config.clients if config.clients is not None else ClientRegistry()
+    credentials = Credentials(api_key, clients)
+    exposure = _Exposure()
     lifecycle = Lifecycle()
     if http is None:
         http = make_http_client(reactor, config.connect_timeout)
@@ -380,11 +427,15 @@ def makeService(
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
 
-    chat = ChatCompletionsResource(upstream, reactor, credentials, lifecycle, config.connect_timeout)
+    chat = ChatCompletionsResource(
+        upstream, reactor, credentials, lifecycle, config.connect_timeout, Limiter(reactor)
+    )
     site = ProxySite(
         build_root(chat, HealthResource(lifecycle)),
         max_body_bytes=config.max_body_bytes,
         idle_timeout=config.idle_timeout,
+        header_timeout=config.header_timeout,
+        max_connections_per_ip=config.max_connections_per_ip,
         lifecycle=lifecycle,
         reactor=reactor,
     )
@@ -398,21 +449,21 @@ def makeService(
         # systemd sees; the wrapper adds the startup report and readiness.
         bound: Deferred[None] = Deferred()
         listening.append(bound)
-        listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description, _announcer(description, config, bound))
+        listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description, _announcer(description, config, bound, exposure))
         listener.setServiceParent(service)
 
     def status() -> str:
         return (
             f"serving {len(config.ports)} listener(s), forwarding to "
             f"{'the mock upstream' if config.mock_upstream else upstream.base_url}, "
-            f"{len(credentials.client_keys)} client key(s)"
+            f"{len(credentials.clients)} client(s)"
         )
 
     # Stopping runs in reverse order: the drain starts as the listeners
     # close, so no new connection arrives while in-flight requests finish.
     DrainService(lifecycle, reactor, config.drain_timeout, notifier).setServiceParent(service)
     # callFromThread is the signal-safe way back into the reactor.
-    reload = ReloadService(_reloader(options, credentials), notifier, status, lambda f: reactor.callFromThread(f))
+    reload = ReloadService(_reloader(options, credentials, exposure), notifier, status, lambda f: reactor.callFromThread(f))
     reload.setServiceParent(service)
     ReadinessService(notifier, listening, status).setServiceParent(service)
 
@@ -421,7 +472,7 @@ def makeService(
         "(client keys: {keys}, read timeout {read:g}s, body limit {limit} bytes, drain {drain:g}s)",
         version=__version__,
         upstream=upstream.base_url if not config.mock_upstream else "the mock upstream",
-        keys=len(config.client_keys) or "none",
+        keys=len(clients) or "none",
         read=config.read_timeout,
         limit=config.max_body_bytes,
         drain=config.drain_timeout,

@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from oaiproxy.config import Credentials
+from oaiproxy.clients import Credentials
 from oaiproxy.headers import upstream_request_headers
 
 __all__ = ["UpstreamClient", "UpstreamTimeout", "TreqLike", "make_http_client", "make_pool", "http_client"]

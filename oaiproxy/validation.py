@@ -25,13 +25,15 @@ class ChatRequest:
 
     @ivar model: the requested model.
     @ivar stream: whether the client asked for server-sent events.
+    @ivar document: the parsed body, for reading (never re-serialised).
     """
 
-    __slots__ = ("model", "stream")
+    __slots__ = ("model", "stream", "document")
 
-    def __init__(self, model: str, stream: bool) -> None:
+    def __init__(self, model: str, stream: bool, document: Optional[dict[str, Any]] = None) -> None:
         self.model = model
         self.stream = stream
+        self.document: dict[str, Any] = document if document is not None else {}
 
     def __repr__(self) -> str:
         return f"ChatRequest(model={self.model!r}, stream={self.stream!r})"
@@ -70,7 +72,7 @@ def parse_chat_request(body: bytes) -> "ChatRequest | ApiError":
     if problem is not None:
         return bad_request(problem, "messages", "invalid_value")
 
-    return ChatRequest(model, document.get("stream") is True)
+    return ChatRequest(model, document.get("stream") is True, document)
 
 
 def _messages_problem(messages: Any) -> Optional[str]:

@@ -9,6 +9,7 @@ says so, which is what lets a test look at a stream between two chunks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +23,9 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import IResource
 
 from oaiproxy.chat import ChatCompletionsResource
-from oaiproxy.config import Credentials, Secret
+from oaiproxy.clients import Client, ClientRegistry, Credentials, Limits
+from oaiproxy.config import Secret
+from oaiproxy.limits import Limiter
 from oaiproxy.fake_upstream import FakeUpstream
 from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.resources import HealthResource, build_root
@@ -42,6 +45,23 @@ def temp_dir(case: Any) -> str:
 UPSTREAM_KEY = b"sk-proj-UPSTREAMSECRET0123456789"
 CLIENT_KEY = b"oai-client-CLIENTSECRET42"
 UPSTREAM_URL = "http://upstream.test/v1"
+
+
+def registry(*keys: bytes, limits: Limits = Limits(), models: Optional[Sequence[str]] = None) -> ClientRegistry:
+    """
+    Clients named C{client-1}, C{client-2}... for the given keys.
+    """
+    return ClientRegistry(
+        [
+            Client(
+                name=f"client-{i}",
+                key_sha256=hashlib.sha256(key).digest(),
+                limits=limits,
+                models=frozenset(models) if models is not None else None,
+            )
+            for i, key in enumerate(keys, 1)
+        ]
+    )
 
 
 def chat_body(model: str = "gpt-4o-mini", stream: bool = False, **more: Any) -> bytes:
@@ -68,6 +88,7 @@ class Harness:
         self,
         *,
         client_keys: Sequence[bytes] = (),
+        clients: Optional[ClientRegistry] = None,
         read_timeout: float = 30.0,
         chunk_interval: float = 0.0,
         http: Optional[TreqLike] = None,
@@ -78,7 +99,9 @@ class Harness:
         # The proxy's own client configuration (no cookies, one-write
         # bodies) over an in-memory agent instead of a connection pool.
         self.upstream_agent = RequestTraversalAgent(upstream_resource or self.fake)
-        self.credentials = Credentials(Secret(UPSTREAM_KEY), tuple(Secret(k) for k in client_keys))
+        if clients is None:
+            clients = registry(*client_keys)
+        self.credentials = Credentials(Secret(UPSTREAM_KEY), clients)
         self.lifecycle = Lifecycle()
         self.upstream = UpstreamClient(
             http or http_client(self.upstream_agent),
@@ -87,8 +110,9 @@ class Harness:
             self.clock,
             read_timeout,
         )
+        self.limiter = Limiter(self.clock)
         self.chat = ChatCompletionsResource(
-            self.upstream, self.clock, self.credentials, self.lifecycle, connect_timeout=10.0
+            self.upstream, self.clock, self.credentials, self.lifecycle, connect_timeout=10.0, limiter=self.limiter
         )
         self.proxy = StubTreq(build_root(self.chat, HealthResource(self.lifecycle)))
 

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from twisted.internet.address import HostnameAddress, IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaiproxy.clients import load_clients
 from oaiproxy.config import (
     CREDENTIAL_NAME,
     Config,
@@ -70,7 +71,9 @@ class SecretTests(SynchronousTestCase):
         key or any client key.
         """
         client = b"oai-client-CLIENTSECRET42"
-        text = repr(config(client_keys=(Secret(client),)))
+        clients = load_clients(None, {"OAIPROXY_CLIENT_KEYS": client.decode()})
+        text = repr(config(clients=clients))
+        self.assertIn("env-1", text)
         self.assertNotIn(KEY.decode(), text)
         self.assertNotIn(client.decode(), text)
         self.assertIn("api.openai.com", text)

@@ -23,13 +23,21 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET, Request
 
-from oaiproxy.config import Credentials, Secret
+from oaiproxy.clients import Credentials, file_entry
+from oaiproxy.config import Secret
 from oaiproxy.lifecycle import CLOSE_GRACE_SECONDS, DrainService, Lifecycle, ReadinessService, ReloadService
 from oaiproxy.resources import Endpoint, HealthResource, build_root
 from oaiproxy.sdnotify import Notifier, encode, notify_address
 from oaiproxy.site import ProxySite
-from oaiproxy.tap import Options, _reloader
+from oaiproxy.tap import Options, _Exposure, _reloader
 from tests.support import Harness, chat_body, temp_dir
+
+
+def entries(*names: str) -> str:
+    """
+    A keys file for clients whose key is C{key-of-<name>}.
+    """
+    return "\n".join(file_entry(name, f"key-of-{name}") for name in names)
 
 
 class RecordingNotifier(Notifier):
@@ -272,37 +280,42 @@ class ReloaderTests(SynchronousTestCase):
     def setUp(self) -> None:
         directory = temp_dir(self)
         self.key_file = os.path.join(directory, "key")
-        self.keys_file = os.path.join(directory, "client_keys")
+        self.keys_file = os.path.join(directory, "clients.toml")
         self.write(self.key_file, "sk-OLD\n")
-        self.write(self.keys_file, "# team keys\nalice-key\n\nbob-key\n")
+        self.write(self.keys_file, entries("alice", "bob"))
         options = Options(environ={"OAIPROXY_CLIENT_KEYS": "env-key"})
         options.parseOptions(["--api-key-file", self.key_file, "--client-keys-file", self.keys_file])
         self.config = options.config
-        self.credentials = Credentials(self.config.api_key, self.config.client_keys)  # type: ignore[arg-type]
-        self.reload = _reloader(options, self.credentials)
+        self.credentials = Credentials(self.config.api_key, self.config.clients)  # type: ignore[arg-type]
+        self.exposure = _Exposure()
+        self.reload = _reloader(options, self.credentials, self.exposure)
 
     def write(self, path: str, text: str) -> None:
         with open(path, "w") as f:
             f.write(text)
 
-    def test_initial_keys(self) -> None:
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.credentials.clients.names)
+
+    def test_initial_clients(self) -> None:
         """
-        Client keys come from the environment and the keys file, comments
-        and blank lines skipped.
+        Clients come from the keys file and the environment.
         """
-        self.assertEqual(self.credentials.client_keys, (Secret(b"env-key"), Secret(b"alice-key"), Secret(b"bob-key")))
+        self.assertEqual(self.names(), ("alice", "bob", "env-1"))
+        self.assertEqual(self.credentials.clients.identify(b"key-of-alice").name, "alice")
 
     def test_reload_picks_up_new_files(self) -> None:
         """
         After the files change, a reload swaps in the new upstream key and
-        client keys.
+        clients.
         """
         self.write(self.key_file, "sk-NEW\n")
-        self.write(self.keys_file, "carol-key\n")
+        self.write(self.keys_file, entries("carol"))
         with capturedLogs() as events:
             self.assertTrue(self.reload())
         self.assertEqual(self.credentials.api_key, Secret(b"sk-NEW"))
-        self.assertEqual(self.credentials.client_keys, (Secret(b"env-key"), Secret(b"carol-key")))
+        self.assertEqual(self.names(), ("carol", "env-1"))
+        self.assertIsNone(self.credentials.clients.identify(b"key-of-alice"))
         self.assertNotIn("sk-NEW", repr(events))
 
     def test_broken_reload_keeps_old_credentials(self) -> None:
@@ -311,13 +324,36 @@ class ReloaderTests(SynchronousTestCase):
         with a logged reason; the keys in use stay.
         """
         self.write(self.key_file, "")
-        self.write(self.keys_file, "carol-key\n")
+        self.write(self.keys_file, entries("carol"))
         with capturedLogs() as events:
             self.assertFalse(self.reload())
         self.assertEqual(self.credentials.api_key, Secret(b"sk-OLD"))
-        self.assertIn(Secret(b"alice-key"), self.credentials.client_keys)
+        self.assertEqual(self.names(), ("alice", "bob", "env-1"))
         [error] = [e for e in events if e["log_level"] == LogLevel.error]
         self.assertIn("is empty", error["why"])
+
+    def test_broken_keys_file_keeps_old_clients(self) -> None:
+        """
+        A keys file with a mistake fails the reload; the clients stay.
+        """
+        self.write(self.keys_file, "[[clients]]\nname = 'carol'\nkey_sha256 = 'not-a-hash'\n")
+        self.assertFalse(self.reload())
+        self.assertEqual(self.names(), ("alice", "bob", "env-1"))
+
+    def test_reload_cannot_open_a_public_proxy(self) -> None:
+        """
+        A proxy reachable from other hosts refuses a reload that would leave
+        it without any client key.
+        """
+        self.exposure.public = True
+        self.write(self.keys_file, "")
+        options = Options(environ={})
+        options.parseOptions(["--api-key-file", self.key_file, "--client-keys-file", self.keys_file])
+        reload = _reloader(options, self.credentials, self.exposure)
+        with capturedLogs() as events:
+            self.assertFalse(reload())
+        self.assertEqual(self.names(), ("alice", "bob", "env-1"))
+        self.assertIn("no client keys", repr(events))
 
 
 class DrainingTreeTests(SynchronousTestCase):

@@ -63,7 +63,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.upstream, DEFAULT_UPSTREAM)
         self.assertEqual(config.api_key, Secret(KEY.encode()))
         self.assertEqual(
-            (config.connect_timeout, config.read_timeout, config.max_body_bytes, config.client_keys),
+            (config.connect_timeout, config.read_timeout, config.max_body_bytes, config.clients.names),
             (10.0, 600.0, 67108864, ()),
         )
 
@@ -86,7 +86,8 @@ class OptionsTests(SynchronousTestCase):
         ).config
         self.assertEqual(config.ports, ("tcp:9000:interface=127.0.0.1",))
         self.assertEqual(config.upstream, "http://127.0.0.1:4000/v1")
-        self.assertEqual(config.client_keys, (Secret(b"a"), Secret(b"b")))
+        self.assertEqual(config.clients.names, ("env-1", "env-2"))
+        self.assertEqual(config.clients.identify(b"b").name, "env-2")
         self.assertEqual(
             (config.connect_timeout, config.read_timeout, config.idle_timeout, config.max_body_bytes),
             (3.0, 30.5, 20.0, 1024),
@@ -216,19 +217,34 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn("https://api.openai.com/v1/chat/completions", text)
         self.assertNotIn("TAPSECRET", text + repr(events))
 
+    def test_open_relay_refused(self) -> None:
+        """
+        Safe by default: a listener reachable from other hosts with no
+        client keys stops startup with one line saying what to do.
+        """
+        reactor = HonestReactor()
+        service = makeService(parse(["--port", "tcp:8080"]), reactor=reactor)
+        with self.assertRaises(SystemExit) as caught:
+            service.privilegedStartService()
+        message = str(caught.exception.code)
+        self.assertIn("refusing to start: http://0.0.0.0:8080 is reachable from other hosts", message)
+        self.assertIn("--allow-open-relay", message)
+        self.assertNotIn("\n", message)
+
     def test_open_relay_warning(self) -> None:
         """
-        A listener reachable from other hosts without client keys logs a
-        critical warning; loopback, or client keys, do not.
+        With --allow-open-relay such a listener starts, with a critical
+        warning; loopback, or client keys, need neither.
         """
 
         def warnings(argv: list[str], env: Mapping[str, str]) -> list[str]:
             _, _, events = self.start(argv, env)
             return [e["base"] for e in events if e["log_level"] == LogLevel.critical]
 
-        self.assertEqual(warnings(["--port", "tcp:8080"], {"OPENAI_API_KEY": KEY}), ["http://0.0.0.0:8080"])
-        self.assertEqual(warnings(["--port", "tcp:8080:interface=127.0.0.1"], {"OPENAI_API_KEY": KEY}), [])
-        self.assertEqual(warnings(["--port", "tcp:8080"], {"OPENAI_API_KEY": KEY, "OAIPROXY_CLIENT_KEYS": "k"}), [])
+        keyed = {"OPENAI_API_KEY": KEY}
+        self.assertEqual(warnings(["--port", "tcp:8080", "--allow-open-relay"], keyed), ["http://0.0.0.0:8080"])
+        self.assertEqual(warnings(["--port", "tcp:8080:interface=127.0.0.1"], keyed), [])
+        self.assertEqual(warnings(["--port", "tcp:8080"], {**keyed, "OAIPROXY_CLIENT_KEYS": "k"}), [])
 
     def test_bad_endpoint_is_one_line(self) -> None:
         """

@@ -13,7 +13,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from oaiproxy.config import Credentials, Secret
+from oaiproxy.clients import Credentials
+from oaiproxy.config import Secret
 from oaiproxy.upstream import MAX_PERSISTENT_PER_HOST, UpstreamClient, UpstreamTimeout, make_pool
 
 

@@ -1,0 +1,304 @@
+# -*- test-case-name: tests.test_clients -*-
+"""
+Who may use the proxy: client keys, their names, limits and models.
+
+Clients are described in a keys file that holds, for each client, a name
+and the SHA-256 hash of its key, never the key itself: a leaked or
+backed-up keys file leaks no key.  Keys are looked up by hash, so checking
+one costs a hash and a dictionary lookup whatever the number of clients,
+and the final comparison is constant-time.  Logs and metrics only ever see
+the client's name.
+
+The file is TOML (or JSON, if its name ends in C{.json} or its first
+non-blank character is C{{}})::
+
+    [defaults]                   # for every client, unless it says otherwise
+    requests_per_minute = 600
+    tokens_per_minute = 400000
+    concurrent_requests = 16
+    default_max_tokens = 4096    # output reserved when a request sets no max
+
+    [[clients]]
+    name = "alice"
+    key_sha256 = "5e884898..."   # from: python -m oaiproxy keygen --name alice
+    tokens_per_minute = 100000
+    models = ["gpt-4o-mini"]     # optional allow-list
+
+Keys in C{OAIPROXY_CLIENT_KEYS} (plain, comma-separated) still work for
+simple setups; they are named C{env-1}, C{env-2}... and get the defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+from oaiproxy.config import CLIENT_KEYS_CREDENTIAL, ConfigError, Secret, client_keys_from_env
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.9 and 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "Limits",
+    "Client",
+    "ClientRegistry",
+    "hash_key",
+    "parse_clients",
+    "load_clients",
+    "mint_key",
+    "file_entry",
+    "looks_like_openai_key",
+    "KEY_PREFIX",
+    "Credentials",
+]
+
+#: Minted keys start with this, which also tells them apart from OpenAI's.
+KEY_PREFIX = "oaiproxy-"
+
+_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "concurrent_requests", "default_max_tokens")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    A client's limits; C{None} means unlimited.
+
+    @ivar default_max_tokens: the output reserved for a request that sets
+        neither C{max_tokens} nor C{max_completion_tokens}.
+    """
+
+    requests_per_minute: Optional[int] = None
+    tokens_per_minute: Optional[int] = None
+    concurrent_requests: Optional[int] = None
+    default_max_tokens: int = 4096
+
+    @property
+    def any(self) -> bool:
+        return any(
+            v is not None for v in (self.requests_per_minute, self.tokens_per_minute, self.concurrent_requests)
+        )
+
+
+@dataclass(frozen=True)
+class Client:
+    """
+    One client.  Its repr shows the name only.
+    """
+
+    name: str
+    key_sha256: bytes = field(repr=False)
+    limits: Limits = Limits()
+    models: Optional[frozenset[str]] = None
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+class ClientRegistry:
+    """
+    The clients, indexed by the hash of their key.
+    """
+
+    def __init__(self, clients: Sequence[Client] = ()) -> None:
+        self._by_hash = {client.key_sha256: client for client in clients}
+        self.names = tuple(client.name for client in clients)
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def __repr__(self) -> str:
+        return f"ClientRegistry({list(self.names)!r})"
+
+    def identify(self, key: bytes) -> Optional[Client]:
+        """
+        The client whose key this is, or C{None}.
+        """
+        digest = hashlib.sha256(key).digest()
+        client = self._by_hash.get(digest)
+        if client is not None and hmac.compare_digest(client.key_sha256, digest):
+            return client
+        return None
+
+
+def hash_key(key: str) -> str:
+    """
+    The hex SHA-256 of a key, as the keys file stores it.
+    """
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def looks_like_openai_key(token: bytes) -> bool:
+    """
+    Whether a bearer token looks like an OpenAI secret key (C{sk-...},
+    C{sk-proj-...}): someone about to hand their real key to the proxy.
+    """
+    return token.startswith(b"sk-") and len(token) >= 20
+
+
+def mint_key() -> str:
+    """
+    A new client key: 256 random bits, URL-safe.
+    """
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def file_entry(name: str, key: str, models: Sequence[str] = ()) -> str:
+    """
+    The keys-file entry for a client: its name and the hash of its key.
+    """
+    lines = ["[[clients]]", f"name = {json.dumps(name)}", f'key_sha256 = "{hash_key(key)}"']
+    if models:
+        lines.append(f"models = {json.dumps(list(models))}")
+    return "\n".join(lines) + "\n"
+
+
+def _limits(table: Mapping[str, Any], where: str, base: Limits) -> Limits:
+    values: dict[str, Any] = {}
+    for name in _LIMIT_FIELDS:
+        if name in table:
+            value = table[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{where}: {name} must be a positive whole number")
+            values[name] = value
+    return Limits(**{**base.__dict__, **values})
+
+
+def parse_clients(data: bytes, path: str) -> tuple[Limits, list[Client]]:
+    """
+    Read a keys file's content.
+
+    @raise ConfigError: naming the file, the client and the field that is
+        wrong.  A hash is never quoted.
+    """
+    text = data.decode("utf-8", "replace")
+    try:
+        if path.endswith(".json") or text.lstrip().startswith("{"):
+            document = json.loads(text)
+        else:
+            document = tomllib.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{path} is neither valid TOML nor JSON: {e}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} must hold a table with [defaults] and [[clients]]")
+    unknown = set(document) - {"defaults", "clients"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected defaults and clients")
+    defaults_table = document.get("defaults", {})
+    if not isinstance(defaults_table, dict):
+        raise ConfigError(f"{path}: [defaults] must be a table")
+    unknown = set(defaults_table) - set(_LIMIT_FIELDS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) in [defaults]: {sorted(unknown)}")
+    defaults = _limits(defaults_table, f"{path} [defaults]", Limits())
+    entries = document.get("clients", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: clients must be a list of [[clients]] tables")
+    clients: list[Client] = []
+    seen_names: set[str] = set()
+    seen_hashes: set[str] = set()
+    for index, entry in enumerate(entries):
+        where = f"{path} client #{index + 1}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a table")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{where}: name must be a non-empty string")
+        where = f"{path} client {name!r}"
+        unknown = set(entry) - {"name", "key_sha256", "models", *_LIMIT_FIELDS}
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
+        digest = entry.get("key_sha256")
+        if not isinstance(digest, str) or not _HEX64.match(digest.lower()):
+            raise ConfigError(
+                f"{where}: key_sha256 must be the 64-hex-digit SHA-256 of the key "
+                "(python -m oaiproxy keygen prints it)"
+            )
+        models = entry.get("models")
+        if models is not None and (
+            not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
+        ):
+            raise ConfigError(f"{where}: models must be a list of model names")
+        if name in seen_names:
+            raise ConfigError(f"{where}: the name is used twice")
+        if digest.lower() in seen_hashes:
+            raise ConfigError(f"{where}: the same key is listed twice")
+        seen_names.add(name)
+        seen_hashes.add(digest.lower())
+        clients.append(
+            Client(
+                name=name,
+                key_sha256=bytes.fromhex(digest),
+                limits=_limits(entry, where, defaults),
+                models=frozenset(models) if models is not None else None,
+            )
+        )
+    return defaults, clients
+
+
+def load_clients(keys_file: Optional[str], environ: Mapping[str, str]) -> ClientRegistry:
+    """
+    All clients: those of the keys file (C{--client-keys-file}, else
+    C{OAIPROXY_CLIENT_KEYS_FILE}, else the systemd credential
+    C{$CREDENTIALS_DIRECTORY/client_keys} when present) and those of
+    C{OAIPROXY_CLIENT_KEYS}.  Unlike the environment, the file can change
+    while the proxy runs: it is what a reload (SIGHUP) picks up.
+
+    @raise ConfigError: for a named file that is missing, unreadable or
+        malformed.
+    """
+    path = keys_file or environ.get("OAIPROXY_CLIENT_KEYS_FILE")
+    if not path:
+        credentials = environ.get("CREDENTIALS_DIRECTORY")
+        candidate = os.path.join(credentials, CLIENT_KEYS_CREDENTIAL) if credentials else None
+        if candidate is not None and os.path.exists(candidate):
+            path = candidate
+    defaults, clients = Limits(), list[Client]()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read the client keys file {path}: {e.strerror}") from None
+        defaults, clients = parse_clients(data, path)
+    names = {client.name for client in clients}
+    for index, key in enumerate(client_keys_from_env(environ), 1):
+        name = f"env-{index}"
+        if name in names:
+            raise ConfigError(f"the keys file already has a client named {name!r}, the name of a key from OAIPROXY_CLIENT_KEYS")
+        clients.append(Client(name=name, key_sha256=hashlib.sha256(key.reveal()).digest(), limits=defaults))
+    hashes = [client.key_sha256 for client in clients]
+    if len(set(hashes)) != len(hashes):
+        raise ConfigError("a key in OAIPROXY_CLIENT_KEYS is also in the keys file")
+    return ClientRegistry(clients)
+
+
+class Credentials:
+    """
+    The secrets in use, shared by the parts that need them and replaced as
+    a whole on reload, so a request never sees half of an old set and half
+    of a new one.
+
+    @ivar api_key: the upstream key.
+    @ivar clients: who may use the proxy; empty means anyone who can
+        connect.
+    """
+
+    def __init__(self, api_key: Secret, clients: Optional[ClientRegistry] = None) -> None:
+        self.api_key = api_key
+        self.clients = clients if clients is not None else ClientRegistry()
+
+    def replace(self, api_key: Secret, clients: ClientRegistry) -> None:
+        self.api_key, self.clients = api_key, clients
+
+    def __repr__(self) -> str:
+        return f"Credentials(api_key=<redacted>, clients={self.clients!r})"

@@ -1,0 +1,249 @@
+# -*- test-case-name: tests.test_limits -*-
+"""
+Per-client limits: requests per minute, tokens per minute, concurrency.
+
+Each per-minute limit is a token bucket that holds at most one minute's
+allowance and refills continuously, so a client can burst up to its limit
+and then proceeds at the limit's pace.  Every check is O(1) and state is a
+few numbers per client, in memory; a shared store for several processes
+would hold the same three numbers per client.
+
+Token limits must not overshoot, yet the real cost of a request is known
+only after it ends.  So admission B{reserves} an upper estimate (the
+request body's size in bytes divided by three, which is at least its token
+count for common text, plus the output it allows: C{max_completion_tokens},
+C{max_tokens}, or the client's C{default_max_tokens}, times C{n}), and the
+end of the request B{settles} the reservation against the C{usage} upstream
+reports, giving back what was not used.  A stream cancelled by its client
+settles on what it had produced so far (see L{oaiproxy.usage}).  A request
+whose reservation is larger than the whole per-minute allowance could never
+be admitted; it is refused at once rather than retried forever.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from twisted.internet.interfaces import IReactorTime
+
+from oaiproxy.clients import Client, Limits
+
+__all__ = ["Bucket", "Limiter", "Reservation", "Refusal", "estimate_tokens", "format_reset", "rate_headers"]
+
+
+class Bucket:
+    """
+    A token bucket: C{capacity} units, refilled at C{capacity} per minute.
+    Its level may go below zero when a settlement charges more than was
+    reserved; the debt is then paid off before anything else is admitted.
+    """
+
+    __slots__ = ("capacity", "level", "_rate", "_updated")
+
+    def __init__(self, capacity: int, now: float) -> None:
+        self.capacity = capacity
+        self.level = float(capacity)
+        self._rate = capacity / 60.0
+        self._updated = now
+
+    def refill(self, now: float) -> None:
+        if now > self._updated:
+            self.level = min(self.capacity, self.level + (now - self._updated) * self._rate)
+        self._updated = now
+
+    def wait(self, amount: float) -> float:
+        """
+        Seconds until C{amount} is available (after L{refill}).
+        """
+        missing = amount - self.level
+        return 0.0 if missing <= 0 else missing / self._rate
+
+    def until_full(self) -> float:
+        return (self.capacity - self.level) / self._rate
+
+
+@dataclass
+class Refusal:
+    """
+    A request over a limit: which one, and when to retry.
+
+    @ivar retry_after: seconds, or C{None} when retrying cannot help.
+    """
+
+    limit: str
+    message: str
+    retry_after: Optional[float]
+
+
+class _ClientState:
+    __slots__ = ("requests", "tokens", "in_flight", "limits")
+
+    def __init__(self, limits: Limits, now: float) -> None:
+        self.limits = limits
+        self.requests = Bucket(limits.requests_per_minute, now) if limits.requests_per_minute else None
+        self.tokens = Bucket(limits.tokens_per_minute, now) if limits.tokens_per_minute else None
+        self.in_flight = 0
+
+
+class Reservation:
+    """
+    An admitted request's hold on its client's allowance.  Settle it
+    exactly once, when the request ends.
+    """
+
+    __slots__ = ("_state", "estimate", "_settled")
+
+    def __init__(self, state: Optional[_ClientState], estimate: int) -> None:
+        self._state = state
+        self.estimate = estimate
+        self._settled = False
+
+    def settle(self, used_tokens: int) -> None:
+        """
+        Replace the reserved estimate by what the request really used.
+        """
+        if self._settled:
+            return
+        self._settled = True
+        state = self._state
+        if state is None:
+            return
+        state.in_flight -= 1
+        if state.tokens is not None:
+            state.tokens.level = min(state.tokens.capacity, state.tokens.level + self.estimate - used_tokens)
+
+
+#: The reservation for a client without limits: nothing to settle.
+UNLIMITED = Reservation(None, 0)
+
+
+class Limiter:
+    """
+    The limit state of every client, by name.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._states: dict[str, _ClientState] = {}
+
+    def _state(self, client: Client) -> _ClientState:
+        state = self._states.get(client.name)
+        if state is None or state.limits != client.limits:
+            # New client, or its limits changed on reload: start afresh,
+            # keeping the count of requests in flight.
+            fresh = _ClientState(client.limits, self._clock.seconds())
+            if state is not None:
+                fresh.in_flight = state.in_flight
+            self._states[client.name] = state = fresh
+        return state
+
+    def admit(self, client: Client, estimate: int) -> "Reservation | Refusal":
+        """
+        Admit a request that may cost up to C{estimate} tokens, or say
+        which limit it is over.
+        """
+        limits = client.limits
+        if not limits.any:
+            return UNLIMITED
+        state = self._state(client)
+        now = self._clock.seconds()
+        if limits.concurrent_requests is not None and state.in_flight >= limits.concurrent_requests:
+            return Refusal(
+                "concurrent",
+                f"Too many concurrent requests for client {client.name!r}: "
+                f"the limit is {limits.concurrent_requests}.",
+                1.0,
+            )
+        if state.requests is not None:
+            state.requests.refill(now)
+            if state.requests.level < 1:
+                return Refusal(
+                    "requests",
+                    f"Rate limit reached for client {client.name!r}: "
+                    f"{limits.requests_per_minute} requests per minute.",
+                    state.requests.wait(1),
+                )
+        if state.tokens is not None:
+            state.tokens.refill(now)
+            if estimate > state.tokens.capacity:
+                return Refusal(
+                    "tokens",
+                    f"Request too large for client {client.name!r}: it may use up to {estimate} tokens, "
+                    f"more than the limit of {limits.tokens_per_minute} tokens per minute. "
+                    "Lower max_tokens or the prompt size.",
+                    None,
+                )
+            if state.tokens.level < estimate:
+                return Refusal(
+                    "tokens",
+                    f"Rate limit reached for client {client.name!r}: "
+                    f"{limits.tokens_per_minute} tokens per minute (this request reserves {estimate}).",
+                    state.tokens.wait(estimate),
+                )
+            state.tokens.level -= estimate
+        if state.requests is not None:
+            state.requests.level -= 1
+        state.in_flight += 1
+        return Reservation(state, estimate)
+
+    def headers(self, client: Client) -> list[tuple[bytes, bytes]]:
+        """
+        OpenAI-style C{x-ratelimit-*} headers for the client's current
+        state.
+        """
+        state = self._state(client)
+        now = self._clock.seconds()
+        out: list[tuple[bytes, bytes]] = []
+        for kind, bucket in (("requests", state.requests), ("tokens", state.tokens)):
+            if bucket is None:
+                continue
+            bucket.refill(now)
+            out += rate_headers(kind, bucket.capacity, max(0, int(bucket.level)), bucket.until_full())
+        return out
+
+
+def rate_headers(kind: str, limit: int, remaining: int, reset: float) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-ratelimit-limit-" + kind.encode(), b"%d" % limit),
+        (b"x-ratelimit-remaining-" + kind.encode(), b"%d" % remaining),
+        (b"x-ratelimit-reset-" + kind.encode(), format_reset(reset).encode()),
+    ]
+
+
+def format_reset(seconds: float) -> str:
+    """
+    A duration the way OpenAI writes it in C{x-ratelimit-reset-*}:
+    C{"20ms"}, C{"1s"}, C{"6m0s"}, C{"1h2m3s"}.
+    """
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    total = math.ceil(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def estimate_tokens(body: bytes, document: Mapping[str, Any], limits: Limits) -> tuple[int, int]:
+    """
+    The reservation for a request: C{(prompt_estimate, total_estimate)}.
+    """
+    prompt = math.ceil(len(body) / 3)
+    output: int = limits.default_max_tokens
+    for name in ("max_completion_tokens", "max_tokens"):
+        value: Any = document.get(name)
+        if _count(value):
+            output = int(value)
+            break
+    choices: Any = document.get("n")
+    n = int(choices) if _count(choices) else 1
+    return prompt, prompt + output * n
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
