@@ -25,9 +25,11 @@ setup(
         # without which treq cannot verify an https upstream's certificate.
         "Twisted[tls]>=24.7.0",
         "treq>=23.11.0",
+        # The client keys file is TOML; Python 3.11 reads it natively.
+        'tomli>=1.1; python_version < "3.11"',
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40", "hypothesis>=6"],
     },
     classifiers=[
         "Framework :: Twisted",

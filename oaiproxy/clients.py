@@ -84,9 +84,7 @@ class Limits:
 
     @property
     def any(self) -> bool:
-        return any(
-            v is not None for v in (self.requests_per_minute, self.tokens_per_minute, self.concurrent_requests)
-        )
+        return any(v is not None for v in (self.requests_per_minute, self.tokens_per_minute, self.concurrent_requests))
 
 
 @dataclass(frozen=True)
@@ -220,13 +218,10 @@ def parse_clients(data: bytes, path: str) -> tuple[Limits, list[Client]]:
         digest = entry.get("key_sha256")
         if not isinstance(digest, str) or not _HEX64.match(digest.lower()):
             raise ConfigError(
-                f"{where}: key_sha256 must be the 64-hex-digit SHA-256 of the key "
-                "(python -m oaiproxy keygen prints it)"
+                f"{where}: key_sha256 must be the 64-hex-digit SHA-256 of the key (python -m oaiproxy keygen prints it)"
             )
         models = entry.get("models")
-        if models is not None and (
-            not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
-        ):
+        if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)):
             raise ConfigError(f"{where}: models must be a list of model names")
         if name in seen_names:
             raise ConfigError(f"{where}: the name is used twice")
@@ -274,7 +269,9 @@ def load_clients(keys_file: Optional[str], environ: Mapping[str, str]) -> Client
     for index, key in enumerate(client_keys_from_env(environ), 1):
         name = f"env-{index}"
         if name in names:
-            raise ConfigError(f"the keys file already has a client named {name!r}, the name of a key from OAIPROXY_CLIENT_KEYS")
+            raise ConfigError(
+                f"the keys file already has a client named {name!r}, the name of a key from OAIPROXY_CLIENT_KEYS"
+            )
         clients.append(Client(name=name, key_sha256=hashlib.sha256(key.reveal()).digest(), limits=defaults))
     hashes = [client.key_sha256 for client in clients]
     if len(set(hashes)) != len(hashes):

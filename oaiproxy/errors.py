@@ -191,7 +191,11 @@ def header_timeout(seconds: float) -> ApiError:
     A 408 for a client that did not send its request's headers in time.
     """
     return ApiError(
-        408, f"The request's headers did not arrive within {seconds:g} seconds.", INVALID_REQUEST, None, "request_timeout"
+        408,
+        f"The request's headers did not arrive within {seconds:g} seconds.",
+        INVALID_REQUEST,
+        None,
+        "request_timeout",
     )
 
 

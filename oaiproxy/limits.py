@@ -152,8 +152,7 @@ class Limiter:
         if limits.concurrent_requests is not None and state.in_flight >= limits.concurrent_requests:
             return Refusal(
                 "concurrent",
-                f"Too many concurrent requests for client {client.name!r}: "
-                f"the limit is {limits.concurrent_requests}.",
+                f"Too many concurrent requests for client {client.name!r}: the limit is {limits.concurrent_requests}.",
                 1.0,
             )
         if state.requests is not None:
@@ -161,8 +160,7 @@ class Limiter:
             if state.requests.level < 1:
                 return Refusal(
                     "requests",
-                    f"Rate limit reached for client {client.name!r}: "
-                    f"{limits.requests_per_minute} requests per minute.",
+                    f"Rate limit reached for client {client.name!r}: {limits.requests_per_minute} requests per minute.",
                     state.requests.wait(1),
                 )
         if state.tokens is not None:

@@ -249,6 +249,8 @@ class ProxyChannel(HTTPChannel):
     # A request line plus headers: OpenAI SDK requests use about 1 KB.
     totalHeadersSize = 16384
     maxHeaders = 100
+    # The longest single line (request line or header).
+    MAX_LENGTH = 16384
 
     _header_deadline: Optional[IDelayedCall] = None
     _in_request = False
@@ -294,13 +296,19 @@ class ProxyChannel(HTTPChannel):
             self.transport.write(raw_error_response(header_timeout(self.site.header_timeout)))
             self.transport.loseConnection()
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver would just hang up; say why.
+        self._respondToBadRequestAndDisconnect()
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         # twisted.web answers a bare "400 Bad Request"; answer in JSON.
         if self.transport is not None:
             self.transport.write(
                 raw_error_response(
-                    bad_http("The request could not be parsed: line or headers too long, too many headers, "
-                             "or malformed framing.")
+                    bad_http(
+                        "The request could not be parsed: line or headers too long, too many headers, "
+                        "or malformed framing."
+                    )
                 )
             )
         self.loseConnection()

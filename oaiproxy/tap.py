@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from oaiproxy import __version__
 from oaiproxy.chat import ChatCompletionsResource
+from oaiproxy.clients import ClientRegistry, Credentials, load_clients
 from oaiproxy.config import (
     DEFAULT_PORT,
     DEFAULT_UPSTREAM,
@@ -41,10 +42,9 @@ from oaiproxy.config import (
     parse_upstream,
     port_from_env,
 )
-from oaiproxy.clients import ClientRegistry, Credentials, load_clients
 from oaiproxy.fake_upstream import FakeUpstream, listen
-from oaiproxy.limits import Limiter
 from oaiproxy.lifecycle import DrainService, Lifecycle, ReadinessService, ReloadService
+from oaiproxy.limits import Limiter
 from oaiproxy.resources import HealthResource, build_root
 from oaiproxy.sdnotify import Notifier
 from oaiproxy.site import ProxySite
@@ -373,7 +373,9 @@ def _reloader(options: Options, credentials: Credentials, exposure: _Exposure) -
                 api_key = load_api_key(config.api_key_file, options.environ)
             clients = load_clients(config.client_keys_file, options.environ)
             if exposure.public and not len(clients) and not config.allow_open_relay:
-                raise ConfigError("the new configuration has no client keys, and the proxy is reachable from other hosts")
+                raise ConfigError(
+                    "the new configuration has no client keys, and the proxy is reachable from other hosts"
+                )
         except ConfigError as e:
             log.error("reload failed, keeping the credentials in use: {why}", why=str(e))
             return False
@@ -427,9 +429,7 @@ def makeService(
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
 
-    chat = ChatCompletionsResource(
-        upstream, reactor, credentials, lifecycle, config.connect_timeout, Limiter(reactor)
-    )
+    chat = ChatCompletionsResource(upstream, reactor, credentials, lifecycle, config.connect_timeout, Limiter(reactor))
     site = ProxySite(
         build_root(chat, HealthResource(lifecycle)),
         max_body_bytes=config.max_body_bytes,
@@ -449,7 +449,9 @@ def makeService(
         # systemd sees; the wrapper adds the startup report and readiness.
         bound: Deferred[None] = Deferred()
         listening.append(bound)
-        listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description, _announcer(description, config, bound, exposure))
+        listener.endpoint = _AnnouncingEndpoint(
+            listener.endpoint, description, _announcer(description, config, bound, exposure)
+        )
         listener.setServiceParent(service)
 
     def status() -> str:
@@ -463,7 +465,9 @@ def makeService(
     # close, so no new connection arrives while in-flight requests finish.
     DrainService(lifecycle, reactor, config.drain_timeout, notifier).setServiceParent(service)
     # callFromThread is the signal-safe way back into the reactor.
-    reload = ReloadService(_reloader(options, credentials, exposure), notifier, status, lambda f: reactor.callFromThread(f))
+    reload = ReloadService(
+        _reloader(options, credentials, exposure), notifier, status, lambda f: reactor.callFromThread(f)
+    )
     reload.setServiceParent(service)
     ReadinessService(notifier, listening, status).setServiceParent(service)
 

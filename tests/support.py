@@ -25,9 +25,9 @@ from twisted.web.resource import IResource
 from oaiproxy.chat import ChatCompletionsResource
 from oaiproxy.clients import Client, ClientRegistry, Credentials, Limits
 from oaiproxy.config import Secret
-from oaiproxy.limits import Limiter
 from oaiproxy.fake_upstream import FakeUpstream
 from oaiproxy.lifecycle import Lifecycle
+from oaiproxy.limits import Limiter
 from oaiproxy.resources import HealthResource, build_root
 from oaiproxy.upstream import TreqLike, UpstreamClient, http_client
 
@@ -47,7 +47,7 @@ CLIENT_KEY = b"oai-client-CLIENTSECRET42"
 UPSTREAM_URL = "http://upstream.test/v1"
 
 
-def registry(*keys: bytes, limits: Limits = Limits(), models: Optional[Sequence[str]] = None) -> ClientRegistry:
+def registry(*keys: bytes, limits: Optional[Limits] = None, models: Optional[Sequence[str]] = None) -> ClientRegistry:
     """
     Clients named C{client-1}, C{client-2}... for the given keys.
     """
@@ -56,7 +56,7 @@ def registry(*keys: bytes, limits: Limits = Limits(), models: Optional[Sequence[
             Client(
                 name=f"client-{i}",
                 key_sha256=hashlib.sha256(key).digest(),
-                limits=limits,
+                limits=limits or Limits(),
                 models=frozenset(models) if models is not None else None,
             )
             for i, key in enumerate(keys, 1)

@@ -10,7 +10,9 @@ streaming test proves the absence of buffering with a gate, not a timer.
 from __future__ import annotations
 
 import json
+import selectors
 import socket
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Mapping, Sequence
@@ -346,3 +348,55 @@ class StartupTests(SynchronousTestCase):
         self.assertIn(f"cannot listen on tcp:{port}:interface=127.0.0.1", output)
         self.assertNotIn("Traceback", output)
         self.assertNotIn(UPSTREAM_KEY, output)
+
+
+class SlowlorisTests(E2ETestCase):
+    proxy_args = ("--header-timeout", "4", "--max-connections-per-ip", "50")
+
+    def test_trickling_clients_cannot_starve_others(self) -> None:
+        """
+        A slowloris client on another address (127.0.0.2) opens many
+        connections and trickles header bytes: normal requests are served
+        all along, connections past its per-address share are closed at
+        once, and the rest are cut off at the header deadline with a 408.
+        """
+        host, port = self.base.split("://")[1].split(":")
+        attackers = []
+        for _ in range(80):
+            s = socket.socket()
+            self.addCleanup(s.close)
+            s.bind(("127.0.0.2", 0))
+            s.connect((host, int(port)))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHo")
+            attackers.append(s)
+
+        client = self.client()
+        reply = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(reply.choices[0].message.content, REPLY)
+
+        # The connections past the share are closed right away: wait (on the
+        # sockets, at most a second) until they show it.
+        closed = set()
+        with selectors.DefaultSelector() as selector:
+            for s in attackers:
+                selector.register(s, selectors.EVENT_READ)
+            deadline = time.monotonic() + 1.0
+            while len(closed) < 30 and time.monotonic() < deadline:
+                for key, _ in selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                    closed.add(key.fileobj)
+                    selector.unregister(key.fileobj)
+        self.assertEqual(len(closed), 30)
+        for s in closed:
+            try:
+                self.assertEqual(s.recv(100), b"")
+            except ConnectionResetError:
+                pass
+        survivors = [s for s in attackers if s not in closed]
+        for s in survivors:
+            s.sendall(b"s")  # never idle: one more byte each
+
+        reply = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(reply.choices[0].message.content, REPLY)
+        for s in survivors:
+            s.settimeout(10)
+            self.assertTrue(s.recv(200).startswith(b"HTTP/1.1 408 "))

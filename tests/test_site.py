@@ -11,8 +11,10 @@ import json
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
@@ -236,3 +238,95 @@ class SiteTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.clock.advance(2)
         self.assertTrue(transport.disconnecting)
+
+
+class AbuseTests(SynchronousTestCase):
+    """
+    Bounds a hostile client cannot stretch.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.endpoint = Recorder()
+        self.site = ProxySite(
+            build_root(self.endpoint),
+            max_body_bytes=LIMIT,
+            idle_timeout=60,
+            header_timeout=10,
+            max_connections_per_ip=3,
+            reactor=self.clock,
+        )
+
+    def connect(self, host: str = "10.0.0.1") -> tuple[Any, StringTransport]:
+        peer = IPv4Address("TCP", host, 40000)
+        protocol = self.site.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        if protocol is not None:
+            protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_trickled_headers_are_cut_off(self) -> None:
+        """
+        A client trickling its headers a byte at a time (slowloris) is cut
+        off when the header deadline passes, although it was never idle.
+        """
+        protocol, transport = self.connect()
+        request = post(b"/v1/chat/completions", b"{}")
+        for byte in request[:40]:
+            protocol.dataReceived(bytes([byte]))
+            self.clock.advance(0.2)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(10 - 40 * 0.2)
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertEqual(self.endpoint.bodies, [])
+
+    def test_deadline_does_not_cut_a_long_response(self) -> None:
+        """
+        Once the headers are in, the deadline is gone: a long-running
+        response (a stream) is not cut off, and the next request on the
+        connection gets a fresh deadline.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(post(b"/v1/chat/completions", b"{}"))
+        self.clock.advance(30)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(len(self.endpoint.bodies), 1)
+        protocol.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+
+    def test_too_many_headers_is_a_json_400(self) -> None:
+        """
+        More headers than allowed is answered with an OpenAI-shaped 400,
+        not an empty one.
+        """
+        protocol, transport = self.connect()
+        headers = [b"X-Filler-%d: x" % i for i in range(200)]
+        protocol.dataReceived(post(b"/v1/chat/completions", b"{}", *headers))
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 400 "))
+        self.assertEqual(json.loads(body)["error"]["code"], "bad_http_request")
+        self.assertTrue(transport.disconnecting)
+
+    def test_huge_header_is_a_json_400(self) -> None:
+        """
+        A request line and headers over the size bound get the same 400.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(post(b"/v1/chat/completions", b"{}", b"X-Big: " + b"y" * 20000))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+
+    def test_connections_per_address_are_capped(self) -> None:
+        """
+        One address cannot open more than its share of connections; others
+        are unaffected, and closing one makes room again.
+        """
+        opened = [self.connect("10.0.0.1") for _ in range(3)]
+        refused, _ = self.connect("10.0.0.1")
+        self.assertIsNone(refused)
+        other, _ = self.connect("10.0.0.2")
+        self.assertIsNotNone(other)
+        opened[0][0].connectionLost(Failure(ConnectionDone()))
+        again, _ = self.connect("10.0.0.1")
+        self.assertIsNotNone(again)
