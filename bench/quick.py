@@ -7,7 +7,12 @@ same requests straight to the upstream ("direct") and through the proxy,
 over one keep-alive connection:
 
  - plain: a ~1 KB chat completion request and its JSON answer;
- - stream: time to the first event of a streamed answer.
+ - stream: time to the first event of a streamed answer;
+
+each straight to the upstream ("direct"), through the proxy without client
+keys ("proxy"), and through a second proxy with a keys file, a model
+allow-list and generous per-client limits ("proxy+checks"), so the cost of
+the checks a request passes shows as the difference of the last two.
 
 Figures are medians and 99th percentiles in milliseconds; only figures from
 one run on one machine are comparable.  The full suite (throughput, many
@@ -30,9 +35,15 @@ import time
 from typing import Callable
 from urllib.parse import urlsplit
 
+from oaiproxy.clients import file_entry
 from oaiproxy.testing import start_fake_upstream, start_proxy
 
 KEY = "sk-bench-not-a-real-key"
+CLIENT_KEY = "oaiproxy-bench-client-key"
+CLIENTS = (
+    "[defaults]\nrequests_per_minute = 100000000\ntokens_per_minute = 1000000000000\nconcurrent_requests = 1000\n"
+    + file_entry("bench", CLIENT_KEY, ["gpt-4o-mini"])
+)
 BODY = json.dumps(
     {
         "model": "gpt-4o-mini",
@@ -54,7 +65,7 @@ def timed(base: str, body: bytes, first_event_only: bool, count: int) -> list[fl
     url = urlsplit(base)
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
     path = url.path.rstrip("/") + "/chat/completions"
-    headers = {"Content-Type": "application/json", "Authorization": "Bearer " + KEY}
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer " + CLIENT_KEY}
     samples = []
     for _ in range(count):
         start = time.perf_counter()
@@ -89,9 +100,15 @@ def main() -> None:
 
     workdir = tempfile.mkdtemp(prefix="oaiproxy-bench-")
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    upstream, direct = start_fake_upstream(workdir, KEY)
+    upstream, direct = start_fake_upstream(workdir, "")  # accepts any key
+    clients_file = f"{workdir}/clients.toml"
+    with open(clients_file, "w") as f:
+        f.write(CLIENTS)
     proxy, base = start_proxy(workdir, ["--upstream", direct], {"OPENAI_API_KEY": KEY}, prefix=pin)
-    proxied = base + "/v1"
+    checked, checked_base = start_proxy(
+        workdir, ["--upstream", direct, "--client-keys-file", clients_file], {"OPENAI_API_KEY": KEY}, prefix=pin
+    )
+    targets = {"direct": direct, "proxy": base + "/v1", "proxy+checks": checked_base + "/v1"}
     results: dict[str, dict[str, dict[str, float]]] = {}
     try:
         scenarios: dict[str, Callable[[str], list[float]]] = {
@@ -99,24 +116,22 @@ def main() -> None:
             "stream first event": lambda target: timed(target, STREAM_BODY, True, args.requests),
         }
         for name, run in scenarios.items():
-            run(direct)  # warm up both paths, connection pool included
-            run(proxied)
-            results[name] = {"direct": summary(run(direct)), "proxy": summary(run(proxied))}
+            for target in targets.values():
+                run(target)  # warm up every path, connection pools included
+            results[name] = {label: summary(run(target)) for label, target in targets.items()}
     finally:
+        checked.stop()
         proxy.stop()
         upstream.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"{args.requests} requests per scenario, one keep-alive connection, proxy pinned: {bool(pin)}")
-    print("| scenario | direct p50 | direct p99 | proxy p50 | proxy p99 | added p50 |")
-    print("|---|---|---|---|---|---|")
+    print("| scenario | target | p50 | p99 | added p50 vs direct |")
+    print("|---|---|---|---|---|")
     for name, figures in results.items():
-        d, p = figures["direct"], figures["proxy"]
-        added = p["p50_ms"] - d["p50_ms"]
-        print(
-            f"| {name} | {d['p50_ms']:.2f} ms | {d['p99_ms']:.2f} ms | {p['p50_ms']:.2f} ms "
-            f"| {p['p99_ms']:.2f} ms | +{added:.2f} ms |"
-        )
+        for label, figure in figures.items():
+            added = figure["p50_ms"] - figures["direct"]["p50_ms"]
+            print(f"| {name} | {label} | {figure['p50_ms']:.2f} ms | {figure['p99_ms']:.2f} ms | +{added:.2f} ms |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"requests": args.requests, "results": results}, f, indent=2)
