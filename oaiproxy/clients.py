@@ -154,10 +154,16 @@ def file_entry(name: str, key: str, models: Sequence[str] = ()) -> str:
     """
     The keys-file entry for a client: its name and the hash of its key.
     """
-    lines = ["[[clients]]", f"name = {json.dumps(name)}", f'key_sha256 = "{hash_key(key)}"']
+    lines = ["[[clients]]", f"name = {_toml_string(name)}", f'key_sha256 = "{hash_key(key)}"']
     if models:
-        lines.append(f"models = {json.dumps(list(models))}")
+        lines.append(f"models = [{', '.join(_toml_string(m) for m in models)}]")
     return "\n".join(lines) + "\n"
+
+
+def _toml_string(text: str) -> str:
+    # A TOML basic string: JSON's quoting, but without JSON's surrogate-pair
+    # escapes for characters beyond the BMP, which TOML does not allow.
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _limits(table: Mapping[str, Any], where: str, base: Limits) -> Limits:
@@ -221,8 +227,10 @@ def parse_clients(data: bytes, path: str) -> tuple[Limits, list[Client]]:
                 f"{where}: key_sha256 must be the 64-hex-digit SHA-256 of the key (python -m oaiproxy keygen prints it)"
             )
         models = entry.get("models")
-        if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)):
-            raise ConfigError(f"{where}: models must be a list of model names")
+        if models is not None and (
+            not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models)
+        ):
+            raise ConfigError(f"{where}: models must be a non-empty list of model names (leave it out to allow any)")
         if name in seen_names:
             raise ConfigError(f"{where}: the name is used twice")
         if digest.lower() in seen_hashes:

@@ -81,10 +81,17 @@ class _ClientState:
     __slots__ = ("requests", "tokens", "in_flight", "limits")
 
     def __init__(self, limits: Limits, now: float) -> None:
+        self.in_flight = 0
+        self.configure(limits, now)
+
+    def configure(self, limits: Limits, now: float) -> None:
+        """
+        Apply (new) limits with full allowances.  The same object stays in
+        place, so reservations held by requests in flight still settle here.
+        """
         self.limits = limits
         self.requests = Bucket(limits.requests_per_minute, now) if limits.requests_per_minute else None
         self.tokens = Bucket(limits.tokens_per_minute, now) if limits.tokens_per_minute else None
-        self.in_flight = 0
 
 
 class Reservation:
@@ -130,13 +137,11 @@ class Limiter:
 
     def _state(self, client: Client) -> _ClientState:
         state = self._states.get(client.name)
-        if state is None or state.limits != client.limits:
-            # New client, or its limits changed on reload: start afresh,
-            # keeping the count of requests in flight.
-            fresh = _ClientState(client.limits, self._clock.seconds())
-            if state is not None:
-                fresh.in_flight = state.in_flight
-            self._states[client.name] = state = fresh
+        if state is None:
+            state = self._states[client.name] = _ClientState(client.limits, self._clock.seconds())
+        elif state.limits != client.limits:
+            # Its limits changed on reload.
+            state.configure(client.limits, self._clock.seconds())
         return state
 
     def admit(self, client: Client, estimate: int) -> "Reservation | Refusal":

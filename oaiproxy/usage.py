@@ -65,7 +65,10 @@ class UsageMeter:
         if not isinstance(event, dict):
             return
         self._usage(event.get("usage"))
-        for choice in event.get("choices") or ():
+        choices = event.get("choices")
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if isinstance(delta, dict):
                 for key in ("content", "reasoning_content", "refusal"):
