@@ -10,6 +10,7 @@ streaming test proves the absence of buffering with a gate, not a timer.
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import socket
 import time
@@ -20,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaiproxy.clients import file_entry, mint_key
 from oaiproxy.testing import Process, child_env, start_fake_upstream, start_proxy, twistd
 from tests.support import self_signed_pem, temp_dir
 
@@ -400,3 +402,43 @@ class SlowlorisTests(E2ETestCase):
         for s in survivors:
             s.settimeout(10)
             self.assertTrue(s.recv(200).startswith(b"HTTP/1.1 408 "))
+
+
+class ClientFileTests(E2ETestCase):
+    proxy_env: Mapping[str, str] = {}
+
+    def setUp(self) -> None:
+        self.cwd_for_keys = temp_dir(self)
+        self.alice = mint_key()
+        self.keys_file = os.path.join(self.cwd_for_keys, "clients.toml")
+        with open(self.keys_file, "w") as f:
+            f.write("[defaults]\nrequests_per_minute = 2\n")
+            f.write(file_entry("alice", self.alice, ["gpt-4o-mini"]))
+        self.proxy_args = ("--client-keys-file", self.keys_file)
+        super().setUp()
+
+    def test_keys_file_clients_with_the_sdk(self) -> None:
+        """
+        A client from the keys file is served with its key; its allow-list
+        gives the SDK a PermissionDeniedError, its limit a RateLimitError
+        with retry-after; the access log names the client and never shows
+        the key.
+        """
+        client = self.client(api_key=self.alice)
+        completion = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        self.assertEqual(completion.choices[0].message.content, REPLY)
+        with self.assertRaises(openai.PermissionDeniedError) as denied:
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        self.assertEqual(denied.exception.param, "model")
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        with self.assertRaises(openai.RateLimitError) as limited:
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        self.assertEqual(limited.exception.response.headers["x-ratelimit-limit-requests"], "2")
+        self.assertIn("retry-after", limited.exception.response.headers)
+        with self.assertRaises(openai.AuthenticationError) as refused:
+            self.client(api_key="sk-proj-" + "x" * 40).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        self.assertEqual(refused.exception.code, "openai_key_not_accepted")
+        self.assertEqual(len(self.upstream_requests()), 2)
+        self.proxy.stop()
+        self.assertIn("alice POST /v1/chat/completions 200", self.proxy.output)
+        self.assertNotIn(self.alice, self.proxy.output)
