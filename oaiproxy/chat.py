@@ -37,13 +37,15 @@ from oaiproxy.errors import (
     upstream_timeout,
     upstream_unreachable,
 )
-from oaiproxy.headers import bearer_token, client_response_headers
+from oaiproxy.headers import bearer_token, client_request_id, client_response_headers
 from oaiproxy.lifecycle import Lifecycle
+from oaiproxy.clients import Limits
 from oaiproxy.limits import UNLIMITED, Limiter, Refusal, Reservation, estimate_tokens
+from oaiproxy.records import RequestRecord, record_of
 from oaiproxy.relay import BodyRelay, UpstreamIdle
 from oaiproxy.resources import Endpoint, error_response, send_error
 from oaiproxy.upstream import UpstreamClient, UpstreamTimeout
-from oaiproxy.usage import UsageMeter
+from oaiproxy.usage import UsageEventFilter, UsageMeter, inject_include_usage
 from oaiproxy.validation import parse_chat_request
 
 __all__ = ["ChatCompletionsResource", "classify_upstream_failure", "read_body"]
@@ -83,6 +85,17 @@ def _reason(exception: BaseException) -> str:
     return type(exception).__name__
 
 
+def _failure_kind(failure: Failure) -> str:
+    """
+    The metrics' name for an upstream failure before the response head.
+    """
+    if failure.check(UpstreamTimeout):
+        return "timeout"
+    if failure.check(webClient.ResponseNeverReceived, webClient.RequestTransmissionFailed):
+        return "reset"
+    return "connect"
+
+
 def read_body(request: Request) -> bytes:
     """
     The whole request body.  L{oaiproxy.site.ProxyRequest} keeps it in
@@ -113,6 +126,11 @@ class ChatCompletionsResource(Endpoint):
     @param limiter: the clients' limit state.
     @param lifecycle: tells whether the proxy is draining.
     @param connect_timeout: named in the 502 for a connect timeout.
+    @param stream_usage: ask upstream for usage on streams whose client did
+        not, and remove it before the client sees it (exact token counts;
+        the one change the proxy makes to a request body).
+    @param sse_keepalive: seconds of upstream silence in a stream after
+        which a C{: keepalive} comment is sent; 0 for never.
     """
 
     log = Logger()
@@ -125,6 +143,8 @@ class ChatCompletionsResource(Endpoint):
         lifecycle: Optional[Lifecycle] = None,
         connect_timeout: float = 10.0,
         limiter: Optional[Limiter] = None,
+        stream_usage: bool = True,
+        sse_keepalive: float = 15.0,
     ) -> None:
         super().__init__()
         self._upstream = upstream
@@ -133,6 +153,8 @@ class ChatCompletionsResource(Endpoint):
         self._lifecycle = lifecycle or Lifecycle()
         self._connect_timeout = connect_timeout
         self._limiter = limiter or Limiter(clock)
+        self._stream_usage = stream_usage
+        self._sse_keepalive = sse_keepalive
 
     def render_POST(self, request: Request) -> bytes | int:
         if self._lifecycle.draining:
@@ -144,19 +166,23 @@ class ChatCompletionsResource(Endpoint):
             return error_response(request, openai_key_sent())
         if len(clients) and client is None:
             return error_response(request, invalid_api_key())
+        record = record_of(request)
+        record.route = "chat_completions"
         if client is not None:
-            # For the access log: who, never with what key.
-            request.client_name = client.name  # type: ignore[attr-defined]
+            # For logs and metrics: who, never with what key.
+            record.client = client.name
         body = read_body(request)
         parsed = parse_chat_request(body)
         if isinstance(parsed, ApiError):
             return error_response(request, parsed)
+        record.model = parsed.model
+        record.stream = parsed.stream
         reservation: Reservation = UNLIMITED
-        prompt_estimate = 0
+        limits = client.limits if client is not None else Limits()
+        prompt_estimate, estimate = estimate_tokens(body, parsed.document, limits)
         if client is not None:
             if not client.allows(parsed.model):
                 return error_response(request, model_not_allowed(client.name, parsed.model))
-            prompt_estimate, estimate = estimate_tokens(body, parsed.document, client.limits)
             admitted = self._limiter.admit(client, estimate)
             if isinstance(admitted, Refusal):
                 self.log.info(
@@ -167,8 +193,22 @@ class ChatCompletionsResource(Endpoint):
                 headers = tuple(self._limiter.headers(client))
                 return error_response(request, rate_limited(admitted.message, admitted.retry_after, headers))
             reservation = admitted
+        strip_usage = False
+        if parsed.stream and self._stream_usage:
+            injected = inject_include_usage(body, parsed.document)
+            if injected is not None:
+                body, strip_usage = injected, True
         exchange = _Exchange(
-            request, self._upstream, self._clock, self._connect_timeout, self.log, reservation, prompt_estimate
+            request,
+            self._upstream,
+            self._clock,
+            self._connect_timeout,
+            self.log,
+            reservation,
+            prompt_estimate,
+            record,
+            strip_usage,
+            self._sse_keepalive,
         )
         exchange.start(body)
         return NOT_DONE_YET
@@ -191,8 +231,14 @@ class _Exchange:
         log: Logger,
         reservation: Reservation,
         prompt_estimate: int,
+        record: RequestRecord,
+        strip_usage: bool = False,
+        sse_keepalive: float = 0.0,
     ) -> None:
         self._request = request
+        self._record = record
+        self._strip_usage = strip_usage
+        self._sse_keepalive = sse_keepalive
         self._upstream = upstream
         self._clock = clock
         self._connect_timeout = connect_timeout
@@ -207,6 +253,7 @@ class _Exchange:
 
     def start(self, body: bytes) -> None:
         self._request.notifyFinish().addBoth(self._client_done)
+        self._record.upstream_sent = self._clock.seconds()
         pending = self._upstream.post(CHAT_COMPLETIONS, body, self._request.requestHeaders)
         self._pending = pending
         pending.addCallbacks(self._got_head, self._no_head)
@@ -219,10 +266,15 @@ class _Exchange:
         L{oaiproxy.limits}).  Idempotent.
         """
         meter = self._meter
-        # No response head: the upstream was cancelled or failed early, and
-        # only the prompt may have been processed.
-        used = meter.used(self._prompt_estimate) if meter is not None else self._prompt_estimate
-        self._reservation.settle(used)
+        if meter is None:
+            # No response head: the upstream was cancelled or failed early,
+            # and only the prompt may have been processed.
+            self._reservation.settle(self._prompt_estimate)
+            return
+        usage = meter.usage(self._prompt_estimate)
+        if self._record.upstream_status is not None and self._record.upstream_status < 400:
+            self._record.usage = usage
+        self._reservation.settle(usage.total)
 
     def _client_done(self, result: Optional[Failure]) -> None:
         if self.finished:
@@ -242,6 +294,14 @@ class _Exchange:
 
     def _got_head(self, response: IResponse) -> None:
         self._pending = None
+        record = self._record
+        record.upstream_head = self._clock.seconds()
+        record.upstream_status = response.code
+        record.upstream_request_id = client_request_id(
+            (response.headers.getRawHeaders(b"x-request-id") or [None])[0]
+        )
+        if response.code >= 500:
+            record.upstream_error = "status"
         request = self._request
         request.setResponseCode(response.code, response.phrase)
         length = None if response.length is UNKNOWN_LENGTH else response.length
@@ -259,6 +319,8 @@ class _Exchange:
             self._upstream.read_timeout,
             self._body_done,
             observe=self._meter.feed,
+            transform=UsageEventFilter() if (self._strip_usage and self._event_stream) else None,
+            keepalive=self._sse_keepalive if self._event_stream else 0.0,
         )
         response.deliverBody(self._relay)
 
@@ -269,6 +331,7 @@ class _Exchange:
             # nobody is waiting for an answer.
             return
         error = classify_upstream_failure(failure, self._connect_timeout)
+        self._record.upstream_error = _failure_kind(failure)
         self._log.warn(
             "upstream gave no response: {status} {code} ({message})",
             status=error.status,
@@ -294,8 +357,10 @@ class _Exchange:
             return
         if failure.check(UpstreamIdle):
             reason = f"no data for {failure.value.seconds:g} seconds"
+            self._record.upstream_error = "timeout"
         else:
             reason = type(failure.value).__name__
+            self._record.upstream_error = "reset"
         self._log.warn("upstream response cut short: {reason}", reason=reason)
         if self._event_stream:
             # The status line is long gone; the SDKs raise APIError on an

@@ -19,6 +19,7 @@ __all__ = [
     "upstream_request_headers",
     "client_response_headers",
     "bearer_token",
+    "client_request_id",
 ]
 
 #: Connection-level headers (RFC 9110 section 7.6.1 plus the historical
@@ -152,3 +153,15 @@ def bearer_token(headers: Headers) -> Optional[bytes]:
         return None
     token = token.strip()
     return token or None
+
+
+def client_request_id(value: Optional[bytes]) -> Optional[str]:
+    """
+    A client's own C{X-Request-Id}, if it is a reasonable one to echo and
+    log: at most 128 printable ASCII characters, no spaces.
+    """
+    if value is None or not (0 < len(value) <= 128):
+        return None
+    if not all(0x21 <= b < 0x7F for b in value):
+        return None
+    return value.decode("ascii")

@@ -19,6 +19,7 @@ copy loop gets wrong are handled here:
 from __future__ import annotations
 
 from typing import Callable, Optional
+from typing import Protocol as Interface
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -28,7 +29,20 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
-__all__ = ["BodyRelay", "UpstreamIdle"]
+__all__ = ["BodyRelay", "UpstreamIdle", "Transform", "KEEPALIVE"]
+
+#: The SSE comment sent on a silent stream; clients ignore comment lines.
+KEEPALIVE = b": keepalive\n\n"
+
+
+class Transform(Interface):
+    """
+    Rewrites a body on its way through.
+    """
+
+    def __call__(self, data: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
 
 
 class UpstreamIdle(Exception):
@@ -93,8 +107,15 @@ class BodyRelay(Protocol):
     An C{IResponse.deliverBody} protocol that writes each chunk to a
     twisted.web request.
 
-    @param observe: called with each chunk after it is written (usage
-        metering); it must be cheap and must not raise.
+    @param observe: called with each upstream chunk after it is written
+        (usage metering); it must be cheap and must not raise.
+    @param transform: rewrites the chunks on their way (see
+        L{oaiproxy.usage.UsageEventFilter}); its C{flush()} gives what it
+        still holds when the body ends.
+    @param keepalive: for an event stream, the seconds of upstream silence
+        after which an SSE comment (C{: keepalive}) is sent so that idle
+        timeouts between the proxy and the client do not cut the stream; 0
+        for none.  Comments go only between events, never inside one.
     @param done: called once when the body ends, with C{None} for a complete
         body or the L{Failure} that cut it short (L{UpstreamIdle} for a
         silent upstream).  It decides how to end the client's response.
@@ -107,12 +128,17 @@ class BodyRelay(Protocol):
         read_timeout: float,
         done: Callable[[Optional[Failure]], None],
         observe: Optional[Callable[[bytes], None]] = None,
+        transform: Optional[Transform] = None,
+        keepalive: float = 0.0,
     ) -> None:
         self._request = request
         self._observe = observe
+        self._transform = transform
         self._read_timeout = read_timeout
         self._done = done
         self._timer = _IdleTimer(clock, read_timeout, self._idle)
+        self._keepalive = _IdleTimer(clock, keepalive, self._send_keepalive) if keepalive > 0 else None
+        self._at_boundary = True
         self._timed_out = False
 
     def connectionMade(self) -> None:
@@ -121,19 +147,38 @@ class BodyRelay(Protocol):
         self._upstream: IPushProducer = self.transport  # type: ignore[assignment]
         self._request.registerProducer(_PauseAwareProducer(self._upstream, self._timer), True)
         self._timer.restart()
+        if self._keepalive is not None:
+            self._keepalive.restart()
 
     def dataReceived(self, data: bytes) -> None:
         self._timer.restart()
-        if data:
-            self._request.write(data)
-            if self._observe is not None:
-                self._observe(data)
+        if self._keepalive is not None:
+            self._keepalive.restart()
+        if not data:
+            return
+        out = data if self._transform is None else self._transform(data)
+        if out:
+            self._request.write(out)
+            self._at_boundary = out.endswith((b"\n\n", b"\r\n\r\n"))
+        if self._observe is not None:
+            self._observe(data)
+
+    def _send_keepalive(self) -> None:
+        if self._at_boundary:
+            self._request.write(KEEPALIVE)
+        assert self._keepalive is not None
+        self._keepalive.restart()
+
+    def _stop_timers(self) -> None:
+        self._timer.stop()
+        if self._keepalive is not None:
+            self._keepalive.stop()
 
     def abort(self) -> None:
         """
         Close the upstream connection now: the client has gone.
         """
-        self._timer.stop()
+        self._stop_timers()
         self._upstream.stopProducing()
 
     def _idle(self) -> None:
@@ -141,7 +186,11 @@ class BodyRelay(Protocol):
         self._upstream.stopProducing()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._timer.stop()
+        self._stop_timers()
+        if self._transform is not None:
+            rest = self._transform.flush()
+            if rest:
+                self._request.write(rest)
         if self._timed_out:
             # First: a body without length or chunking ends at connection
             # close, so the close our timeout caused looks like a normal end

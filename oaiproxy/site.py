@@ -27,7 +27,11 @@ from oaiproxy.errors import (
     shut_down_mid_response,
     sse_error_event,
 )
+from oaiproxy.accesslog import AccessLog, TextAccessLog
+from oaiproxy.headers import client_request_id
 from oaiproxy.lifecycle import Lifecycle
+from oaiproxy.metrics import Metrics
+from oaiproxy.records import RequestRecord, new_request_id
 from oaiproxy.resources import error_response
 
 __all__ = ["ProxyRequest", "ProxySite", "SERVER", "raw_error_response", "LINGER_SECONDS"]
@@ -63,11 +67,15 @@ def raw_error_response(error: ApiError) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-_NOTES = {
-    "complete": "",
-    "client_disconnected": " (client disconnected)",
-    "cut_off": " (response cut off: upstream failed)",
+#: Route labels for metrics and logs, by path.
+ROUTES = {
+    b"/v1/chat/completions": "chat_completions",
+    b"/chat/completions": "chat_completions",
+    b"/health": "health",
+    b"/metrics": "metrics",
 }
+
+_REQUEST_ID_HEADER = b"x-oaiproxy-request-id"
 
 
 class ProxyRequest(Request):
@@ -75,24 +83,25 @@ class ProxyRequest(Request):
     A request that keeps its body in memory within the site's limit and
     refuses a larger one as soon as the length is known.
 
-    @ivar client_name: the client's name once its key is known, for the
-        access log (never the key).
+    @ivar record: what this request did, for the access log and metrics.
     """
-
-    client_name = "-"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._body_bytes = 0
         self._refused = False
         self._logged = False
+        self._processing = False
+        self._streaming = False
         self._cut_by_proxy = False
         self._linger: Optional[IDelayedCall] = None
         site: ProxySite = self.channel.site  # type: ignore[attr-defined]
+        self._site = site
         self._clock: IReactorTime = site.reactor
         self._limit: int = site.max_body_bytes
         self._lifecycle: Lifecycle = site.lifecycle
-        self._started = self._clock.seconds()
+        self.record = RequestRecord(new_request_id(), self._clock.seconds())
+        self.record.peer = getattr(self.client, "host", "-")
 
     # Body handling.
 
@@ -128,6 +137,7 @@ class ProxyRequest(Request):
         # The request line has been parsed but not handed to us yet; the
         # channel holds it until the body is complete.
         self._record_end(getattr(self.channel, "_command", b"-"), getattr(self.channel, "_path", b"-"))
+        self.record.bytes_in = self._body_bytes
         self._linger = self._clock.callLater(LINGER_SECONDS, self._stop_lingering)
 
     def _stop_lingering(self) -> None:
@@ -148,6 +158,20 @@ class ProxyRequest(Request):
     # Responses.
 
     def process(self) -> None:
+        record = self.record
+        record.started = self._clock.seconds()
+        record.method = self.method.decode("latin-1")
+        record.path = self.path.decode("latin-1")
+        record.route = ROUTES.get(self.path, "other")
+        record.bytes_in = self._body_bytes
+        # A client's own request id is kept (and forwarded upstream with
+        # the other end-to-end headers); otherwise the proxy makes one.
+        own = client_request_id(self.requestHeaders.getRawHeaders(b"x-request-id", [None])[0])
+        if own is not None:
+            record.request_id = own
+        self.responseHeaders.setRawHeaders(_REQUEST_ID_HEADER, [record.request_id.encode("ascii")])
+        self._processing = True
+        self._site.metrics.request_started()
         self._lifecycle.started(self)
         if self._lifecycle.draining:
             # Answer this one (503 from the resources), then close: the
@@ -170,6 +194,12 @@ class ProxyRequest(Request):
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
             self.responseHeaders.setRawHeaders(b"server", [SERVER])
+            content_type = (self.responseHeaders.getRawHeaders(b"content-type") or [b""])[0]
+            if content_type.startswith(b"text/event-stream"):
+                self._streaming = True
+                self._site.metrics.stream_started()
+        if data and self.record.first_chunk is None:
+            self.record.first_chunk = self._clock.seconds()
         super().write(data)
 
     def processingFailed(self, reason: Failure) -> None:
@@ -209,8 +239,8 @@ class ProxyRequest(Request):
 
     def _record_end(self, method: bytes, path: bytes, ended: str = "complete") -> None:
         """
-        One line per request.  The path is logged without its query string,
-        and no header or body ever is: they are where credentials live.
+        The request is over: complete the record, then hand it to the
+        access log and the metrics, once.
 
         @param ended: C{complete}, C{client_disconnected}, or C{cut_off}
             (the proxy closed the connection mid-response).
@@ -219,19 +249,21 @@ class ProxyRequest(Request):
             return
         self._logged = True
         self._lifecycle.ended(self)
-        peer = self.client
-        _log.info(
-            "{client} {client_name} {method} {path} {status} {bytes_sent} {duration:.3f}s{note}",
-            client=getattr(peer, "host", "-"),
-            client_name=self.client_name,
-            method=method.decode("latin-1"),
-            path=path.split(b"?", 1)[0].decode("latin-1"),
-            status=self.code,
-            bytes_sent=self.sentLength,
-            duration=self._clock.seconds() - self._started,
-            ended=ended,
-            note=_NOTES[ended],
-        )
+        record = self.record
+        record.method = method.decode("latin-1")
+        # Never the query string: it is where credentials end up.
+        record.path = path.split(b"?", 1)[0].decode("latin-1")
+        record.status = self.code
+        record.bytes_out = self.sentLength
+        record.ended_at = self._clock.seconds()
+        record.ended = ended
+        metrics = self._site.metrics
+        if self._processing:
+            metrics.request_finished()
+        if self._streaming:
+            metrics.stream_finished()
+        metrics.observe(record)
+        self._site.access_log(record)
 
 
 class ProxyChannel(HTTPChannel):
@@ -332,6 +364,8 @@ class ProxySite(Site):
 
     @ivar max_body_bytes: the request body limit.
     @ivar lifecycle: serving or draining, and the requests in flight.
+    @ivar metrics: counts every request.
+    @ivar access_log: writes one entry per request.
     """
 
     requestFactory = ProxyRequest
@@ -352,9 +386,13 @@ class ProxySite(Site):
         header_timeout: float = 10.0,
         max_connections_per_ip: int = 256,
         lifecycle: Optional[Lifecycle] = None,
+        metrics: Optional[Metrics] = None,
+        access_log: Optional[AccessLog] = None,
         reactor: Any = None,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.access_log: AccessLog = access_log if access_log is not None else TextAccessLog()
         self.max_body_bytes = max_body_bytes
         self.header_timeout = header_timeout
         self.max_connections_per_ip = max_connections_per_ip

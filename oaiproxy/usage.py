@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Optional
 
-__all__ = ["UsageMeter"]
+from oaiproxy.records import Usage
+
+__all__ = ["UsageMeter", "inject_include_usage", "UsageEventFilter"]
 
 #: Plain bodies larger than this are not kept for the usage read.
 PLAIN_BODY_LIMIT = 1024 * 1024
@@ -31,7 +34,7 @@ class UsageMeter:
     @param event_stream: the body is server-sent events.
     """
 
-    __slots__ = ("_stream", "_pending", "_plain", "_plain_size", "total_tokens", "streamed_chars")
+    __slots__ = ("_stream", "_pending", "_plain", "_plain_size", "total_tokens", "streamed_chars", "reported")
 
     def __init__(self, event_stream: bool) -> None:
         self._stream = event_stream
@@ -40,6 +43,8 @@ class UsageMeter:
         self._plain_size = 0
         #: What upstream reported, once it has.
         self.total_tokens: Optional[int] = None
+        #: The reported usage, as L{Usage}.
+        self.reported: Optional[Usage] = None
         #: Characters of generated text seen so far in a stream.
         self.streamed_chars = 0
 
@@ -79,8 +84,16 @@ class UsageMeter:
     def _usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
             total = usage.get("total_tokens")
-            if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
+            if _count(total):
                 self.total_tokens = total
+                details_in = usage.get("prompt_tokens_details")
+                details_out = usage.get("completion_tokens_details")
+                self.reported = Usage(
+                    prompt=_number(usage.get("prompt_tokens")),
+                    completion=_number(usage.get("completion_tokens")),
+                    reasoning=_number(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0,
+                    cached=_number(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0,
+                )
 
     def finish(self) -> None:
         """
@@ -97,6 +110,14 @@ class UsageMeter:
         if isinstance(document, dict):
             self._usage(document.get("usage"))
 
+    def usage(self, prompt_estimate: int) -> Usage:
+        """
+        The usage to record: as reported, else estimated (marked inexact).
+        """
+        if self.reported is not None:
+            return self.reported
+        return Usage(prompt=prompt_estimate, completion=math.ceil(self.streamed_chars / 4), exact=False)
+
     def used(self, prompt_estimate: int) -> int:
         """
         The tokens to charge: what upstream reported, or else the prompt
@@ -105,3 +126,99 @@ class UsageMeter:
         if self.total_tokens is not None:
             return self.total_tokens
         return prompt_estimate + math.ceil(self.streamed_chars / 4)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> int:
+    return value if _count(value) else 0
+
+
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+def inject_include_usage(body: bytes, document: dict[str, Any]) -> Optional[bytes]:
+    """
+    The body with C{stream_options.include_usage} turned on, for a streamed
+    request that did not ask for usage; C{None} when there is nothing to do
+    (the client asked for it) or it cannot be done without re-serialising
+    the client's JSON (it set other C{stream_options}).
+
+    The member is inserted right after the opening brace, so the rest of
+    the body stays byte for byte what the client sent.
+    """
+    options = document.get("stream_options")
+    if options is not None:
+        return None
+    start = len(body) - len(body.lstrip())
+    if body[start : start + 1] != b"{":
+        return None
+    return body[: start + 1] + _INCLUDE_USAGE + body[start + 1 :]
+
+
+class UsageEventFilter:
+    """
+    Removes the usage-only event (C{"choices": []} with C{"usage"}) from an
+    event stream, so that a client that did not ask for usage receives the
+    exact bytes it would have without the injection.
+
+    Complete events pass at once; only an event still incomplete at the
+    end of a chunk waits for its remaining bytes.
+    """
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def __call__(self, data: bytes) -> bytes:
+        data = self._pending + data
+        end = _last_boundary(data)
+        if end < 0:
+            self._pending = data
+            return b""
+        complete, self._pending = data[:end], data[end:]
+        if b'"usage"' not in complete:
+            return complete
+        return b"".join(e for e in _events(complete) if not _usage_only(e))
+
+    def flush(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+
+#: The blank line that ends an event, whatever the line endings.
+_BOUNDARY = re.compile(rb"\r?\n\r?\n")
+
+
+def _last_boundary(data: bytes) -> int:
+    """
+    The offset just past the last event boundary in C{data}, or -1.
+    """
+    end = -1
+    for match in _BOUNDARY.finditer(data):
+        end = match.end()
+    return end
+
+
+def _events(data: bytes) -> list[bytes]:
+    """
+    Complete events, each with its own terminating blank line.
+    """
+    events, start = [], 0
+    for match in _BOUNDARY.finditer(data):
+        events.append(data[start : match.end()])
+        start = match.end()
+    return events
+
+
+def _usage_only(event: bytes) -> bool:
+    if not event.startswith(b"data:") or b'"usage"' not in event:
+        return False
+    try:
+        payload = json.loads(event[5:])
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("choices") == [] and isinstance(payload.get("usage"), dict)

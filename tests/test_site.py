@@ -176,7 +176,7 @@ class SiteTests(SynchronousTestCase):
             )
         [access] = [e for e in events if "status" in e]
         self.assertEqual(
-            (access["client"], access["method"], access["path"], access["status"], access["bytes_sent"]),
+            (access["peer"], access["method"], access["path"], access["status"], access["bytes_out"]),
             ("10.1.2.3", "POST", "/v1/chat/completions", 200, 2),
         )
         everything = repr(events)
