@@ -24,7 +24,7 @@ from twisted.web import client as webClient
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 
-from oaiproxy.clients import Credentials, looks_like_openai_key
+from oaiproxy.clients import Credentials, Limits, looks_like_openai_key
 from oaiproxy.errors import (
     ApiError,
     draining,
@@ -39,7 +39,6 @@ from oaiproxy.errors import (
 )
 from oaiproxy.headers import bearer_token, client_request_id, client_response_headers
 from oaiproxy.lifecycle import Lifecycle
-from oaiproxy.clients import Limits
 from oaiproxy.limits import UNLIMITED, Limiter, Refusal, Reservation, estimate_tokens
 from oaiproxy.records import RequestRecord, record_of
 from oaiproxy.relay import BodyRelay, UpstreamIdle
@@ -297,9 +296,7 @@ class _Exchange:
         record = self._record
         record.upstream_head = self._clock.seconds()
         record.upstream_status = response.code
-        record.upstream_request_id = client_request_id(
-            (response.headers.getRawHeaders(b"x-request-id") or [None])[0]
-        )
+        record.upstream_request_id = client_request_id((response.headers.getRawHeaders(b"x-request-id") or [None])[0])
         if response.code >= 500:
             record.upstream_error = "status"
         request = self._request

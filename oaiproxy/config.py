@@ -28,6 +28,8 @@ __all__ = [
     "CREDENTIAL_NAME",
     "parse_seconds",
     "parse_byte_count",
+    "parse_interval",
+    "parse_log_format",
     "parse_upstream",
     "port_from_env",
     "client_keys_from_env",
@@ -107,6 +109,11 @@ class Config:
     header_timeout: float = 10.0
     max_connections_per_ip: int = 256
     allow_open_relay: bool = False
+    log_format: str = "text"
+    metrics_port: Optional[str] = None
+    metrics_key: Optional[Secret] = None
+    sse_keepalive: float = 15.0
+    stream_usage: bool = True
     mock_upstream: bool = False
     api_key_file: Optional[str] = None
     client_keys_file: Optional[str] = None
@@ -129,6 +136,21 @@ def parse_seconds(name: str, text: str) -> float:
     if not (0 < value < float("inf")):
         raise ConfigError(f"{name} must be a positive number of seconds, not {text!r}")
     return value
+
+
+def parse_interval(name: str, text: str) -> float:
+    """
+    Parse a number of seconds that may be 0 (meaning "off").
+    """
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return parse_seconds(name, text)
+
+
+def parse_log_format(name: str, text: str) -> str:
+    if text not in ("text", "json"):
+        raise ConfigError(f"{name} must be text or json, not {text!r}")
+    return text
 
 
 def parse_byte_count(name: str, text: str) -> int:

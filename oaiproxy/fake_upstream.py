@@ -22,6 +22,8 @@ test drives a failure through the real SDK without any side channel.
                            connection
     C{fake-gated}          sends the head and one chunk, then waits for
                            C{POST /_fake/release} (control mode)
+    C{fake-pause}          streams the head and one chunk, is silent for
+                           L{PAUSE_SECONDS}, then sends the rest
     C{fake-redirect}       307 to another URL (a proxy must not follow)
     =====================  ==============================================
 
@@ -48,6 +50,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 __all__ = ["FakeUpstream", "RecordedRequest", "main"]
+
+
+#: How long C{fake-pause} streams stay silent.
+PAUSE_SECONDS = 1.5
 
 
 @dataclass
@@ -300,9 +306,11 @@ class FakeUpstream(Resource):
             )
         events.append(b"data: [DONE]\n\n")
         stream = _Stream(request, events)
-        if model in ("fake-stall", "fake-crash", "fake-gated"):
+        if model in ("fake-stall", "fake-crash", "fake-gated", "fake-pause"):
             stream.gated_after = 2
-            stream.ending = {"fake-stall": "stall", "fake-crash": "crash", "fake-gated": "gate"}[model]
+            stream.ending = {"fake-stall": "stall", "fake-crash": "crash", "fake-gated": "gate", "fake-pause": "pause"}[
+                model
+            ]
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-cache")
         request.notifyFinish().addErrback(lambda _: self._stream_lost(stream))
@@ -323,6 +331,10 @@ class FakeUpstream(Resource):
                     # buffered, possibly the response head itself.)
                     stream.done = True
                     stream.request.loseConnection()
+                if stream.ending == "pause":
+                    # Silent for PAUSE_SECONDS, then the rest.
+                    stream.gated_after = None
+                    stream.call = self._clock.callLater(PAUSE_SECONDS, self._pump, stream)
                 # "stall" and "gate" wait here; release() resumes a gate.
                 return
             if stream.sent >= len(stream.events):

@@ -162,18 +162,24 @@ class HealthResource(Endpoint):
         return self._HEALTHY
 
 
-def build_root(chat: IResource, health: Optional[IResource] = None) -> Resource:
+def build_root(
+    chat: Optional[IResource], health: Optional[IResource] = None, metrics: Optional[IResource] = None
+) -> Resource:
     """
     Assemble the tree::
 
         /health                 health check
         /v1/chat/completions    chat completions (SDK base URL .../v1)
         /chat/completions       the same (SDK base URL without /v1)
+        /metrics                Prometheus metrics, when given
     """
     root = Directory()
     root.putChild(b"health", health if health is not None else HealthResource())
-    for parent in (root, _child(root, b"v1")):
-        _child(parent, b"chat").putChild(b"completions", chat)
+    if chat is not None:
+        for parent in (root, _child(root, b"v1")):
+            _child(parent, b"chat").putChild(b"completions", chat)
+    if metrics is not None:
+        root.putChild(b"metrics", metrics)
     return root
 
 

@@ -18,6 +18,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from oaiproxy import __version__
+from oaiproxy.accesslog import AccessLog, TextAccessLog
 from oaiproxy.errors import (
     ApiError,
     bad_http,
@@ -27,7 +28,6 @@ from oaiproxy.errors import (
     shut_down_mid_response,
     sse_error_event,
 )
-from oaiproxy.accesslog import AccessLog, TextAccessLog
 from oaiproxy.headers import client_request_id
 from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.metrics import Metrics

@@ -13,6 +13,7 @@ A configuration error ends startup with one line on stderr and exit status
 
 from __future__ import annotations
 
+import hmac
 import os
 from typing import Any, Callable, Mapping, Optional
 
@@ -27,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from oaiproxy import __version__
+from oaiproxy.accesslog import JsonAccessLog, TextAccessLog
 from oaiproxy.chat import ChatCompletionsResource
 from oaiproxy.clients import ClientRegistry, Credentials, load_clients
 from oaiproxy.config import (
@@ -38,14 +40,19 @@ from oaiproxy.config import (
     is_private_address,
     load_api_key,
     parse_byte_count,
+    parse_interval,
+    parse_log_format,
     parse_seconds,
     parse_upstream,
     port_from_env,
 )
+from oaiproxy.errors import invalid_api_key
 from oaiproxy.fake_upstream import FakeUpstream, listen
+from oaiproxy.headers import bearer_token
 from oaiproxy.lifecycle import DrainService, Lifecycle, ReadinessService, ReloadService
 from oaiproxy.limits import Limiter
-from oaiproxy.resources import HealthResource, build_root
+from oaiproxy.metrics import Metrics, MetricsCheck, MetricsResource
+from oaiproxy.resources import HealthResource, build_root, error_response
 from oaiproxy.sdnotify import Notifier
 from oaiproxy.site import ProxySite
 from oaiproxy.upstream import UpstreamClient, make_http_client
@@ -67,6 +74,9 @@ _SETTINGS: list[tuple[str, str, Callable[[str, str], Any], str]] = [
     ("drain-timeout", "OAIPROXY_DRAIN_TIMEOUT", parse_seconds, "drain_timeout"),
     ("header-timeout", "OAIPROXY_HEADER_TIMEOUT", parse_seconds, "header_timeout"),
     ("max-connections-per-ip", "OAIPROXY_MAX_CONNECTIONS_PER_IP", parse_byte_count, "max_connections_per_ip"),
+    ("sse-keepalive", "OAIPROXY_SSE_KEEPALIVE", parse_interval, "sse_keepalive"),
+    ("log-format", "OAIPROXY_LOG_FORMAT", parse_log_format, "log_format"),
+    ("metrics-port", "OAIPROXY_METRICS_PORT", lambda name, text: text, "metrics_port"),
 ]
 
 _MOCK_KEY = Secret(b"mock-upstream-key")
@@ -89,6 +99,12 @@ class Options(usage.Options):
         "in OAIPROXY_CLIENT_KEYS (comma-separated, environment only)."
     )
     optFlags = [
+        [
+            "no-stream-usage",
+            None,
+            "Do not add stream_options.include_usage to streamed requests (token counts of streams whose "
+            "client did not ask for usage are then estimates). [env OAIPROXY_STREAM_USAGE=off]",
+        ],
         [
             "allow-open-relay",
             None,
@@ -165,6 +181,34 @@ class Options(usage.Options):
             f"[env OAIPROXY_MAX_CONNECTIONS_PER_IP, default {_DEFAULTS.max_connections_per_ip}]",
         ],
         [
+            "sse-keepalive",
+            None,
+            None,
+            "Seconds of upstream silence in a stream before a ': keepalive' comment is sent; 0 for never. "
+            f"[env OAIPROXY_SSE_KEEPALIVE, default {_DEFAULTS.sse_keepalive:g}]",
+        ],
+        [
+            "log-format",
+            None,
+            None,
+            "Access log as 'text' (a log line) or 'json' (one object per line on standard output). "
+            "[env OAIPROXY_LOG_FORMAT, default text]",
+        ],
+        [
+            "metrics-port",
+            None,
+            None,
+            "Serve /metrics on this endpoint only (e.g. tcp:9108:interface=127.0.0.1), without auth; "
+            "otherwise /metrics is on the API port behind a client key or the metrics key. "
+            "[env OAIPROXY_METRICS_PORT]",
+        ],
+        [
+            "metrics-key-file",
+            None,
+            None,
+            "File holding a key that may read /metrics (Authorization: Bearer). [env OAIPROXY_METRICS_KEY]",
+        ],
+        [
             "max-body-bytes",
             None,
             None,
@@ -235,8 +279,16 @@ class Options(usage.Options):
             allow_open_relay=bool(self["allow-open-relay"]),
             api_key_file=self["api-key-file"],
             client_keys_file=self["client-keys-file"],
+            metrics_key=self._metrics_key(),
+            stream_usage=not self["no-stream-usage"] and env.get("OAIPROXY_STREAM_USAGE", "on") != "off",
             **values,
         )
+
+    def _metrics_key(self) -> Optional[Secret]:
+        if self["metrics-key-file"]:
+            return load_api_key(self["metrics-key-file"], {})
+        value = self.environ.get("OAIPROXY_METRICS_KEY", "").strip()
+        return Secret(value.encode("utf-8")) if value else None
 
 
 @implementer(IStreamServerEndpoint)
@@ -281,6 +333,53 @@ class _Exposure:
     """
 
     public = False
+
+
+def _listen(description: str, site: Any, announce: Callable[[IListeningPort], None], reactor: Any) -> IService:
+    """
+    A listener service for C{site} on an endpoint description.  strports
+    makes a bind failure stop twistd (exit status 1), which systemd sees;
+    the wrapper adds the startup report and readiness.
+    """
+    try:
+        listener = strports.service(description, site, reactor=reactor)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise SystemExit(f"twistd oaiproxy: error: cannot use the endpoint {description!r}: {e}") from None
+    listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description, announce)
+    return listener
+
+
+def _metrics_announcer(bound: "Deferred[None]") -> Callable[[IListeningPort], None]:
+    def announce(port: IListeningPort) -> None:
+        address: Any = port.getHost()
+        log.info(
+            "metrics at http://{host}:{port}/metrics",
+            host=getattr(address, "host", "-"),
+            port=getattr(address, "port", "-"),
+        )
+        bound.callback(None)
+
+    return announce
+
+
+def _metrics_check(credentials: Credentials, metrics_key: Optional[Secret]) -> MetricsCheck:
+    """
+    Who may read /metrics on the API port: the holder of the metrics key, or
+    any client; with neither configured, anyone who may use the API.
+    """
+
+    def check(request: Any) -> Optional[bytes]:
+        token = bearer_token(request.requestHeaders)
+        if token is not None:
+            if metrics_key is not None and hmac.compare_digest(token, metrics_key.reveal()):
+                return None
+            if credentials.clients.identify(token) is not None:
+                return None
+        elif metrics_key is None and not len(credentials.clients):
+            return None
+        return error_response(request, invalid_api_key())
+
+    return check
 
 
 def _announcer(
@@ -429,30 +528,50 @@ def makeService(
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
 
-    chat = ChatCompletionsResource(upstream, reactor, credentials, lifecycle, config.connect_timeout, Limiter(reactor))
+    metrics = Metrics()
+    chat = ChatCompletionsResource(
+        upstream,
+        reactor,
+        credentials,
+        lifecycle,
+        config.connect_timeout,
+        Limiter(reactor),
+        stream_usage=config.stream_usage,
+        sse_keepalive=config.sse_keepalive,
+    )
+    metrics_check = _metrics_check(credentials, config.metrics_key)
+    health = HealthResource(lifecycle)
+    on_api_port = None if config.metrics_port else MetricsResource(metrics, metrics_check)
     site = ProxySite(
-        build_root(chat, HealthResource(lifecycle)),
+        build_root(chat, health, on_api_port),
         max_body_bytes=config.max_body_bytes,
         idle_timeout=config.idle_timeout,
         header_timeout=config.header_timeout,
         max_connections_per_ip=config.max_connections_per_ip,
         lifecycle=lifecycle,
+        metrics=metrics,
+        access_log=JsonAccessLog() if config.log_format == "json" else TextAccessLog(),
         reactor=reactor,
     )
     listening: list[Deferred[None]] = []
     for description in config.ports:
-        try:
-            listener = strports.service(description, site, reactor=reactor)
-        except (ValueError, TypeError, KeyError, OSError) as e:
-            raise SystemExit(f"twistd oaiproxy: error: cannot use --port {description!r}: {e}") from None
-        # strports makes a bind failure stop twistd (exit status 1), which
-        # systemd sees; the wrapper adds the startup report and readiness.
         bound: Deferred[None] = Deferred()
         listening.append(bound)
-        listener.endpoint = _AnnouncingEndpoint(
-            listener.endpoint, description, _announcer(description, config, bound, exposure)
+        _listen(description, site, _announcer(description, config, bound, exposure), reactor).setServiceParent(service)
+    if config.metrics_port:
+        # A private listener (loopback, or firewalled) for the scraper; the
+        # metrics key still applies when one is set.
+        metrics_site = ProxySite(
+            build_root(None, health, MetricsResource(metrics, metrics_check if config.metrics_key else None)),
+            max_body_bytes=1024,
+            idle_timeout=config.idle_timeout,
+            header_timeout=config.header_timeout,
+            access_log=lambda record: None,
+            reactor=reactor,
         )
-        listener.setServiceParent(service)
+        bound = Deferred()
+        listening.append(bound)
+        _listen(config.metrics_port, metrics_site, _metrics_announcer(bound), reactor).setServiceParent(service)
 
     def status() -> str:
         return (

@@ -28,7 +28,10 @@ from oaiproxy.config import Secret
 from oaiproxy.fake_upstream import FakeUpstream
 from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.limits import Limiter
+from oaiproxy.metrics import Metrics, MetricsResource
+from oaiproxy.records import RequestRecord
 from oaiproxy.resources import HealthResource, build_root
+from oaiproxy.site import ProxySite
 from oaiproxy.upstream import TreqLike, UpstreamClient, http_client
 
 
@@ -93,6 +96,8 @@ class Harness:
         chunk_interval: float = 0.0,
         http: Optional[TreqLike] = None,
         upstream_resource: Optional[IResource] = None,
+        stream_usage: bool = True,
+        sse_keepalive: float = 0.0,
     ) -> None:
         self.clock = Clock()
         self.fake = FakeUpstream(self.clock, api_key=UPSTREAM_KEY, chunk_interval=chunk_interval)
@@ -112,9 +117,33 @@ class Harness:
         )
         self.limiter = Limiter(self.clock)
         self.chat = ChatCompletionsResource(
-            self.upstream, self.clock, self.credentials, self.lifecycle, connect_timeout=10.0, limiter=self.limiter
+            self.upstream,
+            self.clock,
+            self.credentials,
+            self.lifecycle,
+            connect_timeout=10.0,
+            limiter=self.limiter,
+            stream_usage=stream_usage,
+            sse_keepalive=sse_keepalive,
         )
-        self.proxy = StubTreq(build_root(self.chat, HealthResource(self.lifecycle)))
+        self.metrics = Metrics()
+        #: The record of every finished request, in order.
+        self.records: list[RequestRecord] = []
+        root = build_root(self.chat, HealthResource(self.lifecycle), MetricsResource(self.metrics))
+        self.proxy = StubTreq(root)
+        # StubTreq serves through a plain twisted.web Site; put the proxy's
+        # own in its place, so requests are ProxyRequests on ProxyChannels
+        # (records, metrics, request ids) on the harness's clock.
+        self.proxy._agent._serverFactory = ProxySite(
+            root,
+            max_body_bytes=64 * 1024 * 1024,
+            idle_timeout=600,
+            header_timeout=600,
+            lifecycle=self.lifecycle,
+            metrics=self.metrics,
+            access_log=self.records.append,
+            reactor=self.clock,
+        )
 
     def pump(self) -> None:
         """

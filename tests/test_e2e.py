@@ -442,3 +442,45 @@ class ClientFileTests(E2ETestCase):
         self.proxy.stop()
         self.assertIn("alice POST /v1/chat/completions 200", self.proxy.output)
         self.assertNotIn(self.alice, self.proxy.output)
+
+
+class ObservabilityTests(E2ETestCase):
+    proxy_args = ("--log-format", "json", "--sse-keepalive", "0.5")
+
+    def test_json_log_metrics_and_keepalive(self) -> None:
+        """
+        With --log-format json the daemon writes one JSON object per request
+        (no key in it); /metrics answers a client key; a stream that pauses
+        upstream gets keepalive comments, which the SDK parses through.
+        """
+        client = self.client()
+        raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+        request_id = raw.headers["x-oaiproxy-request-id"]
+
+        stream = client.chat.completions.create(model="fake-pause", messages=MESSAGES, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        self.assertEqual(text, REPLY)
+        request = urllib.request.Request(
+            self.base + "/v1/chat/completions",
+            data=json.dumps({"model": "fake-pause", "stream": True, "messages": MESSAGES}).encode(),
+            headers={"Authorization": "Bearer " + CLIENT_KEY, "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=20) as response:
+            self.assertIn(b"\n\n: keepalive\n\n", response.read())
+
+        request = urllib.request.Request(self.base + "/metrics", headers={"Authorization": "Bearer " + CLIENT_KEY})
+        with urllib.request.urlopen(request, timeout=20) as response:
+            metrics = response.read().decode()
+        self.assertIn('oaiproxy_requests_total{client="env-1",model="gpt-4o",route="chat_completions"', metrics)
+        status, _, _ = http("GET", self.base + "/metrics")
+        self.assertEqual(status, 401)
+
+        self.proxy.stop()
+        entries = [json.loads(line) for line in self.proxy.output.splitlines() if line.startswith("{")]
+        first = next(e for e in entries if e["request_id"] == request_id)
+        self.assertEqual((first["client"], first["model"], first["status"]), ("env-1", "gpt-4o", 200))
+        self.assertEqual((first["prompt_tokens"], first["completion_tokens"]), (2, 8))
+        streamed = [e for e in entries if e["model"] == "fake-pause"]
+        self.assertTrue(all(e["stream"] and e["usage_exact"] for e in streamed))
+        self.assertNotIn(UPSTREAM_KEY, self.proxy.output)
+        self.assertNotIn(CLIENT_KEY, self.proxy.output)

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 
-from oaiproxy.relay import BodyRelay, UpstreamIdle
+from oaiproxy.relay import KEEPALIVE, BodyRelay, UpstreamIdle
 
 
 class Consumer:
@@ -140,3 +140,25 @@ class RelayTests(SynchronousTestCase):
         self.relay.abort()
         self.assertEqual(self.upstream.producerState, "stopped")
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class KeepaliveRelayTests(SynchronousTestCase):
+    def test_comment_only_between_events(self) -> None:
+        """
+        A keepalive comment written inside an unfinished event would corrupt
+        it: while upstream is silent in the middle of an event, nothing is
+        sent; once the event is complete, the comment goes out.
+        """
+        clock, consumer = Clock(), Consumer()
+        relay = BodyRelay(consumer, clock, 60.0, lambda outcome: None, keepalive=5.0)  # type: ignore[arg-type]
+        relay.makeConnection(StringTransport())
+        relay.dataReceived(b'data: {"a"')
+        clock.advance(5)
+        self.assertNotIn(KEEPALIVE, consumer.written)
+        relay.dataReceived(b": 1}\n\n")
+        clock.advance(5)
+        self.assertEqual(consumer.written[-1], KEEPALIVE)
+        clock.advance(5)
+        self.assertEqual(consumer.written.count(KEEPALIVE), 2)
+        relay.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(clock.getDelayedCalls(), [])
