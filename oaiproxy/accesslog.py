@@ -30,6 +30,7 @@ _NOTES = {
     "complete": "",
     "client_disconnected": " (client disconnected)",
     "cut_off": " (response cut off: upstream failed)",
+    "shutdown": " (response cut off: shutdown)",
 }
 
 

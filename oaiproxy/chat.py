@@ -270,9 +270,15 @@ class _Exchange:
             # and only the prompt may have been processed.
             self._reservation.settle(self._prompt_estimate)
             return
+        status = self._record.upstream_status
+        if status is not None and status >= 400 and meter.reported is None:
+            # Upstream refused the request (429, 401, 5xx...): nothing was
+            # generated, and charging the client would make its retries
+            # through an upstream rate limit exhaust its own allowance.
+            self._reservation.settle(0)
+            return
         usage = meter.usage(self._prompt_estimate)
-        if self._record.upstream_status is not None and self._record.upstream_status < 400:
-            self._record.usage = usage
+        self._record.usage = usage
         self._reservation.settle(usage.total)
 
     def _client_done(self, result: Optional[Failure]) -> None:
@@ -336,8 +342,10 @@ class _Exchange:
             message=error.message,
         )
         self.finished = True
-        # Nothing was generated.
-        self._reservation.settle(0)
+        # A connection that never carried the request cost nothing; one that
+        # failed after sending it (a timeout, a reset) may have been billed
+        # for the prompt.
+        self._reservation.settle(0 if self._record.upstream_error == "connect" else self._prompt_estimate)
         send_error(self._request, error)
 
     def _body_done(self, failure: Optional[Failure]) -> None:

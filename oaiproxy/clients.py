@@ -267,6 +267,10 @@ def load_clients(keys_file: Optional[str], environ: Mapping[str, str]) -> Client
             path = candidate
     defaults, clients = Limits(), list[Client]()
     if path:
+        if not os.path.exists(path):
+            # Not echoed: a value that names no file may be a key given by
+            # mistake, and this message goes to the journal.
+            raise ConfigError("the client keys file given does not exist (the value is not shown in case it is a key)")
         try:
             with open(path, "rb") as f:
                 data = f.read()

@@ -225,9 +225,14 @@ class ReloadService(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        if self._previous is not None:
-            self._install(signal.SIGHUP, self._previous)
-            self._previous = None
+        # Not the default action (which is to die): a SIGHUP from logrotate
+        # or an operator during the drain must not drop the streams still
+        # finishing.
+        self._install(signal.SIGHUP, self._ignore)
+        self._previous = None
+
+    def _ignore(self, signum: int, frame: object) -> None:
+        pass
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._call_from_signal(self.reload)

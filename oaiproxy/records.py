@@ -104,7 +104,7 @@ class RequestRecord:
         self.upstream_head: Optional[float] = None
         self.first_chunk: Optional[float] = None
         self.ended_at: Optional[float] = None
-        #: complete, client_disconnected or cut_off.
+        #: complete, client_disconnected, cut_off or shutdown.
         self.ended = "complete"
 
     @property

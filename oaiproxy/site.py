@@ -94,6 +94,7 @@ class ProxyRequest(Request):
         self._processing = False
         self._streaming = False
         self._cut_by_proxy = False
+        self._shutdown = False
         self._linger: Optional[IDelayedCall] = None
         site: ProxySite = self.channel.site  # type: ignore[attr-defined]
         self._site = site
@@ -189,6 +190,7 @@ class ProxyRequest(Request):
         content_type = (self.responseHeaders.getRawHeaders(b"content-type") or [b""])[0]
         if self.startedWriting and content_type.startswith(b"text/event-stream"):
             self.write(sse_error_event(shut_down_mid_response()))
+        self._shutdown = True
         self.loseConnection()
 
     def write(self, data: bytes) -> None:
@@ -235,15 +237,22 @@ class ProxyRequest(Request):
         method, path = self.method, getattr(self, "path", None)
         super().connectionLost(reason)
         if path is not None:
-            self._record_end(method, path, "cut_off" if self._cut_by_proxy else "client_disconnected")
+            if self._shutdown:
+                ended = "shutdown"
+            elif self._cut_by_proxy:
+                ended = "cut_off"
+            else:
+                ended = "client_disconnected"
+            self._record_end(method, path, ended)
 
     def _record_end(self, method: bytes, path: bytes, ended: str = "complete") -> None:
         """
         The request is over: complete the record, then hand it to the
         access log and the metrics, once.
 
-        @param ended: C{complete}, C{client_disconnected}, or C{cut_off}
-            (the proxy closed the connection mid-response).
+        @param ended: C{complete}, C{client_disconnected}, C{cut_off} (the
+            proxy closed the connection mid-response because upstream
+            failed), or C{shutdown} (cut at the drain deadline).
         """
         if self._logged:
             return

@@ -239,6 +239,17 @@ class Options(usage.Options):
             "of the host in ps; use --api-key-file PATH or the OPENAI_API_KEY environment variable"
         )
 
+    def opt_client_keys(self, value: str) -> None:
+        """
+        Refused: keys on the command line are visible to every user in ps. Use --client-keys-file or OAIPROXY_CLIENT_KEYS.
+        """  # noqa: E501
+        # As for --api-key: getopt would otherwise take it for a prefix of
+        # --client-keys-file and print the key as a path.
+        raise usage.UsageError(
+            "--client-keys is not accepted: keys on the command line are visible to every user of the host "
+            "in ps; use --client-keys-file PATH (a file of key hashes) or OAIPROXY_CLIENT_KEYS"
+        )
+
     def opt_version(self) -> None:
         """
         Print the oaiproxy version and exit.

@@ -170,3 +170,43 @@ class TokenLimitTests(SynchronousTestCase):
         charged = before - self.remaining(h)
         self.assertGreater(charged, 20)  # at least the prompt estimate
         self.assertLess(charged, 100)  # far less than the 500 reserved for output
+
+
+class SettlementTests(SynchronousTestCase):
+    def harness(self) -> Harness:
+        # A short read timeout, so the bucket barely refills while it runs.
+        return Harness(clients=registry(CLIENT_KEY, limits=Limits(tokens_per_minute=1000)), read_timeout=0.01)
+
+    def remaining(self, h: Harness) -> int:
+        client = h.credentials.clients.identify(CLIENT_KEY)
+        assert client is not None
+        return int(dict(h.limiter.headers(client))[b"x-ratelimit-remaining-tokens"])
+
+    def test_upstream_refusal_costs_nothing(self) -> None:
+        """
+        An upstream 429 (or 5xx) generated nothing: the client's allowance
+        is refunded whole, so retrying through an upstream rate limit does
+        not exhaust the client's own.
+        """
+        h = self.harness()
+        self.assertEqual(
+            self.successResultOf(h.post(chat_body(model="fake-429", max_tokens=10), headers=BEARER)).code, 429
+        )
+        self.assertEqual(
+            self.successResultOf(h.post(chat_body(model="fake-500", max_tokens=10), headers=BEARER)).code, 500
+        )
+        self.assertEqual(self.remaining(h), 1000)
+
+    def test_timeout_after_sending_charges_the_prompt(self) -> None:
+        """
+        A request that reached upstream and then timed out may have been
+        billed for its prompt, so the prompt estimate is charged.
+        """
+        h = self.harness()
+        body = chat_body(model="fake-silent", max_tokens=10)
+        d = h.post(body, headers=BEARER)
+        h.clock.advance(0.01)
+        h.pump()
+        self.assertEqual(self.successResultOf(d).code, 504)
+        charged = 1000 - self.remaining(h)
+        self.assertEqual(charged, -(-len(body) // 3))

@@ -499,15 +499,17 @@ class LoadClientsTests(SynchronousTestCase):
 
     def test_missing_file(self) -> None:
         """
-        A keys file that does not exist is an error naming it, whether it
-        was given as an argument or in the environment, rather than a proxy
-        that starts without its clients.
+        A keys file that does not exist is an error, whether it was given as
+        an argument or in the environment, rather than a proxy that starts
+        without its clients; the value is not echoed (it may be a key given
+        by mistake).
         """
         path = os.path.join(self.directory, "nope.toml")
-        for keys_file, environ in ((path, {}), (None, {"OAIPROXY_CLIENT_KEYS_FILE": path})):
+        for keys_file, environ in ((path, {}), (None, {"OAIPROXY_CLIENT_KEYS_FILE": path}), ("oaiproxy-KEY", {})):
             with self.assertRaises(ConfigError) as caught:
                 load_clients(keys_file, environ)
-            self.assertIn(path, str(caught.exception))
+            self.assertIn("does not exist", str(caught.exception))
+            self.assertNotIn(keys_file or path, str(caught.exception))
 
     def test_malformed_file(self) -> None:
         """

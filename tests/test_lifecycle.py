@@ -273,7 +273,11 @@ class ReloadServiceTests(SynchronousTestCase):
         self.assertEqual(reloads, [1])
         self.assertEqual([list(f)[0] for f in notifier.sent], ["RELOADING", "READY"])
         service.stopService()
-        self.assertEqual(installed[signal.SIGHUP], "previous")
+        # During shutdown a SIGHUP (logrotate, an operator) must neither
+        # reload nor kill the process, as the default action would.
+        self.assertNotIn(installed[signal.SIGHUP], ("previous", signal.SIG_DFL))
+        installed[signal.SIGHUP](signal.SIGHUP, None)
+        self.assertEqual((queued, reloads), ([], [1]))
 
 
 class ReloaderTests(SynchronousTestCase):
@@ -422,6 +426,8 @@ class DrainingSiteTests(SynchronousTestCase):
         protocol, transport = self.connect()
         protocol.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n\r\n{}")
         self.assertEqual(self.lifecycle.in_flight, 1)
+        records: list[Any] = []
+        self.site.access_log = records.append
         d = self.lifecycle.drain(self.clock, 5)
         self.clock.advance(5)
         body = transport.value().split(b"\r\n\r\n", 1)[1]
@@ -431,6 +437,8 @@ class DrainingSiteTests(SynchronousTestCase):
         self.assertNoResult(d)
         protocol.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(d)
+        # Logged as a shutdown, not blamed on the upstream or the client.
+        self.assertEqual([r.ended for r in records], ["shutdown"])
 
     def test_requests_during_drain_close_their_connection(self) -> None:
         """

@@ -287,13 +287,26 @@ class AbuseTests(SynchronousTestCase):
         response (a stream) is not cut off, and the next request on the
         connection gets a fresh deadline.
         """
+
+        class Slow(Endpoint):
+            pending: list[Request] = []
+
+            def render_POST(self, request: Request) -> int:
+                request.write(b"data: {}\n\n")
+                self.pending.append(request)
+                return 1  # NOT_DONE_YET
+
+        self.site.resource = build_root(Slow())
         protocol, transport = self.connect()
         protocol.dataReceived(post(b"/v1/chat/completions", b"{}"))
         self.clock.advance(30)
         self.assertFalse(transport.disconnecting)
-        self.assertEqual(len(self.endpoint.bodies), 1)
+        [request] = Slow.pending
+        request.finish()
         protocol.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\n")
-        self.clock.advance(10)
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
         self.assertTrue(transport.disconnecting)
 
     def test_too_many_headers_is_a_json_400(self) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaiproxy.clients import file_entry
 from oaiproxy.testing import Process, child_env, start_fake_upstream, start_proxy, twistd
 from tests.support import self_signed_pem, temp_dir
 
@@ -356,12 +357,16 @@ class UnitCommandTests(Deployment):
         [listen] = sock["ListenStream"]
         self.assertEqual(listen, "127.0.0.1:8080")
         [fdname] = sock["FileDescriptorName"]
-        [credential] = [c for c in service["LoadCredential"] if c.startswith("openai_api_key:")]
-
+        # Every credential as systemd would place it: the name before the
+        # colon is the file name under $CREDENTIALS_DIRECTORY.
+        names = [c.split(":", 1)[0] for c in service["LoadCredential"]]
+        self.assertEqual(sorted(names), ["client_keys", "openai_api_key"])
         credentials = os.path.join(self.cwd, "credentials")
         os.makedirs(credentials)
-        with open(os.path.join(credentials, credential.split(":")[0]), "w") as f:
+        with open(os.path.join(credentials, "openai_api_key"), "w") as f:
             f.write(UPSTREAM_KEY)
+        with open(os.path.join(credentials, "client_keys"), "w") as f:
+            f.write(file_entry("unit-test", "oaiproxy-UNITCLIENTKEY"))
         notify_path = os.path.join(self.cwd, "notify")
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.addCleanup(notify.close)
@@ -392,8 +397,13 @@ class UnitCommandTests(Deployment):
         )
         self.addCleanup(process.stop)
         process.wait_for(rf"Listening on 127\.0\.0\.1:{port}")
-        completion = self.client(f"http://127.0.0.1:{port}").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        unit_client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="oaiproxy-UNITCLIENTKEY", max_retries=0, timeout=20.0
+        )
+        completion = unit_client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
         self.assertEqual(completion.choices[0].message.content, REPLY)
+        with self.assertRaises(openai.AuthenticationError):
+            self.client(f"http://127.0.0.1:{port}").chat.completions.create(model="gpt-4o", messages=MESSAGES)
         self.assertIn(b"READY=1", notify.recv(4096))
         process.send_signal(signal.SIGTERM)
         self.assertIn(process.wait(), CLEAN_EXIT)

@@ -161,6 +161,9 @@ class OptionsTests(SynchronousTestCase):
             message = self.assertStartupError(argv, {})
             self.assertNotIn("ARGVKEY", message)
         self.assertStartupError(["--api-key", "sk-proj-ARGVKEY"], {}, "--api-key-file", "OPENAI_API_KEY", "ps")
+        for argv in (["--client-keys", "oaiproxy-ARGVKEY"], ["--client-keys-file", "oaiproxy-ARGVKEY"]):
+            message = self.assertStartupError(argv, {"OPENAI_API_KEY": KEY})
+            self.assertNotIn("ARGVKEY", message)
 
     def test_startup_error_never_shows_a_key(self) -> None:
         """
