@@ -25,6 +25,9 @@ setup(
         # without which treq cannot verify an https upstream's certificate.
         "Twisted[tls]>=24.7.0",
         "treq>=23.11.0",
+        # The metric types and the exposition format; /metrics itself is a
+        # small twisted.web resource of ours.
+        "prometheus_client>=0.17",
         # The client keys file is TOML; Python 3.11 reads it natively.
         'tomli>=1.1; python_version < "3.11"',
     ],
