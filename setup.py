@@ -28,6 +28,9 @@ setup(
         # The metric types and the exposition format; /metrics itself is a
         # small twisted.web resource of ours.
         "prometheus_client>=0.17",
+        # A faster JSON parser for request bodies and usage (see
+        # oaiproxy/fastjson.py, which falls back to the standard library).
+        "orjson>=3.9",
         # The client keys file is TOML; Python 3.11 reads it natively.
         'tomli>=1.1; python_version < "3.11"',
     ],

@@ -45,11 +45,21 @@ class TextAccessLog:
     log = Logger(namespace="oaiproxy.access")
 
     def __call__(self, record: RequestRecord) -> None:
+        # The fields the line shows, plus the few worth filtering on; the
+        # JSON log has them all.
         self.log.info(
             "{peer} {client} {method} {path} {status} {bytes_out} {duration:.3f}s {request_id}{note}",
+            peer=record.peer,
+            client=record.client,
+            method=record.method,
+            path=record.path,
+            status=record.status,
+            bytes_out=record.bytes_out,
             duration=record.duration,
+            request_id=record.request_id,
+            model=record.model,
+            ended=record.ended,
             note=_NOTES.get(record.ended, ""),
-            **record.fields(),
         )
 
 

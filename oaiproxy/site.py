@@ -89,6 +89,7 @@ class ProxyRequest(Request):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._body_bytes = 0
+        self._chunks: list[bytes] = []
         self._refused = False
         self._logged = False
         self._processing = False
@@ -111,8 +112,9 @@ class ProxyRequest(Request):
             self._refuse_body()
             return
         # The body is parsed as JSON whole, so it is in memory anyway: keep
-        # it in one buffer instead of twisted.web's temporary file.
-        self.content = io.BytesIO()  # type: ignore[assignment]
+        # its chunks instead of twisted.web's temporary file, and join them
+        # once when the body is complete (see requestReceived).
+        self._chunks = []
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -121,7 +123,7 @@ class ProxyRequest(Request):
         if self._body_bytes > self._limit:
             self._refuse_body()
             return
-        self.content.write(data)  # type: ignore[attr-defined]
+        self._chunks.append(data)
 
     def _refuse_body(self) -> None:
         """
@@ -154,6 +156,9 @@ class ProxyRequest(Request):
                 self._linger.cancel()
             self.channel.loseConnection()
             return
+        # One copy of the body, shared (not copied again) by getvalue().
+        self.content = io.BytesIO(b"".join(self._chunks))  # type: ignore[assignment]
+        self._chunks = []
         super().requestReceived(command, path, version)
 
     # Responses.
@@ -399,7 +404,9 @@ class ProxySite(Site):
         access_log: Optional[AccessLog] = None,
         reactor: Any = None,
     ) -> None:
-        super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        # No form parsing: the proxy only takes JSON, and twisted.web would
+        # parse every request's Content-Type with the email package for it.
+        super().__init__(resource, timeout=idle_timeout, reactor=reactor, parsePOSTFormSubmission=False)
         self.metrics = metrics if metrics is not None else Metrics()
         self.access_log: AccessLog = access_log if access_log is not None else TextAccessLog()
         self.max_body_bytes = max_body_bytes

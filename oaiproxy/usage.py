@@ -14,11 +14,11 @@ at four characters per token, which is how a cancelled stream is charged.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any, Optional
 
+from oaiproxy import fastjson
 from oaiproxy.records import Usage
 
 __all__ = ["UsageMeter", "inject_include_usage", "UsageEventFilter"]
@@ -64,7 +64,7 @@ class UsageMeter:
         if not payload or payload == b"[DONE]":
             return
         try:
-            event = json.loads(payload)
+            event = fastjson.loads(payload)
         except ValueError:
             return
         if not isinstance(event, dict):
@@ -102,7 +102,7 @@ class UsageMeter:
         if self._stream or self._plain_size > PLAIN_BODY_LIMIT:
             return
         try:
-            document = json.loads(b"".join(self._plain))
+            document = fastjson.loads(b"".join(self._plain))
         except ValueError:
             return
         finally:
@@ -218,7 +218,7 @@ def _usage_only(event: bytes) -> bool:
     if not event.startswith(b"data:") or b'"usage"' not in event:
         return False
     try:
-        payload = json.loads(event[5:])
+        payload = fastjson.loads(event[5:])
     except ValueError:
         return False
     return isinstance(payload, dict) and payload.get("choices") == [] and isinstance(payload.get("usage"), dict)

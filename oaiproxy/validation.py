@@ -11,9 +11,9 @@ reads a parsed copy, and the original bytes are what goes upstream.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
+from oaiproxy import fastjson
 from oaiproxy.errors import ApiError, bad_request
 
 __all__ = ["ChatRequest", "parse_chat_request"]
@@ -48,7 +48,7 @@ def parse_chat_request(body: bytes) -> "ChatRequest | ApiError":
         never quote the body: it may hold private data.
     """
     try:
-        document: Any = json.loads(body)
+        document: Any = fastjson.loads(body)
     except (ValueError, RecursionError):
         # ValueError covers malformed JSON and invalid UTF-8; RecursionError
         # is what absurdly deep nesting ("[[[[...") raises.
