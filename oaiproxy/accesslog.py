@@ -26,6 +26,10 @@ __all__ = ["AccessLog", "TextAccessLog", "JsonAccessLog"]
 
 AccessLog = Callable[[RequestRecord], None]
 
+# Module-level: a Logger that is a class attribute takes the class's name as
+# its namespace, and the instance as log_source.
+_log = Logger(namespace="oaiproxy.access")
+
 _NOTES = {
     "complete": "",
     "client_disconnected": " (client disconnected)",
@@ -40,14 +44,10 @@ class TextAccessLog:
     namespace, with the record's fields as event keys.
     """
 
-    # Module-level in spirit: a Logger bound to an instance would attach it
-    # as log_source, and nothing request-shaped may ride along.
-    log = Logger(namespace="oaiproxy.access")
-
     def __call__(self, record: RequestRecord) -> None:
         # The fields the line shows, plus the few worth filtering on; the
         # JSON log has them all.
-        self.log.info(
+        _log.info(
             "{peer} {client} {method} {path} {status} {bytes_out} {duration:.3f}s {request_id}{note}",
             peer=record.peer,
             client=record.client,

@@ -82,6 +82,24 @@ class Limits:
     concurrent_requests: Optional[int] = None
     default_max_tokens: int = 4096
 
+    def split(self, parts: int) -> "Limits":
+        """
+        One of C{parts} equal shares of these limits (rounded up), for a
+        worker among C{parts}.
+        """
+        if parts <= 1:
+            return self
+
+        def share(value: Optional[int]) -> Optional[int]:
+            return None if value is None else max(1, -(-value // parts))
+
+        return Limits(
+            share(self.requests_per_minute),
+            share(self.tokens_per_minute),
+            share(self.concurrent_requests),
+            self.default_max_tokens,
+        )
+
     @property
     def any(self) -> bool:
         return any(v is not None for v in (self.requests_per_minute, self.tokens_per_minute, self.concurrent_requests))

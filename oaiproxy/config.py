@@ -30,6 +30,7 @@ __all__ = [
     "parse_byte_count",
     "parse_interval",
     "parse_log_format",
+    "parse_workers",
     "parse_upstream",
     "port_from_env",
     "client_keys_from_env",
@@ -114,6 +115,9 @@ class Config:
     metrics_key: Optional[Secret] = None
     sse_keepalive: float = 15.0
     stream_usage: bool = True
+    workers: int = 1
+    worker_listeners: tuple[str, ...] = ()
+    worker_share: int = 1
     mock_upstream: bool = False
     api_key_file: Optional[str] = None
     client_keys_file: Optional[str] = None
@@ -145,6 +149,21 @@ def parse_interval(name: str, text: str) -> float:
     if text.strip() in ("0", "0.0"):
         return 0.0
     return parse_seconds(name, text)
+
+
+def parse_workers(name: str, text: str) -> int:
+    """
+    A number of worker processes, or C{auto} for one per CPU.
+    """
+    if text == "auto":
+        return os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of processes or auto, not {text!r}") from None
+    if not 1 <= value <= 256:
+        raise ConfigError(f"{name} must be between 1 and 256, not {text!r}")
+    return value
 
 
 def parse_log_format(name: str, text: str) -> str:

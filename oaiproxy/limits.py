@@ -131,17 +131,23 @@ class Limiter:
     The limit state of every client, by name.
     """
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, share: int = 1) -> None:
+        """
+        @param share: the number of worker processes the limits are split
+            among (see L{oaiproxy.workers}); each enforces its share.
+        """
         self._clock = clock
+        self._share = share
         self._states: dict[str, _ClientState] = {}
 
     def _state(self, client: Client) -> _ClientState:
+        limits = client.limits.split(self._share)
         state = self._states.get(client.name)
         if state is None:
-            state = self._states[client.name] = _ClientState(client.limits, self._clock.seconds())
-        elif state.limits != client.limits:
+            state = self._states[client.name] = _ClientState(limits, self._clock.seconds())
+        elif state.limits != limits:
             # Its limits changed on reload.
-            state.configure(client.limits, self._clock.seconds())
+            state.configure(limits, self._clock.seconds())
         return state
 
     def admit(self, client: Client, estimate: int) -> "Reservation | Refusal":
@@ -149,10 +155,10 @@ class Limiter:
         Admit a request that may cost up to C{estimate} tokens, or say
         which limit it is over.
         """
-        limits = client.limits
-        if not limits.any:
+        if not client.limits.any:
             return UNLIMITED
         state = self._state(client)
+        limits = state.limits
         now = self._clock.seconds()
         if limits.concurrent_requests is not None and state.in_flight >= limits.concurrent_requests:
             return Refusal(

@@ -80,6 +80,7 @@ class RequestRecord:
         "first_chunk",
         "ended_at",
         "ended",
+        "worker",
     )
 
     def __init__(self, request_id: str, started: float) -> None:
@@ -106,6 +107,8 @@ class RequestRecord:
         self.ended_at: Optional[float] = None
         #: complete, client_disconnected, cut_off or shutdown.
         self.ended = "complete"
+        #: Which worker process served it (see oaiproxy.workers), or None.
+        self.worker: Optional[int] = None
 
     @property
     def duration(self) -> float:
@@ -170,6 +173,7 @@ class RequestRecord:
             "duration_ms": _ms(self.duration),
             "ended": self.ended,
             "disconnected": self.ended == "client_disconnected",
+            "worker": self.worker,
         }
 
 

@@ -8,6 +8,7 @@ each, including for requests that end by disconnect.
 from __future__ import annotations
 
 import io
+import os
 from typing import Any, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -103,6 +104,7 @@ class ProxyRequest(Request):
         self._limit: int = site.max_body_bytes
         self._lifecycle: Lifecycle = site.lifecycle
         self.record = RequestRecord(new_request_id(), self._clock.seconds())
+        self.record.worker = site.worker
         self.record.peer = getattr(self.client, "host", "-")
 
     # Body handling.
@@ -410,6 +412,9 @@ class ProxySite(Site):
         self.metrics = metrics if metrics is not None else Metrics()
         self.access_log: AccessLog = access_log if access_log is not None else TextAccessLog()
         self.max_body_bytes = max_body_bytes
+        worker = os.environ.get("OAIPROXY_WORKER_INDEX", "")
+        #: Set by the supervisor in each worker's environment.
+        self.worker: Optional[int] = int(worker) if worker.isdigit() else None
         self.header_timeout = header_timeout
         self.max_connections_per_ip = max_connections_per_ip
         self.lifecycle = lifecycle or Lifecycle()

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import hmac
 import os
+import sys
 from typing import Any, Callable, Mapping, Optional
 
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -44,6 +47,7 @@ from oaiproxy.config import (
     parse_log_format,
     parse_seconds,
     parse_upstream,
+    parse_workers,
     port_from_env,
 )
 from oaiproxy.errors import invalid_api_key
@@ -56,6 +60,7 @@ from oaiproxy.resources import HealthResource, build_root, error_response
 from oaiproxy.sdnotify import Notifier
 from oaiproxy.site import ProxySite
 from oaiproxy.upstream import UpstreamClient, make_http_client
+from oaiproxy.workers import FAMILIES, Supervisor
 
 __all__ = ["Options", "makeService"]
 
@@ -77,6 +82,8 @@ _SETTINGS: list[tuple[str, str, Callable[[str, str], Any], str]] = [
     ("sse-keepalive", "OAIPROXY_SSE_KEEPALIVE", parse_interval, "sse_keepalive"),
     ("log-format", "OAIPROXY_LOG_FORMAT", parse_log_format, "log_format"),
     ("metrics-port", "OAIPROXY_METRICS_PORT", lambda name, text: text, "metrics_port"),
+    ("workers", "OAIPROXY_WORKERS", parse_workers, "workers"),
+    ("worker-share", "OAIPROXY_WORKER_SHARE", parse_workers, "worker_share"),
 ]
 
 _MOCK_KEY = Secret(b"mock-upstream-key")
@@ -209,6 +216,19 @@ class Options(usage.Options):
             "File holding a key that may read /metrics (Authorization: Bearer). [env OAIPROXY_METRICS_KEY]",
         ],
         [
+            "workers",
+            None,
+            None,
+            "Worker processes serving the same listeners: a number, or auto (one per CPU). "
+            "[env OAIPROXY_WORKERS, default 1]",
+        ],
+        [
+            "worker-share",
+            None,
+            None,
+            "(internal, set by the supervisor) the number of workers the client limits are split among.",
+        ],
+        [
             "max-body-bytes",
             None,
             None,
@@ -220,6 +240,8 @@ class Options(usage.Options):
         super().__init__()
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
         self["port"] = []
+        self["worker-listener"] = []
+        self.argv: list[str] = []
         self.config: Config = _DEFAULTS
 
     def opt_port(self, description: str) -> None:
@@ -250,6 +272,12 @@ class Options(usage.Options):
             "in ps; use --client-keys-file PATH (a file of key hashes) or OAIPROXY_CLIENT_KEYS"
         )
 
+    def opt_worker_listener(self, value: str) -> None:
+        """
+        (internal, set by the supervisor) an inherited listening socket, FD:FAMILY.
+        """
+        self["worker-listener"].append(value)
+
     def opt_version(self) -> None:
         """
         Print the oaiproxy version and exit.
@@ -258,6 +286,8 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def parseOptions(self, options: Optional[list[str]] = None) -> None:
+        # Kept so a supervisor can start workers with the same arguments.
+        self.argv = list(options) if options is not None else []
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
@@ -270,6 +300,18 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
     def _build(self) -> Config:
+        config = self._settings()
+        if config.workers > 1 and config.metrics_port:
+            raise ConfigError(
+                "--metrics-port cannot be combined with --workers: each worker serves its own /metrics on the API port"
+            )
+        for listener in config.worker_listeners:
+            fd, _, family = listener.partition(":")
+            if not fd.isdigit() or family not in FAMILIES:
+                raise ConfigError(f"--worker-listener must be FD:INET|INET6|UNIX, not {listener!r}")
+        return config
+
+    def _settings(self) -> Config:
         env = self.environ
         ports = tuple(self["port"]) or (port_from_env(env) or DEFAULT_PORT,)
         upstream = parse_upstream(self["upstream"] or env.get("OPENAI_BASE_URL") or DEFAULT_UPSTREAM)
@@ -292,6 +334,7 @@ class Options(usage.Options):
             client_keys_file=self["client-keys-file"],
             metrics_key=self._metrics_key(),
             stream_usage=not self["no-stream-usage"] and env.get("OAIPROXY_STREAM_USAGE", "on") != "off",
+            worker_listeners=tuple(self["worker-listener"]),
             **values,
         )
 
@@ -501,6 +544,33 @@ def _reloader(options: Options, credentials: Credentials, exposure: _Exposure) -
     return reload
 
 
+def _supervise(options: Options, reactor: Any, notifier: Notifier, service: MultiService) -> IService:
+    """
+    C{--workers N}: this process only holds the listeners and speaks for
+    the group (see L{oaiproxy.workers}).
+    """
+    config = options.config
+
+    def output(data: bytes) -> None:
+        stream = sys.__stdout__
+        if stream is not None:
+            stream.buffer.write(data)
+            stream.flush()
+
+    supervisor = Supervisor(
+        reactor, config.ports, options.argv, config.workers, notifier, dict(options.environ), output
+    )
+    supervisor.setServiceParent(service)
+
+    def status() -> str:
+        return f"{config.workers} workers serving {len(config.ports)} listener(s)"
+
+    ReloadService(supervisor.reload, notifier, status, lambda f: reactor.callFromThread(f)).setServiceParent(service)
+    ReadinessService(notifier, [supervisor.all_ready], status).setServiceParent(service)
+    log.info("oaiproxy {version}: supervising {count} workers", version=__version__, count=config.workers)
+    return service
+
+
 def makeService(
     options: Options,
     reactor: Any = None,
@@ -526,6 +596,9 @@ def makeService(
         notifier = Notifier.from_environ(options.environ)
     service = MultiService()
 
+    if config.workers > 1 and not config.worker_listeners:
+        return _supervise(options, reactor, notifier, service)
+
     api_key = _MOCK_KEY if config.mock_upstream else config.api_key
     assert api_key is not None, "Options guarantees a key unless mocking"
     clients: ClientRegistry = config.clients if config.clients is not None else ClientRegistry()
@@ -546,7 +619,7 @@ def makeService(
         credentials,
         lifecycle,
         config.connect_timeout,
-        Limiter(reactor),
+        Limiter(reactor, share=config.worker_share),
         stream_usage=config.stream_usage,
         sse_keepalive=config.sse_keepalive,
     )
@@ -565,8 +638,17 @@ def makeService(
         reactor=reactor,
     )
     listening: list[Deferred[None]] = []
-    for description in config.ports:
-        bound: Deferred[None] = Deferred()
+    if config.worker_listeners:
+        # A worker: accept on the sockets the supervisor opened.
+        for listener in config.worker_listeners:
+            fd, _, family = listener.partition(":")
+            bound: Deferred[None] = Deferred()
+            listening.append(bound)
+            adopted = AdoptedStreamServerEndpoint(reactor, int(fd), FAMILIES[family])
+            announced = _AnnouncingEndpoint(adopted, listener, _announcer(listener, config, bound, exposure))
+            StreamServerEndpointService(announced, site).setServiceParent(service)
+    for description in () if config.worker_listeners else config.ports:
+        bound = Deferred[None]()
         listening.append(bound)
         _listen(description, site, _announcer(description, config, bound, exposure), reactor).setServiceParent(service)
     if config.metrics_port:

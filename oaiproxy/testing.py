@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 #: The directory holding the C{oaiproxy} package in use (the checkout, or
 #: site-packages), put first on the children's path so they run the same
@@ -114,6 +114,21 @@ class Process:
             raise AssertionError(f"{self.argv[0]} never printed {pattern!r}; output:\n{self.output}")
         return found[0]
 
+    def wait_until(self, condition: "Callable[[str], bool]", timeout: float = STARTUP_SECONDS) -> None:
+        """
+        Wait until C{condition(output)} holds; fail with the output if the
+        process exits or the deadline passes first.
+        """
+        with self._changed:
+            self._changed.wait_for(
+                lambda: (
+                    condition("".join(self._lines)) or (self._proc.poll() is not None and not self._reader.is_alive())
+                ),
+                timeout,
+            )
+        if not condition(self.output):
+            raise AssertionError(f"{self.argv[0]}: condition not met; output:\n{self.output}")
+
     @property
     def pid(self) -> int:
         return self._proc.pid
@@ -162,16 +177,21 @@ def start_fake_upstream(cwd: str, key: str, *args: str) -> tuple[Process, str]:
 
 
 def start_proxy(
-    cwd: str, args: Sequence[str], env: Mapping[str, str], prefix: Sequence[str] = ()
+    cwd: str,
+    args: Sequence[str],
+    env: Mapping[str, str],
+    prefix: Sequence[str] = (),
+    port: str = "tcp:0:interface=127.0.0.1",
 ) -> tuple[Process, str]:
     """
     Start C{twistd -n oaiproxy} on a free loopback port; return it and its
     base URL (without /v1).
 
     @param prefix: a command to run twistd under, e.g. C{taskset -c 0}.
+    @param port: the listening endpoint (port 0: any free one).
     """
     process = Process(
-        [*prefix, twistd(), "--nodaemon", "--pidfile=", "oaiproxy", "--port", "tcp:0:interface=127.0.0.1", *args],
+        [*prefix, twistd(), "--nodaemon", "--pidfile=", "oaiproxy", "--port", port, *args],
         child_env(env),
         cwd,
     )
