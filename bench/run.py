@@ -274,7 +274,7 @@ def main() -> None:
 
         # (a) plain requests
         small = lua(work, "small", body(1024))
-        for target, base in targets.items():
+        for base in targets.values():
             wrk(base + "/chat/completions", small, 64, 1)  # warm up
         results["a"] = {
             target: {
