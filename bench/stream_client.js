@@ -17,8 +17,10 @@ const now = () => performance.timeOrigin + performance.now();
 const url = new URL(base + "/chat/completions");
 const agent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
 const body = JSON.stringify({ model: idle ? "idle" : "gpt-4o-mini", stream: true, messages: [{ role: "user", content: "hi" }] });
+const RATE = 20; // chunks per second per stream, as sse_upstream.js sends them
 const delays = [];
 const firsts = [];
+const firstAt = [];
 let received = 0, opened = 0, failed = 0, started = 0;
 const deadline = now() + duration;
 
@@ -47,6 +49,7 @@ function one() {
         if (first) {
           first = false;
           firsts.push(at - t0);
+          firstAt.push(at);
           if (idle && ++opened === streams) report();
         }
       }
@@ -74,8 +77,11 @@ for (let i = 0; i < streams; i++) one();
 if (idle) setTimeout(report, 60000);
 if (!idle) {
   setTimeout(() => {
+    // What the upstream sent each stream since its first chunk.
+    const end = now();
+    const expected = firstAt.reduce((sum, t) => sum + 1 + Math.floor(((end - t) * RATE) / 1000), 0);
     console.log(JSON.stringify({
-      streams, started, received, failed,
+      streams, started, received, failed, expected,
       delay_p50_ms: pct(delays, 0.5), delay_p99_ms: pct(delays, 0.99),
       first_p50_ms: pct(firsts, 0.5), first_p99_ms: pct(firsts, 0.99),
     }));
