@@ -367,9 +367,11 @@ class _Exchange:
             reason = type(failure.value).__name__
             self._record.upstream_error = "reset"
         self._log.warn("upstream response cut short: {reason}", reason=reason)
-        if self._event_stream:
+        if self._event_stream and self._relay is not None and self._relay.at_boundary:
             # The status line is long gone; the SDKs raise APIError on an
-            # event whose JSON has an "error" key.
+            # event whose JSON has an "error" key.  (Glued onto half an
+            # event it would only corrupt that event: then the truncation
+            # alone reports the failure.)
             request.write(sse_error_event(upstream_failed_mid_response(reason)))
         # Close without the final chunk, so no client can take the partial
         # body for a complete one.

@@ -84,14 +84,16 @@ class Limits:
 
     def split(self, parts: int) -> "Limits":
         """
-        One of C{parts} equal shares of these limits (rounded up), for a
-        worker among C{parts}.
+        One of C{parts} equal shares of these limits, for a worker among
+        C{parts}: rounded down, so the group never exceeds a limit, but at
+        least 1, so a limit below C{parts} can be exceeded (by at most
+        C{parts - 1}); keep limits above the number of workers.
         """
         if parts <= 1:
             return self
 
         def share(value: Optional[int]) -> Optional[int]:
-            return None if value is None else max(1, -(-value // parts))
+            return None if value is None else max(1, value // parts)
 
         return Limits(
             share(self.requests_per_minute),

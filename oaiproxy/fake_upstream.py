@@ -247,8 +247,10 @@ class FakeUpstream(Resource):
         text = f"This is a mock reply to: {prompt[:200]}"
         created = int(self._clock.seconds())
         ident = f"chatcmpl-fake{self._serial}"
-        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+        usage: dict[str, Any] = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        usage["prompt_tokens_details"] = {"cached_tokens": 1}
+        usage["completion_tokens_details"] = {"reasoning_tokens": 3}
         if document.get("stream") is not True:
             completion = {
                 "id": ident,
@@ -274,6 +276,8 @@ class FakeUpstream(Resource):
                 return NOT_DONE_YET
             return self._json(request, body)
 
+        include_usage = bool((document.get("stream_options") or {}).get("include_usage"))
+
         def chunk(delta: dict[str, Any], finish: Optional[str] = None, **more: Any) -> bytes:
             payload = {
                 "id": ident,
@@ -283,13 +287,17 @@ class FakeUpstream(Resource):
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
                 **more,
             }
+            if include_usage:
+                # As OpenAI does: with include_usage, every other chunk
+                # carries "usage": null.
+                payload["usage"] = None
             return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
         events = [chunk({"role": "assistant", "content": ""})]
         words = text.split(" ")
         events += [chunk({"content": (" " if i else "") + w}) for i, w in enumerate(words)]
         events.append(chunk({}, "stop"))
-        if (document.get("stream_options") or {}).get("include_usage"):
+        if include_usage:
             events.append(
                 b"data: "
                 + json.dumps(

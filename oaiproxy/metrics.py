@@ -103,17 +103,21 @@ class Metrics:
         )
         self._models: set[str] = set()
 
-    def model_label(self, model: Optional[str]) -> str:
+    def model_label(self, model: Optional[str], claim: bool = True) -> str:
         """
         The label value for a model: itself while the set of names seen is
         small, C{other} beyond (and for anything that does not look like a
         model name).
+
+        @param claim: whether this model may take one of the free slots;
+            only models upstream accepted do, so a client sending junk
+            names cannot use them up.
         """
         if not model:
             return "-"
         if model in self._models:
             return model
-        if len(self._models) < MODEL_LABEL_LIMIT and _MODEL_NAME.match(model):
+        if claim and len(self._models) < MODEL_LABEL_LIMIT and _MODEL_NAME.match(model):
             self._models.add(model)
             return model
         return "other"
@@ -137,7 +141,8 @@ class Metrics:
         Count a finished request, whatever its fate.
         """
         route = record.route
-        model = self.model_label(record.model)
+        accepted = record.upstream_status is not None and record.upstream_status < 400
+        model = self.model_label(record.model, claim=accepted)
         self.requests.labels(record.client, model, route, f"{record.status // 100}xx").inc()
         if record.upstream_seconds is not None:
             self.upstream_latency.labels(route).observe(record.upstream_seconds)

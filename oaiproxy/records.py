@@ -78,6 +78,7 @@ class RequestRecord:
         "upstream_sent",
         "upstream_head",
         "first_chunk",
+        "head_sent",
         "ended_at",
         "ended",
         "worker",
@@ -104,6 +105,7 @@ class RequestRecord:
         self.upstream_sent: Optional[float] = None
         self.upstream_head: Optional[float] = None
         self.first_chunk: Optional[float] = None
+        self.head_sent: Optional[float] = None
         self.ended_at: Optional[float] = None
         #: complete, client_disconnected, cut_off or shutdown.
         self.ended = "complete"
@@ -138,8 +140,8 @@ class RequestRecord:
             return self.duration
         before = self.upstream_sent - self.started
         after = 0.0
-        if self.upstream_head is not None and self.first_chunk is not None:
-            after = max(0.0, self.first_chunk - self.upstream_head)
+        if self.upstream_head is not None and self.head_sent is not None:
+            after = max(0.0, self.head_sent - self.upstream_head)
         return before + after
 
     def fields(self) -> dict[str, Any]:

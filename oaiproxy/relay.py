@@ -44,6 +44,8 @@ class Transform(Interface):
 
     def flush(self) -> bytes: ...
 
+    def discard(self) -> None: ...
+
 
 class UpstreamIdle(Exception):
     """
@@ -185,12 +187,27 @@ class BodyRelay(Protocol):
         self._timed_out = True
         self._upstream.stopProducing()
 
+    @property
+    def at_boundary(self) -> bool:
+        """
+        Whether what the client has received ends between events, where an
+        error event can be added without corrupting one.
+        """
+        return self._at_boundary
+
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._stop_timers()
+        complete = not self._timed_out and reason.check(ResponseDone, PotentialDataLoss)
         if self._transform is not None:
-            rest = self._transform.flush()
-            if rest:
-                self._request.write(rest)
+            if complete:
+                rest = self._transform.flush()
+                if rest:
+                    self._request.write(rest)
+                    self._at_boundary = rest.endswith((b"\n\n", b"\r\n\r\n"))
+            else:
+                # Half an event is worse than none: the failure is reported
+                # right after what was complete.
+                self._transform.discard()
         if self._timed_out:
             # First: a body without length or chunking ends at connection
             # close, so the close our timeout caused looks like a normal end

@@ -31,6 +31,7 @@ from oaiproxy.errors import (
 )
 from oaiproxy.headers import client_request_id
 from oaiproxy.lifecycle import Lifecycle
+from oaiproxy.relay import KEEPALIVE
 from oaiproxy.metrics import Metrics
 from oaiproxy.records import RequestRecord, new_request_id
 from oaiproxy.resources import error_response
@@ -207,7 +208,8 @@ class ProxyRequest(Request):
             if content_type.startswith(b"text/event-stream"):
                 self._streaming = True
                 self._site.metrics.stream_started()
-        if data and self.record.first_chunk is None:
+            self.record.head_sent = self._clock.seconds()
+        if data and self.record.first_chunk is None and data != KEEPALIVE:
             self.record.first_chunk = self._clock.seconds()
         super().write(data)
 
@@ -269,7 +271,9 @@ class ProxyRequest(Request):
         record.method = method.decode("latin-1")
         # Never the query string: it is where credentials end up.
         record.path = path.split(b"?", 1)[0].decode("latin-1")
-        record.status = self.code
+        # A client that left before any answer was written: nginx's 499,
+        # not twisted.web's default 200.
+        record.status = self.code if (self.startedWriting or ended == "complete") else 499
         record.bytes_out = self.sentLength
         record.ended_at = self._clock.seconds()
         record.ended = ended

@@ -66,12 +66,11 @@ class UsageMeter:
     def _event(self, payload: bytes) -> None:
         if not payload or payload == b"[DONE]":
             return
-        if b'"usage"' not in payload:
+        if _USAGE_OBJECT.search(payload) is None:
             # The hot path, every token of every stream: count the text
-            # without parsing the event (escapes count as their source
-            # characters: close enough for an estimate).
+            # without parsing the event.
             for text in _TEXT.findall(payload):
-                self.streamed_chars += len(text)
+                self.streamed_chars += _json_string_length(text)
             return
         try:
             event = fastjson.loads(payload)
@@ -138,6 +137,19 @@ class UsageMeter:
         return prompt_estimate + math.ceil(self.streamed_chars / 4)
 
 
+def _json_string_length(raw: bytes) -> int:
+    """
+    The number of characters a JSON string's body encodes, without decoding
+    its escapes: each escape sequence is one character (C{\\uXXXX} six
+    bytes, the others two).  Exact but for an escaped backslash, which
+    counts as none; that is good enough for an estimate.
+    """
+    text = raw.decode("utf-8", "replace")
+    escapes = text.count("\\")
+    unicode_escapes = text.count("\\u")
+    return len(text) - escapes - 4 * unicode_escapes
+
+
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -159,8 +171,9 @@ def inject_include_usage(body: bytes, document: dict[str, Any]) -> Optional[byte
     The member is inserted right after the opening brace, so the rest of
     the body stays byte for byte what the client sent.
     """
-    options = document.get("stream_options")
-    if options is not None:
+    if "stream_options" in document:
+        # Even "stream_options": null: inserting a second member would make
+        # a duplicate key, whose last value (the client's) would win.
         return None
     start = len(body) - len(body.lstrip())
     if body[start : start + 1] != b"{":
@@ -170,12 +183,16 @@ def inject_include_usage(body: bytes, document: dict[str, Any]) -> Optional[byte
 
 class UsageEventFilter:
     """
-    Removes the usage-only event (C{"choices": []} with C{"usage"}) from an
-    event stream, so that a client that did not ask for usage receives the
-    exact bytes it would have without the injection.
+    Undoes what C{include_usage} does to an event stream, so that a client
+    that did not ask for usage receives the exact bytes it would have
+    without the injection: the usage-only event (C{"choices": []} with a
+    C{"usage"} object) is removed, and so is the C{"usage": null} member
+    that OpenAI adds to every other chunk.
 
     Complete events pass at once; only an event still incomplete at the
-    end of a chunk waits for its remaining bytes.
+    end of a chunk waits for its remaining bytes.  (In JSON, a quote inside
+    a string is always escaped, so the unescaped bytes C{"usage":null} can
+    only be the member itself.)
     """
 
     __slots__ = ("_pending",)
@@ -184,23 +201,37 @@ class UsageEventFilter:
         self._pending = b""
 
     def __call__(self, data: bytes) -> bytes:
-        if not self._pending and b'"usage"' not in data and data.endswith(b"\n\n"):
-            # The hot path: whole events, none of them the usage event.
-            return data
-        data = self._pending + data
-        end = _last_boundary(data)
-        if end < 0:
-            self._pending = data
-            return b""
-        complete, self._pending = data[:end], data[end:]
+        if not self._pending and data.endswith(b"\n\n"):
+            complete = data
+        else:
+            data = self._pending + data
+            end = _last_boundary(data)
+            if end < 0:
+                self._pending = data
+                return b""
+            complete, self._pending = data[:end], data[end:]
         if b'"usage"' not in complete:
             return complete
+        complete = _NULL_USAGE.sub(b"", complete)
+        if _USAGE_OBJECT.search(complete) is None:
+            return complete
         return b"".join(e for e in _events(complete) if not _usage_only(e))
+
+    def discard(self) -> None:
+        """
+        Forget an incomplete event (the stream failed mid-event).
+        """
+        self._pending = b""
 
     def flush(self) -> bytes:
         rest, self._pending = self._pending, b""
         return rest
 
+
+#: The C{"usage": null} member, with the comma that joins it to another.
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,')
+#: A usage object, as in the usage-only event.
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 #: The blank line that ends an event, whatever the line endings.
 _BOUNDARY = re.compile(rb"\r?\n\r?\n")

@@ -17,8 +17,8 @@ unexpectedly is started again.  Workers' output (their logs, and JSON access
 lines) passes through the supervisor's standard output unchanged.
 
 Per-client limits are split: each worker enforces 1/N of each limit
-(rounded up), which keeps the group's total within the limit while clients
-spread over workers, without a shared store.
+(rounded down, at least 1), which keeps the group within the limit without
+a shared store.
 """
 
 from __future__ import annotations

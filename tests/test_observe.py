@@ -375,7 +375,9 @@ class UsageObjectTests(SynchronousTestCase):
         Proxy overhead excludes the upstream's own time.
         """
         record = RequestRecord("r", 100.0)
-        record.upstream_sent, record.upstream_head, record.first_chunk, record.ended_at = 100.002, 101.0, 101.001, 103
+        record.upstream_sent, record.upstream_head, record.head_sent = 100.002, 101.0, 101.001
+        # A stream whose first token came long after its head: upstream time.
+        record.first_chunk, record.ended_at = 102.5, 103
         self.assertAlmostEqual(record.proxy_seconds, 0.003)
         self.assertAlmostEqual(record.upstream_seconds or 0, 0.998)
         self.assertAlmostEqual(record.duration, 3.0)

@@ -47,11 +47,11 @@ class ArgumentTests(SynchronousTestCase):
 
     def test_limits_split(self) -> None:
         """
-        Each of N workers enforces 1/N of each limit, rounded up and never
-        zero, so the group stays within the limit.
+        Each of N workers enforces 1/N of each limit, rounded down so the
+        group stays within the limit, and never zero.
         """
         limits = Limits(requests_per_minute=601, tokens_per_minute=1000, concurrent_requests=1, default_max_tokens=50)
-        self.assertEqual(limits.split(2), Limits(301, 500, 1, 50))
+        self.assertEqual(limits.split(2), Limits(300, 500, 1, 50))
         self.assertEqual(limits.split(1), limits)
 
 
