@@ -18,6 +18,7 @@ from typing import Any, Optional
 from twisted.internet import error as netError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client as webClient
@@ -34,6 +35,7 @@ from oaiproxy.errors import (
     rate_limited,
     sse_error_event,
     upstream_failed_mid_response,
+    upstream_rejected_proxy_key,
     upstream_timeout,
     upstream_unreachable,
 )
@@ -213,6 +215,16 @@ class ChatCompletionsResource(Endpoint):
         return NOT_DONE_YET
 
 
+class _Discard(Protocol):
+    """
+    Reads a response body and throws it away (so the pooled connection can
+    be reused).
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
 class _Exchange:
     """
     One client request's trip upstream and back.
@@ -305,6 +317,9 @@ class _Exchange:
         record.upstream_request_id = client_request_id((response.headers.getRawHeaders(b"x-request-id") or [None])[0])
         if response.code >= 500:
             record.upstream_error = "status"
+        if response.code == 401:
+            self._proxy_key_rejected(response)
+            return
         request = self._request
         request.setResponseCode(response.code, response.phrase)
         length = None if response.length is UNKNOWN_LENGTH else response.length
@@ -326,6 +341,18 @@ class _Exchange:
             keepalive=self._sse_keepalive if self._event_stream else 0.0,
         )
         response.deliverBody(self._relay)
+
+    def _proxy_key_rejected(self, response: IResponse) -> None:
+        """
+        Upstream refused the proxy's key: the operator's problem, not the
+        client's.  Its body (which quotes part of the key) is dropped.
+        """
+        self._record.upstream_error = "status"
+        self._log.critical("the upstream API rejected the proxy's API key (401): check --api-key-file / OPENAI_API_KEY")
+        response.deliverBody(_Discard())
+        self.finished = True
+        self._reservation.settle(0)
+        send_error(self._request, upstream_rejected_proxy_key())
 
     def _no_head(self, failure: Failure) -> None:
         self._pending = None

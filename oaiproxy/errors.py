@@ -28,6 +28,7 @@ __all__ = [
     "header_timeout",
     "upstream_unreachable",
     "upstream_timeout",
+    "upstream_rejected_proxy_key",
     "upstream_failed_mid_response",
     "internal_error",
     "draining",
@@ -228,6 +229,21 @@ def upstream_unreachable(reason: str) -> ApiError:
         API_ERROR,
         None,
         "upstream_unreachable",
+    )
+
+
+def upstream_rejected_proxy_key() -> ApiError:
+    """
+    A 502 when upstream refuses the proxy's own key (its 401).  Passing the
+    401 on would tell the client its key is wrong, and OpenAI's message
+    quotes the end of the rejected key, which is the proxy's.
+    """
+    return ApiError(
+        502,
+        "The upstream API rejected the proxy's API key; the proxy's operator must fix it.",
+        API_ERROR,
+        None,
+        "upstream_auth_failed",
     )
 
 

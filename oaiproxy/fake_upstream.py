@@ -150,10 +150,14 @@ class FakeUpstream(Resource):
             request.setResponseCode(405)
             return self._json(request, _error("Method not allowed", "invalid_request_error", None))
         if self._api_key is not None:
-            if request.getHeader(b"authorization") != b"Bearer " + self._api_key:
+            presented = request.getHeader(b"authorization") or b""
+            if presented != b"Bearer " + self._api_key:
+                # As OpenAI does, quote the end of the key it refused.
+                shown = presented[-4:].decode("latin-1")
                 request.setResponseCode(401)
                 return self._json(
-                    request, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+                    request,
+                    _error(f"Incorrect API key provided: sk-****{shown}.", "invalid_request_error", "invalid_api_key"),
                 )
         try:
             document = json.loads(body)

@@ -31,9 +31,9 @@ from oaiproxy.errors import (
 )
 from oaiproxy.headers import client_request_id
 from oaiproxy.lifecycle import Lifecycle
-from oaiproxy.relay import KEEPALIVE
 from oaiproxy.metrics import Metrics
 from oaiproxy.records import RequestRecord, new_request_id
+from oaiproxy.relay import KEEPALIVE
 from oaiproxy.resources import error_response
 
 __all__ = ["ProxyRequest", "ProxySite", "SERVER", "raw_error_response", "LINGER_SECONDS"]
@@ -52,7 +52,7 @@ LINGER_SECONDS = 5.0
 _log = Logger(namespace="oaiproxy.access")
 
 
-def raw_error_response(error: ApiError) -> bytes:
+def raw_error_response(error: ApiError, request_id: Optional[str] = None) -> bytes:
     """
     A complete HTTP/1.1 response for C{error} that closes the connection,
     for the moment before twisted.web has a request to answer through.
@@ -66,6 +66,8 @@ def raw_error_response(error: ApiError) -> bytes:
         b"Connection: close",
         b"Server: " + SERVER,
     ]
+    if request_id is not None:
+        head.append(_REQUEST_ID_HEADER + b": " + request_id.encode("ascii"))
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
@@ -137,7 +139,7 @@ class ProxyRequest(Request):
         # Do not invite the body with "100 Continue".
         self.requestHeaders.removeHeader(b"expect")
         error = body_too_large(self._limit)
-        self.channel.write(raw_error_response(error))
+        self.channel.write(raw_error_response(error, self.record.request_id))
         self.code = error.status
         self.sentLength = len(error.body())
         # The request line has been parsed but not handed to us yet; the

@@ -60,7 +60,7 @@ from oaiproxy.resources import HealthResource, build_root, error_response
 from oaiproxy.sdnotify import Notifier
 from oaiproxy.site import ProxySite
 from oaiproxy.upstream import UpstreamClient, make_http_client
-from oaiproxy.workers import FAMILIES, Supervisor
+from oaiproxy.workers import FAMILIES, Supervisor, die_with_parent
 
 __all__ = ["Options", "makeService"]
 
@@ -562,6 +562,13 @@ def _supervise(options: Options, reactor: Any, notifier: Notifier, service: Mult
     )
     supervisor.setServiceParent(service)
 
+    def exit_status() -> None:
+        if supervisor.failed:
+            # twistd would exit 0 after a clean reactor stop.
+            os._exit(1)
+
+    reactor.addSystemEventTrigger("after", "shutdown", exit_status)
+
     def status() -> str:
         return f"{config.workers} workers serving {len(config.ports)} listener(s)"
 
@@ -639,7 +646,9 @@ def makeService(
     )
     listening: list[Deferred[None]] = []
     if config.worker_listeners:
-        # A worker: accept on the sockets the supervisor opened.
+        # A worker: accept on the sockets the supervisor opened, and never
+        # outlive the supervisor.
+        die_with_parent()
         for listener in config.worker_listeners:
             fd, _, family = listener.partition(":")
             bound: Deferred[None] = Deferred()

@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 
 from oaiproxy.sdnotify import Notifier
 
-__all__ = ["Supervisor", "worker_argv", "family_name", "FAMILIES"]
+__all__ = ["Supervisor", "worker_argv", "family_name", "FAMILIES", "die_with_parent"]
 
 log = Logger()
 
@@ -87,6 +87,24 @@ def worker_argv(argv: Sequence[str], listeners: Sequence[str], workers: int) -> 
     return out + ["--worker-share", str(workers)]
 
 
+def die_with_parent() -> None:
+    """
+    In a worker: ask the kernel to send SIGTERM (a graceful drain) when the
+    supervisor dies, however it dies, so no worker outlives it holding the
+    port.  Linux only; elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:
+        # The supervisor died before the request took effect.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class _Refuse(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -103,20 +121,26 @@ class _WorkerProcess(ProcessProtocol):
         self.index = index
         self.ready = False
         self.ended: Deferred[None] = Deferred()
-        self._pending = b""
+        self._partial = b""
 
     def outReceived(self, data: bytes) -> None:
-        self._supervisor.output(data)
-        if not self.ready:
-            self._pending = (self._pending + data)[-4096:]
-            if READY_MARKER in self._pending:
-                self.ready = True
-                self._pending = b""
-                self._supervisor.worker_ready(self)
+        # Whole lines only, so that the lines of two workers (JSON access
+        # entries above all) never interleave mid-line.
+        lines, _, self._partial = (self._partial + data).rpartition(b"\n")
+        if not lines and not _:
+            return
+        lines += b"\n"
+        self._supervisor.output(lines)
+        if not self.ready and READY_MARKER in lines:
+            self.ready = True
+            self._supervisor.worker_ready(self)
 
     errReceived = outReceived
 
     def processEnded(self, reason: Failure) -> None:
+        if self._partial:
+            self._supervisor.output(self._partial + b"\n")
+            self._partial = b""
         self.ended.callback(None)
         self._supervisor.worker_ended(self, reason)
 
@@ -156,6 +180,7 @@ class Supervisor(Service):
         self._fds: dict[int, int] = {}
         self.workers: dict[int, _WorkerProcess] = {}
         self._stopping = False
+        self._respawns: dict[int, Any] = {}
         self.all_ready: Deferred[None] = Deferred()
 
     def privilegedStartService(self) -> None:
@@ -187,6 +212,9 @@ class Supervisor(Service):
             self._start(index)
 
     def _start(self, index: int) -> None:
+        self._respawns.pop(index, None)
+        if self._stopping:
+            return
         argv = [
             sys.executable,
             "-c",
@@ -210,8 +238,18 @@ class Supervisor(Service):
     def worker_ended(self, worker: _WorkerProcess, reason: Failure) -> None:
         if self._stopping:
             return
+        if not worker.ready:
+            # It never got as far as listening: a configuration or startup
+            # problem that starting it again will not fix.  Stop the group
+            # with a failure status, which systemd reports.
+            log.critical(
+                "worker {index} failed before it was ready; stopping (see its output above)", index=worker.index
+            )
+            self.failed = True
+            self._reactor.callLater(0, self._reactor.stop)
+            return
         log.warn("worker {index} exited unexpectedly; starting it again", index=worker.index)
-        self._reactor.callLater(RESPAWN_DELAY, self._start, worker.index)
+        self._respawns[worker.index] = self._reactor.callLater(RESPAWN_DELAY, self._start, worker.index)
 
     def signal_workers(self, signum: int) -> None:
         for worker in self.workers.values():
@@ -229,9 +267,15 @@ class Supervisor(Service):
         self.signal_workers(signal.SIGHUP)
         return True
 
+    failed = False
+
     def stopService(self) -> "Deferred[Any]":
         super().stopService()
         self._stopping = True
+        for call in self._respawns.values():
+            if call.active():
+                call.cancel()
+        self._respawns.clear()
         self._notifier.stopping(f"draining {len(self.workers)} worker(s)")
         self.signal_workers(signal.SIGTERM)
         waiting = [w.ended for w in self.workers.values() if not w.ended.called]

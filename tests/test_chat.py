@@ -388,3 +388,23 @@ class UpstreamFailureTests(SynchronousTestCase):
         self.assertEqual(error.status, 502)
         self.assertIn("ConnectionLost", error.message)
         self.assertNotIn("secret detail", error.message)
+
+
+class UpstreamKeyRejectedTests(SynchronousTestCase):
+    def test_rejected_proxy_key_is_not_blamed_on_the_client(self) -> None:
+        """
+        When upstream refuses the proxy's own key, the client gets a 502
+        saying the operator must fix it (not a 401 about its own key), the
+        upstream's message (which quotes the end of the key) is dropped,
+        and the operator gets a critical log line.
+        """
+        h = Harness()
+        h.fake._api_key = b"sk-some-other-key"
+        with capturedLogs() as logged:
+            response = self.successResultOf(h.post(chat_body()))
+            body = self.successResultOf(treq.content(response))
+        self.assertEqual(response.code, 502)
+        self.assertEqual(json.loads(body)["error"]["code"], "upstream_auth_failed")
+        self.assertNotIn(UPSTREAM_KEY[-4:], body)
+        self.assertNotIn(b"Incorrect API key", body)
+        self.assertTrue(any(e["log_level"] == LogLevel.critical for e in logged))

@@ -381,3 +381,49 @@ class UsageObjectTests(SynchronousTestCase):
         self.assertAlmostEqual(record.proxy_seconds, 0.003)
         self.assertAlmostEqual(record.upstream_seconds or 0, 0.998)
         self.assertAlmostEqual(record.duration, 3.0)
+
+
+class ReviewedEdgesTests(SynchronousTestCase):
+    def test_reasoning_and_cached_tokens(self) -> None:
+        """
+        Reasoning and cached tokens reported in the usage details are
+        counted under their own kinds.
+        """
+        h = Keyed(self)
+        self.successResultOf(treq.content(self.successResultOf(h.post(chat_body(), headers=BEARER))))
+        labels = {"client": "client-1", "model": "gpt-4o-mini", "exact": "true"}
+        self.assertEqual(sample(h, "oaiproxy_tokens_total", kind="reasoning", **labels), 3)
+        self.assertEqual(sample(h, "oaiproxy_tokens_total", kind="cached", **labels), 1)
+
+    def test_client_leaving_before_any_answer_is_499(self) -> None:
+        """
+        A client that gives up before the response head is recorded as 499,
+        not as a 200 that never happened.
+        """
+        h = Keyed(self)
+        d = h.post(chat_body(model="fake-silent"), headers=BEARER)
+        d.cancel()
+        h.pump()
+        self.failureResultOf(d)
+        self.assertEqual([r.status for r in h.records], [499])
+        self.assertEqual(
+            sample(
+                h,
+                "oaiproxy_requests_total",
+                client="client-1",
+                model="other",
+                route="chat_completions",
+                status_class="4xx",
+            ),
+            1,
+        )
+
+    def test_refused_models_do_not_take_label_slots(self) -> None:
+        """
+        Model names only take one of the bounded label slots once upstream
+        accepted them: refused junk cannot crowd out real models.
+        """
+        metrics = Metrics()
+        for i in range(MODEL_LABEL_LIMIT + 5):
+            self.assertEqual(metrics.model_label(f"junk-{i}", claim=False), "other")
+        self.assertEqual(metrics.model_label("gpt-4o"), "gpt-4o")

@@ -162,3 +162,34 @@ class KeepaliveRelayTests(SynchronousTestCase):
         self.assertEqual(consumer.written.count(KEEPALIVE), 2)
         relay.connectionLost(Failure(ResponseDone()))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class TransformRelayTests(SynchronousTestCase):
+    def test_partial_event_dropped_on_failure(self) -> None:
+        """
+        When upstream fails in the middle of an event, the half event the
+        filter holds is dropped, so what the client has ends between
+        events, where an error event can follow.
+        """
+        from oaiproxy.usage import UsageEventFilter
+
+        clock, consumer = Clock(), Consumer()
+        relay = BodyRelay(consumer, clock, 60.0, lambda outcome: None, transform=UsageEventFilter())  # type: ignore[arg-type]
+        relay.makeConnection(StringTransport())
+        relay.dataReceived(b'data: {"a": 1}\n\ndata: {"b"')
+        relay.connectionLost(Failure(ResponseFailed([])))
+        self.assertEqual(b"".join(consumer.written), b'data: {"a": 1}\n\n')
+        self.assertTrue(relay.at_boundary)
+
+    def test_complete_body_flushes_the_rest(self) -> None:
+        """
+        A body that ends normally gets whatever the filter still holds.
+        """
+        from oaiproxy.usage import UsageEventFilter
+
+        clock, consumer = Clock(), Consumer()
+        relay = BodyRelay(consumer, clock, 60.0, lambda outcome: None, transform=UsageEventFilter())  # type: ignore[arg-type]
+        relay.makeConnection(StringTransport())
+        relay.dataReceived(b'data: {"a": 1}\n\ndata: [DONE]')
+        relay.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(b"".join(consumer.written), b'data: {"a": 1}\n\ndata: [DONE]')

@@ -343,3 +343,23 @@ class AbuseTests(SynchronousTestCase):
         opened[0][0].connectionLost(Failure(ConnectionDone()))
         again, _ = self.connect("10.0.0.1")
         self.assertIsNotNone(again)
+
+
+class RequestIdTests(SynchronousTestCase):
+    def test_413_carries_the_request_id(self) -> None:
+        """
+        Even a body refused before it was read gets x-oaiproxy-request-id,
+        the id its access log entry has.
+        """
+        clock = MemoryReactorClock()
+        records: list[Any] = []
+        site = ProxySite(
+            build_root(Recorder()), max_body_bytes=10, idle_timeout=60, reactor=clock, access_log=records.append
+        )
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(post(b"/v1/chat/completions", b"y" * 100)[:120])
+        head = transport.value().split(b"\r\n\r\n")[0]
+        [record] = records
+        self.assertIn(b"x-oaiproxy-request-id: " + record.request_id.encode(), head)

@@ -273,3 +273,40 @@ class PlainBodyTests(SynchronousTestCase):
             result = meter([body], event_stream=False)
             self.assertIsNone(result.total_tokens, body)
             self.assertEqual(result.used(5), 5, body)
+
+
+class InjectionEdgeTests(SynchronousTestCase):
+    def test_stream_options_null_left_alone(self) -> None:
+        """
+        A body with "stream_options": null is not injected: a second member
+        would be a duplicate key, and the client's null would win.
+        """
+        from oaiproxy.usage import inject_include_usage
+
+        body = b'{"model": "m", "stream": true, "stream_options": null, "messages": []}'
+        self.assertIsNone(inject_include_usage(body, json.loads(body)))
+        plain = b' {"model": "m", "stream": true}'
+        self.assertEqual(
+            inject_include_usage(plain, json.loads(plain)),
+            b' {"stream_options":{"include_usage":true},"model": "m", "stream": true}',
+        )
+
+    def test_filter_removes_null_usage_members(self) -> None:
+        """
+        The filter removes the "usage": null member OpenAI adds to every
+        chunk, wherever it stands, and the usage-only event.
+        """
+        from oaiproxy.usage import UsageEventFilter
+
+        stream = (
+            b'data: {"id":"a","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
+            b'data: {"usage": null, "id":"b","choices":[]}\n\n'
+            b'data: {"id":"c","choices":[],"usage":{"total_tokens":3}}\n\n'
+            b"data: [DONE]\n\n"
+        )
+        self.assertEqual(
+            UsageEventFilter()(stream),
+            b'data: {"id":"a","choices":[{"delta":{"content":"hi"}}]}\n\n'
+            b'data: { "id":"b","choices":[]}\n\n'
+            b"data: [DONE]\n\n",
+        )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import select
 import signal
 import threading
 
@@ -99,3 +101,39 @@ class GroupTests(SynchronousTestCase):
         self.assertIn(proxy.wait(), (0, -signal.SIGTERM))
         self.assertEqual(proxy.output.count("drained; shutting down"), 2)
         self.assertNotIn(KEY, proxy.output)
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """
+    Wait for a process that is not our child to end (a pidfd becomes
+    readable when it does); whether it ended in time.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        return bool(readable)
+    finally:
+        os.close(fd)
+
+
+class OrphanTests(SynchronousTestCase):
+    def test_workers_do_not_outlive_the_supervisor(self) -> None:
+        """
+        If the supervisor is killed outright, its workers drain and exit
+        instead of holding the port forever.
+        """
+        cwd = temp_dir(self)
+        upstream, url = start_fake_upstream(cwd, "")
+        self.addCleanup(upstream.stop)
+        proxy, base = start_proxy(cwd, ["--upstream", url, "--workers", "2"], {"OPENAI_API_KEY": KEY})
+        self.addCleanup(proxy.stop)
+        proxy.wait_until(lambda out: out.count("oaiproxy listening on") == 2)
+        with open(f"/proc/{proxy.pid}/task/{proxy.pid}/children") as f:
+            workers = [int(pid) for pid in f.read().split()]
+        self.assertEqual(len(workers), 2)
+        proxy.send_signal(signal.SIGKILL)
+        for pid in workers:
+            self.assertTrue(wait_for_exit(pid, 30), f"worker {pid} outlived its supervisor")
