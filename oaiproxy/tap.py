@@ -403,9 +403,15 @@ def _listen(description: str, site: Any, announce: Callable[[IListeningPort], No
     return listener
 
 
-def _metrics_announcer(bound: "Deferred[None]") -> Callable[[IListeningPort], None]:
+def _metrics_announcer(bound: "Deferred[None]", keyed: bool) -> Callable[[IListeningPort], None]:
     def announce(port: IListeningPort) -> None:
         address: Any = port.getHost()
+        if not keyed and not is_private_address(address):
+            log.warn(
+                "metrics on {host} are readable by anyone who can connect (client names, models, volumes); "
+                "set --metrics-key-file or listen on loopback",
+                host=getattr(address, "host", "-"),
+            )
         log.info(
             "metrics at http://{host}:{port}/metrics",
             host=getattr(address, "host", "-"),
@@ -673,7 +679,7 @@ def makeService(
         )
         bound = Deferred()
         listening.append(bound)
-        _listen(config.metrics_port, metrics_site, _metrics_announcer(bound), reactor).setServiceParent(service)
+        _listen(config.metrics_port, metrics_site, _metrics_announcer(bound, config.metrics_key is not None), reactor).setServiceParent(service)
 
     def status() -> str:
         return (
