@@ -679,7 +679,9 @@ def makeService(
         )
         bound = Deferred()
         listening.append(bound)
-        _listen(config.metrics_port, metrics_site, _metrics_announcer(bound, config.metrics_key is not None), reactor).setServiceParent(service)
+        _listen(
+            config.metrics_port, metrics_site, _metrics_announcer(bound, config.metrics_key is not None), reactor
+        ).setServiceParent(service)
 
     def status() -> str:
         return (
