@@ -25,7 +25,7 @@ from twisted.web import client as webClient
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 
-from oaiproxy.clients import Credentials, Limits, looks_like_openai_key
+from oaiproxy.clients import Client, Credentials, Limits, looks_like_openai_key
 from oaiproxy.errors import (
     ApiError,
     draining,
@@ -97,6 +97,26 @@ def _failure_kind(failure: Failure) -> str:
     return "connect"
 
 
+def authenticate(request: Request, credentials: Credentials) -> "Optional[Client] | ApiError":
+    """
+    Who is asking: the client whose key the request carries (C{None} when
+    the proxy has no client keys), or the error to answer with.  A request
+    carrying what looks like an OpenAI key is refused either way.  The
+    client's name goes on the request's record, for logs and metrics.
+    """
+    token = bearer_token(request.requestHeaders)
+    clients = credentials.clients
+    client = clients.identify(token) if (token is not None and len(clients)) else None
+    if token is not None and client is None and looks_like_openai_key(token):
+        return openai_key_sent()
+    if len(clients) and client is None:
+        return invalid_api_key()
+    if client is not None:
+        # Who, never with what key.
+        record_of(request).client = client.name
+    return client
+
+
 def read_body(request: Request) -> bytes:
     """
     The whole request body.  L{oaiproxy.site.ProxyRequest} keeps it in
@@ -160,18 +180,11 @@ class ChatCompletionsResource(Endpoint):
     def render_POST(self, request: Request) -> bytes | int:
         if self._lifecycle.draining:
             return error_response(request, draining())
-        token = bearer_token(request.requestHeaders)
-        clients = self._credentials.clients
-        client = clients.identify(token) if (token is not None and len(clients)) else None
-        if token is not None and client is None and looks_like_openai_key(token):
-            return error_response(request, openai_key_sent())
-        if len(clients) and client is None:
-            return error_response(request, invalid_api_key())
+        client = authenticate(request, self._credentials)
+        if isinstance(client, ApiError):
+            return error_response(request, client)
         record = record_of(request)
         record.route = "chat_completions"
-        if client is not None:
-            # For logs and metrics: who, never with what key.
-            record.client = client.name
         body = read_body(request)
         parsed = parse_chat_request(body)
         if isinstance(parsed, ApiError):
@@ -262,10 +275,10 @@ class _Exchange:
         self._event_stream = False
         self.finished = False
 
-    def start(self, body: bytes) -> None:
+    def start(self, body: Optional[bytes], method: str = "POST", path: str = CHAT_COMPLETIONS) -> None:
         self._request.notifyFinish().addBoth(self._client_done)
         self._record.upstream_sent = self._clock.seconds()
-        pending = self._upstream.post(CHAT_COMPLETIONS, body, self._request.requestHeaders)
+        pending = self._upstream.request(method, path, body, self._request.requestHeaders)
         self._pending = pending
         pending.addCallbacks(self._got_head, self._no_head)
         pending.addErrback(self._bug)

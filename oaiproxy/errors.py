@@ -156,7 +156,7 @@ def not_found(method: str, path: str) -> ApiError:
     return ApiError(
         404,
         f"Invalid URL ({method} {path}): this proxy serves POST "
-        "/v1/chat/completions and GET /health. Set the SDK's base URL to "
+        "/v1/chat/completions, GET /v1/models and GET /health. Set the SDK's base URL to "
         "http://<proxy-host>:<port>/v1.",
         INVALID_REQUEST,
         None,

@@ -143,6 +143,8 @@ class FakeUpstream(Resource):
                     getattr(request.getClientAddress(), "port", 0),
                 )
             )
+        if "/models" in path and method == "GET":
+            return self._render_models(request, path)
         if not path.endswith("/chat/completions"):
             request.setResponseCode(404)
             return self._json(request, _error(f"Invalid URL ({method} {path})", "invalid_request_error", None))
@@ -172,6 +174,30 @@ class FakeUpstream(Resource):
         request.setHeader(b"set-cookie", b"__cf_bm=fake-session; path=/; HttpOnly")
         request.setHeader(b"x-ratelimit-remaining-requests", b"4999")
         return self._render_chat(request, document, model, prompt)
+
+    #: What C{GET /v1/models} lists.
+    MODELS = ("gpt-4o", "gpt-4o-mini", "o3")
+
+    def _render_models(self, request: Request, path: str) -> bytes:
+        if self._api_key is not None and request.getHeader(b"authorization") != b"Bearer " + self._api_key:
+            request.setResponseCode(401)
+            return self._json(
+                request, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            )
+
+        def model(name: str) -> dict[str, Any]:
+            return {"id": name, "object": "model", "created": 1700000000, "owned_by": "openai"}
+
+        _, _, rest = path.partition("/models")
+        name = rest.lstrip("/")
+        if not name:
+            return self._json(request, json.dumps({"object": "list", "data": [model(m) for m in self.MODELS]}).encode())
+        if name not in self.MODELS:
+            request.setResponseCode(404)
+            return self._json(
+                request, _error(f"The model '{name}' does not exist", "invalid_request_error", "model_not_found")
+            )
+        return self._json(request, json.dumps(model(name)).encode())
 
     def _render_control(self, request: Request, method: str, path: str) -> bytes | int:
         if path == "/_fake/requests" and method == "GET":

@@ -163,7 +163,10 @@ class HealthResource(Endpoint):
 
 
 def build_root(
-    chat: Optional[IResource], health: Optional[IResource] = None, metrics: Optional[IResource] = None
+    chat: Optional[IResource],
+    health: Optional[IResource] = None,
+    metrics: Optional[IResource] = None,
+    models: Optional[IResource] = None,
 ) -> Resource:
     """
     Assemble the tree::
@@ -172,6 +175,7 @@ def build_root(
         /v1/chat/completions    chat completions (SDK base URL .../v1)
         /chat/completions       the same (SDK base URL without /v1)
         /metrics                Prometheus metrics, when given
+        /v1/models[/{id}]       the model list (and /models), when given
     """
     root = Directory()
     root.putChild(b"health", health if health is not None else HealthResource())
@@ -180,6 +184,9 @@ def build_root(
             _child(parent, b"chat").putChild(b"completions", chat)
     if metrics is not None:
         root.putChild(b"metrics", metrics)
+    if models is not None:
+        root.putChild(b"models", models)
+        _child(root, b"v1").putChild(b"models", models)
     return root
 
 

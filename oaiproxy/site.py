@@ -77,6 +77,8 @@ ROUTES = {
     b"/chat/completions": "chat_completions",
     b"/health": "health",
     b"/metrics": "metrics",
+    b"/v1/models": "models",
+    b"/models": "models",
 }
 
 _REQUEST_ID_HEADER = b"x-oaiproxy-request-id"

@@ -56,6 +56,7 @@ from oaiproxy.headers import bearer_token
 from oaiproxy.lifecycle import DrainService, Lifecycle, ReadinessService, ReloadService
 from oaiproxy.limits import Limiter
 from oaiproxy.metrics import Metrics, MetricsCheck, MetricsResource
+from oaiproxy.models import ModelsResource
 from oaiproxy.resources import HealthResource, build_root, error_response
 from oaiproxy.sdnotify import Notifier
 from oaiproxy.site import ProxySite
@@ -640,7 +641,12 @@ def makeService(
     health = HealthResource(lifecycle)
     on_api_port = None if config.metrics_port else MetricsResource(metrics, metrics_check)
     site = ProxySite(
-        build_root(chat, health, on_api_port),
+        build_root(
+            chat,
+            health,
+            on_api_port,
+            ModelsResource(upstream, reactor, credentials, lifecycle, config.connect_timeout),
+        ),
         max_body_bytes=config.max_body_bytes,
         idle_timeout=config.idle_timeout,
         header_timeout=config.header_timeout,

@@ -11,7 +11,7 @@ keep a cookie, and give up when the response head is late.
 from __future__ import annotations
 
 from http.cookiejar import CookiePolicy
-from typing import Any
+from typing import Any, Optional
 
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
@@ -164,6 +164,15 @@ class UpstreamClient:
         """
         Forward a request body, byte for byte, to C{base_url + path}.
 
+        See L{request}.
+        """
+        return self.request("POST", path, body, client_headers)
+
+    def request(self, method: str, path: str, body: Optional[bytes], client_headers: Headers) -> "Deferred[IResponse]":
+        """
+        Forward a request, its body (if any) byte for byte, to
+        C{base_url + path}.
+
         @return: a Deferred firing with the unbuffered response as soon as
             its head arrives; failing with L{UpstreamTimeout} if that takes
             longer than C{read_timeout}.  Cancelling it aborts the upstream
@@ -171,7 +180,7 @@ class UpstreamClient:
         """
         headers = upstream_request_headers(client_headers, b"Bearer " + self._credentials.api_key.reveal())
         d = self._http.request(
-            "POST",
+            method,
             self.base_url + path,
             data=body,
             headers=headers,

@@ -106,6 +106,15 @@ class ForwardingTests(E2ETestCase):
         rest = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         self.assertEqual("This" + rest, REPLY)
 
+    def test_models_list(self) -> None:
+        """
+        client.models.list() (what Open WebUI and friends call at startup)
+        returns upstream's models through the proxy.
+        """
+        models = [m.id for m in self.client().models.list()]
+        self.assertEqual(models, ["gpt-4o", "gpt-4o-mini", "o3"])
+        self.assertEqual(self.client().models.retrieve("o3").id, "o3")
+
     def test_base_url_without_v1(self) -> None:
         """
         An SDK configured with the bare proxy URL (no /v1) works too.
@@ -425,6 +434,9 @@ class ClientFileTests(E2ETestCase):
         the key.
         """
         client = self.client(api_key=self.alice)
+        self.assertEqual([m.id for m in client.models.list()], ["gpt-4o-mini"])
+        with self.assertRaises(openai.NotFoundError):
+            client.models.retrieve("o3")
         completion = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         self.assertEqual(completion.choices[0].message.content, REPLY)
         with self.assertRaises(openai.PermissionDeniedError) as denied:
@@ -438,7 +450,7 @@ class ClientFileTests(E2ETestCase):
         with self.assertRaises(openai.AuthenticationError) as refused:
             self.client(api_key="sk-proj-" + "x" * 40).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         self.assertEqual(refused.exception.code, "openai_key_not_accepted")
-        self.assertEqual(len(self.upstream_requests()), 2)
+        self.assertEqual([r["method"] for r in self.upstream_requests()], ["GET", "POST", "POST"])
         self.proxy.stop()
         self.assertIn("alice POST /v1/chat/completions 200", self.proxy.output)
         self.assertNotIn(self.alice, self.proxy.output)

@@ -1,0 +1,141 @@
+# -*- test-case-name: tests.test_models -*-
+"""
+C{GET /v1/models} and C{GET /v1/models/{id}}: what Open WebUI, LibreChat
+and most SDK-based tools ask for at startup.
+
+Forwarded upstream like chat completions.  A client with a model
+allow-list sees only its models: the list is filtered (it is small, so it
+is read whole for that), and any other model is a 404 for it, decided
+without asking upstream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+from urllib.parse import quote
+
+import treq
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IResponse
+from twisted.web.server import NOT_DONE_YET, Request
+
+from oaiproxy.chat import _Exchange, authenticate, classify_upstream_failure
+from oaiproxy.clients import Credentials
+from oaiproxy.errors import ApiError, draining
+from oaiproxy.lifecycle import Lifecycle
+from oaiproxy.limits import UNLIMITED
+from oaiproxy.records import record_of
+from oaiproxy.resources import JSONResource, error_response, send_error
+from oaiproxy.upstream import UpstreamClient
+
+__all__ = ["ModelsResource", "model_not_found"]
+
+
+def model_not_found(model: str) -> ApiError:
+    """
+    OpenAI's own answer for a model a key may not see.
+    """
+    return ApiError(
+        404,
+        f"The model '{model}' does not exist or you do not have access to it.",
+        "invalid_request_error",
+        None,
+        "model_not_found",
+    )
+
+
+class ModelsResource(JSONResource):
+    """
+    The models endpoint, C{/models} and everything below it.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        clock: IReactorTime,
+        credentials: Credentials,
+        lifecycle: Optional[Lifecycle] = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self._upstream = upstream
+        self._clock = clock
+        self._credentials = credentials
+        self._lifecycle = lifecycle or Lifecycle()
+        self._connect_timeout = connect_timeout
+
+    def render_GET(self, request: Request) -> bytes | int:
+        if self._lifecycle.draining:
+            return error_response(request, draining())
+        client = authenticate(request, self._credentials)
+        if isinstance(client, ApiError):
+            return error_response(request, client)
+        record = record_of(request)
+        record.route = "models"
+        name = "/".join(segment.decode("utf-8", "replace") for segment in (request.postpath or []) if segment)
+        record.model = name or None
+        path = "/models" + ("/" + quote(name, safe="/:@") if name else "")
+        allowed = client.models if client is not None else None
+        if allowed is not None and name and name not in allowed:
+            return error_response(request, model_not_found(name))
+        if allowed is not None and not name:
+            self._filtered_list(request, allowed)
+            return NOT_DONE_YET
+        exchange = _Exchange(
+            request, self._upstream, self._clock, self._connect_timeout, self.log, UNLIMITED, 0, record
+        )
+        exchange.start(None, "GET", path)
+        return NOT_DONE_YET
+
+    def _filtered_list(self, request: Request, allowed: frozenset[str]) -> None:
+        """
+        The upstream's model list, less what the client may not use.
+        """
+        record = record_of(request)
+        record.upstream_sent = self._clock.seconds()
+        pending = self._upstream.request("GET", "/models", None, request.requestHeaders)
+        finished: list[bool] = []
+
+        def client_done(result: Optional[Failure]) -> None:
+            finished.append(True)
+            if isinstance(result, Failure):
+                pending.cancel()
+
+        request.notifyFinish().addBoth(client_done)
+
+        def got(response: IResponse) -> "Deferred[Any]":
+            record.upstream_head = self._clock.seconds()
+            record.upstream_status = response.code
+            return treq.content(response).addCallback(lambda body: (response, body))
+
+        def answer(result: tuple[IResponse, bytes]) -> None:
+            response, body = result
+            if finished:
+                return
+            if response.code == 200:
+                try:
+                    listing = json.loads(body)
+                    listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and m.get("id") in allowed]
+                    body = json.dumps(listing).encode("utf-8")
+                except (ValueError, KeyError, TypeError):
+                    pass  # not a list we understand: pass it on as it came
+            request.setResponseCode(response.code)
+            request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+            request.write(body)
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            if finished:
+                return
+            error = classify_upstream_failure(failure, self._connect_timeout)
+            self.log.warn("upstream gave no model list: {status} {code}", status=error.status, code=error.code)
+            send_error(request, error)
+
+        pending.addCallback(got).addCallbacks(answer, failed)
