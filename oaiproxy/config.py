@@ -115,6 +115,7 @@ class Config:
     metrics_key: Optional[Secret] = None
     sse_keepalive: float = 15.0
     stream_usage: bool = True
+    upstream_headers: tuple[tuple[bytes, bytes], ...] = ()
     workers: int = 1
     worker_listeners: tuple[str, ...] = ()
     worker_share: int = 1

@@ -10,7 +10,8 @@ here, free of I/O, lets them be read in one place and tested exhaustively.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import re
+from typing import Iterable, Optional, Sequence
 
 from twisted.web.http_headers import Headers
 
@@ -20,6 +21,7 @@ __all__ = [
     "client_response_headers",
     "bearer_token",
     "client_request_id",
+    "parse_static_header",
 ]
 
 #: Connection-level headers (RFC 9110 section 7.6.1 plus the historical
@@ -96,7 +98,9 @@ def _kept(headers: Headers, drop: frozenset[bytes]) -> Iterable[tuple[bytes, lis
         yield name, list(values)
 
 
-def upstream_request_headers(client: Headers, authorization: bytes) -> Headers:
+def upstream_request_headers(
+    client: Headers, authorization: bytes, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> Headers:
     """
     The headers to send upstream for a client request.
 
@@ -108,12 +112,42 @@ def upstream_request_headers(client: Headers, authorization: bytes) -> Headers:
     @param client: the headers of the incoming request.
     @param authorization: the complete C{Authorization} value for upstream,
         for example C{b"Bearer sk-..."}.
+    @param extra: the operator's static upstream headers
+        (C{--upstream-header}); each replaces the client's header of that
+        name.
     """
     out = Headers()
     for name, values in _kept(client, _REQUEST_DROP):
         out.setRawHeaders(name, values)
+    for name, value in extra:
+        out.setRawHeaders(name, [value])
     out.setRawHeaders(b"authorization", [authorization])
     return out
+
+
+#: Headers an operator may not set with C{--upstream-header}: the proxy or
+#: the connection owns them.
+_NOT_SETTABLE = _REQUEST_DROP | frozenset({b"authorization"})
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def parse_static_header(text: str) -> tuple[bytes, bytes]:
+    """
+    Parse C{NAME:VALUE} (as C{--upstream-header} takes it).
+
+    @raise ValueError: with a message naming the header, never its value
+        (which may be a credential of an OpenAI-compatible service).
+    """
+    name, sep, value = text.partition(":")
+    raw_name = name.strip().encode("latin-1", "replace")
+    if not sep or not _TOKEN.match(raw_name):
+        raise ValueError("--upstream-header must be NAME:VALUE with a valid header name")
+    if raw_name.lower() in _NOT_SETTABLE:
+        raise ValueError(f"--upstream-header cannot set {name.strip()}: the proxy sets it itself")
+    raw_value = value.strip().encode("latin-1", "replace")
+    if any(b < 0x20 and b != 0x09 for b in raw_value) or b"\x7f" in raw_value:
+        raise ValueError(f"--upstream-header {name.strip()}: the value has control characters")
+    return raw_name, raw_value
 
 
 def client_response_headers(upstream: Headers, length: Optional[int]) -> list[tuple[bytes, list[bytes]]]:

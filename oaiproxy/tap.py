@@ -52,7 +52,7 @@ from oaiproxy.config import (
 )
 from oaiproxy.errors import invalid_api_key
 from oaiproxy.fake_upstream import FakeUpstream, listen
-from oaiproxy.headers import bearer_token
+from oaiproxy.headers import bearer_token, parse_static_header
 from oaiproxy.lifecycle import DrainService, Lifecycle, ReadinessService, ReloadService
 from oaiproxy.limits import Limiter
 from oaiproxy.metrics import Metrics, MetricsCheck, MetricsResource
@@ -242,6 +242,7 @@ class Options(usage.Options):
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
         self["port"] = []
         self["worker-listener"] = []
+        self["upstream-header"] = []
         self.argv: list[str] = []
         self.config: Config = _DEFAULTS
 
@@ -272,6 +273,15 @@ class Options(usage.Options):
             "--client-keys is not accepted: keys on the command line are visible to every user of the host "
             "in ps; use --client-keys-file PATH (a file of key hashes) or OAIPROXY_CLIENT_KEYS"
         )
+
+    def opt_upstream_header(self, value: str) -> None:
+        """
+        NAME:VALUE: a header sent with every upstream request (e.g. OpenRouter's HTTP-Referer); repeatable.
+        """  # noqa: E501
+        try:
+            self["upstream-header"].append(parse_static_header(value))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
     def opt_worker_listener(self, value: str) -> None:
         """
@@ -336,6 +346,7 @@ class Options(usage.Options):
             metrics_key=self._metrics_key(),
             stream_usage=not self["no-stream-usage"] and env.get("OAIPROXY_STREAM_USAGE", "on") != "off",
             worker_listeners=tuple(self["worker-listener"]),
+            upstream_headers=tuple(self["upstream-header"]),
             **values,
         )
 
@@ -622,7 +633,7 @@ def makeService(
     if http is None:
         http = make_http_client(reactor, config.connect_timeout)
     assert http is not None
-    upstream = UpstreamClient(http, config.upstream, credentials, reactor, config.read_timeout)
+    upstream = UpstreamClient(http, config.upstream, credentials, reactor, config.read_timeout, config.upstream_headers)
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
 

@@ -11,7 +11,7 @@ keep a cookie, and give up when the response head is late.
 from __future__ import annotations
 
 from http.cookiejar import CookiePolicy
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
@@ -141,6 +141,8 @@ class UpstreamClient:
         reload takes effect at once.
     @param clock: the clock for the response-head timeout.
     @param read_timeout: seconds to wait for the response head.
+    @param extra_headers: static headers for every upstream request
+        (C{--upstream-header}), e.g. OpenRouter's C{HTTP-Referer}.
     """
 
     def __init__(
@@ -150,10 +152,12 @@ class UpstreamClient:
         credentials: Credentials,
         clock: IReactorTime,
         read_timeout: float,
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         self._http = http
         self.base_url = base_url.rstrip("/")
         self._credentials = credentials
+        self._extra_headers = tuple(extra_headers)
         self._clock = clock
         self.read_timeout = read_timeout
 
@@ -178,7 +182,9 @@ class UpstreamClient:
             longer than C{read_timeout}.  Cancelling it aborts the upstream
             request, which is how a client disconnect stops token spend.
         """
-        headers = upstream_request_headers(client_headers, b"Bearer " + self._credentials.api_key.reveal())
+        headers = upstream_request_headers(
+            client_headers, b"Bearer " + self._credentials.api_key.reveal(), self._extra_headers
+        )
         d = self._http.request(
             method,
             self.base_url + path,

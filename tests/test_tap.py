@@ -286,3 +286,18 @@ class ServiceTests(SynchronousTestCase):
             [(0, "127.0.0.1"), (8080, "127.0.0.1")],
         )
         self.assertIn("http://127.0.0.1:0/v1", [e.get("url") for e in events])
+
+
+class UpstreamHeaderOptionTests(SynchronousTestCase):
+    def test_option(self) -> None:
+        """
+        --upstream-header is repeatable; a bad one stops startup with one
+        line.
+        """
+        config = parse(
+            ["--upstream-header", "HTTP-Referer: https://a.example", "--upstream-header", "X-Title: A"]
+        ).config
+        self.assertEqual(config.upstream_headers, ((b"HTTP-Referer", b"https://a.example"), (b"X-Title", b"A")))
+        with self.assertRaises(SystemExit) as caught:
+            parse(["--upstream-header", "Authorization: Bearer sk-x"])
+        self.assertIn("cannot set Authorization", str(caught.exception.code))

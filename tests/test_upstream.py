@@ -87,3 +87,42 @@ class PoolTests(SynchronousTestCase):
         self.assertTrue(pool.persistent)
         self.assertEqual(pool.maxPersistentPerHost, MAX_PERSISTENT_PER_HOST)
         self.assertGreaterEqual(MAX_PERSISTENT_PER_HOST, 64)
+
+
+class StaticHeaderTests(SynchronousTestCase):
+    def test_parse(self) -> None:
+        """
+        --upstream-header takes NAME:VALUE, and refuses headers the proxy
+        owns, bad names and control characters without quoting the value.
+        """
+        from oaiproxy.headers import parse_static_header
+
+        self.assertEqual(
+            parse_static_header("HTTP-Referer: https://app.example"), (b"HTTP-Referer", b"https://app.example")
+        )
+        self.assertEqual(parse_static_header("X-Title:My App"), (b"X-Title", b"My App"))
+        for bad in ("NoColon", "Bad Name: x", "Authorization: Bearer sk-SECRETVALUE", "Host: a", "X-A: a\rb"):
+            with self.assertRaises(ValueError) as caught:
+                parse_static_header(bad)
+            self.assertNotIn("SECRETVALUE", str(caught.exception))
+
+    def test_sent_with_every_request(self) -> None:
+        """
+        Static headers go upstream with every request, replacing a client's
+        header of the same name, and cannot displace the proxy's key.
+        """
+        http = Recording()
+        client = UpstreamClient(
+            http,
+            "https://openrouter.test/api/v1",
+            Credentials(Secret(b"sk-UP")),
+            Clock(),
+            30.0,
+            [(b"HTTP-Referer", b"https://app.example"), (b"X-Title", b"My App")],
+        )
+        client.post("/chat/completions", b"{}", Headers({b"x-title": [b"client's"]}))
+        [(_, kwargs)] = http.calls
+        headers = kwargs["headers"]
+        self.assertEqual(headers.getRawHeaders(b"http-referer"), [b"https://app.example"])
+        self.assertEqual(headers.getRawHeaders(b"x-title"), [b"My App"])
+        self.assertEqual(headers.getRawHeaders(b"authorization"), [b"Bearer sk-UP"])
