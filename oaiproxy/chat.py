@@ -132,7 +132,51 @@ def read_body(request: Request) -> bytes:
     return data
 
 
-class ChatCompletionsResource(Endpoint):
+class ForwardingResource(Endpoint):
+    """
+    What every forwarding endpoint shares: its collaborators, and the
+    admission every request passes first (not draining, a valid client).
+
+    @param upstream: where requests go.
+    @param clock: the clock for timeouts and records.
+    @param credentials: the clients allowed in (none: no client auth); read
+        per request, so a reload applies at once.
+    @param lifecycle: tells whether the proxy is draining.
+    @param connect_timeout: named in the 502 for a connect timeout.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        clock: IReactorTime,
+        credentials: Credentials,
+        lifecycle: Optional[Lifecycle] = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self._upstream = upstream
+        self._clock = clock
+        self._credentials = credentials
+        self._lifecycle = lifecycle or Lifecycle()
+        self._connect_timeout = connect_timeout
+
+    def _admit(self, request: Request, route: str) -> "Optional[Client] | bytes":
+        """
+        The client making the request (C{None} without client auth), or the
+        body of the error already set on the request.
+        """
+        if self._lifecycle.draining:
+            return error_response(request, draining())
+        client = authenticate(request, self._credentials)
+        if isinstance(client, ApiError):
+            return error_response(request, client)
+        record_of(request).route = route
+        return client
+
+
+class ChatCompletionsResource(ForwardingResource):
     """
     The chat completions endpoint.
 
@@ -140,21 +184,15 @@ class ChatCompletionsResource(Endpoint):
     key check, body validation, the client's model allow-list, and the
     client's limits.  Each refusal is an OpenAI-shaped error.
 
-    @param upstream: where requests go.
-    @param clock: the clock for stream idle timeouts.
-    @param credentials: the clients allowed in (none: no client auth); read
-        per request, so a reload applies at once.
+    Collaborators as for L{ForwardingResource}, and:
+
     @param limiter: the clients' limit state.
-    @param lifecycle: tells whether the proxy is draining.
-    @param connect_timeout: named in the 502 for a connect timeout.
     @param stream_usage: ask upstream for usage on streams whose client did
         not, and remove it before the client sees it (exact token counts;
         the one change the proxy makes to a request body).
     @param sse_keepalive: seconds of upstream silence in a stream after
         which a C{: keepalive} comment is sent; 0 for never.
     """
-
-    log = Logger()
 
     def __init__(
         self,
@@ -167,24 +205,16 @@ class ChatCompletionsResource(Endpoint):
         stream_usage: bool = True,
         sse_keepalive: float = 15.0,
     ) -> None:
-        super().__init__()
-        self._upstream = upstream
-        self._clock = clock
-        self._credentials = credentials
-        self._lifecycle = lifecycle or Lifecycle()
-        self._connect_timeout = connect_timeout
+        super().__init__(upstream, clock, credentials, lifecycle, connect_timeout)
         self._limiter = limiter or Limiter(clock)
         self._stream_usage = stream_usage
         self._sse_keepalive = sse_keepalive
 
     def render_POST(self, request: Request) -> bytes | int:
-        if self._lifecycle.draining:
-            return error_response(request, draining())
-        client = authenticate(request, self._credentials)
-        if isinstance(client, ApiError):
-            return error_response(request, client)
+        client = self._admit(request, "chat_completions")
+        if isinstance(client, bytes):
+            return client
         record = record_of(request)
-        record.route = "chat_completions"
         body = read_body(request)
         parsed = parse_chat_request(body)
         if isinstance(parsed, ApiError):

@@ -17,20 +17,15 @@ from urllib.parse import quote
 
 import treq
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 
-from oaiproxy.chat import _Exchange, authenticate, classify_upstream_failure
-from oaiproxy.clients import Credentials
-from oaiproxy.errors import ApiError, draining
-from oaiproxy.lifecycle import Lifecycle
+from oaiproxy.chat import ForwardingResource, _Exchange, classify_upstream_failure
+from oaiproxy.errors import ApiError
 from oaiproxy.limits import UNLIMITED
 from oaiproxy.records import record_of
 from oaiproxy.resources import JSONResource, error_response, send_error
-from oaiproxy.upstream import UpstreamClient
 
 __all__ = ["ModelsResource", "model_not_found"]
 
@@ -48,37 +43,19 @@ def model_not_found(model: str) -> ApiError:
     )
 
 
-class ModelsResource(JSONResource):
+class ModelsResource(ForwardingResource):
     """
     The models endpoint, C{/models} and everything below it.
     """
 
-    isLeaf = True
-    log = Logger()
-
-    def __init__(
-        self,
-        upstream: UpstreamClient,
-        clock: IReactorTime,
-        credentials: Credentials,
-        lifecycle: Optional[Lifecycle] = None,
-        connect_timeout: float = 10.0,
-    ) -> None:
-        super().__init__()
-        self._upstream = upstream
-        self._clock = clock
-        self._credentials = credentials
-        self._lifecycle = lifecycle or Lifecycle()
-        self._connect_timeout = connect_timeout
+    # Unlike the other endpoints, the path below it is meaningful: a model.
+    render = JSONResource.render
 
     def render_GET(self, request: Request) -> bytes | int:
-        if self._lifecycle.draining:
-            return error_response(request, draining())
-        client = authenticate(request, self._credentials)
-        if isinstance(client, ApiError):
-            return error_response(request, client)
+        client = self._admit(request, "models")
+        if isinstance(client, bytes):
+            return client
         record = record_of(request)
-        record.route = "models"
         name = "/".join(segment.decode("utf-8", "replace") for segment in (request.postpath or []) if segment)
         record.model = name or None
         path = "/models" + ("/" + quote(name, safe="/:@") if name else "")

@@ -8,7 +8,6 @@ each, including for requests that end by disconnect.
 from __future__ import annotations
 
 import io
-import os
 from typing import Any, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -412,6 +411,7 @@ class ProxySite(Site):
         lifecycle: Optional[Lifecycle] = None,
         metrics: Optional[Metrics] = None,
         access_log: Optional[AccessLog] = None,
+        worker: Optional[int] = None,
         reactor: Any = None,
     ) -> None:
         # No form parsing: the proxy only takes JSON, and twisted.web would
@@ -420,9 +420,8 @@ class ProxySite(Site):
         self.metrics = metrics if metrics is not None else Metrics()
         self.access_log: AccessLog = access_log if access_log is not None else TextAccessLog()
         self.max_body_bytes = max_body_bytes
-        worker = os.environ.get("OAIPROXY_WORKER_INDEX", "")
-        #: Set by the supervisor in each worker's environment.
-        self.worker: Optional[int] = int(worker) if worker.isdigit() else None
+        #: Which worker of a group this is (see oaiproxy.workers), if any.
+        self.worker = worker
         self.header_timeout = header_timeout
         self.max_connections_per_ip = max_connections_per_ip
         self.lifecycle = lifecycle or Lifecycle()

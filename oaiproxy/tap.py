@@ -61,7 +61,7 @@ from oaiproxy.resources import HealthResource, build_root, error_response
 from oaiproxy.sdnotify import Notifier
 from oaiproxy.site import ProxySite
 from oaiproxy.upstream import UpstreamClient, make_http_client
-from oaiproxy.workers import FAMILIES, Supervisor, die_with_parent
+from oaiproxy.workers import FAMILIES, WORKER_INDEX, Supervisor, die_with_parent
 
 __all__ = ["Options", "makeService"]
 
@@ -562,6 +562,14 @@ def _reloader(options: Options, credentials: Credentials, exposure: _Exposure) -
     return reload
 
 
+def _worker_index(environ: Mapping[str, str]) -> Optional[int]:
+    """
+    The index the supervisor gave this worker (in its environment), if any.
+    """
+    index = environ.get(WORKER_INDEX, "")
+    return int(index) if index.isdigit() else None
+
+
 def _supervise(options: Options, reactor: Any, notifier: Notifier, service: MultiService) -> IService:
     """
     C{--workers N}: this process only holds the listeners and speaks for
@@ -665,6 +673,7 @@ def makeService(
         lifecycle=lifecycle,
         metrics=metrics,
         access_log=JsonAccessLog() if config.log_format == "json" else TextAccessLog(),
+        worker=_worker_index(options.environ),
         reactor=reactor,
     )
     listening: list[Deferred[None]] = []

@@ -50,6 +50,8 @@ READY_MARKER = b"oaiproxy listening on "
 #: Child descriptor numbers start after stdin, stdout and stderr.
 FIRST_FD = 3
 FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
+#: The environment variable that tells a worker its index.
+WORKER_INDEX = "OAIPROXY_WORKER_INDEX"
 #: Seconds before a worker that died is started again.
 RESPAWN_DELAY = 1.0
 
@@ -227,7 +229,7 @@ class Supervisor(Service):
         worker = _WorkerProcess(self, index)
         self.workers[index] = worker
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", **self._fds}
-        env = {**self._environ, "OAIPROXY_WORKER_INDEX": str(index)}
+        env = {**self._environ, WORKER_INDEX: str(index)}
         self._spawn(worker, sys.executable, argv, env=env, childFDs=child_fds)
 
     def worker_ready(self, worker: _WorkerProcess) -> None:
