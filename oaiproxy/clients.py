@@ -118,8 +118,13 @@ class Client:
     limits: Limits = Limits()
     models: Optional[frozenset[str]] = None
 
-    def allows(self, model: str) -> bool:
-        return self.models is None or model in self.models
+    def allows(self, model: Optional[str]) -> bool:
+        """
+        Whether the client may use C{model}.  A client with an allow-list
+        must name its model: where a route lets upstream pick a default,
+        that default is not on anyone's list.
+        """
+        return self.models is None or (model is not None and model in self.models)
 
 
 class ClientRegistry:

@@ -32,6 +32,10 @@ __all__ = [
     "parse_log_format",
     "parse_workers",
     "parse_upstream",
+    "parse_style",
+    "parse_deployment",
+    "parse_deployments",
+    "api_base",
     "port_from_env",
     "client_keys_from_env",
     "load_api_key",
@@ -116,6 +120,10 @@ class Config:
     sse_keepalive: float = 15.0
     stream_usage: bool = True
     upstream_headers: tuple[tuple[bytes, bytes], ...] = ()
+    routes: frozenset[str] = frozenset({"chat/completions", "models"})
+    upstream_style: str = "openai"
+    azure_api_version: Optional[str] = None
+    azure_deployments: tuple[tuple[str, str], ...] = ()
     workers: int = 1
     worker_listeners: tuple[str, ...] = ()
     worker_share: int = 1
@@ -206,6 +214,47 @@ def parse_upstream(text: str) -> str:
     if parts.query or parts.fragment:
         raise ConfigError(f"--upstream must not have a query or fragment: {_redact_url(text)!r}")
     return text.rstrip("/")
+
+
+def parse_style(name: str, text: str) -> str:
+    """
+    Check an upstream style: C{openai} (OpenAI and every server that copies
+    its API) or C{azure}.
+    """
+    if text not in ("openai", "azure"):
+        raise ConfigError(f"{name} must be 'openai' or 'azure', not {text!r}")
+    return text
+
+
+def parse_deployment(name: str, text: str) -> tuple[str, str]:
+    """
+    Parse C{MODEL=DEPLOYMENT} (as C{--azure-deployment} takes it).
+    """
+    model, sep, deployment = text.partition("=")
+    if not sep or not model.strip() or not deployment.strip():
+        raise ConfigError(f"{name} must be MODEL=DEPLOYMENT, not {text!r}")
+    return model.strip(), deployment.strip()
+
+
+def parse_deployments(name: str, text: str) -> tuple[tuple[str, str], ...]:
+    """
+    Parse C{MODEL=DEPLOYMENT} pairs separated by commas (the environment's
+    form of C{--azure-deployment}).
+    """
+    return tuple(parse_deployment(name, part) for part in text.split(",") if part.strip())
+
+
+def api_base(url: str, style: str) -> str:
+    """
+    The base URL requests are addressed from.  An OpenAI-style URL with no
+    path (C{http://localhost:11434}, as Ollama's and vLLM's own docs show
+    the host) gets C{/v1}, where every OpenAI-compatible server serves the
+    API; a URL with a path (C{https://openrouter.ai/api/v1}) is used as
+    given.  Azure's base is the resource host: its paths start C{/openai}.
+    """
+    if style == "openai" and not urlsplit(url).path.strip("/"):
+        return url.rstrip("/") + "/v1"
+    return url
 
 
 def _redact_url(text: str) -> str:

@@ -119,13 +119,16 @@ def openai_key_sent() -> ApiError:
     )
 
 
-def model_not_allowed(client: str, model: str) -> ApiError:
+def model_not_allowed(client: str, model: Optional[str]) -> ApiError:
     """
-    A 403 for a model outside the client's allow-list.
+    A 403 for a model outside the client's allow-list (or none named, by a
+    client that has one).
     """
     return ApiError(
         403,
-        f"Client {client!r} may not use the model {model!r} through this proxy.",
+        f"Client {client!r} may not use the model {model!r} through this proxy."
+        if model is not None
+        else f"Client {client!r} may only use the models on its allow-list: name one in 'model'.",
         INVALID_REQUEST,
         "model",
         "model_not_allowed",
@@ -155,12 +158,27 @@ def not_found(method: str, path: str) -> ApiError:
     """
     return ApiError(
         404,
-        f"Invalid URL ({method} {path}): this proxy serves POST "
-        "/v1/chat/completions, GET /v1/models and GET /health. Set the SDK's base URL to "
+        f"Invalid URL ({method} {path}): this proxy serves the OpenAI API below /v1 "
+        "(POST /v1/chat/completions, GET /v1/models...) and GET /health. Set the SDK's base URL to "
         "http://<proxy-host>:<port>/v1.",
         INVALID_REQUEST,
         None,
         "unknown_url",
+    )
+
+
+def route_not_enabled(route: str) -> ApiError:
+    """
+    A 404 for an API route this proxy knows but its operator did not turn
+    on, naming the option that does.
+    """
+    return ApiError(
+        404,
+        f"The route /v1/{route} is not enabled on this proxy. Its operator can enable it with "
+        f"--routes (environment OAIPROXY_ROUTES), for example --routes chat/completions,models,{route}.",
+        INVALID_REQUEST,
+        None,
+        "route_not_enabled",
     )
 
 

@@ -99,7 +99,10 @@ def _kept(headers: Headers, drop: frozenset[bytes]) -> Iterable[tuple[bytes, lis
 
 
 def upstream_request_headers(
-    client: Headers, authorization: bytes, extra: Sequence[tuple[bytes, bytes]] = ()
+    client: Headers,
+    authorization: bytes,
+    extra: Sequence[tuple[bytes, bytes]] = (),
+    credential_header: bytes = b"authorization",
 ) -> Headers:
     """
     The headers to send upstream for a client request.
@@ -115,19 +118,22 @@ def upstream_request_headers(
     @param extra: the operator's static upstream headers
         (C{--upstream-header}); each replaces the client's header of that
         name.
+    @param credential_header: the header that carries C{authorization}:
+        C{Authorization}, or C{api-key} for Azure OpenAI.  The client's
+        own C{Authorization} and C{api-key} are dropped either way.
     """
     out = Headers()
     for name, values in _kept(client, _REQUEST_DROP):
         out.setRawHeaders(name, values)
     for name, value in extra:
         out.setRawHeaders(name, [value])
-    out.setRawHeaders(b"authorization", [authorization])
+    out.setRawHeaders(credential_header, [authorization])
     return out
 
 
 #: Headers an operator may not set with C{--upstream-header}: the proxy or
 #: the connection owns them.
-_NOT_SETTABLE = _REQUEST_DROP | frozenset({b"authorization"})
+_NOT_SETTABLE = _REQUEST_DROP
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 

@@ -238,13 +238,22 @@ def format_reset(seconds: float) -> str:
     return f"{secs}s"
 
 
-def estimate_tokens(body: bytes, document: Mapping[str, Any], limits: Limits) -> tuple[int, int]:
+def estimate_tokens(
+    body: bytes, document: Mapping[str, Any], limits: Limits, generates: bool = True
+) -> tuple[int, int]:
     """
     The reservation for a request: C{(prompt_estimate, total_estimate)}.
+
+    @param generates: the route generates text (chat, completions,
+        responses), so the reservation covers the requested output too;
+        otherwise (embeddings, moderations...) the prompt is the cost.
     """
     prompt = math.ceil(len(body) / 3)
+    if not generates:
+        return prompt, prompt
     output: int = limits.default_max_tokens
-    for name in ("max_completion_tokens", "max_tokens"):
+    # Chat, legacy completions, and the Responses API's name for the same.
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value: Any = document.get(name)
         if _count(value):
             output = int(value)

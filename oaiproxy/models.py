@@ -21,11 +21,12 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 
-from oaiproxy.chat import ForwardingResource, _Exchange, classify_upstream_failure
 from oaiproxy.errors import ApiError
-from oaiproxy.limits import UNLIMITED
+from oaiproxy.forward import ForwardingResource, classify_upstream_failure
 from oaiproxy.records import record_of
 from oaiproxy.resources import JSONResource, error_response, send_error
+from oaiproxy.routes import MODELS
+from oaiproxy.styles import AzureStyle
 
 __all__ = ["ModelsResource", "model_not_found"]
 
@@ -48,6 +49,7 @@ class ModelsResource(ForwardingResource):
     The models endpoint, C{/models} and everything below it.
     """
 
+    route = MODELS
     # Unlike the other endpoints, the path below it is meaningful: a model.
     render = JSONResource.render
 
@@ -62,14 +64,33 @@ class ModelsResource(ForwardingResource):
         allowed = client.models if client is not None else None
         if allowed is not None and name and name not in allowed:
             return error_response(request, model_not_found(name))
+        style = self._upstream.style
+        if isinstance(style, AzureStyle) and style.deployments:
+            return self._deployed(request, name, style, allowed)
         if allowed is not None and not name:
             self._filtered_list(request, allowed)
             return NOT_DONE_YET
-        exchange = _Exchange(
-            request, self._upstream, self._clock, self._connect_timeout, self.log, UNLIMITED, 0, record
-        )
-        exchange.start(None, "GET", path)
+        self._exchange(request, MODELS).start(None, "GET", path)
         return NOT_DONE_YET
+
+    def _deployed(self, request: Request, name: str, style: AzureStyle, allowed: Optional[frozenset[str]]) -> bytes:
+        """
+        Azure lists the base models a resource could deploy, not the
+        deployments; with a deployment map, the models a client can use are
+        the map's, so they are the list.
+        """
+        models = [
+            {"id": model, "object": "model", "created": 0, "owned_by": "azure"}
+            for model in sorted(style.deployments)
+            if allowed is None or model in allowed
+        ]
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        if not name:
+            return json.dumps({"object": "list", "data": models}).encode("utf-8")
+        for model in models:
+            if model["id"] == name:
+                return json.dumps(model).encode("utf-8")
+        return error_response(request, model_not_found(name))
 
     def _filtered_list(self, request: Request, allowed: frozenset[str]) -> None:
         """

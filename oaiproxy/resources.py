@@ -10,12 +10,12 @@ reports as an undecodable body; here every answer is OpenAI-shaped JSON.
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Iterable, Mapping, Optional
 
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from oaiproxy.errors import ApiError, method_not_allowed, not_found
+from oaiproxy.errors import ApiError, method_not_allowed, not_found, route_not_enabled
 from oaiproxy.lifecycle import Lifecycle
 
 __all__ = [
@@ -26,7 +26,9 @@ __all__ = [
     "Endpoint",
     "NotFound",
     "HealthResource",
+    "DisabledRoute",
     "build_root",
+    "build_tree",
 ]
 
 
@@ -162,6 +164,23 @@ class HealthResource(Endpoint):
         return self._HEALTHY
 
 
+class DisabledRoute(JSONResource):
+    """
+    A route the operator did not enable: a 404 for every method and any
+    path below it, naming the option that enables it, so the client's
+    operator knows what to ask for.
+    """
+
+    isLeaf = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
+
+    def render(self, request: Request) -> bytes:
+        return error_response(request, route_not_enabled(self._name))
+
+
 def build_root(
     chat: Optional[IResource],
     health: Optional[IResource] = None,
@@ -169,24 +188,46 @@ def build_root(
     models: Optional[IResource] = None,
 ) -> Resource:
     """
+    The tree for chat completions and the model list; see L{build_tree}.
+    """
+    api: dict[str, IResource] = {}
+    if chat is not None:
+        api["chat/completions"] = chat
+    if models is not None:
+        api["models"] = models
+    return build_tree(api, health, metrics)
+
+
+def build_tree(
+    api: Mapping[str, IResource],
+    health: Optional[IResource] = None,
+    metrics: Optional[IResource] = None,
+    disabled: Iterable[str] = (),
+) -> Resource:
+    """
     Assemble the tree::
 
         /health                 health check
-        /v1/chat/completions    chat completions (SDK base URL .../v1)
-        /chat/completions       the same (SDK base URL without /v1)
+        /v1/<route>             each API route (SDK base URL .../v1)
+        /<route>                the same (SDK base URL without /v1)
         /metrics                Prometheus metrics, when given
-        /v1/models[/{id}]       the model list (and /models), when given
+
+    @param api: the resource for each enabled route, by route name
+        (C{chat/completions}, C{audio/speech}...).
+    @param disabled: routes that answer a 404 naming C{--routes}.
     """
     root = Directory()
     root.putChild(b"health", health if health is not None else HealthResource())
-    if chat is not None:
-        for parent in (root, _child(root, b"v1")):
-            _child(parent, b"chat").putChild(b"completions", chat)
     if metrics is not None:
         root.putChild(b"metrics", metrics)
-    if models is not None:
-        root.putChild(b"models", models)
-        _child(root, b"v1").putChild(b"models", models)
+    mounted: list[tuple[str, IResource]] = list(api.items())
+    mounted += [(name, DisabledRoute(name)) for name in disabled if name not in api]
+    for name, resource in mounted:
+        *inner, leaf = name.encode("ascii").split(b"/")
+        for parent in (root, _child(root, b"v1")):
+            for segment in inner:
+                parent = _child(parent, segment)
+            parent.putChild(leaf, resource)
     return root
 
 

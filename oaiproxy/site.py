@@ -19,6 +19,7 @@ from twisted.web.server import Request, Site
 
 from oaiproxy import __version__
 from oaiproxy.accesslog import AccessLog, TextAccessLog
+from oaiproxy.bodies import BodyPipe, BodyTooLarge
 from oaiproxy.errors import (
     ApiError,
     bad_http,
@@ -34,6 +35,7 @@ from oaiproxy.metrics import Metrics
 from oaiproxy.records import RequestRecord, new_request_id
 from oaiproxy.relay import KEEPALIVE
 from oaiproxy.resources import error_response
+from oaiproxy.routes import ROUTES as API_ROUTES
 
 __all__ = ["ProxyRequest", "ProxySite", "SERVER", "raw_error_response", "LINGER_SECONDS"]
 
@@ -70,15 +72,11 @@ def raw_error_response(error: ApiError, request_id: Optional[str] = None) -> byt
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-#: Route labels for metrics and logs, by path.
-ROUTES = {
-    b"/v1/chat/completions": "chat_completions",
-    b"/chat/completions": "chat_completions",
-    b"/health": "health",
-    b"/metrics": "metrics",
-    b"/v1/models": "models",
-    b"/models": "models",
-}
+#: Route labels for metrics and logs, by path (an API route with or
+#: without the /v1 prefix).
+ROUTES = {b"/health": "health", b"/metrics": "metrics"}
+for _route in API_ROUTES:
+    ROUTES[b"/v1" + _route.path.encode("ascii")] = ROUTES[_route.path.encode("ascii")] = _route.label
 
 _REQUEST_ID_HEADER = b"x-oaiproxy-request-id"
 
@@ -88,12 +86,21 @@ class ProxyRequest(Request):
     A request that keeps its body in memory within the site's limit and
     refuses a larger one as soon as the length is known.
 
+    On an upload route (L{ProxySite.streams_body}) the request is processed
+    as soon as its headers are in, and its body follows through
+    L{body_pipe} to go upstream as it arrives.
+
     @ivar record: what this request did, for the access log and metrics.
+    @ivar body_pipe: the body still arriving, on an upload route.
     """
+
+    body_pipe: Optional[BodyPipe] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._body_bytes = 0
+        self._declared_length: Optional[int] = None
+        self._body_complete = False
         self._chunks: list[bytes] = []
         self._refused = False
         self._logged = False
@@ -117,6 +124,7 @@ class ProxyRequest(Request):
         if length is not None and length > self._limit:
             self._refuse_body()
             return
+        self._declared_length = length
         # The body is parsed as JSON whole, so it is in memory anyway: keep
         # its chunks instead of twisted.web's temporary file, and join them
         # once when the body is complete (see requestReceived).
@@ -126,10 +134,30 @@ class ProxyRequest(Request):
         if self._refused:
             return
         self._body_bytes += len(data)
+        pipe = self.body_pipe
         if self._body_bytes > self._limit:
+            self._refused = True
+            if pipe is not None:
+                # Already being answered: the upload's request fails with
+                # a 413 (see oaiproxy.forward.classify_upstream_failure).
+                pipe.fail(BodyTooLarge(self._limit))
+                return
             self._refuse_body()
             return
+        if pipe is not None:
+            pipe.write(data)
+            return
         self._chunks.append(data)
+
+    def start_streaming(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        Process the request now, before its body: the body follows through
+        L{body_pipe}.  Called by L{ProxyChannel} once the headers are in.
+        """
+        transport: Any = self.channel.transport
+        self.body_pipe = BodyPipe(self._declared_length, transport.pauseProducing, transport.resumeProducing)
+        self.content = io.BytesIO()  # type: ignore[assignment]
+        Request.requestReceived(self, command, path, version)
 
     def _refuse_body(self) -> None:
         """
@@ -149,12 +177,29 @@ class ProxyRequest(Request):
         self.record.bytes_in = self._body_bytes
         self._linger = self._clock.callLater(LINGER_SECONDS, self._stop_lingering)
 
+    def _cancel_linger(self) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+
     def _stop_lingering(self) -> None:
         self._linger = None
         if self.channel is not None and self.channel.transport is not None:
             self.channel.transport.abortConnection()  # type: ignore[attr-defined]
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.body_pipe is not None:
+            # The end of a streamed body; the request is already processed.
+            self._body_complete = True
+            if not self._refused:
+                self.body_pipe.finish()
+            if self.finished and self.queued:
+                # It was answered early (see finish): now that the rest of
+                # the body is read, the channel may move on.
+                self._cancel_linger()
+                self.queued = 0
+                self._cleanup()  # what finish() defers while queued
+            return
         if self._refused:
             # The whole oversized body has been read and discarded; the
             # answer is already out.
@@ -207,6 +252,12 @@ class ProxyRequest(Request):
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
             self.responseHeaders.setRawHeaders(b"server", [SERVER])
+            if self.body_pipe is not None and not self._body_complete:
+                # An answer before the whole upload (a refusal, an early
+                # upstream error): the rest of the body is read and thrown
+                # away, then the connection closes.
+                self.channel.persistent = False
+                self.responseHeaders.setRawHeaders(b"connection", [b"close"])
             content_type = (self.responseHeaders.getRawHeaders(b"content-type") or [b""])[0]
             if content_type.startswith(b"text/event-stream"):
                 self._streaming = True
@@ -231,6 +282,14 @@ class ProxyRequest(Request):
     # Access log.
 
     def finish(self) -> None:
+        if self.body_pipe is not None and not self._body_complete and not self._disconnected:
+            # The channel must not parse the rest of the body as the next
+            # request: twisted.web's own queueing holds the cleanup until
+            # requestReceived (the body's end), or the linger runs out.
+            self._refused = True
+            self.body_pipe.close()
+            self.queued = 1
+            self._linger = self._clock.callLater(LINGER_SECONDS, self._stop_lingering)
         super().finish()
         self._record_end(self.method, self.path)
 
@@ -244,8 +303,9 @@ class ProxyRequest(Request):
         super().loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
+        self._cancel_linger()
+        if self.body_pipe is not None:
+            self.body_pipe.close()
         method, path = self.method, getattr(self, "path", None)
         super().connectionLost(reason)
         if path is not None:
@@ -327,6 +387,9 @@ class ProxyChannel(HTTPChannel):
         self._in_request = True
         self._cancel_deadline()
         super().allHeadersReceived()
+        request: ProxyRequest = self.requests[-1]
+        if not request._refused and self.site.streams_body(self._command, self._path):
+            request.start_streaming(self._command, self._path, self._version)
 
     def requestDone(self, request: Any) -> None:
         # Before the parent replays any pipelined bytes, which start the next
@@ -412,6 +475,7 @@ class ProxySite(Site):
         metrics: Optional[Metrics] = None,
         access_log: Optional[AccessLog] = None,
         worker: Optional[int] = None,
+        streamed_paths: frozenset[bytes] = frozenset(),
         reactor: Any = None,
     ) -> None:
         # No form parsing: the proxy only takes JSON, and twisted.web would
@@ -425,9 +489,18 @@ class ProxySite(Site):
         self.header_timeout = header_timeout
         self.max_connections_per_ip = max_connections_per_ip
         self.lifecycle = lifecycle or Lifecycle()
+        #: Paths whose POST bodies go upstream as they arrive (uploads).
+        self.streamed_paths = streamed_paths
         self._per_ip: dict[str, int] = {}
         self._host_of: dict[ProxyChannel, str] = {}
         self._refusing: set[str] = set()
+
+    def streams_body(self, method: bytes, uri: bytes) -> bool:
+        """
+        Whether a request's body is to be streamed rather than read whole
+        before the request is processed.
+        """
+        return method == b"POST" and uri.split(b"?", 1)[0] in self.streamed_paths
 
     def buildProtocol(self, addr: Any) -> Any:
         """

@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from oaiproxy import __version__
 from oaiproxy.accesslog import JsonAccessLog, TextAccessLog
-from oaiproxy.chat import ChatCompletionsResource
+from oaiproxy.api import JsonRouteResource, ResponsesResource
 from oaiproxy.clients import ClientRegistry, Credentials, load_clients
 from oaiproxy.config import (
     DEFAULT_PORT,
@@ -40,26 +40,35 @@ from oaiproxy.config import (
     Config,
     ConfigError,
     Secret,
+    api_base,
     is_private_address,
     load_api_key,
     parse_byte_count,
+    parse_deployment,
+    parse_deployments,
     parse_interval,
     parse_log_format,
     parse_seconds,
+    parse_style,
     parse_upstream,
     parse_workers,
     port_from_env,
 )
 from oaiproxy.errors import invalid_api_key
 from oaiproxy.fake_upstream import FakeUpstream, listen
+from oaiproxy.forward import ForwardingResource
 from oaiproxy.headers import bearer_token, parse_static_header
 from oaiproxy.lifecycle import DrainService, Lifecycle, ReadinessService, ReloadService
 from oaiproxy.limits import Limiter
 from oaiproxy.metrics import Metrics, MetricsCheck, MetricsResource
 from oaiproxy.models import ModelsResource
-from oaiproxy.resources import HealthResource, build_root, error_response
+from oaiproxy.resources import HealthResource, build_root, build_tree, error_response
+from oaiproxy.routes import BY_NAME, DEFAULT_ROUTES, Route, in_order, parse_routes
+from oaiproxy.routes import ROUTES as API_ROUTES
 from oaiproxy.sdnotify import Notifier
 from oaiproxy.site import ProxySite
+from oaiproxy.styles import DEFAULT_AZURE_API_VERSION, AzureStyle, OpenAIStyle, UpstreamStyle
+from oaiproxy.uploads import UploadResource
 from oaiproxy.upstream import UpstreamClient, make_http_client
 from oaiproxy.workers import FAMILIES, WORKER_INDEX, Supervisor, die_with_parent
 
@@ -84,6 +93,9 @@ _SETTINGS: list[tuple[str, str, Callable[[str, str], Any], str]] = [
     ("log-format", "OAIPROXY_LOG_FORMAT", parse_log_format, "log_format"),
     ("metrics-port", "OAIPROXY_METRICS_PORT", lambda name, text: text, "metrics_port"),
     ("workers", "OAIPROXY_WORKERS", parse_workers, "workers"),
+    ("routes", "OAIPROXY_ROUTES", parse_routes, "routes"),
+    ("upstream-style", "OAIPROXY_UPSTREAM_STYLE", parse_style, "upstream_style"),
+    ("azure-api-version", "OAIPROXY_AZURE_API_VERSION", lambda name, text: text.strip(), "azure_api_version"),
     ("worker-share", "OAIPROXY_WORKER_SHARE", parse_workers, "worker_share"),
 ]
 
@@ -131,7 +143,29 @@ class Options(usage.Options):
             "upstream",
             None,
             None,
-            f"Upstream base URL; /chat/completions is appended. [env OPENAI_BASE_URL, default {DEFAULT_UPSTREAM}]",
+            "Upstream base URL; route paths (/chat/completions...) are appended, and /v1 first if the URL has "
+            f"no path. [env OPENAI_BASE_URL, default {DEFAULT_UPSTREAM}]",
+        ],
+        [
+            "routes",
+            None,
+            None,
+            "API routes to serve, separated by commas, or 'all': " + ", ".join(r.name for r in API_ROUTES) + ". "
+            f"[env OAIPROXY_ROUTES, default {','.join(DEFAULT_ROUTES)}]",
+        ],
+        [
+            "upstream-style",
+            None,
+            None,
+            "openai (OpenAI, vLLM, Ollama, OpenRouter, LM Studio...) or azure (Azure OpenAI: "
+            "deployment paths, api-version, api-key header). [env OAIPROXY_UPSTREAM_STYLE, default openai]",
+        ],
+        [
+            "azure-api-version",
+            None,
+            None,
+            f"The api-version sent to Azure OpenAI. [env OAIPROXY_AZURE_API_VERSION, default "
+            f"{DEFAULT_AZURE_API_VERSION}]",
         ],
         [
             "api-key-file",
@@ -243,6 +277,7 @@ class Options(usage.Options):
         self["port"] = []
         self["worker-listener"] = []
         self["upstream-header"] = []
+        self["azure-deployment"] = []
         self.argv: list[str] = []
         self.config: Config = _DEFAULTS
 
@@ -283,6 +318,15 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
+    def opt_azure_deployment(self, value: str) -> None:
+        """
+        MODEL=DEPLOYMENT: the Azure deployment serving MODEL (a model not listed is its own deployment); repeatable. [env OAIPROXY_AZURE_DEPLOYMENTS, comma-separated]
+        """  # noqa: E501
+        try:
+            self["azure-deployment"].append(parse_deployment("--azure-deployment", value))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
     def opt_worker_listener(self, value: str) -> None:
         """
         (internal, set by the supervisor) an inherited listening socket, FD:FAMILY.
@@ -320,6 +364,12 @@ class Options(usage.Options):
             fd, _, family = listener.partition(":")
             if not fd.isdigit() or family not in FAMILIES:
                 raise ConfigError(f"--worker-listener must be FD:INET|INET6|UNIX, not {listener!r}")
+        if config.upstream_style == "azure":
+            unserved = sorted(name for name in config.routes if BY_NAME[name].azure is None)
+            if unserved:
+                raise ConfigError(f"Azure OpenAI does not serve {', '.join(unserved)}: remove it from --routes")
+        elif config.azure_deployments or config.azure_api_version:
+            raise ConfigError("--azure-deployment and --azure-api-version need --upstream-style azure")
         return config
 
     def _settings(self) -> Config:
@@ -327,6 +377,9 @@ class Options(usage.Options):
         ports = tuple(self["port"]) or (port_from_env(env) or DEFAULT_PORT,)
         upstream = parse_upstream(self["upstream"] or env.get("OPENAI_BASE_URL") or DEFAULT_UPSTREAM)
         mock = bool(self["mock-upstream"])
+        deployments = tuple(self["azure-deployment"]) or parse_deployments(
+            "OAIPROXY_AZURE_DEPLOYMENTS", env.get("OAIPROXY_AZURE_DEPLOYMENTS", "")
+        )
         api_key = None if mock else load_api_key(self["api-key-file"], env)
         values: dict[str, Any] = {}
         for option, variable, parse, name in _SETTINGS:
@@ -336,7 +389,8 @@ class Options(usage.Options):
                 values[name] = parse(variable, env[variable])
         return Config(
             ports=ports,
-            upstream=upstream,
+            upstream=api_base(upstream, values.get("upstream_style", "openai")),
+            azure_deployments=deployments,
             api_key=api_key,
             clients=load_clients(self["client-keys-file"], env),
             mock_upstream=mock,
@@ -604,6 +658,28 @@ def _supervise(options: Options, reactor: Any, notifier: Notifier, service: Mult
     return service
 
 
+def _resource_for(route: Route) -> type[ForwardingResource]:
+    """
+    The resource class that serves C{route}.
+    """
+    if route.name == "models":
+        return ModelsResource
+    if route.name == "responses":
+        return ResponsesResource
+    if route.body == "multipart":
+        return UploadResource
+    return JsonRouteResource
+
+
+def streamed_paths(routes: list[Route]) -> frozenset[bytes]:
+    """
+    The paths whose bodies the site streams: the upload routes', with and
+    without C{/v1}.
+    """
+    paths = [route.path.encode("ascii") for route in routes if route.body == "multipart"]
+    return frozenset(paths + [b"/v1" + path for path in paths])
+
+
 def makeService(
     options: Options,
     reactor: Any = None,
@@ -641,31 +717,38 @@ def makeService(
     if http is None:
         http = make_http_client(reactor, config.connect_timeout)
     assert http is not None
-    upstream = UpstreamClient(http, config.upstream, credentials, reactor, config.read_timeout, config.upstream_headers)
+    style: UpstreamStyle = OpenAIStyle()
+    if config.upstream_style == "azure":
+        style = AzureStyle(config.azure_api_version or DEFAULT_AZURE_API_VERSION, dict(config.azure_deployments))
+    upstream = UpstreamClient(
+        http, config.upstream, credentials, reactor, config.read_timeout, config.upstream_headers, style
+    )
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
 
     metrics = Metrics()
-    chat = ChatCompletionsResource(
-        upstream,
-        reactor,
-        credentials,
-        lifecycle,
-        config.connect_timeout,
-        Limiter(reactor, share=config.worker_share),
-        stream_usage=config.stream_usage,
-        sse_keepalive=config.sse_keepalive,
-    )
+    limiter = Limiter(reactor, share=config.worker_share)
+    enabled = in_order(config.routes)
+    api = {
+        route.name: _resource_for(route)(
+            upstream,
+            reactor,
+            credentials,
+            lifecycle,
+            config.connect_timeout,
+            limiter,
+            stream_usage=config.stream_usage,
+            sse_keepalive=config.sse_keepalive,
+            route=route,
+        )
+        for route in enabled
+    }
     metrics_check = _metrics_check(credentials, config.metrics_key)
     health = HealthResource(lifecycle)
     on_api_port = None if config.metrics_port else MetricsResource(metrics, metrics_check)
     site = ProxySite(
-        build_root(
-            chat,
-            health,
-            on_api_port,
-            ModelsResource(upstream, reactor, credentials, lifecycle, config.connect_timeout),
-        ),
+        build_tree(api, health, on_api_port, disabled=[r.name for r in API_ROUTES if r.name not in api]),
+        streamed_paths=streamed_paths(enabled),
         max_body_bytes=config.max_body_bytes,
         idle_timeout=config.idle_timeout,
         header_timeout=config.header_timeout,
@@ -727,9 +810,11 @@ def makeService(
     ReadinessService(notifier, listening, status).setServiceParent(service)
 
     log.info(
-        "oaiproxy {version} forwarding to {upstream}/chat/completions "
+        "oaiproxy {version} forwarding {routes} to {upstream} ({style}) "
         "(client keys: {keys}, read timeout {read:g}s, body limit {limit} bytes, drain {drain:g}s)",
         version=__version__,
+        routes=", ".join(route.name for route in enabled),
+        style=style.name,
         upstream=upstream.base_url if not config.mock_upstream else "the mock upstream",
         keys=len(clients) or "none",
         read=config.read_timeout,

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from oaiproxy.clients import Credentials
 from oaiproxy.headers import upstream_request_headers
+from oaiproxy.styles import OpenAIStyle, UpstreamStyle
 
 __all__ = ["UpstreamClient", "UpstreamTimeout", "TreqLike", "make_http_client", "make_pool", "http_client"]
 
@@ -125,8 +126,19 @@ def http_client(agent: IAgent) -> HTTPClient:
     return HTTPClient(
         agent,
         cookiejar=IndexableCookieJar(policy=_NoCookies()),
-        data_to_body_producer=_BytesProducer,
+        data_to_body_producer=_body_producer,
     )
+
+
+def _body_producer(data: Any) -> IBodyProducer:
+    """
+    A body as treq sends it: an upload's producer as it is, bytes in one
+    write.
+    """
+    if IBodyProducer.providedBy(data):
+        producer: IBodyProducer = data
+        return producer
+    return _BytesProducer(data)
 
 
 class UpstreamClient:
@@ -143,6 +155,8 @@ class UpstreamClient:
     @param read_timeout: seconds to wait for the response head.
     @param extra_headers: static headers for every upstream request
         (C{--upstream-header}), e.g. OpenRouter's C{HTTP-Referer}.
+    @param style: how the upstream addresses routes and takes its key
+        (OpenAI's way by default; see L{oaiproxy.styles}).
     """
 
     def __init__(
@@ -153,8 +167,10 @@ class UpstreamClient:
         clock: IReactorTime,
         read_timeout: float,
         extra_headers: Sequence[tuple[bytes, bytes]] = (),
+        style: Optional[UpstreamStyle] = None,
     ) -> None:
         self._http = http
+        self.style: UpstreamStyle = style if style is not None else OpenAIStyle()
         self.base_url = base_url.rstrip("/")
         self._credentials = credentials
         self._extra_headers = tuple(extra_headers)
@@ -166,28 +182,41 @@ class UpstreamClient:
 
     def post(self, path: str, body: bytes, client_headers: Headers) -> "Deferred[IResponse]":
         """
-        Forward a request body, byte for byte, to C{base_url + path}.
+        Forward a request body, byte for byte, to C{path}.
 
         See L{request}.
         """
         return self.request("POST", path, body, client_headers)
 
-    def request(self, method: str, path: str, body: Optional[bytes], client_headers: Headers) -> "Deferred[IResponse]":
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: "Optional[bytes | IBodyProducer]",
+        client_headers: Headers,
+        model: Optional[str] = None,
+        query: bytes = b"",
+    ) -> "Deferred[IResponse]":
         """
-        Forward a request, its body (if any) byte for byte, to
-        C{base_url + path}.
+        Forward a request, its body (if any) byte for byte, to the upstream
+        address of C{path}: C{base_url + path} for OpenAI-style upstreams.
 
+        @param path: the path as a client sends it below C{/v1}
+            (C{/chat/completions}).
+        @param body: the body, in memory or streamed (an upload).
+        @param model: the model the request names, which selects an Azure
+            deployment.
+        @param query: the client's query string, passed on.
         @return: a Deferred firing with the unbuffered response as soon as
             its head arrives; failing with L{UpstreamTimeout} if that takes
             longer than C{read_timeout}.  Cancelling it aborts the upstream
             request, which is how a client disconnect stops token spend.
         """
-        headers = upstream_request_headers(
-            client_headers, b"Bearer " + self._credentials.api_key.reveal(), self._extra_headers
-        )
+        name, credential = self.style.credential(self._credentials.api_key.reveal())
+        headers = upstream_request_headers(client_headers, credential, self._extra_headers, name)
         d = self._http.request(
             method,
-            self.base_url + path,
+            self.base_url + self.style.target(path, model, query),
             data=body,
             headers=headers,
             unbuffered=True,

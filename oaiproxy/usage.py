@@ -14,6 +14,7 @@ at four characters per token, which is how a cancelled stream is charged.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Optional
@@ -23,8 +24,19 @@ from oaiproxy.records import Usage
 
 __all__ = ["UsageMeter", "inject_include_usage", "UsageEventFilter"]
 
-#: The generated text of a stream event, found without parsing it.
-_TEXT = re.compile(rb'"(?:content|reasoning_content|refusal)":\s*"((?:[^"\\]|\\.)*)"')
+#: Where a chat completion chunk carries generated text.
+CHAT_TEXT_KEYS = ("content", "reasoning_content", "refusal")
+
+
+@functools.lru_cache(maxsize=None)
+def _text_pattern(keys: tuple[str, ...]) -> "re.Pattern[bytes]":
+    """
+    A regular expression for the string members C{keys} of an event, which
+    finds the generated text without parsing the event.
+    """
+    names = b"|".join(re.escape(k.encode("ascii")) for k in keys)
+    return re.compile(rb'"(?:' + names + rb')":\s*"((?:[^"\\]|\\.)*)"')
+
 
 #: Plain bodies larger than this are not kept for the usage read.
 PLAIN_BODY_LIMIT = 1024 * 1024
@@ -34,16 +46,26 @@ class UsageMeter:
     """
     Counts a response's tokens from its body.
 
+    Usage is read where OpenAI puts it: a top-level C{usage} (chat,
+    completions, embeddings, a Responses object), or the C{response.usage}
+    of a Responses stream's C{response.completed} event; in either naming
+    (C{prompt_tokens}/C{completion_tokens}, or the Responses API's
+    C{input_tokens}/C{output_tokens}).
+
     @param event_stream: the body is server-sent events.
+    @param text_keys: the event members that carry generated text.
+    @param plain: keep a plain body to read its usage at the end (false
+        for bodies that cannot report any, such as audio).
     """
 
-    __slots__ = ("_stream", "_pending", "_plain", "_plain_size", "total_tokens", "streamed_chars", "reported")
+    __slots__ = ("_stream", "_text", "_pending", "_plain", "_plain_size", "total_tokens", "streamed_chars", "reported")
 
-    def __init__(self, event_stream: bool) -> None:
+    def __init__(self, event_stream: bool, text_keys: tuple[str, ...] = CHAT_TEXT_KEYS, plain: bool = True) -> None:
         self._stream = event_stream
+        self._text = _text_pattern(text_keys)
         self._pending = b""
         self._plain: list[bytes] = []
-        self._plain_size = 0
+        self._plain_size = 0 if plain else PLAIN_BODY_LIMIT + 1
         #: What upstream reported, once it has.
         self.total_tokens: Optional[int] = None
         #: The reported usage, as L{Usage}.
@@ -66,43 +88,48 @@ class UsageMeter:
     def _event(self, payload: bytes) -> None:
         if not payload or payload == b"[DONE]":
             return
+        # The hot path, every token of every stream: count the text
+        # without parsing the event.
+        for text in self._text.findall(payload):
+            self.streamed_chars += _json_string_length(text)
         if _USAGE_OBJECT.search(payload) is None:
-            # The hot path, every token of every stream: count the text
-            # without parsing the event.
-            for text in _TEXT.findall(payload):
-                self.streamed_chars += _json_string_length(text)
             return
         try:
             event = fastjson.loads(payload)
         except ValueError:
             return
-        if not isinstance(event, dict):
-            return
-        self._usage(event.get("usage"))
-        choices = event.get("choices")
-        if not isinstance(choices, list):
-            return
-        for choice in choices:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict):
-                for key in ("content", "reasoning_content", "refusal"):
-                    text = delta.get(key)
-                    if isinstance(text, str):
-                        self.streamed_chars += len(text)
+        if isinstance(event, dict):
+            self._read(event)
+
+    def _read(self, document: dict[str, Any]) -> None:
+        """
+        Take the usage of a response object or stream event.
+        """
+        self._usage(document.get("usage"))
+        response = document.get("response")
+        if self.reported is None and isinstance(response, dict):
+            # A Responses stream's last event carries the whole response.
+            self._usage(response.get("usage"))
 
     def _usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            total = usage.get("total_tokens")
-            if _count(total):
-                self.total_tokens = total
-                details_in = usage.get("prompt_tokens_details")
-                details_out = usage.get("completion_tokens_details")
-                self.reported = Usage(
-                    prompt=_number(usage.get("prompt_tokens")),
-                    completion=_number(usage.get("completion_tokens")),
-                    reasoning=_number(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0,
-                    cached=_number(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0,
-                )
+        if not isinstance(usage, dict):
+            return
+        total = usage.get("total_tokens")
+        if not _count(total):
+            return
+        self.total_tokens = total
+        # Chat and embeddings say prompt/completion; the Responses API (and
+        # the audio and image routes that follow it) says input/output.
+        responses = "input_tokens" in usage or "output_tokens" in usage
+        prefix_in, prefix_out = ("input", "output") if responses else ("prompt", "completion")
+        details_in = usage.get(prefix_in + "_tokens_details")
+        details_out = usage.get(prefix_out + "_tokens_details")
+        self.reported = Usage(
+            prompt=_number(usage.get(prefix_in + "_tokens")),
+            completion=_number(usage.get(prefix_out + "_tokens")),
+            reasoning=_number(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0,
+            cached=_number(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0,
+        )
 
     def finish(self) -> None:
         """
@@ -117,7 +144,7 @@ class UsageMeter:
         finally:
             self._plain = []
         if isinstance(document, dict):
-            self._usage(document.get("usage"))
+            self._read(document)
 
     def usage(self, prompt_estimate: int) -> Usage:
         """

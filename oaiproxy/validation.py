@@ -1,50 +1,70 @@
 # -*- test-case-name: tests.test_validation -*-
 """
-The checks a chat completions request must pass before it costs an upstream
-call.
+The checks a JSON request must pass before it costs an upstream call.
 
-Only the fields whose absence guarantees an upstream 400 are checked; the
-rest of the body is OpenAI's to judge, so new API fields work through the
-proxy the day they ship.  The body itself is never rewritten: validation
-reads a parsed copy, and the original bytes are what goes upstream.
+Only the members whose absence guarantees an upstream 400 are checked (a
+route's C{required} members, see L{oaiproxy.routes}); the rest of the body
+is OpenAI's to judge, so new API fields work through the proxy the day
+they ship.  The body itself is never rewritten: validation reads a parsed
+copy, and the original bytes are what goes upstream.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from oaiproxy import fastjson
 from oaiproxy.errors import ApiError, bad_request
+from oaiproxy.routes import CHAT, RESPONSES, Route
 
-__all__ = ["ChatRequest", "parse_chat_request"]
+__all__ = ["ChatRequest", "JsonRequest", "parse_chat_request", "parse_json_request"]
 
 
-class ChatRequest:
+class JsonRequest:
     """
     What the proxy needs to know about a valid request.
 
-    @ivar model: the requested model.
+    @ivar model: the requested model, or C{None} where the route lets
+        upstream pick its default.
     @ivar stream: whether the client asked for server-sent events.
     @ivar document: the parsed body, for reading (never re-serialised).
     """
 
     __slots__ = ("model", "stream", "document")
 
-    def __init__(self, model: str, stream: bool, document: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, model: Optional[str], stream: bool, document: Optional[dict[str, Any]] = None) -> None:
         self.model = model
         self.stream = stream
         self.document: dict[str, Any] = document if document is not None else {}
 
     def __repr__(self) -> str:
-        return f"ChatRequest(model={self.model!r}, stream={self.stream!r})"
+        return f"{type(self).__name__}(model={self.model!r}, stream={self.stream!r})"
+
+
+class ChatRequest(JsonRequest):
+    """
+    A valid chat completions request.
+    """
+
+    __slots__ = ()
 
 
 def parse_chat_request(body: bytes) -> "ChatRequest | ApiError":
     """
-    Check a chat completions body.
+    Check a chat completions body; see L{parse_json_request}.
+    """
+    parsed = parse_json_request(body, CHAT)
+    if isinstance(parsed, ApiError):
+        return parsed
+    return ChatRequest(parsed.model, parsed.stream, parsed.document)
 
-    @return: a L{ChatRequest} when the body is acceptable, otherwise the
-        L{ApiError} to answer with.  Messages name the offending field but
+
+def parse_json_request(body: bytes, route: Route) -> "JsonRequest | ApiError":
+    """
+    Check a JSON request body for C{route}.
+
+    @return: a L{JsonRequest} when the body is acceptable, otherwise the
+        L{ApiError} to answer with.  Messages name the offending member but
         never quote the body: it may hold private data.
     """
     try:
@@ -61,26 +81,55 @@ def parse_chat_request(body: bytes) -> "ChatRequest | ApiError":
         return bad_request("The request body must be a JSON object.", None, "invalid_json")
 
     model = document.get("model")
-    if not isinstance(model, str) or not model:
-        return bad_request(
-            "you must provide a model parameter (a non-empty string).",
-            "model",
-            "missing_required_parameter" if model is None else "invalid_type",
-        )
+    if model is not None or "model" in route.required or _needs_model(route, document):
+        if not isinstance(model, str) or not model:
+            return bad_request(
+                "you must provide a model parameter (a non-empty string).",
+                "model",
+                "missing_required_parameter" if model is None else "invalid_type",
+            )
+    for name in route.required:
+        if name == "model":
+            continue
+        problem = _CHECKS.get(name, _present)(document.get(name), name)
+        if problem is not None:
+            message, code = problem
+            return bad_request(message, name, code)
 
-    problem = _messages_problem(document.get("messages"))
-    if problem is not None:
-        return bad_request(problem, "messages", "invalid_value")
-
-    return ChatRequest(model, document.get("stream") is True, document)
+    return JsonRequest(model, document.get("stream") is True, document)
 
 
-def _messages_problem(messages: Any) -> Optional[str]:
+def _needs_model(route: Route, document: dict[str, Any]) -> bool:
+    # A Responses request may leave the model to a stored prompt template.
+    return route is RESPONSES and document.get("prompt") is None
+
+
+Problem = Optional[tuple[str, str]]
+
+
+def _present(value: Any, name: str) -> Problem:
+    """
+    A required member that is missing, null, empty, or of a type no route
+    takes (a number or a boolean where text or a list is expected).
+    """
+    if value is None:
+        return f"you must provide a '{name}' parameter.", "missing_required_parameter"
+    if isinstance(value, (bool, int, float)):
+        return f"'{name}' must be a string or an array.", "invalid_type"
+    if not value:
+        return f"'{name}' must not be empty.", "invalid_value"
+    return None
+
+
+def _messages(messages: Any, name: str) -> Problem:
     if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty array of message objects."
+        return "'messages' must be a non-empty array of message objects.", "invalid_value"
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            return f"'messages[{index}]' must be an object."
+            return f"'messages[{index}]' must be an object.", "invalid_value"
         if not isinstance(message.get("role"), str):
-            return f"'messages[{index}].role' must be a string."
+            return f"'messages[{index}].role' must be a string.", "invalid_value"
     return None
+
+
+_CHECKS: dict[str, Callable[[Any, str], Problem]] = {"messages": _messages}

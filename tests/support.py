@@ -22,7 +22,7 @@ from twisted.internet.task import Clock
 from twisted.web.iweb import IResponse
 from twisted.web.resource import IResource
 
-from oaiproxy.chat import ChatCompletionsResource
+from oaiproxy.api import ChatCompletionsResource
 from oaiproxy.clients import Client, ClientRegistry, Credentials, Limits
 from oaiproxy.config import Secret
 from oaiproxy.fake_upstream import FakeUpstream

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from oaiproxy.chat import classify_upstream_failure
+from oaiproxy.forward import classify_upstream_failure
 from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body
 
 

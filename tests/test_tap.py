@@ -217,7 +217,7 @@ class ServiceTests(SynchronousTestCase):
         text = "\n".join(formatEvent(e) for e in events)
         self.assertIn("http://127.0.0.1:8081/v1/chat/completions", text)
         self.assertIn("http://127.0.0.1:8081/health", text)
-        self.assertIn("https://api.openai.com/v1/chat/completions", text)
+        self.assertIn("forwarding chat/completions, models to https://api.openai.com/v1 (openai)", text)
         self.assertNotIn("TAPSECRET", text + repr(events))
 
     def test_open_relay_refused(self) -> None:

@@ -1,14 +1,15 @@
-# -*- test-case-name: tests.test_chat -*-
+# -*- test-case-name: tests.test_chat,tests.test_routes -*-
 """
-C{POST /v1/chat/completions}: check, forward, relay.
+What every forwarding endpoint shares: admission (draining, client keys,
+allow-lists, limits) and one request's trip upstream and back.
 
-The request body is validated, then sent upstream unchanged; the upstream
-status, headers and body come back as they arrive.  The render method
-follows the discipline twisted.web requires of asynchronous resources (and
-that klein's C{KleinResource.render} models): it returns C{NOT_DONE_YET},
-tracks whether the client is still there through C{notifyFinish}, cancels
-the upstream work when it is not, and never calls C{finish()} on a request
-whose connection is gone.
+A request is sent upstream unchanged; the upstream status, headers and body
+come back as they arrive.  L{Exchange} follows the discipline twisted.web
+requires of asynchronous resources (and that klein's
+C{KleinResource.render} models): the resource returns C{NOT_DONE_YET}, the
+exchange tracks whether the client is still there through C{notifyFinish},
+cancels the upstream work when it is not, and never calls C{finish()} on a
+request whose connection is gone.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client as webClient
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.server import Request
 
-from oaiproxy.clients import Client, Credentials, Limits, looks_like_openai_key
+from oaiproxy.bodies import BodyTooLarge
+from oaiproxy.clients import Client, Credentials, looks_like_openai_key
 from oaiproxy.errors import (
     ApiError,
+    body_too_large,
     draining,
     invalid_api_key,
     model_not_allowed,
@@ -41,17 +44,15 @@ from oaiproxy.errors import (
 )
 from oaiproxy.headers import bearer_token, client_request_id, client_response_headers
 from oaiproxy.lifecycle import Lifecycle
-from oaiproxy.limits import UNLIMITED, Limiter, Refusal, Reservation, estimate_tokens
+from oaiproxy.limits import UNLIMITED, Limiter, Refusal, Reservation
 from oaiproxy.records import RequestRecord, record_of
 from oaiproxy.relay import BodyRelay, UpstreamIdle
 from oaiproxy.resources import Endpoint, error_response, send_error
+from oaiproxy.routes import CHAT, Route
 from oaiproxy.upstream import UpstreamClient, UpstreamTimeout
-from oaiproxy.usage import UsageEventFilter, UsageMeter, inject_include_usage
-from oaiproxy.validation import parse_chat_request
+from oaiproxy.usage import UsageEventFilter, UsageMeter
 
-__all__ = ["ChatCompletionsResource", "classify_upstream_failure", "read_body"]
-
-CHAT_COMPLETIONS = "/chat/completions"
+__all__ = ["ForwardingResource", "Exchange", "authenticate", "classify_upstream_failure", "read_body"]
 
 
 def classify_upstream_failure(failure: Failure, connect_timeout: float) -> ApiError:
@@ -68,9 +69,13 @@ def classify_upstream_failure(failure: Failure, connect_timeout: float) -> ApiEr
         # "Cannot connect" is a bad gateway; 504 is kept for an upstream
         # that accepted the request and then stayed silent.
         return upstream_unreachable(f"no connection within {connect_timeout:g} seconds")
+    reasons = getattr(failure.value, "reasons", None) or [failure]
+    for reason in reasons:
+        if reason.check(BodyTooLarge):
+            # An upload without a length grew past the limit on its way.
+            return body_too_large(reason.value.limit)
     if failure.check(webClient.ResponseNeverReceived, webClient.RequestTransmissionFailed):
-        reasons = getattr(failure.value, "reasons", [])
-        names = sorted({_reason(r.value) for r in reasons}) or ["no response"]
+        names = sorted({_reason(r.value) for r in getattr(failure.value, "reasons", [])}) or ["no response"]
         return upstream_unreachable(", ".join(names))
     return upstream_unreachable(_reason(failure.value))
 
@@ -135,7 +140,8 @@ def read_body(request: Request) -> bytes:
 class ForwardingResource(Endpoint):
     """
     What every forwarding endpoint shares: its collaborators, and the
-    admission every request passes first (not draining, a valid client).
+    admission every request passes (not draining, a valid client, then the
+    client's model allow-list and limits).
 
     @param upstream: where requests go.
     @param clock: the clock for timeouts and records.
@@ -143,9 +149,17 @@ class ForwardingResource(Endpoint):
         per request, so a reload applies at once.
     @param lifecycle: tells whether the proxy is draining.
     @param connect_timeout: named in the 502 for a connect timeout.
+    @param limiter: the clients' limit state, shared by every route.
+    @param stream_usage: ask upstream for usage on streams whose client did
+        not, and remove it before the client sees it (exact token counts;
+        the one change the proxy makes to a request body).
+    @param sse_keepalive: seconds of upstream silence in a stream after
+        which a C{: keepalive} comment is sent; 0 for never.
+    @param route: the route served, when not the class's own.
     """
 
     log = Logger()
+    route: Route = CHAT
 
     def __init__(
         self,
@@ -154,13 +168,22 @@ class ForwardingResource(Endpoint):
         credentials: Credentials,
         lifecycle: Optional[Lifecycle] = None,
         connect_timeout: float = 10.0,
+        limiter: Optional[Limiter] = None,
+        stream_usage: bool = True,
+        sse_keepalive: float = 15.0,
+        route: Optional[Route] = None,
     ) -> None:
         super().__init__()
+        if route is not None:
+            self.route = route
         self._upstream = upstream
         self._clock = clock
         self._credentials = credentials
         self._lifecycle = lifecycle or Lifecycle()
         self._connect_timeout = connect_timeout
+        self._limiter = limiter or Limiter(clock)
+        self._stream_usage = stream_usage
+        self._sse_keepalive = sse_keepalive
 
     def _admit(self, request: Request, route: str) -> "Optional[Client] | bytes":
         """
@@ -175,74 +198,36 @@ class ForwardingResource(Endpoint):
         record_of(request).route = route
         return client
 
+    def _reserve(
+        self, request: Request, client: Optional[Client], model: Optional[str], estimate: int
+    ) -> "Reservation | bytes":
+        """
+        Check the client's allow-list for C{model} and take C{estimate}
+        tokens (and a request, and a concurrency slot) from its limits.
 
-class ChatCompletionsResource(ForwardingResource):
-    """
-    The chat completions endpoint.
+        @return: the reservation to settle when the response is over, or
+            the body of the error already set on the request.
+        """
+        if client is None:
+            return UNLIMITED
+        if not client.allows(model):
+            return error_response(request, model_not_allowed(client.name, model))
+        admitted = self._limiter.admit(client, estimate)
+        if isinstance(admitted, Refusal):
+            self.log.info("client {client} over its {limit} limit", client=client.name, limit=admitted.limit)
+            headers = tuple(self._limiter.headers(client))
+            return error_response(request, rate_limited(admitted.message, admitted.retry_after, headers))
+        return admitted
 
-    Before anything goes upstream a request passes, in order: the client
-    key check, body validation, the client's model allow-list, and the
-    client's limits.  Each refusal is an OpenAI-shaped error.
-
-    Collaborators as for L{ForwardingResource}, and:
-
-    @param limiter: the clients' limit state.
-    @param stream_usage: ask upstream for usage on streams whose client did
-        not, and remove it before the client sees it (exact token counts;
-        the one change the proxy makes to a request body).
-    @param sse_keepalive: seconds of upstream silence in a stream after
-        which a C{: keepalive} comment is sent; 0 for never.
-    """
-
-    def __init__(
+    def _exchange(
         self,
-        upstream: UpstreamClient,
-        clock: IReactorTime,
-        credentials: Credentials,
-        lifecycle: Optional[Lifecycle] = None,
-        connect_timeout: float = 10.0,
-        limiter: Optional[Limiter] = None,
-        stream_usage: bool = True,
-        sse_keepalive: float = 15.0,
-    ) -> None:
-        super().__init__(upstream, clock, credentials, lifecycle, connect_timeout)
-        self._limiter = limiter or Limiter(clock)
-        self._stream_usage = stream_usage
-        self._sse_keepalive = sse_keepalive
-
-    def render_POST(self, request: Request) -> bytes | int:
-        client = self._admit(request, "chat_completions")
-        if isinstance(client, bytes):
-            return client
-        record = record_of(request)
-        body = read_body(request)
-        parsed = parse_chat_request(body)
-        if isinstance(parsed, ApiError):
-            return error_response(request, parsed)
-        record.model = parsed.model
-        record.stream = parsed.stream
-        reservation: Reservation = UNLIMITED
-        limits = client.limits if client is not None else Limits()
-        prompt_estimate, estimate = estimate_tokens(body, parsed.document, limits)
-        if client is not None:
-            if not client.allows(parsed.model):
-                return error_response(request, model_not_allowed(client.name, parsed.model))
-            admitted = self._limiter.admit(client, estimate)
-            if isinstance(admitted, Refusal):
-                self.log.info(
-                    "client {client} over its {limit} limit",
-                    client=client.name,
-                    limit=admitted.limit,
-                )
-                headers = tuple(self._limiter.headers(client))
-                return error_response(request, rate_limited(admitted.message, admitted.retry_after, headers))
-            reservation = admitted
-        strip_usage = False
-        if parsed.stream and self._stream_usage:
-            injected = inject_include_usage(body, parsed.document)
-            if injected is not None:
-                body, strip_usage = injected, True
-        exchange = _Exchange(
+        request: Request,
+        route: Route,
+        reservation: Reservation = UNLIMITED,
+        prompt_estimate: int = 0,
+        strip_usage: bool = False,
+    ) -> "Exchange":
+        return Exchange(
             request,
             self._upstream,
             self._clock,
@@ -250,12 +235,11 @@ class ChatCompletionsResource(ForwardingResource):
             self.log,
             reservation,
             prompt_estimate,
-            record,
+            record_of(request),
+            route,
             strip_usage,
             self._sse_keepalive,
         )
-        exchange.start(body)
-        return NOT_DONE_YET
 
 
 class _Discard(Protocol):
@@ -268,7 +252,7 @@ class _Discard(Protocol):
         pass
 
 
-class _Exchange:
+class Exchange:
     """
     One client request's trip upstream and back.
 
@@ -286,10 +270,12 @@ class _Exchange:
         reservation: Reservation,
         prompt_estimate: int,
         record: RequestRecord,
+        route: Route = CHAT,
         strip_usage: bool = False,
         sse_keepalive: float = 0.0,
     ) -> None:
         self._request = request
+        self._route = route
         self._record = record
         self._strip_usage = strip_usage
         self._sse_keepalive = sse_keepalive
@@ -305,10 +291,25 @@ class _Exchange:
         self._event_stream = False
         self.finished = False
 
-    def start(self, body: Optional[bytes], method: str = "POST", path: str = CHAT_COMPLETIONS) -> None:
+    def start(
+        self,
+        body: "Optional[bytes | IBodyProducer]",
+        method: str = "POST",
+        path: Optional[str] = None,
+        model: Optional[str] = None,
+        query: bytes = b"",
+    ) -> None:
+        """
+        Send the request upstream.
+
+        @param path: below the API base; the route's own path by default.
+        @param model: the model named, for an Azure deployment.
+        """
         self._request.notifyFinish().addBoth(self._client_done)
         self._record.upstream_sent = self._clock.seconds()
-        pending = self._upstream.request(method, path, body, self._request.requestHeaders)
+        pending = self._upstream.request(
+            method, path or self._route.path, body, self._request.requestHeaders, model, query
+        )
         self._pending = pending
         pending.addCallbacks(self._got_head, self._no_head)
         pending.addErrback(self._bug)
@@ -343,7 +344,7 @@ class _Exchange:
         if isinstance(result, Failure):
             self._log.info(
                 "client went away during {method} {path}; upstream request cancelled",
-                method="POST",
+                method=self._request.method.decode("latin-1"),
                 path=self._request.path.decode("latin-1"),
             )
             if self._relay is not None:
@@ -370,7 +371,8 @@ class _Exchange:
             request.responseHeaders.setRawHeaders(name, values)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         self._event_stream = content_type.lower().startswith(b"text/event-stream")
-        self._meter = UsageMeter(self._event_stream)
+        json_body = content_type.lower().startswith(b"application/json")
+        self._meter = UsageMeter(self._event_stream, self._route.text_keys, plain=json_body)
         # Send the head now, as upstream did, so a client sees the status of
         # a long stream before its first token.
         request.write(b"")
@@ -404,7 +406,8 @@ class _Exchange:
             # nobody is waiting for an answer.
             return
         error = classify_upstream_failure(failure, self._connect_timeout)
-        self._record.upstream_error = _failure_kind(failure)
+        if error.status != 413:
+            self._record.upstream_error = _failure_kind(failure)
         self._log.warn(
             "upstream gave no response: {status} {code} ({message})",
             status=error.status,
@@ -448,7 +451,7 @@ class _Exchange:
         request.loseConnection()
 
     def _bug(self, failure: Failure) -> None:
-        self._log.failure("bug while relaying a chat completion", failure=failure)
+        self._log.failure("bug while relaying a response", failure=failure)
         self._reservation.settle(self._prompt_estimate)
         if not self.finished:
             self.finished = True

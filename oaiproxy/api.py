@@ -1,0 +1,133 @@
+# -*- test-case-name: tests.test_chat,tests.test_routes -*-
+"""
+The JSON API routes: chat completions, and the others an operator enables
+with C{--routes} (completions, embeddings, responses, moderations, image
+generation, speech).
+
+Each is one L{JsonRouteResource} configured by its L{Route}: the body is
+checked for the route's required members, the client's allow-list and
+limits apply to the model it names, and the body goes upstream byte for
+byte (but for the C{include_usage} flag on streams, see
+L{oaiproxy.usage}).  The Responses API also has stored responses to read,
+cancel and delete, forwarded by L{ResponsesResource}.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from twisted.web.server import NOT_DONE_YET, Request
+
+from oaiproxy.clients import Limits
+from oaiproxy.errors import ApiError, bad_request, method_not_allowed
+from oaiproxy.forward import ForwardingResource, read_body
+from oaiproxy.limits import Reservation, estimate_tokens
+from oaiproxy.records import record_of
+from oaiproxy.resources import JSONResource, NotFound, error_response
+from oaiproxy.routes import CHAT, RESPONSES
+from oaiproxy.usage import inject_include_usage
+from oaiproxy.validation import parse_json_request
+
+__all__ = ["JsonRouteResource", "ChatCompletionsResource", "ResponsesResource", "query_of"]
+
+
+def query_of(request: Request) -> bytes:
+    """
+    The query string of the request's URI, without the C{?}.
+    """
+    return request.uri.partition(b"?")[2]
+
+
+class JsonRouteResource(ForwardingResource):
+    """
+    A JSON route (L{ForwardingResource.route}).  Before anything goes
+    upstream a request passes, in order: the client key check, body
+    validation, the client's model allow-list, and the client's limits.
+    Each refusal is an OpenAI-shaped error.
+    """
+
+    def render_POST(self, request: Request) -> bytes | int:
+        route = self.route
+        client = self._admit(request, route.label)
+        if isinstance(client, bytes):
+            return client
+        record = record_of(request)
+        body = read_body(request)
+        parsed = parse_json_request(body, route)
+        if isinstance(parsed, ApiError):
+            return error_response(request, parsed)
+        if parsed.model is None and self._upstream.style.needs_model(route):
+            return error_response(
+                request,
+                bad_request(
+                    "you must provide a model parameter: the upstream is Azure OpenAI, where it names the deployment.",
+                    "model",
+                    "missing_required_parameter",
+                ),
+            )
+        record.model = parsed.model
+        record.stream = parsed.stream
+        limits = client.limits if client is not None else Limits()
+        prompt_estimate, estimate = estimate_tokens(body, parsed.document, limits, route.generates)
+        reservation = self._reserve(request, client, parsed.model, estimate)
+        if not isinstance(reservation, Reservation):
+            return reservation
+        strip_usage = False
+        if route.stream_usage and parsed.stream and self._stream_usage:
+            injected = inject_include_usage(body, parsed.document)
+            if injected is not None:
+                body, strip_usage = injected, True
+        exchange = self._exchange(request, route, reservation, prompt_estimate, strip_usage)
+        exchange.start(body, "POST", route.path, parsed.model)
+        return NOT_DONE_YET
+
+
+class ChatCompletionsResource(JsonRouteResource):
+    """
+    C{POST /v1/chat/completions}.
+    """
+
+    route = CHAT
+
+
+#: What can be done to a stored response, by the path below its id.
+_STORED = {
+    (): ("GET", "DELETE"),
+    ("input_items",): ("GET",),
+    ("cancel",): ("POST",),
+}
+
+
+class ResponsesResource(JsonRouteResource):
+    """
+    C{POST /v1/responses} creates a response (streamed or not), like any
+    JSON route.  Below it, a stored response: C{GET} or C{DELETE
+    /v1/responses/{id}}, C{GET .../{id}/input_items}, C{POST
+    .../{id}/cancel}, forwarded as they are, query string included
+    (C{?stream=true} replays a stream).
+
+    A response id is as good as a key to that response for anyone holding
+    it: every client of the proxy shares the upstream key, so an id is a
+    secret between its client and OpenAI.  See the README.
+    """
+
+    route = RESPONSES
+
+    def render(self, request: Request) -> bytes | int:
+        segments = [s.decode("utf-8", "replace") for s in (request.postpath or [])]
+        if not segments or segments == [""]:
+            return JSONResource.render(self, request)
+        response_id, rest = segments[0], tuple(segments[1:])
+        allowed = _STORED.get(rest)
+        if not response_id or allowed is None:
+            return NotFound().render(request)
+        method = request.method.decode("ascii", "replace")
+        if method not in allowed:
+            return error_response(request, method_not_allowed(method, request.path.decode("latin-1"), list(allowed)))
+        client = self._admit(request, self.route.label)
+        if isinstance(client, bytes):
+            return client
+        body = read_body(request) if method == "POST" else None
+        path = "/".join(("/responses", *[quote(s, safe="") for s in segments]))
+        self._exchange(request, self.route).start(body, method, path, None, query_of(request))
+        return NOT_DONE_YET

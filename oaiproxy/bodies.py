@@ -1,0 +1,334 @@
+# -*- test-case-name: tests.test_bodies -*-
+"""
+Request bodies that go upstream while they are still arriving.
+
+An audio upload can be as large as the body limit; holding it whole before
+forwarding would cost its size in memory per upload and delay the upstream
+call by the upload time.  L{BodyPipe} is the upload as an
+L{IBodyProducer} for the upstream request: what the client sends is
+written upstream as it comes, the client is paused while upstream is slow
+(backpressure both ways), and only what arrives before upstream is ready
+is held, in memory up to a bound and in a temporary file beyond it.
+
+L{FormFields} reads the small text fields of a C{multipart/form-data}
+body (C{model}, C{stream}) as it flows past, wherever they are relative to
+the file, keeping at most a bounded prefix of each part.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections import deque
+from typing import IO, Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+__all__ = ["BodyPipe", "BodyTooLarge", "FormFields", "form_boundary", "HOLD_BYTES"]
+
+#: What is held in memory while upstream is not ready; beyond it, held
+#: data goes to a temporary file.
+HOLD_BYTES = 256 * 1024
+
+#: The size of a read from the temporary file.
+_READ = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    """
+    The client sent more than the body limit (possible only without a
+    C{Content-Length}, which is checked before the body is read).
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+@implementer(IBodyProducer)
+class BodyPipe:
+    """
+    A request body on its way through: fed by the server side as chunks
+    arrive, produced to the upstream connection.
+
+    @param length: the body's declared length, or C{None} (chunked).
+    @param pause_client: stop reading from the client (upstream is behind).
+    @param resume_client: read from the client again.
+    @param spool: makes the temporary file for held data (injected by
+        tests).
+    @ivar received: bytes received from the client so far.
+    """
+
+    def __init__(
+        self,
+        length: Optional[int],
+        pause_client: Callable[[], None],
+        resume_client: Callable[[], None],
+        spool: Callable[[], IO[bytes]] = tempfile.TemporaryFile,
+    ) -> None:
+        self.length: Any = UNKNOWN_LENGTH if length is None else length
+        self._pause_client = pause_client
+        self._resume_client = resume_client
+        self._spool = spool
+        self._held: deque[bytes] = deque()
+        self._held_bytes = 0
+        self._file: Optional[IO[bytes]] = None
+        self._file_read = 0
+        self._file_size = 0
+        self._consumer: Any = None
+        self._done: Optional[Deferred[None]] = None
+        self._paused = False
+        self._client_paused = False
+        self._complete = False
+        self._stopped = False
+        self._failure: Optional[Failure] = None
+        self._observers: list[Callable[[bytes], None]] = []
+        self._watchers: list[Callable[[Optional[Failure]], None]] = []
+        self.received = 0
+
+    def observe(self, observer: Callable[[bytes], None]) -> None:
+        """
+        Show C{observer} every chunk as it arrives (how the form fields are
+        read without holding the body).
+        """
+        self._observers.append(observer)
+
+    def notify(self, watcher: Callable[[Optional[Failure]], None]) -> None:
+        """
+        Tell C{watcher} when the body is complete (with C{None}) or has
+        failed (with the failure), whether or not upstream is reading it.
+        """
+        self._watchers.append(watcher)
+
+    # The server side.
+
+    def write(self, data: bytes) -> None:
+        """
+        A chunk of the body arrived from the client.
+        """
+        self.received += len(data)
+        for observer in self._observers:
+            observer(data)
+        if self._stopped:
+            return
+        if self._consumer is not None and not self._paused and not self._held_bytes:
+            self._consumer.write(data)
+            return
+        self._hold(data)
+
+    def finish(self) -> None:
+        """
+        The whole body has arrived.
+        """
+        self._complete = True
+        self._drain()
+        for watcher in self._watchers:
+            watcher(None)
+
+    def fail(self, reason: Exception) -> None:
+        """
+        The body cannot be completed (it grew past the body limit): the
+        upstream request fails with C{reason}.
+        """
+        if self._stopped:
+            return
+        self._failure = failure = Failure(reason)
+        self._discard()
+        if self._done is not None:
+            done, self._done = self._done, None
+            done.errback(failure)
+        for watcher in self._watchers:
+            watcher(failure)
+
+    def close(self) -> None:
+        """
+        The client request is over: release what is held and never leave
+        the client paused.
+        """
+        self._stopped = True
+        self._discard()
+
+    def _hold(self, data: bytes) -> None:
+        self._held_bytes += len(data)
+        if self._file is not None:
+            self._file.seek(0, 2)
+            self._file.write(data)
+            self._file_size += len(data)
+            return
+        self._held.append(data)
+        if self._held_bytes <= HOLD_BYTES:
+            return
+        if self._consumer is None:
+            # Nobody can take the data yet (upstream is connecting, or the
+            # model has not been seen): keep reading, on disk.
+            self._file = self._spool()
+            while self._held:
+                chunk = self._held.popleft()
+                self._file.write(chunk)
+                self._file_size += len(chunk)
+        elif not self._client_paused:
+            # Upstream is slower than the client: slow the client down.
+            self._client_paused = True
+            self._pause_client()
+
+    def _discard(self) -> None:
+        self._held.clear()
+        self._held_bytes = 0
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._client_paused:
+            self._client_paused = False
+            self._resume_client()
+
+    # The upstream side (IBodyProducer).
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
+        self._consumer = consumer
+        self._done = Deferred()
+        done = self._done
+        if self._failure is not None:
+            self._done = None
+            done.errback(self._failure)
+            return done
+        self._drain()
+        return done
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._drain()
+
+    def stopProducing(self) -> None:
+        # The upstream request was cancelled or its connection lost; the
+        # Deferred from startProducing must then never fire.
+        self._done = None
+        self.close()
+
+    def _drain(self) -> None:
+        """
+        Write what is held, oldest first, while upstream takes it; finish
+        when the body is complete and nothing is left.
+        """
+        consumer = self._consumer
+        if consumer is None or self._stopped:
+            return
+        while not self._paused and self._held_bytes:
+            if self._file is not None:
+                self._file.seek(self._file_read)
+                chunk = self._file.read(_READ)
+                self._file_read += len(chunk)
+                if self._file_read >= self._file_size:
+                    self._file.close()
+                    self._file = None
+            else:
+                chunk = self._held.popleft()
+            self._held_bytes -= len(chunk)
+            consumer.write(chunk)
+        if self._held_bytes:
+            return
+        if self._client_paused:
+            self._client_paused = False
+            self._resume_client()
+        if self._complete and self._done is not None:
+            done, self._done = self._done, None
+            done.callback(None)
+
+
+_BOUNDARY = re.compile(rb'boundary="?([^";,\s]+)"?', re.IGNORECASE)
+_DISPOSITION = re.compile(rb"^content-disposition:(.*)$", re.IGNORECASE | re.MULTILINE)
+_PARAMETER = re.compile(rb';\s*([a-zA-Z*]+)="((?:[^"\\]|\\.)*)"')
+
+
+def form_boundary(content_type: bytes) -> Optional[bytes]:
+    """
+    The boundary of a C{multipart/form-data} content type, or C{None} for
+    any other type.
+    """
+    if not content_type.lower().startswith(b"multipart/form-data"):
+        return None
+    match = _BOUNDARY.search(content_type)
+    return match.group(1) if match else None
+
+
+class FormFields:
+    """
+    Reads the text fields of a multipart body as it streams past.
+
+    Each part's first C{part_limit} bytes are kept until the next boundary;
+    a part with a C{filename} (the upload itself) or a longer one is
+    skipped, so memory stays bounded whatever the body's size.
+
+    @ivar fields: the complete text fields seen so far, by name.
+    @ivar complete: the closing boundary has been seen.
+    @ivar on_field: called with each field's name as it completes.
+    """
+
+    def __init__(self, boundary: bytes, part_limit: int = 16 * 1024) -> None:
+        self._delimiter = b"\r\n--" + boundary
+        self._limit = part_limit
+        # The first boundary has no CRLF before it; pretend it does.
+        self._buffer = b"\r\n"
+        self._part: Optional[list[bytes]] = None
+        self._kept = 0
+        self._overflow = False
+        self.fields: dict[str, str] = {}
+        self.complete = False
+        self.on_field: Callable[[str], None] = lambda name: None
+
+    def feed(self, data: bytes) -> None:
+        if self.complete:
+            return
+        buffer = self._buffer + data
+        size = len(self._delimiter)
+        while True:
+            at = buffer.find(self._delimiter)
+            if at < 0:
+                # Keep back only what could be the start of a delimiter.
+                cut = max(len(buffer) - (size - 1), 0)
+                break
+            if len(buffer) < at + size + 2:
+                # A delimiter, but not yet whether it is the closing one.
+                cut = at
+                break
+            self._keep(buffer[:at])
+            self._end_part()
+            buffer = buffer[at + size :]
+            if buffer.startswith(b"--"):
+                self.complete = True
+                return
+            self._part, self._kept, self._overflow = [], 0, False
+        self._keep(buffer[:cut])
+        self._buffer = buffer[cut:]
+
+    def _keep(self, data: bytes) -> None:
+        if self._part is None or self._overflow or not data:
+            return
+        if self._kept + len(data) > self._limit:
+            self._overflow = True
+            self._part = []
+            return
+        self._part.append(data)
+        self._kept += len(data)
+
+    def _end_part(self) -> None:
+        part, self._part = self._part, None
+        if part is None or self._overflow:
+            return
+        head, sep, value = b"".join(part).partition(b"\r\n\r\n")
+        if not sep:
+            return
+        disposition = _DISPOSITION.search(head)
+        if disposition is None:
+            return
+        parameters = dict((k.lower(), v) for k, v in _PARAMETER.findall(disposition.group(1)))
+        if b"filename" in parameters or b"name" not in parameters:
+            return
+        name = parameters[b"name"].decode("utf-8", "replace")
+        self.fields[name] = value.decode("utf-8", "replace")
+        self.on_field(name)

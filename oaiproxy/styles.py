@@ -1,0 +1,114 @@
+# -*- test-case-name: tests.test_styles -*-
+"""
+How an upstream addresses the OpenAI API: where a route's request goes and
+which header carries the key.
+
+OpenAI and the OpenAI-compatible servers (vLLM, Ollama, OpenRouter, LM
+Studio) take the same paths below their base URL and a C{Bearer} key.
+Azure OpenAI puts most routes under a deployment
+(C{/openai/deployments/{deployment}/chat/completions}), requires an
+C{api-version} query parameter on every request, and takes its key in an
+C{api-key} header.  Both are pure mappings, so they are tested without a
+network.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Union
+from urllib.parse import quote
+
+from oaiproxy.routes import ROUTES, Route
+
+__all__ = ["OpenAIStyle", "AzureStyle", "UpstreamStyle", "route_of", "DEFAULT_AZURE_API_VERSION"]
+
+#: The newest generally available Azure OpenAI data-plane API version when
+#: this was written; override with C{--azure-api-version}.
+DEFAULT_AZURE_API_VERSION = "2024-10-21"
+
+
+def route_of(path: str) -> Optional[Route]:
+    """
+    The route a path below the API base belongs to (C{/responses/r_1}
+    belongs to C{responses}), or C{None}.
+    """
+    best: Optional[Route] = None
+    for route in ROUTES:
+        if path == route.path or path.startswith(route.path + "/"):
+            if best is None or len(route.path) > len(best.path):
+                best = route
+    return best
+
+
+def _join_query(query: bytes, extra: str = "") -> str:
+    parts = [p for p in (query.decode("latin-1"), extra) if p]
+    return ("?" + "&".join(parts)) if parts else ""
+
+
+class OpenAIStyle:
+    """
+    The OpenAI API's own addressing: paths as the SDKs send them, relative
+    to the base URL, and a C{Bearer} key.
+    """
+
+    name = "openai"
+
+    def target(self, path: str, model: Optional[str], query: bytes = b"") -> str:
+        """
+        The path and query, relative to the base URL, for a request the
+        client sent to C{path} (below C{/v1}) naming C{model}.
+        """
+        return path + _join_query(query)
+
+    def credential(self, key: bytes) -> tuple[bytes, bytes]:
+        """
+        The header that carries the upstream key.
+        """
+        return b"authorization", b"Bearer " + key
+
+    def needs_model(self, route: Route) -> bool:
+        """
+        Whether a request on C{route} must name its model to be addressed.
+        """
+        return False
+
+
+class AzureStyle:
+    """
+    Azure OpenAI: deployment-scoped paths and an C{api-version}.
+
+    @param api_version: sent as C{api-version} on every request.
+    @param deployments: model name to deployment name; a model not listed
+        is taken to be deployed under its own name.
+    """
+
+    name = "azure"
+
+    def __init__(
+        self, api_version: str = DEFAULT_AZURE_API_VERSION, deployments: Optional[Mapping[str, str]] = None
+    ) -> None:
+        self.api_version = api_version
+        self.deployments = dict(deployments or {})
+
+    def deployment(self, model: str) -> str:
+        return self.deployments.get(model, model)
+
+    def target(self, path: str, model: Optional[str], query: bytes = b"") -> str:
+        version = "api-version=" + quote(self.api_version, safe="")
+        route = route_of(path)
+        if route is not None and route.azure == "deployment" and model is not None:
+            prefix = "/openai/deployments/" + quote(self.deployment(model), safe="")
+        else:
+            prefix = "/openai"
+        # The proxy's api-version wins over one the client sent.
+        kept = b"&".join(p for p in query.split(b"&") if p and not p.startswith(b"api-version="))
+        return prefix + path + _join_query(kept, version)
+
+    def credential(self, key: bytes) -> tuple[bytes, bytes]:
+        return b"api-key", key
+
+    def needs_model(self, route: Route) -> bool:
+        return route.azure == "deployment"
+
+
+#: Either style.
+UpstreamStyle = Union[OpenAIStyle, AzureStyle]

@@ -1,0 +1,160 @@
+# -*- test-case-name: tests.test_uploads -*-
+"""
+C{POST /v1/audio/transcriptions} and C{/v1/audio/translations}: audio
+uploads, streamed upstream as they arrive.
+
+The body is C{multipart/form-data}: a file and a few text fields
+(C{model}, C{language}, C{stream}...).  The file is never held whole (see
+L{oaiproxy.bodies}); the fields are read as they pass.  The model is needed
+before anything goes upstream only when something depends on it (the
+client has a model allow-list, or the upstream is Azure, where it picks the
+deployment); then the request waits for the C{model} field, holding what
+arrives meanwhile in a temporary file.  The official Python SDK sends the
+model before the file, so the wait is a few hundred bytes; an SDK that
+sends it after the file (the Node SDK with C{{file, model}}) waits for the
+upload, still without holding it in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.python.failure import Failure
+from twisted.web.iweb import IBodyProducer
+from twisted.web.server import NOT_DONE_YET, Request
+
+from oaiproxy.bodies import BodyPipe, BodyTooLarge, FormFields, form_boundary
+from oaiproxy.clients import Client
+from oaiproxy.errors import bad_request, body_too_large
+from oaiproxy.forward import ForwardingResource, read_body
+from oaiproxy.limits import Reservation
+from oaiproxy.records import record_of
+from oaiproxy.resources import error_response, send_error
+
+__all__ = ["UploadResource"]
+
+
+class UploadResource(ForwardingResource):
+    """
+    An upload route (L{ForwardingResource.route}).  The client's limits
+    count the request (and the tokens its response reports); the model
+    allow-list applies to the C{model} field.
+    """
+
+    def render_POST(self, request: Request) -> bytes | int:
+        route = self.route
+        client = self._admit(request, route.label)
+        if isinstance(client, bytes):
+            return client
+        boundary = form_boundary(request.getHeader(b"content-type") or b"")
+        if boundary is None:
+            return error_response(
+                request,
+                bad_request(
+                    "This endpoint takes a multipart/form-data body (a file and its fields).",
+                    None,
+                    "invalid_content_type",
+                ),
+            )
+        fields = FormFields(boundary)
+        pipe: Optional[BodyPipe] = getattr(request, "body_pipe", None)
+        body: "bytes | IBodyProducer"
+        if pipe is not None:
+            pipe.observe(fields.feed)
+            body = pipe
+        else:
+            # Not a streaming site (a plain twisted.web one): the body is
+            # already complete.
+            body = read_body(request)
+            fields.feed(body)
+        needs_model = (client is not None and client.models is not None) or self._upstream.style.needs_model(route)
+        return _Upload(self, request, client, fields, body, pipe).begin(needs_model)
+
+
+class _Upload:
+    """
+    One upload: waiting for its model if it must, then forwarded.
+    """
+
+    def __init__(
+        self,
+        resource: UploadResource,
+        request: Request,
+        client: Optional[Client],
+        fields: FormFields,
+        body: "bytes | IBodyProducer",
+        pipe: Optional[BodyPipe],
+    ) -> None:
+        self._resource = resource
+        self._request = request
+        self._client = client
+        self._fields = fields
+        self._body = body
+        self._pipe = pipe
+        self._waiting = False
+        self._record = record_of(request)
+        fields.on_field = self._field
+
+    def begin(self, needs_model: bool) -> bytes | int:
+        model = self._fields.fields.get("model")
+        if not needs_model or model is not None:
+            return self._forward(model)
+        if self._pipe is None or self._fields.complete:
+            return self._no_model()
+        self._waiting = True
+        self._pipe.notify(self._body_over)
+        self._request.notifyFinish().addErrback(self._gone)
+        return NOT_DONE_YET
+
+    def _field(self, name: str) -> None:
+        value = self._fields.fields[name]
+        if name == "model":
+            self._record.model = value
+            if self._waiting:
+                self._waiting = False
+                self._answer(self._forward(value))
+        elif name == "stream":
+            self._record.stream = value.strip().lower() == "true"
+
+    def _body_over(self, failure: Optional[Failure]) -> None:
+        """
+        The whole body arrived, or grew past the limit, while the request
+        was still waiting for its model.
+        """
+        if not self._waiting:
+            return
+        self._waiting = False
+        if failure is None:
+            self._answer(self._no_model())
+        elif failure.check(BodyTooLarge):
+            send_error(self._request, body_too_large(failure.value.limit))
+
+    def _forward(self, model: Optional[str]) -> bytes | int:
+        request = self._request
+        resource = self._resource
+        reservation = resource._reserve(request, self._client, model, 0)
+        if not isinstance(reservation, Reservation):
+            return reservation
+        exchange = resource._exchange(request, resource.route, reservation)
+        exchange.start(self._body, "POST", resource.route.path, model)
+        return NOT_DONE_YET
+
+    def _no_model(self) -> bytes:
+        return error_response(
+            self._request,
+            bad_request("you must provide a model parameter.", "model", "missing_required_parameter"),
+        )
+
+    def _answer(self, result: bytes | int) -> None:
+        """
+        Send what a step decided, the resource having returned
+        C{NOT_DONE_YET} already.
+        """
+        if isinstance(result, bytes) and not self._request.finished:
+            self._request.write(result)
+            self._request.finish()
+
+    def _gone(self, failure: Failure) -> None:
+        self._waiting = False
+        if self._pipe is not None:
+            self._pipe.close()
