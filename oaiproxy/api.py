@@ -14,6 +14,7 @@ cancel and delete, forwarded by L{ResponsesResource}.
 
 from __future__ import annotations
 
+from typing import Any, Iterable
 from urllib.parse import quote
 
 from twisted.web.server import NOT_DONE_YET, Request
@@ -22,13 +23,22 @@ from oaiproxy.clients import Limits
 from oaiproxy.errors import ApiError, bad_request, method_not_allowed
 from oaiproxy.forward import ForwardingResource, read_body
 from oaiproxy.limits import Reservation, estimate_tokens
+from oaiproxy.models import ModelsResource
 from oaiproxy.records import record_of
 from oaiproxy.resources import JSONResource, NotFound, error_response
-from oaiproxy.routes import CHAT, RESPONSES
+from oaiproxy.routes import CHAT, MODELS, RESPONSES, Route
+from oaiproxy.uploads import UploadResource
 from oaiproxy.usage import inject_include_usage
 from oaiproxy.validation import parse_json_request
 
-__all__ = ["JsonRouteResource", "ChatCompletionsResource", "ResponsesResource", "query_of"]
+__all__ = [
+    "JsonRouteResource",
+    "ChatCompletionsResource",
+    "ResponsesResource",
+    "api_resources",
+    "streamed_paths",
+    "query_of",
+]
 
 
 def query_of(request: Request) -> bytes:
@@ -131,3 +141,35 @@ class ResponsesResource(JsonRouteResource):
         path = "/".join(("/responses", *[quote(s, safe="") for s in segments]))
         self._exchange(request, self.route).start(body, method, path, None, query_of(request))
         return NOT_DONE_YET
+
+
+def resource_class(route: Route) -> type[ForwardingResource]:
+    """
+    The resource class that serves C{route}.
+    """
+    if route is MODELS:
+        return ModelsResource
+    if route is RESPONSES:
+        return ResponsesResource
+    if route.body == "multipart":
+        return UploadResource
+    return JsonRouteResource
+
+
+def api_resources(routes: Iterable[Route], *collaborators: Any, **settings: Any) -> dict[str, ForwardingResource]:
+    """
+    A resource for each of C{routes}, by route name, all sharing the same
+    collaborators (see L{ForwardingResource}): one limiter counts a
+    client's requests on every route.
+    """
+    return {route.name: resource_class(route)(*collaborators, **dict(settings, route=route)) for route in routes}
+
+
+def streamed_paths(routes: Iterable[Route]) -> frozenset[bytes]:
+    """
+    The paths whose bodies the site streams (see
+    L{oaiproxy.site.ProxySite.streams_body}): the upload routes', with and
+    without C{/v1}.
+    """
+    paths = [route.path.encode("ascii") for route in routes if route.body == "multipart"]
+    return frozenset(paths + [b"/v1" + path for path in paths])

@@ -1,12 +1,15 @@
 # -*- test-case-name: tests.test_chat,tests.test_e2e -*-
 """
-A fake OpenAI chat completions API, shared by the tests, the benchmarks and
-C{twistd oaiproxy --mock-upstream}.
+A fake OpenAI API, shared by the tests, the benchmarks and C{twistd
+oaiproxy --mock-upstream}.
 
 It answers like the real API (JSON completions, server-sent event streams,
 OpenAI-shaped errors, the usual response headers) with deterministic text,
-and misbehaves on request: the C{model} of a request picks a scenario, so a
-test drives a failure through the real SDK without any side channel.
+for every route the proxy serves (the others' bodies are built in
+L{oaiproxy.fake_routes}), below any base path or in Azure OpenAI's
+addressing.  For chat completions it misbehaves on request: the C{model}
+of a request picks a scenario, so a test drives a failure through the real
+SDK without any side channel.
 
     =====================  ==============================================
     model                  behaviour
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Optional
@@ -48,6 +52,8 @@ from typing import IO, Any, Callable, Optional
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from oaiproxy import fake_routes
 
 __all__ = ["FakeUpstream", "RecordedRequest", "main"]
 
@@ -68,6 +74,8 @@ class RecordedRequest:
     body: bytes
     #: The client's TCP port: equal ports mean a reused connection.
     peer_port: int = 0
+    #: The query string, without C{?}.
+    query: str = ""
 
 
 @dataclass
@@ -96,6 +104,11 @@ class FakeUpstream(Resource):
     @param control: serve the C{/_fake/} control routes.
     @param record: keep every request in L{requests} (tests want it; a
         long-running mock upstream must not, or it grows without bound).
+    @param prefix: the path the API is served below (C{/v1}; OpenRouter's
+        is C{/api/v1}).
+    @param azure: behave like Azure OpenAI instead: paths below
+        C{/openai} (most below C{/openai/deployments/{name}}), an
+        C{api-version} query parameter required, the key in C{api-key}.
     """
 
     isLeaf = True
@@ -107,9 +120,14 @@ class FakeUpstream(Resource):
         chunk_interval: float = 0.0,
         control: bool = False,
         record: bool = True,
+        prefix: str = "/v1",
+        azure: bool = False,
     ) -> None:
         super().__init__()
         self._clock = clock
+        self._prefix = prefix.rstrip("/")
+        self._azure = azure
+        self._stored: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._api_key = api_key
         self.chunk_interval = chunk_interval
         self._control = control
@@ -141,50 +159,175 @@ class FakeUpstream(Resource):
                     },
                     body,
                     getattr(request.getClientAddress(), "port", 0),
+                    request.uri.partition(b"?")[2].decode("latin-1"),
                 )
             )
-        if "/models" in path and method == "GET":
-            return self._render_models(request, path)
-        if not path.endswith("/chat/completions"):
+        api_path = self._api_path(request, path)
+        if api_path is None:
             request.setResponseCode(404)
             return self._json(request, _error(f"Invalid URL ({method} {path})", "invalid_request_error", None))
-        if method != "POST":
-            request.setResponseCode(405)
-            return self._json(request, _error("Method not allowed", "invalid_request_error", None))
-        if self._api_key is not None:
-            presented = request.getHeader(b"authorization") or b""
-            if presented != b"Bearer " + self._api_key:
-                # As OpenAI does, quote the end of the key it refused.
-                shown = presented[-4:].decode("latin-1")
-                request.setResponseCode(401)
-                return self._json(
-                    request,
-                    _error(f"Incorrect API key provided: sk-****{shown}.", "invalid_request_error", "invalid_api_key"),
-                )
-        try:
-            document = json.loads(body)
-            model = document["model"]
-            prompt = str(document["messages"][-1].get("content", ""))
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            request.setResponseCode(400)
-            return self._json(request, _error("bad body", "invalid_request_error", None))
+        refused = self._check_key(request)
+        if refused is not None:
+            return refused
         self._serial += 1
         request.setHeader(b"x-request-id", b"req_fake_%d" % (self._serial,))
         request.setHeader(b"openai-processing-ms", b"7")
-        request.setHeader(b"set-cookie", b"__cf_bm=fake-session; path=/; HttpOnly")
-        request.setHeader(b"x-ratelimit-remaining-requests", b"4999")
-        return self._render_chat(request, document, model, prompt)
+        if api_path == "/models" or api_path.startswith("/models/"):
+            if method != "GET":
+                return self._not_allowed(request)
+            return self._render_models(request, api_path)
+        if api_path.startswith("/responses/"):
+            return self._render_stored(request, method, api_path[len("/responses/") :])
+        if method != "POST":
+            return self._not_allowed(request)
+        if api_path in ("/audio/transcriptions", "/audio/translations"):
+            form = fake_routes.parse_form(request.getHeader(b"content-type") or b"", body)
+            if form is None or not isinstance(form.get("file"), bytes) or not form.get("model"):
+                request.setResponseCode(400)
+                return self._json(request, _error("bad multipart body", "invalid_request_error", None))
+            return self._json(request, json.dumps(fake_routes.transcription(form)).encode())
+        try:
+            document = json.loads(body)
+            assert isinstance(document, dict)
+        except (ValueError, AssertionError):
+            request.setResponseCode(400)
+            return self._json(request, _error("bad body", "invalid_request_error", None))
+        if api_path == "/chat/completions":
+            try:
+                model = document["model"]
+                prompt = str(document["messages"][-1].get("content", ""))
+            except (KeyError, IndexError, TypeError, AttributeError):
+                request.setResponseCode(400)
+                return self._json(request, _error("bad body", "invalid_request_error", None))
+            request.setHeader(b"set-cookie", b"__cf_bm=fake-session; path=/; HttpOnly")
+            request.setHeader(b"x-ratelimit-remaining-requests", b"4999")
+            return self._render_chat(request, document, model, prompt)
+        return self._render_route(request, api_path, document)
+
+    def _api_path(self, request: Request, path: str) -> Optional[str]:
+        """
+        The OpenAI path a request asks for (C{/chat/completions}), or
+        C{None} where the real service would answer 404.
+        """
+        if not self._azure:
+            return path[len(self._prefix) :] if path.startswith(self._prefix + "/") else None
+        args: dict[bytes, list[bytes]] = request.args or {}
+        if not args.get(b"api-version"):
+            return None
+        match = re.match(r"^/openai/deployments/[^/]+(/.*)$", path)
+        if match is not None:
+            return match.group(1)
+        return path[len("/openai") :] if path.startswith("/openai/") else None
+
+    def _check_key(self, request: Request) -> Optional[bytes]:
+        if self._api_key is None:
+            return None
+        if self._azure:
+            if request.getHeader(b"api-key") == self._api_key:
+                return None
+            request.setResponseCode(401)
+            return self._json(
+                request,
+                _error("Access denied due to invalid subscription key.", "invalid_request_error", "401"),
+            )
+        presented = request.getHeader(b"authorization") or b""
+        if presented == b"Bearer " + self._api_key:
+            return None
+        # As OpenAI does, quote the end of the key it refused.
+        shown = presented[-4:].decode("latin-1")
+        request.setResponseCode(401)
+        return self._json(
+            request,
+            _error(f"Incorrect API key provided: sk-****{shown}.", "invalid_request_error", "invalid_api_key"),
+        )
+
+    def _not_allowed(self, request: Request) -> bytes:
+        request.setResponseCode(405)
+        return self._json(request, _error("Method not allowed", "invalid_request_error", None))
+
+    def _render_route(self, request: Request, api_path: str, document: dict[str, Any]) -> bytes | int:
+        """
+        The JSON routes other than chat.
+        """
+        created = int(self._clock.seconds())
+        stream = document.get("stream") is True
+        if api_path == "/embeddings":
+            return self._json(request, json.dumps(fake_routes.embeddings(document)).encode())
+        if api_path == "/completions":
+            ident = f"cmpl-fake{self._serial}"
+            if stream:
+                return self._stream(request, fake_routes.completion_events(document, ident, created))
+            return self._json(request, json.dumps(fake_routes.completion(document, ident, created)).encode())
+        if api_path == "/responses":
+            ident = f"resp_fake{self._serial}"
+            self._stored[ident] = (document, fake_routes.response_object(document, ident, created))
+            if stream:
+                return self._stream(request, fake_routes.response_events(document, ident, created))
+            return self._json(request, json.dumps(self._stored[ident][1]).encode())
+        if api_path == "/moderations":
+            return self._json(request, json.dumps(fake_routes.moderation(document, f"modr-{self._serial}")).encode())
+        if api_path == "/images/generations":
+            return self._json(request, json.dumps(fake_routes.image(document, created)).encode())
+        if api_path == "/audio/speech":
+            request.setHeader(b"content-type", b"audio/mpeg")
+            return self._stream(request, fake_routes.speech(document), content_type=b"audio/mpeg")
+        request.setResponseCode(404)
+        return self._json(request, _error(f"Invalid URL (POST {api_path})", "invalid_request_error", None))
+
+    def _render_stored(self, request: Request, method: str, rest: str) -> bytes | int:
+        """
+        C{/responses/{id}}, C{.../input_items}, C{.../cancel}.
+        """
+        ident, _, action = rest.partition("/")
+        stored = self._stored.get(ident)
+        if stored is None:
+            request.setResponseCode(404)
+            return self._json(request, _error(f"No response found with id '{ident}'.", "invalid_request_error", None))
+        document, response = stored
+        if (method, action) == ("GET", ""):
+            args: dict[bytes, list[bytes]] = request.args or {}
+            if args.get(b"stream") == [b"true"]:
+                return self._stream(request, fake_routes.response_events(document, ident, response["created_at"]))
+            return self._json(request, json.dumps(response).encode())
+        if (method, action) == ("DELETE", ""):
+            del self._stored[ident]
+            return self._json(request, json.dumps({"id": ident, "object": "response", "deleted": True}).encode())
+        if (method, action) == ("GET", "input_items"):
+            given = document.get("input")
+            items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": str(given)}]}]
+            return self._json(request, json.dumps({"object": "list", "data": items, "has_more": False}).encode())
+        if (method, action) == ("POST", "cancel"):
+            return self._json(request, json.dumps(dict(response, status="cancelled")).encode())
+        return self._not_allowed(request)
+
+    def _stream(
+        self,
+        request: Request,
+        events: list[bytes],
+        content_type: bytes = b"",
+        gated_after: Optional[int] = None,
+        ending: str = "finish",
+    ) -> int:
+        """
+        Send C{events} one by one, paced by C{chunk_interval}, as an event
+        stream unless C{content_type} says otherwise.
+
+        @param gated_after: stop after this many events, then end as
+            C{ending} says (see L{_pump}).
+        """
+        stream = _Stream(request, events, gated_after, ending)
+        request.setHeader(b"content-type", content_type or b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.notifyFinish().addErrback(lambda _: self._stream_lost(stream))
+        self._streams.append(stream)
+        request.write(b"")
+        self._pump(stream)
+        return NOT_DONE_YET
 
     #: What C{GET /v1/models} lists.
     MODELS = ("gpt-4o", "gpt-4o-mini", "o3")
 
     def _render_models(self, request: Request, path: str) -> bytes:
-        if self._api_key is not None and request.getHeader(b"authorization") != b"Bearer " + self._api_key:
-            request.setResponseCode(401)
-            return self._json(
-                request, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
-            )
-
         def model(name: str) -> dict[str, Any]:
             return {"id": name, "object": "model", "created": 1700000000, "owned_by": "openai"}
 
@@ -208,6 +351,7 @@ class FakeUpstream(Resource):
                     "headers": r.headers,
                     "body": r.body.decode("utf-8", "replace"),
                     "peer_port": r.peer_port,
+                    "query": r.query,
                 }
                 for r in self.requests
             ]
@@ -343,19 +487,10 @@ class FakeUpstream(Resource):
                 + b"\n\n"
             )
         events.append(b"data: [DONE]\n\n")
-        stream = _Stream(request, events)
-        if model in ("fake-stall", "fake-crash", "fake-gated", "fake-pause"):
-            stream.gated_after = 2
-            stream.ending = {"fake-stall": "stall", "fake-crash": "crash", "fake-gated": "gate", "fake-pause": "pause"}[
-                model
-            ]
-        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-cache")
-        request.notifyFinish().addErrback(lambda _: self._stream_lost(stream))
-        self._streams.append(stream)
-        request.write(b"")
-        self._pump(stream)
-        return NOT_DONE_YET
+        ending = {"fake-stall": "stall", "fake-crash": "crash", "fake-gated": "gate", "fake-pause": "pause"}
+        if model in ending:
+            return self._stream(request, events, gated_after=2, ending=ending[model])
+        return self._stream(request, events)
 
     # Streams.
 
@@ -453,12 +588,19 @@ def main(argv: Optional[list[str]] = None, reactor: Any = None, out: Callable[[s
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free port)")
     parser.add_argument("--chunk-interval", type=float, default=0.0, help="seconds between streamed chunks")
     parser.add_argument("--tls-pem", help="serve https with this PEM file (private key and certificate)")
+    parser.add_argument("--prefix", default="/v1", help="the path the API is served below (default /v1)")
+    parser.add_argument("--azure", action="store_true", help="behave like Azure OpenAI (deployments, api-key)")
     args = parser.parse_args(argv)
     if reactor is None:
         from twisted.internet import reactor
     key = os.environ.get("OPENAI_API_KEY")
     upstream = FakeUpstream(
-        reactor, api_key=key.encode() if key else None, chunk_interval=args.chunk_interval, control=True
+        reactor,
+        api_key=key.encode() if key else None,
+        chunk_interval=args.chunk_interval,
+        control=True,
+        prefix=args.prefix,
+        azure=args.azure,
     )
     pem = None
     if args.tls_pem:
@@ -466,7 +608,8 @@ def main(argv: Optional[list[str]] = None, reactor: Any = None, out: Callable[[s
             pem = f.read()
     port = listen(reactor, upstream, args.port, pem)
     scheme = "https" if pem else "http"
-    out(f"fake upstream listening on {scheme}://127.0.0.1:{port.getHost().port}/v1")
+    base = "" if args.azure else args.prefix.rstrip("/")
+    out(f"fake upstream listening on {scheme}://127.0.0.1:{port.getHost().port}{base}")
     sys.stdout.flush()
     reactor.run()
 

@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from oaiproxy import __version__
 from oaiproxy.accesslog import JsonAccessLog, TextAccessLog
-from oaiproxy.api import JsonRouteResource, ResponsesResource
+from oaiproxy.api import api_resources, streamed_paths
 from oaiproxy.clients import ClientRegistry, Credentials, load_clients
 from oaiproxy.config import (
     DEFAULT_PORT,
@@ -56,19 +56,16 @@ from oaiproxy.config import (
 )
 from oaiproxy.errors import invalid_api_key
 from oaiproxy.fake_upstream import FakeUpstream, listen
-from oaiproxy.forward import ForwardingResource
 from oaiproxy.headers import bearer_token, parse_static_header
 from oaiproxy.lifecycle import DrainService, Lifecycle, ReadinessService, ReloadService
 from oaiproxy.limits import Limiter
 from oaiproxy.metrics import Metrics, MetricsCheck, MetricsResource
-from oaiproxy.models import ModelsResource
 from oaiproxy.resources import HealthResource, build_root, build_tree, error_response
-from oaiproxy.routes import BY_NAME, DEFAULT_ROUTES, Route, in_order, parse_routes
+from oaiproxy.routes import BY_NAME, DEFAULT_ROUTES, in_order, parse_routes
 from oaiproxy.routes import ROUTES as API_ROUTES
 from oaiproxy.sdnotify import Notifier
 from oaiproxy.site import ProxySite
 from oaiproxy.styles import DEFAULT_AZURE_API_VERSION, AzureStyle, OpenAIStyle, UpstreamStyle
-from oaiproxy.uploads import UploadResource
 from oaiproxy.upstream import UpstreamClient, make_http_client
 from oaiproxy.workers import FAMILIES, WORKER_INDEX, Supervisor, die_with_parent
 
@@ -560,10 +557,11 @@ class _MockUpstreamService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        fake = FakeUpstream(self._reactor, api_key=_MOCK_KEY.reveal(), chunk_interval=0.05, record=False)
+        azure = isinstance(self._upstream.style, AzureStyle)
+        fake = FakeUpstream(self._reactor, api_key=_MOCK_KEY.reveal(), chunk_interval=0.05, record=False, azure=azure)
         self._port = listen(self._reactor, fake)
         address: Any = self._port.getHost()
-        self._upstream.base_url = f"http://127.0.0.1:{address.port}/v1"
+        self._upstream.base_url = f"http://127.0.0.1:{address.port}" + ("" if azure else "/v1")
         log.info(
             "mock upstream on {url}: answers are canned, no real API is called",
             url=self._upstream.base_url,
@@ -658,28 +656,6 @@ def _supervise(options: Options, reactor: Any, notifier: Notifier, service: Mult
     return service
 
 
-def _resource_for(route: Route) -> type[ForwardingResource]:
-    """
-    The resource class that serves C{route}.
-    """
-    if route.name == "models":
-        return ModelsResource
-    if route.name == "responses":
-        return ResponsesResource
-    if route.body == "multipart":
-        return UploadResource
-    return JsonRouteResource
-
-
-def streamed_paths(routes: list[Route]) -> frozenset[bytes]:
-    """
-    The paths whose bodies the site streams: the upload routes', with and
-    without C{/v1}.
-    """
-    paths = [route.path.encode("ascii") for route in routes if route.body == "multipart"]
-    return frozenset(paths + [b"/v1" + path for path in paths])
-
-
 def makeService(
     options: Options,
     reactor: Any = None,
@@ -729,20 +705,17 @@ def makeService(
     metrics = Metrics()
     limiter = Limiter(reactor, share=config.worker_share)
     enabled = in_order(config.routes)
-    api = {
-        route.name: _resource_for(route)(
-            upstream,
-            reactor,
-            credentials,
-            lifecycle,
-            config.connect_timeout,
-            limiter,
-            stream_usage=config.stream_usage,
-            sse_keepalive=config.sse_keepalive,
-            route=route,
-        )
-        for route in enabled
-    }
+    api = api_resources(
+        enabled,
+        upstream,
+        reactor,
+        credentials,
+        lifecycle,
+        config.connect_timeout,
+        limiter,
+        stream_usage=config.stream_usage,
+        sse_keepalive=config.sse_keepalive,
+    )
     metrics_check = _metrics_check(credentials, config.metrics_key)
     health = HealthResource(lifecycle)
     on_api_port = None if config.metrics_port else MetricsResource(metrics, metrics_check)

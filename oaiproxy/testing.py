@@ -165,14 +165,15 @@ class Process:
 
 def start_fake_upstream(cwd: str, key: str, *args: str) -> tuple[Process, str]:
     """
-    Start the fake upstream; return it and its base URL (ending in /v1).
+    Start the fake upstream; return it and its base URL (ending in /v1,
+    or in its C{--prefix}; the bare host with C{--azure}).
     """
     process = Process(
         [sys.executable, "-m", "oaiproxy.fake_upstream", "--port", "0", *args],
         child_env({"OPENAI_API_KEY": key}),
         cwd,
     )
-    url = process.wait_for(r"listening on (https?://127\.0\.0\.1:\d+/v1)").group(1)
+    url = process.wait_for(r"listening on (https?://127\.0\.0\.1:\d+\S*)").group(1)
     return process, url
 
 

@@ -94,6 +94,9 @@ class _Upload:
         self._waiting = False
         self._record = record_of(request)
         fields.on_field = self._field
+        for name in list(fields.fields):
+            # Fields read before now (a body that was already complete).
+            self._field(name)
 
     def begin(self, needs_model: bool) -> bytes | int:
         model = self._fields.fields.get("model")

@@ -14,15 +14,16 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
+import treq
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.iweb import IResponse
 from twisted.web.resource import IResource
 
-from oaiproxy.api import ChatCompletionsResource
+from oaiproxy.api import api_resources, streamed_paths
 from oaiproxy.clients import Client, ClientRegistry, Credentials, Limits
 from oaiproxy.config import Secret
 from oaiproxy.fake_upstream import FakeUpstream
@@ -30,8 +31,10 @@ from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.limits import Limiter
 from oaiproxy.metrics import Metrics, MetricsResource
 from oaiproxy.records import RequestRecord
-from oaiproxy.resources import HealthResource, build_root
+from oaiproxy.resources import HealthResource, build_tree
+from oaiproxy.routes import BY_NAME, DEFAULT_ROUTES, in_order
 from oaiproxy.site import ProxySite
+from oaiproxy.styles import AzureStyle, UpstreamStyle
 from oaiproxy.upstream import TreqLike, UpstreamClient, http_client
 
 
@@ -48,6 +51,7 @@ def temp_dir(case: Any) -> str:
 UPSTREAM_KEY = b"sk-proj-UPSTREAMSECRET0123456789"
 CLIENT_KEY = b"oai-client-CLIENTSECRET42"
 UPSTREAM_URL = "http://upstream.test/v1"
+AZURE_URL = "http://example-resource.openai.azure.test"
 
 
 def registry(*keys: bytes, limits: Optional[Limits] = None, models: Optional[Sequence[str]] = None) -> ClientRegistry:
@@ -98,9 +102,13 @@ class Harness:
         upstream_resource: Optional[IResource] = None,
         stream_usage: bool = True,
         sse_keepalive: float = 0.0,
+        routes: Iterable[str] = DEFAULT_ROUTES,
+        style: Optional[UpstreamStyle] = None,
+        max_body_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.clock = Clock()
-        self.fake = FakeUpstream(self.clock, api_key=UPSTREAM_KEY, chunk_interval=chunk_interval)
+        azure = isinstance(style, AzureStyle)
+        self.fake = FakeUpstream(self.clock, api_key=UPSTREAM_KEY, chunk_interval=chunk_interval, azure=azure)
         # The proxy's own client configuration (no cookies, one-write
         # bodies) over an in-memory agent instead of a connection pool.
         self.upstream_agent = RequestTraversalAgent(upstream_resource or self.fake)
@@ -110,33 +118,44 @@ class Harness:
         self.lifecycle = Lifecycle()
         self.upstream = UpstreamClient(
             http or http_client(self.upstream_agent),
-            UPSTREAM_URL,
+            AZURE_URL if azure else UPSTREAM_URL,
             self.credentials,
             self.clock,
             read_timeout,
+            style=style,
         )
         self.limiter = Limiter(self.clock)
-        self.chat = ChatCompletionsResource(
+        # The daemon's own wiring (oaiproxy.tap does the same).
+        enabled = in_order(routes)
+        self.api = api_resources(
+            enabled,
             self.upstream,
             self.clock,
             self.credentials,
             self.lifecycle,
-            connect_timeout=10.0,
-            limiter=self.limiter,
+            10.0,
+            self.limiter,
             stream_usage=stream_usage,
             sse_keepalive=sse_keepalive,
         )
+        self.chat = self.api.get("chat/completions")
         self.metrics = Metrics()
         #: The record of every finished request, in order.
         self.records: list[RequestRecord] = []
-        root = build_root(self.chat, HealthResource(self.lifecycle), MetricsResource(self.metrics))
+        root = build_tree(
+            self.api,
+            HealthResource(self.lifecycle),
+            MetricsResource(self.metrics),
+            disabled=[name for name in BY_NAME if name not in self.api],
+        )
         self.proxy = StubTreq(root)
         # StubTreq serves through a plain twisted.web Site; put the proxy's
         # own in its place, so requests are ProxyRequests on ProxyChannels
         # (records, metrics, request ids) on the harness's clock.
-        self.proxy._agent._serverFactory = ProxySite(
+        self.site = self.proxy._agent._serverFactory = ProxySite(
             root,
-            max_body_bytes=64 * 1024 * 1024,
+            max_body_bytes=max_body_bytes,
+            streamed_paths=streamed_paths(enabled),
             idle_timeout=600,
             header_timeout=600,
             lifecycle=self.lifecycle,
@@ -217,3 +236,39 @@ def self_signed_pem(directory: str) -> str:
         )
         f.write(certificate.public_bytes(serialization.Encoding.PEM))
     return path
+
+
+def exchange(
+    case: Any,
+    h: Harness,
+    method: str,
+    path: str,
+    body: Optional[bytes] = None,
+    headers: Optional[dict[bytes, list[bytes]]] = None,
+) -> tuple[IResponse, bytes]:
+    """
+    One complete request through the harness: the response and its whole
+    body.
+    """
+    d = h.proxy.request(method, "http://proxy.test" + path, data=body, headers=headers or {}, allow_redirects=False)
+    h.pump()
+    response = case.successResultOf(d)
+    content = treq.content(response)
+    h.pump()
+    return response, case.successResultOf(content)
+
+
+def form(fields: Sequence[tuple[str, Any]], boundary: bytes = b"oaiproxy-test-boundary") -> tuple[bytes, bytes]:
+    """
+    A multipart/form-data body and its content type; a C{bytes} value is a
+    file.
+    """
+    parts = []
+    for name, value in fields:
+        if isinstance(value, bytes):
+            head = f'Content-Disposition: form-data; name="{name}"; filename="audio.wav"\r\nContent-Type: audio/wav'
+            data = value
+        else:
+            head, data = f'Content-Disposition: form-data; name="{name}"', str(value).encode()
+        parts.append(b"--" + boundary + b"\r\n" + head.encode() + b"\r\n\r\n" + data + b"\r\n")
+    return b"".join(parts) + b"--" + boundary + b"--\r\n", b"multipart/form-data; boundary=" + boundary

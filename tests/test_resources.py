@@ -59,7 +59,7 @@ class TreeTests(SynchronousTestCase):
         for path in [
             "/",
             "/v1",
-            "/v1/models",
+            "/v1/nope",
             "/v1/v1/chat/completions",
             "/health/x",
             "/v1/chat/completions/extra",

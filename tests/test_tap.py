@@ -7,9 +7,11 @@ would be bound.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
+from treq.testing import StubTreq
 from twisted.application.service import IServiceCollection
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
@@ -188,6 +190,22 @@ class ServiceTests(SynchronousTestCase):
         self.addCleanup(service.stopService)
         return service, reactor, events
 
+    def test_routes_in_the_tree(self) -> None:
+        """
+        The daemon's tree answers a route it does not serve with
+        route_not_enabled, and streams the bodies of enabled upload routes
+        only.
+        """
+        _, reactor, _ = self.start(["--routes", "embeddings,audio/transcriptions"])
+        site = reactor.tcpServers[0][1]
+        stub = StubTreq(site.resource)
+        response = self.successResultOf(stub.post("http://p/v1/chat/completions", data=b"{}"))
+        error = json.loads(self.successResultOf(stub.content(response)))["error"]
+        self.assertEqual((response.code, error["code"]), (404, "route_not_enabled"))
+        self.assertTrue(site.streams_body(b"POST", b"/v1/audio/transcriptions?x=1"))
+        self.assertFalse(site.streams_body(b"POST", b"/v1/audio/translations"))
+        self.assertFalse(site.streams_body(b"POST", b"/v1/embeddings"))
+
     def test_one_listener_per_port(self) -> None:
         """
         Every --port becomes a listener on the Site, bound when the service
@@ -301,3 +319,72 @@ class UpstreamHeaderOptionTests(SynchronousTestCase):
         with self.assertRaises(SystemExit) as caught:
             parse(["--upstream-header", "Authorization: Bearer sk-x"])
         self.assertIn("cannot set Authorization", str(caught.exception.code))
+
+
+class RouteOptionTests(SynchronousTestCase):
+    def test_default_and_choice(self) -> None:
+        """
+        Chat and models by default; --routes or OAIPROXY_ROUTES choose
+        others (the option wins); an unknown route stops startup.
+        """
+        self.assertEqual(parse([]).config.routes, {"chat/completions", "models"})
+        self.assertEqual(parse(["--routes", "embeddings,responses"]).config.routes, {"embeddings", "responses"})
+        env = {"OPENAI_API_KEY": KEY, "OAIPROXY_ROUTES": "all"}
+        self.assertIn("audio/speech", parse([], env).config.routes)
+        self.assertEqual(parse(["--routes", "models"], env).config.routes, {"models"})
+        with self.assertRaises(SystemExit) as caught:
+            parse(["--routes", "chat/completions,files"])
+        self.assertIn("'files'", str(caught.exception.code))
+
+
+class AzureOptionTests(SynchronousTestCase):
+    def test_options(self) -> None:
+        """
+        --upstream-style azure takes --azure-deployment (repeatable) or
+        OAIPROXY_AZURE_DEPLOYMENTS, and --azure-api-version; the base URL
+        is kept as given (no /v1 added).
+        """
+        config = parse(
+            [
+                "--upstream-style",
+                "azure",
+                "--upstream",
+                "https://r.openai.azure.com",
+                "--azure-deployment",
+                "gpt-4o=prod-4o",
+                "--azure-deployment",
+                "o3 = reasoning",
+                "--azure-api-version",
+                "2025-04-01-preview",
+            ]
+        ).config
+        self.assertEqual(config.upstream, "https://r.openai.azure.com")
+        self.assertEqual(config.azure_deployments, (("gpt-4o", "prod-4o"), ("o3", "reasoning")))
+        self.assertEqual(config.azure_api_version, "2025-04-01-preview")
+        env = {"OPENAI_API_KEY": KEY, "OAIPROXY_UPSTREAM_STYLE": "azure", "OAIPROXY_AZURE_DEPLOYMENTS": "a=b, c=d"}
+        self.assertEqual(parse([], env).config.azure_deployments, (("a", "b"), ("c", "d")))
+
+    def test_refusals(self) -> None:
+        """
+        Azure has no moderations endpoint; Azure settings without the azure
+        style are a mistake; a malformed mapping is named.
+        """
+        for argv, said in [
+            (["--upstream-style", "azure", "--routes", "chat/completions,moderations"], "moderations"),
+            (["--azure-deployment", "a=b"], "--upstream-style azure"),
+            (["--upstream-style", "azure", "--azure-deployment", "nomapping"], "MODEL=DEPLOYMENT"),
+            (["--upstream-style", "aws"], "'openai' or 'azure'"),
+        ]:
+            with self.assertRaises(SystemExit) as caught:
+                parse(argv)
+            self.assertIn(said, str(caught.exception.code))
+
+    def test_bare_host_gets_v1(self) -> None:
+        """
+        An OpenAI-style upstream given as a bare host is addressed below
+        /v1, as every OpenAI-compatible server serves it.
+        """
+        self.assertEqual(parse(["--upstream", "http://127.0.0.1:11434"]).config.upstream, "http://127.0.0.1:11434/v1")
+        self.assertEqual(
+            parse(["--upstream", "https://openrouter.ai/api/v1/"]).config.upstream, "https://openrouter.ai/api/v1"
+        )

@@ -1,0 +1,80 @@
+"""
+Where each upstream style sends a route, and how it presents the key.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from oaiproxy.config import api_base
+from oaiproxy.routes import BY_NAME
+from oaiproxy.styles import AzureStyle, OpenAIStyle, route_of
+
+
+class OpenAIStyleTests(SynchronousTestCase):
+    def test_paths_as_sent(self) -> None:
+        style = OpenAIStyle()
+        self.assertEqual(style.target("/chat/completions", "gpt-4o"), "/chat/completions")
+        self.assertEqual(style.target("/responses/r_1", None, b"stream=true"), "/responses/r_1?stream=true")
+        self.assertEqual(style.credential(b"sk-x"), (b"authorization", b"Bearer sk-x"))
+        self.assertFalse(style.needs_model(BY_NAME["images/generations"]))
+
+
+class AzureStyleTests(SynchronousTestCase):
+    style = AzureStyle("2024-10-21", {"gpt-4o": "prod-4o"})
+
+    def test_deployment_routes(self) -> None:
+        """
+        Model-scoped routes go below the deployment the map names (or the
+        model's own name), with the api-version.
+        """
+        self.assertEqual(
+            self.style.target("/chat/completions", "gpt-4o"),
+            "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21",
+        )
+        self.assertEqual(
+            self.style.target("/audio/transcriptions", "whisper"),
+            "/openai/deployments/whisper/audio/transcriptions?api-version=2024-10-21",
+        )
+        self.assertEqual(
+            self.style.target("/embeddings", "a/b c"),
+            "/openai/deployments/a%2Fb%20c/embeddings?api-version=2024-10-21",
+        )
+
+    def test_resource_routes(self) -> None:
+        """
+        The Responses API and the model list are resource-wide; the client's
+        own api-version is replaced, its other parameters kept.
+        """
+        self.assertEqual(self.style.target("/responses", "gpt-4o"), "/openai/responses?api-version=2024-10-21")
+        self.assertEqual(
+            self.style.target("/responses/r_1", None, b"api-version=1999&stream=true"),
+            "/openai/responses/r_1?stream=true&api-version=2024-10-21",
+        )
+        self.assertEqual(self.style.target("/models", None), "/openai/models?api-version=2024-10-21")
+
+    def test_key_header(self) -> None:
+        self.assertEqual(self.style.credential(b"k"), (b"api-key", b"k"))
+        self.assertTrue(self.style.needs_model(BY_NAME["images/generations"]))
+        self.assertFalse(self.style.needs_model(BY_NAME["responses"]))
+
+
+class RouteOfTests(SynchronousTestCase):
+    def test_longest_match(self) -> None:
+        self.assertIs(route_of("/completions"), BY_NAME["completions"])
+        self.assertIs(route_of("/chat/completions"), BY_NAME["chat/completions"])
+        self.assertIs(route_of("/responses/r/cancel"), BY_NAME["responses"])
+        self.assertIsNone(route_of("/files"))
+
+
+class ApiBaseTests(SynchronousTestCase):
+    def test_v1_added_to_a_bare_host(self) -> None:
+        """
+        A bare host gets /v1 (Ollama, vLLM, LM Studio documented as
+        http://host:port); a URL with a path is kept (OpenRouter's
+        /api/v1); Azure's host is never changed.
+        """
+        self.assertEqual(api_base("http://localhost:11434", "openai"), "http://localhost:11434/v1")
+        self.assertEqual(api_base("http://localhost:8000/v1", "openai"), "http://localhost:8000/v1")
+        self.assertEqual(api_base("https://openrouter.ai/api/v1", "openai"), "https://openrouter.ai/api/v1")
+        self.assertEqual(api_base("https://r.openai.azure.com", "azure"), "https://r.openai.azure.com")

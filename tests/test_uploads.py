@@ -1,0 +1,248 @@
+"""
+Audio uploads (C{audio/transcriptions}, C{audio/translations}): forwarded
+whole, checked against allow-lists, and streamed upstream as they arrive
+rather than read whole first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IBodyProducer
+
+from oaiproxy.api import api_resources, streamed_paths
+from oaiproxy.clients import ClientRegistry, Credentials
+from oaiproxy.config import Secret
+from oaiproxy.resources import build_tree
+from oaiproxy.routes import BY_NAME
+from oaiproxy.site import LINGER_SECONDS, ProxySite
+from oaiproxy.upstream import UpstreamClient
+from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, exchange, form, registry
+
+ROUTES = ["audio/transcriptions", "audio/translations"]
+AUDIO = bytes(range(256)) * 4096  # 1 MiB, larger than any read buffer
+
+
+def upload(case: SynchronousTestCase, h: Harness, fields: Any, path: str = "/v1/audio/transcriptions") -> Any:
+    body, content_type = form(fields)
+    headers = {b"authorization": [b"Bearer " + CLIENT_KEY], b"content-type": [content_type]}
+    return exchange(case, h, "POST", path, body, headers)
+
+
+class UploadTests(SynchronousTestCase):
+    def test_forwarded_whole(self) -> None:
+        """
+        A 1 MiB upload arrives upstream byte for byte, on both routes, and
+        the usage its answer reports is recorded.
+        """
+        h = Harness(client_keys=[CLIENT_KEY], routes=ROUTES)
+        digest = hashlib.sha256(AUDIO).hexdigest()
+        for path in ("/v1/audio/transcriptions", "/audio/translations"):
+            response, body = upload(self, h, [("model", "whisper-1"), ("file", AUDIO)], path)
+            self.assertEqual(response.code, 200, body)
+            self.assertEqual(json.loads(body)["text"], f"received {len(AUDIO)} bytes sha256 {digest} for whisper-1")
+        record = h.records[-1]
+        self.assertEqual((record.route, record.model), ("audio_translations", "whisper-1"))
+        assert record.usage is not None
+        self.assertTrue(record.usage.exact)
+
+    def test_allow_list(self) -> None:
+        """
+        A client with an allow-list may upload only for its models,
+        whether the model comes before or after the file; an upload
+        naming no model is refused; nothing refused goes upstream.
+        """
+        h = Harness(clients=registry(CLIENT_KEY, models=["gpt-4o-transcribe"]), routes=ROUTES)
+        response, body = upload(self, h, [("model", "whisper-1"), ("file", AUDIO)])
+        self.assertEqual((response.code, json.loads(body)["error"]["code"]), (403, "model_not_allowed"))
+        response, body = upload(self, h, [("file", AUDIO), ("language", "en")])
+        self.assertEqual((response.code, json.loads(body)["error"]["param"]), (400, "model"))
+        self.assertEqual(h.fake.requests, [])
+        for fields in (
+            [("model", "gpt-4o-transcribe"), ("file", AUDIO)],
+            [("file", AUDIO), ("model", "gpt-4o-transcribe")],
+        ):
+            response, body = upload(self, h, fields)
+            self.assertEqual(response.code, 200, body)
+            self.assertIn(f"received {len(AUDIO)} bytes", json.loads(body)["text"])
+        self.assertEqual(len(h.fake.requests), 2)
+
+    def test_not_multipart(self) -> None:
+        """
+        A JSON body on an upload route is a clear 400.
+        """
+        h = Harness(client_keys=[CLIENT_KEY], routes=ROUTES)
+        headers = {b"authorization": [b"Bearer " + CLIENT_KEY], b"content-type": [b"application/json"]}
+        response, body = exchange(self, h, "POST", "/v1/audio/transcriptions", b"{}", headers)
+        self.assertEqual((response.code, json.loads(body)["error"]["code"]), (400, "invalid_content_type"))
+
+
+class _Upstream:
+    """
+    A treq-like client that keeps each request for the test to answer.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, Any, Deferred[Any]]] = []
+
+    def request(self, method: str, url: str, data: Any = None, **kwargs: Any) -> "Deferred[Any]":
+        d: Deferred[Any] = Deferred()
+        self.requests.append((method, url, data, d))
+        return d
+
+
+class _Consumer:
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+
+
+class StreamingTests(SynchronousTestCase):
+    """
+    On real HTTP framing (a L{ProxySite} fed raw bytes), an upload's body
+    goes upstream while the client is still sending it.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.http = _Upstream()
+        self.credentials = Credentials(Secret(UPSTREAM_KEY), registry(CLIENT_KEY))
+        upstream = UpstreamClient(self.http, "http://upstream.test/v1", self.credentials, self.clock, 30.0)
+        routes = [BY_NAME[name] for name in ROUTES]
+        api = api_resources(routes, upstream, self.clock, self.credentials)
+        self.site = ProxySite(
+            build_tree(api),
+            max_body_bytes=2 * len(AUDIO),
+            idle_timeout=60,
+            streamed_paths=streamed_paths(routes),
+            access_log=lambda record: None,
+            reactor=self.clock,
+        )
+        self.transport = StringTransport()
+        self.channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        self.channel.makeConnection(self.transport)
+
+    def head(self, length: Optional[int], key: bytes = CLIENT_KEY) -> bytes:
+        body, content_type = form([("model", "whisper-1"), ("file", AUDIO)])
+        framing = b"Content-Length: %d\r\n" % (len(body),) if length is not None else b"Transfer-Encoding: chunked\r\n"
+        return (
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: proxy\r\n"
+            b"Authorization: Bearer " + key + b"\r\nContent-Type: " + content_type + b"\r\n" + framing + b"\r\n"
+        )
+
+    def test_body_flows_before_it_is_complete(self) -> None:
+        """
+        The upstream request starts, and receives the first part of the
+        body, before the client has sent the rest; the rest follows, and
+        the body producer finishes only when the body is complete.
+        """
+        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
+        self.channel.dataReceived(self.head(len(body)) + body[:100_000])
+        self.assertEqual(len(self.http.requests), 1)
+        method, url, producer, _ = self.http.requests[0]
+        self.assertEqual((method, url), ("POST", "http://upstream.test/v1/audio/transcriptions"))
+        self.assertTrue(IBodyProducer.providedBy(producer))
+        self.assertEqual(producer.length, len(body))
+        consumer = _Consumer()
+        done = producer.startProducing(consumer)
+        self.assertEqual(b"".join(consumer.data), body[:100_000])
+        self.assertNoResult(done)
+        self.channel.dataReceived(body[100_000:])
+        self.assertEqual(b"".join(consumer.data), body)
+        self.successResultOf(done)
+
+    def test_upstream_backpressure_pauses_the_client(self) -> None:
+        """
+        While upstream cannot take more, what arrives is held only up to a
+        bound, then the client connection stops being read; it is read
+        again once upstream drains.
+        """
+        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
+        self.channel.dataReceived(self.head(len(body)))
+        producer = self.http.requests[0][2]
+        consumer = _Consumer()
+        producer.startProducing(consumer)
+        producer.pauseProducing()
+        self.channel.dataReceived(body[:600_000])
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertEqual(consumer.data, [])
+        producer.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(b"".join(consumer.data), body[:600_000])
+
+    def test_chunked_upload_over_the_limit(self) -> None:
+        """
+        An upload without a length that grows past the body limit fails
+        its upstream request and is answered 413; the connection closes
+        once the client stops sending (or the linger runs out).
+        """
+        self.channel.dataReceived(self.head(None))
+        producer = self.http.requests[0][2]
+        done = producer.startProducing(_Consumer())
+        chunk = b"x" * 500_000
+        for _ in range(5):
+            self.channel.dataReceived(b"%x\r\n" % (len(chunk),) + chunk + b"\r\n")
+        failure = self.failureResultOf(done)
+        from twisted.web._newclient import RequestGenerationFailed
+
+        # What the HTTP client makes of a failed body producer.
+        self.http.requests[0][3].errback(RequestGenerationFailed([failure]))
+        response = self.transport.value()
+        self.assertIn(b"HTTP/1.1 413", response)
+        self.assertIn(b'"code": "request_too_large"', response.replace(b'":"', b'": "'))
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(LINGER_SECONDS)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_refused_before_the_body_is_read(self) -> None:
+        """
+        A refusal answered before the upload is complete (a bad key) is
+        sent at once; the rest of the upload is read and discarded, never
+        parsed as a next request, and then the connection closes.
+        """
+        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
+        self.channel.dataReceived(self.head(len(body), key=b"oai-wrong") + body[:1000])
+        self.assertIn(b"HTTP/1.1 401", self.transport.value())
+        self.assertIn(b"connection: close", self.transport.value().lower())
+        self.assertEqual(self.http.requests, [])
+        self.transport.clear()
+        self.channel.dataReceived(body[1000:])
+        self.assertEqual(self.transport.value(), b"")
+        self.assertTrue(self.transport.disconnecting)
+
+
+class NoWaitTests(SynchronousTestCase):
+    def test_no_clients_no_wait(self) -> None:
+        """
+        Without client keys (and an OpenAI-style upstream) nothing depends
+        on the model, so the upload goes upstream before any field is read.
+        """
+        clock = Clock()
+        http = _Upstream()
+        credentials = Credentials(Secret(UPSTREAM_KEY), ClientRegistry())
+        upstream = UpstreamClient(http, "http://upstream.test/v1", credentials, clock, 30.0)
+        routes = [BY_NAME["audio/transcriptions"]]
+        site = ProxySite(
+            build_tree(api_resources(routes, upstream, clock, credentials)),
+            max_body_bytes=1 << 20,
+            idle_timeout=60,
+            streamed_paths=streamed_paths(routes),
+            access_log=lambda record: None,
+            reactor=clock,
+        )
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: p\r\nContent-Length: 100\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+        )
+        self.assertEqual(len(http.requests), 1)
