@@ -137,9 +137,12 @@ class ResponsesResource(JsonRouteResource):
         client = self._admit(request, self.route.label)
         if isinstance(client, bytes):
             return client
+        reservation = self._reserve(request, client, None, 0, names_model=False)
+        if not isinstance(reservation, Reservation):
+            return reservation
         body = read_body(request) if method == "POST" else None
         path = "/".join(("/responses", *[quote(s, safe="") for s in segments]))
-        self._exchange(request, self.route).start(body, method, path, None, query_of(request))
+        self._exchange(request, self.route, reservation).start(body, method, path, None, query_of(request))
         return NOT_DONE_YET
 
 

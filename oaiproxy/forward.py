@@ -199,18 +199,25 @@ class ForwardingResource(Endpoint):
         return client
 
     def _reserve(
-        self, request: Request, client: Optional[Client], model: Optional[str], estimate: int
+        self,
+        request: Request,
+        client: Optional[Client],
+        model: Optional[str],
+        estimate: int,
+        names_model: bool = True,
     ) -> "Reservation | bytes":
         """
         Check the client's allow-list for C{model} and take C{estimate}
         tokens (and a request, and a concurrency slot) from its limits.
 
+        @param names_model: the request is about a model (false for reading
+            a stored response: no allow-list applies, the limits do).
         @return: the reservation to settle when the response is over, or
             the body of the error already set on the request.
         """
         if client is None:
             return UNLIMITED
-        if not client.allows(model):
+        if names_model and not client.allows(model):
             return error_response(request, model_not_allowed(client.name, model))
         admitted = self._limiter.admit(client, estimate)
         if isinstance(admitted, Refusal):

@@ -375,3 +375,18 @@ class AzureTests(SynchronousTestCase):
 
 MAP = {"gpt-4o": "prod-4o", "whisper": "whisper-prod"}
 ALL_AZURE = [route.name for route in ROUTES if route.azure is not None]
+
+
+class StoredResponseLimitTests(SynchronousTestCase):
+    def test_counted_against_requests_per_minute(self) -> None:
+        """
+        Reading stored responses names no model (no allow-list applies) but
+        counts against the client's request rate.
+        """
+        h = Harness(clients=registry(CLIENT_KEY, models=["gpt-4o"], limits=Limits(requests_per_minute=2)), routes=ALL)
+        _, body = post(self, h, "/v1/responses", {"model": "gpt-4o", "input": "hi"})
+        ident = json.loads(body)["id"]
+        response, _ = exchange(self, h, "GET", f"/v1/responses/{ident}", None, BEARER)
+        self.assertEqual(response.code, 200)
+        response, body = exchange(self, h, "GET", f"/v1/responses/{ident}", None, BEARER)
+        error_of(self, response, body, 429, "rate_limit_exceeded")
