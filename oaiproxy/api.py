@@ -14,6 +14,7 @@ cancel and delete, forwarded by L{ResponsesResource}.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable
 from urllib.parse import quote
 
@@ -58,7 +59,7 @@ class JsonRouteResource(ForwardingResource):
 
     def render_POST(self, request: Request) -> bytes | int:
         route = self.route
-        client = self._admit(request, route.label)
+        client = self.admit(request, route.label)
         if isinstance(client, bytes):
             return client
         record = record_of(request)
@@ -79,15 +80,20 @@ class JsonRouteResource(ForwardingResource):
         record.stream = parsed.stream
         limits = client.limits if client is not None else Limits()
         prompt_estimate, estimate = estimate_tokens(body, parsed.document, limits, route.generates)
-        reservation = self._reserve(request, client, parsed.model, estimate)
+        reservation = self.reserve(request, client, parsed.model, estimate)
         if not isinstance(reservation, Reservation):
             return reservation
+        renamed = self._upstream.style.body_model(route, parsed.model)
+        if renamed is not None:
+            # The one upstream that needs a body rewritten (Azure's
+            # Responses API wants the deployment's name).
+            body = json.dumps(dict(parsed.document, model=renamed)).encode("utf-8")
         strip_usage = False
         if route.stream_usage and parsed.stream and self._stream_usage:
             injected = inject_include_usage(body, parsed.document)
             if injected is not None:
                 body, strip_usage = injected, True
-        exchange = self._exchange(request, route, reservation, prompt_estimate, strip_usage)
+        exchange = self.exchange(request, route, reservation, prompt_estimate, strip_usage)
         exchange.start(body, "POST", route.path, parsed.model)
         return NOT_DONE_YET
 
@@ -134,15 +140,16 @@ class ResponsesResource(JsonRouteResource):
         method = request.method.decode("ascii", "replace")
         if method not in allowed:
             return error_response(request, method_not_allowed(method, request.path.decode("latin-1"), list(allowed)))
-        client = self._admit(request, self.route.label)
+        client = self.admit(request, self.route.label)
         if isinstance(client, bytes):
             return client
-        reservation = self._reserve(request, client, None, 0, names_model=False)
+        reservation = self.reserve(request, client, None, 0, names_model=False)
         if not isinstance(reservation, Reservation):
             return reservation
         body = read_body(request) if method == "POST" else None
         path = "/".join(("/responses", *[quote(s, safe="") for s in segments]))
-        self._exchange(request, self.route, reservation).start(body, method, path, None, query_of(request))
+        exchange = self.exchange(request, self.route, reservation, metered=False)
+        exchange.start(body, method, path, None, query_of(request))
         return NOT_DONE_YET
 
 

@@ -27,7 +27,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-__all__ = ["BodyPipe", "BodyTooLarge", "FormFields", "form_boundary", "HOLD_BYTES"]
+from oaiproxy.errors import ApiError
+
+__all__ = ["BodyPipe", "BodyRefused", "IStreamedBody", "FormFields", "form_boundary", "HOLD_BYTES"]
 
 #: What is held in memory while upstream is not ready; beyond it, held
 #: data goes to a temporary file.
@@ -37,18 +39,32 @@ HOLD_BYTES = 256 * 1024
 _READ = 64 * 1024
 
 
-class BodyTooLarge(Exception):
+class BodyRefused(Exception):
     """
-    The client sent more than the body limit (possible only without a
-    C{Content-Length}, which is checked before the body is read).
+    The proxy refuses a body it was already forwarding: it grew past the
+    limit (possible only without a C{Content-Length}, which is checked
+    before the body is read), or it turned out malformed (a repeated
+    C{model} field).  The upstream request fails, and the client gets
+    C{error}.
     """
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(limit)
-        self.limit = limit
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.code)
+        self.error = error
 
 
-@implementer(IBodyProducer)
+class IStreamedBody(IBodyProducer):
+    """
+    A request body still arriving as it is sent upstream.
+    """
+
+    def watch_progress(callback: Callable[[], None]) -> None:
+        """
+        Call C{callback} whenever upstream takes part of the body.
+        """
+
+
+@implementer(IStreamedBody)
 class BodyPipe:
     """
     A request body on its way through: fed by the server side as chunks
@@ -87,6 +103,7 @@ class BodyPipe:
         self._failure: Optional[Failure] = None
         self._observers: list[Callable[[bytes], None]] = []
         self._watchers: list[Callable[[Optional[Failure]], None]] = []
+        self._progress: list[Callable[[], None]] = []
         self.received = 0
 
     def observe(self, observer: Callable[[bytes], None]) -> None:
@@ -103,6 +120,19 @@ class BodyPipe:
         """
         self._watchers.append(watcher)
 
+    def watch_progress(self, callback: Callable[[], None]) -> None:
+        """
+        Call C{callback} whenever upstream takes part of the body: the
+        upstream is alive, though it has not answered yet (how the read
+        timeout tells a slow upload from a silent upstream).
+        """
+        self._progress.append(callback)
+
+    def _write_upstream(self, data: bytes) -> None:
+        self._consumer.write(data)
+        for callback in self._progress:
+            callback()
+
     # The server side.
 
     def write(self, data: bytes) -> None:
@@ -115,7 +145,7 @@ class BodyPipe:
         if self._stopped:
             return
         if self._consumer is not None and not self._paused and not self._held_bytes:
-            self._consumer.write(data)
+            self._write_upstream(data)
             return
         self._hold(data)
 
@@ -130,8 +160,8 @@ class BodyPipe:
 
     def fail(self, reason: Exception) -> None:
         """
-        The body cannot be completed (it grew past the body limit): the
-        upstream request fails with C{reason}.
+        The body cannot be completed (see L{BodyRefused}): the upstream
+        request fails with C{reason}.
         """
         if self._stopped:
             return
@@ -229,7 +259,7 @@ class BodyPipe:
             else:
                 chunk = self._held.popleft()
             self._held_bytes -= len(chunk)
-            consumer.write(chunk)
+            self._write_upstream(chunk)
         if self._held_bytes:
             return
         if self._client_paused:
@@ -252,8 +282,10 @@ def form_boundary(content_type: bytes) -> Optional[bytes]:
     """
     if not content_type.lower().startswith(b"multipart/form-data"):
         return None
-    match = _BOUNDARY.search(content_type)
-    return match.group(1) if match else None
+    found = _BOUNDARY.findall(content_type)
+    # Two boundaries: parsers disagree on which one counts, so the fields
+    # the proxy reads might not be the ones upstream reads.
+    return found[0] if len(found) == 1 else None
 
 
 class FormFields:
@@ -261,12 +293,18 @@ class FormFields:
     Reads the text fields of a multipart body as it streams past.
 
     Each part's first C{part_limit} bytes are kept until the next boundary;
-    a part with a C{filename} (the upload itself) or a longer one is
-    skipped, so memory stays bounded whatever the body's size.
+    a part with a C{filename} (the upload itself) is skipped, and a longer
+    text part is noted by name only, so memory stays bounded whatever the
+    body's size.
 
-    @ivar fields: the complete text fields seen so far, by name.
+    @ivar fields: the complete text fields seen so far, by name (the
+        first value of a repeated one).
+    @ivar suspect: names of fields whose value the proxy cannot vouch for:
+        repeated (the proxy reads the first value, upstream may take the
+        last), or too long to keep; C{*} for a part the proxy could not
+        read at all.
     @ivar complete: the closing boundary has been seen.
-    @ivar on_field: called with each field's name as it completes.
+    @ivar on_field: called with each text field's name as it completes.
     """
 
     def __init__(self, boundary: bytes, part_limit: int = 16 * 1024) -> None:
@@ -278,6 +316,7 @@ class FormFields:
         self._kept = 0
         self._overflow = False
         self.fields: dict[str, str] = {}
+        self.suspect: set[str] = set()
         self.complete = False
         self.on_field: Callable[[str], None] = lambda name: None
 
@@ -309,26 +348,33 @@ class FormFields:
     def _keep(self, data: bytes) -> None:
         if self._part is None or self._overflow or not data:
             return
-        if self._kept + len(data) > self._limit:
-            self._overflow = True
-            self._part = []
-            return
+        room = self._limit - self._kept
+        if len(data) > room:
+            # Keep the start (the part's headers), note the rest is lost.
+            data, self._overflow = data[:room], True
         self._part.append(data)
         self._kept += len(data)
 
     def _end_part(self) -> None:
         part, self._part = self._part, None
-        if part is None or self._overflow:
+        if part is None:
             return
         head, sep, value = b"".join(part).partition(b"\r\n\r\n")
-        if not sep:
+        dispositions = _DISPOSITION.findall(head) if sep else []
+        if len(dispositions) != 1:
+            # No readable headers, or two dispositions upstream might read
+            # differently.
+            self.suspect.add("*")
             return
-        disposition = _DISPOSITION.search(head)
-        if disposition is None:
-            return
-        parameters = dict((k.lower(), v) for k, v in _PARAMETER.findall(disposition.group(1)))
-        if b"filename" in parameters or b"name" not in parameters:
+        parameters = dict((k.lower(), v) for k, v in _PARAMETER.findall(dispositions[0]))
+        if b"name" not in parameters:
+            self.suspect.add("*")
             return
         name = parameters[b"name"].decode("utf-8", "replace")
-        self.fields[name] = value.decode("utf-8", "replace")
+        if b"filename" in parameters:
+            return
+        if self._overflow or name in self.fields:
+            self.suspect.add(name)
+        else:
+            self.fields[name] = value.decode("utf-8", "replace")
         self.on_field(name)

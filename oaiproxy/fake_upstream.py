@@ -169,6 +169,17 @@ class FakeUpstream(Resource):
         refused = self._check_key(request)
         if refused is not None:
             return refused
+        if self._azure and api_path.startswith("/responses") and self._azure_version(request) < "2025-03-01":
+            # As Azure answers an older api-version on the Responses API.
+            request.setResponseCode(400)
+            return self._json(
+                request,
+                _error(
+                    "Azure OpenAI Responses API is enabled only for api-version 2025-03-01-preview and later",
+                    "invalid_request_error",
+                    "BadRequest",
+                ),
+            )
         self._serial += 1
         request.setHeader(b"x-request-id", b"req_fake_%d" % (self._serial,))
         request.setHeader(b"openai-processing-ms", b"7")
@@ -218,6 +229,11 @@ class FakeUpstream(Resource):
         if match is not None:
             return match.group(1)
         return path[len("/openai") :] if path.startswith("/openai/") else None
+
+    @staticmethod
+    def _azure_version(request: Request) -> str:
+        args: dict[bytes, list[bytes]] = request.args or {}
+        return args.get(b"api-version", [b""])[0].decode("latin-1")
 
     def _check_key(self, request: Request) -> Optional[bytes]:
         if self._api_key is None:

@@ -26,11 +26,10 @@ from twisted.web import client as webClient
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.server import Request
 
-from oaiproxy.bodies import BodyTooLarge
+from oaiproxy.bodies import BodyRefused
 from oaiproxy.clients import Client, Credentials, looks_like_openai_key
 from oaiproxy.errors import (
     ApiError,
-    body_too_large,
     draining,
     invalid_api_key,
     model_not_allowed,
@@ -71,9 +70,11 @@ def classify_upstream_failure(failure: Failure, connect_timeout: float) -> ApiEr
         return upstream_unreachable(f"no connection within {connect_timeout:g} seconds")
     reasons = getattr(failure.value, "reasons", None) or [failure]
     for reason in reasons:
-        if reason.check(BodyTooLarge):
-            # An upload without a length grew past the limit on its way.
-            return body_too_large(reason.value.limit)
+        if reason.check(BodyRefused):
+            # The proxy stopped an upload on its way (too large, or a form
+            # it cannot vouch for): its own answer, not upstream's.
+            error: ApiError = reason.value.error
+            return error
     if failure.check(webClient.ResponseNeverReceived, webClient.RequestTransmissionFailed):
         names = sorted({_reason(r.value) for r in getattr(failure.value, "reasons", [])}) or ["no response"]
         return upstream_unreachable(", ".join(names))
@@ -185,7 +186,7 @@ class ForwardingResource(Endpoint):
         self._stream_usage = stream_usage
         self._sse_keepalive = sse_keepalive
 
-    def _admit(self, request: Request, route: str) -> "Optional[Client] | bytes":
+    def admit(self, request: Request, route: str) -> "Optional[Client] | bytes":
         """
         The client making the request (C{None} without client auth), or the
         body of the error already set on the request.
@@ -198,7 +199,7 @@ class ForwardingResource(Endpoint):
         record_of(request).route = route
         return client
 
-    def _reserve(
+    def reserve(
         self,
         request: Request,
         client: Optional[Client],
@@ -226,14 +227,18 @@ class ForwardingResource(Endpoint):
             return error_response(request, rate_limited(admitted.message, admitted.retry_after, headers))
         return admitted
 
-    def _exchange(
+    def exchange(
         self,
         request: Request,
         route: Route,
         reservation: Reservation = UNLIMITED,
         prompt_estimate: int = 0,
         strip_usage: bool = False,
+        metered: bool = True,
     ) -> "Exchange":
+        """
+        A trip upstream for C{request}; see L{Exchange}.
+        """
         return Exchange(
             request,
             self._upstream,
@@ -246,6 +251,7 @@ class ForwardingResource(Endpoint):
             route,
             strip_usage,
             self._sse_keepalive,
+            metered,
         )
 
 
@@ -262,6 +268,9 @@ class _Discard(Protocol):
 class Exchange:
     """
     One client request's trip upstream and back.
+
+    @param metered: the response's usage is this request's cost (not so
+        for a stored response read back).
 
     @ivar finished: the client request is over, either finished by us or
         disconnected; nothing may be written to it any more.
@@ -280,9 +289,11 @@ class Exchange:
         route: Route = CHAT,
         strip_usage: bool = False,
         sse_keepalive: float = 0.0,
+        metered: bool = True,
     ) -> None:
         self._request = request
         self._route = route
+        self._metered = metered
         self._record = record
         self._strip_usage = strip_usage
         self._sse_keepalive = sse_keepalive
@@ -328,6 +339,11 @@ class Exchange:
         L{oaiproxy.limits}).  Idempotent.
         """
         meter = self._meter
+        if not self._metered:
+            # Reading a stored response: its usage was charged when it was
+            # made.
+            self._reservation.settle(0)
+            return
         if meter is None:
             # No response head: the upstream was cancelled or failed early,
             # and only the prompt may have been processed.
@@ -413,7 +429,8 @@ class Exchange:
             # nobody is waiting for an answer.
             return
         error = classify_upstream_failure(failure, self._connect_timeout)
-        if error.status != 413:
+        if error.status >= 500:
+            # (A 4xx here is the proxy refusing an upload on its way.)
             self._record.upstream_error = _failure_kind(failure)
         self._log.warn(
             "upstream gave no response: {status} {code} ({message})",

@@ -54,7 +54,7 @@ class ModelsResource(ForwardingResource):
     render = JSONResource.render
 
     def render_GET(self, request: Request) -> bytes | int:
-        client = self._admit(request, "models")
+        client = self.admit(request, "models")
         if isinstance(client, bytes):
             return client
         record = record_of(request)
@@ -70,7 +70,7 @@ class ModelsResource(ForwardingResource):
         if allowed is not None and not name:
             self._filtered_list(request, allowed)
             return NOT_DONE_YET
-        self._exchange(request, MODELS).start(None, "GET", path)
+        self.exchange(request, MODELS).start(None, "GET", path)
         return NOT_DONE_YET
 
     def _deployed(self, request: Request, name: str, style: AzureStyle, allowed: Optional[frozenset[str]]) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from typing import Any, Optional
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -19,7 +20,7 @@ from twisted.web.server import Request, Site
 
 from oaiproxy import __version__
 from oaiproxy.accesslog import AccessLog, TextAccessLog
-from oaiproxy.bodies import BodyPipe, BodyTooLarge
+from oaiproxy.bodies import BodyPipe, BodyRefused
 from oaiproxy.errors import (
     ApiError,
     bad_http,
@@ -37,15 +38,18 @@ from oaiproxy.relay import KEEPALIVE
 from oaiproxy.resources import error_response
 from oaiproxy.routes import ROUTES as API_ROUTES
 
-__all__ = ["ProxyRequest", "ProxySite", "SERVER", "raw_error_response", "LINGER_SECONDS"]
+__all__ = ["ProxyRequest", "ProxySite", "SERVER", "raw_error_response", "LINGER_SECONDS", "LINGER_TOTAL_SECONDS"]
 
 SERVER = b"oaiproxy/" + __version__.encode("ascii")
 
-#: After refusing an oversized body, how long to keep reading (and
-#: discarding) what the client still sends before closing.  Closing at once
-#: would make the kernel reset the connection, and a reset can destroy the
-#: 413 before the client reads it; nginx's "lingering close" is the model.
+#: After answering before the body is in (a 413, or a refused upload), how
+#: long to keep reading (and discarding) what the client still sends, since
+#: its last bytes, before closing.  Closing at once would make the kernel
+#: reset the connection, and a reset can destroy the answer before the
+#: client reads it; nginx's "lingering close" is the model.
 LINGER_SECONDS = 5.0
+#: ... and at most this long in all (nginx's lingering_time).
+LINGER_TOTAL_SECONDS = 30.0
 
 #: Access lines and request failures.  A module-level logger, not a class
 #: attribute: bound to a request, a Logger would attach the request as
@@ -109,6 +113,7 @@ class ProxyRequest(Request):
         self._cut_by_proxy = False
         self._shutdown = False
         self._linger: Optional[IDelayedCall] = None
+        self._linger_until = 0.0
         site: ProxySite = self.channel.site  # type: ignore[attr-defined]
         self._site = site
         self._clock: IReactorTime = site.reactor
@@ -130,8 +135,17 @@ class ProxyRequest(Request):
         # once when the body is complete (see requestReceived).
         self._chunks = []
 
+    @property
+    def refused(self) -> bool:
+        """
+        The request was answered before its body was in, and what remains
+        of the body is being discarded.
+        """
+        return self._refused
+
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
+            self._extend_linger()
             return
         self._body_bytes += len(data)
         pipe = self.body_pipe
@@ -140,7 +154,7 @@ class ProxyRequest(Request):
             if pipe is not None:
                 # Already being answered: the upload's request fails with
                 # a 413 (see oaiproxy.forward.classify_upstream_failure).
-                pipe.fail(BodyTooLarge(self._limit))
+                pipe.fail(BodyRefused(body_too_large(self._limit)))
                 return
             self._refuse_body()
             return
@@ -154,8 +168,23 @@ class ProxyRequest(Request):
         Process the request now, before its body: the body follows through
         L{body_pipe}.  Called by L{ProxyChannel} once the headers are in.
         """
-        transport: Any = self.channel.transport
-        self.body_pipe = BodyPipe(self._declared_length, transport.pauseProducing, transport.resumeProducing)
+        channel = self.channel
+        transport: Any = channel.transport
+        saved: list[Optional[float]] = []
+
+        def pause() -> None:
+            # Upstream is behind: stop reading the client, and stop its
+            # idle clock (the silence is ours; upstream's is bounded by
+            # the read timeout).
+            transport.pauseProducing()
+            saved.append(channel.setTimeout(None))
+
+        def resume() -> None:
+            if saved:
+                channel.setTimeout(saved.pop())
+            transport.resumeProducing()
+
+        self.body_pipe = BodyPipe(self._declared_length, pause, resume)
         self.content = io.BytesIO()  # type: ignore[assignment]
         Request.requestReceived(self, command, path, version)
 
@@ -174,8 +203,20 @@ class ProxyRequest(Request):
         # The request line has been parsed but not handed to us yet; the
         # channel holds it until the body is complete.
         self._record_end(getattr(self.channel, "_command", b"-"), getattr(self.channel, "_path", b"-"))
-        self.record.bytes_in = self._body_bytes
+        self._start_linger()
+
+    def _start_linger(self) -> None:
+        self._linger_until = self._clock.seconds() + LINGER_TOTAL_SECONDS
         self._linger = self._clock.callLater(LINGER_SECONDS, self._stop_lingering)
+
+    def _extend_linger(self) -> None:
+        """
+        The client is still sending a body being discarded: give it up to
+        another L{LINGER_SECONDS}, within L{LINGER_TOTAL_SECONDS} in all.
+        """
+        if self._linger is not None and self._linger.active():
+            left = self._linger_until - self._clock.seconds()
+            self._linger.reset(max(min(LINGER_SECONDS, left), 0))
 
     def _cancel_linger(self) -> None:
         if self._linger is not None and self._linger.active():
@@ -282,15 +323,21 @@ class ProxyRequest(Request):
     # Access log.
 
     def finish(self) -> None:
-        if self.body_pipe is not None and not self._body_complete and not self._disconnected:
+        pipe = self.body_pipe
+        if pipe is not None and not self._body_complete and not self._disconnected:
             # The channel must not parse the rest of the body as the next
-            # request: twisted.web's own queueing holds the cleanup until
-            # requestReceived (the body's end), or the linger runs out.
+            # request.  twisted.web's Request.finish skips its cleanup (and
+            # so HTTPChannel.requestDone) while the request is "queued":
+            # requestReceived, at the body's end, does it; or the linger
+            # runs out and closes the connection.  (Pinned by
+            # tests.test_uploads.StreamingTests.)
             self._refused = True
-            self.body_pipe.close()
             self.queued = 1
-            self._linger = self._clock.callLater(LINGER_SECONDS, self._stop_lingering)
+            self._start_linger()
         super().finish()
+        if pipe is not None:
+            # Whatever is held for upstream (a temporary file) goes now.
+            pipe.close()
         self._record_end(self.method, self.path)
 
     def loseConnection(self) -> None:
@@ -331,6 +378,7 @@ class ProxyRequest(Request):
         self._logged = True
         self._lifecycle.ended(self)
         record = self.record
+        record.bytes_in = self._body_bytes
         record.method = method.decode("latin-1")
         # Never the query string: it is where credentials end up.
         record.path = path.split(b"?", 1)[0].decode("latin-1")
@@ -386,10 +434,21 @@ class ProxyChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._in_request = True
         self._cancel_deadline()
-        super().allHeadersReceived()
         request: ProxyRequest = self.requests[-1]
-        if not request._refused and self.site.streams_body(self._command, self._path):
-            request.start_streaming(self._command, self._path, self._version)
+        if not self.site.streams_body(self._command, self._path):
+            super().allHeadersReceived()
+            return
+        # An upload: processed now, before its body.  "100 Continue" is
+        # sent only once it is accepted (twisted.web would send it first),
+        # so a refused client is not invited to send the file.
+        expect = request.requestHeaders.getRawHeaders(b"expect", [b""])[0].lower() == b"100-continue"
+        request.requestHeaders.removeHeader(b"expect")
+        super().allHeadersReceived()
+        if request.refused:
+            return
+        request.start_streaming(self._command, self._path, self._version)
+        if expect and self._version == b"HTTP/1.1" and not request.finished:
+            self._send100Continue()
 
     def requestDone(self, request: Any) -> None:
         # Before the parent replays any pipelined bytes, which start the next
@@ -500,7 +559,9 @@ class ProxySite(Site):
         Whether a request's body is to be streamed rather than read whole
         before the request is processed.
         """
-        return method == b"POST" and uri.split(b"?", 1)[0] in self.streamed_paths
+        # Unquoted segment by segment, as twisted.web's traversal does.
+        path = b"/".join(unquote_to_bytes(segment) for segment in uri.split(b"?", 1)[0].split(b"/"))
+        return method == b"POST" and path in self.streamed_paths
 
     def buildProtocol(self, addr: Any) -> Any:
         """

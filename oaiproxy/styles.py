@@ -19,11 +19,21 @@ from urllib.parse import quote
 
 from oaiproxy.routes import ROUTES, Route
 
-__all__ = ["OpenAIStyle", "AzureStyle", "UpstreamStyle", "route_of", "DEFAULT_AZURE_API_VERSION"]
+__all__ = [
+    "OpenAIStyle",
+    "AzureStyle",
+    "UpstreamStyle",
+    "route_of",
+    "DEFAULT_AZURE_API_VERSION",
+    "DEFAULT_AZURE_RESPONSES_API_VERSION",
+]
 
 #: The newest generally available Azure OpenAI data-plane API version when
 #: this was written; override with C{--azure-api-version}.
 DEFAULT_AZURE_API_VERSION = "2024-10-21"
+#: Azure serves the Responses API only from 2025-03-01-preview on, so that
+#: route gets a newer default of its own.
+DEFAULT_AZURE_RESPONSES_API_VERSION = "2025-04-01-preview"
 
 
 def route_of(path: str) -> Optional[Route]:
@@ -71,30 +81,47 @@ class OpenAIStyle:
         """
         return False
 
+    def body_model(self, route: Route, model: Optional[str]) -> Optional[str]:
+        """
+        The model name upstream needs in the body instead of C{model}, if
+        any.
+        """
+        return None
+
 
 class AzureStyle:
     """
     Azure OpenAI: deployment-scoped paths and an C{api-version}.
 
-    @param api_version: sent as C{api-version} on every request.
+    @param api_version: sent as C{api-version} on every request; by
+        default L{DEFAULT_AZURE_API_VERSION}, and
+        L{DEFAULT_AZURE_RESPONSES_API_VERSION} for the Responses API.
     @param deployments: model name to deployment name; a model not listed
         is taken to be deployed under its own name.
     """
 
     name = "azure"
 
-    def __init__(
-        self, api_version: str = DEFAULT_AZURE_API_VERSION, deployments: Optional[Mapping[str, str]] = None
-    ) -> None:
+    def __init__(self, api_version: Optional[str] = None, deployments: Optional[Mapping[str, str]] = None) -> None:
         self.api_version = api_version
         self.deployments = dict(deployments or {})
 
     def deployment(self, model: str) -> str:
         return self.deployments.get(model, model)
 
+    def version(self, route: Optional[Route]) -> str:
+        """
+        The api-version for a request on C{route}.
+        """
+        if self.api_version is not None:
+            return self.api_version
+        if route is not None and route.name == "responses":
+            return DEFAULT_AZURE_RESPONSES_API_VERSION
+        return DEFAULT_AZURE_API_VERSION
+
     def target(self, path: str, model: Optional[str], query: bytes = b"") -> str:
-        version = "api-version=" + quote(self.api_version, safe="")
         route = route_of(path)
+        version = "api-version=" + quote(self.version(route), safe="")
         if route is not None and route.azure == "deployment" and model is not None:
             prefix = "/openai/deployments/" + quote(self.deployment(model), safe="")
         else:
@@ -108,6 +135,14 @@ class AzureStyle:
 
     def needs_model(self, route: Route) -> bool:
         return route.azure == "deployment"
+
+    def body_model(self, route: Route, model: Optional[str]) -> Optional[str]:
+        # Resource-wide routes (the Responses API) take the deployment's
+        # name as the body's model: map it, so a client's model name means
+        # the same deployment on every route.
+        if route.azure == "resource" and model is not None and model in self.deployments:
+            return self.deployments[model]
+        return None
 
 
 #: Either style.

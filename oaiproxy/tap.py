@@ -65,7 +65,13 @@ from oaiproxy.routes import BY_NAME, DEFAULT_ROUTES, in_order, parse_routes
 from oaiproxy.routes import ROUTES as API_ROUTES
 from oaiproxy.sdnotify import Notifier
 from oaiproxy.site import ProxySite
-from oaiproxy.styles import DEFAULT_AZURE_API_VERSION, AzureStyle, OpenAIStyle, UpstreamStyle
+from oaiproxy.styles import (
+    DEFAULT_AZURE_API_VERSION,
+    DEFAULT_AZURE_RESPONSES_API_VERSION,
+    AzureStyle,
+    OpenAIStyle,
+    UpstreamStyle,
+)
 from oaiproxy.upstream import UpstreamClient, make_http_client
 from oaiproxy.workers import FAMILIES, WORKER_INDEX, Supervisor, die_with_parent
 
@@ -162,7 +168,7 @@ class Options(usage.Options):
             None,
             None,
             f"The api-version sent to Azure OpenAI. [env OAIPROXY_AZURE_API_VERSION, default "
-            f"{DEFAULT_AZURE_API_VERSION}]",
+            f"{DEFAULT_AZURE_API_VERSION}, and {DEFAULT_AZURE_RESPONSES_API_VERSION} for the Responses API]",
         ],
         [
             "api-key-file",
@@ -365,6 +371,8 @@ class Options(usage.Options):
             unserved = sorted(name for name in config.routes if BY_NAME[name].azure is None)
             if unserved:
                 raise ConfigError(f"Azure OpenAI does not serve {', '.join(unserved)}: remove it from --routes")
+            if config.upstream == DEFAULT_UPSTREAM and not config.mock_upstream:
+                raise ConfigError("--upstream-style azure needs --upstream https://RESOURCE.openai.azure.com")
         elif config.azure_deployments or config.azure_api_version:
             raise ConfigError("--azure-deployment and --azure-api-version need --upstream-style azure")
         return config
@@ -695,7 +703,7 @@ def makeService(
     assert http is not None
     style: UpstreamStyle = OpenAIStyle()
     if config.upstream_style == "azure":
-        style = AzureStyle(config.azure_api_version or DEFAULT_AZURE_API_VERSION, dict(config.azure_deployments))
+        style = AzureStyle(config.azure_api_version, dict(config.azure_deployments))
     upstream = UpstreamClient(
         http, config.upstream, credentials, reactor, config.read_timeout, config.upstream_headers, style
     )

@@ -23,9 +23,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from twisted.web.server import NOT_DONE_YET, Request
 
-from oaiproxy.bodies import BodyPipe, BodyTooLarge, FormFields, form_boundary
+from oaiproxy.bodies import BodyPipe, BodyRefused, FormFields, form_boundary
 from oaiproxy.clients import Client
-from oaiproxy.errors import bad_request, body_too_large
+from oaiproxy.errors import ApiError, bad_request
 from oaiproxy.forward import ForwardingResource, read_body
 from oaiproxy.limits import Reservation
 from oaiproxy.records import record_of
@@ -43,7 +43,7 @@ class UploadResource(ForwardingResource):
 
     def render_POST(self, request: Request) -> bytes | int:
         route = self.route
-        client = self._admit(request, route.label)
+        client = self.admit(request, route.label)
         if isinstance(client, bytes):
             return client
         boundary = form_boundary(request.getHeader(b"content-type") or b"")
@@ -51,7 +51,7 @@ class UploadResource(ForwardingResource):
             return error_response(
                 request,
                 bad_request(
-                    "This endpoint takes a multipart/form-data body (a file and its fields).",
+                    "This endpoint takes a multipart/form-data body (a file and its fields) with one boundary.",
                     None,
                     "invalid_content_type",
                 ),
@@ -68,12 +68,27 @@ class UploadResource(ForwardingResource):
             body = read_body(request)
             fields.feed(body)
         needs_model = (client is not None and client.models is not None) or self._upstream.style.needs_model(route)
-        return _Upload(self, request, client, fields, body, pipe).begin(needs_model)
+        return _Upload(self, request, client, fields, body, pipe, needs_model).begin()
+
+
+def _untrusted_model() -> ApiError:
+    return bad_request(
+        "The 'model' field must appear once, as a short text field, in a well-formed multipart body.",
+        "model",
+        "invalid_value",
+    )
 
 
 class _Upload:
     """
     One upload: waiting for its model if it must, then forwarded.
+
+    Its fields keep being read while it is forwarded: a second C{model}
+    field (which upstream might take instead of the checked first one)
+    stops the upload with a 400.
+
+    @ivar state: C{new}, C{waiting} (for the model), C{forwarded}, or
+        C{answered} (by the proxy itself).
     """
 
     def __init__(
@@ -84,6 +99,7 @@ class _Upload:
         fields: FormFields,
         body: "bytes | IBodyProducer",
         pipe: Optional[BodyPipe],
+        needs_model: bool,
     ) -> None:
         self._resource = resource
         self._request = request
@@ -91,58 +107,72 @@ class _Upload:
         self._fields = fields
         self._body = body
         self._pipe = pipe
-        self._waiting = False
+        self._needs_model = needs_model
+        self.state = "new"
         self._record = record_of(request)
         fields.on_field = self._field
         for name in list(fields.fields):
             # Fields read before now (a body that was already complete).
             self._field(name)
 
-    def begin(self, needs_model: bool) -> bytes | int:
+    def begin(self) -> bytes | int:
+        problem = self._problem()
+        if problem is not None:
+            self.state = "answered"
+            return error_response(self._request, problem)
         model = self._fields.fields.get("model")
-        if not needs_model or model is not None:
+        if not self._needs_model or model is not None:
             return self._forward(model)
         if self._pipe is None or self._fields.complete:
             return self._no_model()
-        self._waiting = True
+        self.state = "waiting"
         self._pipe.notify(self._body_over)
         self._request.notifyFinish().addErrback(self._gone)
         return NOT_DONE_YET
 
-    def _field(self, name: str) -> None:
-        value = self._fields.fields[name]
-        if name == "model":
-            self._record.model = value
-            if self._waiting:
-                self._waiting = False
-                self._answer(self._forward(value))
-        elif name == "stream":
-            self._record.stream = value.strip().lower() == "true"
+    def _problem(self) -> Optional[ApiError]:
+        """
+        Why the form cannot be trusted to name the model upstream will use.
+        """
+        suspect = self._fields.suspect
+        if "model" in suspect or (self._needs_model and "*" in suspect):
+            return _untrusted_model()
+        return None
 
-    def _body_over(self, failure: Optional[Failure]) -> None:
-        """
-        The whole body arrived, or grew past the limit, while the request
-        was still waiting for its model.
-        """
-        if not self._waiting:
-            return
-        self._waiting = False
-        if failure is None:
-            self._answer(self._no_model())
-        elif failure.check(BodyTooLarge):
-            send_error(self._request, body_too_large(failure.value.limit))
+    def _field(self, name: str) -> None:
+        value = self._fields.fields.get(name)
+        if name == "model" and value is not None:
+            self._record.model = value
+        elif name == "stream" and value is not None:
+            self._record.stream = value.strip().lower() == "true"
+        problem = self._problem()
+        if problem is not None:
+            self._refuse(problem)
+        elif name == "model" and self.state == "waiting":
+            self._answer(self._forward(value))
+
+    def _refuse(self, error: ApiError) -> None:
+        if self.state == "waiting":
+            self.state = "answered"
+            send_error(self._request, error)
+        elif self.state == "forwarded" and self._pipe is not None:
+            # The upstream request fails, and the exchange answers the
+            # client with this error (see classify_upstream_failure).
+            self._pipe.fail(BodyRefused(error))
 
     def _forward(self, model: Optional[str]) -> bytes | int:
         request = self._request
         resource = self._resource
-        reservation = resource._reserve(request, self._client, model, 0)
+        reservation = resource.reserve(request, self._client, model, 0)
         if not isinstance(reservation, Reservation):
+            self.state = "answered"
             return reservation
-        exchange = resource._exchange(request, resource.route, reservation)
-        exchange.start(self._body, "POST", resource.route.path, model)
+        self.state = "forwarded"
+        resource.exchange(request, resource.route, reservation).start(self._body, "POST", resource.route.path, model)
         return NOT_DONE_YET
 
     def _no_model(self) -> bytes:
+        self.state = "answered"
         return error_response(
             self._request,
             bad_request("you must provide a model parameter.", "model", "missing_required_parameter"),
@@ -153,11 +183,25 @@ class _Upload:
         Send what a step decided, the resource having returned
         C{NOT_DONE_YET} already.
         """
-        if isinstance(result, bytes) and not self._request.finished:
+        if isinstance(result, bytes):
             self._request.write(result)
             self._request.finish()
 
+    def _body_over(self, failure: Optional[Failure]) -> None:
+        """
+        The whole body arrived, or was refused, while the request was
+        still waiting for its model.
+        """
+        if self.state != "waiting":
+            return
+        if failure is None:
+            self._answer(self._no_model())
+        elif failure.check(BodyRefused):
+            self.state = "answered"
+            send_error(self._request, failure.value.error)
+
     def _gone(self, failure: Failure) -> None:
-        self._waiting = False
+        if self.state == "waiting":
+            self.state = "answered"
         if self._pipe is not None:
             self._pipe.close()

@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from oaiproxy.bodies import IStreamedBody
 from oaiproxy.clients import Credentials
 from oaiproxy.headers import upstream_request_headers
 from oaiproxy.styles import OpenAIStyle, UpstreamStyle
@@ -229,6 +230,11 @@ class UpstreamClient:
             d.cancel()
 
         call = self._clock.callLater(self.read_timeout, on_timeout)
+        if IStreamedBody.providedBy(body):
+            # An upload in progress: upstream taking its bytes is upstream
+            # alive, so the wait for the head counts from the last of them,
+            # however long the client takes to send it.
+            body.watch_progress(lambda: call.reset(self.read_timeout) if call.active() else None)
 
         def settle(result: Any) -> Any:
             if call.active():

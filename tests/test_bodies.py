@@ -11,7 +11,8 @@ from typing import IO
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from oaiproxy.bodies import HOLD_BYTES, BodyPipe, BodyTooLarge, FormFields, form_boundary
+from oaiproxy.bodies import HOLD_BYTES, BodyPipe, BodyRefused, FormFields, form_boundary
+from oaiproxy.errors import body_too_large
 from tests.support import form
 
 
@@ -96,12 +97,12 @@ class BodyPipeTests(SynchronousTestCase):
         seen = []
         self.pipe.notify(seen.append)
         done = self.pipe.startProducing(_Consumer())
-        self.pipe.fail(BodyTooLarge(5))
-        self.failureResultOf(done, BodyTooLarge)
-        self.assertEqual(seen[0].value.limit, 5)
+        self.pipe.fail(BodyRefused(body_too_large(5)))
+        self.failureResultOf(done, BodyRefused)
+        self.assertEqual(seen[0].value.error.status, 413)
         late = BodyPipe(None, self.client.pause, self.client.resume)
-        late.fail(BodyTooLarge(5))
-        self.failureResultOf(late.startProducing(_Consumer()), BodyTooLarge)
+        late.fail(BodyRefused(body_too_large(5)))
+        self.failureResultOf(late.startProducing(_Consumer()), BodyRefused)
 
     def test_stop(self) -> None:
         """
@@ -140,12 +141,32 @@ class FormFieldsTests(SynchronousTestCase):
 
     def test_long_field_skipped(self) -> None:
         """
-        A text part longer than the bound is not kept.
+        A text part longer than the bound is not kept, but its name is
+        noted: its value is one the proxy cannot vouch for.
         """
         body, content_type = form([("prompt", "p" * 200), ("model", "m")])
         fields = FormFields(form_boundary(content_type) or b"", part_limit=100)
         fields.feed(body)
         self.assertEqual(fields.fields, {"model": "m"})
+        self.assertEqual(fields.suspect, {"prompt"})
+
+    def test_suspect_parts(self) -> None:
+        """
+        A repeated field keeps its first value and is suspect; a part with
+        two Content-Disposition headers (parsers disagree on which counts)
+        or none makes the form suspect as a whole.
+        """
+        body, content_type = form([("model", "a"), ("model", "b")])
+        fields = FormFields(form_boundary(content_type) or b"")
+        fields.feed(body)
+        self.assertEqual((fields.fields, fields.suspect), ({"model": "a"}, {"model"}))
+        twice = (
+            b'--b\r\nContent-Disposition: form-data; name="language"\r\n'
+            b'Content-Disposition: form-data; name="model"\r\n\r\nx\r\n--b--\r\n'
+        )
+        fields = FormFields(b"b")
+        fields.feed(twice)
+        self.assertEqual((fields.fields, fields.suspect), ({}, {"*"}))
 
     def test_boundary(self) -> None:
         self.assertEqual(form_boundary(b'multipart/form-data; boundary="ab c"'), b"ab")

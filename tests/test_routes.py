@@ -292,6 +292,18 @@ class ResponsesTests(SynchronousTestCase):
         response, body = exchange(self, h, "GET", f"/v1/responses/{ident}/nope", None, BEARER)
         error_of(self, response, body, 404, "unknown_url")
 
+    def test_reading_is_not_charged_again(self) -> None:
+        """
+        Reading a stored response back does not charge its usage again: it
+        was charged when it was made.
+        """
+        h = Harness(client_keys=[CLIENT_KEY], routes=["responses"])
+        _, body = post(self, h, "/v1/responses", {"model": "gpt-4o", "input": "hi"})
+        self.assertIsNotNone(h.records[-1].usage)
+        exchange(self, h, "GET", f"/v1/responses/{json.loads(body)['id']}", None, BEARER)
+        self.assertEqual(h.records[-1].status, 200)
+        self.assertIsNone(h.records[-1].usage)
+
     def test_stored_routes_need_a_key(self) -> None:
         """
         Reading a stored response is authenticated like creating one.
@@ -310,7 +322,7 @@ class AzureTests(SynchronousTestCase):
     """
 
     def harness(self, **kwargs: Any) -> Harness:
-        return Harness(client_keys=[CLIENT_KEY], routes=ALL_AZURE, style=AzureStyle("2024-10-21", MAP), **kwargs)
+        return Harness(client_keys=[CLIENT_KEY], routes=ALL_AZURE, style=AzureStyle(None, MAP), **kwargs)
 
     def test_chat_to_the_mapped_deployment(self) -> None:
         h = self.harness()
@@ -345,13 +357,18 @@ class AzureTests(SynchronousTestCase):
 
     def test_responses_and_uploads(self) -> None:
         """
-        The Responses API is resource-wide; an upload waits for its model
+        The Responses API is resource-wide, with its own api-version and
+        the deployment named in the body; an upload waits for its model
         field to find its deployment.
         """
         h = self.harness()
         response, body = post(self, h, "/v1/responses", {"model": "gpt-4o", "input": "hi"})
         self.assertEqual(response.code, 200, body)
-        self.assertEqual(h.fake.requests[-1].path, "/openai/responses")
+        sent = h.fake.requests[-1]
+        # Azure serves the Responses API from 2025-03-01-preview on, and
+        # wants the deployment's name as the model.
+        self.assertEqual((sent.path, sent.query), ("/openai/responses", "api-version=2025-04-01-preview"))
+        self.assertEqual(json.loads(sent.body), {"model": "prod-4o", "input": "hi"})
         body, content_type = form([("file", b"RIFF" * 1000), ("model", "whisper")])
         headers = {b"authorization": [b"Bearer " + CLIENT_KEY], b"content-type": [content_type]}
         response, answer = exchange(self, h, "POST", "/v1/audio/transcriptions", body, headers)

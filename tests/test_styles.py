@@ -53,6 +53,26 @@ class AzureStyleTests(SynchronousTestCase):
         )
         self.assertEqual(self.style.target("/models", None), "/openai/models?api-version=2024-10-21")
 
+    def test_default_versions(self) -> None:
+        """
+        Without --azure-api-version, the Responses API gets the first
+        version Azure serves it on; the rest the GA version.  An explicit
+        version is used everywhere.
+        """
+        default = AzureStyle()
+        self.assertTrue(default.target("/embeddings", "e").endswith("?api-version=2024-10-21"))
+        self.assertTrue(default.target("/responses", "m").endswith("?api-version=2025-04-01-preview"))
+        self.assertTrue(AzureStyle("2025-06-01").target("/responses", "m").endswith("?api-version=2025-06-01"))
+
+    def test_body_model(self) -> None:
+        """
+        Only resource-wide routes need the deployment in the body.
+        """
+        self.assertEqual(self.style.body_model(BY_NAME["responses"], "gpt-4o"), "prod-4o")
+        self.assertIsNone(self.style.body_model(BY_NAME["responses"], "other"))
+        self.assertIsNone(self.style.body_model(BY_NAME["chat/completions"], "gpt-4o"))
+        self.assertIsNone(OpenAIStyle().body_model(BY_NAME["responses"], "gpt-4o"))
+
     def test_key_header(self) -> None:
         self.assertEqual(self.style.credential(b"k"), (b"api-key", b"k"))
         self.assertTrue(self.style.needs_model(BY_NAME["images/generations"]))

@@ -361,18 +361,26 @@ class AzureOptionTests(SynchronousTestCase):
         self.assertEqual(config.upstream, "https://r.openai.azure.com")
         self.assertEqual(config.azure_deployments, (("gpt-4o", "prod-4o"), ("o3", "reasoning")))
         self.assertEqual(config.azure_api_version, "2025-04-01-preview")
-        env = {"OPENAI_API_KEY": KEY, "OAIPROXY_UPSTREAM_STYLE": "azure", "OAIPROXY_AZURE_DEPLOYMENTS": "a=b, c=d"}
+        env = {
+            "OPENAI_API_KEY": KEY,
+            "OPENAI_BASE_URL": "https://r.openai.azure.com",
+            "OAIPROXY_UPSTREAM_STYLE": "azure",
+            "OAIPROXY_AZURE_DEPLOYMENTS": "a=b, c=d",
+        }
         self.assertEqual(parse([], env).config.azure_deployments, (("a", "b"), ("c", "d")))
 
     def test_refusals(self) -> None:
         """
         Azure has no moderations endpoint; Azure settings without the azure
-        style are a mistake; a malformed mapping is named.
+        style are a mistake, and so is the azure style pointed at OpenAI; a
+        malformed mapping is named.
         """
+        azure = ["--upstream-style", "azure", "--upstream", "https://r.openai.azure.com"]
         for argv, said in [
-            (["--upstream-style", "azure", "--routes", "chat/completions,moderations"], "moderations"),
+            ([*azure, "--routes", "chat/completions,moderations"], "moderations"),
             (["--azure-deployment", "a=b"], "--upstream-style azure"),
-            (["--upstream-style", "azure", "--azure-deployment", "nomapping"], "MODEL=DEPLOYMENT"),
+            ([*azure, "--azure-deployment", "nomapping"], "MODEL=DEPLOYMENT"),
+            (["--upstream-style", "azure"], "needs --upstream https://RESOURCE.openai.azure.com"),
             (["--upstream-style", "aws"], "'openai' or 'azure'"),
         ]:
             with self.assertRaises(SystemExit) as caught:

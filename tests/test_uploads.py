@@ -20,6 +20,7 @@ from twisted.web.iweb import IBodyProducer
 from oaiproxy.api import api_resources, streamed_paths
 from oaiproxy.clients import ClientRegistry, Credentials
 from oaiproxy.config import Secret
+from oaiproxy.records import RequestRecord
 from oaiproxy.resources import build_tree
 from oaiproxy.routes import BY_NAME
 from oaiproxy.site import LINGER_SECONDS, ProxySite
@@ -74,6 +75,30 @@ class UploadTests(SynchronousTestCase):
             self.assertIn(f"received {len(AUDIO)} bytes", json.loads(body)["text"])
         self.assertEqual(len(h.fake.requests), 2)
 
+    def test_repeated_model_is_refused(self) -> None:
+        """
+        A second model field (upstream may read the last, the proxy checked
+        the first) is refused whether it comes before the file (nothing
+        goes upstream) or after it (the upload, already on its way, is
+        stopped); so is a content type with two boundaries.
+        """
+        h = Harness(clients=registry(CLIENT_KEY, models=["whisper-1"]), routes=ROUTES)
+        for fields in (
+            [("model", "whisper-1"), ("model", "gpt-4o-transcribe"), ("file", AUDIO)],
+            [("model", "whisper-1"), ("file", AUDIO), ("model", "gpt-4o-transcribe")],
+        ):
+            response, body = upload(self, h, fields)
+            error = json.loads(body)["error"]
+            self.assertEqual((response.code, error["param"], error["code"]), (400, "model", "invalid_value"))
+        self.assertEqual(h.fake.requests, [])
+        body, content_type = form([("model", "whisper-1"), ("file", AUDIO)])
+        headers = {
+            b"authorization": [b"Bearer " + CLIENT_KEY],
+            b"content-type": [content_type + b"; boundary=other"],
+        }
+        response, answer = exchange(self, h, "POST", "/v1/audio/transcriptions", body, headers)
+        self.assertEqual((response.code, json.loads(answer)["error"]["code"]), (400, "invalid_content_type"))
+
     def test_not_multipart(self) -> None:
         """
         A JSON body on an upload route is a clear 400.
@@ -98,6 +123,25 @@ class _Upstream:
         return d
 
 
+class _Response:
+    """
+    Just enough of an IResponse for the relay.
+    """
+
+    def __init__(self, code: int, headers: Any, body: bytes) -> None:
+        self.code, self.phrase, self.headers, self.length = code, b"OK", headers, len(body)
+        self._body = body
+
+    def deliverBody(self, protocol: Any) -> None:
+        from twisted.internet.testing import StringTransport as T
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseDone
+
+        protocol.makeConnection(T())
+        protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
 class _Consumer:
     def __init__(self) -> None:
         self.data: list[bytes] = []
@@ -119,25 +163,110 @@ class StreamingTests(SynchronousTestCase):
         upstream = UpstreamClient(self.http, "http://upstream.test/v1", self.credentials, self.clock, 30.0)
         routes = [BY_NAME[name] for name in ROUTES]
         api = api_resources(routes, upstream, self.clock, self.credentials)
+        self.records: list[RequestRecord] = []
         self.site = ProxySite(
             build_tree(api),
             max_body_bytes=2 * len(AUDIO),
             idle_timeout=60,
             streamed_paths=streamed_paths(routes),
-            access_log=lambda record: None,
+            access_log=self.records.append,
             reactor=self.clock,
         )
         self.transport = StringTransport()
         self.channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
         self.channel.makeConnection(self.transport)
 
-    def head(self, length: Optional[int], key: bytes = CLIENT_KEY) -> bytes:
+    def head(self, length: Optional[int], key: bytes = CLIENT_KEY, more: bytes = b"") -> bytes:
         body, content_type = form([("model", "whisper-1"), ("file", AUDIO)])
         framing = b"Content-Length: %d\r\n" % (len(body),) if length is not None else b"Transfer-Encoding: chunked\r\n"
         return (
             b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: proxy\r\n"
-            b"Authorization: Bearer " + key + b"\r\nContent-Type: " + content_type + b"\r\n" + framing + b"\r\n"
+            b"Authorization: Bearer " + key + b"\r\nContent-Type: " + content_type + b"\r\n" + framing + more + b"\r\n"
         )
+
+    def respond(self, index: int = 0) -> None:
+        """
+        Upstream answers request C{index} with a small JSON body.
+        """
+        from twisted.web.http_headers import Headers as H
+
+        response = _Response(200, H({b"content-type": [b"application/json"]}), b'{"text": "ok"}')
+        self.http.requests[index][3].callback(response)
+
+    def test_slow_upload_is_not_an_upstream_timeout(self) -> None:
+        """
+        The read timeout (30 s here) bounds upstream's silence, not the
+        client's upload: a body trickling in for longer, which upstream
+        keeps taking, does not time out; upstream silent for 30 s once
+        the body is in does.
+        """
+        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
+        self.channel.dataReceived(self.head(len(body)))
+        producer = self.http.requests[0][2]
+        done = producer.startProducing(_Consumer())
+        step = len(body) // 8 + 1
+        for start in range(0, len(body), step):
+            self.clock.advance(20)
+            self.channel.dataReceived(body[start : start + step])
+        self.successResultOf(done)
+        self.assertNotIn(b"HTTP/1.1 504", self.transport.value())
+        self.clock.advance(30)
+        self.assertIn(b"HTTP/1.1 504", self.transport.value())
+
+    def test_paused_client_is_not_idle(self) -> None:
+        """
+        A client the proxy paused (upstream is behind) is not cut off by
+        the idle timeout (60 s here); its idle clock runs again once it
+        is read again.
+        """
+        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
+        self.channel.dataReceived(self.head(len(body)))
+        producer = self.http.requests[0][2]
+        producer.startProducing(_Consumer())
+        producer.pauseProducing()
+        self.channel.dataReceived(body[:600_000])
+        self.assertEqual(self.transport.producerState, "paused")
+        self.clock.advance(120)
+        self.assertFalse(self.transport.disconnecting)
+        producer.resumeProducing()
+        self.clock.advance(61)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_expect_continue_only_once_accepted(self) -> None:
+        """
+        A client waiting on "Expect: 100-continue" is invited to send its
+        upload only if it is accepted: a refused one gets its refusal
+        without a 100 first.
+        """
+        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
+        self.channel.dataReceived(self.head(len(body), key=b"oai-wrong", more=b"Expect: 100-continue\r\n"))
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 401"), self.transport.value()[:40])
+        self.setUp()
+        self.channel.dataReceived(self.head(len(body), more=b"Expect: 100-continue\r\n"))
+        self.assertEqual(self.transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def test_bytes_in_and_keep_alive(self) -> None:
+        """
+        The access record counts a streamed body's bytes, and a connection
+        that carried an upload serves the next request.
+        """
+        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
+        self.channel.dataReceived(self.head(len(body)) + body)
+        self.http.requests[0][2].startProducing(_Consumer())
+        self.respond()
+        self.assertEqual(self.records[-1].bytes_in, len(body))
+        self.assertIn(b"HTTP/1.1 200", self.transport.value())
+        self.assertFalse(self.transport.disconnecting)
+        self.channel.dataReceived(self.head(len(body)) + body)
+        self.assertEqual(len(self.http.requests), 2)
+
+    def test_encoded_path_is_streamed(self) -> None:
+        """
+        A path with escapes reaches the upload route (twisted.web unquotes
+        each segment), so its body must be streamed too.
+        """
+        self.assertTrue(self.site.streams_body(b"POST", b"/v1/audio/transcription%73"))
+        self.assertFalse(self.site.streams_body(b"GET", b"/v1/audio/transcriptions"))
 
     def test_body_flows_before_it_is_complete(self) -> None:
         """
@@ -215,7 +344,12 @@ class StreamingTests(SynchronousTestCase):
         self.assertIn(b"connection: close", self.transport.value().lower())
         self.assertEqual(self.http.requests, [])
         self.transport.clear()
-        self.channel.dataReceived(body[1000:])
+        # A client still sending is given time, 5 s from its last bytes.
+        rest = body[1000:]
+        for start in range(0, len(rest), len(rest) // 4 + 1):
+            self.clock.advance(4)
+            self.assertFalse(self.transport.disconnecting)
+            self.channel.dataReceived(rest[start : start + len(rest) // 4 + 1])
         self.assertEqual(self.transport.value(), b"")
         self.assertTrue(self.transport.disconnecting)
 
