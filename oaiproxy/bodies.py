@@ -166,6 +166,9 @@ class BodyPipe:
         if self._stopped:
             return
         self._failure = failure = Failure(reason)
+        # Nothing more goes upstream, not even the rest of the chunk being
+        # written when an observer refused the body.
+        self._stopped = True
         self._discard()
         if self._done is not None:
             done, self._done = self._done, None
@@ -305,6 +308,9 @@ class FormFields:
         read at all.
     @ivar complete: the closing boundary has been seen.
     @ivar on_field: called with each text field's name as it completes.
+    @ivar on_part: called as each part ends, whatever it was (a file, a
+        part it could not read); the moment to look at L{suspect}, before
+        the bytes that follow go anywhere.
     """
 
     def __init__(self, boundary: bytes, part_limit: int = 16 * 1024) -> None:
@@ -319,6 +325,7 @@ class FormFields:
         self.suspect: set[str] = set()
         self.complete = False
         self.on_field: Callable[[str], None] = lambda name: None
+        self.on_part: Callable[[], None] = lambda: None
 
     def feed(self, data: bytes) -> None:
         if self.complete:
@@ -359,6 +366,10 @@ class FormFields:
         part, self._part = self._part, None
         if part is None:
             return
+        self._read_part(part)
+        self.on_part()
+
+    def _read_part(self, part: list[bytes]) -> None:
         head, sep, value = b"".join(part).partition(b"\r\n\r\n")
         dispositions = _DISPOSITION.findall(head) if sep else []
         if len(dispositions) != 1:

@@ -111,6 +111,7 @@ class _Upload:
         self.state = "new"
         self._record = record_of(request)
         fields.on_field = self._field
+        fields.on_part = self._check
         for name in list(fields.fields):
             # Fields read before now (a body that was already complete).
             self._field(name)
@@ -145,11 +146,17 @@ class _Upload:
             self._record.model = value
         elif name == "stream" and value is not None:
             self._record.stream = value.strip().lower() == "true"
+        if name == "model" and self.state == "waiting" and self._problem() is None:
+            self._answer(self._forward(value))
+
+    def _check(self) -> None:
+        """
+        A part ended: refuse the upload if the form can no longer be
+        trusted, before the bytes after it go upstream.
+        """
         problem = self._problem()
         if problem is not None:
             self._refuse(problem)
-        elif name == "model" and self.state == "waiting":
-            self._answer(self._forward(value))
 
     def _refuse(self, error: ApiError) -> None:
         if self.state == "waiting":

@@ -99,6 +99,25 @@ class UploadTests(SynchronousTestCase):
         response, answer = exchange(self, h, "POST", "/v1/audio/transcriptions", body, headers)
         self.assertEqual((response.code, json.loads(answer)["error"]["code"]), (400, "invalid_content_type"))
 
+    def test_unreadable_last_part_is_refused(self) -> None:
+        """
+        A part whose name the proxy cannot read (unquoted, or RFC 2231
+        encoded: a lenient upstream may read "model" there) makes an
+        allow-listed upload a 400, even as the form's last part, before
+        the body's end goes upstream.
+        """
+        h = Harness(clients=registry(CLIENT_KEY, models=["whisper-1"]), routes=ROUTES)
+        body, content_type = form([("model", "whisper-1"), ("file", AUDIO)])
+        for odd in (b"name=model", b"name*=UTF-8''model"):
+            sneaky = body[: -len(b"--oaiproxy-test-boundary--\r\n")] + (
+                b"--oaiproxy-test-boundary\r\nContent-Disposition: form-data; " + odd + b"\r\n\r\n"
+                b"gpt-4o-transcribe\r\n--oaiproxy-test-boundary--\r\n"
+            )
+            headers = {b"authorization": [b"Bearer " + CLIENT_KEY], b"content-type": [content_type]}
+            response, answer = exchange(self, h, "POST", "/v1/audio/transcriptions", sneaky, headers)
+            self.assertEqual((response.code, json.loads(answer)["error"]["param"]), (400, "model"), odd)
+        self.assertEqual(h.fake.requests, [])
+
     def test_not_multipart(self) -> None:
         """
         A JSON body on an upload route is a clear 400.
