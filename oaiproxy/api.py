@@ -15,20 +15,23 @@ cancel and delete, forwarded by L{ResponsesResource}.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from typing import Iterable, Optional
 from urllib.parse import quote
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import NOT_DONE_YET, Request
 
-from oaiproxy.clients import Limits
+from oaiproxy.clients import Credentials, Limits
 from oaiproxy.errors import ApiError, bad_request, method_not_allowed
 from oaiproxy.forward import ForwardingResource, read_body
-from oaiproxy.limits import Reservation, estimate_tokens
+from oaiproxy.lifecycle import Lifecycle
+from oaiproxy.limits import Limiter, Reservation, estimate_tokens
 from oaiproxy.models import ModelsResource
 from oaiproxy.records import record_of
-from oaiproxy.resources import JSONResource, NotFound, error_response
+from oaiproxy.resources import JSONResource, NotFound, error_response, query_of
 from oaiproxy.routes import CHAT, MODELS, RESPONSES, Route
 from oaiproxy.uploads import UploadResource
+from oaiproxy.upstream import UpstreamClient
 from oaiproxy.usage import inject_include_usage
 from oaiproxy.validation import parse_json_request
 
@@ -37,16 +40,9 @@ __all__ = [
     "ChatCompletionsResource",
     "ResponsesResource",
     "api_resources",
+    "resource_class",
     "streamed_paths",
-    "query_of",
 ]
-
-
-def query_of(request: Request) -> bytes:
-    """
-    The query string of the request's URI, without the C{?}.
-    """
-    return request.uri.partition(b"?")[2]
 
 
 class JsonRouteResource(ForwardingResource):
@@ -94,7 +90,7 @@ class JsonRouteResource(ForwardingResource):
             if injected is not None:
                 body, strip_usage = injected, True
         exchange = self.exchange(request, route, reservation, prompt_estimate, strip_usage)
-        exchange.start(body, "POST", route.path, parsed.model)
+        exchange.start(body, "POST", route.path, parsed.model, query_of(request))
         return NOT_DONE_YET
 
 
@@ -166,13 +162,38 @@ def resource_class(route: Route) -> type[ForwardingResource]:
     return JsonRouteResource
 
 
-def api_resources(routes: Iterable[Route], *collaborators: Any, **settings: Any) -> dict[str, ForwardingResource]:
+def api_resources(
+    routes: Iterable[Route],
+    upstream: UpstreamClient,
+    clock: IReactorTime,
+    credentials: Credentials,
+    lifecycle: Optional[Lifecycle] = None,
+    connect_timeout: float = 10.0,
+    limiter: Optional[Limiter] = None,
+    stream_usage: bool = True,
+    sse_keepalive: float = 15.0,
+) -> dict[str, ForwardingResource]:
     """
     A resource for each of C{routes}, by route name, all sharing the same
-    collaborators (see L{ForwardingResource}): one limiter counts a
-    client's requests on every route.
+    collaborators (see L{ForwardingResource}): one lifecycle drains them
+    all, and one limiter counts a client's requests on every route.
     """
-    return {route.name: resource_class(route)(*collaborators, **dict(settings, route=route)) for route in routes}
+    lifecycle = lifecycle or Lifecycle()
+    limiter = limiter or Limiter(clock)
+    return {
+        route.name: resource_class(route)(
+            upstream,
+            clock,
+            credentials,
+            lifecycle,
+            connect_timeout,
+            limiter,
+            stream_usage=stream_usage,
+            sse_keepalive=sse_keepalive,
+            route=route,
+        )
+        for route in routes
+    }
 
 
 def streamed_paths(routes: Iterable[Route]) -> frozenset[bytes]:

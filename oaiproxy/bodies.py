@@ -273,7 +273,7 @@ class BodyPipe:
             done.callback(None)
 
 
-_BOUNDARY = re.compile(rb'boundary="?([^";,\s]+)"?', re.IGNORECASE)
+_BOUNDARY = re.compile(rb'boundary=(?:"([^"]+)"|([^";,\s]+))', re.IGNORECASE)
 _DISPOSITION = re.compile(rb"^content-disposition:(.*)$", re.IGNORECASE | re.MULTILINE)
 _PARAMETER = re.compile(rb';\s*([a-zA-Z*]+)="((?:[^"\\]|\\.)*)"')
 
@@ -288,7 +288,10 @@ def form_boundary(content_type: bytes) -> Optional[bytes]:
     found = _BOUNDARY.findall(content_type)
     # Two boundaries: parsers disagree on which one counts, so the fields
     # the proxy reads might not be the ones upstream reads.
-    return found[0] if len(found) == 1 else None
+    if len(found) != 1:
+        return None
+    quoted, token = found[0]
+    return quoted or token
 
 
 class FormFields:

@@ -167,6 +167,19 @@ def not_found(method: str, path: str) -> ApiError:
     )
 
 
+def route_not_available(route: str, upstream: str) -> ApiError:
+    """
+    A 404 for an API route this proxy's upstream does not serve at all.
+    """
+    return ApiError(
+        404,
+        f"The route /v1/{route} is not available on this proxy: its upstream ({upstream}) does not serve it.",
+        INVALID_REQUEST,
+        None,
+        "route_not_available",
+    )
+
+
 def route_not_enabled(route: str) -> ApiError:
     """
     A 404 for an API route this proxy knows but its operator did not turn

@@ -29,6 +29,7 @@ __all__ = [
     "speech",
     "parse_form",
     "transcription",
+    "transcription_events",
 ]
 
 
@@ -266,3 +267,17 @@ def transcription(form: dict[str, Any]) -> dict[str, Any]:
         "text": text,
         "usage": {"type": "tokens", "input_tokens": 50, "output_tokens": output, "total_tokens": 50 + output},
     }
+
+
+def transcription_events(form: dict[str, Any]) -> list[bytes]:
+    """
+    A streamed transcription (C{stream=true}): a C{transcript.text.delta}
+    event per word, then C{transcript.text.done} with the text and usage.
+    """
+    done = transcription(form)
+    words = done["text"].split(" ")
+    payloads: list[dict[str, Any]] = [
+        {"type": "transcript.text.delta", "delta": (" " if i else "") + w} for i, w in enumerate(words)
+    ]
+    payloads.append({"type": "transcript.text.done", "text": done["text"], "usage": done["usage"]})
+    return [b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads]

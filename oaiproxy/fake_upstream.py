@@ -196,6 +196,8 @@ class FakeUpstream(Resource):
             if form is None or not isinstance(form.get("file"), bytes) or not form.get("model"):
                 request.setResponseCode(400)
                 return self._json(request, _error("bad multipart body", "invalid_request_error", None))
+            if form.get("stream") == "true":
+                return self._stream(request, fake_routes.transcription_events(form))
             return self._json(request, json.dumps(fake_routes.transcription(form)).encode())
         try:
             document = json.loads(body)

@@ -248,10 +248,10 @@ class ForwardingResource(Endpoint):
             reservation,
             prompt_estimate,
             record_of(request),
-            route,
-            strip_usage,
-            self._sse_keepalive,
-            metered,
+            route=route,
+            strip_usage=strip_usage,
+            sse_keepalive=self._sse_keepalive,
+            metered=metered,
         )
 
 

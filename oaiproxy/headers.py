@@ -133,7 +133,7 @@ def upstream_request_headers(
 
 #: Headers an operator may not set with C{--upstream-header}: the proxy or
 #: the connection owns them.
-_NOT_SETTABLE = _REQUEST_DROP
+_NOT_SETTABLE = _REQUEST_DROP | frozenset({b"content-type"})
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 

@@ -15,12 +15,13 @@ from typing import Iterable, Mapping, Optional
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from oaiproxy.errors import ApiError, method_not_allowed, not_found, route_not_enabled
+from oaiproxy.errors import ApiError, method_not_allowed, not_found, route_not_available, route_not_enabled
 from oaiproxy.lifecycle import Lifecycle
 
 __all__ = [
     "error_response",
     "send_error",
+    "query_of",
     "JSONResource",
     "Directory",
     "Endpoint",
@@ -53,6 +54,14 @@ def send_error(request: Request, error: ApiError) -> None:
     """
     request.write(error_response(request, error))
     request.finish()
+
+
+def query_of(request: Request) -> bytes:
+    """
+    The query string of the request's URI, without the C{?}: passed on
+    upstream as the client sent it.
+    """
+    return request.uri.partition(b"?")[2]
 
 
 def _path(request: Request) -> str:
@@ -173,12 +182,13 @@ class DisabledRoute(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, error: Optional[ApiError] = None) -> None:
         super().__init__()
         self._name = name
+        self._error = error or route_not_enabled(name)
 
     def render(self, request: Request) -> bytes:
-        return error_response(request, route_not_enabled(self._name))
+        return error_response(request, self._error)
 
 
 def build_root(
@@ -203,6 +213,7 @@ def build_tree(
     health: Optional[IResource] = None,
     metrics: Optional[IResource] = None,
     disabled: Iterable[str] = (),
+    unavailable: Iterable[str] = (),
 ) -> Resource:
     """
     Assemble the tree::
@@ -215,6 +226,8 @@ def build_tree(
     @param api: the resource for each enabled route, by route name
         (C{chat/completions}, C{audio/speech}...).
     @param disabled: routes that answer a 404 naming C{--routes}.
+    @param unavailable: routes the upstream does not serve (Azure has no
+        moderations), which answer a 404 saying so.
     """
     root = Directory()
     root.putChild(b"health", health if health is not None else HealthResource())
@@ -222,6 +235,7 @@ def build_tree(
         root.putChild(b"metrics", metrics)
     mounted: list[tuple[str, IResource]] = list(api.items())
     mounted += [(name, DisabledRoute(name)) for name in disabled if name not in api]
+    mounted += [(name, DisabledRoute(name, route_not_available(name, "Azure OpenAI"))) for name in unavailable]
     for name, resource in mounted:
         *inner, leaf = name.encode("ascii").split(b"/")
         for parent in (root, _child(root, b"v1")):

@@ -18,7 +18,7 @@ from typing import Iterable
 
 from oaiproxy.config import ConfigError
 
-__all__ = ["Route", "ROUTES", "BY_NAME", "DEFAULT_ROUTES", "parse_routes", "route_label"]
+__all__ = ["Route", "ROUTES", "BY_NAME", "DEFAULT_ROUTES", "parse_routes", "route_label", "in_order"]
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,12 @@ ROUTES: tuple[Route, ...] = (
     # The model is optional (OpenAI picks its default moderation model);
     # Azure has no moderations endpoint.
     Route("moderations", required=("input",), azure=None),
-    Route("images/generations", required=("prompt",)),
-    Route("audio/speech", required=("model", "input", "voice")),
-    Route("audio/transcriptions", body="multipart", required=()),
-    Route("audio/translations", body="multipart", required=()),
+    # Both generate output tokens (gpt-image-1, gpt-4o-mini-tts report
+    # them), so a reservation counts the requested output too.
+    Route("images/generations", required=("prompt",), generates=True),
+    Route("audio/speech", required=("model", "input", "voice"), generates=True),
+    Route("audio/transcriptions", body="multipart", required=(), text_keys=("delta",)),
+    Route("audio/translations", body="multipart", required=(), text_keys=("delta",)),
 )
 
 BY_NAME: dict[str, Route] = {route.name: route for route in ROUTES}
@@ -113,11 +115,13 @@ def parse_routes(name: str, text: str) -> frozenset[str]:
     names = [part.strip().strip("/") for part in text.split(",") if part.strip()]
     if names == ["all"]:
         return frozenset(BY_NAME)
+    if not names:
+        raise ConfigError(f"{name} needs at least one route name (or 'all') from: {', '.join(BY_NAME)}")
     unknown = [n for n in names if n not in BY_NAME]
-    if unknown or not names:
+    if unknown:
         raise ConfigError(
             f"{name} takes route names separated by commas, or 'all'; "
-            f"{', '.join(repr(u) for u in unknown) or 'nothing'} is not one of: {', '.join(BY_NAME)}"
+            f"{', '.join(repr(u) for u in unknown)} is not one of: {', '.join(BY_NAME)}"
         )
     return frozenset(names)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import os
 import sys
+from dataclasses import replace
 from typing import Any, Callable, Mapping, Optional
 
 from twisted.application import strports
@@ -115,11 +116,12 @@ class Options(usage.Options):
 
     synopsis = "[options]"
     longdesc = (
-        "Serve POST /v1/chat/completions (streaming included) and GET /health, "
-        "forwarding to the OpenAI API with the key held here. The key is read "
+        "Serve the OpenAI API (chat completions and the model list, and the routes "
+        "--routes adds; streaming included) and GET /health, forwarding to the "
+        "OpenAI API or a compatible upstream with the key held here. The key is read "
         "from --api-key-file, $CREDENTIALS_DIRECTORY/openai_api_key or "
-        "OPENAI_API_KEY; clients may be required to present one of the keys "
-        "in OAIPROXY_CLIENT_KEYS (comma-separated, environment only)."
+        "OPENAI_API_KEY; clients present keys from --client-keys-file or "
+        "OAIPROXY_CLIENT_KEYS."
     )
     optFlags = [
         [
@@ -201,7 +203,8 @@ class Options(usage.Options):
             "client-keys-file",
             None,
             None,
-            "File of client keys, one per line, re-read on SIGHUP. [env OAIPROXY_CLIENT_KEYS_FILE, else the "
+            "File of clients (TOML or JSON: names, key hashes, limits, model allow-lists), re-read on SIGHUP. "
+            "[env OAIPROXY_CLIENT_KEYS_FILE, else the "
             "systemd credential client_keys; keys in env OAIPROXY_CLIENT_KEYS are added]",
         ],
         [
@@ -369,12 +372,18 @@ class Options(usage.Options):
                 raise ConfigError(f"--worker-listener must be FD:INET|INET6|UNIX, not {listener!r}")
         if config.upstream_style == "azure":
             unserved = sorted(name for name in config.routes if BY_NAME[name].azure is None)
-            if unserved:
+            if unserved and config.routes == frozenset(BY_NAME):
+                # "all": all that Azure serves.
+                config = replace(config, routes=config.routes - frozenset(unserved))
+            elif unserved:
                 raise ConfigError(f"Azure OpenAI does not serve {', '.join(unserved)}: remove it from --routes")
             if config.upstream == DEFAULT_UPSTREAM and not config.mock_upstream:
                 raise ConfigError("--upstream-style azure needs --upstream https://RESOURCE.openai.azure.com")
         elif config.azure_deployments or config.azure_api_version:
-            raise ConfigError("--azure-deployment and --azure-api-version need --upstream-style azure")
+            raise ConfigError(
+                "--azure-deployment (OAIPROXY_AZURE_DEPLOYMENTS) and --azure-api-version (OAIPROXY_AZURE_API_VERSION) "
+                "need --upstream-style azure (OAIPROXY_UPSTREAM_STYLE=azure)"
+            )
         return config
 
     def _settings(self) -> Config:
@@ -527,8 +536,9 @@ def _announcer(
             shown = f"[{host}]" if ":" in host else host
             base = f"{scheme}://{shown}:{address.port}"
         log.info(
-            "oaiproxy listening on {base}: chat completions at {base}/v1/chat/completions, health at {base}/health",
+            "oaiproxy listening on {base}: API at {base}/v1 ({first}...), health at {base}/health",
             base=base,
+            first=f"{base}/v1/{in_order(config.routes)[0].name}",
             endpoint=description,
         )
         if not is_private_address(address):
@@ -727,8 +737,10 @@ def makeService(
     metrics_check = _metrics_check(credentials, config.metrics_key)
     health = HealthResource(lifecycle)
     on_api_port = None if config.metrics_port else MetricsResource(metrics, metrics_check)
+    served = [r.name for r in API_ROUTES if r.name not in api and (r.azure is not None or style.name != "azure")]
+    unavailable = [r.name for r in API_ROUTES if r.name not in api and r.name not in served]
     site = ProxySite(
-        build_tree(api, health, on_api_port, disabled=[r.name for r in API_ROUTES if r.name not in api]),
+        build_tree(api, health, on_api_port, disabled=served, unavailable=unavailable),
         streamed_paths=streamed_paths(enabled),
         max_body_bytes=config.max_body_bytes,
         idle_timeout=config.idle_timeout,

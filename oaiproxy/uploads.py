@@ -29,7 +29,8 @@ from oaiproxy.errors import ApiError, bad_request
 from oaiproxy.forward import ForwardingResource, read_body
 from oaiproxy.limits import Reservation
 from oaiproxy.records import record_of
-from oaiproxy.resources import error_response, send_error
+from oaiproxy.resources import error_response, query_of, send_error
+from oaiproxy.site import ProxyRequest
 
 __all__ = ["UploadResource"]
 
@@ -57,7 +58,7 @@ class UploadResource(ForwardingResource):
                 ),
             )
         fields = FormFields(boundary)
-        pipe: Optional[BodyPipe] = getattr(request, "body_pipe", None)
+        pipe = request.body_pipe if isinstance(request, ProxyRequest) else None
         body: "bytes | IBodyProducer"
         if pipe is not None:
             pipe.observe(fields.feed)
@@ -175,7 +176,8 @@ class _Upload:
             self.state = "answered"
             return reservation
         self.state = "forwarded"
-        resource.exchange(request, resource.route, reservation).start(self._body, "POST", resource.route.path, model)
+        exchange = resource.exchange(request, resource.route, reservation)
+        exchange.start(self._body, "POST", resource.route.path, model, query_of(request))
         return NOT_DONE_YET
 
     def _no_model(self) -> bytes:

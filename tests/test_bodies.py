@@ -169,7 +169,8 @@ class FormFieldsTests(SynchronousTestCase):
         self.assertEqual((fields.fields, fields.suspect), ({}, {"*"}))
 
     def test_boundary(self) -> None:
-        self.assertEqual(form_boundary(b'multipart/form-data; boundary="ab c"'), b"ab")
+        # RFC 2046 allows spaces in a quoted boundary.
+        self.assertEqual(form_boundary(b'multipart/form-data; boundary="ab c"'), b"ab c")
         self.assertEqual(form_boundary(b"Multipart/Form-Data; charset=x; boundary=xyz"), b"xyz")
         self.assertIsNone(form_boundary(b"application/json"))
         self.assertIsNone(form_boundary(b"multipart/form-data"))

@@ -80,6 +80,20 @@ class AllRoutesTests(E2ETestCase):
             )
         self.assertIn("received 1000 bytes", translated.text)
 
+    def test_streamed_transcription(self) -> None:
+        """
+        A transcription with stream=True comes back as events the SDK
+        iterates, ending with the whole text.
+        """
+        events = list(
+            self.client().audio.transcriptions.create(
+                model="gpt-4o-transcribe", file=("talk.wav", b"RIFF" * 50_000, "audio/wav"), stream=True
+            )
+        )
+        self.assertEqual(events[-1].type, "transcript.text.done")
+        self.assertTrue(events[-1].text.startswith("received 200000 bytes"))
+        self.assertEqual("".join(e.delta for e in events[:-1]), events[-1].text)
+
     def test_speech_moderation_images_completions(self) -> None:
         """
         The remaining routes, each through its SDK method.
@@ -97,9 +111,10 @@ class AllRoutesTests(E2ETestCase):
         chunks = list(client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi", stream=True))
         self.assertEqual("".join(c.choices[0].text for c in chunks if c.choices), completion.choices[0].text)
 
-    def test_bad_upload_and_bad_json(self) -> None:
+    def test_refusal_then_serving(self) -> None:
         """
-        Refusals on the new routes are errors the SDK understands, and the
+        A body refused on a new route (an empty embeddings input) is an
+        error the SDK raises with its param, nothing goes upstream, and the
         proxy goes on serving.
         """
         client = self.client()
@@ -144,10 +159,8 @@ class AzureTests(E2ETestCase):
                 "azure",
                 "--azure-deployment",
                 "gpt-4o=prod-4o",
-                "--azure-api-version",
-                "2024-10-21",
                 "--routes",
-                "chat/completions,embeddings,models",
+                "chat/completions,embeddings,models,responses,audio/transcriptions",
             ]
         )
 
@@ -170,6 +183,10 @@ class AzureTests(E2ETestCase):
         self.assertEqual("".join(c.choices[0].delta.content or "" for c in streamed if c.choices), REPLY)
         client.embeddings.create(model="text-embedding-3-small", input="x")
         self.assertEqual([m.id for m in client.models.list()], ["gpt-4o"])
+        response = client.responses.create(model="gpt-4o", input="hello proxy")
+        self.assertEqual(response.output_text, "This is a mock response to: hello proxy")
+        upload = client.audio.transcriptions.create(model="gpt-4o", file=("a.wav", b"RIFF" * 100_000, "audio/wav"))
+        self.assertIn("received 400000 bytes", upload.text)
         seen = self.upstream_requests()
         self.assertEqual(
             [(r["path"], r["query"]) for r in seen],
@@ -177,8 +194,11 @@ class AzureTests(E2ETestCase):
                 ("/openai/deployments/prod-4o/chat/completions", "api-version=2024-10-21"),
                 ("/openai/deployments/prod-4o/chat/completions", "api-version=2024-10-21"),
                 ("/openai/deployments/text-embedding-3-small/embeddings", "api-version=2024-10-21"),
+                ("/openai/responses", "api-version=2025-04-01-preview"),
+                ("/openai/deployments/prod-4o/audio/transcriptions", "api-version=2024-10-21"),
             ],
         )
+        self.assertEqual(json.loads(seen[3]["body"])["model"], "prod-4o")
         for request in seen:
             self.assertEqual(request["headers"]["api-key"], [UPSTREAM_KEY])
             self.assertNotIn("authorization", request["headers"])

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.clients import Limits
 from oaiproxy.config import ConfigError
+from oaiproxy.fake_routes import speech
 from oaiproxy.routes import BY_NAME, ROUTES, parse_routes
 from oaiproxy.styles import AzureStyle
 from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, exchange, form, registry
@@ -82,7 +83,8 @@ class DisabledRouteTests(SynchronousTestCase):
         """
         h = Harness(routes=ALL)
         response, body = exchange(self, h, "POST", "/v1/v1/embeddings", b"{}", BEARER)
-        self.assertIn("/v1", error_of(self, response, body, 404, "unknown_url")["message"])
+        message = error_of(self, response, body, 404, "unknown_url")["message"]
+        self.assertIn("Set the SDK's base URL to http://<proxy-host>:<port>/v1.", message)
 
 
 class ValidationTests(SynchronousTestCase):
@@ -209,8 +211,6 @@ class ForwardingTests(SynchronousTestCase):
         response, body = post(self, h, "/v1/audio/speech", {"model": "tts-1", "input": "x" * 40, "voice": "alloy"})
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"audio/mpeg"])
-        from oaiproxy.fake_routes import speech
-
         self.assertEqual(body, b"".join(speech({"input": "x" * 40})))
 
     def test_images_usage(self) -> None:
@@ -223,6 +223,16 @@ class ForwardingTests(SynchronousTestCase):
         usage = h.records[-1].usage
         assert usage is not None
         self.assertEqual((usage.prompt, usage.completion, usage.exact), (2, 100, True))
+
+    def test_query_string_passed_on(self) -> None:
+        """
+        A client's query string goes upstream with its request, on every
+        route.
+        """
+        h = Harness(client_keys=[CLIENT_KEY], routes=ALL)
+        response, _ = exchange(self, h, "POST", "/v1/embeddings?trace=1", b'{"model": "m", "input": "x"}', BEARER)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(h.fake.requests[-1].query, "trace=1")
 
     def test_route_labels(self) -> None:
         """
@@ -294,15 +304,22 @@ class ResponsesTests(SynchronousTestCase):
 
     def test_reading_is_not_charged_again(self) -> None:
         """
-        Reading a stored response back does not charge its usage again: it
-        was charged when it was made.
+        Reading a stored response back does not take from the client's
+        token allowance again: the response was charged when it was made.
         """
-        h = Harness(client_keys=[CLIENT_KEY], routes=["responses"])
+        h = Harness(clients=registry(CLIENT_KEY, limits=Limits(tokens_per_minute=100_000)), routes=["responses"])
+        client = h.credentials.clients.identify(CLIENT_KEY)
+        assert client is not None
+
+        def remaining() -> int:
+            return int(dict(h.limiter.headers(client))[b"x-ratelimit-remaining-tokens"])
+
         _, body = post(self, h, "/v1/responses", {"model": "gpt-4o", "input": "hi"})
-        self.assertIsNotNone(h.records[-1].usage)
+        charged = remaining()
+        self.assertLess(charged, 100_000)
         exchange(self, h, "GET", f"/v1/responses/{json.loads(body)['id']}", None, BEARER)
         self.assertEqual(h.records[-1].status, 200)
-        self.assertIsNone(h.records[-1].usage)
+        self.assertEqual(remaining(), charged)
 
     def test_stored_routes_need_a_key(self) -> None:
         """

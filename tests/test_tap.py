@@ -20,6 +20,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import DEFAULT_PORT, DEFAULT_UPSTREAM, Secret
+from oaiproxy.routes import BY_NAME
 from oaiproxy.tap import Options, makeService
 from tests.support import temp_dir
 
@@ -206,6 +207,18 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse(site.streams_body(b"POST", b"/v1/audio/translations"))
         self.assertFalse(site.streams_body(b"POST", b"/v1/embeddings"))
 
+    def test_route_azure_lacks(self) -> None:
+        """
+        On an Azure proxy, moderations is not a route an operator could
+        enable: its 404 says the upstream does not serve it.
+        """
+        _, reactor, _ = self.start(["--upstream-style", "azure", "--upstream", "https://r.openai.azure.com"])
+        stub = StubTreq(reactor.tcpServers[0][1].resource)
+        response = self.successResultOf(stub.post("http://p/v1/moderations", data=b"{}"))
+        error = json.loads(self.successResultOf(stub.content(response)))["error"]
+        self.assertEqual((response.code, error["code"]), (404, "route_not_available"))
+        self.assertIn("Azure OpenAI", error["message"])
+
     def test_one_listener_per_port(self) -> None:
         """
         Every --port becomes a listener on the Site, bound when the service
@@ -381,11 +394,23 @@ class AzureOptionTests(SynchronousTestCase):
             (["--azure-deployment", "a=b"], "--upstream-style azure"),
             ([*azure, "--azure-deployment", "nomapping"], "MODEL=DEPLOYMENT"),
             (["--upstream-style", "azure"], "needs --upstream https://RESOURCE.openai.azure.com"),
+            (["--routes", ""], "at least one route"),
+            (["--upstream-header", "Content-Type:text/plain"], "cannot set Content-Type"),
             (["--upstream-style", "aws"], "'openai' or 'azure'"),
         ]:
             with self.assertRaises(SystemExit) as caught:
                 parse(argv)
             self.assertIn(said, str(caught.exception.code))
+
+    def test_all_means_all_azure_serves(self) -> None:
+        """
+        --routes all with Azure is every route but moderations, which
+        Azure does not have.
+        """
+        config = parse(
+            ["--upstream-style", "azure", "--upstream", "https://r.openai.azure.com", "--routes", "all"]
+        ).config
+        self.assertEqual(config.routes, frozenset(BY_NAME) - {"moderations"})
 
     def test_bare_host_gets_v1(self) -> None:
         """

@@ -14,7 +14,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import RequestGenerationFailed
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 
 from oaiproxy.api import api_resources, streamed_paths
@@ -78,9 +82,10 @@ class UploadTests(SynchronousTestCase):
     def test_repeated_model_is_refused(self) -> None:
         """
         A second model field (upstream may read the last, the proxy checked
-        the first) is refused whether it comes before the file (nothing
-        goes upstream) or after it (the upload, already on its way, is
-        stopped); so is a content type with two boundaries.
+        the first) is refused, before or after the file: the upload, on its
+        way upstream since the first model field, is stopped before its end
+        goes upstream, so upstream never has a complete request.  A content
+        type with two boundaries is refused too.
         """
         h = Harness(clients=registry(CLIENT_KEY, models=["whisper-1"]), routes=ROUTES)
         for fields in (
@@ -152,11 +157,7 @@ class _Response:
         self._body = body
 
     def deliverBody(self, protocol: Any) -> None:
-        from twisted.internet.testing import StringTransport as T
-        from twisted.python.failure import Failure
-        from twisted.web.client import ResponseDone
-
-        protocol.makeConnection(T())
+        protocol.makeConnection(StringTransport())
         protocol.dataReceived(self._body)
         protocol.connectionLost(Failure(ResponseDone()))
 
@@ -207,9 +208,7 @@ class StreamingTests(SynchronousTestCase):
         """
         Upstream answers request C{index} with a small JSON body.
         """
-        from twisted.web.http_headers import Headers as H
-
-        response = _Response(200, H({b"content-type": [b"application/json"]}), b'{"text": "ok"}')
+        response = _Response(200, Headers({b"content-type": [b"application/json"]}), b'{"text": "ok"}')
         self.http.requests[index][3].callback(response)
 
     def test_slow_upload_is_not_an_upstream_timeout(self) -> None:
@@ -340,8 +339,6 @@ class StreamingTests(SynchronousTestCase):
         for _ in range(5):
             self.channel.dataReceived(b"%x\r\n" % (len(chunk),) + chunk + b"\r\n")
         failure = self.failureResultOf(done)
-        from twisted.web._newclient import RequestGenerationFailed
-
         # What the HTTP client makes of a failed body producer.
         self.http.requests[0][3].errback(RequestGenerationFailed([failure]))
         response = self.transport.value()
