@@ -25,7 +25,7 @@ from typing import IO, Any, Callable, Optional
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
+from zope.interface import Attribute, implementer
 
 from oaiproxy.errors import ApiError
 
@@ -62,6 +62,8 @@ class IStreamedBody(IBodyProducer):
         """
         Call C{callback} whenever upstream takes part of the body.
         """
+
+    refusal = Attribute("The proxy's own error if it refused the body, else None.")
 
 
 @implementer(IStreamedBody)
@@ -112,6 +114,16 @@ class BodyPipe:
         read without holding the body).
         """
         self._observers.append(observer)
+
+    @property
+    def refusal(self) -> Optional[ApiError]:
+        """
+        The proxy's own answer, if it refused the body (see L{fail}).
+        """
+        if self._failure is not None and self._failure.check(BodyRefused):
+            error: ApiError = self._failure.value.error
+            return error
+        return None
 
     def notify(self, watcher: Callable[[Optional[Failure]], None]) -> None:
         """
@@ -190,11 +202,13 @@ class BodyPipe:
             self._file.seek(0, 2)
             self._file.write(data)
             self._file_size += len(data)
-            return
-        self._held.append(data)
+        else:
+            self._held.append(data)
         if self._held_bytes <= HOLD_BYTES:
             return
         if self._consumer is None:
+            if self._file is not None:
+                return
             # Nobody can take the data yet (upstream is connecting, or the
             # model has not been seen): keep reading, on disk.
             self._file = self._spool()

@@ -26,7 +26,7 @@ from twisted.web import client as webClient
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.server import Request
 
-from oaiproxy.bodies import BodyRefused
+from oaiproxy.bodies import BodyRefused, IStreamedBody
 from oaiproxy.clients import Client, Credentials, looks_like_openai_key
 from oaiproxy.errors import (
     ApiError,
@@ -304,6 +304,7 @@ class Exchange:
         self._reservation = reservation
         self._prompt_estimate = prompt_estimate
         self._pending: Optional[Deferred[IResponse]] = None
+        self._body: "Optional[bytes | IBodyProducer]" = None
         self._relay: Optional[BodyRelay] = None
         self._meter: Optional[UsageMeter] = None
         self._event_stream = False
@@ -323,6 +324,7 @@ class Exchange:
         @param path: below the API base; the route's own path by default.
         @param model: the model named, for an Azure deployment.
         """
+        self._body = body
         self._request.notifyFinish().addBoth(self._client_done)
         self._record.upstream_sent = self._clock.seconds()
         pending = self._upstream.request(
@@ -429,6 +431,10 @@ class Exchange:
             # nobody is waiting for an answer.
             return
         error = classify_upstream_failure(failure, self._connect_timeout)
+        if IStreamedBody.providedBy(self._body) and self._body.refusal is not None:
+            # The proxy refused the upload (too large, say) before upstream
+            # could take it: that is the answer, not the connection's fate.
+            error = self._body.refusal
         if error.status >= 500:
             # (A 4xx here is the proxy refusing an upload on its way.)
             self._record.upstream_error = _failure_kind(failure)

@@ -168,23 +168,8 @@ class ProxyRequest(Request):
         Process the request now, before its body: the body follows through
         L{body_pipe}.  Called by L{ProxyChannel} once the headers are in.
         """
-        channel = self.channel
-        transport: Any = channel.transport
-        saved: list[Optional[float]] = []
-
-        def pause() -> None:
-            # Upstream is behind: stop reading the client, and stop its
-            # idle clock (the silence is ours; upstream's is bounded by
-            # the read timeout).
-            transport.pauseProducing()
-            saved.append(channel.setTimeout(None))
-
-        def resume() -> None:
-            if saved:
-                channel.setTimeout(saved.pop())
-            transport.resumeProducing()
-
-        self.body_pipe = BodyPipe(self._declared_length, pause, resume)
+        channel: Any = self.channel
+        self.body_pipe = BodyPipe(self._declared_length, channel.hold_for_upstream, channel.release_for_upstream)
         self.content = io.BytesIO()  # type: ignore[assignment]
         Request.requestReceived(self, command, path, version)
 
@@ -417,6 +402,45 @@ class ProxyChannel(HTTPChannel):
 
     _header_deadline: Optional[IDelayedCall] = None
     _in_request = False
+    #: Not read from while an upload's upstream is behind (see
+    #: L{hold_for_upstream}).
+    held_for_upstream = False
+
+    def hold_for_upstream(self) -> None:
+        """
+        Stop reading the client: the upload it is sending goes upstream
+        more slowly than it arrives.  The silence is the proxy's, so the
+        idle timeout does not apply meanwhile (upstream's silence is
+        bounded by the read timeout).
+        """
+        self.held_for_upstream = True
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def release_for_upstream(self) -> None:
+        """
+        Upstream caught up: read the client again.
+        """
+        if not self.held_for_upstream:
+            return
+        self.held_for_upstream = False
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def timeoutConnection(self) -> None:
+        if self.held_for_upstream:
+            # Not idle: held back by the proxy.  (The timer that fired is
+            # spent, so a new one is set rather than the old one reset.)
+            self.setTimeout(self.timeOut)
+            return
+        super().timeoutConnection()
+
+    def resumeProducing(self) -> None:
+        # The transport's send buffer drained: twisted.web would read the
+        # client again, even while an upload is held for its upstream.
+        super().resumeProducing()
+        if self.held_for_upstream and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -478,6 +502,12 @@ class ProxyChannel(HTTPChannel):
         self._respondToBadRequestAndDisconnect()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
+        if self.requests and self.requests[-1].startedWriting:
+            # The request was answered already (an upload refused before
+            # its end, whose rest is malformed): a second response would
+            # corrupt the first.
+            self.loseConnection()
+            return
         # twisted.web answers a bare "400 Bad Request"; answer in JSON.
         if self.transport is not None:
             self.transport.write(

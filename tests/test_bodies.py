@@ -89,6 +89,35 @@ class BodyPipeTests(SynchronousTestCase):
         self.assertFalse(self.client.paused)
         self.assertEqual(b"".join(consumer.data), b"a" * HOLD_BYTES + b"b")
 
+    def test_spooled_then_paused_upstream_pauses_the_client(self) -> None:
+        """
+        Once data went to the temporary file (upstream was connecting), a
+        slow upstream still slows the client down: the file does not grow
+        at the client's pace.
+        """
+        self.pipe.write(b"s" * (HOLD_BYTES + 1))
+        consumer = _Consumer()
+
+        class PausesOnce:
+            """
+            Upstream's buffer fills on the first write.
+            """
+
+            def write(inner, data: bytes) -> None:
+                first = not consumer.data
+                consumer.write(data)
+                if first:
+                    self.pipe.pauseProducing()
+
+        self.pipe.startProducing(PausesOnce())
+        self.assertEqual(len(consumer.data), 1)
+        self.assertFalse(self.client.paused)
+        self.pipe.write(b"t" * (HOLD_BYTES + 1))
+        self.assertTrue(self.client.paused)
+        self.pipe.resumeProducing()
+        self.assertEqual(b"".join(consumer.data), b"s" * (HOLD_BYTES + 1) + b"t" * (HOLD_BYTES + 1))
+        self.assertFalse(self.client.paused)
+
     def test_failure(self) -> None:
         """
         A body that fails (too large) fails the upstream request, whether

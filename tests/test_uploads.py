@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -180,9 +181,9 @@ class StreamingTests(SynchronousTestCase):
         self.clock = Clock()
         self.http = _Upstream()
         self.credentials = Credentials(Secret(UPSTREAM_KEY), registry(CLIENT_KEY))
-        upstream = UpstreamClient(self.http, "http://upstream.test/v1", self.credentials, self.clock, 30.0)
+        self.upstream = UpstreamClient(self.http, "http://upstream.test/v1", self.credentials, self.clock, 30.0)
         routes = [BY_NAME[name] for name in ROUTES]
-        api = api_resources(routes, upstream, self.clock, self.credentials)
+        api = api_resources(routes, self.upstream, self.clock, self.credentials)
         self.records: list[RequestRecord] = []
         self.site = ProxySite(
             build_tree(api),
@@ -233,10 +234,11 @@ class StreamingTests(SynchronousTestCase):
 
     def test_paused_client_is_not_idle(self) -> None:
         """
-        A client the proxy paused (upstream is behind) is not cut off by
-        the idle timeout (60 s here); its idle clock runs again once it
-        is read again.
+        A client the proxy paused (upstream is behind, but within its read
+        timeout) is not cut off by the idle timeout (60 s here); its idle
+        clock runs again once it is read again.
         """
+        self.upstream.read_timeout = 600.0
         body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
         self.channel.dataReceived(self.head(len(body)))
         producer = self.http.requests[0][2]
@@ -248,6 +250,74 @@ class StreamingTests(SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
         producer.resumeProducing()
         self.clock.advance(61)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_upstream_not_taking_the_upload_times_out(self) -> None:
+        """
+        An upstream that stops taking the upload for the read timeout (30
+        s here) is given up on: a 504, the client released.
+        """
+        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
+        self.channel.dataReceived(self.head(len(body)))
+        producer = self.http.requests[0][2]
+        producer.startProducing(_Consumer())
+        producer.pauseProducing()
+        self.channel.dataReceived(body[:600_000])
+        self.clock.advance(29)
+        self.assertNotIn(b"HTTP/1.1 504", self.transport.value())
+        self.clock.advance(1)
+        self.assertIn(b"HTTP/1.1 504", self.transport.value())
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_channel_resume_keeps_the_hold(self) -> None:
+        """
+        twisted.web resuming the channel (its send buffer drained) does not
+        make it read a client held for its upstream.
+        """
+        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
+        self.channel.dataReceived(self.head(len(body)))
+        producer = self.http.requests[0][2]
+        producer.startProducing(_Consumer())
+        producer.pauseProducing()
+        self.channel.dataReceived(body[:600_000])
+        self.channel.pauseProducing()
+        self.channel.resumeProducing()
+        self.assertEqual(self.transport.producerState, "paused")
+
+    def test_client_leaving_while_held_leaves_no_timer(self) -> None:
+        """
+        A client that leaves while held for its upstream leaves nothing
+        scheduled behind it: no idle timer, no upstream timer.
+        """
+        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
+        self.channel.dataReceived(self.head(len(body)))
+        producer = self.http.requests[0][2]
+        producer.startProducing(_Consumer())
+        producer.pauseProducing()
+        self.channel.dataReceived(body[:600_000])
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_oversized_before_upstream_connects(self) -> None:
+        """
+        An upload that outgrows the limit before upstream is even connected
+        is answered 413, whatever then becomes of the connection attempt
+        (not a 502 the SDK would retry).
+        """
+        self.channel.dataReceived(self.head(None))
+        chunk = b"x" * 500_000
+        for _ in range(5):
+            self.channel.dataReceived(b"%x\r\n" % (len(chunk),) + chunk + b"\r\n")
+        self.http.requests[0][3].errback(ConnectionRefusedError())
+        self.assertIn(b"HTTP/1.1 413", self.transport.value())
+
+    def test_refused_upload_with_bad_framing_gets_one_answer(self) -> None:
+        """
+        A chunked upload refused early whose rest is malformed gets no
+        second (400) response after its answer: the connection just closes.
+        """
+        self.channel.dataReceived(self.head(None, key=b"oai-wrong") + b"10\r\nshort\r\nzz-not-chunked\r\n")
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 "), 1)
         self.assertTrue(self.transport.disconnecting)
 
     def test_expect_continue_only_once_accepted(self) -> None:
