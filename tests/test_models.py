@@ -11,8 +11,6 @@ from typing import Any
 import treq
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaiproxy.models import ModelsResource
-from oaiproxy.resources import HealthResource, build_root
 from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, registry
 
 BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY]}
@@ -20,14 +18,9 @@ BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY]}
 
 class ModelsHarness(Harness):
     """
-    The harness, with the models resource in the tree.
+    The harness (whose default routes include the models), with a GET
+    helper.
     """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        models = ModelsResource(self.upstream, self.clock, self.credentials, self.lifecycle)
-        root = build_root(self.chat, HealthResource(self.lifecycle), None, models)
-        self.proxy._agent._serverFactory.resource = root
 
     def get(self, case: SynchronousTestCase, path: str, headers: Any = BEARER) -> tuple[int, Any]:
         d = self.proxy.request("GET", "http://proxy.test" + path, headers=headers)
