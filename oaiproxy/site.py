@@ -527,6 +527,11 @@ class ProxyChannel(HTTPChannel):
         self.site.connection_closed(self)
 
     def close_gracefully(self) -> None:
+        if self.requests and self.requests[-1].refused:
+            # Answered, and still reading the rest of its body so the
+            # answer is not lost to a reset: the body's end, or the linger,
+            # closes it.
+            return
         # The transport's close is idempotent and flushes first; the
         # channel's own loseConnection raises if called twice.
         if self.transport is not None:

@@ -284,6 +284,18 @@ class StreamingTests(SynchronousTestCase):
         self.channel.resumeProducing()
         self.assertEqual(self.transport.producerState, "paused")
 
+    def test_drain_lets_a_refused_upload_linger(self) -> None:
+        """
+        The drain's closing of idle connections spares one still reading
+        the rest of a refused upload; it closes once the body is in.
+        """
+        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
+        self.channel.dataReceived(self.head(len(body), key=b"oai-wrong") + body[:1000])
+        self.channel.close_gracefully()
+        self.assertFalse(self.transport.disconnecting)
+        self.channel.dataReceived(body[1000:])
+        self.assertTrue(self.transport.disconnecting)
+
     def test_client_leaving_while_held_leaves_no_timer(self) -> None:
         """
         A client that leaves while held for its upstream leaves nothing
