@@ -34,7 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 from oaiproxy.clients import file_entry
 from oaiproxy.testing import Process, child_env, start_proxy
@@ -118,26 +118,19 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-def wrk(url: str, script: str, connections: int, seconds: float) -> dict[str, float]:
-    out = subprocess.run(
-        [
-            "taskset",
-            "-c",
-            UPSTREAM_CPU,
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{max(1, round(seconds))}s",
-            "--latency",
-            "-s",
-            script,
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=True,
+def load_generator(argv: list[str], timeout: float, cwd: Optional[str] = None) -> str:
+    """
+    Run a load generator on the upstream's CPU (away from the proxy's) and
+    return its output.
+    """
+    return subprocess.run(
+        ["taskset", "-c", UPSTREAM_CPU, *argv], capture_output=True, text=True, timeout=timeout, check=True, cwd=cwd
     ).stdout
+
+
+def wrk(url: str, script: str, connections: int, seconds: float) -> dict[str, float]:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", script, url]
+    out = load_generator(argv, seconds + 60)
     result = {"rps": float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "99"):
         result[f"p{pct}_ms"] = _ms(re.search(rf"\s{pct}%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -163,25 +156,8 @@ def lua(work: str, name: str, payload: bytes) -> str:
 
 
 def streams(base: str, count: int, seconds: float, work: str) -> dict[str, Any]:
-    out = subprocess.run(
-        [
-            "taskset",
-            "-c",
-            UPSTREAM_CPU,
-            "node",
-            os.path.join(HERE, "stream_client.js"),
-            base,
-            str(count),
-            str(seconds),
-            "live",
-            CLIENT_KEY,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 120,
-        check=True,
-        cwd=work,
-    ).stdout
+    argv = ["node", os.path.join(HERE, "stream_client.js"), base, str(count), str(seconds), "live", CLIENT_KEY]
+    out = load_generator(argv, seconds + 120, cwd=work)
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 

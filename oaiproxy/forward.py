@@ -26,7 +26,7 @@ from twisted.web import client as webClient
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.server import Request
 
-from oaiproxy.bodies import BodyRefused, IStreamedBody
+from oaiproxy.bodies import IStreamedBody
 from oaiproxy.clients import Client, Credentials, looks_like_openai_key
 from oaiproxy.errors import (
     ApiError,
@@ -68,13 +68,6 @@ def classify_upstream_failure(failure: Failure, connect_timeout: float) -> ApiEr
         # "Cannot connect" is a bad gateway; 504 is kept for an upstream
         # that accepted the request and then stayed silent.
         return upstream_unreachable(f"no connection within {connect_timeout:g} seconds")
-    reasons = getattr(failure.value, "reasons", None) or [failure]
-    for reason in reasons:
-        if reason.check(BodyRefused):
-            # The proxy stopped an upload on its way (too large, or a form
-            # it cannot vouch for): its own answer, not upstream's.
-            error: ApiError = reason.value.error
-            return error
     if failure.check(webClient.ResponseNeverReceived, webClient.RequestTransmissionFailed):
         names = sorted({_reason(r.value) for r in getattr(failure.value, "reasons", [])}) or ["no response"]
         return upstream_unreachable(", ".join(names))
@@ -432,8 +425,9 @@ class Exchange:
             return
         error = classify_upstream_failure(failure, self._connect_timeout)
         if IStreamedBody.providedBy(self._body) and self._body.refusal is not None:
-            # The proxy refused the upload (too large, say) before upstream
-            # could take it: that is the answer, not the connection's fate.
+            # The proxy stopped the upload on its way (too large, or a form
+            # it cannot vouch for): that is the answer, whatever became of
+            # the upstream request.
             error = self._body.refusal
         if error.status >= 500:
             # (A 4xx here is the proxy refusing an upload on its way.)

@@ -246,7 +246,6 @@ class ProxyRequest(Request):
         record.method = self.method.decode("latin-1")
         record.path = self.path.decode("latin-1")
         record.route = ROUTES.get(self.path, "other")
-        record.bytes_in = self._body_bytes
         # A client's own request id is kept (and forwarded upstream with
         # the other end-to-end headers); otherwise the proxy makes one.
         own = client_request_id(self.requestHeaders.getRawHeaders(b"x-request-id", [None])[0])
@@ -594,9 +593,12 @@ class ProxySite(Site):
         Whether a request's body is to be streamed rather than read whole
         before the request is processed.
         """
+        if method != b"POST" or not self.streamed_paths:
+            # Every request asks: keep the common answer cheap.
+            return False
         # Unquoted segment by segment, as twisted.web's traversal does.
         path = b"/".join(unquote_to_bytes(segment) for segment in uri.split(b"?", 1)[0].split(b"/"))
-        return method == b"POST" and path in self.streamed_paths
+        return path in self.streamed_paths
 
     def buildProtocol(self, addr: Any) -> Any:
         """

@@ -205,6 +205,21 @@ class StreamingTests(SynchronousTestCase):
             b"Authorization: Bearer " + key + b"\r\nContent-Type: " + content_type + b"\r\n" + framing + more + b"\r\n"
         )
 
+    def held(self) -> tuple[Any, _Consumer]:
+        """
+        An upload whose upstream stops taking it after the head: 600 kB
+        arrive, more than the pipe holds, so the client is held.  Returns
+        the upload's body producer and what upstream received.
+        """
+        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
+        self.channel.dataReceived(self.head(len(body)))
+        producer = self.http.requests[0][2]
+        consumer = _Consumer()
+        producer.startProducing(consumer)
+        producer.pauseProducing()
+        self.channel.dataReceived(body[:600_000])
+        return producer, consumer
+
     def respond(self, index: int = 0) -> None:
         """
         Upstream answers request C{index} with a small JSON body.
@@ -239,12 +254,7 @@ class StreamingTests(SynchronousTestCase):
         clock runs again once it is read again.
         """
         self.upstream.read_timeout = 600.0
-        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
-        self.channel.dataReceived(self.head(len(body)))
-        producer = self.http.requests[0][2]
-        producer.startProducing(_Consumer())
-        producer.pauseProducing()
-        self.channel.dataReceived(body[:600_000])
+        producer, _ = self.held()
         self.assertEqual(self.transport.producerState, "paused")
         self.clock.advance(120)
         self.assertFalse(self.transport.disconnecting)
@@ -257,12 +267,7 @@ class StreamingTests(SynchronousTestCase):
         An upstream that stops taking the upload for the read timeout (30
         s here) is given up on: a 504, the client released.
         """
-        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
-        self.channel.dataReceived(self.head(len(body)))
-        producer = self.http.requests[0][2]
-        producer.startProducing(_Consumer())
-        producer.pauseProducing()
-        self.channel.dataReceived(body[:600_000])
+        self.held()
         self.clock.advance(29)
         self.assertNotIn(b"HTTP/1.1 504", self.transport.value())
         self.clock.advance(1)
@@ -274,12 +279,7 @@ class StreamingTests(SynchronousTestCase):
         twisted.web resuming the channel (its send buffer drained) does not
         make it read a client held for its upstream.
         """
-        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
-        self.channel.dataReceived(self.head(len(body)))
-        producer = self.http.requests[0][2]
-        producer.startProducing(_Consumer())
-        producer.pauseProducing()
-        self.channel.dataReceived(body[:600_000])
+        self.held()
         self.channel.pauseProducing()
         self.channel.resumeProducing()
         self.assertEqual(self.transport.producerState, "paused")
@@ -301,12 +301,7 @@ class StreamingTests(SynchronousTestCase):
         A client that leaves while held for its upstream leaves nothing
         scheduled behind it: no idle timer, no upstream timer.
         """
-        body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
-        self.channel.dataReceived(self.head(len(body)))
-        producer = self.http.requests[0][2]
-        producer.startProducing(_Consumer())
-        producer.pauseProducing()
-        self.channel.dataReceived(body[:600_000])
+        self.held()
         self.channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -396,12 +391,7 @@ class StreamingTests(SynchronousTestCase):
         again once upstream drains.
         """
         body, _ = form([("model", "whisper-1"), ("file", AUDIO)])
-        self.channel.dataReceived(self.head(len(body)))
-        producer = self.http.requests[0][2]
-        consumer = _Consumer()
-        producer.startProducing(consumer)
-        producer.pauseProducing()
-        self.channel.dataReceived(body[:600_000])
+        producer, consumer = self.held()
         self.assertEqual(self.transport.producerState, "paused")
         self.assertEqual(consumer.data, [])
         producer.resumeProducing()
