@@ -910,7 +910,9 @@ class ProxySite(Site):
         host = getattr(addr, "host", None)
         if host is not None:
             if self._unadmitted.get(host, 0) >= self.max_connections_per_ip:
-                return self._refuse(host, "{limit} open that have not presented a valid client key", self.max_connections_per_ip)
+                return self._refuse(
+                    host, "{limit} open that have not presented a valid client key", self.max_connections_per_ip
+                )
             if self._open.get(host, 0) >= self.max_all_connections_per_ip:
                 return self._refuse(host, "{limit} open", self.max_all_connections_per_ip)
         channel = super().buildProtocol(addr)

@@ -766,4 +766,3 @@ class PlainPortTests(SynchronousTestCase):
         self.assertIn("use http:// or an ssl: endpoint", notices[0])
         self.assertIn("10.9.9.9", notices[0])
         self.assertIn("50 more", notices[1])
-
