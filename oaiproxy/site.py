@@ -106,6 +106,9 @@ _FD_UNLIMITED = 1 << 20
 #: unlogged (but counted) for this long.
 TLS_NOTICE_SECONDS = 60.0
 
+#: The answer to a TLS handshake on a plain-HTTP listener.
+_NOT_TLS = bad_http("This port speaks plain HTTP, not TLS: use an http:// URL (or serve TLS with an ssl: endpoint).")
+
 #: The significant digits of a chunk size.
 _CHUNK_DIGITS = re.compile(rb"0*([0-9a-fA-F]*)")
 
@@ -710,6 +713,11 @@ class ProxyChannel(HTTPChannel):
                 self._not_http = True
                 self.site.tls_on_plain_port(self)
                 if self.transport is not None:
+                    # Plain HTTP at once, then close: TLS clients report
+                    # it as a "wrong version number", the usual sign of
+                    # https:// sent to an http:// port, rather than a
+                    # bare connection loss.
+                    self.transport.write(raw_error_response(_NOT_TLS))
                     self.transport.loseConnection()
                 return
         if not self._in_request and self._header_deadline is None:

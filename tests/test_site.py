@@ -749,14 +749,16 @@ class PlainPortTests(SynchronousTestCase):
 
     def test_client_hello_is_closed_at_once_and_logged_sparingly(self) -> None:
         """
-        https:// sent to the plain port is closed at once, with nothing
-        written (an HTTP answer means nothing to a TLS client), and a log
-        line saying what to use; more within a minute are only counted.
+        https:// sent to the plain port is answered in plain HTTP (which a
+        TLS client reports as a wrong version number) and closed at once,
+        and a log line says what to use; more within a minute are only
+        counted.
         """
         with capturedLogs() as events:
             transport = self.hello()
             self.assertTrue(transport.disconnecting)
-            self.assertEqual(transport.value(), b"")
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+            self.assertIn(b"use an http:// URL", transport.value())
             for _ in range(50):
                 self.hello()
             self.clock.advance(TLS_NOTICE_SECONDS)
