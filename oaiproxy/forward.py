@@ -123,18 +123,18 @@ def authenticate(request: Request, credentials: Credentials) -> "Optional[Client
     return client
 
 
-def admission_gate(credentials: Credentials) -> Callable[[Request], Optional[ApiError]]:
+def admission_gate(credentials: Credentials) -> Callable[[Request], bool]:
     """
     The check a request passes as soon as its headers are in, before any
     of its body is read (see L{oaiproxy.site.ProxySite.admit}): the same
     key check as L{authenticate}, so a client without a valid key cannot
-    make the proxy hold a body.  The model allow-list cannot apply yet:
-    every route names its model in the body.
+    make the proxy hold a body (its route then refuses it, by the same
+    check, before the body).  The model allow-list cannot apply yet: every
+    route names its model in the body.
     """
 
-    def gate(request: Request) -> Optional[ApiError]:
-        client = authenticate(request, credentials)
-        return client if isinstance(client, ApiError) else None
+    def gate(request: Request) -> bool:
+        return not isinstance(authenticate(request, credentials), ApiError)
 
     return gate
 

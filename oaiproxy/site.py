@@ -112,9 +112,9 @@ _NOT_TLS = bad_http("This port speaks plain HTTP, not TLS: use an http:// URL (o
 #: The significant digits of a chunk size.
 _CHUNK_DIGITS = re.compile(rb"0*([0-9a-fA-F]*)")
 
-#: The check a request's headers pass before its body is read: C{None} to
-#: admit it, or the error to refuse it with (see L{ProxySite.admit}).
-Gate = Callable[[Request], Optional[ApiError]]
+#: The check a request's headers pass before its body is read: whether the
+#: request may send one (see L{ProxySite.admit}).
+Gate = Callable[[Request], bool]
 
 #: Access lines and request failures.  A module-level logger, not a class
 #: attribute: bound to a request, a Logger would attach the request as
@@ -173,6 +173,7 @@ class ProxyRequest(Request):
         self._body_bytes = 0
         self._declared_length: Optional[int] = None
         self._body_complete = False
+        self._early = False
         self._chunks: list[bytes] = []
         self._refused = False
         self._logged = False
@@ -270,6 +271,20 @@ class ProxyRequest(Request):
         """
         channel: Any = self.channel
         self.body_pipe = BodyPipe(self._declared_length, channel.hold_for_upstream, channel.release_for_upstream)
+        self._early = True
+        self.content = io.BytesIO()  # type: ignore[assignment]
+        Request.requestReceived(self, command, path, version)
+
+    def answer_without_body(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        Process the request now, as if it had no body, and discard the
+        body as it arrives: its headers did not pass the site's gate (no
+        valid client key), so its route refuses it (a 401; a 404 for an
+        unknown path...) without reading a byte of it.  Called by
+        L{ProxyChannel} once the headers are in.
+        """
+        self._refused = True
+        self._early = True
         self.content = io.BytesIO()  # type: ignore[assignment]
         Request.requestReceived(self, command, path, version)
 
@@ -277,18 +292,14 @@ class ProxyRequest(Request):
         """
         Answer 413 now, before the body is read, then discard the rest.
         """
-        self.refuse_early(body_too_large(self._limit))
-
-    def refuse_early(self, error: ApiError) -> None:
-        """
-        Answer C{error} now, before the body is read (and before the
-        request is processed), then read and discard the rest for a while
-        (see L{LINGER_SECONDS}) and close.
-        """
-        self._answer_unprocessed(error)
+        self._answer_unprocessed(body_too_large(self._limit))
         self._start_linger()
 
     def _answer_unprocessed(self, error: ApiError) -> None:
+        """
+        Answer C{error} for a request not processed yet (its body is not
+        all in), whose rest is then discarded.
+        """
         self._refused = True
         self._stop_body_clock()
         self._chunks = []
@@ -419,10 +430,10 @@ class ProxyRequest(Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self._stop_body_clock()
-        if self.body_pipe is not None:
-            # The end of a streamed body; the request is already processed.
+        if self._early:
+            # The end of a body that came after its request was processed.
             self._body_complete = True
-            if not self._refused:
+            if not self._refused and self.body_pipe is not None:
                 self.body_pipe.finish()
             if self.finished and self.queued:
                 # It was answered early (see finish): now that the rest of
@@ -482,10 +493,10 @@ class ProxyRequest(Request):
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
             self.responseHeaders.setRawHeaders(b"server", [SERVER])
-            if self.body_pipe is not None and not self._body_complete:
-                # An answer before the whole upload (a refusal, an early
-                # upstream error): the rest of the body is read and thrown
-                # away, then the connection closes.
+            if self._early and not self._body_complete:
+                # An answer before the whole body (a refusal, an upload's
+                # early upstream error): the rest of the body is read and
+                # thrown away, then the connection closes.
                 self.channel.persistent = False
                 self.responseHeaders.setRawHeaders(b"connection", [b"close"])
             content_type = (self.responseHeaders.getRawHeaders(b"content-type") or [b""])[0]
@@ -513,7 +524,7 @@ class ProxyRequest(Request):
 
     def finish(self) -> None:
         pipe = self.body_pipe
-        if pipe is not None and not self._body_complete and not self._disconnected:
+        if self._early and not self._body_complete and not self._disconnected:
             # The channel must not parse the rest of the body as the next
             # request.  twisted.web's Request.finish skips its cleanup (and
             # so HTTPChannel.requestDone) while the request is "queued":
@@ -743,10 +754,10 @@ class ProxyChannel(HTTPChannel):
             # hex digits and read it to the limit (pinned by
             # tests.test_site.FramingTests).
             self._transferDecoder = _BoundedChunkedDecoder(decoder.dataCallback, decoder.finishCallback, request)
-        refusal = self.site.admit(self, request, has_body=self.length != 0)
-        if refusal is not None:
-            # Refused on its headers: not one byte of the body is kept.
-            request.refuse_early(refusal)
+        if not self.site.admit(self, request, has_body=self.length != 0):
+            # Refused on its headers: its route answers it now, and not one
+            # byte of its body is kept.  ("100 Continue" is not sent.)
+            request.answer_without_body(self._command, self._path, self._version)
             return
         if not self.site.streams_body(self._command, self._path):
             super().allHeadersReceived()
@@ -937,29 +948,29 @@ class ProxySite(Site):
             _log.warn("refusing connections from {client}: " + why, client=host, limit=limit)
         return None
 
-    def admit(self, channel: ProxyChannel, request: Request, has_body: bool) -> Optional[ApiError]:
+    def admit(self, channel: ProxyChannel, request: Request, has_body: bool) -> bool:
         """
         A request's headers are in: check them with the gate before any of
         its body is read.
 
         A request that passes admits its connection, which stops counting
-        against C{max_connections_per_ip}.  One that fails is refused now
-        if a body follows (so nothing of it is held); without a body there
-        is nothing to hold, and the resource answers it as usual (a 401,
-        or C{/health}, which needs no key).  Without a gate (no client
-        keys to check) every request passes.
+        against C{max_connections_per_ip}.  One that fails may not send a
+        body: it is answered before its body (see
+        L{ProxyRequest.answer_without_body}).  Without a body there is
+        nothing to hold, and it is served as usual (its route answers a
+        401, C{/health} needs no key).  Without a gate (no client keys to
+        check) every request passes.
 
-        @return: the error to refuse the request with, or C{None}.
+        @return: whether the request's body may be read.
         """
-        error = self.gate(request) if self.gate is not None else None
-        if error is None:
+        if self.gate is None or self.gate(request):
             if not channel.admitted:
                 channel.admitted = True
                 host = self._host_of.get(channel)
                 if host is not None:
                     _decrement(self._unadmitted, host)
-            return None
-        return error if has_body else None
+            return True
+        return not has_body
 
     def connection_closed(self, channel: ProxyChannel) -> None:
         host = self._host_of.pop(channel, None)

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
@@ -18,11 +19,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
+from oaiproxy.api import api_resources
 from oaiproxy.clients import ClientRegistry, Credentials
 from oaiproxy.config import Secret
 from oaiproxy.forward import admission_gate
-from oaiproxy.resources import Endpoint, build_root
+from oaiproxy.resources import Endpoint, build_root, build_tree
+from oaiproxy.routes import BY_NAME
 from oaiproxy.site import ALL_CONNECTIONS_FACTOR, BODY_MIN_RATE, LINGER_SECONDS, TLS_NOTICE_SECONDS, ProxySite
+from oaiproxy.upstream import UpstreamClient
 from tests.support import CLIENT_KEY, UPSTREAM_KEY, registry
 
 LIMIT = 1000
@@ -395,25 +399,56 @@ def bearer(key: bytes) -> bytes:
     return b"Authorization: Bearer " + key
 
 
+class _Upstream:
+    """
+    A treq-like client that keeps each request (and never answers).
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, Any]] = []
+
+    def request(self, method: str, url: str, data: Any = None, **kwargs: Any) -> "Deferred[Any]":
+        self.requests.append((method, url, data))
+        return Deferred()
+
+
 class EarlyRefusalTests(SynchronousTestCase):
     """
     A body is read only from a client whose headers passed the gate: the
-    client key is checked as soon as the headers are in.
+    client key is checked as soon as the headers are in, and a request
+    that fails is answered by its route (the real chat route here) before
+    its body.
     """
 
-    def setUp(self) -> None:
+    def setUp(self, *keys: bytes) -> None:
         self.clock = MemoryReactorClock()
-        self.endpoint = Recorder()
+        self.http = _Upstream()
+        credentials = Credentials(Secret(UPSTREAM_KEY), registry(*keys) if keys else ClientRegistry())
+        upstream = UpstreamClient(self.http, "http://upstream.test/v1", credentials, self.clock, 30.0)
+        api = api_resources([BY_NAME["chat/completions"]], upstream, self.clock, credentials)
         self.site = ProxySite(
-            build_root(self.endpoint),
+            build_tree(api),
             max_body_bytes=64 * 1024 * 1024,
             idle_timeout=600,
-            gate=gate(CLIENT_KEY),
+            gate=admission_gate(credentials),
+            access_log=lambda record: None,
             reactor=self.clock,
         )
         self.protocol = self.site.buildProtocol(IPv4Address("TCP", "10.9.9.9", 4000))
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
+
+    def head(self, path: bytes, framing: bytes, *headers: bytes) -> bytes:
+        lines = [b"POST " + path + b" HTTP/1.1", b"Host: p", framing, *headers]
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def answered(self, status: bytes, code: str) -> bytes:
+        wire = self.transport.value()
+        head, _, body = wire.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 " + status + b" "), head[:40])
+        self.assertIn(b"connection: close", head.lower())
+        self.assertEqual(json.loads(body)["error"]["code"], code)
+        return wire
 
     def test_unauthenticated_50_mb_body_is_refused_after_headers(self) -> None:
         """
@@ -421,64 +456,76 @@ class EarlyRefusalTests(SynchronousTestCase):
         headers are in, without inviting the body; what it sends anyway is
         read and thrown away, never held, and the connection then closes.
         """
+        self.setUp(CLIENT_KEY)
         size = 50 * 1024 * 1024
         self.protocol.dataReceived(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n"
-            b"Expect: 100-continue\r\n%s\r\n\r\n" % (size, bearer(b"oai-wrong-key"))
+            self.head(
+                b"/v1/chat/completions", b"Content-Length: %d" % (size,), b"Expect: 100-continue", bearer(b"oai-wrong")
+            )
         )
-        wire = self.transport.value()
-        self.assertTrue(wire.startswith(b"HTTP/1.1 401 "), wire[:40])
+        wire = self.answered(b"401", "invalid_api_key")
         self.assertNotIn(b"100 Continue", wire)
-        self.assertIn(b"Connection: close", wire)
-        self.assertEqual(json.loads(wire.partition(b"\r\n\r\n")[2])["error"]["code"], "invalid_api_key")
         [request] = self.protocol.requests
         chunk = b"x" * 65536
         for _ in range(size // len(chunk)):
             self.protocol.dataReceived(chunk)
             self.assertEqual(request.body_held, 0)
-        self.assertEqual(self.endpoint.bodies, [])
+        self.assertEqual(self.http.requests, [])
         self.assertEqual(self.transport.value(), wire)
         self.assertTrue(self.transport.disconnecting)
 
     def test_chunked_unauthenticated_body_is_refused(self) -> None:
         """
-        The same for a body without a declared length.
+        The same for a body without a declared length, and without a key.
         """
-        self.protocol.dataReceived(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )
-        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 401 "))
+        self.setUp(CLIENT_KEY)
+        self.protocol.dataReceived(self.head(b"/v1/chat/completions", b"Transfer-Encoding: chunked"))
+        self.answered(b"401", "invalid_api_key")
         [request] = self.protocol.requests
         self.protocol.dataReceived(b"10000\r\n" + b"y" * 65536 + b"\r\n")
         self.assertEqual(request.body_held, 0)
         self.protocol.dataReceived(b"0\r\n\r\n")
         self.assertTrue(self.transport.disconnecting)
-        self.assertEqual(self.endpoint.bodies, [])
+        self.assertEqual(self.http.requests, [])
+
+    def test_unknown_path_is_answered_before_the_body(self) -> None:
+        """
+        A body for an unknown path, without a key, gets the usual 404 (with
+        its hint) before the body, which is not held either.
+        """
+        self.setUp(CLIENT_KEY)
+        self.protocol.dataReceived(self.head(b"/v1/v1/chat/completions", b"Content-Length: 100000") + b"{" * 1000)
+        self.answered(b"404", "unknown_url")
+        self.assertEqual(self.protocol.requests[0].body_held, 0)
 
     def test_openai_key_refused_before_the_body_without_client_keys(self) -> None:
         """
         Without client keys, a body that comes with an OpenAI key is still
         refused on its headers.
         """
-        self.site.gate = gate()
+        self.setUp()
         key = b"sk-proj-" + b"a" * 20 + b"T3BlbkFJ" + b"b" * 20
-        wire = post(b"/v1/chat/completions", b"{}" * 100, bearer(key))
-        self.protocol.dataReceived(wire[: wire.index(b"\r\n\r\n") + 4])
-        head, _, body = self.transport.value().partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 401 "), head)
-        self.assertEqual(json.loads(body)["error"]["code"], "openai_key_not_accepted")
+        self.protocol.dataReceived(self.head(b"/v1/chat/completions", b"Content-Length: 100000", bearer(key)))
+        self.answered(b"401", "openai_key_not_accepted")
         self.assertNotIn(key, self.transport.value())
+        self.protocol.dataReceived(b"{" * 50_000)
+        self.assertEqual(self.protocol.requests[0].body_held, 0)
 
     def test_valid_key_and_bodyless_requests_pass(self) -> None:
         """
         A valid key's body is read as usual; a request without a body and
-        without a key is left to its resource (C{/health} needs no key).
+        without a key is served as before (C{/health} needs no key).
         """
-        self.protocol.dataReceived(post(b"/v1/chat/completions", b"{}", bearer(CLIENT_KEY)))
-        self.assertEqual(self.endpoint.bodies, [b"{}"])
-        self.transport.clear()
-        self.protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: p\r\n\r\n")
-        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "), self.transport.value()[:40])
+        self.setUp(CLIENT_KEY)
+        body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+        self.protocol.dataReceived(post(b"/v1/chat/completions", body, bearer(CLIENT_KEY)))
+        [(_, _, sent)] = self.http.requests
+        self.assertEqual(sent, body)
+        other = self.site.buildProtocol(IPv4Address("TCP", "10.9.9.9", 4001))
+        transport = StringTransport()
+        other.makeConnection(transport)
+        other.dataReceived(b"GET /health HTTP/1.1\r\nHost: p\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value()[:40])
 
 
 class BodyTimeoutTests(SynchronousTestCase):
