@@ -25,6 +25,7 @@ from oaiproxy.forward import admission_gate
 from oaiproxy.resources import build_tree
 from oaiproxy.routes import BY_NAME
 from oaiproxy.site import _FD_RESERVE, STREAMS_WANTED, ProxySite, check_open_files
+from oaiproxy.tap import Options
 from oaiproxy.upstream import UpstreamClient
 from tests.support import CLIENT_KEY, UPSTREAM_KEY, form, registry
 from tests.test_systemd import unit_settings
@@ -211,3 +212,23 @@ class OpenFilesTests(SynchronousTestCase):
         """
         [value] = unit_settings(UNIT)["LimitNOFILE"]
         self.assertGreaterEqual(int(value.split(":")[0]), 2 * STREAMS_WANTED + _FD_RESERVE)
+
+
+class SettingTests(SynchronousTestCase):
+    def test_body_timeout_option_and_environment(self) -> None:
+        """
+        --body-timeout wins over OAIPROXY_BODY_TIMEOUT, which wins over the
+        default of 60 seconds; it must be a positive number.
+        """
+        environ = {"OPENAI_API_KEY": "sk-test"}
+
+        def parsed(argv: list[str], **more: str) -> float:
+            options = Options(environ={**environ, **more})
+            options.parseOptions(argv)
+            return options.config.body_timeout
+
+        self.assertEqual(parsed([]), 60.0)
+        self.assertEqual(parsed([], OAIPROXY_BODY_TIMEOUT="300"), 300.0)
+        self.assertEqual(parsed(["--body-timeout", "5"], OAIPROXY_BODY_TIMEOUT="300"), 5.0)
+        with self.assertRaises(SystemExit):
+            parsed(["--body-timeout", "0"])
