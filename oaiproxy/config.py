@@ -112,6 +112,7 @@ class Config:
     idle_timeout: float = 75.0
     drain_timeout: float = 30.0
     header_timeout: float = 10.0
+    body_timeout: float = 60.0
     max_connections_per_ip: int = 256
     allow_open_relay: bool = False
     log_format: str = "text"

@@ -26,6 +26,7 @@ __all__ = [
     "body_too_large",
     "bad_http",
     "header_timeout",
+    "body_timeout",
     "upstream_unreachable",
     "upstream_timeout",
     "upstream_rejected_proxy_key",
@@ -225,6 +226,21 @@ def header_timeout(seconds: float) -> ApiError:
     return ApiError(
         408,
         f"The request's headers did not arrive within {seconds:g} seconds.",
+        INVALID_REQUEST,
+        None,
+        "request_timeout",
+    )
+
+
+def body_timeout(seconds: float, rate: int) -> ApiError:
+    """
+    A 408 for a request body that did not arrive in time (see
+    L{oaiproxy.site.BODY_MIN_RATE} for how the time grows with the body).
+    """
+    return ApiError(
+        408,
+        f"The request body did not arrive in time: {seconds:g} seconds, plus one second for every "
+        f"{rate // 1024} KiB received.",
         INVALID_REQUEST,
         None,
         "request_timeout",

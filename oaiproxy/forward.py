@@ -14,7 +14,7 @@ request whose connection is gone.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import error as netError
 from twisted.internet.defer import Deferred
@@ -51,7 +51,14 @@ from oaiproxy.routes import CHAT, Route
 from oaiproxy.upstream import UpstreamClient, UpstreamTimeout
 from oaiproxy.usage import UsageEventFilter, UsageMeter
 
-__all__ = ["ForwardingResource", "Exchange", "authenticate", "classify_upstream_failure", "read_body"]
+__all__ = [
+    "ForwardingResource",
+    "Exchange",
+    "admission_gate",
+    "authenticate",
+    "classify_upstream_failure",
+    "read_body",
+]
 
 
 def classify_upstream_failure(failure: Failure, connect_timeout: float) -> ApiError:
@@ -114,6 +121,22 @@ def authenticate(request: Request, credentials: Credentials) -> "Optional[Client
         # Who, never with what key.
         record_of(request).client = client.name
     return client
+
+
+def admission_gate(credentials: Credentials) -> Callable[[Request], bool]:
+    """
+    The check a request passes as soon as its headers are in, before any
+    of its body is read (see L{oaiproxy.site.ProxySite.admit}): the same
+    key check as L{authenticate}, so a client without a valid key cannot
+    make the proxy hold a body (its route then refuses it, by the same
+    check, before the body).  The model allow-list cannot apply yet: every
+    route names its model in the body.
+    """
+
+    def gate(request: Request) -> bool:
+        return not isinstance(authenticate(request, credentials), ApiError)
+
+    return gate
 
 
 def read_body(request: Request) -> bytes:

@@ -3,18 +3,25 @@
 The HTTP server side: a L{Site} whose requests enforce the body limit before
 reading the body, answer failures in JSON, and write one access log line
 each, including for requests that end by disconnect.
+
+Nothing of a request body is read before its headers pass the site's gate
+(the client key, see L{ProxySite.admit}), and a body must keep arriving
+(L{BODY_MIN_RATE}); connections from one address that have not presented a
+valid key are capped, and so are all of its connections, at a much higher
+bound (L{ALL_CONNECTIONS_FACTOR}).
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any, Optional
+import re
+from typing import Any, Callable, Optional
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel, _ChunkedTransferDecoder
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -24,6 +31,7 @@ from oaiproxy.bodies import BodyPipe, BodyRefused
 from oaiproxy.errors import (
     ApiError,
     bad_http,
+    body_timeout,
     body_too_large,
     header_timeout,
     internal_error,
@@ -38,7 +46,24 @@ from oaiproxy.relay import KEEPALIVE
 from oaiproxy.resources import error_response
 from oaiproxy.routes import ROUTES as API_ROUTES
 
-__all__ = ["ProxyRequest", "ProxySite", "SERVER", "raw_error_response", "LINGER_SECONDS", "LINGER_TOTAL_SECONDS"]
+try:
+    import resource as _resource
+except ImportError:  # pragma: no cover - not on Windows
+    _resource = None  # type: ignore[assignment]
+
+__all__ = [
+    "ProxyRequest",
+    "ProxySite",
+    "Gate",
+    "SERVER",
+    "raw_error_response",
+    "check_open_files",
+    "LINGER_SECONDS",
+    "LINGER_TOTAL_SECONDS",
+    "BODY_MIN_RATE",
+    "ALL_CONNECTIONS_FACTOR",
+    "STREAMS_WANTED",
+]
 
 SERVER = b"oaiproxy/" + __version__.encode("ascii")
 
@@ -51,10 +76,52 @@ LINGER_SECONDS = 5.0
 #: ... and at most this long in all (nginx's lingering_time).
 LINGER_TOTAL_SECONDS = 30.0
 
+#: Bytes per second of request body that buy a second more than the body
+#: timeout: a body must be in within C{body_timeout} seconds, plus one
+#: second for every C{BODY_MIN_RATE} bytes received.  A client sending at
+#: least this fast (512 kbit/s) is never cut off; one sending at half of
+#: it gets twice the timeout; one trickling a byte every few seconds gets
+#: the timeout and no more, whatever length it declared.  Time the proxy
+#: holds the client back (an upload whose upstream is slower) is not
+#: counted.
+BODY_MIN_RATE = 64 * 1024
+
+#: An address may hold C{max_connections_per_ip} connections that have not
+#: presented a valid client key, and this many times as many in all: an
+#: app server (one address, many users) gets 4,096 by default.
+ALL_CONNECTIONS_FACTOR = 16
+
+#: Concurrent streams a default configuration must be able to hold; less
+#: is warned about at startup (see L{check_open_files}).
+STREAMS_WANTED = 2000
+
+#: Descriptors kept for what is not a client or upstream connection
+#: (listeners, logs, temporary files of uploads, the metrics directory).
+_FD_RESERVE = 64
+#: What "unlimited" becomes when the hard limit is infinite: Linux refuses
+#: more than its nr_open (1048576 by default).
+_FD_UNLIMITED = 1 << 20
+
+#: After a TLS handshake on a plain listener is noted, further ones go
+#: unlogged (but counted) for this long.
+TLS_NOTICE_SECONDS = 60.0
+
+#: The answer to a TLS handshake on a plain-HTTP listener.
+_NOT_TLS = bad_http("This port speaks plain HTTP, not TLS: use an http:// URL (or serve TLS with an ssl: endpoint).")
+
+#: The significant digits of a chunk size.
+_CHUNK_DIGITS = re.compile(rb"0*([0-9a-fA-F]*)")
+
+#: The check a request's headers pass before its body is read: whether the
+#: request may send one (see L{ProxySite.admit}).
+Gate = Callable[[Request], bool]
+
 #: Access lines and request failures.  A module-level logger, not a class
 #: attribute: bound to a request, a Logger would attach the request as
 #: C{log_source}, whose repr carries the full URI, query string included.
 _log = Logger(namespace="oaiproxy.access")
+#: The site's own notices (open-file limit, TLS on a plain port).
+_notice = Logger(namespace="oaiproxy.site")
 
 
 def raw_error_response(error: ApiError, request_id: Optional[str] = None) -> bytes:
@@ -71,6 +138,7 @@ def raw_error_response(error: ApiError, request_id: Optional[str] = None) -> byt
         b"Connection: close",
         b"Server: " + SERVER,
     ]
+    head.extend(name + b": " + value for name, value in error.headers)
     if request_id is not None:
         head.append(_REQUEST_ID_HEADER + b": " + request_id.encode("ascii"))
     return b"\r\n".join(head) + b"\r\n\r\n" + body
@@ -105,6 +173,7 @@ class ProxyRequest(Request):
         self._body_bytes = 0
         self._declared_length: Optional[int] = None
         self._body_complete = False
+        self._early = False
         self._chunks: list[bytes] = []
         self._refused = False
         self._logged = False
@@ -114,6 +183,12 @@ class ProxyRequest(Request):
         self._shutdown = False
         self._linger: Optional[IDelayedCall] = None
         self._linger_until = 0.0
+        self._body_deadline: Optional[IDelayedCall] = None
+        self._body_clock_on = False
+        self._body_started = 0.0
+        self._body_held = 0.0
+        self._held_since: Optional[float] = None
+        self._timed_out = False
         site: ProxySite = self.channel.site  # type: ignore[attr-defined]
         self._site = site
         self._clock: IReactorTime = site.reactor
@@ -134,6 +209,23 @@ class ProxyRequest(Request):
         # its chunks instead of twisted.web's temporary file, and join them
         # once when the body is complete (see requestReceived).
         self._chunks = []
+        if length != 0:
+            self._start_body_clock()
+
+    @property
+    def body_allowance(self) -> int:
+        """
+        How many more body bytes the limit lets in.
+        """
+        return max(self._limit - self._body_bytes, 0)
+
+    @property
+    def body_held(self) -> int:
+        """
+        Body bytes held in memory until the body is complete (never any
+        of a refused one).
+        """
+        return sum(len(chunk) for chunk in self._chunks)
 
     @property
     def refused(self) -> bool:
@@ -148,20 +240,29 @@ class ProxyRequest(Request):
             self._extend_linger()
             return
         self._body_bytes += len(data)
-        pipe = self.body_pipe
         if self._body_bytes > self._limit:
-            self._refused = True
-            if pipe is not None:
-                # Already being answered: the upload's request fails with
-                # a 413 (see oaiproxy.forward.classify_upstream_failure).
-                pipe.fail(BodyRefused(body_too_large(self._limit)))
-                return
-            self._refuse_body()
+            self.body_over_limit()
             return
+        pipe = self.body_pipe
         if pipe is not None:
             pipe.write(data)
             return
         self._chunks.append(data)
+
+    def body_over_limit(self) -> None:
+        """
+        The body is, or has declared a chunk that makes it, larger than
+        the limit: answer 413 and throw the rest away.
+        """
+        self._refused = True
+        pipe = self.body_pipe
+        if pipe is not None:
+            # Already being answered: the upload's request fails with a 413
+            # (see oaiproxy.forward.classify_upstream_failure).
+            self._stop_body_clock()
+            pipe.fail(BodyRefused(body_too_large(self._limit)))
+            return
+        self._refuse_body()
 
     def start_streaming(self, command: bytes, path: bytes, version: bytes) -> None:
         """
@@ -170,6 +271,20 @@ class ProxyRequest(Request):
         """
         channel: Any = self.channel
         self.body_pipe = BodyPipe(self._declared_length, channel.hold_for_upstream, channel.release_for_upstream)
+        self._early = True
+        self.content = io.BytesIO()  # type: ignore[assignment]
+        Request.requestReceived(self, command, path, version)
+
+    def answer_without_body(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        Process the request now, as if it had no body, and discard the
+        body as it arrives: its headers did not pass the site's gate (no
+        valid client key), so its route refuses it (a 401; a 404 for an
+        unknown path...) without reading a byte of it.  Called by
+        L{ProxyChannel} once the headers are in.
+        """
+        self._refused = True
+        self._early = True
         self.content = io.BytesIO()  # type: ignore[assignment]
         Request.requestReceived(self, command, path, version)
 
@@ -177,18 +292,118 @@ class ProxyRequest(Request):
         """
         Answer 413 now, before the body is read, then discard the rest.
         """
+        self._answer_unprocessed(body_too_large(self._limit))
+        self._start_linger()
+
+    def _answer_unprocessed(self, error: ApiError) -> None:
+        """
+        Answer C{error} for a request not processed yet (its body is not
+        all in), whose rest is then discarded.
+        """
         self._refused = True
+        self._stop_body_clock()
+        self._chunks = []
         self.content = io.BytesIO()  # type: ignore[assignment]
         # Do not invite the body with "100 Continue".
         self.requestHeaders.removeHeader(b"expect")
-        error = body_too_large(self._limit)
         self.channel.write(raw_error_response(error, self.record.request_id))
         self.code = error.status
         self.sentLength = len(error.body())
         # The request line has been parsed but not handed to us yet; the
         # channel holds it until the body is complete.
-        self._record_end(getattr(self.channel, "_command", b"-"), getattr(self.channel, "_path", b"-"))
-        self._start_linger()
+        path = getattr(self.channel, "_path", b"-")
+        self.record.route = ROUTES.get(path.split(b"?", 1)[0], "other")
+        self._record_end(getattr(self.channel, "_command", b"-"), path)
+
+    # The body's deadline.
+
+    def _start_body_clock(self) -> None:
+        self._body_clock_on = True
+        self._body_started = self._clock.seconds()
+        self._body_deadline = self._clock.callLater(self._site.body_timeout, self._body_clock_rang)
+
+    def _stop_body_clock(self) -> None:
+        self._body_clock_on = False
+        if self._body_deadline is not None and self._body_deadline.active():
+            self._body_deadline.cancel()
+        self._body_deadline = None
+
+    def hold_body_clock(self) -> None:
+        """
+        The proxy stopped reading the client (its upload's upstream is
+        behind): that time is not the client's.
+        """
+        if self._held_since is None:
+            self._held_since = self._clock.seconds()
+
+    def release_body_clock(self) -> None:
+        """
+        The proxy reads the client again.
+        """
+        if self._held_since is None:
+            return
+        self._body_held += self._clock.seconds() - self._held_since
+        self._held_since = None
+        if self._body_clock_on and self._body_deadline is None:
+            self._body_deadline = self._clock.callLater(
+                max(self._body_due() - self._clock.seconds(), 0), self._body_clock_rang
+            )
+
+    def _body_due(self) -> float:
+        """
+        When the body must be complete, given what has arrived so far.
+        """
+        held = self._body_held
+        if self._held_since is not None:
+            held += self._clock.seconds() - self._held_since
+        return self._body_started + held + self._site.body_timeout + self._body_bytes / BODY_MIN_RATE
+
+    def _body_clock_rang(self) -> None:
+        # Rung at the deadline as it stood when the timer was set; what
+        # arrived since has moved it on.  (Checked lazily: resetting the
+        # timer on every chunk would cost more than the body.)
+        self._body_deadline = None
+        if not self._body_clock_on or self._held_since is not None:
+            # Held by the proxy: release_body_clock sets it again.
+            return
+        left = self._body_due() - self._clock.seconds()
+        if left > 0:
+            # At least a second, so a body crawling just under the rate is
+            # not checked ever more often as it nears its deadline.
+            self._body_deadline = self._clock.callLater(max(left, 1.0), self._body_clock_rang)
+            return
+        self._body_too_slow()
+
+    def _body_too_slow(self) -> None:
+        """
+        The body did not arrive in time: a 408, and the connection closes
+        (a client this slow is not worth lingering for).
+        """
+        self._body_clock_on = False
+        transport = self.channel.transport if self.channel is not None else None
+        _log.info(
+            "closing a connection from {client}: request body incomplete after {seconds:.0f}s ({received} bytes in)",
+            client=self.record.peer,
+            seconds=self._clock.seconds() - self._body_started,
+            received=self._body_bytes,
+        )
+        error = body_timeout(self._site.body_timeout, BODY_MIN_RATE)
+        self._timed_out = True
+        pipe = self.body_pipe
+        if pipe is None:
+            # Not processed yet: the proxy answers for it.
+            self._answer_unprocessed(error)
+            if transport is not None:
+                transport.loseConnection()
+            return
+        # An upload already on its way: its upstream request fails, and the
+        # exchange answers with this error; finish() then closes.
+        self._refused = True
+        pipe.fail(BodyRefused(error))
+        if not self.finished:
+            # No answer could be given (the response had started): close
+            # once the linger runs out, unless finish() comes first.
+            self._start_linger()
 
     def _start_linger(self) -> None:
         self._linger_until = self._clock.seconds() + LINGER_TOTAL_SECONDS
@@ -214,10 +429,11 @@ class ProxyRequest(Request):
             self.channel.transport.abortConnection()  # type: ignore[attr-defined]
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self.body_pipe is not None:
-            # The end of a streamed body; the request is already processed.
+        self._stop_body_clock()
+        if self._early:
+            # The end of a body that came after its request was processed.
             self._body_complete = True
-            if not self._refused:
+            if not self._refused and self.body_pipe is not None:
                 self.body_pipe.finish()
             if self.finished and self.queued:
                 # It was answered early (see finish): now that the rest of
@@ -277,10 +493,10 @@ class ProxyRequest(Request):
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
             self.responseHeaders.setRawHeaders(b"server", [SERVER])
-            if self.body_pipe is not None and not self._body_complete:
-                # An answer before the whole upload (a refusal, an early
-                # upstream error): the rest of the body is read and thrown
-                # away, then the connection closes.
+            if self._early and not self._body_complete:
+                # An answer before the whole body (a refusal, an upload's
+                # early upstream error): the rest of the body is read and
+                # thrown away, then the connection closes.
                 self.channel.persistent = False
                 self.responseHeaders.setRawHeaders(b"connection", [b"close"])
             content_type = (self.responseHeaders.getRawHeaders(b"content-type") or [b""])[0]
@@ -308,7 +524,7 @@ class ProxyRequest(Request):
 
     def finish(self) -> None:
         pipe = self.body_pipe
-        if pipe is not None and not self._body_complete and not self._disconnected:
+        if self._early and not self._body_complete and not self._disconnected:
             # The channel must not parse the rest of the body as the next
             # request.  twisted.web's Request.finish skips its cleanup (and
             # so HTTPChannel.requestDone) while the request is "queued":
@@ -317,12 +533,18 @@ class ProxyRequest(Request):
             # tests.test_uploads.StreamingTests.)
             self._refused = True
             self.queued = 1
-            self._start_linger()
+            self._stop_body_clock()
+            if not self._timed_out:
+                self._start_linger()
         super().finish()
         if pipe is not None:
             # Whatever is held for upstream (a temporary file) goes now.
             pipe.close()
         self._record_end(self.method, self.path)
+        if self._timed_out and self.channel is not None and self.channel.transport is not None:
+            # The 408 for a body too slow is out: close now.
+            self._cancel_linger()
+            self.channel.transport.loseConnection()
 
     def loseConnection(self) -> None:
         """
@@ -335,6 +557,7 @@ class ProxyRequest(Request):
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_linger()
+        self._stop_body_clock()
         if self.body_pipe is not None:
             self.body_pipe.close()
         method, path = self.method, getattr(self, "path", None)
@@ -381,6 +604,38 @@ class ProxyRequest(Request):
         self._site.access_log(record)
 
 
+class _BoundedChunkedDecoder(_ChunkedTransferDecoder):
+    """
+    A chunked body decoder that refuses, as soon as it is declared, a chunk
+    the body limit has no room for: a chunk size with more significant
+    digits than the room left needs, even before its line is complete, or
+    a chunk size larger than that room.  (twisted.web's own would read up
+    to the limit first.)  The request answers 413 and discards the rest.
+    """
+
+    def __init__(
+        self, dataCallback: Callable[[bytes], None], finishCallback: Callable[[bytes], None], request: ProxyRequest
+    ) -> None:
+        super().__init__(dataCallback, finishCallback)
+        self._request = request
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        request = self._request
+        if request.refused:
+            # Being discarded: only the framing matters now.
+            return super()._dataReceived_CHUNK_LENGTH()
+        room = request.body_allowance
+        digits = _CHUNK_DIGITS.match(self._buffer)
+        if digits is not None and len(digits.group(1)) > len(b"%x" % (room,)):
+            request.body_over_limit()
+            return super()._dataReceived_CHUNK_LENGTH()
+        if not super()._dataReceived_CHUNK_LENGTH():
+            return False
+        if self.length > room:
+            request.body_over_limit()
+        return True
+
+
 class ProxyChannel(HTTPChannel):
     """
     An HTTP/1.1 connection with bounds a hostile client cannot stretch, and
@@ -393,6 +648,9 @@ class ProxyChannel(HTTPChannel):
     """
 
     site: "ProxySite"
+    #: A request on this connection passed the site's gate (see
+    #: L{ProxySite.admit}): it no longer counts as unauthenticated.
+    admitted = False
     # A request line plus headers: OpenAI SDK requests use about 1 KB.
     totalHeadersSize = 16384
     maxHeaders = 100
@@ -401,6 +659,8 @@ class ProxyChannel(HTTPChannel):
 
     _header_deadline: Optional[IDelayedCall] = None
     _in_request = False
+    _bytes_seen = False
+    _not_http = False
     #: Not read from while an upload's upstream is behind (see
     #: L{hold_for_upstream}).
     held_for_upstream = False
@@ -413,6 +673,8 @@ class ProxyChannel(HTTPChannel):
         bounded by the read timeout).
         """
         self.held_for_upstream = True
+        if self.requests:
+            self.requests[-1].hold_body_clock()
         if self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
@@ -423,6 +685,8 @@ class ProxyChannel(HTTPChannel):
         if not self.held_for_upstream:
             return
         self.held_for_upstream = False
+        if self.requests:
+            self.requests[-1].release_body_clock()
         if self.transport is not None:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
@@ -447,9 +711,35 @@ class ProxyChannel(HTTPChannel):
         self._expect_headers()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._not_http or getattr(self.transport, "disconnecting", False):
+            # Closing (a TLS handshake, a body too slow): what else arrives
+            # is not read.
+            return
+        if not self._bytes_seen and data:
+            self._bytes_seen = True
+            # A TLS record starts 0x16 (handshake), then the version, 0x03
+            # 0x0X: a client speaking https:// to a plain port.  It would
+            # wait for the header timeout, then fail to read the 408.
+            if data[:1] == b"\x16" and data[1:2] in (b"", b"\x03"):
+                self._not_http = True
+                self.site.tls_on_plain_port(self)
+                if self.transport is not None:
+                    # Plain HTTP at once, then close: TLS clients report
+                    # it as a "wrong version number", the usual sign of
+                    # https:// sent to an http:// port, rather than a
+                    # bare connection loss.
+                    self.transport.write(raw_error_response(_NOT_TLS))
+                    self.transport.loseConnection()
+                return
         if not self._in_request and self._header_deadline is None:
             self._expect_headers()
         super().dataReceived(data)
+        # LineReceiver splits lines on CRLF only: a head whose lines end
+        # in a bare LF would sit in its buffer until the header timeout.
+        # Whatever is left there after parsing is an incomplete line, so
+        # an LF in it is a bare one.
+        if self.line_mode and b"\n" in self._buffer and not getattr(self.transport, "disconnecting", True):
+            self._respondToBadRequestAndDisconnect()
 
     def _expect_headers(self) -> None:
         self._header_deadline = self.callLater(self.site.header_timeout, self._headers_too_slow)
@@ -458,6 +748,17 @@ class ProxyChannel(HTTPChannel):
         self._in_request = True
         self._cancel_deadline()
         request: ProxyRequest = self.requests[-1]
+        decoder = self._transferDecoder
+        if type(decoder) is _ChunkedTransferDecoder:
+            # twisted.web's decoder would take any chunk size up to 1 KB of
+            # hex digits and read it to the limit (pinned by
+            # tests.test_site.FramingTests).
+            self._transferDecoder = _BoundedChunkedDecoder(decoder.dataCallback, decoder.finishCallback, request)
+        if not self.site.admit(self, request, has_body=self.length != 0):
+            # Refused on its headers: its route answers it now, and not one
+            # byte of its body is kept.  ("100 Continue" is not sent.)
+            request.answer_without_body(self._command, self._path, self._version)
+            return
         if not self.site.streams_body(self._command, self._path):
             super().allHeadersReceived()
             return
@@ -501,9 +802,9 @@ class ProxyChannel(HTTPChannel):
         self._respondToBadRequestAndDisconnect()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        if self.requests and self.requests[-1].startedWriting:
-            # The request was answered already (an upload refused before
-            # its end, whose rest is malformed): a second response would
+        if self.requests and (self.requests[-1].startedWriting or self.requests[-1].refused):
+            # The request was answered already (refused before its body's
+            # end, whose rest is malformed): a second response would
             # corrupt the first.
             self.loseConnection()
             return
@@ -563,7 +864,9 @@ class ProxySite(Site):
         max_body_bytes: int,
         idle_timeout: float,
         header_timeout: float = 10.0,
+        body_timeout: float = 60.0,
         max_connections_per_ip: int = 256,
+        gate: Optional[Gate] = None,
         lifecycle: Optional[Lifecycle] = None,
         metrics: Optional[Metrics] = None,
         access_log: Optional[AccessLog] = None,
@@ -580,13 +883,20 @@ class ProxySite(Site):
         #: Which worker of a group this is (see oaiproxy.workers), if any.
         self.worker = worker
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.max_connections_per_ip = max_connections_per_ip
+        self.max_all_connections_per_ip = max_connections_per_ip * ALL_CONNECTIONS_FACTOR
+        self.gate = gate
         self.lifecycle = lifecycle or Lifecycle()
         #: Paths whose POST bodies go upstream as they arrive (uploads).
         self.streamed_paths = streamed_paths
-        self._per_ip: dict[str, int] = {}
+        #: Per address: connections not admitted yet, and all of them.
+        self._unadmitted: dict[str, int] = {}
+        self._open: dict[str, int] = {}
         self._host_of: dict[ProxyChannel, str] = {}
         self._refusing: set[str] = set()
+        self._tls_quiet_until = float("-inf")
+        self._tls_unlogged = 0
 
     def streams_body(self, method: bytes, uri: bytes) -> bool:
         """
@@ -600,42 +910,170 @@ class ProxySite(Site):
         path = b"/".join(unquote_to_bytes(segment) for segment in uri.split(b"?", 1)[0].split(b"/"))
         return path in self.streamed_paths
 
+    def startFactory(self) -> None:
+        super().startFactory()
+        global _open_files_checked
+        if not _open_files_checked:
+            # Once per process, when its first listener opens.
+            _open_files_checked = True
+            check_open_files(self.max_all_connections_per_ip)
+
     def buildProtocol(self, addr: Any) -> Any:
         """
         Refuse a connection from an address that already has
-        C{max_connections_per_ip} open: one client cannot take every socket
-        the process has.
+        C{max_connections_per_ip} open that have not passed the gate, or
+        L{ALL_CONNECTIONS_FACTOR} times as many in all: one client cannot
+        take every socket the process has, yet an app server holding
+        thousands of streams for its users is served.
         """
         host = getattr(addr, "host", None)
-        if host is not None and self._per_ip.get(host, 0) >= self.max_connections_per_ip:
-            if host not in self._refusing:
-                # Said once per episode, not once per refused connection.
-                self._refusing.add(host)
-                _log.warn(
-                    "refusing connections from {client}: {limit} already open",
-                    client=host,
-                    limit=self.max_connections_per_ip,
+        if host is not None:
+            if self._unadmitted.get(host, 0) >= self.max_connections_per_ip:
+                return self._refuse(
+                    host, "{limit} open that have not presented a valid client key", self.max_connections_per_ip
                 )
-            return None
+            if self._open.get(host, 0) >= self.max_all_connections_per_ip:
+                return self._refuse(host, "{limit} open", self.max_all_connections_per_ip)
         channel = super().buildProtocol(addr)
         if host is not None and channel is not None:
-            self._per_ip[host] = self._per_ip.get(host, 0) + 1
+            self._unadmitted[host] = self._unadmitted.get(host, 0) + 1
+            self._open[host] = self._open.get(host, 0) + 1
             self._host_of[channel] = host
         return channel
+
+    def _refuse(self, host: str, why: str, limit: int) -> None:
+        if host not in self._refusing:
+            # Said once per episode, not once per refused connection.
+            self._refusing.add(host)
+            _log.warn("refusing connections from {client}: " + why, client=host, limit=limit)
+        return None
+
+    def admit(self, channel: ProxyChannel, request: Request, has_body: bool) -> bool:
+        """
+        A request's headers are in: check them with the gate before any of
+        its body is read.
+
+        A request that passes admits its connection, which stops counting
+        against C{max_connections_per_ip}.  One that fails may not send a
+        body: it is answered before its body (see
+        L{ProxyRequest.answer_without_body}).  Without a body there is
+        nothing to hold, and it is served as usual (its route answers a
+        401, C{/health} needs no key).  Without a gate (no client keys to
+        check) every request passes.
+
+        @return: whether the request's body may be read.
+        """
+        if self.gate is None or self.gate(request):
+            if not channel.admitted:
+                channel.admitted = True
+                host = self._host_of.get(channel)
+                if host is not None:
+                    _decrement(self._unadmitted, host)
+            return True
+        return not has_body
 
     def connection_closed(self, channel: ProxyChannel) -> None:
         host = self._host_of.pop(channel, None)
         if host is None:
             return
-        count = self._per_ip[host] - 1
-        if count:
-            self._per_ip[host] = count
-        else:
-            del self._per_ip[host]
+        _decrement(self._open, host)
+        if not channel.admitted:
+            _decrement(self._unadmitted, host)
         self._refusing.discard(host)
+
+    def connections_from(self, host: str) -> tuple[int, int]:
+        """
+        The connections open from C{host}: those not admitted yet, and all.
+        """
+        return self._unadmitted.get(host, 0), self._open.get(host, 0)
+
+    def tls_on_plain_port(self, channel: ProxyChannel) -> None:
+        """
+        A client began a TLS handshake on this plain-HTTP listener (an
+        C{https://} URL for an C{http://} port): say so, at most once per
+        L{TLS_NOTICE_SECONDS}, so that nobody can flood the log with
+        handshakes.
+        """
+        now = self.reactor.seconds()
+        if now < self._tls_quiet_until:
+            self._tls_unlogged += 1
+            return
+        self._tls_quiet_until = now + TLS_NOTICE_SECONDS
+        unlogged, self._tls_unlogged = self._tls_unlogged, 0
+        _notice.warn(
+            "closed a connection from {client} that began a TLS handshake on a plain-HTTP listener: "
+            "use http:// or an ssl: endpoint{more}",
+            client=getattr(channel.transport.getPeer(), "host", "-") if channel.transport else "-",
+            more=f" ({unlogged} more since the last notice)" if unlogged else "",
+        )
 
     def log(self, request: Any) -> None:
         """
         Do nothing: L{ProxyRequest} logs itself, including requests that
         end without C{finish()}, which twisted.web would never report.
         """
+
+
+def _decrement(counts: dict[str, int], host: str) -> None:
+    count = counts.get(host, 0) - 1
+    if count > 0:
+        counts[host] = count
+    else:
+        counts.pop(host, None)
+
+
+_open_files_checked = False
+
+
+def check_open_files(per_address: int, limits: Any = None) -> int:
+    """
+    Raise the process's soft limit on open files to its hard limit, and
+    warn if what is left cannot hold L{STREAMS_WANTED} streams: each takes
+    two descriptors (the client's connection and the upstream's), and the
+    usual soft limit of 1,024 would cut a busy proxy off at about 480 with
+    "Too many open files".
+
+    @param per_address: the most connections one address may hold.
+    @param limits: where C{getrlimit}, C{setrlimit}, C{RLIMIT_NOFILE} and
+        C{RLIM_INFINITY} come from (the C{resource} module; injected by
+        tests).
+    @return: the concurrent streams the limit leaves room for.
+    """
+    limits = limits if limits is not None else _resource
+    if limits is None:  # pragma: no cover - not on Windows
+        return STREAMS_WANTED
+    soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
+    infinity = limits.RLIM_INFINITY
+    target = _FD_UNLIMITED if hard == infinity else hard
+    if soft != infinity and soft < target:
+        try:
+            limits.setrlimit(limits.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as e:
+            _notice.warn(
+                "could not raise the open-file limit from {soft} to {target}: {why}",
+                soft=soft,
+                target=target,
+                why=str(e),
+            )
+        else:
+            _notice.info("raised the open-file limit from {soft} to {target}", soft=soft, target=target)
+            soft = target
+    streams = _FD_UNLIMITED if soft == infinity else max((soft - _FD_RESERVE) // 2, 0)
+    if streams < STREAMS_WANTED:
+        _notice.warn(
+            "the open-file limit ({limit}) leaves room for about {streams} concurrent streams (each takes a "
+            "client and an upstream connection), fewer than {wanted}: raise it (ulimit -n, or LimitNOFILE= "
+            "in the systemd unit)",
+            limit=soft,
+            streams=streams,
+            wanted=STREAMS_WANTED,
+        )
+    if per_address < STREAMS_WANTED:
+        _notice.warn(
+            "one client address may hold at most {count} connections ({factor} x --max-connections-per-ip), "
+            "fewer than {wanted} streams",
+            count=per_address,
+            factor=ALL_CONNECTIONS_FACTOR,
+            wanted=STREAMS_WANTED,
+        )
+    return streams

@@ -57,6 +57,7 @@ from oaiproxy.config import (
 )
 from oaiproxy.errors import invalid_api_key
 from oaiproxy.fake_upstream import FakeUpstream, listen
+from oaiproxy.forward import admission_gate
 from oaiproxy.headers import bearer_token, parse_static_header
 from oaiproxy.lifecycle import DrainService, Lifecycle, ReadinessService, ReloadService
 from oaiproxy.limits import Limiter
@@ -92,6 +93,7 @@ _SETTINGS: list[tuple[str, str, Callable[[str, str], Any], str]] = [
     ("max-body-bytes", "OAIPROXY_MAX_BODY_BYTES", parse_byte_count, "max_body_bytes"),
     ("drain-timeout", "OAIPROXY_DRAIN_TIMEOUT", parse_seconds, "drain_timeout"),
     ("header-timeout", "OAIPROXY_HEADER_TIMEOUT", parse_seconds, "header_timeout"),
+    ("body-timeout", "OAIPROXY_BODY_TIMEOUT", parse_seconds, "body_timeout"),
     ("max-connections-per-ip", "OAIPROXY_MAX_CONNECTIONS_PER_IP", parse_byte_count, "max_connections_per_ip"),
     ("sse-keepalive", "OAIPROXY_SSE_KEEPALIVE", parse_interval, "sse_keepalive"),
     ("log-format", "OAIPROXY_LOG_FORMAT", parse_log_format, "log_format"),
@@ -222,11 +224,18 @@ class Options(usage.Options):
             f"[env OAIPROXY_HEADER_TIMEOUT, default {_DEFAULTS.header_timeout:g}]",
         ],
         [
+            "body-timeout",
+            None,
+            None,
+            "Seconds a request body has to arrive, plus one for every 64 KiB received (slow senders get a 408). "
+            f"[env OAIPROXY_BODY_TIMEOUT, default {_DEFAULTS.body_timeout:g}]",
+        ],
+        [
             "max-connections-per-ip",
             None,
             None,
-            "Open connections allowed from one client address. "
-            f"[env OAIPROXY_MAX_CONNECTIONS_PER_IP, default {_DEFAULTS.max_connections_per_ip}]",
+            "Connections one client address may hold before presenting a valid client key (16 times as many "
+            f"in all). [env OAIPROXY_MAX_CONNECTIONS_PER_IP, default {_DEFAULTS.max_connections_per_ip}]",
         ],
         [
             "sse-keepalive",
@@ -745,7 +754,9 @@ def makeService(
         max_body_bytes=config.max_body_bytes,
         idle_timeout=config.idle_timeout,
         header_timeout=config.header_timeout,
+        body_timeout=config.body_timeout,
         max_connections_per_ip=config.max_connections_per_ip,
+        gate=admission_gate(credentials),
         lifecycle=lifecycle,
         metrics=metrics,
         access_log=JsonAccessLog() if config.log_format == "json" else TextAccessLog(),

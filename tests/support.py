@@ -27,6 +27,7 @@ from oaiproxy.api import api_resources, streamed_paths
 from oaiproxy.clients import Client, ClientRegistry, Credentials, Limits
 from oaiproxy.config import Secret
 from oaiproxy.fake_upstream import FakeUpstream
+from oaiproxy.forward import admission_gate
 from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.limits import Limiter
 from oaiproxy.metrics import Metrics, MetricsResource
@@ -158,6 +159,7 @@ class Harness:
             streamed_paths=streamed_paths(enabled),
             idle_timeout=600,
             header_timeout=600,
+            gate=admission_gate(self.credentials),
             lifecycle=self.lifecycle,
             metrics=self.metrics,
             access_log=self.records.append,

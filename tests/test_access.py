@@ -39,6 +39,23 @@ class OpenAIKeyTests(SynchronousTestCase):
             self.assertEqual(h.fake.requests, [])
 
 
+class EarlyRefusalTests(SynchronousTestCase):
+    def test_wrong_key_is_refused_before_the_body_and_recorded(self) -> None:
+        """
+        Through the daemon's wiring, a body sent with a wrong key is
+        refused by the site on its headers: a 401 that reaches no resource
+        and no upstream, with one access record for its route.
+        """
+        h = Harness(client_keys=[CLIENT_KEY])
+        response, body = answer(self, h, chat_body(), {b"authorization": [b"Bearer oai-not-a-client"]})
+        self.assertEqual((response.code, body["error"]["code"]), (401, "invalid_api_key"))
+        self.assertEqual(h.fake.requests, [])
+        [record] = h.records
+        self.assertEqual((record.status, record.route, record.client), (401, "chat_completions", "-"))
+        # Not one byte of the body was taken in.
+        self.assertEqual(record.bytes_in, 0)
+
+
 class AllowListTests(SynchronousTestCase):
     def test_model_outside_allow_list_is_403(self) -> None:
         """

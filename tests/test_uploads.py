@@ -189,6 +189,8 @@ class StreamingTests(SynchronousTestCase):
             build_tree(api),
             max_body_bytes=2 * len(AUDIO),
             idle_timeout=60,
+            # Uploads here trickle for minutes on purpose.
+            body_timeout=3600,
             streamed_paths=streamed_paths(routes),
             access_log=self.records.append,
             reactor=self.clock,
