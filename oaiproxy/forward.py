@@ -358,7 +358,7 @@ class Exchange:
         unread = meter.failed is not None or meter.incomplete
         if meter.failed is not None:
             self._log.failure(
-                "the usage meter failed on an upstream response; charging its reservation", failure=meter.failed
+                "the usage meter failed on an upstream response; its output goes uncounted", failure=meter.failed
             )
         status = self._record.upstream_status
         if status is not None and status >= 400 and meter.reported is None:
