@@ -27,6 +27,9 @@ SDK without any side channel.
                            C{POST /_fake/release} (control mode)
     C{fake-pause}          streams the head and one chunk, is silent for
                            L{PAUSE_SECONDS}, then sends the rest
+    C{fake-linger}         streams normally, then holds the end of the
+                           body for L{PAUSE_SECONDS} after C{[DONE]}, as
+                           a real upstream's last bytes can lag
     C{fake-redirect}       307 to another URL (a proxy must not follow)
     =====================  ==============================================
 
@@ -331,7 +334,8 @@ class FakeUpstream(Resource):
         stream unless C{content_type} says otherwise.
 
         @param gated_after: stop after this many events, then end as
-            C{ending} says (see L{_pump}).
+            C{ending} says (see L{_pump}); C{linger} waits
+            L{PAUSE_SECONDS} after the last event before ending the body.
         """
         stream = _Stream(request, events, gated_after, ending)
         request.setHeader(b"content-type", content_type or b"text/event-stream; charset=utf-8")
@@ -505,6 +509,8 @@ class FakeUpstream(Resource):
                 + b"\n\n"
             )
         events.append(b"data: [DONE]\n\n")
+        if model == "fake-linger":
+            return self._stream(request, events, ending="linger")
         ending = {"fake-stall": "stall", "fake-crash": "crash", "fake-gated": "gate", "fake-pause": "pause"}
         if model in ending:
             return self._stream(request, events, gated_after=2, ending=ending[model])
@@ -529,13 +535,20 @@ class FakeUpstream(Resource):
                 # "stall" and "gate" wait here; release() resumes a gate.
                 return
             if stream.sent >= len(stream.events):
+                if stream.ending == "linger":
+                    stream.ending = "finish"
+                    stream.call = self._clock.callLater(PAUSE_SECONDS, self._pump, stream)
+                    return
                 stream.done = True
                 self._streams.remove(stream)
                 stream.request.finish()
                 return
             stream.request.write(stream.events[stream.sent])
             stream.sent += 1
-            if self.chunk_interval > 0:
+            # The last event ends the body at once, as OpenAI's does: a
+            # client that hangs up right after "data: [DONE]" finds the
+            # stream complete.
+            if self.chunk_interval > 0 and stream.sent < len(stream.events):
                 stream.call = self._clock.callLater(self.chunk_interval, self._pump, stream)
                 return
 

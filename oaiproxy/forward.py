@@ -354,40 +354,70 @@ class Exchange:
         """
         Charge the client's token allowance with what the response used: as
         reported, or as estimated from what was streamed (see
-        L{oaiproxy.limits}).  Idempotent.
+        L{oaiproxy.limits}).  Idempotent, and it never fails to release the
+        reservation (its concurrency slot above all): whatever goes wrong
+        in the metering is logged once, and the reservation is charged.
+        """
+        try:
+            charge = self._charge()
+        except Exception:
+            self._log.failure("bug while metering a response; charging its reservation")
+            charge = max(self._prompt_estimate, self._reservation.estimate)
+        self._reservation.settle(charge)
+
+    def _charge(self) -> int:
+        """
+        The tokens the response cost, for L{_settle}.
         """
         meter = self._meter
         if not self._metered:
             # Reading a stored response: its usage was charged when it was
             # made.
-            self._reservation.settle(0)
-            return
+            return 0
         if meter is None:
             # No response head: the upstream was cancelled or failed early,
             # and only the prompt may have been processed.
-            self._reservation.settle(self._prompt_estimate)
-            return
+            return self._prompt_estimate
+        unread = meter.failed is not None or meter.incomplete
+        if meter.failed is not None:
+            self._log.failure(
+                "the usage meter failed on an upstream response; its output goes uncounted", failure=meter.failed
+            )
         status = self._record.upstream_status
         if status is not None and status >= 400 and meter.reported is None:
             # Upstream refused the request (429, 401, 5xx...): nothing was
             # generated, and charging the client would make its retries
             # through an upstream rate limit exhaust its own allowance.
-            self._reservation.settle(0)
-            return
+            return 0
         usage = meter.usage(self._prompt_estimate)
         self._record.usage = usage
-        self._reservation.settle(usage.total)
+        if meter.reported is None and unread:
+            # Part of the output could not be counted: the reservation (the
+            # most the request was admitted for) is the floor.
+            return max(usage.total, self._reservation.estimate)
+        return usage.total
 
     def _client_done(self, result: Optional[Failure]) -> None:
         if self.finished:
             return
         self.finished = True
         if isinstance(result, Failure):
-            self._log.info(
-                "client went away during {method} {path}; upstream request cancelled",
-                method=self._request.method.decode("latin-1"),
-                path=self._request.path.decode("latin-1"),
-            )
+            if self._meter is not None and self._meter.ended:
+                # The client read the stream's end event and hung up before
+                # upstream's last bytes, as the openai SDKs do after
+                # "data: [DONE]": it did not leave early.
+                self._record.end_sent = True
+                self._log.debug(
+                    "client closed {method} {path} after the end of the stream",
+                    method=self._request.method.decode("latin-1"),
+                    path=self._request.path.decode("latin-1"),
+                )
+            else:
+                self._log.info(
+                    "client went away during {method} {path}; upstream request cancelled",
+                    method=self._request.method.decode("latin-1"),
+                    path=self._request.path.decode("latin-1"),
+                )
             if self._relay is not None:
                 self._relay.abort()
             elif self._pending is not None:
@@ -473,6 +503,7 @@ class Exchange:
             return
         self.finished = True
         if self._meter is not None and failure is None:
+            # (It never raises: a failure is kept for _settle to log.)
             self._meter.finish()
         self._settle()
         request = self._request

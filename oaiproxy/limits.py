@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional
 from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.clients import Client, Limits
+from oaiproxy.validation import read_count
 
 __all__ = ["Bucket", "Limiter", "Reservation", "Refusal", "estimate_tokens", "format_reset", "rate_headers"]
 
@@ -252,16 +253,23 @@ def estimate_tokens(
     if not generates:
         return prompt, prompt
     output: int = limits.default_max_tokens
-    # Chat, legacy completions, and the Responses API's name for the same.
+    # Chat, legacy completions, and the Responses API's name for the same;
+    # read as upstream reads them (validation refused what it cannot read).
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value: Any = document.get(name)
-        if _count(value):
-            output = int(value)
+        value = _count(document.get(name))
+        if value:
+            output = value
             break
-    choices: Any = document.get("n")
-    n = int(choices) if _count(choices) else 1
+    # Legacy completions generate best_of choices to return n of them.
+    n = max(_count(document.get("n")) or 1, _count(document.get("best_of")) or 1)
     return prompt, prompt + output * n
 
 
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+def _count(value: Any) -> int:
+    """
+    The count in C{value}, or 0 for none (absent, zero, or refused).
+    """
+    try:
+        return read_count(value) or 0
+    except ValueError:
+        return 0

@@ -81,6 +81,7 @@ class RequestRecord:
         "head_sent",
         "ended_at",
         "ended",
+        "end_sent",
         "worker",
     )
 
@@ -109,6 +110,9 @@ class RequestRecord:
         self.ended_at: Optional[float] = None
         #: complete, client_disconnected, cut_off or shutdown.
         self.ended = "complete"
+        #: The client was sent a stream's end event (C{data: [DONE]}...):
+        #: closing the connection after it is not leaving early.
+        self.end_sent = False
         #: Which worker process served it (see oaiproxy.workers), or None.
         self.worker: Optional[int] = None
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from oaiproxy.config import ConfigError
+from oaiproxy.usage import CHAT_TEXT_KEYS
 
 __all__ = ["Route", "ROUTES", "BY_NAME", "DEFAULT_ROUTES", "parse_routes", "route_label", "in_order"]
 
@@ -38,7 +39,9 @@ class Route:
         (chat and legacy completions); usage can then be asked for on a
         stream and stripped again.
     @ivar text_keys: the JSON string members of a stream event that carry
-        generated text, counted to estimate a cut-off stream's output.
+        generated output (every one of them: a client must not escape its
+        charge by asking for tool calls instead of text), counted to
+        estimate the output of a stream without a usage report.
     @ivar azure: how Azure OpenAI addresses the route: C{deployment}
         (C{/openai/deployments/{name}/<route>}), C{resource}
         (C{/openai/<route>}, the model in the body), or C{None} (Azure does
@@ -77,7 +80,9 @@ CHAT = Route(
     required=("model", "messages"),
     generates=True,
     stream_usage=True,
-    text_keys=("content", "reasoning_content", "refusal"),
+    # Every generated field: text, reasoning, refusals, tool and function
+    # calls, audio transcripts.
+    text_keys=CHAT_TEXT_KEYS,
 )
 MODELS = Route("models", body="none", required=(), azure="resource")
 RESPONSES = Route("responses", required=(), generates=True, text_keys=("delta",), azure="resource")

@@ -567,6 +567,10 @@ class ProxyRequest(Request):
                 ended = "shutdown"
             elif self._cut_by_proxy:
                 ended = "cut_off"
+            elif self.record.end_sent:
+                # It read the stream's end and hung up before upstream's
+                # last bytes (see oaiproxy.forward): not an early leave.
+                ended = "complete"
             else:
                 ended = "client_disconnected"
             self._record_end(method, path, ended)

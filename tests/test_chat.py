@@ -7,7 +7,7 @@ responses (C{StubTreq}), with a fake clock for every timeout.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import treq
 from twisted.internet.defer import fail
@@ -16,9 +16,15 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
+from oaiproxy.clients import Limits
 from oaiproxy.forward import classify_upstream_failure
-from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body
+from oaiproxy.usage import MAX_LINE, UsageMeter
+from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body, registry
+
+BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY]}
 
 
 def events(data: bytes) -> list[Any]:
@@ -155,6 +161,42 @@ class ValidationTests(SynchronousTestCase):
         self.assertEqual(h.fake.requests, [])
 
 
+class CountValidationTests(SynchronousTestCase):
+    def test_counts_an_upstream_could_misread_are_refused(self) -> None:
+        """
+        A C{max_tokens}, C{max_completion_tokens} or C{n} that is a
+        boolean, a fraction, a non-numeric string or negative is a 400
+        naming the member, before any upstream call: the reservation must
+        read the number upstream reads, and these it cannot be sure of.
+        """
+        h = Harness()
+        for name, value, code in [
+            ("max_tokens", True, "invalid_type"),
+            ("max_completion_tokens", 2.5, "invalid_type"),
+            ("max_tokens", "1e5", "invalid_type"),
+            ("max_tokens", -1, "invalid_value"),
+            ("n", 0, "invalid_value"),
+            ("n", [2], "invalid_type"),
+        ]:
+            response = self.successResultOf(h.post(chat_body(**{name: value})))
+            error = json.loads(self.successResultOf(treq.content(response)))["error"]
+            self.assertEqual((response.code, error["param"], error["code"]), (400, name, code), (name, value))
+        self.assertEqual(h.fake.requests, [])
+
+    def test_numeric_forms_are_forwarded_as_sent(self) -> None:
+        """
+        C{"100"}, C{100.0} and C{1e2} pass, unchanged, for upstream to
+        judge (vLLM takes them).
+        """
+        h = Harness()
+        for value in ("100", 100.0, 1e2):
+            body = chat_body(max_tokens=value, n=1.0)
+            response = self.successResultOf(h.post(body))
+            self.assertEqual(response.code, 200, value)
+            self.successResultOf(treq.content(response))
+            self.assertEqual(h.fake.requests[-1].body, body)
+
+
 class ClientKeyTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.h = Harness(client_keys=[b"other-key", CLIENT_KEY])
@@ -221,6 +263,22 @@ class StreamingTests(SynchronousTestCase):
         self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
         text = "".join(e["choices"][0]["delta"].get("content", "") for e in events(body))
         self.assertEqual(text, "This is a mock reply to: hello proxy")
+
+    def test_stream_ends_with_done(self) -> None:
+        """
+        The fake upstream ends its body right after C{data: [DONE]}, as
+        OpenAI does, not one chunk interval later: an SDK that hangs up
+        after it finds the stream complete.
+        """
+        response = self.successResultOf(self.h.post(chat_body(stream=True)))
+        received: list[bytes] = []
+        done = treq.collect(response, received.append)
+        for _ in range(30):
+            self.h.clock.advance(1.0)
+            self.h.pump()
+            if b"data: [DONE]" in b"".join(received):
+                break
+        self.successResultOf(done)
 
     def test_upstream_crash_mid_stream_ends_with_error_event(self) -> None:
         """
@@ -408,3 +466,223 @@ class UpstreamKeyRejectedTests(SynchronousTestCase):
         self.assertNotIn(UPSTREAM_KEY[-4:], body)
         self.assertNotIn(b"Incorrect API key", body)
         self.assertTrue(any(e["log_level"] == LogLevel.critical for e in logged))
+
+
+class Canned(Resource):
+    """
+    An upstream that answers every request with C{pieces}, written one by
+    one, under C{content_type}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, content_type: bytes, pieces: list[bytes]) -> None:
+        super().__init__()
+        self.content_type = content_type
+        self.pieces = pieces
+        self.bodies: list[bytes] = []
+
+    def render_POST(self, request: Request) -> int:
+        self.bodies.append(request.content.read())  # type: ignore[union-attr]
+        request.setHeader(b"content-type", self.content_type)
+        for piece in self.pieces:
+            request.write(piece)
+        request.finish()
+        return NOT_DONE_YET
+
+
+def sse(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+class MeteringTests(SynchronousTestCase):
+    """
+    Token limits cannot be escaped by the shape of the answer: a large
+    plain answer, a stream without usage, tool calls, numbers in strings.
+    """
+
+    def harness(self, upstream: Optional[Resource] = None, **limits: Any) -> Harness:
+        limits.setdefault("tokens_per_minute", 10_000_000)
+        return Harness(clients=registry(CLIENT_KEY, limits=Limits(**limits)), upstream_resource=upstream)
+
+    def complete(self, h: Harness, body: bytes) -> tuple[int, bytes]:
+        response = self.successResultOf(h.post(body, headers=BEARER))
+        content = treq.content(response)
+        h.pump()
+        return response.code, self.successResultOf(content)
+
+    def remaining_tokens(self, h: Harness) -> int:
+        client = h.credentials.clients.identify(CLIENT_KEY)
+        assert client is not None
+        headers = dict(h.limiter.headers(client))
+        return int(headers[b"x-ratelimit-remaining-tokens"])
+
+    def test_plain_answer_over_a_megabyte(self) -> None:
+        """
+        A 3 MB plain answer is charged the usage at its end (it used to be
+        charged the prompt estimate: a client could ask for long answers
+        for free), and reaches the client whole.
+        """
+        answer = json.dumps(
+            {
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 3_000_000}}],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 750_000, "total_tokens": 750_009},
+                "system_fingerprint": "fp_1",
+            }
+        ).encode()
+        upstream = Canned(b"application/json", [answer[i : i + 65536] for i in range(0, len(answer), 65536)])
+        h = self.harness(upstream)
+        self.assertEqual(self.complete(h, chat_body(max_tokens=10)), (200, answer))
+        usage = h.records[-1].usage
+        assert usage is not None
+        self.assertEqual((usage.total, usage.exact), (750_009, True))
+        self.assertEqual(self.remaining_tokens(h), 10_000_000 - 750_009)
+
+    def test_include_usage_false_is_still_metered(self) -> None:
+        """
+        A client that sets C{"stream_options": {"include_usage": false}}
+        is metered exactly all the same: upstream is asked for usage, and
+        the client's stream has none, as it asked.
+        """
+        h = self.harness()
+        body = chat_body(stream=True, stream_options={"include_usage": False})
+        code, data = self.complete(h, body)
+        self.assertEqual(code, 200)
+        self.assertNotIn(b'"usage"', data)
+        self.assertTrue(data.endswith(b"data: [DONE]\n\n"))
+        self.assertEqual(json.loads(h.fake.requests[0].body)["stream_options"], {"include_usage": True})
+        usage = h.records[-1].usage
+        assert usage is not None
+        self.assertTrue(usage.exact)
+        self.assertEqual((usage.prompt, usage.completion), (2, 8))
+
+    def test_tool_calls_without_usage(self) -> None:
+        """
+        An upstream that reports no usage (as some do whatever is asked)
+        and streams 288,000 characters of tool-call arguments: the client
+        is charged 72,000 tokens of output for them (it was charged 40).
+        """
+        arguments = '{"q": "' + "x" * 991 + '"}'
+        call = {"index": 0, "function": {"arguments": arguments}}
+        pieces = [sse({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}) for _ in range(288)]
+        h = self.harness(Canned(b"text/event-stream", pieces + [b"data: [DONE]\n\n"]))
+        code, data = self.complete(h, chat_body(stream=True, stream_options={"include_usage": False}))
+        self.assertEqual(code, 200)
+        self.assertEqual(data, b"".join(pieces) + b"data: [DONE]\n\n")
+        usage = h.records[-1].usage
+        assert usage is not None
+        self.assertFalse(usage.exact)
+        self.assertEqual(usage.completion, 72_000)
+
+    def test_numbers_in_other_forms_are_reserved(self) -> None:
+        """
+        C{"max_tokens": "100000"}, C{100000.0}, C{1e5}, and C{"n": 128.0}
+        reserve what upstream will take them for: over a client's 50,000
+        tokens per minute they are refused as too large (they used to be
+        admitted on the default reservation).
+        """
+        h = self.harness(tokens_per_minute=50_000)
+        for more in ({"max_tokens": "100000"}, {"max_tokens": 100000.0}, {"max_completion_tokens": 1e5}):
+            code, data = self.complete(h, chat_body(**more))
+            self.assertEqual(code, 429, more)
+            self.assertIn(b"it may use up to 100", data)
+        code, data = self.complete(h, chat_body(max_tokens=1000, n=128.0))
+        self.assertEqual(code, 429)
+        self.assertIn(b"128", data)
+        self.assertEqual(h.fake.requests, [])
+        self.assertEqual(self.complete(h, chat_body(max_tokens="100"))[0], 200)
+
+
+class HostileUpstreamTests(SynchronousTestCase):
+    """
+    A broken or malicious upstream cannot leak a client's concurrency slot
+    or stop an answer from being relayed.
+    """
+
+    def harness(self, upstream: Optional[Resource] = None) -> Harness:
+        limits = Limits(concurrent_requests=1, tokens_per_minute=1_000_000)
+        return Harness(clients=registry(CLIENT_KEY, limits=limits), upstream_resource=upstream)
+
+    def complete(self, h: Harness, body: bytes) -> tuple[int, bytes]:
+        response = self.successResultOf(h.post(body, headers=BEARER))
+        content = treq.content(response)
+        h.pump()
+        return response.code, self.successResultOf(content)
+
+    def test_deeply_nested_answer(self) -> None:
+        """
+        A JSON answer nested 200,000 levels deep (the usage meter's parser
+        raised RecursionError on it before the reservation was settled)
+        reaches the client unchanged, and the client's only concurrency
+        slot is free again.
+        """
+        answer = b"[" * 200_000 + b"]" * 200_000
+        h = self.harness(Canned(b"application/json", [answer]))
+        with capturedLogs() as logged:
+            self.assertEqual(self.complete(h, chat_body()), (200, answer))
+            self.assertEqual(self.complete(h, chat_body())[0], 200)
+        self.assertEqual([e for e in logged if e["log_level"] >= LogLevel.error], [])
+
+    def test_a_meter_bug_still_settles(self) -> None:
+        """
+        Whatever the meter raises, the answer is relayed whole, the failure
+        is logged once, and the reservation is settled (charged whole: the
+        output could not be counted).
+        """
+
+        def broken(self: UsageMeter, payload: bytes) -> None:
+            raise RuntimeError("meter bug")
+
+        self.patch(UsageMeter, "_event", broken)
+        h = self.harness()
+        with capturedLogs() as logged:
+            code, data = self.complete(h, chat_body(stream=True, max_tokens=100))
+        self.assertEqual(code, 200)
+        self.assertTrue(data.endswith(b"data: [DONE]\n\n"))
+        failures = [e for e in logged if e.get("log_failure") is not None]
+        self.assertEqual(len(failures), 1)
+        self.assertTrue(failures[0]["log_failure"].check(RuntimeError))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        client = h.credentials.clients.identify(CLIENT_KEY)
+        assert client is not None
+        remaining = int(dict(h.limiter.headers(client))[b"x-ratelimit-remaining-tokens"])
+        self.assertEqual(remaining, 1_000_000 - h.records[-1].usage.prompt - 100)  # type: ignore[union-attr]
+        self.assertEqual(self.complete(h, chat_body())[0], 200)
+
+    def test_a_settlement_bug_still_settles(self) -> None:
+        """
+        A bug past the meter, while working out the charge at the end of a
+        stream, is logged once; the reservation is still settled (charged
+        whole) and the answer finished.
+        """
+
+        def broken(self: UsageMeter, prompt_estimate: int) -> None:
+            raise RuntimeError("settlement bug")
+
+        self.patch(UsageMeter, "usage", broken)
+        limits = Limits(concurrent_requests=1, tokens_per_minute=1_000_000)
+        h = Harness(clients=registry(CLIENT_KEY, limits=limits), chunk_interval=1.0)
+        with capturedLogs() as logged:
+            response = self.successResultOf(h.post(chat_body(stream=True), headers=BEARER))
+            content = treq.content(response)
+            for _ in range(30):
+                h.clock.advance(1)
+                h.pump()
+            self.assertTrue(self.successResultOf(content).endswith(b"data: [DONE]\n\n"))
+        self.assertEqual(len([e for e in logged if e.get("log_failure") is not None]), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.complete(h, chat_body())[0], 200)
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_line_without_newline_is_relayed(self) -> None:
+        """
+        A 3 MB C{data:} line without a newline (longer than the meter and
+        the usage filter hold) reaches the client byte for byte, and the
+        stream after it too.
+        """
+        line = b"data: " + b"x" * (3 * MAX_LINE)
+        pieces = [line[i : i + 16384] for i in range(0, len(line), 16384)] + [b"\n\ndata: [DONE]\n\n"]
+        h = self.harness(Canned(b"text/event-stream", pieces))
+        self.assertEqual(self.complete(h, chat_body(stream=True)), (200, b"".join(pieces)))
+        self.assertEqual(self.complete(h, chat_body())[0], 200)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import socket
 import time
@@ -306,6 +307,35 @@ class ConnectionTests(E2ETestCase):
         # The fake upstream answers as soon as it sees the disconnect, and
         # gives up after one second.
         self.assertEqual(self.control("/_fake/disconnects?at_least=1&within=1"), {"disconnects": 1})
+
+
+class StreamEndTests(E2ETestCase):
+    def test_sdk_stream_is_not_a_disconnect(self) -> None:
+        """
+        The openai SDK hangs up as soon as it has read C{data: [DONE]},
+        before upstream's last bytes (here held back a second and a half):
+        that is a complete stream, logged and counted as such.  A stream
+        the SDK closes before its end still counts as a disconnect.
+        """
+        client = self.client()
+        raw = client.chat.completions.with_raw_response.create(model="fake-linger", messages=MESSAGES, stream=True)
+        request_id = raw.headers["x-oaiproxy-request-id"]
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        self.assertEqual(text, REPLY)
+        line = self.proxy.wait_for(r".*" + re.escape(request_id) + r".*").group(0)
+        self.assertIn("POST /v1/chat/completions 200", line)
+        self.assertNotIn("disconnected", line)
+
+        early = client.chat.completions.create(model="fake-gated", messages=MESSAGES, stream=True)
+        next(iter(early))
+        early.close()
+        self.proxy.wait_for(r"\(client disconnected\)")
+
+        request = urllib.request.Request(self.base + "/metrics", headers={"Authorization": "Bearer " + CLIENT_KEY})
+        with urllib.request.urlopen(request, timeout=20) as response:
+            metrics = response.read().decode()
+        self.assertIn('oaiproxy_client_disconnects_total{route="chat_completions"} 1.0', metrics)
+        self.assertEqual(self.proxy.output.count("client went away"), 1)
 
 
 class UpstreamTLSTests(E2ETestCase):

@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.clients import Client, Limits
 from oaiproxy.limits import UNLIMITED, Bucket, Limiter, Refusal, Reservation, estimate_tokens, format_reset
+from oaiproxy.validation import MAX_COUNT, read_count
 
 
 def client(name: str = "alice", **limits: Any) -> Client:
@@ -476,13 +477,79 @@ class EstimateTokensTests(SynchronousTestCase):
         self.assertEqual(self.estimate(max_tokens=50, n=3), (34, 184))
         self.assertEqual(self.estimate(n=2), (34, 1034))
 
+    def test_numbers_as_upstream_reads_them(self) -> None:
+        """
+        A lax upstream (vLLM's pydantic models) reads C{"100000"},
+        C{100000.0} and C{1e5} as 100000: so does the estimate, for the
+        output bound under each of its names and for C{n} (they used to be
+        ignored, and the default reserved instead).
+        """
+        for value in ("100000", 100000.0, 1e5, " 100000 ", "+100000"):
+            for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+                self.assertEqual(self.estimate(**{name: value}), (34, 100034), (name, value))
+        self.assertEqual(self.estimate(max_tokens=1000, n=128.0), (34, 128034))
+        self.assertEqual(self.estimate(max_tokens=1000, n="3"), (34, 3034))
+
+    def test_best_of(self) -> None:
+        """
+        Legacy completions generate C{best_of} choices to return C{n}: the
+        larger counts.
+        """
+        self.assertEqual(self.estimate(max_tokens=10, best_of=5), (34, 84))
+        self.assertEqual(self.estimate(max_tokens=10, best_of=2, n=4), (34, 74))
+
+    def test_huge_values(self) -> None:
+        """
+        Huge values are capped at L{MAX_COUNT}, beyond any limit, without
+        parsing a long number.
+        """
+        self.assertEqual(self.estimate(max_tokens=1e300), (34, 34 + MAX_COUNT))
+        self.assertEqual(self.estimate(max_tokens="9" * 5000), (34, 34 + MAX_COUNT))
+        self.assertEqual(self.estimate(max_tokens=10**40, n=10**40), (34, 34 + MAX_COUNT * MAX_COUNT))
+
     def test_nonsense_ignored(self) -> None:
         """
-        Booleans, zero, negatives and non-integers are not counts: they
-        fall back to the next source (validation reports them to the
-        client separately).
+        Booleans, zero, negatives, fractions and other strings are not
+        counts: they fall back to the next source (validation refuses them
+        before the estimate is made, see L{ReadCountTests}).
         """
-        for bad in (True, False, 0, -5, 2.5, "50", None):
+        for bad in (True, False, 0, -5, 2.5, "5x", "1e5", None, [50], {"n": 1}):
             self.assertEqual(self.estimate(max_completion_tokens=bad, max_tokens=50), (34, 84), bad)
             self.assertEqual(self.estimate(max_tokens=bad), (34, 534), bad)
             self.assertEqual(self.estimate(max_tokens=50, n=bad), (34, 84), bad)
+
+
+class ReadCountTests(SynchronousTestCase):
+    """
+    L{read_count}: what validation accepts for the members a reservation
+    reads, and what it refuses with a 400.
+    """
+
+    def test_counts(self) -> None:
+        for value, count in [
+            (None, None),
+            (0, 0),
+            (7, 7),
+            (7.0, 7),
+            (1e5, 100000),
+            ("7", 7),
+            (" +7\n", 7),
+            (-0.0, 0),
+            (2**60, MAX_COUNT),
+        ]:
+            self.assertEqual(read_count(value), count, value)
+
+    def test_refused(self) -> None:
+        """
+        A boolean (pydantic reads C{true} as 1, OpenAI refuses it), a
+        fraction, a non-finite number, any other string or type, and a
+        number below the minimum are refused, saying why.
+        """
+        for value in (True, False, 2.5, float("nan"), float("inf"), "", "1e5", "7.0", "seven", "٣", [7], {}):
+            with self.assertRaises(ValueError, msg=repr(value)) as caught:
+                read_count(value)
+            self.assertEqual(str(caught.exception), "must be an integer")
+        for value, minimum in ((-1, 0), (-1e300, 0), (0, 1), ("0", 1)):
+            with self.assertRaises(ValueError) as caught:
+                read_count(value, minimum)
+            self.assertEqual(str(caught.exception), f"must be at least {minimum}")

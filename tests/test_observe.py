@@ -15,6 +15,7 @@ from typing import Any, Optional
 import treq
 from twisted.internet.defer import fail
 from twisted.internet.error import ConnectionRefusedError
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.accesslog import JsonAccessLog
@@ -208,6 +209,58 @@ class MetricsTests(SynchronousTestCase):
         self.assertGreater(sample(h, "oaiproxy_tokens_total", kind="completion", exact="false", **labels), 0)
         self.assertEqual(sample(h, "oaiproxy_tokens_total", kind="completion", exact="true", **labels), 0)
         self.assertEqual(h.records[-1].ended, "client_disconnected")
+
+    def leave_when(self, h: Keyed, model: str, seen_enough: Any) -> None:
+        """
+        Stream C{model}; the client hangs up as soon as what it has read
+        satisfies C{seen_enough}.
+        """
+        response = self.successResultOf(h.post(chat_body(model=model, stream=True), headers=BEARER))
+        seen: list[bytes] = []
+
+        def leave(data: bytes) -> None:
+            seen.append(data)
+            if seen_enough(b"".join(seen)):
+                raise RuntimeError("client leaves")
+
+        done = treq.collect(response, leave)
+        for _ in range(30):
+            h.clock.advance(1)
+            h.pump()
+        self.failureResultOf(done, RuntimeError)
+
+    def test_leaving_after_the_end_event_is_complete(self) -> None:
+        """
+        A client that hangs up right after reading C{data: [DONE]}, before
+        upstream's last bytes (as every openai SDK stream does), has not
+        left early: the request is recorded complete, with its exact usage,
+        no disconnect is counted, and nothing is logged about it.
+        """
+        h = Keyed(self, chunk_interval=1.0)
+        with capturedLogs() as logged:
+            self.leave_when(h, "fake-linger", lambda data: data.endswith(b"data: [DONE]\n\n"))
+        record = h.records[-1]
+        self.assertEqual((record.ended, record.status), ("complete", 200))
+        assert record.usage is not None
+        self.assertTrue(record.usage.exact)
+        self.assertEqual(sample(h, "oaiproxy_client_disconnects_total", route="chat_completions"), 0)
+        self.assertEqual([e for e in logged if "went away" in e.get("log_format", "")], [])
+        self.assertEqual(json.loads(json.dumps(record.fields()))["disconnected"], False)
+        # The upstream request is closed all the same: its last bytes are
+        # not worth a connection held open.
+        self.assertEqual(h.fake.disconnects, 1)
+
+    def test_leaving_before_the_end_event_is_a_disconnect(self) -> None:
+        """
+        A client that hangs up after the last text, but before C{[DONE]},
+        still counts as a disconnect.
+        """
+        h = Keyed(self, chunk_interval=1.0)
+        with capturedLogs() as logged:
+            self.leave_when(h, "fake-linger", lambda data: b'"finish_reason": "stop"' in data)
+        self.assertEqual(h.records[-1].ended, "client_disconnected")
+        self.assertEqual(sample(h, "oaiproxy_client_disconnects_total", route="chat_completions"), 1)
+        self.assertEqual(len([e for e in logged if "went away" in e.get("log_format", "")]), 1)
 
     def test_upstream_errors_by_kind(self) -> None:
         """

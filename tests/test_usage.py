@@ -5,8 +5,10 @@ relayed bytes.
 They cover event streams (usage read from the final chunk however the bytes
 are split between reads, generated text counted for the estimate, junk
 lines ignored), the fallback estimate for a stream without usage or cut
-short, and plain JSON bodies (read only once complete, and only up to
-L{PLAIN_BODY_LIMIT}).
+short, and plain JSON bodies (read only once complete, whole up to
+L{PLAIN_BODY_LIMIT} and from their last bytes beyond).  What a broken or
+hostile upstream sends (lines without end, absurd nesting) costs bounded
+memory and linear time, and never makes the meter raise.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any, Optional, Sequence
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaiproxy.usage import PLAIN_BODY_LIMIT, UsageMeter
+from oaiproxy import usage as usage_module
+from oaiproxy.usage import MAX_LINE, PLAIN_BODY_LIMIT, TAIL_BYTES, UsageEventFilter, UsageMeter, inject_include_usage
 
 
 def event(payload: Any) -> bytes:
@@ -48,11 +51,13 @@ DONE = b"data: [DONE]\n\n"
 STREAM = chunk(role="assistant", content="") + chunk(content="Héllo") + chunk(content=" world") + usage_chunk(42) + DONE
 
 
-def meter(pieces: Sequence[bytes], event_stream: bool = True, finish: bool = True) -> UsageMeter:
+def meter(
+    pieces: Sequence[bytes], event_stream: bool = True, finish: bool = True, text_keys: Optional[tuple[str, ...]] = None
+) -> UsageMeter:
     """
     A meter fed C{pieces} one read at a time, then finished.
     """
-    result = UsageMeter(event_stream)
+    result = UsageMeter(event_stream) if text_keys is None else UsageMeter(event_stream, text_keys)
     for piece in pieces:
         result.feed(piece)
     if finish:
@@ -248,13 +253,69 @@ class PlainBodyTests(SynchronousTestCase):
 
     def test_over_the_limit(self) -> None:
         """
-        A body larger than L{PLAIN_BODY_LIMIT} is not parsed (so the proxy's
-        memory stays bounded): it is charged the estimate.
+        A body larger than L{PLAIN_BODY_LIMIT} is not held: only its last
+        L{TAIL_BYTES} are, where its usage is, which is read from there.
+        (It used to be charged the prompt estimate: a client asking for a
+        long answer without streaming paid nothing for it.)
+        """
+        body = plain_body(42, padding=3 * PLAIN_BODY_LIMIT)
+        result = UsageMeter(False)
+        held = []
+        for piece in split(body, *range(65536, len(body), 65536)):
+            result.feed(piece)
+            held.append(result.buffered)
+        self.assertLessEqual(max(held), PLAIN_BODY_LIMIT + 65536)
+        self.assertLessEqual(held[-1], 2 * TAIL_BYTES)
+        result.finish()
+        self.assertEqual(result.used(5), 42)
+        assert result.reported is not None
+        self.assertEqual((result.reported.prompt, result.reported.completion, result.reported.exact), (10, 32, True))
+
+    def test_over_the_limit_in_one_read(self) -> None:
+        """
+        A large body delivered in one piece, or in pieces of one byte, is
+        read the same way.
         """
         body = plain_body(42, padding=PLAIN_BODY_LIMIT)
-        result = meter(split(body, 1000, PLAIN_BODY_LIMIT - 10), event_stream=False)
-        self.assertIsNone(result.total_tokens)
-        self.assertEqual(result.used(5), 5)
+        self.assertEqual(meter([body], event_stream=False).used(5), 42)
+        tail = body[-3000:]
+        pieces = [body[:-3000]] + [tail[i : i + 1] for i in range(len(tail))]
+        self.assertEqual(meter(pieces, event_stream=False).used(5), 42)
+
+    def test_tail_finds_the_answers_own_usage(self) -> None:
+        """
+        In the tail of a large body, the usage read is the last C{"usage"}
+        member holding an object: not a schema's C{usage} property echoed
+        before it, nor text that quotes a usage object (its quotes are
+        escaped), nor members after it (a Responses object's metadata).
+        """
+        document = {
+            "object": "response",
+            "text": {"format": {"schema": {"properties": {"usage": {"type": "object"}}}}},
+            "output": [{"content": [{"text": "x" * (2 * PLAIN_BODY_LIMIT) + '"usage": {"total_tokens": 1}'}]}],
+            "usage": {"input_tokens": 7, "output_tokens": 900000, "total_tokens": 900007},
+            "user": None,
+            "metadata": {"note": 'fake "usage": {"total_tokens": 2}', "k" * 64: "v" * 512},
+        }
+        result = meter([json.dumps(document).encode()], event_stream=False)
+        self.assertEqual(result.used(5), 900007)
+        # The decoy alone is not taken for usage either.
+        del document["usage"]
+        self.assertIsNone(meter([json.dumps(document).encode()], event_stream=False).total_tokens)
+
+    def test_deep_nesting(self) -> None:
+        """
+        A body nested 200,000 levels deep (which makes the JSON parser raise
+        RecursionError) is charged the estimate, without error, small or
+        large.
+        """
+        for depth in (200_000, PLAIN_BODY_LIMIT):
+            body = b'{"usage": ' + b"[" * depth + b"]" * depth + b"}"
+            result = meter(split(body, 1000), event_stream=False)
+            self.assertIsNone(result.failed)
+            self.assertEqual(result.used(5), 5)
+        body = b'{"a": 1, "usage": {"total_tokens": ' + b"[" * 200_000 + b"]" * 200_000 + b"}}"
+        self.assertEqual(meter([b"x" * PLAIN_BODY_LIMIT, body], event_stream=False).used(5), 5)
 
     def test_not_json(self) -> None:
         """
@@ -276,37 +337,266 @@ class PlainBodyTests(SynchronousTestCase):
 
 
 class InjectionEdgeTests(SynchronousTestCase):
-    def test_stream_options_null_left_alone(self) -> None:
+    def test_stream_options_without_usage_are_overridden(self) -> None:
         """
-        A body with "stream_options": null is not injected: a second member
-        would be a duplicate key, and the client's null would win.
+        A client cannot turn metering off: a body whose C{stream_options}
+        is null, or does not set C{"include_usage": true} (sets it false,
+        to be charged an estimate), is re-serialised with it on, its other
+        options kept, and means what it meant otherwise.
         """
-        from oaiproxy.usage import inject_include_usage
-
-        body = b'{"model": "m", "stream": true, "stream_options": null, "messages": []}'
-        self.assertIsNone(inject_include_usage(body, json.loads(body)))
+        for options in (None, {}, {"include_usage": False}, {"include_usage": "true"}, {"continuous": True}):
+            document = {"model": "m", "stream": True, "stream_options": options, "messages": [{"content": "\ud800é"}]}
+            body = json.dumps(document).encode()
+            injected = inject_include_usage(body, json.loads(body))
+            assert injected is not None
+            sent = json.loads(injected)
+            expected = dict(options or {}, include_usage=True)
+            self.assertEqual(sent, dict(document, stream_options=expected), options)
+            self.assertEqual(list(sent), list(document))
         plain = b' {"model": "m", "stream": true}'
         self.assertEqual(
             inject_include_usage(plain, json.loads(plain)),
             b' {"stream_options":{"include_usage":true},"model": "m", "stream": true}',
         )
 
+    def test_nothing_to_do(self) -> None:
+        """
+        A client that asked for usage keeps its body byte for byte, and a
+        C{stream_options} that is not an object (upstream refuses it) is
+        left alone.
+        """
+        for options in ({"include_usage": True}, "yes", [1], 3):
+            body = json.dumps({"model": "m", "stream": True, "stream_options": options}).encode()
+            self.assertIsNone(inject_include_usage(body, json.loads(body)), options)
+
     def test_filter_removes_null_usage_members(self) -> None:
         """
         The filter removes the "usage": null member OpenAI adds to every
         chunk, wherever it stands, and the usage-only event.
         """
-        from oaiproxy.usage import UsageEventFilter
+        self.assertEqual(UsageEventFilter()(FILTER_INPUT), FILTER_OUTPUT)
 
-        stream = (
-            b'data: {"id":"a","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
-            b'data: {"usage": null, "id":"b","choices":[]}\n\n'
-            b'data: {"id":"c","choices":[],"usage":{"total_tokens":3}}\n\n'
-            b"data: [DONE]\n\n"
+    def test_filter_any_split(self) -> None:
+        """
+        However the stream is cut between reads (inside an event, between
+        the CR and LF of a boundary), the filter gives out the same bytes.
+        """
+        for stream, expected in (
+            (FILTER_INPUT, FILTER_OUTPUT),
+            (FILTER_INPUT.replace(b"\n", b"\r\n"), FILTER_OUTPUT.replace(b"\n", b"\r\n")),
+        ):
+            for at in range(1, len(stream)):
+                for more in (at + 1, at + 3, at + 60):
+                    strip = UsageEventFilter()
+                    out = b"".join(strip(piece) for piece in split(stream, *sorted({at, min(more, len(stream))})))
+                    self.assertEqual(out + strip.flush(), expected, (at, more))
+
+
+FILTER_INPUT = (
+    b'data: {"id":"a","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
+    b'data: {"usage": null, "id":"b","choices":[]}\n\n'
+    b'data: {"id":"c","choices":[],"usage":{"total_tokens":3}}\n\n'
+    b"data: [DONE]\n\n"
+)
+FILTER_OUTPUT = (
+    b'data: {"id":"a","choices":[{"delta":{"content":"hi"}}]}\n\ndata: { "id":"b","choices":[]}\n\ndata: [DONE]\n\n'
+)
+
+
+def tool_call_chunk(arguments: str, name: Optional[str] = None) -> bytes:
+    function: dict[str, Any] = {"arguments": arguments}
+    if name is not None:
+        function["name"] = name
+    call = {"index": 0, "id": "call_1", "type": "function", "function": function}
+    return event({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+
+
+class GeneratedFieldTests(SynchronousTestCase):
+    """
+    Without a usage report, every field a stream generates counts, not just
+    its text: a client could otherwise ask for its output as tool calls.
+    """
+
+    def test_tool_calls(self) -> None:
+        """
+        288,000 characters of tool-call arguments (the attack that was
+        charged 40 tokens) are charged 72,000 tokens of output.
+        """
+        pieces = [tool_call_chunk("", name="lookup")] + [tool_call_chunk('{"q": "' + "x" * 991 + '"}')] * 288
+        result = meter(pieces)
+        self.assertEqual(result.streamed_chars, len("lookup") + 288 * 1000)
+        self.assertGreaterEqual(result.used(0), 72_000)
+
+    def test_every_chat_field(self) -> None:
+        """
+        Legacy function calls, reasoning under either name, refusals and
+        the transcript of generated audio count too (the audio itself,
+        base64, does not: its transcript is the estimate).
+        """
+        result = meter(
+            [
+                event({"choices": [{"delta": {"function_call": {"name": "f", "arguments": "abcd"}}}]}),
+                chunk(reasoning="think"),
+                chunk(reasoning_content="more"),
+                event({"choices": [{"delta": {"audio": {"id": "a1", "data": "QUJD" * 100, "transcript": "spoken"}}}]}),
+            ]
         )
-        self.assertEqual(
-            UsageEventFilter()(stream),
-            b'data: {"id":"a","choices":[{"delta":{"content":"hi"}}]}\n\n'
-            b'data: { "id":"b","choices":[]}\n\n'
-            b"data: [DONE]\n\n",
+        self.assertEqual(result.streamed_chars, 1 + 4 + 5 + 4 + 6)
+
+    def test_responses_and_completions(self) -> None:
+        """
+        The Responses API's deltas (text, function-call arguments,
+        reasoning summaries) count once, not again in their C{done} events;
+        legacy completions count their C{text}.
+        """
+        responses = meter(
+            [
+                event({"type": "response.output_text.delta", "delta": "abcd"}),
+                event({"type": "response.function_call_arguments.delta", "delta": "efgh"}),
+                event({"type": "response.reasoning_summary_text.delta", "delta": "ij"}),
+                event({"type": "response.output_text.done", "text": "abcd"}),
+                event({"type": "response.function_call_arguments.done", "arguments": "efgh"}),
+            ],
+            text_keys=("delta",),
         )
+        self.assertEqual(responses.streamed_chars, 10)
+        completions = meter([event({"choices": [{"text": "hello"}]})], text_keys=("text",))
+        self.assertEqual(completions.streamed_chars, 5)
+
+
+class EndOfStreamTests(SynchronousTestCase):
+    """
+    L{UsageMeter.ended}: the client has been sent the stream's end event,
+    its blank line included.
+    """
+
+    def test_done(self) -> None:
+        """
+        C{data: [DONE]} and its blank line end a chat stream, however the
+        reads are cut; not before the blank line.
+        """
+        for at in range(1, len(STREAM)):
+            result = meter(split(STREAM, at), finish=False)
+            self.assertTrue(result.ended, at)
+        self.assertFalse(meter([STREAM[:-1]], finish=False).ended)
+        self.assertFalse(meter([STREAM[: -len(DONE)]], finish=False).ended)
+        self.assertTrue(meter([STREAM.replace(b"\n", b"\r\n")], finish=False).ended)
+
+    def test_responses_end_events(self) -> None:
+        """
+        A Responses stream ends with C{response.completed} (or
+        C{.incomplete}, C{.failed}), named on its C{event:} line or in its
+        data; a transcription with C{transcript.text.done}.
+        """
+        for kind in ("response.completed", "response.incomplete", "response.failed"):
+            named = b"event: " + kind.encode() + b"\n" + event({"type": kind, "response": {"usage": None}})
+            self.assertTrue(meter([named], finish=False).ended, kind)
+            self.assertFalse(meter([named[:-1]], finish=False).ended, kind)
+        data_only = event({"type": "response.completed", "response": {"usage": {"total_tokens": 4}}})
+        self.assertTrue(meter([data_only], finish=False).ended)
+        done = event({"type": "transcript.text.done", "text": "hi", "usage": {"total_tokens": 3}})
+        self.assertTrue(meter([done], finish=False).ended)
+
+    def test_other_events_do_not_end(self) -> None:
+        """
+        Nothing else ends a stream: text that mentions [DONE], other event
+        types.
+        """
+        result = meter(
+            [
+                chunk(content="data: [DONE]\n\n"),
+                b"event: response.output_text.done\n" + event({"type": "response.output_text.done"}),
+                usage_chunk(5),
+            ],
+            finish=False,
+        )
+        self.assertFalse(result.ended)
+
+
+class HostileUpstreamTests(SynchronousTestCase):
+    """
+    What a broken or malicious upstream sends costs bounded memory and
+    linear time, and the meter never raises.
+    """
+
+    def test_line_without_newline(self) -> None:
+        """
+        A 17 MB C{data:} line without a newline, in 16 KiB reads, is never
+        held whole (at most L{MAX_LINE}, then only its last bytes); the
+        meter gives up on it, notes that part of the stream went unread,
+        and reads the events after it as usual.
+        """
+        result = UsageMeter(True)
+        result.feed(chunk(content="abcd"))
+        line = b"data: " + b"x" * 17_000_000
+        held = 0
+        for piece in split(line, *range(16384, len(line), 16384)):
+            result.feed(piece)
+            held = max(held, result.buffered)
+        self.assertLessEqual(held, MAX_LINE + 16384)
+        self.assertLessEqual(result.buffered, 2 * TAIL_BYTES)
+        result.feed(b"\n\n" + chunk(content="efgh") + DONE)
+        self.assertEqual(result.buffered, 0)
+        self.assertTrue(result.incomplete)
+        self.assertTrue(result.ended)
+        self.assertEqual(result.streamed_chars, 8)
+        self.assertIsNone(result.failed)
+
+    def test_long_line_usage_still_read(self) -> None:
+        """
+        A Responses C{response.completed} event longer than L{MAX_LINE}
+        (it echoes a long prompt) still gives its usage, read from its end.
+        """
+        completed = event(
+            {
+                "type": "response.completed",
+                "response": {"instructions": "i" * (2 * MAX_LINE), "usage": {"total_tokens": 77}, "metadata": {}},
+            }
+        )
+        for pieces in ([completed], split(completed, *range(4096, len(completed), 4096))):
+            result = meter(pieces, text_keys=("delta",))
+            self.assertEqual(result.total_tokens, 77)
+
+    def test_deeply_nested_event(self) -> None:
+        """
+        An event nested 200,000 levels deep, with a usage member, is
+        skipped without error.
+        """
+        deep = b'data: {"usage": {"total_tokens": ' + b"[" * 200_000 + b"]" * 200_000 + b"}}\n\n"
+        result = meter([chunk(content="abcd"), deep, DONE])
+        self.assertIsNone(result.failed)
+        self.assertEqual(result.used(1), 2)
+
+    def test_a_bug_is_kept_not_raised(self) -> None:
+        """
+        Whatever the meter raises is kept in C{failed}, and it meters no
+        more: the relay and the settlement go on.
+        """
+
+        def broken(raw: bytes) -> int:
+            raise RuntimeError("bug")
+
+        self.patch(usage_module, "_json_string_length", broken)
+        result = meter([chunk(content="abcd"), usage_chunk(5)])
+        assert result.failed is not None
+        self.assertTrue(result.failed.check(RuntimeError))
+        self.assertIsNone(result.total_tokens)
+        self.assertEqual(result.buffered, 0)
+
+    def test_filter_event_without_end(self) -> None:
+        """
+        The usage filter holds at most L{MAX_LINE} of an event without a
+        boundary, then lets it through as it comes, byte for byte; the
+        events after it are filtered again.
+        """
+        strip = UsageEventFilter()
+        line = b"data: " + b"x" * 17_000_000
+        out, held = [], 0
+        for piece in split(line, *range(16384, len(line), 16384)):
+            out.append(strip(piece))
+            held = max(held, strip.buffered)
+        self.assertLessEqual(held, MAX_LINE + 16384)
+        self.assertEqual(b"".join(out), line)
+        self.assertEqual(strip(b"\r\n\r\n" + FILTER_INPUT[:30]), b"\r\n\r\n")
+        self.assertEqual(strip(FILTER_INPUT[30:]) + strip.flush(), FILTER_OUTPUT)
+        self.assertEqual(strip.buffered, 0)
