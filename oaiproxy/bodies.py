@@ -296,7 +296,15 @@ _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _QUOTED = rb'"(?:[^"\\\r\n]|\\[^\r\n])*"'
 _PARAMETER = re.compile(rb";[ \t]*(" + _TOKEN + rb")[ \t]*=[ \t]*(" + _TOKEN + rb"|" + _QUOTED + rb")[ \t]*")
 _DISPOSITION_VALUE = re.compile(
-    rb"[ \t]*" + _TOKEN + rb"[ \t]*(?:;[ \t]*" + _TOKEN + rb"[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb")[ \t]*)*"
+    rb"[ \t]*"
+    + _TOKEN
+    + rb"[ \t]*(?:;[ \t]*"
+    + _TOKEN
+    + rb"[ \t]*=[ \t]*(?:"
+    + _TOKEN
+    + rb"|"
+    + _QUOTED
+    + rb")[ \t]*)*"
     rb"(?:;[ \t]*)?\r?"
 )
 _FOLDED = re.compile(rb"(?:^|\n)[ \t]")

@@ -385,9 +385,7 @@ def load_clients(keys_file: Optional[str], environ: Mapping[str, str]) -> Client
                 f"the keys file already has a client named {name!r}, the name of a key from OAIPROXY_CLIENT_KEYS"
             )
         clients.append(
-            Client(
-                name=name, key_sha256=hashlib.sha256(key.reveal()).digest(), limits=defaults, **header_defaults
-            )
+            Client(name=name, key_sha256=hashlib.sha256(key.reveal()).digest(), limits=defaults, **header_defaults)
         )
     hashes = [client.key_sha256 for client in clients]
     if len(set(hashes)) != len(hashes):

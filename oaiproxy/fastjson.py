@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from json.decoder import scanstring
+from json.decoder import scanstring  # type: ignore[attr-defined]  # the scanner json uses; not in typeshed
 from types import MappingProxyType
 from typing import Any, Mapping, Optional, Union
 

@@ -115,9 +115,7 @@ def is_credential_header(name: bytes) -> bool:
     return name in _CREDENTIAL_NAMES or _CREDENTIAL_WORD.search(name) is not None
 
 
-def _kept(
-    headers: Headers, drop: frozenset[bytes], credentials: bool = False
-) -> Iterable[tuple[bytes, list[bytes]]]:
+def _kept(headers: Headers, drop: frozenset[bytes], credentials: bool = False) -> Iterable[tuple[bytes, list[bytes]]]:
     also = _connection_tokens(headers)
     for name, values in headers.getAllRawHeaders():
         lowered = name.lower()

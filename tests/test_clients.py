@@ -24,15 +24,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaiproxy.__main__ import main
 from oaiproxy.clients import (
     KEY_PREFIX,
+    OPENAI_KEY_MARKER,
     Client,
     ClientRegistry,
     Credentials,
     Limits,
+    contains_openai_key,
     file_entry,
     hash_key,
     load_clients,
-    OPENAI_KEY_MARKER,
-    contains_openai_key,
     looks_like_openai_key,
     mint_key,
     parse_clients,
@@ -372,8 +372,10 @@ class OpenAIHeaderSettingsTests(SynchronousTestCase):
         C{[defaults]} sets them for every client that does not say
         otherwise, the keys of C{OAIPROXY_CLIENT_KEYS} included.
         """
-        text = '[defaults]\npass_openai_headers = true\nproject = "proj_shared"\n' + alice() + bob(
-            pass_openai_headers=False, project="proj_bob"
+        text = (
+            '[defaults]\npass_openai_headers = true\nproject = "proj_shared"\n'
+            + alice()
+            + bob(pass_openai_headers=False, project="proj_bob")
         )
         _, [a, b] = parse(text)
         self.assertEqual((a.project, a.pass_openai_headers), ("proj_shared", True))

@@ -545,9 +545,7 @@ class OpenAIKeyCarrierTests(SynchronousTestCase):
         self.assertIsNone(openai_key_carrier(headers, b"/v1/models", accepted=REAL_KEY))
         headers.addRawHeader(b"x-api-key", LEGACY_KEY)
         self.assertEqual(openai_key_carrier(headers, b"/v1/models", accepted=REAL_KEY), "x-api-key")
-        self.assertEqual(
-            openai_key_carrier(Headers(), b"/v1/models?api_key=" + REAL_KEY, accepted=REAL_KEY), "the URL"
-        )
+        self.assertEqual(openai_key_carrier(Headers(), b"/v1/models?api_key=" + REAL_KEY, accepted=REAL_KEY), "the URL")
 
 
 class ScopeOpenAIHeadersTests(SynchronousTestCase):

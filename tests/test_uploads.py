@@ -193,11 +193,17 @@ class UploadTests(SynchronousTestCase):
         quoted names: what counts is that the proxy let them through.)
         """
         h = Harness(clients=registry(CLIENT_KEY, models=["whisper-1"]), routes=ROUTES)
-        for sent, (model_disposition, file_disposition) in enumerate([
-            (b" form-data; name=model", b' form-data; name="file"; filename="a.wav"'),
-            (b' form-data ; NAME = "model" ;', b' form-data; Name="file"; FileName="a.wav"'),
-            (b" form-data; name=\"model\"; name*=UTF-8''model", b' form-data; name="file"; filename="a \\"b\\".wav"'),
-        ], 1):
+        for sent, (model_disposition, file_disposition) in enumerate(
+            [
+                (b" form-data; name=model", b' form-data; name="file"; filename="a.wav"'),
+                (b' form-data ; NAME = "model" ;', b' form-data; Name="file"; FileName="a.wav"'),
+                (
+                    b" form-data; name=\"model\"; name*=UTF-8''model",
+                    b' form-data; name="file"; filename="a \\"b\\".wav"',
+                ),
+            ],
+            1,
+        ):
             body = (
                 b"--oaiproxy-test-boundary\r\nContent-Disposition:" + model_disposition + b"\r\n\r\nwhisper-1\r\n"
                 b"--oaiproxy-test-boundary\r\nContent-Disposition:" + file_disposition + b"\r\n"

@@ -392,7 +392,9 @@ class RepeatedMemberTests(SynchronousTestCase):
         """
         self.assertAccepted(members(("user", '"\\u00e9\\u4f60\\u003cb\\u003e"')))
         self.assertAccepted(members(("user", '"he\\u006clo"')))
-        self.assertAccepted(json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "héllo 你好"}]}).encode())
+        self.assertAccepted(
+            json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "héllo 你好"}]}).encode()
+        )
 
     def test_other_repeats_left_to_upstream(self) -> None:
         """
