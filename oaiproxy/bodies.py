@@ -21,6 +21,7 @@ import re
 import tempfile
 from collections import deque
 from typing import IO, Any, Callable, Optional
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -289,7 +290,65 @@ class BodyPipe:
 
 _BOUNDARY = re.compile(rb'boundary=(?:"([^"]+)"|([^";,\s]+))', re.IGNORECASE)
 _DISPOSITION = re.compile(rb"^content-disposition:(.*)$", re.IGNORECASE | re.MULTILINE)
-_PARAMETER = re.compile(rb';\s*([a-zA-Z*]+)="((?:[^"\\]|\\.)*)"')
+# RFC 6266: a disposition type, then "; name=value" parameters whose value
+# is a token or a quoted string.
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = rb'"(?:[^"\\\r\n]|\\[^\r\n])*"'
+_PARAMETER = re.compile(rb";[ \t]*(" + _TOKEN + rb")[ \t]*=[ \t]*(" + _TOKEN + rb"|" + _QUOTED + rb")[ \t]*")
+_DISPOSITION_VALUE = re.compile(
+    rb"[ \t]*"
+    + _TOKEN
+    + rb"[ \t]*(?:;[ \t]*"
+    + _TOKEN
+    + rb"[ \t]*=[ \t]*(?:"
+    + _TOKEN
+    + rb"|"
+    + _QUOTED
+    + rb")[ \t]*)*"
+    rb"(?:;[ \t]*)?\r?"
+)
+_FOLDED = re.compile(rb"(?:^|\n)[ \t]")
+
+
+def disposition_parameters(value: bytes) -> Optional[dict[bytes, bytes]]:
+    """
+    The parameters of a part's C{Content-Disposition} value, by lower-cased
+    name (quoted values unquoted), or C{None} when parsers could read it
+    differently: a value that is not C{type; name=value; ...}, a parameter
+    given twice (C{name="model"; name="x"}: the first for some parsers, the
+    last for others), a C{name*} (RFC 5987, decoded by some parsers and
+    ignored by others) that does not say what C{name} says, or a name with
+    a backslash (unescaped by some parsers only).
+    """
+    if _DISPOSITION_VALUE.fullmatch(value) is None:
+        return None
+    parameters: dict[bytes, bytes] = {}
+    for raw_name, raw_value in _PARAMETER.findall(value):
+        name = raw_name.lower()
+        if name in parameters or (name == b"name" and b"\\" in raw_value):
+            return None
+        if raw_value.startswith(b'"'):
+            raw_value = re.sub(rb"\\(.)", rb"\1", raw_value[1:-1])
+        parameters[name] = raw_value
+    if b"name*" in parameters:
+        if parameters.get(b"name") != _ext_value(parameters[b"name*"]):
+            return None
+    return parameters
+
+
+def _ext_value(value: bytes) -> Optional[bytes]:
+    """
+    An RFC 5987 C{charset'language'percent-encoded} value, as UTF-8; C{None}
+    for one that cannot be read.
+    """
+    charset, sep, rest = value.partition(b"'")
+    _, sep2, encoded = rest.partition(b"'")
+    if not (sep and sep2):
+        return None
+    try:
+        return unquote_to_bytes(encoded).decode(charset.decode("ascii")).encode("utf-8")
+    except (LookupError, UnicodeError):
+        return None
 
 
 def form_boundary(content_type: bytes) -> Optional[bytes]:
@@ -394,12 +453,22 @@ class FormFields:
             # differently.
             self.suspect.add("*")
             return
-        parameters = dict((k.lower(), v) for k, v in _PARAMETER.findall(dispositions[0]))
+        parameters = disposition_parameters(dispositions[0])
+        if parameters is None or _FOLDED.search(head) is not None:
+            # A disposition parsers read differently (or folded over two
+            # lines, which only some parsers join): whatever this part is to
+            # the proxy, it may be the model to upstream.
+            self.suspect.add("model")
+            return
         if b"name" not in parameters:
             self.suspect.add("*")
             return
         name = parameters[b"name"].decode("utf-8", "replace")
-        if b"filename" in parameters:
+        if b"filename" in parameters or b"filename*" in parameters:
+            if name == "model":
+                # Skipped as a file here, read as the model by a parser
+                # that goes by the name.
+                self.suspect.add("model")
             return
         if self._overflow or name in self.fields:
             self.suspect.add(name)

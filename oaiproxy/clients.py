@@ -23,6 +23,12 @@ non-blank character is C{{}})::
     key_sha256 = "5e884898..."   # from: python -m oaiproxy keygen --name alice
     tokens_per_minute = 100000
     models = ["gpt-4o-mini"]     # optional allow-list
+    project = "proj_..."         # optional: the OpenAI-Project sent for it
+
+C{OpenAI-Organization} and C{OpenAI-Project} pick what the shared upstream
+key acts for, so a client's own are dropped unless its entry (or
+C{[defaults]}) sets C{pass_openai_headers = true}; C{organization} and
+C{project} set fixed values instead.
 
 Keys in C{OAIPROXY_CLIENT_KEYS} (plain, comma-separated) still work for
 simple setups; they are named C{env-1}, C{env-2}... and get the defaults.
@@ -57,6 +63,8 @@ __all__ = [
     "mint_key",
     "file_entry",
     "looks_like_openai_key",
+    "contains_openai_key",
+    "OPENAI_KEY_MARKER",
     "KEY_PREFIX",
     "Credentials",
 ]
@@ -65,6 +73,9 @@ __all__ = [
 KEY_PREFIX = "oaiproxy-"
 
 _LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "concurrent_requests", "default_max_tokens")
+#: What a client's entry (or the defaults) says about C{OpenAI-Organization}
+#: and C{OpenAI-Project}; see L{Client}.
+_HEADER_FIELDS = ("organization", "project", "pass_openai_headers")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -117,6 +128,14 @@ class Client:
     key_sha256: bytes = field(repr=False)
     limits: Limits = Limits()
     models: Optional[frozenset[str]] = None
+    #: Fixed C{OpenAI-Organization} / C{OpenAI-Project} values sent
+    #: upstream for this client, replacing its own.
+    organization: Optional[str] = None
+    project: Optional[str] = None
+    #: Whether the client's own C{OpenAI-Organization} / C{OpenAI-Project}
+    #: go upstream (where no fixed value is set); by default they are
+    #: dropped, since they pick what the shared key acts for.
+    pass_openai_headers: bool = False
 
     def allows(self, model: Optional[str]) -> bool:
         """
@@ -160,12 +179,32 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+#: What every OpenAI secret key carries between its two random halves:
+#: C{T3BlbkFJ}, the base64 of "OpenAI".  Secret scanners (gitleaks'
+#: C{openai-api-key} rule) key on it; a C{sk-} prefix alone is also worn by
+#: LiteLLM virtual keys and many local servers' dummy keys.
+OPENAI_KEY_MARKER = b"T3BlbkFJ"
+# Legacy keys are sk- + 20 + marker + 20 letters and digits; project,
+# service-account and admin keys (sk-proj-, sk-svcacct-, sk-admin-) have
+# 58 or 74 characters of [A-Za-z0-9_-] on each side.  The bounds keep a
+# search linear in the header's length.
+_OPENAI_KEY = re.compile(rb"sk-[A-Za-z0-9_-]{20,200}T3BlbkFJ[A-Za-z0-9_-]{20}")
+
+
+def contains_openai_key(data: bytes) -> bool:
+    """
+    Whether C{data} holds a real OpenAI secret key (by the shape above),
+    anywhere in it.
+    """
+    return OPENAI_KEY_MARKER in data and _OPENAI_KEY.search(data) is not None
+
+
 def looks_like_openai_key(token: bytes) -> bool:
     """
-    Whether a bearer token looks like an OpenAI secret key (C{sk-...},
-    C{sk-proj-...}): someone about to hand their real key to the proxy.
+    Whether a token is, or holds, a real OpenAI secret key: someone about
+    to hand their real key to the proxy (see L{contains_openai_key}).
     """
-    return token.startswith(b"sk-") and len(token) >= 20
+    return contains_openai_key(token)
 
 
 def mint_key() -> str:
@@ -202,12 +241,46 @@ def _limits(table: Mapping[str, Any], where: str, base: Limits) -> Limits:
     return Limits(**{**base.__dict__, **values})
 
 
+def _header_settings(table: Mapping[str, Any], where: str, base: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The C{organization}, C{project} and C{pass_openai_headers} of an entry,
+    over those of C{base} (the defaults).
+    """
+    values = dict(base)
+    for name in ("organization", "project"):
+        if name in table:
+            value = table[name]
+            if (
+                not isinstance(value, str)
+                or not value.strip()
+                or not value.isascii()
+                or not all(" " <= c < "\x7f" for c in value)
+            ):
+                raise ConfigError(f"{where}: {name} must be a non-empty string of printable ASCII")
+            values[name] = value.strip()
+    if "pass_openai_headers" in table:
+        value = table["pass_openai_headers"]
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: pass_openai_headers must be true or false")
+        values["pass_openai_headers"] = value
+    return values
+
+
 def parse_clients(data: bytes, path: str) -> tuple[Limits, list[Client]]:
     """
     Read a keys file's content.
 
     @raise ConfigError: naming the file, the client and the field that is
         wrong.  A hash is never quoted.
+    """
+    defaults, _, clients = _parse_clients(data, path)
+    return defaults, clients
+
+
+def _parse_clients(data: bytes, path: str) -> tuple[Limits, dict[str, Any], list[Client]]:
+    """
+    L{parse_clients}, with the defaults' header settings too (for the keys
+    of C{OAIPROXY_CLIENT_KEYS}, which get every default).
     """
     text = data.decode("utf-8", "replace")
     try:
@@ -225,10 +298,11 @@ def parse_clients(data: bytes, path: str) -> tuple[Limits, list[Client]]:
     defaults_table = document.get("defaults", {})
     if not isinstance(defaults_table, dict):
         raise ConfigError(f"{path}: [defaults] must be a table")
-    unknown = set(defaults_table) - set(_LIMIT_FIELDS)
+    unknown = set(defaults_table) - set(_LIMIT_FIELDS) - set(_HEADER_FIELDS)
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) in [defaults]: {sorted(unknown)}")
     defaults = _limits(defaults_table, f"{path} [defaults]", Limits())
+    header_defaults = _header_settings(defaults_table, f"{path} [defaults]", {})
     entries = document.get("clients", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: clients must be a list of [[clients]] tables")
@@ -243,7 +317,7 @@ def parse_clients(data: bytes, path: str) -> tuple[Limits, list[Client]]:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"{where}: name must be a non-empty string")
         where = f"{path} client {name!r}"
-        unknown = set(entry) - {"name", "key_sha256", "models", *_LIMIT_FIELDS}
+        unknown = set(entry) - {"name", "key_sha256", "models", *_LIMIT_FIELDS, *_HEADER_FIELDS}
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
         digest = entry.get("key_sha256")
@@ -268,9 +342,10 @@ def parse_clients(data: bytes, path: str) -> tuple[Limits, list[Client]]:
                 key_sha256=bytes.fromhex(digest),
                 limits=_limits(entry, where, defaults),
                 models=frozenset(models) if models is not None else None,
+                **_header_settings(entry, where, header_defaults),
             )
         )
-    return defaults, clients
+    return defaults, header_defaults, clients
 
 
 def load_clients(keys_file: Optional[str], environ: Mapping[str, str]) -> ClientRegistry:
@@ -290,7 +365,7 @@ def load_clients(keys_file: Optional[str], environ: Mapping[str, str]) -> Client
         candidate = os.path.join(credentials, CLIENT_KEYS_CREDENTIAL) if credentials else None
         if candidate is not None and os.path.exists(candidate):
             path = candidate
-    defaults, clients = Limits(), list[Client]()
+    defaults, header_defaults, clients = Limits(), dict[str, Any](), list[Client]()
     if path:
         if not os.path.exists(path):
             # Not echoed: a value that names no file may be a key given by
@@ -301,7 +376,7 @@ def load_clients(keys_file: Optional[str], environ: Mapping[str, str]) -> Client
                 data = f.read()
         except OSError as e:
             raise ConfigError(f"cannot read the client keys file {path}: {e.strerror}") from None
-        defaults, clients = parse_clients(data, path)
+        defaults, header_defaults, clients = _parse_clients(data, path)
     names = {client.name for client in clients}
     for index, key in enumerate(client_keys_from_env(environ), 1):
         name = f"env-{index}"
@@ -309,7 +384,9 @@ def load_clients(keys_file: Optional[str], environ: Mapping[str, str]) -> Client
             raise ConfigError(
                 f"the keys file already has a client named {name!r}, the name of a key from OAIPROXY_CLIENT_KEYS"
             )
-        clients.append(Client(name=name, key_sha256=hashlib.sha256(key.reveal()).digest(), limits=defaults))
+        clients.append(
+            Client(name=name, key_sha256=hashlib.sha256(key.reveal()).digest(), limits=defaults, **header_defaults)
+        )
     hashes = [client.key_sha256 for client in clients]
     if len(set(hashes)) != len(hashes):
         raise ConfigError("a key in OAIPROXY_CLIENT_KEYS is also in the keys file")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
@@ -41,6 +42,8 @@ __all__ = [
     "load_api_key",
     "CLIENT_KEYS_CREDENTIAL",
     "is_private_address",
+    "unix_listener",
+    "UNIX_MODE",
 ]
 
 DEFAULT_PORT = "tcp:8080:interface=127.0.0.1"
@@ -258,14 +261,38 @@ def api_base(url: str, style: str) -> str:
     return url
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,15}$")
+
+
 def _redact_url(text: str) -> str:
-    # A URL with userinfo may carry a password; show only what follows '@'.
+    """
+    A URL as an error message may show it: the scheme, host, port and path,
+    with any userinfo (a password), query or fragment (a key, for some
+    gateways) replaced by C{<redacted>}.  Built by hand, because the URL
+    being reported may be one that C{urlsplit} cannot read.
+    """
     scheme, sep, rest = text.partition("://")
-    authority, slash, path = rest.partition("/")
-    if sep and "@" in authority:
+    if not sep or not _SCHEME.match(scheme):
+        # Not even a scheme: perhaps a key given in the wrong place.
+        return "<not a URL; not shown>"
+    ends = [at for at in (rest.find("/"), rest.find("?"), rest.find("#")) if at >= 0]
+    end = min(ends) if ends else len(rest)
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority:
         # A password may itself contain "@": keep only what follows the last.
-        return f"{scheme}://<redacted>@{authority.rsplit('@', 1)[1]}{slash}{path}"
-    return text
+        authority = "<redacted>@" + authority.rsplit("@", 1)[1]
+    host, colon, port = authority.rpartition(":")
+    if colon and not authority.endswith("]") and not port.isdigit():
+        # "host:secret", a password whose user was left out.
+        authority = f"{host}:<redacted>"
+    cut = [at for at in (tail.find("?"), tail.find("#")) if at >= 0]
+    path = tail[: min(cut)] if cut else tail
+    shown = f"{scheme}://{authority}{path}"
+    if "?" in tail:
+        shown += "?<redacted>"
+    elif "#" in tail:
+        shown += "#<redacted>"
+    return shown
 
 
 def port_from_env(environ: Mapping[str, str]) -> Optional[str]:
@@ -338,14 +365,69 @@ def _read_key_file(path: str) -> Secret:
 def is_private_address(address: IAddress) -> bool:
     """
     Whether a listening address is reachable only from this host: a loopback
-    IP, or a UNIX socket (guarded by file permissions).
+    IP, or a UNIX socket (guarded by file permissions; see
+    L{unix_listener}).
+
+    An IPv4-mapped IPv6 address (C{::ffff:127.0.0.1}) is what its IPv4
+    address is: a socket bound there accepts only IPv4 connections to that
+    address.
     """
     if isinstance(address, UNIXAddress):
         return True
     if isinstance(address, (IPv4Address, IPv6Address)):
         host = address.host.split("%", 1)[0]
         try:
-            return ipaddress.ip_address(host).is_loopback
+            ip: Any = ipaddress.ip_address(host)
         except ValueError:
             return False
+        mapped = getattr(ip, "ipv4_mapped", None)
+        if mapped is not None:
+            ip = mapped
+        return bool(ip.is_loopback)
     return False
+
+
+#: The mode of a C{unix:} listener's socket file when the description does
+#: not set one: the owner and its group may connect (a reverse proxy in the
+#: group), others not.  Twisted's own default, 666, lets every local user in.
+UNIX_MODE = "660"
+
+
+def unix_listener(description: str) -> str:
+    """
+    An endpoint description with the proxy's default socket mode
+    (L{UNIX_MODE}) added to a C{unix:} listener that sets none, positionally
+    (C{unix:PATH:MODE}) or as C{mode=}; any other description unchanged.
+
+    The description is split the way Twisted's endpoint parser splits it:
+    on C{:} not escaped by a backslash, a parameter's name ending at its
+    first unescaped C{=}.
+    """
+    positional, named = _endpoint_parameters(description)
+    if not positional or positional[0] != "unix":
+        return description
+    if "mode" in named or len(positional) - 1 + ("address" in named) >= 2:
+        return description
+    return f"{description}:mode={UNIX_MODE}"
+
+
+def _endpoint_parameters(description: str) -> tuple[list[str], set[str]]:
+    positional: list[str] = []
+    named: set[str] = set()
+    current, key, escaped = "", None, False
+    for char in description + ":":
+        if escaped:
+            current, escaped = current + char, False
+        elif char == "\\":
+            escaped = True
+        elif char == "=" and key is None:
+            key, current = current, ""
+        elif char == ":":
+            if key is None:
+                positional.append(current)
+            else:
+                named.add(key)
+            current, key = "", None
+        else:
+            current += char
+    return positional, named

@@ -103,17 +103,21 @@ def invalid_api_key() -> ApiError:
     )
 
 
-def openai_key_sent() -> ApiError:
+def openai_key_sent(where: Optional[str] = None) -> ApiError:
     """
-    A 401 for a request carrying what looks like a real OpenAI key.  It is
-    never forwarded: the proxy holds the OpenAI key, clients need only a
-    proxy key, and a real key in every app's configuration is one leak
-    away from misuse.
+    A 401 for a request carrying a real OpenAI secret key (by its shape:
+    see L{oaiproxy.clients.contains_openai_key}).  It is never forwarded:
+    the proxy holds the OpenAI key, clients need only a proxy key, and a
+    real key in every app's configuration is one leak away from misuse.
+    The message says where the key was (a header's name, or the URL),
+    never the key.
     """
+    place = f" (in {where})" if where else ""
     return ApiError(
         401,
-        "This request carries what looks like an OpenAI API key (sk-...). Do not send your OpenAI key to "
-        "this proxy: it holds the key itself. Use the client key your proxy operator gave you.",
+        f"This request carries a real OpenAI API key{place}. It was not forwarded, but it has been sent to a "
+        "proxy that does not need it: treat it as exposed and rotate it at https://platform.openai.com/api-keys. "
+        "This proxy holds the OpenAI key itself; send the client key your proxy operator gave you instead.",
         INVALID_REQUEST,
         None,
         "openai_key_not_accepted",

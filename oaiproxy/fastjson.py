@@ -14,14 +14,17 @@ strictness costs only bodies that are unusual anyway.
 from __future__ import annotations
 
 import json
-from typing import Any, Union
+import re
+from json.decoder import scanstring  # type: ignore[attr-defined]  # the scanner json uses; not in typeshed
+from types import MappingProxyType
+from typing import Any, Mapping, Optional, Union
 
 try:
     import orjson
 except ImportError:  # pragma: no cover - a platform without orjson wheels
     orjson = None  # type: ignore[assignment]
 
-__all__ = ["loads"]
+__all__ = ["loads", "RepeatedMembers"]
 
 
 def loads(data: Union[bytes, str]) -> Any:
@@ -37,3 +40,134 @@ def loads(data: Union[bytes, str]) -> Any:
         except orjson.JSONDecodeError:
             pass
     return json.loads(data)
+
+
+# An escaped lower-case ASCII letter or underscore (\u0061 to \u007a,
+# \u005f), the only escapes that can spell a member name the proxy reads:
+# "mod\u0065l" is "model" to every parser.  Text rarely has one (escaped
+# non-ASCII text is \u00e9, \u4f60...; HTML-safe encoders escape < > &).
+_ESCAPED_NAME_CHAR = re.compile(rb"\\u00(?:6[1-9a-fA-F]|7[0-9aA]|5[fF])")
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+class RepeatedMembers:
+    """
+    Finds, in a JSON object, a member given twice or under two spellings,
+    among C{names} at its top level and C{nested[name]} inside its member
+    C{name}.
+
+    Parsers disagree on a repeated member: ours keeps the last value, many
+    keep the first, and Go's C{encoding/json} (Ollama, many gateways) also
+    matches names case-insensitively, C{"Model"} and C{"\u017ftream"}
+    included.  So a name given twice, or in another spelling (other case,
+    escapes), means the proxy may check one value while upstream uses
+    another.
+
+    Cheap for a body without repetition: the spellings are looked at in the
+    parsed keys, and the bytes are searched twice (for the quoted names, a
+    regex whose alternatives share their first character and so runs about
+    as fast as one C{bytes.count}; and for escaped letters).  Only a body
+    where a name appears twice anywhere (a tool parameter called C{model},
+    say), or with an escaped letter, is read again member by member.
+    """
+
+    def __init__(self, names: frozenset[str], nested: Mapping[str, frozenset[str]] = MappingProxyType({})) -> None:
+        self._names = names
+        self._nested = dict(nested)
+        every = names.union(*self._nested.values())
+        alternatives = b"|".join(re.escape(name.encode()) for name in sorted(every, key=len, reverse=True))
+        self._quoted = re.compile(b'"(?:' + alternatives + b')"')
+
+    def __call__(self, data: bytes, document: Mapping[str, Any]) -> Optional[str]:
+        """
+        The first repeated name (a nested one as
+        C{"stream_options.include_usage"}), C{""} when the body could not
+        be read again (then it cannot be vouched for either), or C{None}.
+
+        @param document: C{data} as parsed.
+        """
+        respelled = _respelled(document, self._names)
+        if respelled is not None:
+            return respelled
+        for parent, children in self._nested.items():
+            inner = document.get(parent)
+            if isinstance(inner, dict):
+                respelled = _respelled(inner, children)
+                if respelled is not None:
+                    return f"{parent}.{respelled}"
+        if not self._may_repeat(data):
+            return None
+        try:
+            text = data.decode(json.detect_encoding(data))
+            return _repeated(text, _skip(text, 0), self._names, self._nested)[0]
+        except (ValueError, IndexError, RecursionError):
+            return ""
+
+    def _may_repeat(self, data: bytes) -> bool:
+        if not json.detect_encoding(data).startswith("utf-8"):
+            # UTF-16 or UTF-32, which the standard library accepts: the byte
+            # searches below would find nothing.
+            return True
+        found = self._quoted.findall(data)
+        if len(found) != len(set(found)):
+            return True
+        return _ESCAPED_NAME_CHAR.search(data) is not None
+
+
+def _respelled(document: Mapping[str, Any], names: frozenset[str]) -> Optional[str]:
+    for key in document:
+        if key not in names:
+            folded = key.casefold()
+            if folded in names:
+                return folded
+    return None
+
+
+def _skip(text: str, at: int) -> int:
+    match = _WHITESPACE.match(text, at)
+    return match.end() if match is not None else at
+
+
+def _repeated(
+    text: str, at: int, names: frozenset[str], nested: Mapping[str, frozenset[str]]
+) -> tuple[Optional[str], int]:
+    """
+    Walk the object at C{text[at]}, reading its members' names (escapes
+    decoded) and skipping their values with the standard library's C
+    scanner, except those of C{nested}, walked the same way.
+
+    @raise ValueError: or C{IndexError}, for what is not a JSON object.
+    """
+    if text[at] != "{":
+        raise ValueError("not an object")
+    seen: set[str] = set()
+    at = _skip(text, at + 1)
+    if text[at] == "}":
+        return None, at + 1
+    while True:
+        if text[at] != '"':
+            raise ValueError("expected a member name")
+        key, at = scanstring(text, at + 1)
+        at = _skip(text, at)
+        if text[at] != ":":
+            raise ValueError("expected ':'")
+        at = _skip(text, at + 1)
+        children = nested.get(key)
+        if children is not None and text[at] == "{":
+            inner, at = _repeated(text, at, children, MappingProxyType({}))
+            if inner is not None:
+                return f"{key}.{inner}", at
+        else:
+            _, at = _DECODER.raw_decode(text, at)
+        if key in names:
+            if key in seen:
+                return key, at
+            seen.add(key)
+        at = _skip(text, at)
+        if text[at] == ",":
+            at = _skip(text, at + 1)
+            continue
+        if text[at] != "}":
+            raise ValueError("expected ',' or '}'")
+        return None, at + 1

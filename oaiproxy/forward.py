@@ -27,7 +27,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.server import Request
 
 from oaiproxy.bodies import IStreamedBody
-from oaiproxy.clients import Client, Credentials, looks_like_openai_key
+from oaiproxy.clients import Client, Credentials
 from oaiproxy.errors import (
     ApiError,
     draining,
@@ -41,7 +41,13 @@ from oaiproxy.errors import (
     upstream_timeout,
     upstream_unreachable,
 )
-from oaiproxy.headers import bearer_token, client_request_id, client_response_headers
+from oaiproxy.headers import (
+    bearer_token,
+    client_request_id,
+    client_response_headers,
+    openai_key_carrier,
+    scope_openai_headers,
+)
 from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.limits import UNLIMITED, Limiter, Refusal, Reservation
 from oaiproxy.records import RequestRecord, record_of
@@ -59,6 +65,8 @@ __all__ = [
     "classify_upstream_failure",
     "read_body",
 ]
+
+_log = Logger()
 
 
 def classify_upstream_failure(failure: Failure, connect_timeout: float) -> ApiError:
@@ -107,19 +115,27 @@ def authenticate(request: Request, credentials: Credentials) -> "Optional[Client
     """
     Who is asking: the client whose key the request carries (C{None} when
     the proxy has no client keys), or the error to answer with.  A request
-    carrying what looks like an OpenAI key is refused either way.  The
-    client's name goes on the request's record, for logs and metrics.
+    carrying a real OpenAI key anywhere (a header, the URL) is refused
+    either way; a configured client key is accepted whatever it looks like.
+    The client's name goes on the request's record, for logs and metrics,
+    and its entry decides the C{OpenAI-Organization} / C{OpenAI-Project}
+    that go upstream.
     """
-    token = bearer_token(request.requestHeaders)
+    headers = request.requestHeaders
+    token = bearer_token(headers)
     clients = credentials.clients
     client = clients.identify(token) if (token is not None and len(clients)) else None
-    if token is not None and client is None and looks_like_openai_key(token):
-        return openai_key_sent()
+    leaked = openai_key_carrier(headers, request.uri, token if client is not None else None)
+    if leaked is not None:
+        # Where, never what: the operator can tell the user to rotate it.
+        _log.warn("refused a request carrying a real OpenAI API key in {where}; it should be rotated", where=leaked)
+        return openai_key_sent(leaked)
     if len(clients) and client is None:
         return invalid_api_key()
     if client is not None:
         # Who, never with what key.
         record_of(request).client = client.name
+        scope_openai_headers(headers, client.organization, client.project, client.pass_openai_headers)
     return client
 
 

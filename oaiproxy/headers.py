@@ -10,10 +10,15 @@ here, free of I/O, lets them be read in one place and tested exhaustively.
 
 from __future__ import annotations
 
+import binascii
 import re
+from base64 import b64decode
 from typing import Iterable, Optional, Sequence
+from urllib.parse import unquote_to_bytes
 
 from twisted.web.http_headers import Headers
+
+from oaiproxy.clients import OPENAI_KEY_MARKER, contains_openai_key
 
 __all__ = [
     "HOP_BY_HOP",
@@ -22,6 +27,9 @@ __all__ = [
     "bearer_token",
     "client_request_id",
     "parse_static_header",
+    "is_credential_header",
+    "openai_key_carrier",
+    "scope_openai_headers",
 ]
 
 #: Connection-level headers (RFC 9110 section 7.6.1 plus the historical
@@ -85,11 +93,35 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
-def _kept(headers: Headers, drop: frozenset[bytes]) -> Iterable[tuple[bytes, list[bytes]]]:
+#: Header names that carry a client's credential, whatever the API they
+#: come from (Anthropic's C{x-api-key}, Google's C{x-goog-api-key}...).
+_CREDENTIAL_NAMES: frozenset[bytes] = frozenset(
+    {b"authorization", b"proxy-authorization", b"api-key", b"x-api-key", b"cookie"}
+)
+#: And any name with a credential-like word in it (C{X-Auth-Token},
+#: C{OpenAI-Api-Key}, C{X-Access-Token}, C{X-Secret}...).  None of the
+#: headers the OpenAI SDKs send (C{OpenAI-*}, C{X-Stainless-*},
+#: C{Idempotency-Key}) has one.
+_CREDENTIAL_WORD = re.compile(
+    rb"(?:^|[-_.])(?:api[-_]?key|auth|authorization|token|secret|password|passwd|credentials?|bearer)(?:$|[-_.])"
+)
+
+
+def is_credential_header(name: bytes) -> bool:
+    """
+    Whether a request header (by its lower-cased name) carries a client's
+    credential, which never goes upstream: the proxy sends its own.
+    """
+    return name in _CREDENTIAL_NAMES or _CREDENTIAL_WORD.search(name) is not None
+
+
+def _kept(headers: Headers, drop: frozenset[bytes], credentials: bool = False) -> Iterable[tuple[bytes, list[bytes]]]:
     also = _connection_tokens(headers)
     for name, values in headers.getAllRawHeaders():
         lowered = name.lower()
         if lowered in drop or lowered in also:
+            continue
+        if credentials and is_credential_header(lowered):
             continue
         if lowered == b"content-encoding" and not b"".join(values).strip():
             # Twisted's ContentDecoderAgent leaves an empty Content-Encoding
@@ -110,7 +142,10 @@ def upstream_request_headers(
     End-to-end headers the SDKs rely on (C{Content-Type}, C{Accept},
     C{OpenAI-Organization}, C{OpenAI-Project}, C{OpenAI-Beta},
     C{User-Agent}, C{X-Stainless-*}, C{X-Request-Id}...) pass through
-    unchanged; the client's credentials are replaced by C{authorization}.
+    unchanged; the client's credentials, in any header that looks like one
+    (L{is_credential_header}), are replaced by C{authorization}.
+    (C{OpenAI-Organization} and C{OpenAI-Project} are decided per client
+    before this: see L{scope_openai_headers}.)
 
     @param client: the headers of the incoming request.
     @param authorization: the complete C{Authorization} value for upstream,
@@ -123,7 +158,7 @@ def upstream_request_headers(
         own C{Authorization} and C{api-key} are dropped either way.
     """
     out = Headers()
-    for name, values in _kept(client, _REQUEST_DROP):
+    for name, values in _kept(client, _REQUEST_DROP, credentials=True):
         out.setRawHeaders(name, values)
     for name, value in extra:
         out.setRawHeaders(name, [value])
@@ -205,3 +240,78 @@ def client_request_id(value: Optional[bytes]) -> Optional[str]:
     if not all(0x21 <= b < 0x7F for b in value):
         return None
     return value.decode("ascii")
+
+
+def openai_key_carrier(headers: Headers, uri: bytes, accepted: Optional[bytes] = None) -> Optional[str]:
+    """
+    Where a request carries a real OpenAI secret key (see
+    L{oaiproxy.clients.contains_openai_key}): the lower-cased name of a
+    header, C{"the URL"}, or C{None} for nowhere.
+
+    Every header value is looked at, not only C{Authorization}: clients put
+    keys in C{x-api-key}, C{api-key}, in C{Authorization} without a scheme
+    or in a C{Basic} credential, and in the query string (C{?api_key=}).
+    Each look is a substring search for the keys' fixed marker, so a
+    request carrying none costs one C{in} per header value.
+
+    @param accepted: the client key that identified the client, which is
+        accepted whatever it looks like (teams may keep keys they already
+        hand out); it is not taken for a leaked key.
+    """
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        for value in values:
+            if _carries_key(value, accepted):
+                return lowered.decode("latin-1")
+            if lowered in (b"authorization", b"proxy-authorization"):
+                scheme, _, credential = value.strip().partition(b" ")
+                if scheme.lower() == b"basic" and _carries_key(_unbase64(credential), accepted):
+                    return lowered.decode("latin-1")
+    if _carries_key(uri, None) or (b"%" in uri and _carries_key(unquote_to_bytes(uri), None)):
+        return "the URL"
+    return None
+
+
+def _carries_key(value: bytes, accepted: Optional[bytes]) -> bool:
+    if OPENAI_KEY_MARKER not in value:
+        return False
+    if accepted is not None:
+        value = value.replace(accepted, b"")
+    return contains_openai_key(value)
+
+
+def _unbase64(text: bytes) -> bytes:
+    try:
+        return b64decode(text.strip() + b"==")
+    except (binascii.Error, ValueError):
+        return b""
+
+
+_OPENAI_ORGANIZATION = b"openai-organization"
+_OPENAI_PROJECT = b"openai-project"
+
+
+def scope_openai_headers(
+    headers: Headers,
+    organization: Optional[str] = None,
+    project: Optional[str] = None,
+    passthrough: bool = False,
+) -> None:
+    """
+    Decide, for a client of a proxy with client keys, the
+    C{OpenAI-Organization} and C{OpenAI-Project} that go upstream.
+
+    These headers choose which organization or project the shared upstream
+    key acts for (and bills), so a client does not choose them unless its
+    entry says so: a fixed value from its entry replaces the client's, and
+    otherwise the client's own pass only with C{passthrough}; by default
+    they are removed.  (Without client keys, a single-user proxy, the
+    client's pass unchanged and this is not called.)
+
+    @param headers: the client request's headers, changed in place.
+    """
+    for name, fixed in ((_OPENAI_ORGANIZATION, organization), (_OPENAI_PROJECT, project)):
+        if fixed is not None:
+            headers.setRawHeaders(name, [fixed.encode("latin-1")])
+        elif not passthrough:
+            headers.removeHeader(name)

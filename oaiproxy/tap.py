@@ -54,6 +54,7 @@ from oaiproxy.config import (
     parse_upstream,
     parse_workers,
     port_from_env,
+    unix_listener,
 )
 from oaiproxy.errors import invalid_api_key
 from oaiproxy.fake_upstream import FakeUpstream, listen
@@ -485,7 +486,7 @@ def _listen(description: str, site: Any, announce: Callable[[IListeningPort], No
     the wrapper adds the startup report and readiness.
     """
     try:
-        listener = strports.service(description, site, reactor=reactor)
+        listener = strports.service(unix_listener(description), site, reactor=reactor)
     except (ValueError, TypeError, KeyError, OSError) as e:
         raise SystemExit(f"twistd oaiproxy: error: cannot use the endpoint {description!r}: {e}") from None
     listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description, announce)

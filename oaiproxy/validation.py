@@ -81,6 +81,9 @@ def parse_json_request(body: bytes, route: Route) -> "JsonRequest | ApiError":
         )
     if not isinstance(document, dict):
         return bad_request("The request body must be a JSON object.", None, "invalid_json")
+    repeated = _repeated_member(body, document)
+    if repeated is not None:
+        return _repeated(repeated)
 
     model = document.get("model")
     if model is not None or "model" in route.required or _needs_model(route, document):
@@ -108,6 +111,30 @@ def parse_json_request(body: bytes, route: Route) -> "JsonRequest | ApiError":
                 )
 
     return JsonRequest(model, document.get("stream") is True, document)
+
+
+#: The members the proxy decides on (the allow-list, streaming, usage, the
+#: token reservation, the Responses template): one given twice, or under
+#: two spellings, could be read one way here and another way upstream, so
+#: it is refused.  (The route's other required members are checked only to
+#: spare a certain upstream 400; a repeated one can cost no more than
+#: that 400, so it is left to upstream.)
+_repeated_member = fastjson.RepeatedMembers(
+    frozenset(
+        {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "max_output_tokens", "n", "prompt"}
+    ),
+    {"stream_options": frozenset({"include_usage"})},
+)
+
+
+def _repeated(name: str) -> ApiError:
+    shown = f"'{name}'" if name else "a member the proxy reads"
+    return bad_request(
+        f"The request body gives {shown} more than once (or under two spellings): the proxy and the upstream "
+        "could read different values. Give it once.",
+        name or None,
+        "duplicate_parameter",
+    )
 
 
 def _needs_model(route: Route, document: dict[str, Any]) -> bool:

@@ -39,6 +39,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from oaiproxy.config import unix_listener
 from oaiproxy.sdnotify import Notifier
 
 __all__ = ["Supervisor", "worker_argv", "family_name", "FAMILIES", "die_with_parent"]
@@ -188,7 +189,7 @@ class Supervisor(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         for number, description in enumerate(self._descriptions):
-            endpoint = endpoints.serverFromString(self._reactor, description)
+            endpoint = endpoints.serverFromString(self._reactor, unix_listener(description))
             failures: list[Failure] = []
             ports: list[IListeningPort] = []
             endpoint.listen(Factory.forProtocol(_Refuse)).addCallbacks(ports.append, failures.append)

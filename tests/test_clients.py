@@ -24,10 +24,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaiproxy.__main__ import main
 from oaiproxy.clients import (
     KEY_PREFIX,
+    OPENAI_KEY_MARKER,
     Client,
     ClientRegistry,
     Credentials,
     Limits,
+    contains_openai_key,
     file_entry,
     hash_key,
     load_clients,
@@ -73,6 +75,21 @@ def bob(**more: Any) -> str:
     The entry for bob, whose key is L{BOB_KEY}, plus C{more} fields.
     """
     return toml_entry(name="bob", key_sha256=hash_key(BOB_KEY), **more)
+
+
+def openai_keys() -> list[bytes]:
+    """
+    Keys of every OpenAI shape, built from parts so that no secret scanner
+    takes this file for a leak.
+    """
+    marker = OPENAI_KEY_MARKER
+    return [
+        b"sk-" + b"A1b2C3d4e5" * 2 + marker + b"f6G7h8I9j0" * 2,
+        b"sk-proj-" + b"Ab1_Cd2-" * 7 + b"Ef" + marker + b"Gh3-Ij4_" * 7 + b"Kl",
+        b"sk-proj-" + b"Ab1_Cd2-Ef" * 7 + b"Gh3-" + marker + b"Ij4_Kl5-Mn" * 7 + b"Op6_",
+        b"sk-svcacct-" + b"Ab1_Cd2-Ef" * 7 + b"Gh3-" + marker + b"Ij4_Kl5-Mn" * 7 + b"Op6_",
+        b"sk-admin-" + b"Ab1_Cd2-" * 7 + b"Ef" + marker + b"Gh3-Ij4_" * 7 + b"Kl",
+    ]
 
 
 def parse(text: str, path: str = "clients.toml") -> tuple[Limits, list[Client]]:
@@ -327,6 +344,71 @@ class ParseClientsErrorTests(SynchronousTestCase):
         self.assertRefused(json.dumps(document), "'alice'", "concurrent_requests", path="clients.json")
 
 
+class OpenAIHeaderSettingsTests(SynchronousTestCase):
+    """
+    What a client's entry says about C{OpenAI-Organization} and
+    C{OpenAI-Project}: nothing by default (the client's own are dropped),
+    fixed values, or C{pass_openai_headers}; per client or in
+    C{[defaults]}.
+    """
+
+    def test_default_drops(self) -> None:
+        """
+        An entry that says nothing sets no value and passes nothing.
+        """
+        _, [client] = parse(alice())
+        self.assertEqual((client.organization, client.project, client.pass_openai_headers), (None, None, False))
+
+    def test_per_client(self) -> None:
+        """
+        Fixed values and C{pass_openai_headers} are read per client.
+        """
+        _, [a, b] = parse(alice(organization="org-alice", project="proj_alice") + bob(pass_openai_headers=True))
+        self.assertEqual((a.organization, a.project, a.pass_openai_headers), ("org-alice", "proj_alice", False))
+        self.assertEqual((b.organization, b.project, b.pass_openai_headers), (None, None, True))
+
+    def test_defaults(self) -> None:
+        """
+        C{[defaults]} sets them for every client that does not say
+        otherwise, the keys of C{OAIPROXY_CLIENT_KEYS} included.
+        """
+        text = (
+            '[defaults]\npass_openai_headers = true\nproject = "proj_shared"\n'
+            + alice()
+            + bob(pass_openai_headers=False, project="proj_bob")
+        )
+        _, [a, b] = parse(text)
+        self.assertEqual((a.project, a.pass_openai_headers), ("proj_shared", True))
+        self.assertEqual((b.project, b.pass_openai_headers), ("proj_bob", False))
+        path = os.path.join(temp_dir(self), "clients.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        registry = load_clients(path, {"OAIPROXY_CLIENT_KEYS": "env-key-0123456789"})
+        env = registry.identify(b"env-key-0123456789")
+        assert env is not None
+        self.assertEqual((env.name, env.project, env.pass_openai_headers), ("env-1", "proj_shared", True))
+
+    def test_bad_values(self) -> None:
+        """
+        A value that is not a usable header value, or a flag that is not a
+        boolean, is refused with the client and the field named.
+        """
+        for fields, field in [
+            ({"organization": ""}, "organization"),
+            ({"organization": 42}, "organization"),
+            ({"project": "proj\nInjected: 1"}, "project"),
+            ({"project": "proj_\u00e9"}, "project"),
+            ({"pass_openai_headers": "yes"}, "pass_openai_headers"),
+        ]:
+            with self.assertRaises(ConfigError) as caught:
+                parse(alice(**fields))
+            self.assertIn("'alice'", str(caught.exception))
+            self.assertIn(field, str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            parse("[defaults]\npass_openai_headers = 1\n" + alice())
+        self.assertIn("[defaults]", str(caught.exception))
+
+
 class IdentifyTests(SynchronousTestCase):
     """
     L{ClientRegistry.identify} maps a presented key to its client.
@@ -529,29 +611,52 @@ class KeyTests(SynchronousTestCase):
 
     def test_openai_keys(self) -> None:
         """
-        Realistic OpenAI secret keys (legacy C{sk-} and project
-        C{sk-proj-}) are recognised, so the proxy can warn a user about to
-        hand over a real key.
+        OpenAI secret keys are recognised by their real shape (the marker
+        C{T3BlbkFJ} between two random halves, as gitleaks'
+        C{openai-api-key} rule has it): legacy, project, service-account
+        and admin keys, alone or inside a longer value.
         """
-        self.assertTrue(looks_like_openai_key(b"sk-" + b"A1b2C3d4" * 6))
-        self.assertTrue(looks_like_openai_key(b"sk-proj-" + b"Xy9_Zw-8" * 20))
-        self.assertTrue(looks_like_openai_key(UPSTREAM_KEY))
+        for key in openai_keys():
+            self.assertTrue(looks_like_openai_key(key), key)
+            for around in (b"Bearer " + key, key + b",x", b"api_key=" + key + b"&stream=true", b'{"k":"' + key + b'"}'):
+                self.assertTrue(contains_openai_key(around), around)
 
     def test_not_openai_keys(self) -> None:
         """
-        Minted keys, short strings and other prefixes are not taken for
-        OpenAI keys.
+        Other C{sk-} tokens (LiteLLM virtual keys, local servers' dummy
+        keys, the 48-character legacy length without the marker), minted
+        keys, and the marker without a key around it are not taken for
+        OpenAI keys: only real ones are refused.
         """
+        marker = OPENAI_KEY_MARKER
         for token in (
             mint_key().encode(),
-            b"sk-short",
+            b"sk-1234",
+            b"sk-litellm-" + b"A1b2C3d4" * 4,
+            b"sk-" + b"A1b2C3d4" * 6,
+            b"sk-proj-" + b"Xy9_Zw-8" * 20,
+            b"sk-no-key-required",
             b"sk-",
             b"",
-            b"pk-" + b"A1b2C3d4" * 6,
-            b"xsk-" + b"A1b2C3d4" * 6,
-            b"SK-" + b"A1b2C3d4" * 6,
+            b"pk-" + b"A" * 20 + marker + b"B" * 20,
+            b"sk-" + b"A" * 19 + marker + b"B" * 20,
+            b"sk-" + b"A" * 20 + marker + b"B" * 19,
+            b"sk-" + b"A" * 20 + marker.lower() + b"B" * 20,
+            b"sk-" + b"A" * 10 + b"." + b"A" * 10 + marker + b"B" * 20,
+            b"SK-" + b"A" * 20 + marker + b"B" * 20,
+            marker * 10,
         ):
             self.assertFalse(looks_like_openai_key(token), token)
+
+    def test_search_is_linear(self) -> None:
+        """
+        A header made to look almost like many keys (the largest a request
+        may carry) is searched in bounded time.
+        """
+        hostile = (b"sk-" * 5000 + OPENAI_KEY_MARKER) * 1
+        self.assertFalse(contains_openai_key(hostile))
+        hostile = b"sk-" + b"a" * 16000 + OPENAI_KEY_MARKER + b"b" * 19
+        self.assertFalse(contains_openai_key(hostile))
 
     def test_mint_key(self) -> None:
         """
@@ -672,6 +777,47 @@ class KeygenTests(SynchronousTestCase):
         self.assertEqual(client.name, "bob")
         self.assertEqual(client.models, frozenset({"gpt-4o", "gpt-4o-mini"}))
         self.assertIs(ClientRegistry([client]).identify(self.shown_key(err).encode()), client)
+
+    def keygen_stdin(self, stdin: str, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = main(["keygen", "--stdin", *argv], out, err, io.StringIO(stdin))
+        return code, out.getvalue(), err.getvalue()
+
+    def test_stdin_hashes_an_existing_key(self) -> None:
+        """
+        C{--stdin} hashes the key read from standard input (a team keeping
+        the keys it already hands out, an C{sk-} LiteLLM-style one here)
+        and prints its entry, never the key; the entry identifies it.
+        """
+        existing = "sk-team-existing-0123456789abcdef"
+        code, out, err = self.keygen_stdin(existing + "\n", "--name", "alice", "--models", "gpt-4o")
+        self.assertEqual(code, 0)
+        self.assertNotIn(existing, out + err)
+        self.assertNotIn(KEY_PREFIX, err)
+        self.assertEqual(out, file_entry("alice", existing, ["gpt-4o"]))
+        _, [client] = parse(out)
+        self.assertIs(ClientRegistry([client]).identify(existing.encode()), client)
+
+    def test_stdin_real_openai_key_warns(self) -> None:
+        """
+        A real OpenAI key is accepted (a configured key always is) but
+        draws a warning, without being echoed.
+        """
+        key = openai_keys()[1].decode()
+        code, out, err = self.keygen_stdin(key + "\n", "--name", "alice")
+        self.assertEqual(code, 0)
+        self.assertIn("real OpenAI API key", err)
+        self.assertNotIn(key, out + err)
+        self.assertEqual(out, file_entry("alice", key))
+
+    def test_stdin_empty(self) -> None:
+        """
+        Nothing on standard input is an error, and prints no entry.
+        """
+        for stdin in ("", "\n", "   \n"):
+            code, out, err = self.keygen_stdin(stdin, "--name", "alice")
+            self.assertEqual((code, out), (2, ""))
+            self.assertIn("no key", err)
 
     def test_empty_name(self) -> None:
         """

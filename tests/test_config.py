@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from typing import Any, Optional
 
+from twisted.internet import endpoints
 from twisted.internet.address import HostnameAddress, IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.selectreactor import SelectReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.clients import load_clients
@@ -32,7 +36,9 @@ from oaiproxy.config import (
     parse_seconds,
     parse_upstream,
     port_from_env,
+    unix_listener,
 )
+from tests.support import temp_dir
 
 KEY = b"sk-proj-UPSTREAMSECRET0123456789"
 PASSWORD = "hunter2-PASSWORD-9c1e"
@@ -226,6 +232,44 @@ class ParseUpstreamTests(SynchronousTestCase):
             f"https://user:{PASSWORD}@example.test/v1?x=1",
         ]:
             self.assertNotIn(PASSWORD, self.assertRefused(url))
+
+    def test_query_and_fragment_never_in_message(self) -> None:
+        """
+        A query or fragment may carry a gateway's key (C{?key=...}): the
+        refusal says there is one without quoting it.
+        """
+        for url in [
+            f"https://example.test/v1?key={PASSWORD}",
+            f"https://example.test/v1?x=1#{PASSWORD}",
+            f"https://example.test/v1#{PASSWORD}",
+            f"https://example.test?key={PASSWORD}",
+            f"https://example.test:badport/v1?key={PASSWORD}",
+        ]:
+            message = self.assertRefused(url)
+            self.assertNotIn(PASSWORD, message)
+            self.assertIn("example.test", message)
+
+    def test_malformed_userinfo_never_in_message(self) -> None:
+        """
+        A password whose user was left out (C{host:password}, read as a
+        port), or a URL whose scheme is missing or malformed (perhaps a key
+        given in the wrong place), is not echoed either.
+        """
+        for url in [
+            f"https://example.test:{PASSWORD}/v1",
+            f"user:{PASSWORD}@example.test/v1",
+            f"htt ps://user:{PASSWORD}@example.test/v1",
+            PASSWORD,
+        ]:
+            self.assertNotIn(PASSWORD, self.assertRefused(url))
+
+    def test_message_keeps_what_helps(self) -> None:
+        """
+        What is not secret stays in the message: the scheme, host, port and
+        path, so the operator can see which URL is meant.
+        """
+        message = self.assertRefused(f"ftp://user:{PASSWORD}@example.test:2121/v1?key={PASSWORD}")
+        self.assertIn("ftp://<redacted>@example.test:2121/v1?<redacted>", message)
 
     def test_password_with_at_sign_never_in_message(self) -> None:
         """
@@ -487,6 +531,35 @@ class IsPrivateAddressTests(SynchronousTestCase):
         ]:
             self.assertFalse(is_private_address(address), address)
 
+    def test_ipv4_mapped(self) -> None:
+        """
+        An IPv4-mapped IPv6 address is what its IPv4 address is: loopback
+        ones are private, whatever the spelling.
+        """
+        for host in ["::ffff:127.0.0.1", "::ffff:127.1.2.3", "0:0:0:0:0:ffff:7f00:1", "::FFFF:7F00:0001"]:
+            self.assertTrue(is_private_address(IPv6Address("TCP", host, 8080)), host)
+
+    def test_nothing_public_is_private(self) -> None:
+        """
+        Mapped or embedded forms of other IPv4 addresses, LAN ones
+        included, stay reachable from elsewhere; so do IPv4-compatible,
+        NAT64 and 6to4 spellings of 127.0.0.1, which are not loopback.
+        """
+        for host in [
+            "::ffff:0.0.0.0",
+            "::ffff:10.1.2.3",
+            "::ffff:192.168.1.10",
+            "::ffff:172.16.0.1",
+            "::ffff:8.8.8.8",
+            "::127.0.0.1",
+            "64:ff9b::7f00:1",
+            "2002:7f00:1::",
+            "::2",
+        ]:
+            self.assertFalse(is_private_address(IPv6Address("TCP", host, 8080)), host)
+        for host in ["10.0.0.1", "172.16.0.1", "169.254.1.1", "127.000.000.001", "0x7f.1"]:
+            self.assertFalse(is_private_address(IPv4Address("TCP", host, 8080)), host)
+
     def test_unix_socket(self) -> None:
         """
         A UNIX socket, guarded by file permissions, is private.
@@ -499,6 +572,93 @@ class IsPrivateAddressTests(SynchronousTestCase):
         """
         self.assertFalse(is_private_address(IPv4Address("TCP", "localhost", 8080)))
         self.assertFalse(is_private_address(HostnameAddress(b"localhost", 8080)))
+
+
+class UnixListenerTests(SynchronousTestCase):
+    """
+    C{unix:} listeners are created mode 660 (owner and group) unless their
+    description sets a mode: Twisted's default, 666, would let every local
+    user spend the upstream key through a socket the proxy treats as
+    private.
+    """
+
+    def listened_mode(self, description: str) -> int:
+        """
+        Listen on C{description} with a reactor of the test's own (never
+        run, so nothing is left behind on the global one), and return the
+        socket file's permission bits.
+        """
+        reactor = SelectReactor()
+
+        def close() -> None:
+            reactor.removeReader(reactor.waker)
+            reactor.waker.connectionLost(None)
+
+        self.addCleanup(close)
+        ports: list[Any] = []
+        endpoints.serverFromString(reactor, description).listen(Factory.forProtocol(Protocol)).addBoth(ports.append)
+        [port] = ports
+        self.addCleanup(port.connectionLost, None)
+        mode = stat.S_IMODE(os.stat(port.getHost().name).st_mode)
+        return mode
+
+    def test_default_mode(self) -> None:
+        """
+        A C{unix:} description without a mode gets C{mode=660}, and the
+        socket file is created so (owner and group may connect).
+        """
+        path = os.path.join(temp_dir(self), "api.sock")
+        self.assertEqual(unix_listener(f"unix:{path}"), f"unix:{path}:mode=660")
+        self.assertEqual(self.listened_mode(unix_listener(f"unix:{path}")), 0o660)
+
+    def test_mode_given(self) -> None:
+        """
+        A mode the operator gives, by name or in its position after the
+        path, is kept, and is the mode the socket gets.
+        """
+        directory = temp_dir(self)
+        for name, description in [
+            ("a.sock", "unix:{}:mode=600"),
+            ("b.sock", "unix:{}:666"),
+            ("c.sock", "unix:address={}:mode=640"),
+            ("d.sock", "unix:{}:lockfile=0:mode=600"),
+        ]:
+            description = description.format(os.path.join(directory, name))
+            self.assertEqual(unix_listener(description), description)
+        self.assertEqual(self.listened_mode(unix_listener(f"unix:{directory}/e.sock:mode=600")), 0o600)
+        self.assertEqual(self.listened_mode(unix_listener(f"unix:{directory}/f.sock:666")), 0o666)
+
+    def test_other_parameters(self) -> None:
+        """
+        Other parameters, and escaped colons in the path, do not count as
+        a mode; other endpoints are left alone.
+        """
+        self.assertEqual(unix_listener("unix:/run/a\\:b.sock"), "unix:/run/a\\:b.sock:mode=660")
+        self.assertEqual(unix_listener("unix:/run/a.sock:lockfile=0"), "unix:/run/a.sock:lockfile=0:mode=660")
+        self.assertEqual(unix_listener("unix:address=/run/a.sock"), "unix:address=/run/a.sock:mode=660")
+        for description in ["tcp:8080", "tcp:8080:interface=127.0.0.1", "systemd:domain=UNIX:index=0", "ssl:443"]:
+            self.assertEqual(unix_listener(description), description)
+
+    def test_daemon_listener(self) -> None:
+        """
+        The daemon's own listeners (the C{--port} services) get the mode.
+        """
+        from oaiproxy.tap import _listen
+
+        path = os.path.join(temp_dir(self), "api.sock")
+        reactor = SelectReactor()
+
+        def close() -> None:
+            reactor.removeReader(reactor.waker)
+            reactor.waker.connectionLost(None)
+
+        self.addCleanup(close)
+        announced: list[Any] = []
+        service: Any = _listen(f"unix:{path}", Factory.forProtocol(Protocol), announced.append, reactor)
+        service.privilegedStartService()
+        [port] = announced
+        self.addCleanup(port.connectionLost, None)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o660)
 
 
 class ConfigTests(SynchronousTestCase):

@@ -478,7 +478,9 @@ class ClientFileTests(E2ETestCase):
         self.assertEqual(limited.exception.response.headers["x-ratelimit-limit-requests"], "2")
         self.assertIn("retry-after", limited.exception.response.headers)
         with self.assertRaises(openai.AuthenticationError) as refused:
-            self.client(api_key="sk-proj-" + "x" * 40).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            self.client(api_key="sk-proj-" + "x" * 58 + "T3Blbk" + "FJ" + "y" * 58).chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES
+            )
         self.assertEqual(refused.exception.code, "openai_key_not_accepted")
         self.assertEqual([r["method"] for r in self.upstream_requests()], ["GET", "POST", "POST"])
         self.proxy.stop()

@@ -11,15 +11,32 @@ drop cookies, framing and hop-by-hop headers.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import json
+from base64 import b64encode
+from typing import Any, Optional, Sequence
 
+import treq
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from oaiproxy.headers import bearer_token, client_response_headers, upstream_request_headers
+from oaiproxy.clients import OPENAI_KEY_MARKER, Client, ClientRegistry, hash_key
+from oaiproxy.headers import (
+    bearer_token,
+    client_response_headers,
+    is_credential_header,
+    openai_key_carrier,
+    scope_openai_headers,
+    upstream_request_headers,
+)
+from tests.support import UPSTREAM_KEY, Harness, chat_body
 
 PROXY_AUTH = b"Bearer sk-proj-UPSTREAMSECRET0123456789"
 CLIENT_KEY = b"oai-client-CLIENTSECRET42"
+#: A project key's shape, built from parts so that no secret scanner takes
+#: this file for a leak.
+REAL_KEY = b"sk-proj-" + b"Ab1_Cd2-" * 7 + b"Ef" + OPENAI_KEY_MARKER + b"Gh3-Ij4_" * 7 + b"Kl"
+LEGACY_KEY = b"sk-" + b"A1b2C3d4e5" * 2 + OPENAI_KEY_MARKER + b"f6G7h8I9j0" * 2
 
 HOP_BY_HOP_NAMES = [
     b"Connection",
@@ -125,6 +142,67 @@ class UpstreamDropTests(SynchronousTestCase):
         )
         self.assertEqual(names_of(sent), {b"authorization"})
         self.assertEqual(sent.getRawHeaders(b"authorization"), [PROXY_AUTH])
+
+    def test_credential_like_headers(self) -> None:
+        """
+        Credentials in the headers other APIs and gateways use (Anthropic's
+        C{x-api-key}, Google's C{x-goog-api-key}, C{X-Auth-Token},
+        C{OpenAI-Api-Key}...) never reach upstream either: whatever a
+        client sends as a key is its credential for the proxy, or a
+        mistake.
+        """
+        names = [
+            b"x-api-key",
+            b"X-Goog-Api-Key",
+            b"X-Auth-Token",
+            b"OpenAI-Api-Key",
+            b"x-apikey",
+            b"X-Access-Token",
+            b"X-Client-Secret",
+            b"x-portkey-api-key",
+            b"X-Upstream-Authorization",
+            b"X-Password",
+            b"Proxy-Authorization",
+        ]
+        sent = upstream(*[(name, CLIENT_KEY) for name in names])
+        self.assertEqual(names_of(sent), {b"authorization"})
+        for name in names:
+            self.assertTrue(is_credential_header(name.lower()), name)
+
+    def test_sdk_headers_are_not_credentials(self) -> None:
+        """
+        None of the headers the SDKs and OpenAI's API use is taken for a
+        credential.
+        """
+        for name in [
+            b"openai-organization",
+            b"openai-project",
+            b"openai-beta",
+            b"idempotency-key",
+            b"x-stainless-retry-count",
+            b"x-stainless-read-timeout",
+            b"x-stainless-package-version",
+            b"x-request-id",
+            b"x-client-request-id",
+            b"user-agent",
+            b"accept",
+            b"content-type",
+            b"x-ms-client-request-id",
+            b"http-referer",
+            b"x-title",
+        ]:
+            self.assertFalse(is_credential_header(name), name)
+
+    def test_static_header_may_still_set_one(self) -> None:
+        """
+        The operator's own C{--upstream-header} may still set a header of
+        that kind for an upstream that wants one (the client's is dropped,
+        the operator's sent).
+        """
+        sent = upstream_request_headers(
+            make_headers((b"X-Api-Key", CLIENT_KEY)), PROXY_AUTH, extra=[(b"X-Api-Key", b"operator-value")]
+        )
+        self.assertEqual(sent.getRawHeaders(b"x-api-key"), [b"operator-value"])
 
     def test_framing_and_negotiation(self) -> None:
         """
@@ -394,3 +472,216 @@ class BearerTokenTests(SynchronousTestCase):
         self.assertIsNone(self.token(b"Bearer"))
         self.assertIsNone(self.token(b"Bearer    "))
         self.assertIsNone(self.token(b""))
+
+
+def headers_of(**named: bytes) -> Headers:
+    return make_headers(*[(name.replace("_", "-").encode(), value) for name, value in named.items()])
+
+
+class OpenAIKeyCarrierTests(SynchronousTestCase):
+    """
+    L{openai_key_carrier} finds a real OpenAI key wherever a client may put
+    one, and says where without saying what.
+    """
+
+    def test_every_header(self) -> None:
+        """
+        A key in C{Authorization} (with or without a scheme), in
+        C{x-api-key}, C{api-key}, or any other header is found, and the
+        header named.
+        """
+        for key in (REAL_KEY, LEGACY_KEY):
+            for name, value in [
+                (b"Authorization", b"Bearer " + key),
+                (b"Authorization", key),
+                (b"Authorization", b"Token " + key),
+                (b"x-api-key", key),
+                (b"api-key", key),
+                (b"X-Something-Else", b"prefix " + key + b" suffix"),
+            ]:
+                carrier = openai_key_carrier(make_headers((b"Accept", b"*/*"), (name, value)), b"/v1/chat/completions")
+                self.assertEqual(carrier, name.decode().lower(), (name, value))
+
+    def test_basic_credentials(self) -> None:
+        """
+        A key sent as a Basic credential's password (C{curl -u :KEY}) is
+        found too.
+        """
+        for credential in (b":" + REAL_KEY, b"user:" + REAL_KEY, b"user:" + LEGACY_KEY):
+            headers = make_headers((b"Authorization", b"Basic " + b64encode(credential)))
+            self.assertEqual(openai_key_carrier(headers, b"/v1/models"), "authorization")
+        headers = make_headers((b"Authorization", b"Basic " + b64encode(b"user:password")))
+        self.assertIsNone(openai_key_carrier(headers, b"/v1/models"))
+
+    def test_url(self) -> None:
+        """
+        A key in the query string (C{?api_key=}, C{?key=}), percent-encoded
+        or not, or in the path, is found.
+        """
+        quoted = b"".join(b"%%%02X" % c for c in REAL_KEY)
+        for uri in [
+            b"/v1/chat/completions?api_key=" + REAL_KEY,
+            b"/v1/chat/completions?stream=true&key=" + LEGACY_KEY,
+            b"/v1/chat/completions?api_key=" + quoted,
+            b"/v1/models/" + REAL_KEY,
+        ]:
+            self.assertEqual(openai_key_carrier(Headers(), uri), "the URL", uri)
+
+    def test_none(self) -> None:
+        """
+        Requests carrying no real key (an C{sk-} virtual key, a client key,
+        the marker alone) are not refused.
+        """
+        for value in [b"Bearer sk-1234", b"Bearer sk-litellm-" + b"a" * 40, b"Bearer " + CLIENT_KEY, OPENAI_KEY_MARKER]:
+            self.assertIsNone(openai_key_carrier(make_headers((b"Authorization", value)), b"/v1/models?x=1"))
+
+    def test_accepted_client_key(self) -> None:
+        """
+        The configured client key that identified the client is accepted
+        whatever its shape; a real key elsewhere in the same request is
+        still found.
+        """
+        headers = make_headers((b"Authorization", b"Bearer " + REAL_KEY))
+        self.assertIsNone(openai_key_carrier(headers, b"/v1/models", accepted=REAL_KEY))
+        headers.addRawHeader(b"x-api-key", LEGACY_KEY)
+        self.assertEqual(openai_key_carrier(headers, b"/v1/models", accepted=REAL_KEY), "x-api-key")
+        self.assertEqual(openai_key_carrier(Headers(), b"/v1/models?api_key=" + REAL_KEY, accepted=REAL_KEY), "the URL")
+
+
+class ScopeOpenAIHeadersTests(SynchronousTestCase):
+    """
+    L{scope_openai_headers}: what a client of a keyed proxy may say about
+    the organization and project the shared key acts for.
+    """
+
+    def scoped(self, **settings: Any) -> Headers:
+        headers = make_headers(
+            (b"OpenAI-Organization", b"org-client"), (b"OpenAI-Project", b"proj_client"), (b"OpenAI-Beta", b"x")
+        )
+        scope_openai_headers(headers, **settings)
+        return headers
+
+    def test_dropped_by_default(self) -> None:
+        headers = self.scoped()
+        self.assertEqual(names_of(headers), {b"openai-beta"})
+
+    def test_passed_when_allowed(self) -> None:
+        headers = self.scoped(passthrough=True)
+        self.assertEqual(headers.getRawHeaders(b"openai-organization"), [b"org-client"])
+        self.assertEqual(headers.getRawHeaders(b"openai-project"), [b"proj_client"])
+
+    def test_fixed_values_replace(self) -> None:
+        """
+        A fixed value replaces the client's (even with C{passthrough}); a
+        header without one follows C{passthrough}.
+        """
+        headers = self.scoped(project="proj_fixed")
+        self.assertEqual(headers.getRawHeaders(b"openai-project"), [b"proj_fixed"])
+        self.assertFalse(headers.hasHeader(b"openai-organization"))
+        headers = self.scoped(organization="org-fixed", passthrough=True)
+        self.assertEqual(headers.getRawHeaders(b"openai-organization"), [b"org-fixed"])
+        self.assertEqual(headers.getRawHeaders(b"openai-project"), [b"proj_client"])
+        headers = Headers()
+        scope_openai_headers(headers, organization="org-fixed")
+        self.assertEqual(headers.getRawHeaders(b"openai-organization"), [b"org-fixed"])
+
+
+def _client(key: bytes, **settings: Any) -> Client:
+    return Client(name="alice", key_sha256=bytes.fromhex(hash_key(key.decode())), **settings)
+
+
+class RequestHeaderPolicyTests(SynchronousTestCase):
+    """
+    The policies above, through the proxy: what a request that carries a
+    real OpenAI key gets, and which organization and project headers reach
+    upstream.
+    """
+
+    def post(self, h: Harness, headers: dict[bytes, list[bytes]], path: str = "/v1/chat/completions") -> Any:
+        response = self.successResultOf(h.post(chat_body(), path=path, headers=headers))
+        return response, json.loads(self.successResultOf(treq.content(response)))
+
+    def test_real_key_refused_wherever_it_is(self) -> None:
+        """
+        A real OpenAI key, in any header or the URL, with or without client
+        keys configured (and beside a valid client key), gets a 401 that
+        says to rotate it, never quotes it, and names where it was; nothing
+        goes upstream, and the log says where, never what.
+        """
+        client = [b"Bearer " + CLIENT_KEY]
+        for h, base in ((Harness(), {}), (Harness(client_keys=[CLIENT_KEY]), {b"authorization": client})):
+            for headers, path, where in [
+                ({b"authorization": [b"Bearer " + REAL_KEY]}, "/v1/chat/completions", "authorization"),
+                ({b"authorization": [REAL_KEY]}, "/v1/chat/completions", "authorization"),
+                ({b"x-api-key": [LEGACY_KEY]}, "/v1/chat/completions", "x-api-key"),
+                ({b"api-key": [REAL_KEY]}, "/v1/chat/completions", "api-key"),
+                ({}, "/v1/chat/completions?api_key=" + REAL_KEY.decode(), "the URL"),
+            ]:
+                sent = {**base, **headers}
+                with capturedLogs() as events:
+                    response, body = self.post(h, sent, path)
+                self.assertEqual((response.code, body["error"]["code"]), (401, "openai_key_not_accepted"), sent)
+                message = body["error"]["message"]
+                self.assertIn("rotate", message)
+                self.assertIn(where, message)
+                self.assertNotIn(b"Ab1_Cd2", json.dumps(body).encode())
+                self.assertNotIn(b"A1b2C3d4", json.dumps(body).encode())
+                logged = repr(events)
+                self.assertIn(where, logged)
+                self.assertNotIn("Ab1_Cd2", logged)
+                self.assertNotIn("A1b2C3d4", logged)
+            self.assertEqual(h.fake.requests, [])
+
+    def test_sk_tokens_are_not_refused(self) -> None:
+        """
+        Without client keys, an C{sk-} token that is no OpenAI key (a
+        LiteLLM-style virtual key, a local server's dummy key) is not
+        refused, and goes upstream no more than any client credential.
+        """
+        h = Harness()
+        for token in (b"sk-1234", b"sk-" + b"A1b2C3d4" * 6, b"sk-no-key-required"):
+            response, body = self.post(h, {b"authorization": [b"Bearer " + token], b"x-api-key": [token]})
+            self.assertEqual(response.code, 200, body)
+        for request in h.fake.requests:
+            self.assertNotIn("x-api-key", request.headers)
+            self.assertEqual(request.headers["authorization"], ["Bearer " + UPSTREAM_KEY.decode()])
+
+    def test_configured_key_accepted_whatever_its_shape(self) -> None:
+        """
+        A configured client key is accepted whatever its prefix, an C{sk-}
+        one or even one of OpenAI's shape, so teams may keep the keys they
+        already hand out; it never goes upstream.
+        """
+        for key in (b"sk-team-0123456789abcdefghij", REAL_KEY):
+            h = Harness(client_keys=[key])
+            response, body = self.post(h, {b"authorization": [b"Bearer " + key]})
+            self.assertEqual(response.code, 200, body)
+            [request] = h.fake.requests
+            self.assertEqual(request.headers["authorization"], ["Bearer " + UPSTREAM_KEY.decode()])
+            self.assertNotIn(key.decode(), repr(request.headers))
+
+    def test_organization_and_project(self) -> None:
+        """
+        Without client keys (one user) the client's C{OpenAI-Organization}
+        and C{OpenAI-Project} go upstream; with them, they are dropped
+        unless the client's entry passes them, and a fixed value from the
+        entry replaces the client's.
+        """
+        sent = {b"openai-organization": [b"org-client"], b"openai-project": [b"proj_client"]}
+
+        def upstream_saw(h: Harness, key: Optional[bytes]) -> tuple[Optional[list[str]], Optional[list[str]]]:
+            headers = {**sent, **({b"authorization": [b"Bearer " + key]} if key else {})}
+            response, body = self.post(h, headers)
+            self.assertEqual(response.code, 200, body)
+            seen = h.fake.requests[-1].headers
+            return seen.get("openai-organization"), seen.get("openai-project")
+
+        self.assertEqual(upstream_saw(Harness(), None), (["org-client"], ["proj_client"]))
+        for settings, expected in [
+            ({}, (None, None)),
+            ({"pass_openai_headers": True}, (["org-client"], ["proj_client"])),
+            ({"organization": "org-fixed", "project": "proj_fixed"}, (["org-fixed"], ["proj_fixed"])),
+            ({"project": "proj_fixed", "pass_openai_headers": True}, (["org-client"], ["proj_fixed"])),
+        ]:
+            h = Harness(clients=ClientRegistry([_client(CLIENT_KEY, **settings)]))
+            self.assertEqual(upstream_saw(h, CLIENT_KEY), expected, settings)

@@ -73,7 +73,11 @@ class ModelsTests(SynchronousTestCase):
         """
         h = ModelsHarness(client_keys=[CLIENT_KEY])
         self.assertEqual(h.get(self, "/v1/models", headers={})[0], 401)
-        status, body = h.get(self, "/v1/models", headers={b"authorization": [b"Bearer sk-proj-" + b"x" * 30]})
+        status, body = h.get(
+            self,
+            "/v1/models",
+            headers={b"authorization": [b"Bearer sk-proj-" + b"x" * 58 + b"T3Blbk" + b"FJ" + b"y" * 58]},
+        )
         self.assertEqual((status, body["error"]["code"]), (401, "openai_key_not_accepted"))
         d = h.proxy.request("POST", "http://proxy.test/v1/models", headers=BEARER, data=b"{}")
         h.pump()

@@ -124,6 +124,99 @@ class UploadTests(SynchronousTestCase):
             self.assertEqual((response.code, json.loads(answer)["error"]["param"]), (400, "model"), odd)
         self.assertEqual(h.fake.requests, [])
 
+    def sneaky(self, disposition: bytes, value: bytes = b"gpt-4o-transcribe", head: bytes = b"") -> tuple[bytes, bytes]:
+        """
+        A form with a checked model (C{whisper-1}) and the audio, plus a
+        part with C{disposition} (and more C{head} lines) holding C{value}.
+        """
+        body, content_type = form([("model", "whisper-1"), ("file", AUDIO)])
+        extra = b"--oaiproxy-test-boundary\r\nContent-Disposition:" + disposition + head + b"\r\n\r\n" + value + b"\r\n"
+        return body[: -len(b"--oaiproxy-test-boundary--\r\n")] + extra + b"--oaiproxy-test-boundary--\r\n", content_type
+
+    def test_ambiguous_part_is_refused(self) -> None:
+        """
+        A part whose name parsers read differently is a 400, with or
+        without an allow-list, before the body's end goes upstream: a
+        repeated parameter (C{name="x"; name="model"} is C{model} to a
+        last-match parser, C{x} to a first-match one), a C{name*} that
+        differs from C{name} or stands alone, parameters without their
+        semicolon, a name with a backslash escape, a disposition folded
+        over two lines, or a malformed one.
+        """
+        for h in (
+            Harness(clients=registry(CLIENT_KEY, models=["whisper-1"]), routes=ROUTES),
+            Harness(client_keys=[CLIENT_KEY], routes=ROUTES),
+        ):
+            for disposition, head in [
+                (b' form-data; name="language"; name="model"', b""),
+                (b' form-data; name="model"; name="language"', b""),
+                (b' form-data; NAME="language"; name="model"', b""),
+                (b' form-data; name="language"; filename="a"; filename="b"', b""),
+                (b" form-data; name=\"language\"; name*=UTF-8''model", b""),
+                (b" form-data; name*=UTF-8''model", b""),
+                (b' form-data; name="language" name="model"', b""),
+                (b' form-data; name="mod\\el"', b""),
+                (b" form-data;", b'\r\n name="model"'),
+                (b' form-data; name="model', b""),
+                (b' form-data; name="language"; junk', b""),
+            ]:
+                body, content_type = self.sneaky(disposition, head=head)
+                headers = {b"authorization": [b"Bearer " + CLIENT_KEY], b"content-type": [content_type]}
+                response, answer = exchange(self, h, "POST", "/v1/audio/transcriptions", body, headers)
+                error = json.loads(answer)["error"]
+                self.assertEqual((response.code, error["param"]), (400, "model"), disposition + head)
+            self.assertEqual(h.fake.requests, [])
+
+    def test_model_part_with_a_filename_is_refused(self) -> None:
+        """
+        A C{model} part with a filename (the proxy would skip it as a file,
+        a parser going by the name would read it as the model) is a 400,
+        whether the filename is plain or RFC 5987 encoded.
+        """
+        h = Harness(clients=registry(CLIENT_KEY, models=["whisper-1"]), routes=ROUTES)
+        for disposition in (
+            b' form-data; name="model"; filename="model.txt"',
+            b" form-data; name=\"model\"; filename*=UTF-8''model.txt",
+        ):
+            body, content_type = self.sneaky(disposition)
+            headers = {b"authorization": [b"Bearer " + CLIENT_KEY], b"content-type": [content_type]}
+            response, answer = exchange(self, h, "POST", "/v1/audio/transcriptions", body, headers)
+            self.assertEqual((response.code, json.loads(answer)["error"]["param"]), (400, "model"), disposition)
+        self.assertEqual(h.fake.requests, [])
+
+    def test_unusual_but_clear_forms_pass(self) -> None:
+        """
+        Forms that every parser reads the same way go upstream: a token
+        name (C{name=model}), upper-case parameter names, spaces around the
+        parts, a C{name*} that says what C{name} says, and a file name with
+        Go's backslash escapes.  (The fake upstream's own parser takes only
+        quoted names: what counts is that the proxy let them through.)
+        """
+        h = Harness(clients=registry(CLIENT_KEY, models=["whisper-1"]), routes=ROUTES)
+        for sent, (model_disposition, file_disposition) in enumerate(
+            [
+                (b" form-data; name=model", b' form-data; name="file"; filename="a.wav"'),
+                (b' form-data ; NAME = "model" ;', b' form-data; Name="file"; FileName="a.wav"'),
+                (
+                    b" form-data; name=\"model\"; name*=UTF-8''model",
+                    b' form-data; name="file"; filename="a \\"b\\".wav"',
+                ),
+            ],
+            1,
+        ):
+            body = (
+                b"--oaiproxy-test-boundary\r\nContent-Disposition:" + model_disposition + b"\r\n\r\nwhisper-1\r\n"
+                b"--oaiproxy-test-boundary\r\nContent-Disposition:" + file_disposition + b"\r\n"
+                b"Content-Type: audio/wav\r\n\r\n" + AUDIO + b"\r\n--oaiproxy-test-boundary--\r\n"
+            )
+            headers = {
+                b"authorization": [b"Bearer " + CLIENT_KEY],
+                b"content-type": [b"multipart/form-data; boundary=oaiproxy-test-boundary"],
+            }
+            exchange(self, h, "POST", "/v1/audio/transcriptions", body, headers)
+            self.assertEqual(len(h.fake.requests), sent, model_disposition)
+            self.assertEqual(h.fake.requests[-1].body, body)
+
     def test_not_multipart(self) -> None:
         """
         A JSON body on an upload route is a clear 400.

@@ -12,10 +12,14 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+import treq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.errors import ApiError
 from oaiproxy.validation import ChatRequest, parse_chat_request
+from tests.support import CLIENT_KEY, Harness, registry
 
 #: A distinctive string standing for private data in a request body.
 SECRET = "sk-live-DONOTLEAK-7f3a9c"
@@ -259,3 +263,202 @@ class NoEchoTests(SynchronousTestCase):
         ]
         for data in cases:
             self.assertNotEchoed(data)
+
+
+#: The members the proxy decides on, and a value of the right type for each.
+DECIDING = {
+    "model": '"gpt-4o"',
+    "stream": "true",
+    "stream_options": '{"include_usage": true}',
+    "max_tokens": "10",
+    "max_completion_tokens": "10",
+    "max_output_tokens": "10",
+    "n": "2",
+    "prompt": '{"id": "pmpt_1"}',
+}
+
+
+def members(*pairs: tuple[str, str]) -> bytes:
+    """
+    A valid chat body with the raw C{(name, JSON value)} members added at
+    the end, repeated names and odd spellings kept as written.
+    """
+    extra = "".join(f', "{name}": {value}' for name, value in pairs)
+    return ('{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]' + extra + "}").encode()
+
+
+class RepeatedMemberTests(SynchronousTestCase):
+    """
+    A member the proxy decides on, given twice or under two spellings, is
+    refused: the proxy reads the last value, many parsers the first, and
+    Go's (Ollama's) any case-insensitive match, so the model checked
+    against an allow-list (or the stream flag, the token limits) might not
+    be the one upstream uses.
+    """
+
+    def assertRepeated(self, data: bytes, param: str) -> None:
+        result = parse_chat_request(data)
+        self.assertIsInstance(result, ApiError, f"accepted: {data!r}")
+        assert isinstance(result, ApiError)
+        self.assertEqual((result.status, result.param, result.code), (400, param, "duplicate_parameter"), data)
+        self.assertIn(param, result.message)
+
+    def assertAccepted(self, data: bytes) -> None:
+        self.assertIsInstance(parse_chat_request(data), ChatRequest, data)
+
+    def test_exact_repeat(self) -> None:
+        """
+        Each deciding member given twice is refused, wherever the two are.
+        """
+        for name, value in DECIDING.items():
+            self.assertRepeated(members((name, value), (name, value)), name)
+        self.assertRepeated(members(("model", '"gpt-4o"')), "model")
+        self.assertRepeated(b'{"model": "a", "model": "b", "messages": [{"role": "user"}]}', "model")
+
+    def test_escaped_spelling(self) -> None:
+        """
+        A name spelled with escapes (every parser reads C{mod\\u0065l} as
+        C{model}) counts as the same name.
+        """
+        for spelling in ["mod\\u0065l", "\\u006d\\u006f\\u0064\\u0065\\u006c", "mode\\u006C", "\\u006dodel"]:
+            self.assertRepeated(members((spelling, '"gpt-4o"')), "model")
+        self.assertRepeated(members(("max\\u005ftokens", "1"), ("max_tokens", "5")), "max_tokens")
+
+    def test_other_case(self) -> None:
+        """
+        A name in another case, or with a character Go's case folding maps
+        to an ASCII letter (the long s, the Kelvin sign), is refused, even
+        alone: a case-insensitive upstream reads it as the member.
+        """
+        for spelling, name in [
+            ("Model", "model"),
+            ("MODEL", "model"),
+            ("Stream", "stream"),
+            ("\u017ftream", "stream"),
+            ("max_to\u212aens", "max_tokens"),
+            ("N", "n"),
+        ]:
+            self.assertRepeated(members((spelling, DECIDING[name])), name)
+        self.assertRepeated(members(("Stream_Options", "{}")), "stream_options")
+
+    def test_nested_include_usage(self) -> None:
+        """
+        C{stream_options.include_usage}, which decides whether a stream's
+        usage is reported, is checked the same way.
+        """
+        for inner in (
+            '{"include_usage": false, "include_usage": true}',
+            '{"include_usage": false, "include_\\u0075sage": true}',
+            '{"Include_Usage": true}',
+        ):
+            self.assertRepeated(members(("stream", "true"), ("stream_options", inner)), "stream_options.include_usage")
+
+    def test_other_encodings(self) -> None:
+        """
+        A UTF-16 or UTF-32 body (which the standard library accepts) with
+        a repeated model is refused too; byte counts would not see it.
+        """
+        for encoding in ("utf-16-le", "utf-16-be", "utf-32-le"):
+            data = members(("model", '"gpt-4o"')).decode().encode(encoding)
+            self.assertRepeated(data, "model")
+            self.assertAccepted(valid().decode().encode(encoding))
+
+    def test_nested_names_are_not_members(self) -> None:
+        """
+        The same names deeper in the body (a tool's parameters, a message's
+        fields, values) are not the top-level members, and are accepted.
+        """
+        tool = {
+            "type": "function",
+            "function": {
+                "name": "pick",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"model": {"type": "string"}, "n": {"type": "integer"}, "stream": {}},
+                },
+            },
+        }
+        messages = [
+            {"role": "user", "content": "model", "name": "n"},
+            {"role": "assistant", "content": '"model": "other"', "model": "x", "stream": True},
+        ]
+        self.assertAccepted(valid(tools=[tool, tool], messages=messages, stream=True, n=1))
+        self.assertAccepted(valid(stream_options={"include_usage": True}, metadata={"include_usage": "model"}))
+
+    def test_escapes_in_text_are_accepted(self) -> None:
+        """
+        Escapes in text (non-ASCII, HTML-safe encoders' C{\\u003c}, an
+        escaped letter in a message) do not make a body refused.
+        """
+        self.assertAccepted(members(("user", '"\\u00e9\\u4f60\\u003cb\\u003e"')))
+        self.assertAccepted(members(("user", '"he\\u006clo"')))
+        self.assertAccepted(
+            json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "héllo 你好"}]}).encode()
+        )
+
+    def test_other_repeats_left_to_upstream(self) -> None:
+        """
+        A repeated member the proxy does not decide on (C{temperature}) is
+        upstream's to judge.
+        """
+        self.assertAccepted(members(("temperature", "1"), ("temperature", "0")))
+
+    def test_through_the_proxy(self) -> None:
+        """
+        A client limited to one model cannot name another after it: the
+        request is refused and nothing goes upstream.
+        """
+        h = Harness(clients=registry(CLIENT_KEY, models=["gpt-4o-mini"]))
+        data = b'{"model": "gpt-4o-mini", "messages": [{"role": "user"}], "model": "gpt-4o"}'
+        response = self.successResultOf(h.post(data, headers={b"authorization": [b"Bearer " + CLIENT_KEY]}))
+        error = json.loads(self.successResultOf(treq.content(response)))["error"]
+        self.assertEqual((response.code, error["param"], error["code"]), (400, "model", "duplicate_parameter"))
+        self.assertEqual(h.fake.requests, [])
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+class RepeatedMemberProperties(SynchronousTestCase):
+    """
+    Properties over generated bodies.
+    """
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=5), st.booleans())
+    def test_no_repeat_no_refusal(self, extra: dict[str, Any], ascii: bool) -> None:
+        """
+        A body serialised from a document (so without repeated members),
+        escaped or not, is never refused as repeating one, unless a
+        generated name is another spelling of a deciding member.
+        """
+        document = {"model": "gpt-4o-mini", "messages": [USER_MESSAGE]}
+        document.update({k: v for k, v in extra.items() if k.casefold() not in DECIDING})
+        data = json.dumps(document, ensure_ascii=ascii).encode()
+        result = parse_chat_request(data)
+        self.assertFalse(isinstance(result, ApiError) and result.code == "duplicate_parameter", data)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=5),
+        st.sampled_from(sorted(DECIDING)),
+        st.integers(min_value=0, max_value=10),
+    )
+    def test_repeat_always_refused(self, extra: dict[str, Any], name: str, where: int) -> None:
+        """
+        A deciding member repeated anywhere among the top-level members,
+        whatever else the body holds, is refused.
+        """
+        document = {"model": "gpt-4o-mini", "messages": [USER_MESSAGE]}
+        document.update({k: v for k, v in extra.items() if k.casefold() not in DECIDING})
+        parts = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in document.items()]
+        for _ in range(2 if name != "model" else 1):
+            parts.insert(where % (len(parts) + 1), f'"{name}": {DECIDING[name]}')
+        data = ("{" + ", ".join(parts) + "}").encode()
+        result = parse_chat_request(data)
+        assert isinstance(result, ApiError), data
+        self.assertEqual((result.code, result.param), ("duplicate_parameter", name))
