@@ -621,9 +621,9 @@ def planned_address(description: str) -> Optional[IAddress]:
     probe = _AddressProbe()
     try:
         endpoint = serverFromString(probe, description)
+        endpoint.listen(Factory.forProtocol(Protocol)).addErrback(lambda _: None)
     except Exception:
         return None
-    endpoint.listen(Factory.forProtocol(Protocol)).addErrback(lambda _: None)
     return probe.address
 
 
@@ -953,6 +953,7 @@ def _supervise(
     reactor: Any,
     notifier: Notifier,
     service: MultiService,
+    endpoints: list[tuple[str, IStreamServerEndpoint]],
     report: StartupReport,
     exposure: _Exposure,
 ) -> IService:
@@ -980,7 +981,7 @@ def _supervise(
 
     supervisor = Supervisor(
         reactor,
-        [(description, _endpoint(reactor, description)) for description in config.ports],
+        endpoints,
         options.argv,
         config.workers,
         notifier,
@@ -1052,15 +1053,21 @@ def makeService(
         die_with_parent()
         inherited = [(listener, int(listener.partition(":")[0])) for listener in config.worker_listeners]
         planned = [(listener, fd_address(fd)) for listener, fd in inherited]
+        endpoints: list[tuple[str, IStreamServerEndpoint]] = [
+            (listener, AdoptedStreamServerEndpoint(reactor, fd, FAMILIES[listener.partition(":")[2]]))
+            for listener, fd in inherited
+        ]
     else:
         planned = [(description, planned_address(description)) for description in config.ports]
+        endpoints = [(description, _endpoint(reactor, description)) for description in config.ports]
+    metrics_endpoint = _endpoint(reactor, config.metrics_port) if config.metrics_port else None
     clients: ClientRegistry = config.clients if config.clients is not None else ClientRegistry()
     _check_before_binding(planned, config, clients, exposure)
     if report is None:
         report = StartupReport(reactor)
 
     if config.workers > 1 and not config.worker_listeners:
-        return _supervise(options, reactor, notifier, service, report, exposure)
+        return _supervise(options, reactor, notifier, service, endpoints, report, exposure)
 
     api_key = _MOCK_KEY if config.mock_upstream or config.api_key is None else config.api_key
     assert config.mock_upstream or config.api_key is not None, "Options guarantees a key unless mocking"
@@ -1113,20 +1120,13 @@ def makeService(
         reactor=reactor,
     )
     listening: list[Deferred[None]] = []
-    if config.worker_listeners:
-        # Accept on the sockets the supervisor opened.
-        endpoints: list[tuple[str, IStreamServerEndpoint]] = [
-            (listener, AdoptedStreamServerEndpoint(reactor, fd, FAMILIES[listener.partition(":")[2]]))
-            for listener, fd in inherited
-        ]
-    else:
-        endpoints = [(description, _endpoint(reactor, description)) for description in config.ports]
+    # A worker accepts on the sockets its supervisor opened.
     for description, endpoint in endpoints:
         bound: Deferred[None] = Deferred()
         listening.append(bound)
         announce = _announcer(description, config, bound, exposure, credentials, report)
         ListenerService(endpoint, site, description, report, announce).setServiceParent(service)
-    if config.metrics_port:
+    if config.metrics_port and metrics_endpoint is not None:
         # A private listener (loopback, or firewalled) for the scraper; the
         # metrics key still applies when one is set.
         metrics_site = ProxySite(
@@ -1140,7 +1140,7 @@ def makeService(
         bound = Deferred()
         listening.append(bound)
         ListenerService(
-            _endpoint(reactor, config.metrics_port),
+            metrics_endpoint,
             metrics_site,
             config.metrics_port,
             report,

@@ -20,7 +20,7 @@ from twisted.application.service import IServiceCollection
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
@@ -30,7 +30,7 @@ from oaiproxy.config import DEFAULT_PORT, DEFAULT_UPSTREAM, Secret
 from oaiproxy.jsonlog import OBSERVER_NAME, JsonLogObserver
 from oaiproxy.lifecycle import StartupError, StartupReport
 from oaiproxy.routes import BY_NAME
-from oaiproxy.tap import Options, _Exposure, _reloader, fd_address, makeService, planned_address
+from oaiproxy.tap import Options, _Exposure, _reloader, _SecretsService, fd_address, makeService, planned_address
 from oaiproxy.workers import GroupSecrets, encode_secrets
 from tests.support import registry, self_signed_pem, temp_dir
 
@@ -676,7 +676,7 @@ class WorkerTests(SynchronousTestCase):
         argv = ["--client-keys-file", "/nonexistent/clients.toml", "--api-key-file", "/nonexistent/key"]
         service, reactor, pipe = self.worker("0.0.0.0", secrets, argv)
         installed: list[Any] = []
-        [reader_service] = [s for s in service if type(s).__name__ == "_SecretsService"]
+        [reader_service] = [s for s in service if isinstance(s, _SecretsService)]
         reader_service._install = lambda signum, handler: installed.append((signum, handler))
         with capturedLogs() as events:
             service.privilegedStartService()
@@ -779,6 +779,6 @@ class JsonLogTests(SynchronousTestCase):
         self.assertIsNone(logger("--nodaemon", "--syslog"))
         self.assertEqual(
             logger("--nodaemon", "--logger", "twisted.logger.textFileLogObserver"),
-            __import__("twisted.logger").logger.textFileLogObserver,
+            textFileLogObserver,
         )
         self.assertEqual(OBSERVER_NAME, "oaiproxy.jsonlog.observer")
