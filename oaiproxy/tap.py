@@ -8,28 +8,34 @@ file, a systemd credential or the environment, and client keys from the
 environment only, so that no secret ever appears in C{ps} output.
 
 A configuration error ends startup with one line on stderr and exit status
-1, rather than twistd's usual full usage text or a traceback.
+1, rather than twistd's usual full usage text or a traceback; so does a
+listener that cannot be bound, or that other hosts could reach while no
+client keys are set (decided from the endpoint description before binding
+where it can be, from the bound address otherwise), with or without
+C{--nodaemon} (see L{oaiproxy.lifecycle.StartupReport}).
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
+import signal
+import socket
 import sys
+import textwrap
 from dataclasses import replace
 from typing import Any, Callable, Mapping, Optional
 
-from twisted.application import strports
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.interfaces import IAddress, IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.failure import Failure
-from zope.interface import implementer
+from twisted.python.systemd import ListenFDs
 
 from oaiproxy import __version__
 from oaiproxy.accesslog import JsonAccessLog, TextAccessLog
@@ -60,7 +66,15 @@ from oaiproxy.errors import invalid_api_key
 from oaiproxy.fake_upstream import FakeUpstream, listen
 from oaiproxy.forward import admission_gate
 from oaiproxy.headers import bearer_token, parse_static_header
-from oaiproxy.lifecycle import DrainService, Lifecycle, ReadinessService, ReloadService
+from oaiproxy.jsonlog import OBSERVER_NAME
+from oaiproxy.lifecycle import (
+    DrainService,
+    Lifecycle,
+    ListenerService,
+    ReadinessService,
+    ReloadService,
+    StartupReport,
+)
 from oaiproxy.limits import Limiter
 from oaiproxy.metrics import Metrics, MetricsCheck, MetricsResource
 from oaiproxy.resources import HealthResource, build_root, build_tree, error_response
@@ -76,7 +90,15 @@ from oaiproxy.styles import (
     UpstreamStyle,
 )
 from oaiproxy.upstream import UpstreamClient, make_http_client
-from oaiproxy.workers import FAMILIES, WORKER_INDEX, Supervisor, die_with_parent
+from oaiproxy.workers import (
+    FAMILIES,
+    WORKER_INDEX,
+    GroupSecrets,
+    SecretsReader,
+    Supervisor,
+    die_with_parent,
+    read_secrets,
+)
 
 __all__ = ["Options", "makeService"]
 
@@ -124,8 +146,26 @@ class Options(usage.Options):
         "OpenAI API or a compatible upstream with the key held here. The key is read "
         "from --api-key-file, $CREDENTIALS_DIRECTORY/openai_api_key or "
         "OPENAI_API_KEY; clients present keys from --client-keys-file or "
-        "OAIPROXY_CLIENT_KEYS."
+        "OAIPROXY_CLIENT_KEYS. Mint a client key and its keys-file entry with: "
+        "python -m oaiproxy keygen --name NAME >> clients.toml. "
+        "Try it without a key: twistd -n oaiproxy --mock-upstream."
     )
+    #: Shown first in --help, in this order; the rest follow as declared.
+    _MAIN_OPTIONS = (
+        "port",
+        "upstream",
+        "api-key-file",
+        "client-keys-file",
+        "mock-upstream",
+        "routes",
+        "upstream-style",
+        "workers",
+        "log-format",
+        "allow-open-relay",
+    )
+    #: Not in --help: set by the supervisor for its workers, or defined
+    #: only to refuse them (a key on the command line).
+    _HIDDEN_OPTIONS = frozenset({"worker-listener", "worker-share", "api-key", "client-keys"})
     optFlags = [
         [
             "no-stream-usage",
@@ -249,8 +289,8 @@ class Options(usage.Options):
             "log-format",
             None,
             None,
-            "Access log as 'text' (a log line) or 'json' (one object per line on standard output). "
-            "[env OAIPROXY_LOG_FORMAT, default text]",
+            "Logs as 'text' or 'json': one JSON object per line on standard output, the access entries and, "
+            "under twistd --nodaemon, every other line too. [env OAIPROXY_LOG_FORMAT, default text]",
         ],
         [
             "metrics-port",
@@ -364,11 +404,55 @@ class Options(usage.Options):
         except usage.UsageError as e:
             raise SystemExit(f"twistd oaiproxy: error: {e} (see: twistd oaiproxy --help)") from None
 
+    def getUsage(self, width: Optional[int] = None) -> str:
+        """
+        The --help text: the main options first, in the order a new user
+        needs them, then the others; neither the internal options nor those
+        that exist only to be refused (they still work, or still refuse,
+        when given).  (usage.Options would list every option, sorted.)
+        """
+        width = width or int(os.environ.get("COLUMNS", "80"))
+        names = {option.rstrip("="): option for option in self.longOpt}
+        main = [names[name] for name in self._MAIN_OPTIONS if name in names]
+        rest = [o for o in self.longOpt if o not in main and o.rstrip("=") not in self._HIDDEN_OPTIONS]
+        rest.sort(key=lambda o: o in ("help", "version"))
+        column = max(len(o) for o in main + rest) + 6
+
+        def block(options: list[str]) -> str:
+            lines = []
+            for option in options:
+                text = " ".join((self.docs.get(option.rstrip("=")) or "").split())
+                doc = textwrap.wrap(text, max(20, width - column), break_on_hyphens=False)
+                lines.append(f"  --{option}".ljust(column) + (doc[0] if doc else ""))
+                lines.extend(" " * column + line for line in doc[1:])
+            return "\n".join(lines) + "\n"
+
+        longdesc = "\n".join(textwrap.wrap(self.longdesc, width, break_on_hyphens=False))
+        return f"Options:\n{block(main)}\nMore options:\n{block(rest)}\n{longdesc}\n"
+
     def postOptions(self) -> None:
         try:
             self.config = self._build()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self.config.log_format == "json":
+            self._log_as_json()
+
+    def _log_as_json(self) -> None:
+        """
+        With --log-format json, make twistd's own log JSON too, where it
+        would go to standard output (beside the JSON access entries): as if
+        C{twistd --logger oaiproxy.jsonlog.observer} had been given.  A
+        --logfile, --syslog or --logger of the operator's own is left alone.
+        """
+        twistd = getattr(self, "parent", None)
+        if not isinstance(twistd, dict) or "logger" not in twistd:
+            return
+        if twistd.get("logger") or twistd.get("syslog") or not twistd.get("nodaemon"):
+            return
+        if twistd.get("logfile") not in (None, "", "-"):
+            return
+        twistd["logger"] = OBSERVER_NAME
 
     def _build(self) -> Config:
         config = self._settings()
@@ -404,7 +488,11 @@ class Options(usage.Options):
         deployments = tuple(self["azure-deployment"]) or parse_deployments(
             "OAIPROXY_AZURE_DEPLOYMENTS", env.get("OAIPROXY_AZURE_DEPLOYMENTS", "")
         )
-        api_key = None if mock else load_api_key(self["api-key-file"], env)
+        # A worker gets the secrets from its supervisor (see makeService),
+        # never from the files, which may have changed since the group
+        # started.
+        worker = bool(self["worker-listener"])
+        api_key = None if mock or worker else load_api_key(self["api-key-file"], env)
         values: dict[str, Any] = {}
         for option, variable, parse, name in _SETTINGS:
             if self[option] is not None:
@@ -416,12 +504,12 @@ class Options(usage.Options):
             upstream=api_base(upstream, values.get("upstream_style", "openai")),
             azure_deployments=deployments,
             api_key=api_key,
-            clients=load_clients(self["client-keys-file"], env),
+            clients=None if worker else load_clients(self["client-keys-file"], env),
             mock_upstream=mock,
             allow_open_relay=bool(self["allow-open-relay"]),
             api_key_file=self["api-key-file"],
             client_keys_file=self["client-keys-file"],
-            metrics_key=self._metrics_key(),
+            metrics_key=None if worker else self._metrics_key(),
             stream_usage=not self["no-stream-usage"] and env.get("OAIPROXY_STREAM_USAGE", "on") != "off",
             worker_listeners=tuple(self["worker-listener"]),
             upstream_headers=tuple(self["upstream-header"]),
@@ -435,39 +523,119 @@ class Options(usage.Options):
         return Secret(value.encode("utf-8")) if value else None
 
 
-@implementer(IStreamServerEndpoint)
-class _AnnouncingEndpoint:
+def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     """
-    An endpoint that reports the address it actually bound, which only the
-    listening port knows (C{tcp:0}, C{systemd:} sockets).
+    The endpoint for a C{--port} description, or one line saying what is
+    wrong with it.
+    """
+    try:
+        # unix: sockets get mode 660 unless the description sets one.
+        return serverFromString(reactor, unix_listener(description))
+    except (KeyError, IndexError) as e:
+        if description.startswith("systemd:"):
+            raise SystemExit(f"twistd oaiproxy: error: {_systemd_missing(description, e)}") from None
+        raise SystemExit(f"twistd oaiproxy: error: cannot use the endpoint {description!r}: {e}") from None
+    except (ValueError, TypeError, OSError) as e:
+        raise SystemExit(f"twistd oaiproxy: error: cannot use the endpoint {description!r}: {e}") from None
+
+
+def _systemd_missing(description: str, error: Exception) -> str:
+    """
+    Why a C{systemd:} socket is not there: the name or index asked for, and
+    what systemd did pass (nothing, when not started through a socket unit).
+    """
+    passed = ListenFDs.fromEnvironment().inheritedNamedDescriptors()
+    given = ", ".join(repr(name) for name in passed) if passed else "no sockets"
+    wanted = f"socket named {error.args[0]!r}" if isinstance(error, KeyError) else "socket at that index"
+    if isinstance(error, KeyError):
+        fix = (
+            f"give its .socket unit FileDescriptorName={error.args[0]} (the name= here), and start the service "
+            "through that socket unit"
+        )
+    else:
+        fix = "start the service through its .socket unit, or use name= with the unit's FileDescriptorName="
+    return f"cannot use the endpoint {description!r}: systemd passed no {wanted} (it passed {given}); {fix}"
+
+
+class _Probed(Exception):
+    """
+    The probe reactor has seen the address; nothing is bound.
     """
 
-    def __init__(
-        self,
-        endpoint: IStreamServerEndpoint,
-        description: str,
-        announce: Callable[[IListeningPort], None],
-    ) -> None:
-        self._endpoint = endpoint
-        self._description = description
-        self._announce = announce
 
-    def listen(self, factory: Any) -> "Deferred[IListeningPort]":
-        d: Deferred[IListeningPort] = self._endpoint.listen(factory)
+class _AddressProbe:
+    """
+    A stand-in reactor that an endpoint asks to listen, so that the address
+    it would bind is known before anything is bound: Twisted's own parser
+    reads the description (escapes, C{tcp6:}, C{ssl:}, wrappers such as
+    C{haproxy:}).  Every method raises once it has recorded the address,
+    so the endpoint goes no further (an adopted socket is not closed).
+    """
 
-        def announced(port: IListeningPort) -> IListeningPort:
-            self._announce(port)
-            return port
+    address: Optional[IAddress] = None
 
-        def refused(failure: Failure) -> IListeningPort:
-            # A busy or forbidden port: one line instead of a traceback.
-            # strports re-raises it from startup, so twistd exits 1.
-            failure.trap(CannotListenError)
-            raise SystemExit(
-                f"twistd oaiproxy: error: cannot listen on {self._description}: {failure.value.socketError}"
-            )
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> None:
+        self.address = _ip_literal(interface or "0.0.0.0", port)
+        raise _Probed()
 
-        return d.addCallbacks(announced, refused)
+    def listenSSL(self, port: int, factory: Any, contextFactory: Any, backlog: int = 50, interface: str = "") -> None:
+        self.listenTCP(port, factory, backlog, interface)
+
+    def listenUNIX(self, address: str, factory: Any, backlog: int = 50, mode: int = 0o666, wantPID: int = 0) -> None:
+        self.address = UNIXAddress(address)
+        raise _Probed()
+
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: Any) -> None:
+        self.address = fd_address(fileDescriptor)
+        raise _Probed()
+
+
+def _ip_literal(host: str, port: int) -> Optional[IAddress]:
+    """
+    The address for an interface given as an IP; C{None} for a host name,
+    whose address only the bound port can tell.
+    """
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    return IPv6Address("TCP", host, port) if ip.version == 6 else IPv4Address("TCP", host, port)
+
+
+def fd_address(fd: int) -> Optional[IAddress]:
+    """
+    The address an inherited listening socket is bound to (a systemd
+    socket, a worker's), read from the socket itself; C{None} if it cannot
+    be read (the listen will say why).
+    """
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            name, family = sock.getsockname(), sock.family
+    except OSError:
+        return None
+    if family == socket.AF_INET:
+        return IPv4Address("TCP", name[0], name[1])
+    if family == socket.AF_INET6:
+        return IPv6Address("TCP", name[0], name[1])
+    if family == socket.AF_UNIX:
+        return UNIXAddress(name)
+    return None
+
+
+def planned_address(description: str) -> Optional[IAddress]:
+    """
+    The address a C{--port} description will listen on, known before
+    binding for C{tcp:}, C{tcp6:}, C{ssl:}, C{unix:} and inherited
+    (C{systemd:}) sockets; C{None} when only the bound port can tell (a
+    host name, another endpoint type).
+    """
+    probe = _AddressProbe()
+    try:
+        endpoint = serverFromString(probe, description)
+        endpoint.listen(Factory.forProtocol(Protocol)).addErrback(lambda _: None)
+    except Exception:
+        return None
+    return probe.address
 
 
 class _Exposure:
@@ -479,18 +647,68 @@ class _Exposure:
     public = False
 
 
-def _listen(description: str, site: Any, announce: Callable[[IListeningPort], None], reactor: Any) -> IService:
+def _base_url(description: str, address: Any) -> str:
+    scheme = "https" if description.startswith("ssl:") else "http"
+    host = getattr(address, "host", None)
+    if host is None:
+        name = getattr(address, "name", address)
+        return f"{scheme}+unix:{os.fsdecode(name) if isinstance(name, bytes) else name}"
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{address.port}"
+
+
+def _open_relay_refusal(base: str) -> str:
+    return (
+        f"refusing to start: {base} is reachable from other hosts and "
+        "no client keys are set, so anyone who can connect could spend the upstream key. "
+        "Set client keys (--client-keys-file, OAIPROXY_CLIENT_KEYS; python -m oaiproxy keygen makes one), "
+        "listen on 127.0.0.1, or pass --allow-open-relay if that is really what you want."
+    )
+
+
+def _check_before_binding(
+    listeners: list[tuple[str, Optional[IAddress]]], config: Config, clients: ClientRegistry, exposure: _Exposure
+) -> None:
     """
-    A listener service for C{site} on an endpoint description.  strports
-    makes a bind failure stop twistd (exit status 1), which systemd sees;
-    the wrapper adds the startup report and readiness.
+    Refuse an open relay before anything is bound or any worker starts,
+    for every listener whose address the description tells; the others
+    are checked once bound (L{_exposure_check}).
     """
-    try:
-        listener = strports.service(unix_listener(description), site, reactor=reactor)
-    except (ValueError, TypeError, KeyError, OSError) as e:
-        raise SystemExit(f"twistd oaiproxy: error: cannot use the endpoint {description!r}: {e}") from None
-    listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description, announce)
-    return listener
+    for description, address in listeners:
+        if address is not None and not is_private_address(address):
+            exposure.public = True
+            if not len(clients) and not config.allow_open_relay:
+                raise SystemExit(f"twistd oaiproxy: error: {_open_relay_refusal(_base_url(description, address))}")
+
+
+def _exposure_check(
+    description: str,
+    config: Config,
+    clients: Callable[[], ClientRegistry],
+    exposure: _Exposure,
+    report: StartupReport,
+    port: IListeningPort,
+) -> str:
+    """
+    The check on a bound port, before anything is accepted on it: refuse
+    (L{StartupError}) a port other hosts can reach while no client keys are
+    set, and warn loudly when --allow-open-relay allows it.  Returns the
+    base URL.
+    """
+    address: Any = port.getHost()
+    base = _base_url(description, address)
+    if not is_private_address(address):
+        exposure.public = True
+        if not len(clients()):
+            if not config.allow_open_relay:
+                report.fail(_open_relay_refusal(base))
+            log.critical(
+                "OPEN RELAY: {base} is reachable from other hosts and no client keys are "
+                "set (--allow-open-relay). Anyone who can connect can spend the upstream "
+                "API key.",
+                base=base,
+            )
+    return base
 
 
 def _metrics_announcer(bound: "Deferred[None]", keyed: bool) -> Callable[[IListeningPort], None]:
@@ -533,40 +751,27 @@ def _metrics_check(credentials: Credentials, metrics_key: Optional[Secret]) -> M
 
 
 def _announcer(
-    description: str, config: Config, bound: "Deferred[None]", exposure: _Exposure
+    description: str,
+    config: Config,
+    bound: "Deferred[None]",
+    exposure: _Exposure,
+    credentials: Credentials,
+    report: StartupReport,
 ) -> Callable[[IListeningPort], None]:
-    scheme = "https" if description.startswith("ssl:") else "http"
+    """
+    What happens once a listener is bound, before it accepts: the exposure
+    check (which may refuse the port), then the startup report, then
+    readiness.
+    """
 
     def announce(port: IListeningPort) -> None:
-        address: Any = port.getHost()
-        host = getattr(address, "host", None)
-        if host is None:
-            base = f"{scheme}+unix:{getattr(address, 'name', address)}"
-        else:
-            shown = f"[{host}]" if ":" in host else host
-            base = f"{scheme}://{shown}:{address.port}"
+        base = _exposure_check(description, config, lambda: credentials.clients, exposure, report, port)
         log.info(
             "oaiproxy listening on {base}: API at {base}/v1 ({first}...), health at {base}/health",
             base=base,
             first=f"{base}/v1/{in_order(config.routes)[0].name}",
             endpoint=description,
         )
-        if not is_private_address(address):
-            exposure.public = True
-            if not len(config.clients):
-                if not config.allow_open_relay:
-                    raise SystemExit(
-                        f"twistd oaiproxy: error: refusing to start: {base} is reachable from other hosts and "
-                        "no client keys are set, so anyone who can connect could spend the upstream key. "
-                        "Set client keys (--client-keys-file, OAIPROXY_CLIENT_KEYS), listen on 127.0.0.1, "
-                        "or pass --allow-open-relay if that is really what you want."
-                    )
-                log.critical(
-                    "OPEN RELAY: {base} is reachable from other hosts and no client keys are "
-                    "set (--allow-open-relay). Anyone who can connect can spend the upstream "
-                    "API key.",
-                    base=base,
-                )
         bound.callback(None)
 
     return announce
@@ -609,37 +814,141 @@ class _MockUpstreamService(Service):
         return None
 
 
-def _reloader(options: Options, credentials: Credentials, exposure: _Exposure) -> Callable[[], bool]:
+def _clients_file(keys_file: Optional[str], environ: Mapping[str, str]) -> Optional[str]:
+    """
+    The clients file in use, found as L{load_clients} finds it; C{None} when
+    there is none.
+    """
+    path = keys_file or environ.get("OAIPROXY_CLIENT_KEYS_FILE")
+    if path:
+        return path
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    candidate = os.path.join(directory, "client_keys") if directory else None
+    return candidate if candidate is not None and os.path.exists(candidate) else None
+
+
+def _warn_if_no_clients(config: Config, environ: Mapping[str, str], clients: ClientRegistry) -> None:
+    """
+    A clients file that lists nobody turns client authentication off, which
+    nothing else would say: an empty file is what the systemd steps create.
+    """
+    path = _clients_file(config.client_keys_file, environ)
+    if path is not None and not len(clients):
+        log.warn(
+            "the clients file {path} lists no clients, so client authentication is OFF: anyone who can "
+            "connect may use the proxy and its upstream key. Add clients with python -m oaiproxy keygen, "
+            "then reload.",
+            path=path,
+        )
+
+
+def _load_credentials(options: Options, credentials: Credentials, exposure: _Exposure) -> Optional[GroupSecrets]:
+    """
+    Read the key sources again and check the result; C{None}, with the
+    reason logged, when it cannot be used.
+    """
+    config = options.config
+    try:
+        if config.mock_upstream:
+            api_key = credentials.api_key
+        else:
+            api_key = load_api_key(config.api_key_file, options.environ)
+        clients = load_clients(config.client_keys_file, options.environ)
+        if exposure.public and not len(clients) and not config.allow_open_relay:
+            raise ConfigError("the new configuration has no client keys, and the proxy is reachable from other hosts")
+    except ConfigError as e:
+        log.error("reload failed, keeping the credentials in use: {why}", why=str(e))
+        return None
+    _warn_if_no_clients(config, options.environ, clients)
+    return GroupSecrets(api_key, clients, config.metrics_key)
+
+
+def _reloader(
+    options: Options,
+    credentials: Credentials,
+    exposure: _Exposure,
+    hand_over: Optional[Callable[[GroupSecrets], int]] = None,
+) -> Callable[[], bool]:
     """
     The SIGHUP action: read the key sources again, then swap the secrets in
     one step.  Any failure keeps the secrets in use and says why.
+
+    @param hand_over: in a supervisor, gives the checked secrets to every
+        worker (and to those started later) and says to how many.
     """
-    config = options.config
 
     def reload() -> bool:
-        try:
-            if config.mock_upstream:
-                api_key = credentials.api_key
-            else:
-                api_key = load_api_key(config.api_key_file, options.environ)
-            clients = load_clients(config.client_keys_file, options.environ)
-            if exposure.public and not len(clients) and not config.allow_open_relay:
-                raise ConfigError(
-                    "the new configuration has no client keys, and the proxy is reachable from other hosts"
-                )
-        except ConfigError as e:
-            log.error("reload failed, keeping the credentials in use: {why}", why=str(e))
+        secrets = _load_credentials(options, credentials, exposure)
+        if secrets is None:
             return False
-        changed = api_key != credentials.api_key
-        credentials.replace(api_key, clients)
+        assert secrets.api_key is not None
+        changed = secrets.api_key != credentials.api_key
+        credentials.replace(secrets.api_key, secrets.clients)
+        if hand_over is not None:
+            count = hand_over(replace(secrets, api_key=None if options.config.mock_upstream else secrets.api_key))
+            log.info(
+                "reload checked: upstream key {key}, {count} client(s); handed to {workers} worker(s)",
+                key="changed" if changed else "unchanged",
+                count=len(secrets.clients),
+                workers=count,
+            )
+            return True
         log.info(
             "reloaded: upstream key {key}, {count} client(s)",
             key="changed" if changed else "unchanged",
-            count=len(clients),
+            count=len(secrets.clients),
         )
         return True
 
     return reload
+
+
+def _worker_reloader(config: Config, credentials: Credentials, exposure: _Exposure) -> Callable[[GroupSecrets], None]:
+    """
+    In a worker: apply a reload the supervisor has checked (checked again
+    here, so that no path serves an open relay).
+    """
+
+    def apply(secrets: GroupSecrets) -> None:
+        if exposure.public and not len(secrets.clients) and not config.allow_open_relay:
+            log.error("reload refused, keeping the credentials in use: no client keys, and reachable from other hosts")
+            return
+        api_key = _MOCK_KEY if config.mock_upstream or secrets.api_key is None else secrets.api_key
+        changed = api_key != credentials.api_key
+        credentials.replace(api_key, secrets.clients)
+        log.info(
+            "reloaded: upstream key {key}, {count} client(s)",
+            key="changed" if changed else "unchanged",
+            count=len(secrets.clients),
+        )
+
+    return apply
+
+
+class _SecretsService(Service):
+    """
+    A worker's end of the supervisor's pipe (its standard input): reloads
+    arrive there.  A SIGHUP sent to a worker itself (a terminal's hangup
+    reaches the whole process group) is ignored rather than fatal, its
+    default: the supervisor has it too, and reloads the group.
+
+    @param install: C{signal.signal}, injected for tests.
+    """
+
+    def __init__(self, reactor: Any, reader: SecretsReader, install: Callable[[int, Any], Any] = signal.signal) -> None:
+        self._reactor = reactor
+        self._reader = reader
+        self._install = install
+
+    def startService(self) -> None:
+        super().startService()
+        self._install(signal.SIGHUP, signal.SIG_IGN)
+        self._reactor.addReader(self._reader)
+        self._reader.dataReceived(b"")
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._reactor.removeReader(self._reader)
 
 
 def _worker_index(environ: Mapping[str, str]) -> Optional[int]:
@@ -650,36 +959,59 @@ def _worker_index(environ: Mapping[str, str]) -> Optional[int]:
     return int(index) if index.isdigit() else None
 
 
-def _supervise(options: Options, reactor: Any, notifier: Notifier, service: MultiService) -> IService:
+def _supervise(
+    options: Options,
+    reactor: Any,
+    notifier: Notifier,
+    service: MultiService,
+    endpoints: list[tuple[str, IStreamServerEndpoint]],
+    report: StartupReport,
+    exposure: _Exposure,
+) -> IService:
     """
     C{--workers N}: this process only holds the listeners and speaks for
-    the group (see L{oaiproxy.workers}).
+    the group (see L{oaiproxy.workers}).  It checks the configuration; the
+    workers get it from here.
     """
     config = options.config
 
-    def output(data: bytes) -> None:
-        stream = sys.__stdout__
-        if stream is not None:
-            stream.buffer.write(data)
-            stream.flush()
+    def writer(stream: Any) -> Callable[[bytes], None]:
+        def write(data: bytes) -> None:
+            if stream is not None:
+                stream.buffer.write(data)
+                stream.flush()
+
+        return write
+
+    clients: ClientRegistry = config.clients if config.clients is not None else ClientRegistry()
+    credentials = Credentials(config.api_key or _MOCK_KEY, clients)
+    _warn_if_no_clients(config, options.environ, clients)
+
+    def bound(description: str, port: IListeningPort) -> None:
+        _exposure_check(description, config, lambda: credentials.clients, exposure, report, port)
 
     supervisor = Supervisor(
-        reactor, config.ports, options.argv, config.workers, notifier, dict(options.environ), output
+        reactor,
+        endpoints,
+        options.argv,
+        config.workers,
+        notifier,
+        dict(options.environ),
+        writer(sys.__stdout__),
+        GroupSecrets(config.api_key, clients, config.metrics_key),
+        report,
+        bound,
+        error_output=writer(sys.__stderr__),
     )
     supervisor.setServiceParent(service)
 
-    def exit_status() -> None:
-        if supervisor.failed:
-            # twistd would exit 0 after a clean reactor stop.
-            os._exit(1)
-
-    reactor.addSystemEventTrigger("after", "shutdown", exit_status)
-
     def status() -> str:
-        return f"{config.workers} workers serving {len(config.ports)} listener(s)"
+        return f"{config.workers} workers serving {len(config.ports)} listener(s), {len(credentials.clients)} client(s)"
 
-    ReloadService(supervisor.reload, notifier, status, lambda f: reactor.callFromThread(f)).setServiceParent(service)
+    reload = _reloader(options, credentials, exposure, supervisor.hand_over)
+    ReloadService(reload, notifier, status, lambda f: reactor.callFromThread(f)).setServiceParent(service)
     ReadinessService(notifier, [supervisor.all_ready], status).setServiceParent(service)
+    supervisor.all_ready.addCallback(lambda _: report.done())
     log.info("oaiproxy {version}: supervising {count} workers", version=__version__, count=config.workers)
     return service
 
@@ -689,16 +1021,26 @@ def makeService(
     reactor: Any = None,
     http: Optional[Any] = None,
     notifier: Optional[Notifier] = None,
+    report: Optional[StartupReport] = None,
+    supervisor_input: int = 0,
 ) -> IService:
     """
     Build the daemon: listeners on every C{--port}, the Resource tree, the
     upstream client, and the services that talk to systemd (readiness,
     reload on SIGHUP, drain on stop).
 
+    Everything that can be checked before binding is checked here: twistd
+    calls this before it daemonizes, so a refusal reaches the terminal
+    (C{SystemExit}, one line on stderr).
+
     @param reactor: the reactor (the global one by default).
     @param http: a treq-like client to use instead of the pooled one
         (for tests).
     @param notifier: where readiness goes (by default C{$NOTIFY_SOCKET}).
+    @param report: where a failure after this point goes (by default the
+        standard error twistd was started with).
+    @param supervisor_input: in a worker, the descriptor its supervisor
+        writes the configuration to (standard input).
     """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -708,15 +1050,41 @@ def makeService(
     if notifier is None:
         notifier = Notifier.from_environ(options.environ)
     service = MultiService()
+    exposure = _Exposure()
+    pending = b""
+
+    if config.worker_listeners:
+        # A worker serves the secrets its supervisor read and checked, and
+        # never outlives the supervisor.
+        try:
+            secrets, pending = read_secrets(supervisor_input)
+        except ConfigError as e:
+            raise SystemExit(f"twistd oaiproxy: error: {e}") from None
+        config = replace(config, api_key=secrets.api_key, clients=secrets.clients, metrics_key=secrets.metrics_key)
+        die_with_parent()
+        inherited = [(listener, int(listener.partition(":")[0])) for listener in config.worker_listeners]
+        planned = [(listener, fd_address(fd)) for listener, fd in inherited]
+        endpoints: list[tuple[str, IStreamServerEndpoint]] = [
+            (listener, AdoptedStreamServerEndpoint(reactor, fd, FAMILIES[listener.partition(":")[2]]))
+            for listener, fd in inherited
+        ]
+    else:
+        planned = [(description, planned_address(description)) for description in config.ports]
+        endpoints = [(description, _endpoint(reactor, description)) for description in config.ports]
+    metrics_endpoint = _endpoint(reactor, config.metrics_port) if config.metrics_port else None
+    clients: ClientRegistry = config.clients if config.clients is not None else ClientRegistry()
+    _check_before_binding(planned, config, clients, exposure)
+    if report is None:
+        report = StartupReport(reactor)
 
     if config.workers > 1 and not config.worker_listeners:
-        return _supervise(options, reactor, notifier, service)
+        return _supervise(options, reactor, notifier, service, endpoints, report, exposure)
 
-    api_key = _MOCK_KEY if config.mock_upstream else config.api_key
-    assert api_key is not None, "Options guarantees a key unless mocking"
-    clients: ClientRegistry = config.clients if config.clients is not None else ClientRegistry()
+    api_key = _MOCK_KEY if config.mock_upstream or config.api_key is None else config.api_key
+    assert config.mock_upstream or config.api_key is not None, "Options guarantees a key unless mocking"
     credentials = Credentials(api_key, clients)
-    exposure = _Exposure()
+    if not config.worker_listeners:
+        _warn_if_no_clients(config, options.environ, clients)
     lifecycle = Lifecycle()
     if http is None:
         http = make_http_client(reactor, config.connect_timeout)
@@ -765,22 +1133,13 @@ def makeService(
         reactor=reactor,
     )
     listening: list[Deferred[None]] = []
-    if config.worker_listeners:
-        # A worker: accept on the sockets the supervisor opened, and never
-        # outlive the supervisor.
-        die_with_parent()
-        for listener in config.worker_listeners:
-            fd, _, family = listener.partition(":")
-            bound: Deferred[None] = Deferred()
-            listening.append(bound)
-            adopted = AdoptedStreamServerEndpoint(reactor, int(fd), FAMILIES[family])
-            announced = _AnnouncingEndpoint(adopted, listener, _announcer(listener, config, bound, exposure))
-            StreamServerEndpointService(announced, site).setServiceParent(service)
-    for description in () if config.worker_listeners else config.ports:
-        bound = Deferred[None]()
+    # A worker accepts on the sockets its supervisor opened.
+    for description, endpoint in endpoints:
+        bound: Deferred[None] = Deferred()
         listening.append(bound)
-        _listen(description, site, _announcer(description, config, bound, exposure), reactor).setServiceParent(service)
-    if config.metrics_port:
+        announce = _announcer(description, config, bound, exposure, credentials, report)
+        ListenerService(endpoint, site, description, report, announce).setServiceParent(service)
+    if config.metrics_port and metrics_endpoint is not None:
         # A private listener (loopback, or firewalled) for the scraper; the
         # metrics key still applies when one is set.
         metrics_site = ProxySite(
@@ -793,8 +1152,12 @@ def makeService(
         )
         bound = Deferred()
         listening.append(bound)
-        _listen(
-            config.metrics_port, metrics_site, _metrics_announcer(bound, config.metrics_key is not None), reactor
+        ListenerService(
+            metrics_endpoint,
+            metrics_site,
+            config.metrics_port,
+            report,
+            _metrics_announcer(bound, config.metrics_key is not None),
         ).setServiceParent(service)
 
     def status() -> str:
@@ -807,12 +1170,18 @@ def makeService(
     # Stopping runs in reverse order: the drain starts as the listeners
     # close, so no new connection arrives while in-flight requests finish.
     DrainService(lifecycle, reactor, config.drain_timeout, notifier).setServiceParent(service)
-    # callFromThread is the signal-safe way back into the reactor.
-    reload = ReloadService(
-        _reloader(options, credentials, exposure), notifier, status, lambda f: reactor.callFromThread(f)
-    )
-    reload.setServiceParent(service)
+    if config.worker_listeners:
+        # Reloads come from the supervisor, checked, on the pipe.
+        reader = SecretsReader(supervisor_input, _worker_reloader(config, credentials, exposure), pending)
+        _SecretsService(reactor, reader).setServiceParent(service)
+    else:
+        # callFromThread is the signal-safe way back into the reactor.
+        reload = ReloadService(
+            _reloader(options, credentials, exposure), notifier, status, lambda f: reactor.callFromThread(f)
+        )
+        reload.setServiceParent(service)
     ReadinessService(notifier, listening, status).setServiceParent(service)
+    gatherResults(listening).addCallback(lambda _: report.done())
 
     log.info(
         "oaiproxy {version} forwarding {routes} to {upstream} ({style}) "

@@ -643,7 +643,8 @@ class UnixListenerTests(SynchronousTestCase):
         """
         The daemon's own listeners (the C{--port} services) get the mode.
         """
-        from oaiproxy.tap import _listen
+        from oaiproxy.lifecycle import ListenerService, StartupReport
+        from oaiproxy.tap import _endpoint
 
         path = os.path.join(temp_dir(self), "api.sock")
         reactor = SelectReactor()
@@ -654,7 +655,12 @@ class UnixListenerTests(SynchronousTestCase):
 
         self.addCleanup(close)
         announced: list[Any] = []
-        service: Any = _listen(f"unix:{path}", Factory.forProtocol(Protocol), announced.append, reactor)
+        description = f"unix:{path}"
+        report = StartupReport(reactor)
+        self.addCleanup(report.done)
+        service: Any = ListenerService(
+            _endpoint(reactor, description), Factory.forProtocol(Protocol), description, report, announced.append
+        )
         service.privilegedStartService()
         [port] = announced
         self.addCleanup(port.connectionLost, None)

@@ -520,7 +520,8 @@ class ObservabilityTests(E2ETestCase):
         self.assertEqual(status, 401)
 
         self.proxy.stop()
-        entries = [json.loads(line) for line in self.proxy.output.splitlines() if line.startswith("{")]
+        # Access entries, among the daemon's other lines (JSON too).
+        entries = [e for e in map(json.loads, self.proxy.output.splitlines()) if "request_id" in e]
         first = next(e for e in entries if e["request_id"] == request_id)
         self.assertEqual((first["client"], first["model"], first["status"]), ("env-1", "gpt-4o", 200))
         self.assertEqual((first["prompt_tokens"], first["completion_tokens"]), (2, 8))

@@ -1,7 +1,8 @@
 """
 Life under a service manager: sd_notify messages, readiness, SIGHUP reload
 and the graceful drain, with fake clocks and real datagram sockets on the
-file system (no systemd needed).
+file system (no systemd needed); and how a failed startup is told and ends
+the process.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from oaiproxy.clients import Credentials, file_entry
 from oaiproxy.config import Secret
-from oaiproxy.lifecycle import CLOSE_GRACE_SECONDS, DrainService, Lifecycle, ReadinessService, ReloadService
+from oaiproxy.lifecycle import (
+    CLOSE_GRACE_SECONDS,
+    DrainService,
+    Lifecycle,
+    ListenerService,
+    ReadinessService,
+    ReloadService,
+    StartupError,
+    StartupReport,
+)
 from oaiproxy.resources import Endpoint, HealthResource, build_root
 from oaiproxy.sdnotify import Notifier, encode, notify_address
 from oaiproxy.site import ProxySite
@@ -247,6 +257,115 @@ class ReadinessTests(SynchronousTestCase):
         self.assertEqual(notifier.sent, [])
         second.callback(None)
         self.assertEqual(notifier.sent, [{"READY": "1", "STATUS": "serving"}])
+
+
+class Pipe:
+    """
+    A pipe standing in for a process's standard error.
+    """
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.read, self.write = os.pipe()
+        case.addCleanup(os.close, self.read)
+        case.addCleanup(os.close, self.write)
+        os.set_blocking(self.read, False)
+
+    def written(self) -> bytes:
+        try:
+            return os.read(self.read, 65536)
+        except BlockingIOError:
+            return b""
+
+
+class StartupReportTests(SynchronousTestCase):
+    def test_reason_goes_where_the_process_was_started(self) -> None:
+        """
+        A failure during startup is written once to the standard error the
+        report was made with, and raised as a StartupError (status 1, no
+        text of its own for Python to print).
+        """
+        stderr = Pipe(self)
+        report = StartupReport(MemoryReactorClock(), stderr.write)
+        with capturedLogs() as events, self.assertRaises(StartupError) as caught:
+            report.fail("cannot listen on tcp:1: busy")
+        self.assertEqual(stderr.written(), b"twistd oaiproxy: error: cannot listen on tcp:1: busy\n")
+        self.assertEqual(caught.exception.code, 1)
+        self.assertIsInstance(caught.exception, Exception)
+        self.assertEqual(caught.exception.reason, "twistd oaiproxy: error: cannot listen on tcp:1: busy")
+        self.assertEqual(events, [])
+
+    def test_after_daemonizing_also_logged(self) -> None:
+        """
+        Once the descriptor no longer points where it did (twistd's daemon
+        mode puts /dev/null there), the reason still reaches the original
+        file, and the log too, which is then the daemon's only record.
+        """
+        stderr = Pipe(self)
+        watched = os.dup(stderr.write)
+        self.addCleanup(os.close, watched)
+        report = StartupReport(MemoryReactorClock(), watched)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, watched)
+        os.close(null)
+        with capturedLogs() as events, self.assertRaises(StartupError):
+            report.fail("refusing to start: open")
+        self.assertEqual(stderr.written(), b"twistd oaiproxy: error: refusing to start: open\n")
+        self.assertEqual([e["line"] for e in events], ["twistd oaiproxy: error: refusing to start: open"])
+
+    def test_once_running_stops_with_status_1(self) -> None:
+        """
+        A failure once the reactor runs (an endpoint that bound late) stops
+        it and exits 1 afterwards.
+        """
+        reactor = MemoryReactorClock()
+        reactor.running = True
+        stderr = Pipe(self)
+        with capturedLogs():
+            StartupReport(reactor, stderr.write).fail("cannot listen on x: late")
+        self.assertTrue(reactor.hasStopped)
+        [(leave, args, _)] = reactor.triggers["after"]["shutdown"]
+        self.assertEqual((leave.__name__, args), ("leave", ()))
+        self.assertEqual(stderr.written(), b"twistd oaiproxy: error: cannot listen on x: late\n")
+
+
+class _LateEndpoint:
+    def __init__(self) -> None:
+        self.listening: Deferred[Any] = Deferred()
+
+    def listen(self, factory: Any) -> "Deferred[Any]":
+        return self.listening
+
+
+class ListenerServiceTests(SynchronousTestCase):
+    def test_late_failure_ends_the_process(self) -> None:
+        """
+        An endpoint that fails after startup returned (twistd's
+        StreamServerEndpointService would only log it and serve on without
+        the listener) ends the process with status 1.
+        """
+        from twisted.internet.error import CannotListenError
+
+        reactor = MemoryReactorClock()
+        stderr = Pipe(self)
+        endpoint = _LateEndpoint()
+        service = ListenerService(endpoint, object(), "tcp:1", StartupReport(reactor, stderr.write), lambda p: None)
+        service.privilegedStartService()
+        reactor.running = True
+        with capturedLogs():
+            endpoint.listening.errback(CannotListenError("", 1, OSError(98, "Address already in use")))
+        self.assertTrue(reactor.hasStopped)
+        self.assertIn(b"cannot listen on tcp:1: [Errno 98] Address already in use", stderr.written())
+
+    def test_stopped_before_bound(self) -> None:
+        """
+        Stopping before a late endpoint binds cancels it quietly.
+        """
+        reactor = MemoryReactorClock()
+        endpoint = _LateEndpoint()
+        service = ListenerService(endpoint, object(), "tcp:1", StartupReport(reactor, Pipe(self).write), lambda p: None)
+        service.startService()
+        service.stopService()
+        self.assertFalse(reactor.hasStopped)
 
 
 class ReloadServiceTests(SynchronousTestCase):

@@ -2,8 +2,9 @@
 The daemon as systemd runs it, end to end on 127.0.0.1: socket activation
 through Debian's real C{systemd-socket-activate}, readiness and stopping
 notifications on a real datagram socket, the graceful drain on SIGTERM,
-reload on SIGHUP, and a key passed as a credential file staying out of
-C{ps}, logs and error bodies.  The daemon is the real C{twistd -n oaiproxy};
+reload on SIGHUP, a key passed as a credential file staying out of
+C{ps}, logs and error bodies, startup failures with and without
+C{--nodaemon}, and C{--log-format json}.  The daemon is the real C{twistd -n oaiproxy};
 the client is the openai SDK; the upstream is the fake, as a real server.
 """
 
@@ -407,3 +408,112 @@ class UnitCommandTests(Deployment):
         self.assertIn(b"READY=1", notify.recv(4096))
         process.send_signal(signal.SIGTERM)
         self.assertIn(process.wait(), CLEAN_EXIT)
+
+
+class StartupFailureTests(Deployment):
+    """
+    A daemon that cannot start says why on the terminal and exits 1, with
+    or without --nodaemon; it never waits forever.
+    """
+
+    def twistd(self, twistd_options: Sequence[str], args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [twistd(), *twistd_options, "oaiproxy", "--upstream", self.upstream_url, *args],
+            env=child_env({"OPENAI_API_KEY": UPSTREAM_KEY}),
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            # Bounded: before the fix, the daemon's parent waited forever.
+            timeout=60,
+        )
+        pidfile = os.path.join(self.cwd, "twistd.pid")
+        if os.path.exists(pidfile):
+            # It started after all: stop the daemon we started, by its pid.
+            with open(pidfile) as f:
+                os.kill(int(f.read()), signal.SIGTERM)
+        return result
+
+    def daemon_options(self) -> list[str]:
+        return [
+            f"--pidfile={os.path.join(self.cwd, 'twistd.pid')}",
+            f"--logfile={os.path.join(self.cwd, 'twistd.log')}",
+        ]
+
+    def busy_port(self) -> int:
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port: int = busy.getsockname()[1]
+        return port
+
+    def test_busy_port_without_nodaemon(self) -> None:
+        """
+        Daemonizing, a busy port ends with status 1 and the reason on
+        standard error, where it pointed when twistd started (the terminal),
+        not only in twistd.log.
+        """
+        port = self.busy_port()
+        result = self.twistd(self.daemon_options(), ["--port", f"tcp:{port}:interface=127.0.0.1"])
+        self.assertEqual(result.returncode, 1, result.stderr)
+        reason = f"twistd oaiproxy: error: cannot listen on tcp:{port}:interface=127.0.0.1: [Errno 98]"
+        self.assertIn(reason, result.stderr)
+        self.assertIn("choose another port with --port (or PORT)", result.stderr)
+        with open(os.path.join(self.cwd, "twistd.log")) as f:
+            self.assertIn(reason, f.read())
+        self.assertFalse(os.path.exists(os.path.join(self.cwd, "twistd.pid")))
+
+    def test_busy_port_with_nodaemon_is_on_stderr(self) -> None:
+        """
+        Under --nodaemon the reason is on standard error too, not among the
+        log lines on standard output.
+        """
+        port = self.busy_port()
+        result = self.twistd(["--nodaemon", "--pidfile="], ["--port", f"tcp:{port}:interface=127.0.0.1"])
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.count("cannot listen on"), 1, result.stderr)
+        self.assertIn("--port (or PORT)", result.stderr)
+        self.assertNotIn("cannot listen", result.stdout)
+
+    def test_open_relay_refused_without_nodaemon(self) -> None:
+        """
+        The open-relay refusal, daemonizing: decided before binding, status
+        1, the reason on the terminal.
+        """
+        result = self.twistd(self.daemon_options(), ["--port", "tcp:0"])
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("refusing to start: http://0.0.0.0:0 is reachable from other hosts", result.stderr)
+
+
+class JsonLogTests(Deployment):
+    def test_every_line_on_stdout_is_json(self) -> None:
+        """
+        With --log-format json, one process or a group of workers: every
+        line on standard output is a JSON object (startup, Twisted's own
+        lines, access entries, shutdown), and nothing is left for standard
+        error.
+        """
+        for extra in ([], ["--workers", "2"]):
+            errors = os.path.join(self.cwd, f"stderr{len(extra)}")
+            # The shell sends standard error to a file, so standard output
+            # is all the Process reader sees.
+            process, base = start_proxy(
+                self.cwd,
+                ["--upstream", self.upstream_url, "--log-format", "json", *extra],
+                {"OPENAI_API_KEY": UPSTREAM_KEY},
+                prefix=["sh", "-c", 'exec "$@" 2>"$0"', errors],
+            )
+            self.addCleanup(process.stop)
+            if extra:
+                process.wait_until(lambda out: out.count("oaiproxy listening on") == 2)
+            self.client(base).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            process.send_signal(signal.SIGTERM)
+            self.assertIn(process.wait(), CLEAN_EXIT)
+            records = [json.loads(line) for line in process.output.splitlines()]
+            messages = [r.get("message", "") for r in records]
+            self.assertTrue(any("oaiproxy listening on" in m for m in messages), messages)
+            self.assertTrue(any("starting up" in m for m in messages), messages)
+            self.assertTrue(any("Main loop terminated" in m for m in messages), messages)
+            self.assertEqual([r["status"] for r in records if "request_id" in r], [200])
+            with open(errors) as f:
+                self.assertEqual(f.read(), "")

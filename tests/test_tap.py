@@ -1,28 +1,38 @@
 """
 The twistd plugin's options and service tree: configuration from options
 and environment, startup errors as one line, listeners, the startup report
-and the open-relay warning.  No sockets: a memory reactor records what
-would be bound.
+and the open-relay refusal (before binding, and once bound), a worker's
+configuration from its supervisor, --help, and the JSON log.  No listening
+sockets: a memory reactor records what would be bound.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from typing import Any, Mapping
+import signal
+import socket
+from typing import Any, Mapping, Sequence
 
 from treq.testing import StubTreq
 from twisted.application.service import IServiceCollection
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, textFileLogObserver
+from twisted.python.failure import Failure
+from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaiproxy.clients import Credentials, file_entry
 from oaiproxy.config import DEFAULT_PORT, DEFAULT_UPSTREAM, Secret
+from oaiproxy.jsonlog import OBSERVER_NAME, JsonLogObserver
+from oaiproxy.lifecycle import StartupError, StartupReport
 from oaiproxy.routes import BY_NAME
-from oaiproxy.tap import Options, makeService
-from tests.support import temp_dir
+from oaiproxy.tap import Options, _Exposure, _reloader, _SecretsService, fd_address, makeService, planned_address
+from oaiproxy.workers import GroupSecrets, encode_secrets
+from tests.support import registry, self_signed_pem, temp_dir
 
 KEY = "sk-proj-TAPSECRET000111222"
 
@@ -36,23 +46,69 @@ def parse(argv: list[str], env: Mapping[str, str] = {"OPENAI_API_KEY": KEY}) -> 
 class _Port:
     def __init__(self, address: IPv4Address) -> None:
         self._address = address
+        self.listening = True
 
     def getHost(self) -> IPv4Address:
         return self._address
 
     def stopListening(self) -> None:
+        self.listening = False
+
+    def stopReading(self) -> None:
         pass
+
+    def fileno(self) -> int:
+        return -1
 
 
 class HonestReactor(MemoryReactorClock):
     """
     A memory reactor whose ports report the interface they were given
-    (MemoryReactor always says 0.0.0.0).
+    (MemoryReactor always says 0.0.0.0), and that records the processes it
+    would spawn.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: list[_Port] = []
+        self.spawned: list[Any] = []
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> _Port:
         super().listenTCP(port, factory, backlog, interface)
-        return _Port(IPv4Address("TCP", interface or "0.0.0.0", port))
+        self.ports.append(_Port(IPv4Address("TCP", interface or "0.0.0.0", port)))
+        return self.ports[-1]
+
+    def adoptStreamPort(self, fileno: int, addressFamily: int, factory: Any) -> _Port:
+        super().adoptStreamPort(fileno, addressFamily, factory)
+        address = fd_address(fileno)
+        assert isinstance(address, IPv4Address)
+        self.ports.append(_Port(address))
+        return self.ports[-1]
+
+    def spawnProcess(self, *args: Any, **kwargs: Any) -> None:
+        self.spawned.append((args, kwargs))
+
+
+class Stderr:
+    """
+    A pipe standing in for the standard error twistd was started with: what
+    a L{StartupReport} on it wrote.
+    """
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self._read, self.fd = os.pipe()
+        case.addCleanup(os.close, self._read)
+        case.addCleanup(os.close, self.fd)
+
+    def report(self, reactor: Any) -> StartupReport:
+        return StartupReport(reactor, self.fd)
+
+    def written(self) -> str:
+        os.set_blocking(self._read, False)
+        try:
+            return os.read(self._read, 65536).decode()
+        except BlockingIOError:
+            return ""
 
 
 class OptionsTests(SynchronousTestCase):
@@ -251,19 +307,98 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn("forwarding chat/completions, models to https://api.openai.com/v1 (openai)", text)
         self.assertNotIn("TAPSECRET", text + repr(events))
 
-    def test_open_relay_refused(self) -> None:
+    def test_open_relay_refused_before_binding(self) -> None:
         """
         Safe by default: a listener reachable from other hosts with no
-        client keys stops startup with one line saying what to do.
+        client keys stops startup with one line saying what to do, decided
+        from the description before anything is bound or announced (twistd
+        calls makeService before it daemonizes, so the line reaches the
+        terminal).
+        """
+        pem = self_signed_pem(temp_dir(self))
+        for description, base in [
+            ("tcp:8080", "http://0.0.0.0:8080"),
+            ("tcp:8080:interface=0.0.0.0", "http://0.0.0.0:8080"),
+            ("tcp6:8080", "http://[::]:8080"),
+            (f"ssl:8443:interface=10.0.0.1:privateKey={pem}", "https://10.0.0.1:8443"),
+        ]:
+            reactor = HonestReactor()
+            with capturedLogs() as events, self.assertRaises(SystemExit) as caught:
+                makeService(parse(["--port", description]), reactor=reactor)
+            message = str(caught.exception.code)
+            self.assertIn(f"refusing to start: {base} is reachable from other hosts", message)
+            self.assertIn("--allow-open-relay", message)
+            self.assertNotIn("\n", message)
+            self.assertEqual((reactor.tcpServers, reactor.sslServers), ([], []))
+            self.assertNotIn("listening on", repr(events))
+
+    def test_planned_address(self) -> None:
+        """
+        The address a description will bind is known beforehand for IP
+        literals and UNIX sockets; a host name waits for the bound port.
+        """
+        self.assertEqual(planned_address("tcp:80:interface=127.0.0.1"), IPv4Address("TCP", "127.0.0.1", 80))
+        self.assertEqual(planned_address("tcp:80"), IPv4Address("TCP", "0.0.0.0", 80))
+        self.assertEqual(getattr(planned_address(r"tcp6:80:interface=\:\:1"), "host", None), "::1")
+        self.assertEqual(getattr(planned_address("unix:/run/p.sock"), "name", None), b"/run/p.sock")
+        self.assertIsNone(planned_address("tcp:80:interface=localhost"))
+        self.assertIsNone(planned_address("nonsense:1"))
+
+    def test_open_relay_refused_once_bound(self) -> None:
+        """
+        Where only the bound port tells the address (a host name), the
+        check runs on the bound port before anything is accepted or
+        announced: the port is closed again and startup ends with status 1
+        (an Exception too, so that a daemonized twistd tells its parent),
+        the reason on the original standard error.
         """
         reactor = HonestReactor()
-        service = makeService(parse(["--port", "tcp:8080"]), reactor=reactor)
-        with self.assertRaises(SystemExit) as caught:
+        stderr = Stderr(self)
+        service = makeService(
+            parse(["--port", "tcp:8080:interface=proxy.example"]), reactor=reactor, report=stderr.report(reactor)
+        )
+        with capturedLogs() as events, self.assertRaises(StartupError) as caught:
             service.privilegedStartService()
-        message = str(caught.exception.code)
-        self.assertIn("refusing to start: http://0.0.0.0:8080 is reachable from other hosts", message)
-        self.assertIn("--allow-open-relay", message)
-        self.assertNotIn("\n", message)
+        self.assertIsInstance(caught.exception, Exception)
+        self.assertEqual(caught.exception.code, 1)
+        [port] = reactor.ports
+        self.assertFalse(port.listening)
+        self.assertNotIn("listening on", repr(events))
+        written = stderr.written()
+        self.assertIn("refusing to start: http://proxy.example:8080 is reachable from other hosts", written)
+        self.assertEqual(written.count("\n"), 1)
+
+    def test_open_relay_refused_with_workers(self) -> None:
+        """
+        With --workers the supervisor refuses before binding and before any
+        worker starts, and, for a listener only its bound port can judge,
+        once bound and still before any worker starts.
+        """
+        reactor = HonestReactor()
+        with self.assertRaises(SystemExit) as caught:
+            makeService(parse(["--port", "tcp:8080", "--workers", "2"]), reactor=reactor)
+        self.assertIn("refusing to start", str(caught.exception.code))
+        self.assertEqual((reactor.tcpServers, reactor.spawned), ([], []))
+
+        stderr = Stderr(self)
+        service = makeService(
+            parse(["--port", "tcp:8080:interface=proxy.example", "--workers", "2"]),
+            reactor=reactor,
+            report=stderr.report(reactor),
+        )
+        with self.assertRaises(StartupError):
+            service.privilegedStartService()
+        self.assertEqual(reactor.spawned, [])
+        self.assertIn("refusing to start: http://proxy.example:8080", stderr.written())
+
+        keyed = makeService(
+            parse(["--port", "tcp:8080", "--workers", "2"], {"OPENAI_API_KEY": KEY, "OAIPROXY_CLIENT_KEYS": "k"}),
+            reactor=reactor,
+        )
+        keyed.privilegedStartService()
+        keyed.startService()
+        self.addCleanup(keyed.stopService)
+        self.assertEqual(len(reactor.spawned), 2)
 
     def test_open_relay_warning(self) -> None:
         """
@@ -293,18 +428,63 @@ class ServiceTests(SynchronousTestCase):
     def test_busy_port_fails_startup(self) -> None:
         """
         A port that cannot be bound makes startup fail (twistd exits
-        non-zero, which systemd sees), rather than only logging it.
+        non-zero, which systemd sees), rather than only logging it; the
+        reason goes to the standard error twistd was started with, not into
+        the log on standard output, and says what to do.
         """
         reactor = RaisingMemoryReactor(
             listenException=CannotListenError("127.0.0.1", 8080, OSError(98, "Address already in use"))
         )
-        service = makeService(parse([]), reactor=reactor)
-        with self.assertRaises(SystemExit) as caught:
+        stderr = Stderr(self)
+        service = makeService(parse([]), reactor=reactor, report=stderr.report(reactor))
+        with capturedLogs() as events, self.assertRaises(StartupError) as caught:
             service.privilegedStartService()
+        self.assertEqual(caught.exception.code, 1)
         self.assertEqual(
-            caught.exception.code,
-            "twistd oaiproxy: error: cannot listen on tcp:8080:interface=127.0.0.1: [Errno 98] Address already in use",
+            stderr.written(),
+            "twistd oaiproxy: error: cannot listen on tcp:8080:interface=127.0.0.1: [Errno 98] Address already in "
+            "use; another process holds it: choose another port with --port (or PORT)\n",
         )
+        # Not also as a log line: under --nodaemon that is standard output.
+        self.assertNotIn("cannot listen", repr(events))
+
+    def test_systemd_socket_missing(self) -> None:
+        """
+        A socket-activated endpoint whose socket was not passed names the
+        socket and the unit setting that passes it.
+        """
+        with self.assertRaises(SystemExit) as caught:
+            makeService(parse(["--port", "systemd:domain=INET:name=oaiproxy"]), reactor=MemoryReactorClock())
+        message = str(caught.exception.code)
+        self.assertIn("systemd passed no socket named 'oaiproxy'", message)
+        self.assertIn("FileDescriptorName=oaiproxy", message)
+        with self.assertRaises(SystemExit) as caught:
+            makeService(parse(["--port", "systemd:domain=INET:index=3"]), reactor=MemoryReactorClock())
+        self.assertIn("systemd passed no socket at that index", str(caught.exception.code))
+
+    def test_empty_clients_file_warns(self) -> None:
+        """
+        A clients file that lists nobody turns client authentication off:
+        said at startup, and again by a reload that leaves it so.
+        """
+        path = os.path.join(temp_dir(self), "clients.toml")
+        open(path, "w").close()
+        options = parse(["--client-keys-file", path])
+        with capturedLogs() as events:
+            makeService(options, reactor=HonestReactor())
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(warning["path"], path)
+        self.assertIn("client authentication is OFF", warning["log_format"])
+        credentials = Credentials(Secret(KEY.encode()), options.config.clients)
+        with capturedLogs() as events:
+            self.assertTrue(_reloader(options, credentials, _Exposure())())
+        self.assertEqual([e.get("path") for e in events if e["log_level"] == LogLevel.warn], [path])
+        with open(path, "w") as f:
+            f.write(file_entry("alice", "key-of-alice"))
+        with capturedLogs() as events:
+            self.assertTrue(_reloader(options, credentials, _Exposure())())
+            makeService(parse(["--client-keys-file", path]), reactor=HonestReactor())
+        self.assertEqual([e for e in events if e["log_level"] == LogLevel.warn], [])
 
     def test_mock_upstream(self) -> None:
         """
@@ -421,3 +601,184 @@ class AzureOptionTests(SynchronousTestCase):
         self.assertEqual(
             parse(["--upstream", "https://openrouter.ai/api/v1/"]).config.upstream, "https://openrouter.ai/api/v1"
         )
+
+
+def inherited_socket(case: SynchronousTestCase, host: str) -> int:
+    """
+    A descriptor for a socket bound to C{host}, as a supervisor hands one to
+    a worker (not listening: nothing can connect).  The worker's endpoint
+    closes it once adopted.
+    """
+    sock = socket.socket()
+    case.addCleanup(sock.close)
+    sock.bind((host, 0))
+    fd = os.dup(sock.fileno())
+
+    def close() -> None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    case.addCleanup(close)
+    return fd
+
+
+class WorkerTests(SynchronousTestCase):
+    """
+    A worker (--worker-listener) serves the configuration its supervisor
+    writes to its standard input, never what the files say.
+    """
+
+    def worker(self, host: str, secrets: GroupSecrets, argv: Sequence[str] = ()) -> tuple[Any, HonestReactor, int]:
+        fd = inherited_socket(self, host)
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.addCleanup(os.close, write)
+        os.write(write, encode_secrets(secrets))
+        options = parse(["--worker-listener", f"{fd}:INET", "--worker-share", "2", *argv], {})
+        reactor = HonestReactor()
+        service = makeService(options, reactor=reactor, supervisor_input=read)
+        return service, reactor, write
+
+    def test_public_socket_without_clients_refused(self) -> None:
+        """
+        A worker handed a socket other hosts can reach, and no clients,
+        exits non-zero before it listens.
+        """
+        with capturedLogs() as events, self.assertRaises(SystemExit) as caught:
+            self.worker("0.0.0.0", GroupSecrets(Secret(KEY.encode()), registry()))
+        self.assertIn("refusing to start: http://0.0.0.0:", str(caught.exception.code))
+        self.assertNotIn("listening on", repr(events))
+
+    def test_no_configuration_no_worker(self) -> None:
+        """
+        A worker whose supervisor closed the pipe without a configuration
+        does not start.
+        """
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        os.close(write)
+        fd = inherited_socket(self, "127.0.0.1")
+        with self.assertRaises(SystemExit) as caught:
+            makeService(parse(["--worker-listener", f"{fd}:INET"], {}), reactor=HonestReactor(), supervisor_input=read)
+        self.assertIn("before sending the configuration", str(caught.exception.code))
+
+    def test_serves_the_supervisors_configuration(self) -> None:
+        """
+        The files named on the command line are not read (neither exists);
+        the key and clients are the supervisor's, and so are the reloads
+        that follow on the pipe; one that would leave a public worker
+        without clients is refused there too.  A SIGHUP to the worker
+        itself is ignored.
+        """
+        secrets = GroupSecrets(Secret(b"sk-from-supervisor"), registry(b"key-one"))
+        argv = ["--client-keys-file", "/nonexistent/clients.toml", "--api-key-file", "/nonexistent/key"]
+        service, reactor, pipe = self.worker("0.0.0.0", secrets, argv)
+        installed: list[Any] = []
+        [reader_service] = [s for s in service if isinstance(s, _SecretsService)]
+        reader_service._install = lambda signum, handler: installed.append((signum, handler))
+        with capturedLogs() as events:
+            service.privilegedStartService()
+            service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(installed, [(signal.SIGHUP, signal.SIG_IGN)])
+        [(_, _, site)] = reactor.adoptedPorts
+        stub = StubTreq(site.resource)
+
+        def status(key: bytes) -> int:
+            response = self.successResultOf(stub.get("http://p/v1/models", headers={"Authorization": b"Bearer " + key}))
+            self.successResultOf(stub.content(response))
+            return int(response.code)
+
+        self.assertEqual(status(b"key-two"), 401)
+        [reader] = reactor.readers
+        os.write(pipe, encode_secrets(GroupSecrets(Secret(b"sk-from-supervisor"), registry(b"key-two"))))
+        with capturedLogs() as events:
+            reader.doRead()
+        [reloaded] = events
+        self.assertEqual((reloaded["key"], reloaded["count"]), ("unchanged", 1))
+        self.assertEqual(status(b"key-one"), 401)
+        os.write(pipe, encode_secrets(GroupSecrets(Secret(b"sk-from-supervisor"), registry())))
+        with capturedLogs() as events:
+            reader.doRead()
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.error])
+        self.assertEqual(status(b"anything"), 401)
+
+
+class HelpTests(SynchronousTestCase):
+    def test_help_shows_the_main_options_first(self) -> None:
+        """
+        --help starts with the options a new user needs, leaves out the
+        internal ones and those that exist only to be refused (which still
+        work or refuse), and says how to mint a client key.
+        """
+        text = Options(environ={}).getUsage(width=2000)
+        shown = [line.split()[0].strip("-=") for line in text.splitlines() if line.startswith("  --")]
+        self.assertEqual(shown[:5], ["port", "upstream", "api-key-file", "client-keys-file", "mock-upstream"])
+        for hidden in ("worker-listener", "worker-share", "api-key", "client-keys"):
+            self.assertNotIn(hidden, shown)
+        self.assertIn("python -m oaiproxy keygen", text)
+        self.assertIn("max-body-bytes", shown)
+        self.assertEqual(parse(["--worker-share", "3"]).config.worker_share, 3)
+        with self.assertRaises(SystemExit):
+            parse(["--api-key", "sk-x"])
+        # The options' own list is intact after --help.
+        self.assertIn("worker-share=", Options(environ={}).longOpt)
+
+
+class JsonLogTests(SynchronousTestCase):
+    def test_events_as_json_lines(self) -> None:
+        """
+        Each event is one JSON object on a line: time, level, namespace and
+        the text a text log shows; a failure adds its traceback.
+        """
+        stream = io.StringIO()
+        observer = JsonLogObserver(stream, now=lambda: 12.5)
+        observer(
+            {
+                "log_format": "listening on {base}",
+                "base": "http://a",
+                "log_level": LogLevel.info,
+                "log_namespace": "oaiproxy.tap",
+                "log_time": 1.23456,
+            }
+        )
+        observer({"log_format": "{log_io}", "log_io": "a\nb", "log_level": LogLevel.error, "log_namespace": "stderr"})
+        try:
+            raise ZeroDivisionError("boom")
+        except ZeroDivisionError:
+            observer({"log_format": "boom", "log_failure": Failure(), "log_level": LogLevel.critical})
+        lines = stream.getvalue().splitlines()
+        records = [json.loads(line) for line in lines]
+        self.assertEqual(
+            records[0],
+            {"time": 1.235, "level": "info", "namespace": "oaiproxy.tap", "message": "listening on http://a"},
+        )
+        self.assertEqual((records[1]["time"], records[1]["message"]), (12.5, "a\nb"))
+        self.assertIn("ZeroDivisionError", records[2]["traceback"])
+        self.assertEqual(len(lines), 3)
+
+    def test_selected_where_twistd_logs_to_stdout(self) -> None:
+        """
+        --log-format json makes twistd log as JSON when it would log to
+        standard output (--nodaemon, no --logfile), as --logger would; an
+        operator's own --logger, --logfile or --syslog, or a daemon that
+        logs to a file, is left alone.
+        """
+
+        def logger(*twistd: str, log_format: str = "json") -> Any:
+            config = ServerOptions()
+            config.parseOptions([*twistd, "oaiproxy", "--mock-upstream", "--log-format", log_format])
+            return config["logger"]
+
+        self.assertEqual(getattr(logger("--nodaemon"), "__name__", None), "observer")
+        self.assertIsNone(logger("--nodaemon", log_format="text"))
+        self.assertIsNone(logger())
+        self.assertIsNone(logger("--nodaemon", "--logfile", "x.log"))
+        self.assertIsNone(logger("--nodaemon", "--syslog"))
+        self.assertEqual(
+            logger("--nodaemon", "--logger", "twisted.logger.textFileLogObserver"),
+            textFileLogObserver,
+        )
+        self.assertEqual(OBSERVER_NAME, "oaiproxy.jsonlog.observer")
