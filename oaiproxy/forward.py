@@ -504,7 +504,8 @@ class Exchange:
             self._clock,
             self._upstream.read_timeout,
             self._body_done,
-            observe=self._meter.feed,
+            # A body read whole (a model list) has no usage to meter.
+            observe=self._meter.feed if self._collector is None else None,
             transform=self._collector or (UsageEventFilter() if (self._strip_usage and self._event_stream) else None),
             keepalive=self._sse_keepalive if self._event_stream else 0.0,
         )

@@ -254,7 +254,8 @@ class FilteredListTests(SynchronousTestCase):
         A 200 that is not a list of models is never passed on unfiltered:
         it would show the client every model.
         """
-        for text in (b'{"data": 5}', b"not json", b'{"object": "list"}'):
+        deep = b"[" * 100_000 + b"]" * 100_000
+        for text in (b'{"data": 5}', b"not json", b'{"object": "list"}', deep):
             upstream = ScriptedList()
             h = self.harness(upstream)
             d = h.proxy.request("GET", "http://proxy.test/v1/models", headers=BEARER)
