@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import NOT_DONE_YET, Request
 
 from oaiproxy.clients import Credentials, Limits
-from oaiproxy.errors import ApiError, bad_request, method_not_allowed
+from oaiproxy.errors import ApiError, bad_request, method_not_allowed, model_not_found, not_an_id
 from oaiproxy.forward import ForwardingResource, read_body
 from oaiproxy.lifecycle import Lifecycle
 from oaiproxy.limits import Limiter, Reservation, estimate_tokens
@@ -30,6 +30,7 @@ from oaiproxy.models import ModelsResource
 from oaiproxy.records import record_of
 from oaiproxy.resources import JSONResource, NotFound, error_response, query_of
 from oaiproxy.routes import CHAT, MODELS, RESPONSES, Route
+from oaiproxy.styles import is_path_segment
 from oaiproxy.uploads import UploadResource
 from oaiproxy.upstream import UpstreamClient
 from oaiproxy.usage import inject_include_usage
@@ -72,6 +73,10 @@ class JsonRouteResource(ForwardingResource):
                     "missing_required_parameter",
                 ),
             )
+        if not self._upstream.style.addressable(route.path, parsed.model):
+            # Azure puts the model's deployment in the path: "../x" would
+            # address another endpoint with the shared key.
+            return error_response(request, model_not_found(parsed.model or ""))
         record.model = parsed.model
         record.stream = parsed.stream
         limits = client.limits if client is not None else Limits()
@@ -121,18 +126,28 @@ class ResponsesResource(JsonRouteResource):
     A response id is as good as a key to that response for anyone holding
     it: every client of the proxy shares the upstream key, so an id is a
     secret between its client and OpenAI.  See the README.
+
+    An id is one path segment (L{oaiproxy.styles.is_path_segment}), so
+    C{../files/cancel} or C{..%2Ffiles} cannot reach another endpoint.
     """
 
     route = RESPONSES
 
     def render(self, request: Request) -> bytes | int:
-        segments = [s.decode("utf-8", "replace") for s in (request.postpath or [])]
-        if not segments or segments == [""]:
+        postpath = request.postpath or []
+        if not postpath or postpath == [b""]:
             return JSONResource.render(self, request)
-        response_id, rest = segments[0], tuple(segments[1:])
+        rest = tuple(s.decode("utf-8", "replace") for s in postpath[1:])
         allowed = _STORED.get(rest)
-        if not response_id or allowed is None:
+        if allowed is None:
             return NotFound().render(request)
+        try:
+            response_id: Optional[str] = postpath[0].decode("utf-8")
+        except UnicodeDecodeError:
+            response_id = None
+        if response_id is None or not is_path_segment(response_id):
+            shown = postpath[0].decode("utf-8", "replace")
+            return error_response(request, not_an_id("response", shown, "not_found"))
         method = request.method.decode("ascii", "replace")
         if method not in allowed:
             return error_response(request, method_not_allowed(method, request.path.decode("latin-1"), list(allowed)))
@@ -143,7 +158,7 @@ class ResponsesResource(JsonRouteResource):
         if not isinstance(reservation, Reservation):
             return reservation
         body = read_body(request) if method == "POST" else None
-        path = "/".join(("/responses", *[quote(s, safe="") for s in segments]))
+        path = "/".join(("/responses", quote(response_id, safe=""), *rest))
         exchange = self.exchange(request, self.route, reservation, metered=False)
         exchange.start(body, method, path, None, query_of(request))
         return NOT_DONE_YET

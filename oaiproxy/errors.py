@@ -22,6 +22,8 @@ __all__ = [
     "bad_request",
     "invalid_api_key",
     "not_found",
+    "not_an_id",
+    "model_not_found",
     "method_not_allowed",
     "body_too_large",
     "bad_http",
@@ -30,6 +32,8 @@ __all__ = [
     "upstream_unreachable",
     "upstream_timeout",
     "upstream_rejected_proxy_key",
+    "upstream_response_too_large",
+    "upstream_unreadable",
     "upstream_failed_mid_response",
     "internal_error",
     "draining",
@@ -42,6 +46,14 @@ __all__ = [
 
 INVALID_REQUEST = "invalid_request_error"
 API_ERROR = "api_error"
+
+#: For an answer that would be the same on a retry: the SDKs (Python and
+#: Node alike) obey C{x-should-retry} before looking at the status.  They
+#: retry 408, 409, 429 and every 5xx by themselves, so without it a 502
+#: that no wait can fix costs three upstream requests per call; on the
+#: other 4xx it says the same thing to clients with retry rules of their
+#: own.
+NO_RETRY: tuple[tuple[bytes, bytes], ...] = ((b"x-should-retry", b"false"),)
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ def bad_request(message: str, param: Optional[str], code: Optional[str] = None) 
     """
     A 400 for a request body the proxy refuses before calling upstream.
     """
-    return ApiError(400, message, INVALID_REQUEST, param, code)
+    return ApiError(400, message, INVALID_REQUEST, param, code, NO_RETRY)
 
 
 def invalid_api_key() -> ApiError:
@@ -100,6 +112,7 @@ def invalid_api_key() -> ApiError:
         INVALID_REQUEST,
         None,
         "invalid_api_key",
+        NO_RETRY,
     )
 
 
@@ -121,6 +134,7 @@ def openai_key_sent(where: Optional[str] = None) -> ApiError:
         INVALID_REQUEST,
         None,
         "openai_key_not_accepted",
+        NO_RETRY,
     )
 
 
@@ -137,6 +151,7 @@ def model_not_allowed(client: str, model: Optional[str]) -> ApiError:
         INVALID_REQUEST,
         "model",
         "model_not_allowed",
+        NO_RETRY,
     )
 
 
@@ -147,7 +162,7 @@ def rate_limited(message: str, retry_after: Optional[float], headers: tuple[tupl
     C{x-should-retry: false} when waiting cannot help.
     """
     if retry_after is None:
-        timing: tuple[tuple[bytes, bytes], ...] = ((b"x-should-retry", b"false"),)
+        timing = NO_RETRY
     else:
         timing = (
             (b"retry-after", b"%d" % max(1, math.ceil(retry_after))),
@@ -160,15 +175,62 @@ def not_found(method: str, path: str) -> ApiError:
     """
     A 404 that names what was asked for and how to point an SDK at the
     proxy, because the usual cause is a base URL missing or doubling C{/v1}.
+    A doubled C{/v1} is named as such, with the path that would have been
+    right.
+    """
+    served = path
+    while served.startswith("/v1/v1/") or served == "/v1/v1":
+        served = served[len("/v1") :]
+    if served != path:
+        below = served[len("/v1") :] or "/"
+        message = (
+            f"Invalid URL ({method} {path}): /v1 is doubled. The base URL already ends in /v1 and the path added "
+            f"to it starts with /v1 again; this is served at {served}. Set the base URL to "
+            f"http://<proxy-host>:<port>/v1 for a client that adds {below}, or to http://<proxy-host>:<port> "
+            f"for one that adds {served} itself."
+        )
+    else:
+        message = (
+            f"Invalid URL ({method} {path}): this proxy serves the OpenAI API below /v1 "
+            "(POST /v1/chat/completions, GET /v1/models...) and GET /health. Set the SDK's base URL to "
+            "http://<proxy-host>:<port>/v1."
+        )
+    return ApiError(404, message, INVALID_REQUEST, None, "unknown_url", NO_RETRY)
+
+
+def model_not_found(model: str) -> ApiError:
+    """
+    OpenAI's own answer for a model a key may not see.
     """
     return ApiError(
         404,
-        f"Invalid URL ({method} {path}): this proxy serves the OpenAI API below /v1 "
-        "(POST /v1/chat/completions, GET /v1/models...) and GET /health. Set the SDK's base URL to "
-        "http://<proxy-host>:<port>/v1.",
+        f"The model '{model}' does not exist or you do not have access to it.",
         INVALID_REQUEST,
         None,
-        "unknown_url",
+        "model_not_found",
+        NO_RETRY,
+    )
+
+
+def not_an_id(kind: str, value: str, code: Optional[str]) -> ApiError:
+    """
+    A 404 for a path part that cannot be the id of a C{kind} (a model, a
+    stored response): one path segment, not C{.} or C{..}, without C{/},
+    C{\\}, C{%} or control characters once decoded (see
+    L{oaiproxy.styles.is_path_segment}).  Nothing is asked of upstream.
+
+    @param value: the id as decoded, quoted back (shortened, and with
+        control characters escaped) so the client sees what arrived.
+    """
+    shown = value if len(value) <= 80 else value[:80] + "..."
+    return ApiError(
+        404,
+        f"{shown!r} is not a {kind} id: an id is one path segment, not '.' or '..', without '/', '\\', '%' "
+        "or control characters once decoded.",
+        INVALID_REQUEST,
+        None,
+        code,
+        NO_RETRY,
     )
 
 
@@ -182,6 +244,7 @@ def route_not_available(route: str, upstream: str) -> ApiError:
         INVALID_REQUEST,
         None,
         "route_not_available",
+        NO_RETRY,
     )
 
 
@@ -197,6 +260,7 @@ def route_not_enabled(route: str) -> ApiError:
         INVALID_REQUEST,
         None,
         "route_not_enabled",
+        NO_RETRY,
     )
 
 
@@ -211,7 +275,7 @@ def method_not_allowed(method: str, path: str, allowed: list[str]) -> ApiError:
         INVALID_REQUEST,
         None,
         "method_not_allowed",
-        ((b"Allow", allow.encode("ascii")),),
+        ((b"Allow", allow.encode("ascii")),) + NO_RETRY,
     )
 
 
@@ -220,7 +284,7 @@ def bad_http(message: str) -> ApiError:
     A 400 for a request that is not acceptable HTTP: headers too large or
     too many, a malformed request line or body framing.
     """
-    return ApiError(400, message, INVALID_REQUEST, None, "bad_http_request")
+    return ApiError(400, message, INVALID_REQUEST, None, "bad_http_request", NO_RETRY)
 
 
 def header_timeout(seconds: float) -> ApiError:
@@ -261,6 +325,7 @@ def body_too_large(limit: int) -> ApiError:
         INVALID_REQUEST,
         None,
         "request_too_large",
+        NO_RETRY,
     )
 
 
@@ -287,7 +352,9 @@ def upstream_rejected_proxy_key() -> ApiError:
     """
     A 502 when upstream refuses the proxy's own key (its 401).  Passing the
     401 on would tell the client its key is wrong, and OpenAI's message
-    quotes the end of the rejected key, which is the proxy's.
+    quotes the end of the rejected key, which is the proxy's.  No retry can
+    fix it (only the operator can), and each retry would present the
+    refused key upstream once more.
     """
     return ApiError(
         502,
@@ -295,6 +362,40 @@ def upstream_rejected_proxy_key() -> ApiError:
         API_ERROR,
         None,
         "upstream_auth_failed",
+        NO_RETRY,
+    )
+
+
+def upstream_response_too_large(limit: int) -> ApiError:
+    """
+    A 502 for an upstream answer the proxy must read whole (a model list it
+    filters) that was larger than C{limit} bytes once decoded: a broken or
+    hostile upstream, or a gzip bomb.  The same upstream would send the
+    same again.
+    """
+    return ApiError(
+        502,
+        f"The upstream API's response was larger than the proxy's limit of {limit} bytes.",
+        API_ERROR,
+        None,
+        "upstream_response_too_large",
+        NO_RETRY,
+    )
+
+
+def upstream_unreadable(what: str) -> ApiError:
+    """
+    A 502 for an upstream answer the proxy must understand to pass on (a
+    model list to filter) and could not: the same upstream would most
+    likely answer the same again.
+    """
+    return ApiError(
+        502,
+        f"The upstream API's {what} could not be read.",
+        API_ERROR,
+        None,
+        "upstream_bad_response",
+        NO_RETRY,
     )
 
 

@@ -33,11 +33,14 @@ from oaiproxy.errors import (
     draining,
     invalid_api_key,
     model_not_allowed,
+    model_not_found,
+    not_found,
     openai_key_sent,
     rate_limited,
     sse_error_event,
     upstream_failed_mid_response,
     upstream_rejected_proxy_key,
+    upstream_response_too_large,
     upstream_timeout,
     upstream_unreachable,
 )
@@ -61,12 +64,18 @@ __all__ = [
     "ForwardingResource",
     "Exchange",
     "admission_gate",
+    "Collect",
+    "BoundedCollector",
     "authenticate",
     "classify_upstream_failure",
     "read_body",
 ]
 
 _log = Logger()
+#: What an exchange that reads its response whole (see L{BoundedCollector})
+#: does with it: given the upstream status and the decoded body, the body
+#: the client gets, or an error to answer instead.
+Collect = Callable[[int, bytes], "bytes | ApiError"]
 
 
 def classify_upstream_failure(failure: Failure, connect_timeout: float) -> ApiError:
@@ -267,6 +276,7 @@ class ForwardingResource(Endpoint):
         prompt_estimate: int = 0,
         strip_usage: bool = False,
         metered: bool = True,
+        collect: Optional[Collect] = None,
     ) -> "Exchange":
         """
         A trip upstream for C{request}; see L{Exchange}.
@@ -284,6 +294,7 @@ class ForwardingResource(Endpoint):
             strip_usage=strip_usage,
             sse_keepalive=self._sse_keepalive,
             metered=metered,
+            collect=collect,
         )
 
 
@@ -297,12 +308,83 @@ class _Discard(Protocol):
         pass
 
 
+class BodyTooLarge(Exception):
+    """
+    A response body read whole was larger than its limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+class BoundedCollector:
+    """
+    A L{oaiproxy.relay.Transform} that passes nothing on until the body
+    has ended, then the whole body rewritten: for a response the proxy must
+    read whole (a model list it filters).
+
+    What it holds is bounded by C{limit} bytes of I{decoded} body (treq
+    has already undone any gzip), so a gzip bomb or an endless upstream
+    stops at the limit, not at the proxy's memory.
+
+    @param finish: given the whole body, returns what the client gets.
+    @param overflow: called once when the body passes C{limit}, to stop
+        reading it.
+    """
+
+    def __init__(self, limit: int, finish: Callable[[bytes], bytes], overflow: Callable[[], None]) -> None:
+        self._limit = limit
+        self._finish = finish
+        self._overflow = overflow
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.overflowed = False
+
+    def __call__(self, data: bytes) -> bytes:
+        if self.overflowed:
+            return b""
+        self._size += len(data)
+        if self._size > self._limit:
+            self.overflowed = True
+            self._chunks = []
+            self._overflow()
+            return b""
+        self._chunks.append(data)
+        return b""
+
+    def flush(self) -> bytes:
+        if self.overflowed:
+            # A body without length ends at the close that stopped it,
+            # which looks like a normal end: the exchange answers instead.
+            return b""
+        body = b"".join(self._chunks)
+        self._chunks = []
+        return self._finish(body)
+
+    def discard(self) -> None:
+        self._chunks = []
+
+
+#: The most of a response body an exchange reads whole, decoded (a model
+#: list to filter: OpenAI's is about 10 KB; lists of hundreds of models
+#: with descriptions, as OpenRouter serves, stay in the low megabytes).
+COLLECT_LIMIT = 8 * 1024 * 1024
+
+
 class Exchange:
     """
     One client request's trip upstream and back.
 
     @param metered: the response's usage is this request's cost (not so
         for a stored response read back).
+    @param collect: read the response body whole (at most
+        C{collect_limit} bytes, decoded) and send the client what this
+        makes of it, instead of relaying it as it comes.  The status and
+        headers wait for the body, so a body that fails or grows too large
+        is answered with an error of its own.  Everything else (the
+        head timeout, the idle timeout on the body, an upstream that
+        refuses the proxy's key) is as for any exchange.
 
     @ivar finished: the client request is over, either finished by us or
         disconnected; nothing may be written to it any more.
@@ -322,8 +404,13 @@ class Exchange:
         strip_usage: bool = False,
         sse_keepalive: float = 0.0,
         metered: bool = True,
+        collect: Optional[Collect] = None,
+        collect_limit: int = COLLECT_LIMIT,
     ) -> None:
         self._request = request
+        self._collect = collect
+        self._collect_limit = collect_limit
+        self._collector: Optional[BoundedCollector] = None
         self._route = route
         self._metered = metered
         self._record = record
@@ -356,12 +443,22 @@ class Exchange:
         @param path: below the API base; the route's own path by default.
         @param model: the model named, for an Azure deployment.
         """
+        path = path or self._route.path
+        if not self._upstream.style.addressable(path, model):
+            # The resources refuse ids that are not one path segment before
+            # they get here; this is the last line, for every route.
+            self._log.warn("refused to send {method} to an upstream path that is not its own", method=method)
+            self.finished = True
+            self._reservation.settle(0)
+            if self._upstream.style.addressable(path, None):
+                send_error(self._request, model_not_found(model or ""))
+            else:
+                send_error(self._request, not_found(method, self._request.path.decode("latin-1")))
+            return
         self._body = body
         self._request.notifyFinish().addBoth(self._client_done)
         self._record.upstream_sent = self._clock.seconds()
-        pending = self._upstream.request(
-            method, path or self._route.path, body, self._request.requestHeaders, model, query
-        )
+        pending = self._upstream.request(method, path, body, self._request.requestHeaders, model, query)
         self._pending = pending
         pending.addCallbacks(self._got_head, self._no_head)
         pending.addErrback(self._bug)
@@ -452,27 +549,60 @@ class Exchange:
             self._proxy_key_rejected(response)
             return
         request = self._request
-        request.setResponseCode(response.code, response.phrase)
-        length = None if response.length is UNKNOWN_LENGTH else response.length
-        for name, values in client_response_headers(response.headers, length):
-            request.responseHeaders.setRawHeaders(name, values)
+        if self._collect is None:
+            self._send_head(response, None if response.length is UNKNOWN_LENGTH else response.length)
+        else:
+            self._collector = self._collector_for(response)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         self._event_stream = content_type.lower().startswith(b"text/event-stream")
         json_body = content_type.lower().startswith(b"application/json")
         self._meter = UsageMeter(self._event_stream, self._route.text_keys, plain=json_body)
-        # Send the head now, as upstream did, so a client sees the status of
-        # a long stream before its first token.
-        request.write(b"")
+        if self._collector is None:
+            # Send the head now, as upstream did, so a client sees the status
+            # of a long stream before its first token.
+            request.write(b"")
         self._relay = BodyRelay(
             request,
             self._clock,
             self._upstream.read_timeout,
             self._body_done,
-            observe=self._meter.feed,
-            transform=UsageEventFilter() if (self._strip_usage and self._event_stream) else None,
+            # A body read whole (a model list) has no usage to meter.
+            observe=self._meter.feed if self._collector is None else None,
+            transform=self._collector or (UsageEventFilter() if (self._strip_usage and self._event_stream) else None),
             keepalive=self._sse_keepalive if self._event_stream else 0.0,
         )
         response.deliverBody(self._relay)
+
+    def _send_head(self, response: IResponse, length: Optional[int]) -> None:
+        """
+        Upstream's status and headers, for a body of C{length} bytes (or
+        one framed by twisted.web).
+        """
+        request = self._request
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in client_response_headers(response.headers, length):
+            request.responseHeaders.setRawHeaders(name, values)
+
+    def _collector_for(self, response: IResponse) -> BoundedCollector:
+        """
+        The transform that reads C{response}'s body whole, then sets the
+        head for what the client gets.
+        """
+        collect = self._collect
+        assert collect is not None
+
+        def finish(body: bytes) -> bytes:
+            answer = collect(response.code, body)
+            if isinstance(answer, ApiError):
+                return error_response(self._request, answer)
+            self._send_head(response, len(answer))
+            return answer
+
+        def overflow() -> None:
+            if self._relay is not None:
+                self._relay.abort()
+
+        return BoundedCollector(self._collect_limit, finish, overflow)
 
     def _proxy_key_rejected(self, response: IResponse) -> None:
         """
@@ -524,16 +654,25 @@ class Exchange:
         self._settle()
         request = self._request
         request.unregisterProducer()
+        if self._collector is not None and self._collector.overflowed:
+            failure = Failure(BodyTooLarge(self._collect_limit))
         if failure is None:
             request.finish()
             return
-        if failure.check(UpstreamIdle):
+        if failure.check(BodyTooLarge):
+            reason = f"over {self._collect_limit} bytes"
+            self._record.upstream_error = "status"
+        elif failure.check(UpstreamIdle):
             reason = f"no data for {failure.value.seconds:g} seconds"
             self._record.upstream_error = "timeout"
         else:
             reason = type(failure.value).__name__
             self._record.upstream_error = "reset"
         self._log.warn("upstream response cut short: {reason}", reason=reason)
+        if self._collector is not None:
+            # Nothing was sent yet: the client gets an answer of its own.
+            send_error(request, self._collected_failure(failure, reason))
+            return
         if self._event_stream and self._relay is not None and self._relay.at_boundary:
             # The status line is long gone; the SDKs raise APIError on an
             # event whose JSON has an "error" key.  (Glued onto half an
@@ -543,6 +682,16 @@ class Exchange:
         # Close without the final chunk, so no client can take the partial
         # body for a complete one.
         request.loseConnection()
+
+    def _collected_failure(self, failure: Failure, reason: str) -> ApiError:
+        """
+        The answer for a body read whole that did not arrive whole.
+        """
+        if failure.check(BodyTooLarge):
+            return upstream_response_too_large(self._collect_limit)
+        if failure.check(UpstreamIdle):
+            return upstream_timeout(failure.value.seconds, "send the rest of its response")
+        return upstream_failed_mid_response(reason)
 
     def _bug(self, failure: Failure) -> None:
         self._log.failure("bug while relaying a response", failure=failure)

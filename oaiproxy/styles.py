@@ -14,8 +14,9 @@ network.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Mapping, Optional, Union
-from urllib.parse import quote
+from urllib.parse import quote, quote_from_bytes, unquote, unquote_to_bytes
 
 from oaiproxy.routes import ROUTES, Route
 
@@ -24,6 +25,7 @@ __all__ = [
     "AzureStyle",
     "UpstreamStyle",
     "route_of",
+    "is_path_segment",
     "DEFAULT_AZURE_API_VERSION",
     "DEFAULT_AZURE_RESPONSES_API_VERSION",
 ]
@@ -49,8 +51,53 @@ def route_of(path: str) -> Optional[Route]:
     return best
 
 
+def is_path_segment(text: str) -> bool:
+    """
+    Whether C{text}, a client's id as decoded from its request path, can be
+    one segment of an upstream path and mean nothing but itself.
+
+    The proxy puts ids (a model, a stored response, an Azure deployment)
+    into upstream URLs that carry the shared key, so an id that an upstream
+    or a front end in its path could read as a path of its own would let a
+    client reach any endpoint of the account.  Refused: the empty id,
+    C{.} and C{..} (also as C{..;x}, which some servers read as C{..}),
+    C{/} and C{\\} (some servers take it for C{/}), a C{%} (a server that
+    decodes twice would find C{%2e%2e} in C{%252e%252e}), control
+    characters, and anything that becomes one of these under Unicode
+    compatibility normalisation (fullwidth dots and solidus, U+FF0E and
+    U+FF0F, which some servers fold).
+    """
+    for form in (text, unicodedata.normalize("NFKC", text)):
+        if form.split(";", 1)[0] in ("", ".", ".."):
+            return False
+        if any(c in "/\\%" or unicodedata.category(c) == "Cc" for c in form):
+            return False
+    return True
+
+
+def _path_is_segments(path: str) -> bool:
+    """
+    Whether every segment of C{path} (as the proxy built it, percent-encoded,
+    with its leading C{/}) decodes to a L{is_path_segment}.
+    """
+    if not path.startswith("/"):
+        return False
+    try:
+        return all(is_path_segment(unquote(segment, errors="strict")) for segment in path[1:].split("/"))
+    except UnicodeDecodeError:
+        return False
+
+
+#: What a query may hold as it is (RFC 3986's query characters, and C{%}
+#: for what the client encoded already).
+_QUERY_SAFE = "!$&'()*+,;=:@/?%-._~"
+
+
 def _join_query(query: bytes, extra: str = "") -> str:
-    parts = [p for p in (query.decode("latin-1"), extra) if p]
+    # A client's query goes on as sent, but for what is not a query
+    # character: a raw "#" would end the URL there (and drop an
+    # api-version after it), a space or a control character is not a URL.
+    parts = [p for p in (quote_from_bytes(query, safe=_QUERY_SAFE), extra) if p]
     return ("?" + "&".join(parts)) if parts else ""
 
 
@@ -68,6 +115,14 @@ class OpenAIStyle:
         client sent to C{path} (below C{/v1}) naming C{model}.
         """
         return path + _join_query(query)
+
+    def addressable(self, path: str, model: Optional[str]) -> bool:
+        """
+        Whether L{target} for C{path} and C{model} stays where it says: every
+        segment of the upstream path it builds is one L{is_path_segment}.
+        The last check before a request goes upstream with the shared key.
+        """
+        return _path_is_segments(path)
 
     def credential(self, key: bytes) -> tuple[bytes, bytes]:
         """
@@ -87,6 +142,11 @@ class OpenAIStyle:
         any.
         """
         return None
+
+
+def _is_api_version(parameter: bytes) -> bool:
+    name = parameter.split(b"=", 1)[0].replace(b"+", b" ")
+    return unquote_to_bytes(name).strip().lower() == b"api-version"
 
 
 class AzureStyle:
@@ -126,9 +186,18 @@ class AzureStyle:
             prefix = "/openai/deployments/" + quote(self.deployment(model), safe="")
         else:
             prefix = "/openai"
-        # The proxy's api-version wins over one the client sent.
-        kept = b"&".join(p for p in query.split(b"&") if p and not p.startswith(b"api-version="))
+        # The proxy's api-version wins over one the client sent, however it
+        # spelt the name (api%2Dversion decodes to the same for Azure).
+        kept = b"&".join(p for p in query.split(b"&") if p and not _is_api_version(p))
         return prefix + path + _join_query(kept, version)
+
+    def addressable(self, path: str, model: Optional[str]) -> bool:
+        # The deployment a model names is a segment of the path too.
+        route = route_of(path)
+        if route is not None and route.azure == "deployment" and model is not None:
+            if not is_path_segment(self.deployment(model)):
+                return False
+        return _path_is_segments(path)
 
     def credential(self, key: bytes) -> tuple[bytes, bytes]:
         return b"api-key", key

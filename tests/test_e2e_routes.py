@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import warnings
 from typing import Any, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaiproxy.clients import file_entry, mint_key
 from oaiproxy.fake_routes import speech
 from oaiproxy.testing import start_fake_upstream, start_proxy
 from tests.support import temp_dir
 from tests.test_e2e import CLIENT_KEY, MESSAGES, REPLY, UPSTREAM_KEY, E2ETestCase, http
+from tests.tricks import ID_TRICKS
 
 
 class AllRoutesTests(E2ETestCase):
@@ -257,3 +262,118 @@ class UpstreamKindTests(SynchronousTestCase):
         for request in recorded:
             self.assertEqual(request["headers"]["http-referer"], ["https://app.example"])
             self.assertEqual(request["headers"]["x-title"], ["Example App"])
+
+
+def raw_request(base: str, method: str, target: bytes, key: str = CLIENT_KEY) -> tuple[int, dict[str, str], bytes]:
+    """
+    One request with C{target} sent byte for byte on a socket (HTTP
+    clients, curl without --path-as-is included, normalise dot-segments
+    away), on a connection closed after it.
+    """
+    address = urlsplit(base)
+    with socket.create_connection((address.hostname, address.port), timeout=20) as s:
+        s.sendall(
+            method.encode()
+            + b" "
+            + target
+            + b" HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer "
+            + key.encode()
+            + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    if headers.get("transfer-encoding") == "chunked":
+        decoded = b""
+        while body:
+            size, _, rest = body.partition(b"\r\n")
+            length = int(size, 16)
+            decoded, body = decoded + rest[:length], rest[length + 2 :]
+            if length == 0:
+                break
+        body = decoded
+    return int(status_line.split()[1]), headers, body
+
+
+class PathTrickTests(E2ETestCase):
+    """
+    The path tricks of the in-memory tests, once more on the wire against
+    the real daemon: none reaches the upstream.
+    """
+
+    proxy_args: Sequence[str] = ("--routes", "all", "--read-timeout", "5")
+
+    def test_no_trick_reaches_upstream(self) -> None:
+        """
+        Every trick below /v1/models, /models and /v1/responses (each
+        action), plus an absolute-form target, is a JSON 404 (not to be
+        retried); the upstream has received nothing at the end, while a
+        real id sent the same way is forwarded.
+        """
+        targets: list[tuple[str, str]] = []
+        for trick, _ in ID_TRICKS + [("", "empty")]:
+            targets += [("GET", "/v1/models/" + trick), ("GET", "/models/" + trick)]
+            if trick:
+                targets += [
+                    ("GET", "/v1/responses/" + trick),
+                    ("DELETE", "/v1/responses/" + trick),
+                    ("GET", "/v1/responses/" + trick + "/input_items"),
+                    ("POST", "/v1/responses/" + trick + "/cancel"),
+                ]
+        targets.append(("GET", "http://127.0.0.1/v1/models/../files"))
+        for method, target in targets:
+            status, headers, body = raw_request(self.base, method, target.encode("latin-1"))
+            self.assertEqual(status, 404, f"{method} {target}: {body!r}")
+            self.assertEqual(set(json.loads(body)["error"]), {"message", "type", "param", "code"})
+            self.assertEqual(headers.get("x-should-retry"), "false", f"{method} {target}")
+        self.assertEqual(self.upstream_requests(), [])
+        status, _, body = raw_request(self.base, "GET", b"/v1/models/o3")
+        self.assertEqual((status, json.loads(body)["id"]), (200, "o3"))
+        self.assertEqual([r["path"] for r in self.upstream_requests()], ["/v1/models/o3"])
+
+
+class RefusedUpstreamKeyTests(E2ETestCase):
+    """
+    The upstream refuses the proxy's key (the fake answers 401, quoting its
+    end, to any other key than its own).
+    """
+
+    def setUp(self) -> None:
+        self.cwd = temp_dir(self)
+        self.upstream, self.upstream_url = start_fake_upstream(self.cwd, UPSTREAM_KEY)
+        self.addCleanup(self.upstream.stop)
+        self.listed = mint_key()
+        keys_file = os.path.join(self.cwd, "clients.toml")
+        with open(keys_file, "w") as f:
+            f.write(file_entry("open", CLIENT_KEY))
+            f.write(file_entry("listed", self.listed, ["gpt-4o-mini"]))
+        env = {"OPENAI_API_KEY": "sk-proj-REVOKEDREVOKED0123456789wxyz"}
+        self.proxy, self.base = self.start_proxy(
+            ["--upstream", self.upstream_url, "--client-keys-file", keys_file, "--read-timeout", "5"], env
+        )
+
+    def test_one_call_one_upstream_request(self) -> None:
+        """
+        With the SDK's default retries (two), a chat call, a model list and
+        an allow-listed client's filtered list each make exactly one
+        upstream request and raise the 502 upstream_auth_failed, without
+        upstream's message or the end of the proxy's key.
+        """
+        calls = [
+            lambda: self.client(max_retries=2).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES),
+            lambda: self.client(max_retries=2).models.list(),
+            lambda: self.client(max_retries=2, api_key=self.listed).models.list(),
+        ]
+        for n, call in enumerate(calls, 1):
+            with self.assertRaises(openai.InternalServerError) as caught:
+                call()
+            self.assertEqual(caught.exception.status_code, 502)
+            self.assertEqual(caught.exception.code, "upstream_auth_failed")
+            self.assertEqual(caught.exception.response.headers["x-should-retry"], "false")
+            self.assertNotIn("wxyz", caught.exception.response.text)
+            self.assertEqual(len(self.upstream_requests()), n)
+        self.proxy.stop()
+        self.assertIn("rejected the proxy's API key", self.proxy.output)

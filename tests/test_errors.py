@@ -55,7 +55,50 @@ CASES: list[tuple[Callable[[], ApiError], int, str, Optional[str], Optional[str]
         "upstream_stream_interrupted",
     ),
     (errors.internal_error, 500, "api_error", None, "internal_error"),
+    (errors.upstream_rejected_proxy_key, 502, "api_error", None, "upstream_auth_failed"),
+    (lambda: errors.upstream_response_too_large(8), 502, "api_error", None, "upstream_response_too_large"),
+    (lambda: errors.upstream_unreadable("model list"), 502, "api_error", None, "upstream_bad_response"),
+    (lambda: errors.model_not_found("o9"), 404, "invalid_request_error", None, "model_not_found"),
+    (lambda: errors.not_an_id("model", "..", "model_not_found"), 404, "invalid_request_error", None, "model_not_found"),
+    (errors.openai_key_sent, 401, "invalid_request_error", None, "openai_key_not_accepted"),
+    (lambda: errors.model_not_allowed("c", "m"), 403, "invalid_request_error", "model", "model_not_allowed"),
+    (lambda: errors.route_not_enabled("embeddings"), 404, "invalid_request_error", None, "route_not_enabled"),
+    (
+        lambda: errors.route_not_available("moderations", "Azure OpenAI"),
+        404,
+        "invalid_request_error",
+        None,
+        "route_not_available",
+    ),
+    (lambda: errors.bad_http("bad"), 400, "invalid_request_error", None, "bad_http_request"),
+    (lambda: errors.header_timeout(10), 408, "invalid_request_error", None, "request_timeout"),
+    (errors.draining, 503, "api_error", None, "proxy_draining"),
+    (lambda: errors.rate_limited("slow down", 2.0, ()), 429, "rate_limit_error", None, "rate_limit_exceeded"),
+    (lambda: errors.rate_limited("too many", None, ()), 429, "rate_limit_error", None, "rate_limit_exceeded"),
 ]
+
+#: The constructors whose answer a retry can change: a slow client (408),
+#: an unreachable, silent or dropped upstream, a bug, a restart, a rate
+#: limit with a time to wait.  Every other error is the same on a retry.
+RETRYABLE = {
+    "request_timeout",
+    "upstream_unreachable",
+    "upstream_timeout",
+    "upstream_stream_interrupted",
+    "internal_error",
+    "proxy_draining",
+}
+
+
+def sdk_retries(error: ApiError) -> bool:
+    """
+    Whether the openai SDKs (Python C{_should_retry}, Node C{shouldRetry})
+    retry an answer: C{x-should-retry} first, then 408, 409, 429 and 5xx.
+    """
+    header = dict(error.headers).get(b"x-should-retry")
+    if header is not None:
+        return header == b"true"
+    return error.status in (408, 409, 429) or error.status >= 500
 
 
 def decoded_body(error: ApiError) -> Any:
@@ -93,13 +136,26 @@ class ConstructorTests(SynchronousTestCase):
             self.assertIsInstance(message, str)
             self.assertTrue(message.strip(), f"empty message from {make}")
 
-    def test_only_405_carries_headers(self) -> None:
+    def test_retried_only_where_waiting_can_help(self) -> None:
         """
-        Errors other than a 405 add no extra response headers.
+        An SDK retries (twice by default) only the answers a retry can
+        change; everything else says C{x-should-retry: false}, so a refused
+        upstream key costs one upstream request per call, not three.
         """
-        for make, status, *_ in CASES:
-            if status != 405:
-                self.assertEqual(make().headers, (), f"unexpected headers on a {status}")
+        for make, status, _, _, code in CASES:
+            error = make()
+            retry_after = dict(error.headers).get(b"retry-after")
+            expected = code in RETRYABLE or retry_after is not None
+            self.assertEqual(sdk_retries(error), expected, f"{code} ({status}) retried: {not expected}")
+            if not expected:
+                self.assertIn((b"x-should-retry", b"false"), error.headers, code)
+
+    def test_upstream_auth_failure_is_not_retried(self) -> None:
+        """
+        The 502 for a refused upstream key carries C{x-should-retry:
+        false}, which the SDKs obey before the status.
+        """
+        self.assertEqual(errors.upstream_rejected_proxy_key().headers, ((b"x-should-retry", b"false"),))
 
     def test_not_found_names_request_and_base_url(self) -> None:
         """
@@ -143,7 +199,7 @@ class MethodNotAllowedTests(SynchronousTestCase):
         A client using the wrong method learns the right one from C{Allow}.
         """
         error = errors.method_not_allowed("GET", "/v1/chat/completions", ["POST"])
-        self.assertEqual(error.headers, ((b"Allow", b"POST"),))
+        self.assertEqual(dict(error.headers)[b"Allow"], b"POST")
         self.assertIn("GET", error.message)
         self.assertIn("POST", error.message)
 
@@ -152,7 +208,7 @@ class MethodNotAllowedTests(SynchronousTestCase):
         Several allowed methods are listed comma-separated in one header.
         """
         error = errors.method_not_allowed("POST", "/health", ["GET", "HEAD"])
-        self.assertEqual(error.headers, ((b"Allow", b"GET, HEAD"),))
+        self.assertEqual(dict(error.headers)[b"Allow"], b"GET, HEAD")
 
 
 class BodyTests(SynchronousTestCase):

@@ -70,6 +70,27 @@ class TreeTests(SynchronousTestCase):
             self.assertIn(f"POST {path}", error["message"])
             self.assertIn("/v1", error["message"])
 
+    def test_dot_segments_in_the_tree_lead_nowhere(self) -> None:
+        """
+        twisted.web does not resolve C{.} and C{..}: it decodes each
+        segment once (C{%2e} is C{.}, C{%252e} is C{%2e}) and looks each up
+        as a child, and no node has such a child.  So a dot-segment above
+        an endpoint is a 404, and never climbs to a sibling route.
+        """
+        for path in [
+            "/v1/chat/../models",
+            "/v1/./models",
+            "/./v1/models",
+            "/v1/%2e/models",
+            "/v1/%2e%2e/v1/models",
+            "/v1/%252e/models",
+            "/health/../v1/models",
+            "/v1/chat/completions/../../models",
+        ]:
+            response, body = self.request("GET", path)
+            self.assertError(response, body, 404, "unknown_url")
+        self.assertEqual(self.h.fake.requests, [])
+
     def test_query_string_not_echoed(self) -> None:
         """
         The 404 names the path but not the query string, which may carry a

@@ -19,6 +19,7 @@ from oaiproxy.fake_routes import speech
 from oaiproxy.routes import BY_NAME, ROUTES, parse_routes
 from oaiproxy.styles import AzureStyle
 from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, exchange, form, registry
+from tests.tricks import ID_TRICKS
 
 BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY], b"content-type": [b"application/json"]}
 ALL = [route.name for route in ROUTES]
@@ -82,9 +83,30 @@ class DisabledRouteTests(SynchronousTestCase):
         A path that is no route at all still gets the base URL hint.
         """
         h = Harness(routes=ALL)
-        response, body = exchange(self, h, "POST", "/v1/v1/embeddings", b"{}", BEARER)
+        response, body = exchange(self, h, "POST", "/v2/embeddings", b"{}", BEARER)
         message = error_of(self, response, body, 404, "unknown_url")["message"]
         self.assertIn("Set the SDK's base URL to http://<proxy-host>:<port>/v1.", message)
+
+    def test_doubled_v1_is_named(self) -> None:
+        """
+        C{/v1/v1/...} (a base URL ending in /v1 and a client that adds /v1
+        again) is a 404 that says so and names the path that is served,
+        not the generic hint that would say to use /v1; nothing goes
+        upstream.
+        """
+        h = Harness(routes=ALL)
+        for method, path, served, below in [
+            ("POST", "/v1/v1/embeddings", "/v1/embeddings", "/embeddings"),
+            ("POST", "/v1/v1/chat/completions", "/v1/chat/completions", "/chat/completions"),
+            ("GET", "/v1/v1/v1/models", "/v1/models", "/models"),
+        ]:
+            response, body = exchange(self, h, method, path, b"{}" if method == "POST" else None, BEARER)
+            message = error_of(self, response, body, 404, "unknown_url")["message"]
+            self.assertIn(f"({method} {path}): /v1 is doubled. The base URL already ends in /v1", message)
+            self.assertIn(f"this is served at {served}.", message)
+            self.assertIn(f"http://<proxy-host>:<port>/v1 for a client that adds {below},", message)
+            self.assertNotIn("Set the SDK's base URL to http://<proxy-host>:<port>/v1.", message)
+        self.assertEqual(h.fake.requests, [])
 
 
 class ValidationTests(SynchronousTestCase):
@@ -321,6 +343,41 @@ class ResponsesTests(SynchronousTestCase):
         self.assertEqual(h.records[-1].status, 200)
         self.assertEqual(remaining(), charged)
 
+    def test_id_tricks_never_go_upstream(self) -> None:
+        """
+        A stored response's id is one path segment: every trick, for every
+        method and action below it, is an OpenAI-shaped 404 (not to be
+        retried) and nothing goes upstream.  (C{../cancel} would otherwise
+        POST to /v1/cancel, C{..%2Ffiles} read /v1/files where an upstream
+        decodes the slash.)
+        """
+        h = Harness(client_keys=[CLIENT_KEY], routes=ALL)
+        actions = [("GET", ""), ("DELETE", ""), ("GET", "/input_items"), ("POST", "/cancel")]
+        for trick, why in ID_TRICKS:
+            if not trick:
+                continue
+            for method, action in actions:
+                path = "/v1/responses/" + trick + action
+                response, body = exchange(self, h, method, path, b"" if method == "POST" else None, BEARER)
+                self.assertEqual(response.code, 404, f"{method} {path} ({why})")
+                error = json.loads(body)["error"]
+                self.assertEqual(set(error), {"message", "type", "param", "code"})
+                self.assertIn(error["code"], ("not_found", "unknown_url"), f"{method} {path} ({why})")
+                self.assertEqual(response.headers.getRawHeaders(b"x-should-retry"), [b"false"])
+        self.assertEqual(h.fake.requests, [])
+
+    def test_query_string_cannot_change_the_path(self) -> None:
+        """
+        A query goes on after the proxy's path, whatever it holds: dots and
+        slashes in it stay in the query.
+        """
+        h = Harness(client_keys=[CLIENT_KEY], routes=["responses"])
+        _, body = post(self, h, "/v1/responses", {"model": "gpt-4o", "input": "hi"})
+        ident = json.loads(body)["id"]
+        exchange(self, h, "GET", f"/v1/responses/{ident}?x=/../../files&y=..%2Ffiles", None, BEARER)
+        sent = h.fake.requests[-1]
+        self.assertEqual((sent.path, sent.query), (f"/v1/responses/{ident}", "x=/../../files&y=..%2Ffiles"))
+
     def test_stored_routes_need_a_key(self) -> None:
         """
         Reading a stored response is authenticated like creating one.
@@ -391,6 +448,48 @@ class AzureTests(SynchronousTestCase):
         response, answer = exchange(self, h, "POST", "/v1/audio/transcriptions", body, headers)
         self.assertEqual(response.code, 200, answer)
         self.assertEqual(h.fake.requests[-1].path, "/openai/deployments/whisper-prod/audio/transcriptions")
+
+    def test_model_is_one_path_segment(self) -> None:
+        """
+        Azure puts the model's deployment in the path: a model that is not
+        one segment (C{../../responses}, C{a/b}, C{..}) is a 404
+        model_not_found on every route that names a deployment, the JSON
+        routes and uploads alike, and nothing goes upstream.
+        """
+        h = self.harness()
+        for model in ["..", ".", "../../responses", "a/b", "a\\b", "%2e%2e", "\uff0e\uff0e", "x\r\ny"]:
+            for path, document in [
+                ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+                ("/v1/embeddings", {"model": model, "input": "x"}),
+            ]:
+                response, body = post(self, h, path, document)
+                error_of(self, response, body, 404, "model_not_found")
+            upload, content_type = form([("model", model), ("file", b"RIFF" * 100)])
+            headers = {b"authorization": [b"Bearer " + CLIENT_KEY], b"content-type": [content_type]}
+            response, answer = exchange(self, h, "POST", "/v1/audio/transcriptions", upload, headers)
+            error_of(self, response, answer, 404, "model_not_found")
+        self.assertEqual(h.fake.requests, [])
+
+    def test_mapped_deployment_is_checked_too(self) -> None:
+        """
+        The last check is on the path as built, so even a deployment name
+        from the operator's map cannot leave its segment.
+        """
+        h = Harness(client_keys=[CLIENT_KEY], routes=ALL_AZURE, style=AzureStyle(None, {"gpt-4o": "../x"}))
+        response, body = post(self, h, "/v1/embeddings", {"model": "gpt-4o", "input": "x"})
+        error_of(self, response, body, 404, "model_not_found")
+        self.assertEqual(h.fake.requests, [])
+
+    def test_client_api_version_replaced_however_spelt(self) -> None:
+        """
+        The proxy's api-version is the only one upstream sees, however the
+        client encodes the name.
+        """
+        h = self.harness()
+        _, body = post(self, h, "/v1/responses", {"model": "gpt-4o", "input": "hi"})
+        ident = json.loads(body)["id"]
+        exchange(self, h, "GET", f"/v1/responses/{ident}?api%2Dversion=1999&API-Version=1&x=1", None, BEARER)
+        self.assertEqual(h.fake.requests[-1].query, "x=1&api-version=2025-04-01-preview")
 
     def test_model_list_is_the_map(self) -> None:
         """

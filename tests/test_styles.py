@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import api_base
 from oaiproxy.routes import BY_NAME
-from oaiproxy.styles import AzureStyle, OpenAIStyle, route_of
+from oaiproxy.styles import AzureStyle, OpenAIStyle, is_path_segment, route_of
 
 
 class OpenAIStyleTests(SynchronousTestCase):
@@ -98,3 +98,62 @@ class ApiBaseTests(SynchronousTestCase):
         self.assertEqual(api_base("http://localhost:8000/v1", "openai"), "http://localhost:8000/v1")
         self.assertEqual(api_base("https://openrouter.ai/api/v1", "openai"), "https://openrouter.ai/api/v1")
         self.assertEqual(api_base("https://r.openai.azure.com", "azure"), "https://r.openai.azure.com")
+
+
+class PathSegmentTests(SynchronousTestCase):
+    """
+    What may stand as one segment of an upstream path (an id, a
+    deployment).
+    """
+
+    def test_refused(self) -> None:
+        for text in [
+            "",
+            ".",
+            "..",
+            "../files",
+            "a/b",
+            "a\\b",
+            "..;x",
+            "%2e%2e",
+            "%2F",
+            "\uff0e\uff0e",
+            "a\uff0fb",
+            "a\x00",
+            "a\r\nb",
+            "\x7f",
+            "\x85",
+        ]:
+            self.assertFalse(is_path_segment(text), repr(text))
+
+    def test_accepted(self) -> None:
+        for text in ["o3", "ft:gpt-4o-mini:org:custom:abc", "llama3.1:8b", "...", ".hidden", "a b", "résumé", "resp_1"]:
+            self.assertTrue(is_path_segment(text), repr(text))
+
+    def test_addressable(self) -> None:
+        """
+        A built path is addressable when each of its segments decodes to
+        one; an Azure deployment is one of them.
+        """
+        openai, azure = OpenAIStyle(), AzureStyle(None, {"m": "../x"})
+        self.assertTrue(openai.addressable("/models/o3", None))
+        self.assertTrue(openai.addressable("/chat/completions", "../x"))
+        for path in ["/models/..", "/models/..%2Ffiles", "/models//x", "/models/%252e", "models", "/models/%ff"]:
+            self.assertFalse(openai.addressable(path, None), path)
+        self.assertTrue(azure.addressable("/chat/completions", "gpt-4o"))
+        self.assertFalse(azure.addressable("/chat/completions", "m"))
+        self.assertFalse(azure.addressable("/embeddings", ".."))
+        # Resource-wide routes take the model in the body, not the path.
+        self.assertTrue(azure.addressable("/responses", ".."))
+
+    def test_query_is_inert(self) -> None:
+        """
+        What is not a query character is encoded, so a raw C{#} cannot cut
+        the URL short (dropping an api-version after it).
+        """
+        self.assertEqual(OpenAIStyle().target("/models", None, b"a=1#/../x"), "/models?a=1%23/../x")
+        self.assertEqual(OpenAIStyle().target("/models", None, b"q=\xc3\xa9 x&y=%2F"), "/models?q=%C3%A9%20x&y=%2F")
+        self.assertEqual(
+            AzureStyle("v").target("/responses/r", None, b"a#b&Api-Version=1&api%2dversion=2"),
+            "/openai/responses/r?a%23b&api-version=v",
+        )
