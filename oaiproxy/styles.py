@@ -59,8 +59,10 @@ def is_path_segment(text: str) -> bool:
     The proxy puts ids (a model, a stored response, an Azure deployment)
     into upstream URLs that carry the shared key, so an id that an upstream
     or a front end in its path could read as a path of its own would let a
-    client reach any endpoint of the account.  Refused: the empty id,
-    C{.} and C{..} (also as C{..;x}, which some servers read as C{..}),
+    client reach any endpoint of the account.  Refused: an id made only of
+    dots and whitespace (C{.}, C{..}, C{...}, C{" .."}: servers that trim
+    segments, IIS and Windows paths below it, read those as C{.} or C{..}),
+    also before a C{;} (C{..;x}, which some servers read as C{..}),
     C{/} and C{\\} (some servers take it for C{/}), a C{%} (a server that
     decodes twice would find C{%2e%2e} in C{%252e%252e}), control
     characters, and anything that becomes one of these under Unicode
@@ -68,7 +70,7 @@ def is_path_segment(text: str) -> bool:
     U+FF0F, which some servers fold).
     """
     for form in (text, unicodedata.normalize("NFKC", text)):
-        if form.split(";", 1)[0] in ("", ".", ".."):
+        if not form.split(";", 1)[0].replace(".", "").strip():
             return False
         if any(c in "/\\%" or unicodedata.category(c) == "Cc" for c in form):
             return False

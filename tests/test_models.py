@@ -149,7 +149,7 @@ class ModelIdTests(SynchronousTestCase):
         odd character) go upstream as one segment.
         """
         h = ModelsHarness(client_keys=[CLIENT_KEY])
-        ids = ["o3", "ft:gpt-4o-mini:org:custom:abc123", "gpt-4o-2024-08-06", "llama3.1:8b", "my model", "..."]
+        ids = ["o3", "ft:gpt-4o-mini:org:custom:abc123", "gpt-4o-2024-08-06", "llama3.1:8b", "my model", "v1.2.", ".hidden"]
         for name in ids:
             h.fetch(self, "/v1/models/" + name.replace(" ", "%20"))
         self.assertEqual(
@@ -160,7 +160,8 @@ class ModelIdTests(SynchronousTestCase):
                 "/v1/models/gpt-4o-2024-08-06",
                 "/v1/models/llama3.1:8b",
                 "/v1/models/my%20model",
-                "/v1/models/...",
+                "/v1/models/v1.2.",
+                "/v1/models/.hidden",
             ],
         )
 

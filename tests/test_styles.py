@@ -123,11 +123,22 @@ class PathSegmentTests(SynchronousTestCase):
             "a\r\nb",
             "\x7f",
             "\x85",
+            # Dots with whitespace around them, which a server that trims
+            # its segments (IIS, and Windows paths below it) reads as dots.
+            " ..",
+            ".. ",
+            " . ",
+            "\u3000..",
+            "..\u00a0",
+            " ",
+            " ..;x",
+            "...",
+            "\t",
         ]:
             self.assertFalse(is_path_segment(text), repr(text))
 
     def test_accepted(self) -> None:
-        for text in ["o3", "ft:gpt-4o-mini:org:custom:abc", "llama3.1:8b", "...", ".hidden", "a b", "résumé", "resp_1"]:
+        for text in ["o3", "ft:gpt-4o-mini:org:custom:abc", "llama3.1:8b", ".hidden", "a b", "résumé", "resp_1", "v1.2.", "a .b"]:
             self.assertTrue(is_path_segment(text), repr(text))
 
     def test_addressable(self) -> None:

@@ -36,4 +36,7 @@ ID_TRICKS: list[tuple[str, str]] = [
     ("a%7f", "DEL"),
     ("a%C2%85", "a C1 control (NEL)"),
     ("%ff", "not UTF-8"),
+    ("%20..", "dots after a space (a server that trims segments reads ..)"),
+    ("..%20/files", "dots before a space"),
+    ("%E3%80%80..", "dots after an ideographic space (NFKC folds it to a space)"),
 ]
