@@ -10,7 +10,7 @@ newline (issue 11: a broken or hostile upstream's 17 MB C{data:} line).
 Figures are CPU time on this process (C{time.process_time}), best of
 C{--rounds}; only figures from one machine are comparable, and on a busy
 machine only those of one run: C{--before} loads another checkout's
-C{oaiproxy/usage.py} beside this one and alternates the two.
+C{oaiproxy/observe/usage.py} beside this one and alternates the two.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from types import ModuleType
 from typing import Callable, Sequence
 
-from oaiproxy import usage
+from oaiproxy.observe import usage
 
 
 def chat_events(count: int) -> list[bytes]:
@@ -67,11 +67,20 @@ def cpu(run: Callable[[], None], rounds: int) -> float:
     return best
 
 
+def _usage_path(checkout: str) -> str:
+    """
+    Where a checkout keeps the usage module: C{oaiproxy/observe/usage.py}
+    since the package has subpackages, C{oaiproxy/usage.py} before.
+    """
+    path = os.path.join(checkout, "oaiproxy", "observe", "usage.py")
+    return path if os.path.exists(path) else os.path.join(checkout, "oaiproxy", "usage.py")
+
+
 def load(checkout: str) -> ModuleType:
     """
     Another checkout's usage module, beside this one.
     """
-    spec = importlib.util.spec_from_file_location("usage_before", os.path.join(checkout, "oaiproxy", "usage.py"))
+    spec = importlib.util.spec_from_file_location("usage_before", _usage_path(checkout))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -35,8 +35,8 @@ import time
 from typing import Callable
 from urllib.parse import urlsplit
 
-from oaiproxy.clients import file_entry
-from oaiproxy.testing import start_fake_upstream, start_proxy
+from oaiproxy.access.clients import file_entry
+from oaiproxy.fake.processes import start_fake_upstream, start_proxy
 
 KEY = "sk-bench-not-a-real-key"
 CLIENT_KEY = "oaiproxy-bench-client-key"

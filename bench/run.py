@@ -36,8 +36,8 @@ import sys
 import tempfile
 from typing import Any, Optional
 
-from oaiproxy.clients import file_entry
-from oaiproxy.testing import Process, child_env, start_proxy
+from oaiproxy.access.clients import file_entry
+from oaiproxy.fake.processes import Process, child_env, start_proxy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLIENT_KEY = "oaiproxy-bench-client-key"

@@ -38,8 +38,8 @@ import tempfile
 import time
 from urllib.parse import urlsplit
 
-from oaiproxy.clients import file_entry
-from oaiproxy.testing import Process, start_fake_upstream, start_proxy
+from oaiproxy.access.clients import file_entry
+from oaiproxy.fake.processes import Process, start_fake_upstream, start_proxy
 
 KEY = "sk-bench-not-a-real-key"
 CLIENT_KEY = "oaiproxy-bench-client-key"

@@ -1,6 +1,6 @@
 """
 oaiproxy: a self-hosted OpenAI API proxy that keeps the API key on the
-proxy host.  Start it with C{twistd -n oaiproxy}; see L{oaiproxy.tap}.
+proxy host.  Start it with C{twistd -n oaiproxy}; see L{oaiproxy.daemon.tap}.
 
 Importing this package is cheap and never imports the reactor, because
 twistd imports it while it scans for plugins.

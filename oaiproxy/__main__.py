@@ -24,7 +24,7 @@ import getpass
 import sys
 from typing import Optional, TextIO
 
-from oaiproxy.clients import file_entry, looks_like_openai_key, mint_key
+from oaiproxy.access.clients import file_entry, looks_like_openai_key, mint_key
 
 __all__ = ["main"]
 

@@ -98,7 +98,7 @@ class Config:
     @ivar ports: server endpoint descriptions to listen on.
     @ivar upstream: the upstream base URL, without a trailing slash.
     @ivar api_key: the upstream key, or C{None} only with C{mock_upstream}.
-    @ivar clients: the clients allowed in (an L{oaiproxy.clients.ClientRegistry});
+    @ivar clients: the clients allowed in (an L{oaiproxy.access.clients.ClientRegistry});
         empty means no client auth.
     @ivar api_key_file: where the key was read from (C{--api-key-file}),
         kept so a reload reads the same place again.

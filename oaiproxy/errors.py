@@ -119,7 +119,7 @@ def invalid_api_key() -> ApiError:
 def openai_key_sent(where: Optional[str] = None) -> ApiError:
     """
     A 401 for a request carrying a real OpenAI secret key (by its shape:
-    see L{oaiproxy.clients.contains_openai_key}).  It is never forwarded:
+    see L{oaiproxy.access.clients.contains_openai_key}).  It is never forwarded:
     the proxy holds the OpenAI key, clients need only a proxy key, and a
     real key in every app's configuration is one leak away from misuse.
     The message says where the key was (a header's name, or the URL),
@@ -217,7 +217,7 @@ def not_an_id(kind: str, value: str, code: Optional[str]) -> ApiError:
     A 404 for a path part that cannot be the id of a C{kind} (a model, a
     stored response): one path segment, not C{.} or C{..}, without C{/},
     C{\\}, C{%} or control characters once decoded (see
-    L{oaiproxy.styles.is_path_segment}).  Nothing is asked of upstream.
+    L{oaiproxy.upstream.styles.is_path_segment}).  Nothing is asked of upstream.
 
     @param value: the id as decoded, quoted back (shortened, and with
         control characters escaped) so the client sees what arrived.
@@ -303,7 +303,7 @@ def header_timeout(seconds: float) -> ApiError:
 def body_timeout(seconds: float, rate: int) -> ApiError:
     """
     A 408 for a request body that did not arrive in time (see
-    L{oaiproxy.site.BODY_MIN_RATE} for how the time grows with the body).
+    L{oaiproxy.server.site.BODY_MIN_RATE} for how the time grows with the body).
     """
     return ApiError(
         408,

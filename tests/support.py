@@ -23,20 +23,20 @@ from twisted.internet.task import Clock
 from twisted.web.iweb import IResponse
 from twisted.web.resource import IResource
 
-from oaiproxy.api import api_resources, streamed_paths
-from oaiproxy.clients import Client, ClientRegistry, Credentials, Limits
+from oaiproxy.access.clients import Client, ClientRegistry, Credentials, Limits
+from oaiproxy.access.limits import Limiter
 from oaiproxy.config import Secret
-from oaiproxy.fake_upstream import FakeUpstream
-from oaiproxy.forward import admission_gate
-from oaiproxy.lifecycle import Lifecycle
-from oaiproxy.limits import Limiter
-from oaiproxy.metrics import Metrics, MetricsResource
-from oaiproxy.records import RequestRecord
-from oaiproxy.resources import HealthResource, build_tree
-from oaiproxy.routes import BY_NAME, DEFAULT_ROUTES, in_order
-from oaiproxy.site import ProxySite
-from oaiproxy.styles import AzureStyle, UpstreamStyle
-from oaiproxy.upstream import TreqLike, UpstreamClient, http_client
+from oaiproxy.daemon.lifecycle import Lifecycle
+from oaiproxy.fake.upstream import FakeUpstream
+from oaiproxy.observe.metrics import Metrics, MetricsResource
+from oaiproxy.observe.records import RequestRecord
+from oaiproxy.routes.jsonapi import api_resources, streamed_paths
+from oaiproxy.routes.table import BY_NAME, DEFAULT_ROUTES, in_order
+from oaiproxy.server.site import ProxySite
+from oaiproxy.server.tree import HealthResource, build_tree
+from oaiproxy.upstream.client import TreqLike, UpstreamClient, http_client
+from oaiproxy.upstream.exchange import admission_gate
+from oaiproxy.upstream.styles import AzureStyle, UpstreamStyle
 
 
 def temp_dir(case: Any) -> str:
@@ -126,7 +126,7 @@ class Harness:
             style=style,
         )
         self.limiter = Limiter(self.clock)
-        # The daemon's own wiring (oaiproxy.tap does the same).
+        # The daemon's own wiring (oaiproxy.daemon.tap does the same).
         enabled = in_order(routes)
         self.api = api_resources(
             enabled,

@@ -23,7 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.selectreactor import SelectReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaiproxy.clients import load_clients
+from oaiproxy.access.clients import load_clients
 from oaiproxy.config import (
     CREDENTIAL_NAME,
     Config,
@@ -643,8 +643,8 @@ class UnixListenerTests(SynchronousTestCase):
         """
         The daemon's own listeners (the C{--port} services) get the mode.
         """
-        from oaiproxy.lifecycle import ListenerService, StartupReport
-        from oaiproxy.tap import _endpoint
+        from oaiproxy.daemon.lifecycle import ListenerService, StartupReport
+        from oaiproxy.daemon.tap import _endpoint
 
         path = os.path.join(temp_dir(self), "api.sock")
         reactor = SelectReactor()

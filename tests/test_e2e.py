@@ -22,8 +22,8 @@ from typing import Any, Mapping, Sequence
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaiproxy.clients import file_entry, mint_key
-from oaiproxy.testing import Process, child_env, start_fake_upstream, start_proxy, twistd
+from oaiproxy.access.clients import file_entry, mint_key
+from oaiproxy.fake.processes import Process, child_env, start_fake_upstream, start_proxy, twistd
 from tests.support import self_signed_pem, temp_dir
 
 UPSTREAM_KEY = "sk-proj-E2EUPSTREAMSECRET987654321"

@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaiproxy.clients import file_entry, mint_key
-from oaiproxy.fake_routes import speech
-from oaiproxy.testing import start_fake_upstream, start_proxy
+from oaiproxy.access.clients import file_entry, mint_key
+from oaiproxy.fake.processes import start_fake_upstream, start_proxy
+from oaiproxy.fake.routes import speech
 from tests.support import temp_dir
 from tests.test_e2e import CLIENT_KEY, MESSAGES, REPLY, UPSTREAM_KEY, E2ETestCase, http
 from tests.tricks import ID_TRICKS

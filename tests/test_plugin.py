@@ -12,8 +12,8 @@ from twisted.plugin import IPlugin, getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from oaiproxy import tap
-from oaiproxy.testing import child_env
+from oaiproxy.daemon import tap
+from oaiproxy.fake.processes import child_env
 
 
 class PluginTests(SynchronousTestCase):
@@ -25,7 +25,7 @@ class PluginTests(SynchronousTestCase):
     def test_discovered(self) -> None:
         """
         twistd finds a plugin named oaiproxy that builds the service from
-        oaiproxy.tap.
+        oaiproxy.daemon.tap.
         """
         plugin = self.plugin()
         self.assertTrue(verifyObject(IPlugin, plugin))
@@ -45,7 +45,7 @@ class PluginTests(SynchronousTestCase):
             "names = [p.tapname for p in getPlugins(IServiceMaker)]\n"
             "assert 'oaiproxy' in names, names\n"
             "print('reactor' if 'twisted.internet.reactor' in sys.modules else 'no-reactor')\n"
-            "print('tap' if 'oaiproxy.tap' in sys.modules else 'no-tap')\n"
+            "print('tap' if 'oaiproxy.daemon.tap' in sys.modules else 'no-tap')\n"
         )
         output = subprocess.run(
             [sys.executable, "-c", code],

@@ -1,0 +1,1197 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The twistd plugin's options and service: all of the daemon's wiring.
+
+Every setting has a command-line option and an environment variable; the
+option wins.  Secrets are the exception: the upstream key comes from a
+file, a systemd credential or the environment, and client keys from the
+environment only, so that no secret ever appears in C{ps} output.
+
+A configuration error ends startup with one line on stderr and exit status
+1, rather than twistd's usual full usage text or a traceback; so does a
+listener that cannot be bound, or that other hosts could reach while no
+client keys are set (decided from the endpoint description before binding
+where it can be, from the bound address otherwise), with or without
+C{--nodaemon} (see L{oaiproxy.daemon.lifecycle.StartupReport}).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import signal
+import socket
+import sys
+import textwrap
+from dataclasses import replace
+from typing import Any, Callable, Mapping, Optional
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.interfaces import IAddress, IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.systemd import ListenFDs
+
+from oaiproxy import __version__
+from oaiproxy.access.clients import ClientRegistry, Credentials, load_clients
+from oaiproxy.access.limits import Limiter
+from oaiproxy.config import (
+    DEFAULT_PORT,
+    DEFAULT_UPSTREAM,
+    Config,
+    ConfigError,
+    Secret,
+    api_base,
+    is_private_address,
+    load_api_key,
+    parse_byte_count,
+    parse_deployment,
+    parse_deployments,
+    parse_interval,
+    parse_log_format,
+    parse_seconds,
+    parse_style,
+    parse_upstream,
+    parse_workers,
+    port_from_env,
+    unix_listener,
+)
+from oaiproxy.daemon.lifecycle import (
+    DrainService,
+    Lifecycle,
+    ListenerService,
+    ReadinessService,
+    ReloadService,
+    StartupReport,
+)
+from oaiproxy.daemon.sdnotify import Notifier
+from oaiproxy.daemon.workers import (
+    FAMILIES,
+    WORKER_INDEX,
+    GroupSecrets,
+    SecretsReader,
+    Supervisor,
+    die_with_parent,
+    read_secrets,
+)
+from oaiproxy.errors import invalid_api_key
+from oaiproxy.fake.upstream import FakeUpstream, listen
+from oaiproxy.observe.accesslog import JsonAccessLog, TextAccessLog
+from oaiproxy.observe.jsonlog import OBSERVER_NAME
+from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource
+from oaiproxy.routes.jsonapi import api_resources, streamed_paths
+from oaiproxy.routes.table import BY_NAME, DEFAULT_ROUTES, ROUTES, in_order, parse_routes
+from oaiproxy.server.headers import bearer_token, parse_static_header
+from oaiproxy.server.site import ProxySite
+from oaiproxy.server.tree import HealthResource, build_root, build_tree, error_response
+from oaiproxy.upstream.client import UpstreamClient, make_http_client
+from oaiproxy.upstream.exchange import admission_gate
+from oaiproxy.upstream.styles import (
+    DEFAULT_AZURE_API_VERSION,
+    DEFAULT_AZURE_RESPONSES_API_VERSION,
+    AzureStyle,
+    OpenAIStyle,
+    UpstreamStyle,
+)
+
+__all__ = ["Options", "makeService"]
+
+log = Logger()
+
+_DEFAULTS = Config(ports=(DEFAULT_PORT,), upstream=DEFAULT_UPSTREAM, api_key=None)
+
+#: (option, environment variable, parser, Config field) for every plain
+#: setting; the option wins over the environment, which wins over the
+#: default.
+_SETTINGS: list[tuple[str, str, Callable[[str, str], Any], str]] = [
+    ("connect-timeout", "OAIPROXY_CONNECT_TIMEOUT", parse_seconds, "connect_timeout"),
+    ("read-timeout", "OAIPROXY_READ_TIMEOUT", parse_seconds, "read_timeout"),
+    ("idle-timeout", "OAIPROXY_IDLE_TIMEOUT", parse_seconds, "idle_timeout"),
+    ("max-body-bytes", "OAIPROXY_MAX_BODY_BYTES", parse_byte_count, "max_body_bytes"),
+    ("drain-timeout", "OAIPROXY_DRAIN_TIMEOUT", parse_seconds, "drain_timeout"),
+    ("header-timeout", "OAIPROXY_HEADER_TIMEOUT", parse_seconds, "header_timeout"),
+    ("body-timeout", "OAIPROXY_BODY_TIMEOUT", parse_seconds, "body_timeout"),
+    ("max-connections-per-ip", "OAIPROXY_MAX_CONNECTIONS_PER_IP", parse_byte_count, "max_connections_per_ip"),
+    ("sse-keepalive", "OAIPROXY_SSE_KEEPALIVE", parse_interval, "sse_keepalive"),
+    ("log-format", "OAIPROXY_LOG_FORMAT", parse_log_format, "log_format"),
+    ("metrics-port", "OAIPROXY_METRICS_PORT", lambda name, text: text, "metrics_port"),
+    ("workers", "OAIPROXY_WORKERS", parse_workers, "workers"),
+    ("routes", "OAIPROXY_ROUTES", parse_routes, "routes"),
+    ("upstream-style", "OAIPROXY_UPSTREAM_STYLE", parse_style, "upstream_style"),
+    ("azure-api-version", "OAIPROXY_AZURE_API_VERSION", lambda name, text: text.strip(), "azure_api_version"),
+    ("worker-share", "OAIPROXY_WORKER_SHARE", parse_workers, "worker_share"),
+]
+
+_MOCK_KEY = Secret(b"mock-upstream-key")
+
+
+class Options(usage.Options):
+    """
+    C{twistd oaiproxy} options.  After parsing, C{self.config} holds the
+    validated L{Config}.
+
+    @param environ: the environment to read (injected by tests).
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve the OpenAI API (chat completions and the model list, and the routes "
+        "--routes adds; streaming included) and GET /health, forwarding to the "
+        "OpenAI API or a compatible upstream with the key held here. The key is read "
+        "from --api-key-file, $CREDENTIALS_DIRECTORY/openai_api_key or "
+        "OPENAI_API_KEY; clients present keys from --client-keys-file or "
+        "OAIPROXY_CLIENT_KEYS. Mint a client key and its keys-file entry with: "
+        "python -m oaiproxy keygen --name NAME >> clients.toml. "
+        "Try it without a key: twistd -n oaiproxy --mock-upstream."
+    )
+    #: Shown first in --help, in this order; the rest follow as declared.
+    _MAIN_OPTIONS = (
+        "port",
+        "upstream",
+        "api-key-file",
+        "client-keys-file",
+        "mock-upstream",
+        "routes",
+        "upstream-style",
+        "workers",
+        "log-format",
+        "allow-open-relay",
+    )
+    #: Not in --help: set by the supervisor for its workers, or defined
+    #: only to refuse them (a key on the command line).
+    _HIDDEN_OPTIONS = frozenset({"worker-listener", "worker-share", "api-key", "client-keys"})
+    optFlags = [
+        [
+            "no-stream-usage",
+            None,
+            "Do not add stream_options.include_usage to streamed requests (token counts of streams whose "
+            "client did not ask for usage are then estimates). [env OAIPROXY_STREAM_USAGE=off]",
+        ],
+        [
+            "allow-open-relay",
+            None,
+            "Start even when a listener is reachable from other hosts and no client keys are set "
+            "(anyone who can connect spends the upstream key). Without it, that refuses to start.",
+        ],
+        [
+            "mock-upstream",
+            None,
+            "Forward to a built-in mock of the OpenAI API (deterministic answers, "
+            "streaming too) instead of a real upstream; no key needed.",
+        ],
+    ]
+    optParameters = [
+        [
+            "upstream",
+            None,
+            None,
+            "Upstream base URL; route paths (/chat/completions...) are appended, and /v1 first if the URL has "
+            f"no path. [env OPENAI_BASE_URL, default {DEFAULT_UPSTREAM}]",
+        ],
+        [
+            "routes",
+            None,
+            None,
+            "API routes to serve, separated by commas, or 'all': " + ", ".join(r.name for r in ROUTES) + ". "
+            f"[env OAIPROXY_ROUTES, default {','.join(DEFAULT_ROUTES)}]",
+        ],
+        [
+            "upstream-style",
+            None,
+            None,
+            "openai (OpenAI, vLLM, Ollama, OpenRouter, LM Studio...) or azure (Azure OpenAI: "
+            "deployment paths, api-version, api-key header). [env OAIPROXY_UPSTREAM_STYLE, default openai]",
+        ],
+        [
+            "azure-api-version",
+            None,
+            None,
+            f"The api-version sent to Azure OpenAI. [env OAIPROXY_AZURE_API_VERSION, default "
+            f"{DEFAULT_AZURE_API_VERSION}, and {DEFAULT_AZURE_RESPONSES_API_VERSION} for the Responses API]",
+        ],
+        [
+            "api-key-file",
+            None,
+            None,
+            "File holding the upstream API key. [else the systemd credential openai_api_key, else env OPENAI_API_KEY]",
+        ],
+        [
+            "connect-timeout",
+            None,
+            None,
+            f"Seconds to open the upstream connection. [env OAIPROXY_CONNECT_TIMEOUT, "
+            f"default {_DEFAULTS.connect_timeout:g}]",
+        ],
+        [
+            "read-timeout",
+            None,
+            None,
+            "Longest upstream silence, before the response head and between body "
+            f"chunks, in seconds. [env OAIPROXY_READ_TIMEOUT, default {_DEFAULTS.read_timeout:g}]",
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Seconds an idle client connection is kept open. [env OAIPROXY_IDLE_TIMEOUT, "
+            f"default {_DEFAULTS.idle_timeout:g}]",
+        ],
+        [
+            "client-keys-file",
+            None,
+            None,
+            "File of clients (TOML or JSON: names, key hashes, limits, model allow-lists), re-read on SIGHUP. "
+            "[env OAIPROXY_CLIENT_KEYS_FILE, else the "
+            "systemd credential client_keys; keys in env OAIPROXY_CLIENT_KEYS are added]",
+        ],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "On SIGTERM, seconds in-flight requests may run on before they are cut off. "
+            f"[env OAIPROXY_DRAIN_TIMEOUT, default {_DEFAULTS.drain_timeout:g}]",
+        ],
+        [
+            "header-timeout",
+            None,
+            None,
+            "Seconds a client has to send a request's line and headers (slow senders are cut off). "
+            f"[env OAIPROXY_HEADER_TIMEOUT, default {_DEFAULTS.header_timeout:g}]",
+        ],
+        [
+            "body-timeout",
+            None,
+            None,
+            "Seconds a request body has to arrive, plus one for every 64 KiB received (slow senders get a 408). "
+            f"[env OAIPROXY_BODY_TIMEOUT, default {_DEFAULTS.body_timeout:g}]",
+        ],
+        [
+            "max-connections-per-ip",
+            None,
+            None,
+            "Connections one client address may hold before presenting a valid client key (16 times as many "
+            f"in all). [env OAIPROXY_MAX_CONNECTIONS_PER_IP, default {_DEFAULTS.max_connections_per_ip}]",
+        ],
+        [
+            "sse-keepalive",
+            None,
+            None,
+            "Seconds of upstream silence in a stream before a ': keepalive' comment is sent; 0 for never. "
+            f"[env OAIPROXY_SSE_KEEPALIVE, default {_DEFAULTS.sse_keepalive:g}]",
+        ],
+        [
+            "log-format",
+            None,
+            None,
+            "Logs as 'text' or 'json': one JSON object per line on standard output, the access entries and, "
+            "under twistd --nodaemon, every other line too. [env OAIPROXY_LOG_FORMAT, default text]",
+        ],
+        [
+            "metrics-port",
+            None,
+            None,
+            "Serve /metrics on this endpoint only (e.g. tcp:9108:interface=127.0.0.1), without auth; "
+            "otherwise /metrics is on the API port behind a client key or the metrics key. "
+            "[env OAIPROXY_METRICS_PORT]",
+        ],
+        [
+            "metrics-key-file",
+            None,
+            None,
+            "File holding a key that may read /metrics (Authorization: Bearer). [env OAIPROXY_METRICS_KEY]",
+        ],
+        [
+            "workers",
+            None,
+            None,
+            "Worker processes serving the same listeners: a number, or auto (one per CPU). "
+            "[env OAIPROXY_WORKERS, default 1]",
+        ],
+        [
+            "worker-share",
+            None,
+            None,
+            "(internal, set by the supervisor) the number of workers the client limits are split among.",
+        ],
+        [
+            "max-body-bytes",
+            None,
+            None,
+            f"Largest request body accepted. [env OAIPROXY_MAX_BODY_BYTES, default {_DEFAULTS.max_body_bytes}]",
+        ],
+    ]
+
+    def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__()
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        self["port"] = []
+        self["worker-listener"] = []
+        self["upstream-header"] = []
+        self["azure-deployment"] = []
+        self.argv: list[str] = []
+        self.config: Config = _DEFAULTS
+
+    def opt_port(self, description: str) -> None:
+        """
+        Listen on this Twisted endpoint (tcp:, ssl:, unix:, systemd:...); repeatable. [env PORT as a port number, default tcp:8080:interface=127.0.0.1]
+        """  # noqa: E501 (usage.Options shows the docstring as one paragraph)
+        self["port"].append(description)
+
+    def opt_api_key(self, value: str) -> None:
+        """
+        Refused: a key on the command line is visible to every user in ps. Use --api-key-file or OPENAI_API_KEY.
+        """  # noqa: E501
+        # Defined so that getopt's prefix matching cannot turn "--api-key
+        # sk-..." into "--api-key-file sk-..." and echo the key as a path.
+        raise usage.UsageError(
+            "--api-key is not accepted: a key on the command line is visible to every user "
+            "of the host in ps; use --api-key-file PATH or the OPENAI_API_KEY environment variable"
+        )
+
+    def opt_client_keys(self, value: str) -> None:
+        """
+        Refused: keys on the command line are visible to every user in ps. Use --client-keys-file or OAIPROXY_CLIENT_KEYS.
+        """  # noqa: E501
+        # As for --api-key: getopt would otherwise take it for a prefix of
+        # --client-keys-file and print the key as a path.
+        raise usage.UsageError(
+            "--client-keys is not accepted: keys on the command line are visible to every user of the host "
+            "in ps; use --client-keys-file PATH (a file of key hashes) or OAIPROXY_CLIENT_KEYS"
+        )
+
+    def opt_upstream_header(self, value: str) -> None:
+        """
+        NAME:VALUE: a header sent with every upstream request (e.g. OpenRouter's HTTP-Referer); repeatable.
+        """  # noqa: E501
+        try:
+            self["upstream-header"].append(parse_static_header(value))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def opt_azure_deployment(self, value: str) -> None:
+        """
+        MODEL=DEPLOYMENT: the Azure deployment serving MODEL (a model not listed is its own deployment); repeatable. [env OAIPROXY_AZURE_DEPLOYMENTS, comma-separated]
+        """  # noqa: E501
+        try:
+            self["azure-deployment"].append(parse_deployment("--azure-deployment", value))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def opt_worker_listener(self, value: str) -> None:
+        """
+        (internal, set by the supervisor) an inherited listening socket, FD:FAMILY.
+        """
+        self["worker-listener"].append(value)
+
+    def opt_version(self) -> None:
+        """
+        Print the oaiproxy version and exit.
+        """
+        print(f"oaiproxy {__version__}")
+        raise SystemExit(0)
+
+    def parseOptions(self, options: Optional[list[str]] = None) -> None:
+        # Kept so a supervisor can start workers with the same arguments.
+        self.argv = list(options) if options is not None else []
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"twistd oaiproxy: error: {e} (see: twistd oaiproxy --help)") from None
+
+    def getUsage(self, width: Optional[int] = None) -> str:
+        """
+        The --help text: the main options first, in the order a new user
+        needs them, then the others; neither the internal options nor those
+        that exist only to be refused (they still work, or still refuse,
+        when given).  (usage.Options would list every option, sorted.)
+        """
+        width = width or int(os.environ.get("COLUMNS", "80"))
+        names = {option.rstrip("="): option for option in self.longOpt}
+        main = [names[name] for name in self._MAIN_OPTIONS if name in names]
+        rest = [o for o in self.longOpt if o not in main and o.rstrip("=") not in self._HIDDEN_OPTIONS]
+        rest.sort(key=lambda o: o in ("help", "version"))
+        column = max(len(o) for o in main + rest) + 6
+
+        def block(options: list[str]) -> str:
+            lines = []
+            for option in options:
+                text = " ".join((self.docs.get(option.rstrip("=")) or "").split())
+                doc = textwrap.wrap(text, max(20, width - column), break_on_hyphens=False)
+                lines.append(f"  --{option}".ljust(column) + (doc[0] if doc else ""))
+                lines.extend(" " * column + line for line in doc[1:])
+            return "\n".join(lines) + "\n"
+
+        longdesc = "\n".join(textwrap.wrap(self.longdesc, width, break_on_hyphens=False))
+        return f"Options:\n{block(main)}\nMore options:\n{block(rest)}\n{longdesc}\n"
+
+    def postOptions(self) -> None:
+        try:
+            self.config = self._build()
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        if self.config.log_format == "json":
+            self._log_as_json()
+
+    def _log_as_json(self) -> None:
+        """
+        With --log-format json, make twistd's own log JSON too, where it
+        would go to standard output (beside the JSON access entries): as if
+        C{twistd --logger oaiproxy.observe.jsonlog.observer} had been given.  A
+        --logfile, --syslog or --logger of the operator's own is left alone.
+        """
+        twistd = getattr(self, "parent", None)
+        if not isinstance(twistd, dict) or "logger" not in twistd:
+            return
+        if twistd.get("logger") or twistd.get("syslog") or not twistd.get("nodaemon"):
+            return
+        if twistd.get("logfile") not in (None, "", "-"):
+            return
+        twistd["logger"] = OBSERVER_NAME
+
+    def _build(self) -> Config:
+        config = self._settings()
+        if config.workers > 1 and config.metrics_port:
+            raise ConfigError(
+                "--metrics-port cannot be combined with --workers: each worker serves its own /metrics on the API port"
+            )
+        for listener in config.worker_listeners:
+            fd, _, family = listener.partition(":")
+            if not fd.isdigit() or family not in FAMILIES:
+                raise ConfigError(f"--worker-listener must be FD:INET|INET6|UNIX, not {listener!r}")
+        if config.upstream_style == "azure":
+            unserved = sorted(name for name in config.routes if BY_NAME[name].azure is None)
+            if unserved and config.routes == frozenset(BY_NAME):
+                # "all": all that Azure serves.
+                config = replace(config, routes=config.routes - frozenset(unserved))
+            elif unserved:
+                raise ConfigError(f"Azure OpenAI does not serve {', '.join(unserved)}: remove it from --routes")
+            if config.upstream == DEFAULT_UPSTREAM and not config.mock_upstream:
+                raise ConfigError("--upstream-style azure needs --upstream https://RESOURCE.openai.azure.com")
+        elif config.azure_deployments or config.azure_api_version:
+            raise ConfigError(
+                "--azure-deployment (OAIPROXY_AZURE_DEPLOYMENTS) and --azure-api-version (OAIPROXY_AZURE_API_VERSION) "
+                "need --upstream-style azure (OAIPROXY_UPSTREAM_STYLE=azure)"
+            )
+        return config
+
+    def _settings(self) -> Config:
+        env = self.environ
+        ports = tuple(self["port"]) or (port_from_env(env) or DEFAULT_PORT,)
+        upstream = parse_upstream(self["upstream"] or env.get("OPENAI_BASE_URL") or DEFAULT_UPSTREAM)
+        mock = bool(self["mock-upstream"])
+        deployments = tuple(self["azure-deployment"]) or parse_deployments(
+            "OAIPROXY_AZURE_DEPLOYMENTS", env.get("OAIPROXY_AZURE_DEPLOYMENTS", "")
+        )
+        # A worker gets the secrets from its supervisor (see makeService),
+        # never from the files, which may have changed since the group
+        # started.
+        worker = bool(self["worker-listener"])
+        api_key = None if mock or worker else load_api_key(self["api-key-file"], env)
+        values: dict[str, Any] = {}
+        for option, variable, parse, name in _SETTINGS:
+            if self[option] is not None:
+                values[name] = parse("--" + option, self[option])
+            elif env.get(variable):
+                values[name] = parse(variable, env[variable])
+        return Config(
+            ports=ports,
+            upstream=api_base(upstream, values.get("upstream_style", "openai")),
+            azure_deployments=deployments,
+            api_key=api_key,
+            clients=None if worker else load_clients(self["client-keys-file"], env),
+            mock_upstream=mock,
+            allow_open_relay=bool(self["allow-open-relay"]),
+            api_key_file=self["api-key-file"],
+            client_keys_file=self["client-keys-file"],
+            metrics_key=None if worker else self._metrics_key(),
+            stream_usage=not self["no-stream-usage"] and env.get("OAIPROXY_STREAM_USAGE", "on") != "off",
+            worker_listeners=tuple(self["worker-listener"]),
+            upstream_headers=tuple(self["upstream-header"]),
+            **values,
+        )
+
+    def _metrics_key(self) -> Optional[Secret]:
+        if self["metrics-key-file"]:
+            return load_api_key(self["metrics-key-file"], {})
+        value = self.environ.get("OAIPROXY_METRICS_KEY", "").strip()
+        return Secret(value.encode("utf-8")) if value else None
+
+
+def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """
+    The endpoint for a C{--port} description, or one line saying what is
+    wrong with it.
+    """
+    try:
+        # unix: sockets get mode 660 unless the description sets one.
+        return serverFromString(reactor, unix_listener(description))
+    except (KeyError, IndexError) as e:
+        if description.startswith("systemd:"):
+            raise SystemExit(f"twistd oaiproxy: error: {_systemd_missing(description, e)}") from None
+        raise SystemExit(f"twistd oaiproxy: error: cannot use the endpoint {description!r}: {e}") from None
+    except (ValueError, TypeError, OSError) as e:
+        raise SystemExit(f"twistd oaiproxy: error: cannot use the endpoint {description!r}: {e}") from None
+
+
+def _systemd_missing(description: str, error: Exception) -> str:
+    """
+    Why a C{systemd:} socket is not there: the name or index asked for, and
+    what systemd did pass (nothing, when not started through a socket unit).
+    """
+    passed = ListenFDs.fromEnvironment().inheritedNamedDescriptors()
+    given = ", ".join(repr(name) for name in passed) if passed else "no sockets"
+    wanted = f"socket named {error.args[0]!r}" if isinstance(error, KeyError) else "socket at that index"
+    if isinstance(error, KeyError):
+        fix = (
+            f"give its .socket unit FileDescriptorName={error.args[0]} (the name= here), and start the service "
+            "through that socket unit"
+        )
+    else:
+        fix = "start the service through its .socket unit, or use name= with the unit's FileDescriptorName="
+    return f"cannot use the endpoint {description!r}: systemd passed no {wanted} (it passed {given}); {fix}"
+
+
+class _Probed(Exception):
+    """
+    The probe reactor has seen the address; nothing is bound.
+    """
+
+
+class _AddressProbe:
+    """
+    A stand-in reactor that an endpoint asks to listen, so that the address
+    it would bind is known before anything is bound: Twisted's own parser
+    reads the description (escapes, C{tcp6:}, C{ssl:}, wrappers such as
+    C{haproxy:}).  Every method raises once it has recorded the address,
+    so the endpoint goes no further (an adopted socket is not closed).
+    """
+
+    address: Optional[IAddress] = None
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> None:
+        self.address = _ip_literal(interface or "0.0.0.0", port)
+        raise _Probed()
+
+    def listenSSL(self, port: int, factory: Any, contextFactory: Any, backlog: int = 50, interface: str = "") -> None:
+        self.listenTCP(port, factory, backlog, interface)
+
+    def listenUNIX(self, address: str, factory: Any, backlog: int = 50, mode: int = 0o666, wantPID: int = 0) -> None:
+        self.address = UNIXAddress(address)
+        raise _Probed()
+
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: Any) -> None:
+        self.address = fd_address(fileDescriptor)
+        raise _Probed()
+
+
+def _ip_literal(host: str, port: int) -> Optional[IAddress]:
+    """
+    The address for an interface given as an IP; C{None} for a host name,
+    whose address only the bound port can tell.
+    """
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    return IPv6Address("TCP", host, port) if ip.version == 6 else IPv4Address("TCP", host, port)
+
+
+def fd_address(fd: int) -> Optional[IAddress]:
+    """
+    The address an inherited listening socket is bound to (a systemd
+    socket, a worker's), read from the socket itself; C{None} if it cannot
+    be read (the listen will say why).
+    """
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            name, family = sock.getsockname(), sock.family
+    except OSError:
+        return None
+    if family == socket.AF_INET:
+        return IPv4Address("TCP", name[0], name[1])
+    if family == socket.AF_INET6:
+        return IPv6Address("TCP", name[0], name[1])
+    if family == socket.AF_UNIX:
+        return UNIXAddress(name)
+    return None
+
+
+def planned_address(description: str) -> Optional[IAddress]:
+    """
+    The address a C{--port} description will listen on, known before
+    binding for C{tcp:}, C{tcp6:}, C{ssl:}, C{unix:} and inherited
+    (C{systemd:}) sockets; C{None} when only the bound port can tell (a
+    host name, another endpoint type).
+    """
+    probe = _AddressProbe()
+    try:
+        endpoint = serverFromString(probe, description)
+        endpoint.listen(Factory.forProtocol(Protocol)).addErrback(lambda _: None)
+    except Exception:
+        return None
+    return probe.address
+
+
+class _Exposure:
+    """
+    Whether any listener is reachable from other hosts; a reload may not
+    leave such a proxy without client keys.
+    """
+
+    public = False
+
+
+def _base_url(description: str, address: Any) -> str:
+    scheme = "https" if description.startswith("ssl:") else "http"
+    host = getattr(address, "host", None)
+    if host is None:
+        name = getattr(address, "name", address)
+        return f"{scheme}+unix:{os.fsdecode(name) if isinstance(name, bytes) else name}"
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{address.port}"
+
+
+def _open_relay_refusal(base: str) -> str:
+    return (
+        f"refusing to start: {base} is reachable from other hosts and "
+        "no client keys are set, so anyone who can connect could spend the upstream key. "
+        "Set client keys (--client-keys-file, OAIPROXY_CLIENT_KEYS; python -m oaiproxy keygen makes one), "
+        "listen on 127.0.0.1, or pass --allow-open-relay if that is really what you want."
+    )
+
+
+def _check_before_binding(
+    listeners: list[tuple[str, Optional[IAddress]]], config: Config, clients: ClientRegistry, exposure: _Exposure
+) -> None:
+    """
+    Refuse an open relay before anything is bound or any worker starts,
+    for every listener whose address the description tells; the others
+    are checked once bound (L{_exposure_check}).
+    """
+    for description, address in listeners:
+        if address is not None and not is_private_address(address):
+            exposure.public = True
+            if not len(clients) and not config.allow_open_relay:
+                raise SystemExit(f"twistd oaiproxy: error: {_open_relay_refusal(_base_url(description, address))}")
+
+
+def _exposure_check(
+    description: str,
+    config: Config,
+    clients: Callable[[], ClientRegistry],
+    exposure: _Exposure,
+    report: StartupReport,
+    port: IListeningPort,
+) -> str:
+    """
+    The check on a bound port, before anything is accepted on it: refuse
+    (L{StartupError}) a port other hosts can reach while no client keys are
+    set, and warn loudly when --allow-open-relay allows it.  Returns the
+    base URL.
+    """
+    address: Any = port.getHost()
+    base = _base_url(description, address)
+    if not is_private_address(address):
+        exposure.public = True
+        if not len(clients()):
+            if not config.allow_open_relay:
+                report.fail(_open_relay_refusal(base))
+            log.critical(
+                "OPEN RELAY: {base} is reachable from other hosts and no client keys are "
+                "set (--allow-open-relay). Anyone who can connect can spend the upstream "
+                "API key.",
+                base=base,
+            )
+    return base
+
+
+def _metrics_announcer(bound: "Deferred[None]", keyed: bool) -> Callable[[IListeningPort], None]:
+    def announce(port: IListeningPort) -> None:
+        address: Any = port.getHost()
+        if not keyed and not is_private_address(address):
+            log.warn(
+                "metrics on {host} are readable by anyone who can connect (client names, models, volumes); "
+                "set --metrics-key-file or listen on loopback",
+                host=getattr(address, "host", "-"),
+            )
+        log.info(
+            "metrics at http://{host}:{port}/metrics",
+            host=getattr(address, "host", "-"),
+            port=getattr(address, "port", "-"),
+        )
+        bound.callback(None)
+
+    return announce
+
+
+def _metrics_check(credentials: Credentials, metrics_key: Optional[Secret]) -> MetricsCheck:
+    """
+    Who may read /metrics on the API port: the holder of the metrics key, or
+    any client; with neither configured, anyone who may use the API.
+    """
+
+    def check(request: Any) -> Optional[bytes]:
+        token = bearer_token(request.requestHeaders)
+        if token is not None:
+            if metrics_key is not None and hmac.compare_digest(token, metrics_key.reveal()):
+                return None
+            if credentials.clients.identify(token) is not None:
+                return None
+        elif metrics_key is None and not len(credentials.clients):
+            return None
+        return error_response(request, invalid_api_key())
+
+    return check
+
+
+def _announcer(
+    description: str,
+    config: Config,
+    bound: "Deferred[None]",
+    exposure: _Exposure,
+    credentials: Credentials,
+    report: StartupReport,
+) -> Callable[[IListeningPort], None]:
+    """
+    What happens once a listener is bound, before it accepts: the exposure
+    check (which may refuse the port), then the startup report, then
+    readiness.
+    """
+
+    def announce(port: IListeningPort) -> None:
+        base = _exposure_check(description, config, lambda: credentials.clients, exposure, report, port)
+        log.info(
+            "oaiproxy listening on {base}: API at {base}/v1 ({first}...), health at {base}/health",
+            base=base,
+            first=f"{base}/v1/{in_order(config.routes)[0].name}",
+            endpoint=description,
+        )
+        bound.callback(None)
+
+    return announce
+
+
+class _MockUpstreamService(Service):
+    """
+    Serve the built-in fake API on a free loopback port and point the
+    upstream client at it, before the proxy's own listeners open.
+    """
+
+    def __init__(self, reactor: Any, upstream: UpstreamClient) -> None:
+        self._reactor = reactor
+        self._upstream = upstream
+        self._port: Optional[IListeningPort] = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        azure = isinstance(self._upstream.style, AzureStyle)
+        fake = FakeUpstream(self._reactor, api_key=_MOCK_KEY.reveal(), chunk_interval=0.05, record=False, azure=azure)
+        self._port = listen(self._reactor, fake)
+        address: Any = self._port.getHost()
+        self._upstream.base_url = f"http://127.0.0.1:{address.port}" + ("" if azure else "/v1")
+        log.info(
+            "mock upstream on {url}: answers are canned, no real API is called",
+            url=self._upstream.base_url,
+        )
+
+    def startService(self) -> None:
+        if self._port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> "Optional[Deferred[None]]":
+        super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            stopped: Optional[Deferred[None]] = port.stopListening()
+            return stopped
+        return None
+
+
+def _clients_file(keys_file: Optional[str], environ: Mapping[str, str]) -> Optional[str]:
+    """
+    The clients file in use, found as L{load_clients} finds it; C{None} when
+    there is none.
+    """
+    path = keys_file or environ.get("OAIPROXY_CLIENT_KEYS_FILE")
+    if path:
+        return path
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    candidate = os.path.join(directory, "client_keys") if directory else None
+    return candidate if candidate is not None and os.path.exists(candidate) else None
+
+
+def _warn_if_no_clients(config: Config, environ: Mapping[str, str], clients: ClientRegistry) -> None:
+    """
+    A clients file that lists nobody turns client authentication off, which
+    nothing else would say: an empty file is what the systemd steps create.
+    """
+    path = _clients_file(config.client_keys_file, environ)
+    if path is not None and not len(clients):
+        log.warn(
+            "the clients file {path} lists no clients, so client authentication is OFF: anyone who can "
+            "connect may use the proxy and its upstream key. Add clients with python -m oaiproxy keygen, "
+            "then reload.",
+            path=path,
+        )
+
+
+def _load_credentials(options: Options, credentials: Credentials, exposure: _Exposure) -> Optional[GroupSecrets]:
+    """
+    Read the key sources again and check the result; C{None}, with the
+    reason logged, when it cannot be used.
+    """
+    config = options.config
+    try:
+        if config.mock_upstream:
+            api_key = credentials.api_key
+        else:
+            api_key = load_api_key(config.api_key_file, options.environ)
+        clients = load_clients(config.client_keys_file, options.environ)
+        if exposure.public and not len(clients) and not config.allow_open_relay:
+            raise ConfigError("the new configuration has no client keys, and the proxy is reachable from other hosts")
+    except ConfigError as e:
+        log.error("reload failed, keeping the credentials in use: {why}", why=str(e))
+        return None
+    _warn_if_no_clients(config, options.environ, clients)
+    return GroupSecrets(api_key, clients, config.metrics_key)
+
+
+def _reloader(
+    options: Options,
+    credentials: Credentials,
+    exposure: _Exposure,
+    hand_over: Optional[Callable[[GroupSecrets], int]] = None,
+) -> Callable[[], bool]:
+    """
+    The SIGHUP action: read the key sources again, then swap the secrets in
+    one step.  Any failure keeps the secrets in use and says why.
+
+    @param hand_over: in a supervisor, gives the checked secrets to every
+        worker (and to those started later) and says to how many.
+    """
+
+    def reload() -> bool:
+        secrets = _load_credentials(options, credentials, exposure)
+        if secrets is None:
+            return False
+        assert secrets.api_key is not None
+        changed = secrets.api_key != credentials.api_key
+        credentials.replace(secrets.api_key, secrets.clients)
+        if hand_over is not None:
+            count = hand_over(replace(secrets, api_key=None if options.config.mock_upstream else secrets.api_key))
+            log.info(
+                "reload checked: upstream key {key}, {count} client(s); handed to {workers} worker(s)",
+                key="changed" if changed else "unchanged",
+                count=len(secrets.clients),
+                workers=count,
+            )
+            return True
+        log.info(
+            "reloaded: upstream key {key}, {count} client(s)",
+            key="changed" if changed else "unchanged",
+            count=len(secrets.clients),
+        )
+        return True
+
+    return reload
+
+
+def _worker_reloader(config: Config, credentials: Credentials, exposure: _Exposure) -> Callable[[GroupSecrets], None]:
+    """
+    In a worker: apply a reload the supervisor has checked (checked again
+    here, so that no path serves an open relay).
+    """
+
+    def apply(secrets: GroupSecrets) -> None:
+        if exposure.public and not len(secrets.clients) and not config.allow_open_relay:
+            log.error("reload refused, keeping the credentials in use: no client keys, and reachable from other hosts")
+            return
+        api_key = _MOCK_KEY if config.mock_upstream or secrets.api_key is None else secrets.api_key
+        changed = api_key != credentials.api_key
+        credentials.replace(api_key, secrets.clients)
+        log.info(
+            "reloaded: upstream key {key}, {count} client(s)",
+            key="changed" if changed else "unchanged",
+            count=len(secrets.clients),
+        )
+
+    return apply
+
+
+class _SecretsService(Service):
+    """
+    A worker's end of the supervisor's pipe (its standard input): reloads
+    arrive there.  A SIGHUP sent to a worker itself (a terminal's hangup
+    reaches the whole process group) is ignored rather than fatal, its
+    default: the supervisor has it too, and reloads the group.
+
+    @param install: C{signal.signal}, injected for tests.
+    """
+
+    def __init__(self, reactor: Any, reader: SecretsReader, install: Callable[[int, Any], Any] = signal.signal) -> None:
+        self._reactor = reactor
+        self._reader = reader
+        self._install = install
+
+    def startService(self) -> None:
+        super().startService()
+        self._install(signal.SIGHUP, signal.SIG_IGN)
+        self._reactor.addReader(self._reader)
+        self._reader.dataReceived(b"")
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._reactor.removeReader(self._reader)
+
+
+def _worker_index(environ: Mapping[str, str]) -> Optional[int]:
+    """
+    The index the supervisor gave this worker (in its environment), if any.
+    """
+    index = environ.get(WORKER_INDEX, "")
+    return int(index) if index.isdigit() else None
+
+
+def _supervise(
+    options: Options,
+    reactor: Any,
+    notifier: Notifier,
+    service: MultiService,
+    endpoints: list[tuple[str, IStreamServerEndpoint]],
+    report: StartupReport,
+    exposure: _Exposure,
+) -> IService:
+    """
+    C{--workers N}: this process only holds the listeners and speaks for
+    the group (see L{oaiproxy.daemon.workers}).  It checks the configuration; the
+    workers get it from here.
+    """
+    config = options.config
+
+    def writer(stream: Any) -> Callable[[bytes], None]:
+        def write(data: bytes) -> None:
+            if stream is not None:
+                stream.buffer.write(data)
+                stream.flush()
+
+        return write
+
+    clients: ClientRegistry = config.clients if config.clients is not None else ClientRegistry()
+    credentials = Credentials(config.api_key or _MOCK_KEY, clients)
+    _warn_if_no_clients(config, options.environ, clients)
+
+    def bound(description: str, port: IListeningPort) -> None:
+        _exposure_check(description, config, lambda: credentials.clients, exposure, report, port)
+
+    supervisor = Supervisor(
+        reactor,
+        endpoints,
+        options.argv,
+        config.workers,
+        notifier,
+        dict(options.environ),
+        writer(sys.__stdout__),
+        GroupSecrets(config.api_key, clients, config.metrics_key),
+        report,
+        bound,
+        error_output=writer(sys.__stderr__),
+    )
+    supervisor.setServiceParent(service)
+
+    def status() -> str:
+        return f"{config.workers} workers serving {len(config.ports)} listener(s), {len(credentials.clients)} client(s)"
+
+    reload = _reloader(options, credentials, exposure, supervisor.hand_over)
+    ReloadService(reload, notifier, status, lambda f: reactor.callFromThread(f)).setServiceParent(service)
+    ReadinessService(notifier, [supervisor.all_ready], status).setServiceParent(service)
+    supervisor.all_ready.addCallback(lambda _: report.done())
+    log.info("oaiproxy {version}: supervising {count} workers", version=__version__, count=config.workers)
+    return service
+
+
+def makeService(
+    options: Options,
+    reactor: Any = None,
+    http: Optional[Any] = None,
+    notifier: Optional[Notifier] = None,
+    report: Optional[StartupReport] = None,
+    supervisor_input: int = 0,
+) -> IService:
+    """
+    Build the daemon: listeners on every C{--port}, the Resource tree, the
+    upstream client, and the services that talk to systemd (readiness,
+    reload on SIGHUP, drain on stop).
+
+    Everything that can be checked before binding is checked here: twistd
+    calls this before it daemonizes, so a refusal reaches the terminal
+    (C{SystemExit}, one line on stderr).
+
+    @param reactor: the reactor (the global one by default).
+    @param http: a treq-like client to use instead of the pooled one
+        (for tests).
+    @param notifier: where readiness goes (by default C{$NOTIFY_SOCKET}).
+    @param report: where a failure after this point goes (by default the
+        standard error twistd was started with).
+    @param supervisor_input: in a worker, the descriptor its supervisor
+        writes the configuration to (standard input).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    config = options.config
+    if notifier is None:
+        notifier = Notifier.from_environ(options.environ)
+    service = MultiService()
+    exposure = _Exposure()
+    pending = b""
+
+    if config.worker_listeners:
+        # A worker serves the secrets its supervisor read and checked, and
+        # never outlives the supervisor.
+        try:
+            secrets, pending = read_secrets(supervisor_input)
+        except ConfigError as e:
+            raise SystemExit(f"twistd oaiproxy: error: {e}") from None
+        config = replace(config, api_key=secrets.api_key, clients=secrets.clients, metrics_key=secrets.metrics_key)
+        die_with_parent()
+        inherited = [(listener, int(listener.partition(":")[0])) for listener in config.worker_listeners]
+        planned = [(listener, fd_address(fd)) for listener, fd in inherited]
+        endpoints: list[tuple[str, IStreamServerEndpoint]] = [
+            (listener, AdoptedStreamServerEndpoint(reactor, fd, FAMILIES[listener.partition(":")[2]]))
+            for listener, fd in inherited
+        ]
+    else:
+        planned = [(description, planned_address(description)) for description in config.ports]
+        endpoints = [(description, _endpoint(reactor, description)) for description in config.ports]
+    metrics_endpoint = _endpoint(reactor, config.metrics_port) if config.metrics_port else None
+    clients: ClientRegistry = config.clients if config.clients is not None else ClientRegistry()
+    _check_before_binding(planned, config, clients, exposure)
+    if report is None:
+        report = StartupReport(reactor)
+
+    if config.workers > 1 and not config.worker_listeners:
+        return _supervise(options, reactor, notifier, service, endpoints, report, exposure)
+
+    api_key = _MOCK_KEY if config.mock_upstream or config.api_key is None else config.api_key
+    assert config.mock_upstream or config.api_key is not None, "Options guarantees a key unless mocking"
+    credentials = Credentials(api_key, clients)
+    if not config.worker_listeners:
+        _warn_if_no_clients(config, options.environ, clients)
+    lifecycle = Lifecycle()
+    if http is None:
+        http = make_http_client(reactor, config.connect_timeout)
+    assert http is not None
+    style: UpstreamStyle = OpenAIStyle()
+    if config.upstream_style == "azure":
+        style = AzureStyle(config.azure_api_version, dict(config.azure_deployments))
+    upstream = UpstreamClient(
+        http, config.upstream, credentials, reactor, config.read_timeout, config.upstream_headers, style
+    )
+    if config.mock_upstream:
+        _MockUpstreamService(reactor, upstream).setServiceParent(service)
+
+    metrics = Metrics()
+    limiter = Limiter(reactor, share=config.worker_share)
+    enabled = in_order(config.routes)
+    api = api_resources(
+        enabled,
+        upstream,
+        reactor,
+        credentials,
+        lifecycle,
+        config.connect_timeout,
+        limiter,
+        stream_usage=config.stream_usage,
+        sse_keepalive=config.sse_keepalive,
+    )
+    metrics_check = _metrics_check(credentials, config.metrics_key)
+    health = HealthResource(lifecycle)
+    on_api_port = None if config.metrics_port else MetricsResource(metrics, metrics_check)
+    served = [r.name for r in ROUTES if r.name not in api and (r.azure is not None or style.name != "azure")]
+    unavailable = [r.name for r in ROUTES if r.name not in api and r.name not in served]
+    site = ProxySite(
+        build_tree(api, health, on_api_port, disabled=served, unavailable=unavailable),
+        streamed_paths=streamed_paths(enabled),
+        max_body_bytes=config.max_body_bytes,
+        idle_timeout=config.idle_timeout,
+        header_timeout=config.header_timeout,
+        body_timeout=config.body_timeout,
+        max_connections_per_ip=config.max_connections_per_ip,
+        gate=admission_gate(credentials),
+        lifecycle=lifecycle,
+        metrics=metrics,
+        access_log=JsonAccessLog() if config.log_format == "json" else TextAccessLog(),
+        worker=_worker_index(options.environ),
+        reactor=reactor,
+    )
+    listening: list[Deferred[None]] = []
+    # A worker accepts on the sockets its supervisor opened.
+    for description, endpoint in endpoints:
+        bound: Deferred[None] = Deferred()
+        listening.append(bound)
+        announce = _announcer(description, config, bound, exposure, credentials, report)
+        ListenerService(endpoint, site, description, report, announce).setServiceParent(service)
+    if config.metrics_port and metrics_endpoint is not None:
+        # A private listener (loopback, or firewalled) for the scraper; the
+        # metrics key still applies when one is set.
+        metrics_site = ProxySite(
+            build_root(None, health, MetricsResource(metrics, metrics_check if config.metrics_key else None)),
+            max_body_bytes=1024,
+            idle_timeout=config.idle_timeout,
+            header_timeout=config.header_timeout,
+            access_log=lambda record: None,
+            reactor=reactor,
+        )
+        bound = Deferred()
+        listening.append(bound)
+        ListenerService(
+            metrics_endpoint,
+            metrics_site,
+            config.metrics_port,
+            report,
+            _metrics_announcer(bound, config.metrics_key is not None),
+        ).setServiceParent(service)
+
+    def status() -> str:
+        return (
+            f"serving {len(config.ports)} listener(s), forwarding to "
+            f"{'the mock upstream' if config.mock_upstream else upstream.base_url}, "
+            f"{len(credentials.clients)} client(s)"
+        )
+
+    # Stopping runs in reverse order: the drain starts as the listeners
+    # close, so no new connection arrives while in-flight requests finish.
+    DrainService(lifecycle, reactor, config.drain_timeout, notifier).setServiceParent(service)
+    if config.worker_listeners:
+        # Reloads come from the supervisor, checked, on the pipe.
+        reader = SecretsReader(supervisor_input, _worker_reloader(config, credentials, exposure), pending)
+        _SecretsService(reactor, reader).setServiceParent(service)
+    else:
+        # callFromThread is the signal-safe way back into the reactor.
+        reload = ReloadService(
+            _reloader(options, credentials, exposure), notifier, status, lambda f: reactor.callFromThread(f)
+        )
+        reload.setServiceParent(service)
+    ReadinessService(notifier, listening, status).setServiceParent(service)
+    gatherResults(listening).addCallback(lambda _: report.done())
+
+    log.info(
+        "oaiproxy {version} forwarding {routes} to {upstream} ({style}) "
+        "(client keys: {keys}, read timeout {read:g}s, body limit {limit} bytes, drain {drain:g}s)",
+        version=__version__,
+        routes=", ".join(route.name for route in enabled),
+        style=style.name,
+        upstream=upstream.base_url if not config.mock_upstream else "the mock upstream",
+        keys=len(clients) or "none",
+        read=config.read_timeout,
+        limit=config.max_body_bytes,
+        drain=config.drain_timeout,
+    )
+    return service

@@ -1,0 +1,193 @@
+# -*- test-case-name: tests.test_observe -*-
+"""
+Prometheus metrics, with the standard C{prometheus_client} library.
+
+Series follow Prometheus conventions (C{_total} counters, C{_seconds}
+histograms, C{_bytes}) and every label comes from a bounded set, so no
+client can blow up the number of series: C{client} is a configured client
+name (or C{-}), C{route} one of the proxy's routes, C{status_class} like
+C{2xx}, and C{model} the requested model for the first
+L{MODEL_LABEL_LIMIT} distinct, well-formed names seen, C{other} after that.
+
+The registry is this object's own, not the library's global one, so tests
+and several sites do not share counts.  L{MetricsResource} renders it in
+the text exposition format synchronously: the library's Twisted helper
+would run a WSGI app on the reactor's thread pool for a few microseconds
+of formatting.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.web.server import Request
+
+from oaiproxy.observe.records import RequestRecord
+from oaiproxy.server.tree import Endpoint
+
+__all__ = ["Metrics", "MetricsResource", "MetricsCheck", "MODEL_LABEL_LIMIT"]
+
+#: Decides whether a request may read the metrics: C{None} to let it in,
+#: or the refusal body (with status and headers already set on the request).
+MetricsCheck = Callable[[Request], Optional[bytes]]
+
+#: Distinct model names that get their own label value.
+MODEL_LABEL_LIMIT = 50
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9._:/@+-]{1,64}$")
+
+# Latency buckets from 1 ms to 5 min: proxy overhead sits at the low end,
+# reasoning streams at the high end.
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class Metrics:
+    """
+    The proxy's metrics.
+
+    @ivar registry: what C{/metrics} shows.
+    """
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "oaiproxy_requests", "Requests answered.", ["client", "model", "route", "status_class"], registry=r
+        )
+        self.upstream_latency = Histogram(
+            "oaiproxy_upstream_response_seconds",
+            "Time from sending a request upstream to its response head.",
+            ["route"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.proxy_overhead = Histogram(
+            "oaiproxy_proxy_overhead_seconds",
+            "Time spent in the proxy itself, excluding the upstream.",
+            ["route"],
+            buckets=_OVERHEAD,
+            registry=r,
+        )
+        self.first_chunk = Histogram(
+            "oaiproxy_time_to_first_chunk_seconds",
+            "Time from a request to the first chunk of its streamed answer.",
+            ["route"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.stream_duration = Histogram(
+            "oaiproxy_stream_duration_seconds", "Duration of streamed answers.", ["route"], buckets=_SECONDS, registry=r
+        )
+        self.open_streams = Gauge("oaiproxy_open_streams", "Streamed answers in progress.", registry=r)
+        self.in_flight = Gauge("oaiproxy_in_flight_requests", "Requests being processed.", registry=r)
+        self.disconnects = Counter(
+            "oaiproxy_client_disconnects", "Requests whose client left before the answer ended.", ["route"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "oaiproxy_upstream_errors",
+            "Upstream failures by kind: connect, timeout, reset (mid-response), status (5xx answer).",
+            ["kind"],
+            registry=r,
+        )
+        self.bytes_in = Counter("oaiproxy_request_bytes", "Request body bytes received.", ["route"], registry=r)
+        self.bytes_out = Counter("oaiproxy_response_bytes", "Response body bytes sent.", ["route"], registry=r)
+        self.tokens = Counter(
+            "oaiproxy_tokens",
+            "Tokens used, by kind (prompt, completion, reasoning, cached); exact=false for estimates of "
+            "streams cut short.",
+            ["client", "model", "kind", "exact"],
+            registry=r,
+        )
+        self._models: set[str] = set()
+
+    def model_label(self, model: Optional[str], claim: bool = True) -> str:
+        """
+        The label value for a model: itself while the set of names seen is
+        small, C{other} beyond (and for anything that does not look like a
+        model name).
+
+        @param claim: whether this model may take one of the free slots;
+            only models upstream accepted do, so a client sending junk
+            names cannot use them up.
+        """
+        if not model:
+            return "-"
+        if model in self._models:
+            return model
+        if claim and len(self._models) < MODEL_LABEL_LIMIT and _MODEL_NAME.match(model):
+            self._models.add(model)
+            return model
+        return "other"
+
+    # Events.
+
+    def request_started(self) -> None:
+        self.in_flight.inc()
+
+    def request_finished(self) -> None:
+        self.in_flight.dec()
+
+    def stream_started(self) -> None:
+        self.open_streams.inc()
+
+    def stream_finished(self) -> None:
+        self.open_streams.dec()
+
+    def observe(self, record: RequestRecord) -> None:
+        """
+        Count a finished request, whatever its fate.
+        """
+        route = record.route
+        accepted = record.upstream_status is not None and record.upstream_status < 400
+        model = self.model_label(record.model, claim=accepted)
+        self.requests.labels(record.client, model, route, f"{record.status // 100}xx").inc()
+        if record.upstream_seconds is not None:
+            self.upstream_latency.labels(route).observe(record.upstream_seconds)
+        self.proxy_overhead.labels(route).observe(record.proxy_seconds)
+        if record.stream and record.first_chunk is not None:
+            self.first_chunk.labels(route).observe(record.first_chunk - record.started)
+            self.stream_duration.labels(route).observe(record.duration)
+        if record.ended == "client_disconnected":
+            self.disconnects.labels(route).inc()
+        if record.upstream_error is not None:
+            self.upstream_errors.labels(record.upstream_error).inc()
+        self.bytes_in.labels(route).inc(record.bytes_in)
+        self.bytes_out.labels(route).inc(record.bytes_out)
+        usage = record.usage
+        if usage is not None:
+            exact = "true" if usage.exact else "false"
+            for kind, count in (
+                ("prompt", usage.prompt),
+                ("completion", usage.completion),
+                ("reasoning", usage.reasoning),
+                ("cached", usage.cached),
+            ):
+                if count:
+                    self.tokens.labels(record.client, model, kind, exact).inc(count)
+
+
+class MetricsResource(Endpoint):
+    """
+    C{GET /metrics}: the registry in Prometheus' text format.
+
+    @param authorized: decides whether a request may read the metrics
+        (see L{oaiproxy.daemon.tap}); C{None} lets everyone in, for a dedicated,
+        private metrics listener.
+    """
+
+    def __init__(self, metrics: Metrics, authorized: Optional[MetricsCheck] = None) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._authorized = authorized
+
+    def render_GET(self, request: Request) -> bytes:
+        if self._authorized is not None:
+            refusal = self._authorized(request)
+            if refusal is not None:
+                return refusal
+        request.responseHeaders.setRawHeaders(b"content-type", [CONTENT_TYPE_LATEST.encode("ascii")])
+        body: bytes = generate_latest(self._metrics.registry)
+        return body

@@ -1,0 +1,216 @@
+# -*- test-case-name: tests.test_uploads -*-
+"""
+C{POST /v1/audio/transcriptions} and C{/v1/audio/translations}: audio
+uploads, streamed upstream as they arrive.
+
+The body is C{multipart/form-data}: a file and a few text fields
+(C{model}, C{language}, C{stream}...).  The file is never held whole (see
+L{oaiproxy.server.bodies}); the fields are read as they pass.  The model is needed
+before anything goes upstream only when something depends on it (the
+client has a model allow-list, or the upstream is Azure, where it picks the
+deployment); then the request waits for the C{model} field, holding what
+arrives meanwhile in a temporary file.  The official Python SDK sends the
+model before the file, so the wait is a few hundred bytes; an SDK that
+sends it after the file (the Node SDK with C{{file, model}}) waits for the
+upload, still without holding it in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.python.failure import Failure
+from twisted.web.iweb import IBodyProducer
+from twisted.web.server import NOT_DONE_YET, Request
+
+from oaiproxy.access.clients import Client
+from oaiproxy.access.limits import Reservation
+from oaiproxy.errors import ApiError, bad_request
+from oaiproxy.observe.records import record_of
+from oaiproxy.server.bodies import BodyPipe, BodyRefused, FormFields, form_boundary
+from oaiproxy.server.site import ProxyRequest
+from oaiproxy.server.tree import error_response, query_of, send_error
+from oaiproxy.upstream.exchange import ForwardingResource, read_body
+
+__all__ = ["UploadResource"]
+
+
+class UploadResource(ForwardingResource):
+    """
+    An upload route (L{ForwardingResource.route}).  The client's limits
+    count the request (and the tokens its response reports); the model
+    allow-list applies to the C{model} field.
+    """
+
+    def render_POST(self, request: Request) -> bytes | int:
+        route = self.route
+        client = self.admit(request, route.label)
+        if isinstance(client, bytes):
+            return client
+        boundary = form_boundary(request.getHeader(b"content-type") or b"")
+        if boundary is None:
+            return error_response(
+                request,
+                bad_request(
+                    "This endpoint takes a multipart/form-data body (a file and its fields) with one boundary.",
+                    None,
+                    "invalid_content_type",
+                ),
+            )
+        fields = FormFields(boundary)
+        pipe = request.body_pipe if isinstance(request, ProxyRequest) else None
+        body: "bytes | IBodyProducer"
+        if pipe is not None:
+            pipe.observe(fields.feed)
+            body = pipe
+        else:
+            # Not a streaming site (a plain twisted.web one): the body is
+            # already complete.
+            body = read_body(request)
+            fields.feed(body)
+        needs_model = (client is not None and client.models is not None) or self._upstream.style.needs_model(route)
+        return _Upload(self, request, client, fields, body, pipe, needs_model).begin()
+
+
+def _untrusted_model() -> ApiError:
+    return bad_request(
+        "The 'model' field must appear once, as a short text field, in a well-formed multipart body.",
+        "model",
+        "invalid_value",
+    )
+
+
+class _Upload:
+    """
+    One upload: waiting for its model if it must, then forwarded.
+
+    Its fields keep being read while it is forwarded: a second C{model}
+    field (which upstream might take instead of the checked first one)
+    stops the upload with a 400.
+
+    @ivar state: C{new}, C{waiting} (for the model), C{forwarded}, or
+        C{answered} (by the proxy itself).
+    """
+
+    def __init__(
+        self,
+        resource: UploadResource,
+        request: Request,
+        client: Optional[Client],
+        fields: FormFields,
+        body: "bytes | IBodyProducer",
+        pipe: Optional[BodyPipe],
+        needs_model: bool,
+    ) -> None:
+        self._resource = resource
+        self._request = request
+        self._client = client
+        self._fields = fields
+        self._body = body
+        self._pipe = pipe
+        self._needs_model = needs_model
+        self.state = "new"
+        self._record = record_of(request)
+        fields.on_field = self._field
+        fields.on_part = self._check
+        for name in list(fields.fields):
+            # Fields read before now (a body that was already complete).
+            self._field(name)
+
+    def begin(self) -> bytes | int:
+        problem = self._problem()
+        if problem is not None:
+            self.state = "answered"
+            return error_response(self._request, problem)
+        model = self._fields.fields.get("model")
+        if not self._needs_model or model is not None:
+            return self._forward(model)
+        if self._pipe is None or self._fields.complete:
+            return self._no_model()
+        self.state = "waiting"
+        self._pipe.notify(self._body_over)
+        self._request.notifyFinish().addErrback(self._gone)
+        return NOT_DONE_YET
+
+    def _problem(self) -> Optional[ApiError]:
+        """
+        Why the form cannot be trusted to name the model upstream will use.
+        """
+        suspect = self._fields.suspect
+        if "model" in suspect or (self._needs_model and "*" in suspect):
+            return _untrusted_model()
+        return None
+
+    def _field(self, name: str) -> None:
+        value = self._fields.fields.get(name)
+        if name == "model" and value is not None:
+            self._record.model = value
+        elif name == "stream" and value is not None:
+            self._record.stream = value.strip().lower() == "true"
+        if name == "model" and self.state == "waiting" and self._problem() is None:
+            self._answer(self._forward(value))
+
+    def _check(self) -> None:
+        """
+        A part ended: refuse the upload if the form can no longer be
+        trusted, before the bytes after it go upstream.
+        """
+        problem = self._problem()
+        if problem is not None:
+            self._refuse(problem)
+
+    def _refuse(self, error: ApiError) -> None:
+        if self.state == "waiting":
+            self.state = "answered"
+            send_error(self._request, error)
+        elif self.state == "forwarded" and self._pipe is not None:
+            # The upstream request fails, and the exchange answers the
+            # client with this error (see classify_upstream_failure).
+            self._pipe.fail(BodyRefused(error))
+
+    def _forward(self, model: Optional[str]) -> bytes | int:
+        request = self._request
+        resource = self._resource
+        reservation = resource.reserve(request, self._client, model, 0)
+        if not isinstance(reservation, Reservation):
+            self.state = "answered"
+            return reservation
+        self.state = "forwarded"
+        exchange = resource.exchange(request, resource.route, reservation)
+        exchange.start(self._body, "POST", resource.route.path, model, query_of(request))
+        return NOT_DONE_YET
+
+    def _no_model(self) -> bytes:
+        self.state = "answered"
+        return error_response(
+            self._request,
+            bad_request("you must provide a model parameter.", "model", "missing_required_parameter"),
+        )
+
+    def _answer(self, result: bytes | int) -> None:
+        """
+        Send what a step decided, the resource having returned
+        C{NOT_DONE_YET} already.
+        """
+        if isinstance(result, bytes):
+            self._request.write(result)
+            self._request.finish()
+
+    def _body_over(self, failure: Optional[Failure]) -> None:
+        """
+        The whole body arrived, or was refused, while the request was
+        still waiting for its model.
+        """
+        if self.state != "waiting":
+            return
+        if failure is None:
+            self._answer(self._no_model())
+        elif failure.check(BodyRefused):
+            self.state = "answered"
+            send_error(self._request, failure.value.error)
+
+    def _gone(self, failure: Failure) -> None:
+        if self.state == "waiting":
+            self.state = "answered"
+        if self._pipe is not None:
+            self._pipe.close()

@@ -1,0 +1,224 @@
+# -*- test-case-name: tests.test_validation -*-
+"""
+The checks a JSON request must pass before it costs an upstream call.
+
+Only the members whose absence guarantees an upstream 400 are checked (a
+route's C{required} members, see L{oaiproxy.routes.table}); the rest of the body
+is OpenAI's to judge, so new API fields work through the proxy the day
+they ship.  The body itself is never rewritten: validation reads a parsed
+copy, and the original bytes are what goes upstream.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Optional
+
+from oaiproxy import fastjson
+from oaiproxy.errors import ApiError, bad_request
+from oaiproxy.routes.table import CHAT, RESPONSES, Route
+
+__all__ = ["ChatRequest", "JsonRequest", "parse_chat_request", "parse_json_request", "read_count", "COUNT_MEMBERS"]
+
+
+class JsonRequest:
+    """
+    What the proxy needs to know about a valid request.
+
+    @ivar model: the requested model, or C{None} where the route lets
+        upstream pick its default.
+    @ivar stream: whether the client asked for server-sent events.
+    @ivar document: the parsed body, for reading (never re-serialised).
+    """
+
+    __slots__ = ("model", "stream", "document")
+
+    def __init__(self, model: Optional[str], stream: bool, document: Optional[dict[str, Any]] = None) -> None:
+        self.model = model
+        self.stream = stream
+        self.document: dict[str, Any] = document if document is not None else {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model!r}, stream={self.stream!r})"
+
+
+class ChatRequest(JsonRequest):
+    """
+    A valid chat completions request.
+    """
+
+    __slots__ = ()
+
+
+def parse_chat_request(body: bytes) -> "ChatRequest | ApiError":
+    """
+    Check a chat completions body; see L{parse_json_request}.
+    """
+    parsed = parse_json_request(body, CHAT)
+    if isinstance(parsed, ApiError):
+        return parsed
+    return ChatRequest(parsed.model, parsed.stream, parsed.document)
+
+
+def parse_json_request(body: bytes, route: Route) -> "JsonRequest | ApiError":
+    """
+    Check a JSON request body for C{route}.
+
+    @return: a L{JsonRequest} when the body is acceptable, otherwise the
+        L{ApiError} to answer with.  Messages name the offending member but
+        never quote the body: it may hold private data.
+    """
+    try:
+        document: Any = fastjson.loads(body)
+    except (ValueError, RecursionError):
+        # ValueError covers malformed JSON and invalid UTF-8; RecursionError
+        # is what absurdly deep nesting ("[[[[...") raises.
+        return bad_request(
+            "We could not parse the JSON body of your request. The body must be a JSON object.",
+            None,
+            "invalid_json",
+        )
+    if not isinstance(document, dict):
+        return bad_request("The request body must be a JSON object.", None, "invalid_json")
+    repeated = _repeated_member(body, document)
+    if repeated is not None:
+        return _repeated(repeated)
+
+    model = document.get("model")
+    if model is not None or "model" in route.required or _needs_model(route, document):
+        if not isinstance(model, str) or not model:
+            return bad_request(
+                "you must provide a model parameter (a non-empty string).",
+                "model",
+                "missing_required_parameter" if model is None else "invalid_type",
+            )
+    for name in route.required:
+        if name == "model":
+            continue
+        problem = _CHECKS.get(name, _present)(document.get(name), name)
+        if problem is not None:
+            message, code = problem
+            return bad_request(message, name, code)
+
+    if route.generates:
+        for name in COUNT_MEMBERS:
+            try:
+                read_count(document.get(name), minimum=1 if name in ("n", "best_of") else 0)
+            except ValueError as e:
+                return bad_request(
+                    f"'{name}' {e}.", name, "invalid_type" if str(e) == _NOT_A_COUNT else "invalid_value"
+                )
+
+    return JsonRequest(model, document.get("stream") is True, document)
+
+
+#: The members the proxy decides on (the allow-list, streaming, usage, the
+#: token reservation, the Responses template): one given twice, or under
+#: two spellings, could be read one way here and another way upstream, so
+#: it is refused.  (The route's other required members are checked only to
+#: spare a certain upstream 400; a repeated one can cost no more than
+#: that 400, so it is left to upstream.)
+_repeated_member = fastjson.RepeatedMembers(
+    frozenset(
+        {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "max_output_tokens", "n", "prompt"}
+    ),
+    {"stream_options": frozenset({"include_usage"})},
+)
+
+
+def _repeated(name: str) -> ApiError:
+    shown = f"'{name}'" if name else "a member the proxy reads"
+    return bad_request(
+        f"The request body gives {shown} more than once (or under two spellings): the proxy and the upstream "
+        "could read different values. Give it once.",
+        name or None,
+        "duplicate_parameter",
+    )
+
+
+def _needs_model(route: Route, document: dict[str, Any]) -> bool:
+    # A Responses request may leave the model to a stored prompt template.
+    return route is RESPONSES and document.get("prompt") is None
+
+
+Problem = Optional[tuple[str, str]]
+
+
+def _present(value: Any, name: str) -> Problem:
+    """
+    A required member that is missing, null, empty, or of a type no route
+    takes (a number or a boolean where text or a list is expected).
+    """
+    if value is None:
+        return f"you must provide a '{name}' parameter.", "missing_required_parameter"
+    if isinstance(value, (bool, int, float)):
+        return f"'{name}' must be a string or an array.", "invalid_type"
+    if not value:
+        return f"'{name}' must not be empty.", "invalid_value"
+    return None
+
+
+def _messages(messages: Any, name: str) -> Problem:
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty array of message objects.", "invalid_value"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"'messages[{index}]' must be an object.", "invalid_value"
+        if not isinstance(message.get("role"), str):
+            return f"'messages[{index}].role' must be a string.", "invalid_value"
+    return None
+
+
+_CHECKS: dict[str, Callable[[Any, str], Problem]] = {"messages": _messages}
+
+
+#: The members a token reservation reads (see L{oaiproxy.access.limits}): the
+#: output bound under its three names, and the number of choices.
+COUNT_MEMBERS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "n", "best_of")
+
+#: Counts beyond this are all "more than any limit": 2**53, the largest
+#: integer a float holds exactly.
+MAX_COUNT = 2**53
+
+_NOT_A_COUNT = "must be an integer"
+_DIGITS = re.compile(r"\s*\+?([0-9]+)\s*\Z")
+
+
+def read_count(value: Any, minimum: int = 0) -> Optional[int]:
+    """
+    The whole number an upstream reads in C{value}, for a member the token
+    reservation depends on: the reservation must count what upstream will
+    generate, and lax upstreams (vLLM's, and others built on pydantic)
+    take C{100000.0}, C{1e5} and C{"100000"} for C{100000}.  So an integer,
+    an integral float and a string of decimal digits are that number
+    (capped at L{MAX_COUNT}, which is beyond every limit); C{None} for an
+    absent or null member.
+
+    @raise ValueError: with the reason, for anything an upstream would not
+        take as the same count: a boolean (pydantic reads C{true} as 1,
+        OpenAI refuses it), a fraction, a non-finite number, any other
+        string or type, or a number below C{minimum}.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(_NOT_A_COUNT)
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise ValueError(_NOT_A_COUNT)
+        number = int(value) if abs(value) < MAX_COUNT else int(math.copysign(MAX_COUNT, value))
+    elif isinstance(value, str):
+        digits = _DIGITS.match(value)
+        if digits is None:
+            raise ValueError(_NOT_A_COUNT)
+        text = digits.group(1)
+        # (Past 16 digits it is beyond MAX_COUNT anyway: no long parse.)
+        number = int(text) if len(text) <= 16 else MAX_COUNT
+    else:
+        raise ValueError(_NOT_A_COUNT)
+    if number < minimum:
+        raise ValueError(f"must be at least {minimum}")
+    return min(number, MAX_COUNT)

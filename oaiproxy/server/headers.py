@@ -1,0 +1,317 @@
+# -*- test-case-name: tests.test_headers -*-
+"""
+The proxy's header policy, as pure functions over L{Headers}.
+
+A forwarding proxy has to decide, for every header, whether it describes the
+end-to-end message (forward it) or one hop of the connection (drop it), and
+whether it carries a credential (never forward it).  Keeping these decisions
+here, free of I/O, lets them be read in one place and tested exhaustively.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from base64 import b64decode
+from typing import Iterable, Optional, Sequence
+from urllib.parse import unquote_to_bytes
+
+from twisted.web.http_headers import Headers
+
+from oaiproxy.access.clients import OPENAI_KEY_MARKER, contains_openai_key
+
+__all__ = [
+    "HOP_BY_HOP",
+    "upstream_request_headers",
+    "client_response_headers",
+    "bearer_token",
+    "client_request_id",
+    "parse_static_header",
+    "is_credential_header",
+    "openai_key_carrier",
+    "scope_openai_headers",
+]
+
+#: Connection-level headers (RFC 9110 section 7.6.1 plus the historical
+#: ones) that describe a single hop and must never be relayed.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Request headers that never go upstream, beyond the hop-by-hop ones:
+#:  - credentials of the client (the proxy substitutes its own key);
+#:  - framing and routing that the upstream connection sets for itself
+#:    (Host, Content-Length) or that the proxy negotiates itself
+#:    (Accept-Encoding: treq asks for gzip and decodes it);
+#:  - C{Expect}, which the proxy already answered;
+#:  - addresses of the client, which the upstream has no need to learn.
+_REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | frozenset(
+    {
+        b"authorization",
+        b"api-key",
+        b"cookie",
+        b"host",
+        b"content-length",
+        b"accept-encoding",
+        b"expect",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+    }
+)
+
+#: Response headers that never go back to the client, beyond hop-by-hop:
+#: cookies (one upstream session must not leak between proxy users),
+#: framing, which twisted.web recomputes for the body it actually sends, and
+#: C{Server}, which names the proxy the client is really talking to.
+_RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | frozenset({b"set-cookie", b"set-cookie2", b"content-length", b"server"})
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    """
+    The header names listed in C{Connection}, which are hop-by-hop for this
+    message only (RFC 9110 section 7.6.1).
+    """
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+#: Header names that carry a client's credential, whatever the API they
+#: come from (Anthropic's C{x-api-key}, Google's C{x-goog-api-key}...).
+_CREDENTIAL_NAMES: frozenset[bytes] = frozenset(
+    {b"authorization", b"proxy-authorization", b"api-key", b"x-api-key", b"cookie"}
+)
+#: And any name with a credential-like word in it (C{X-Auth-Token},
+#: C{OpenAI-Api-Key}, C{X-Access-Token}, C{X-Secret}...).  None of the
+#: headers the OpenAI SDKs send (C{OpenAI-*}, C{X-Stainless-*},
+#: C{Idempotency-Key}) has one.
+_CREDENTIAL_WORD = re.compile(
+    rb"(?:^|[-_.])(?:api[-_]?key|auth|authorization|token|secret|password|passwd|credentials?|bearer)(?:$|[-_.])"
+)
+
+
+def is_credential_header(name: bytes) -> bool:
+    """
+    Whether a request header (by its lower-cased name) carries a client's
+    credential, which never goes upstream: the proxy sends its own.
+    """
+    return name in _CREDENTIAL_NAMES or _CREDENTIAL_WORD.search(name) is not None
+
+
+def _kept(headers: Headers, drop: frozenset[bytes], credentials: bool = False) -> Iterable[tuple[bytes, list[bytes]]]:
+    also = _connection_tokens(headers)
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in drop or lowered in also:
+            continue
+        if credentials and is_credential_header(lowered):
+            continue
+        if lowered == b"content-encoding" and not b"".join(values).strip():
+            # Twisted's ContentDecoderAgent leaves an empty Content-Encoding
+            # on responses that had none; it means nothing, so drop it.
+            continue
+        yield name, list(values)
+
+
+def upstream_request_headers(
+    client: Headers,
+    authorization: bytes,
+    extra: Sequence[tuple[bytes, bytes]] = (),
+    credential_header: bytes = b"authorization",
+) -> Headers:
+    """
+    The headers to send upstream for a client request.
+
+    End-to-end headers the SDKs rely on (C{Content-Type}, C{Accept},
+    C{OpenAI-Organization}, C{OpenAI-Project}, C{OpenAI-Beta},
+    C{User-Agent}, C{X-Stainless-*}, C{X-Request-Id}...) pass through
+    unchanged; the client's credentials, in any header that looks like one
+    (L{is_credential_header}), are replaced by C{authorization}.
+    (C{OpenAI-Organization} and C{OpenAI-Project} are decided per client
+    before this: see L{scope_openai_headers}.)
+
+    @param client: the headers of the incoming request.
+    @param authorization: the complete C{Authorization} value for upstream,
+        for example C{b"Bearer sk-..."}.
+    @param extra: the operator's static upstream headers
+        (C{--upstream-header}); each replaces the client's header of that
+        name.
+    @param credential_header: the header that carries C{authorization}:
+        C{Authorization}, or C{api-key} for Azure OpenAI.  The client's
+        own C{Authorization} and C{api-key} are dropped either way.
+    """
+    out = Headers()
+    for name, values in _kept(client, _REQUEST_DROP, credentials=True):
+        out.setRawHeaders(name, values)
+    for name, value in extra:
+        out.setRawHeaders(name, [value])
+    out.setRawHeaders(credential_header, [authorization])
+    return out
+
+
+#: Headers an operator may not set with C{--upstream-header}: the proxy or
+#: the connection owns them.
+_NOT_SETTABLE = _REQUEST_DROP | frozenset({b"content-type"})
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def parse_static_header(text: str) -> tuple[bytes, bytes]:
+    """
+    Parse C{NAME:VALUE} (as C{--upstream-header} takes it).
+
+    @raise ValueError: with a message naming the header, never its value
+        (which may be a credential of an OpenAI-compatible service).
+    """
+    name, sep, value = text.partition(":")
+    raw_name = name.strip().encode("latin-1", "replace")
+    if not sep or not _TOKEN.match(raw_name):
+        raise ValueError("--upstream-header must be NAME:VALUE with a valid header name")
+    if raw_name.lower() in _NOT_SETTABLE:
+        raise ValueError(f"--upstream-header cannot set {name.strip()}: the proxy sets it itself")
+    raw_value = value.strip().encode("latin-1", "replace")
+    if any(b < 0x20 and b != 0x09 for b in raw_value) or b"\x7f" in raw_value:
+        raise ValueError(f"--upstream-header {name.strip()}: the value has control characters")
+    return raw_name, raw_value
+
+
+def client_response_headers(upstream: Headers, length: Optional[int]) -> list[tuple[bytes, list[bytes]]]:
+    """
+    The headers to send back to the client for an upstream response.
+
+    Rate-limit headers, C{retry-after}, C{retry-after-ms},
+    C{x-should-retry}, C{x-request-id} and C{content-type} pass through so
+    that the SDKs' retry logic behaves as if talking to upstream directly.
+
+    @param length: the length of the body the client will receive, when it
+        is known; C{None} makes twisted.web frame the body itself (chunked),
+        which is also what lets a stream flow without buffering.
+    @return: C{(name, values)} pairs, meant for C{setRawHeaders} so that
+        upstream values replace the defaults twisted.web presets (C{Date},
+        C{Content-Type}).
+    """
+    out = list(_kept(upstream, _RESPONSE_DROP))
+    if length is not None:
+        out.append((b"Content-Length", [b"%d" % (length,)]))
+    # An nginx in front of the proxy would otherwise buffer event streams.
+    out.append((b"X-Accel-Buffering", [b"no"]))
+    return out
+
+
+def bearer_token(headers: Headers) -> Optional[bytes]:
+    """
+    The token of an C{Authorization: Bearer <token>} header, or C{None}.
+
+    The scheme is matched case-insensitively, as RFC 9110 requires.
+    """
+    values = headers.getRawHeaders(b"authorization")
+    if not values:
+        return None
+    scheme, _, token = values[0].strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    token = token.strip()
+    return token or None
+
+
+def client_request_id(value: Optional[bytes]) -> Optional[str]:
+    """
+    A client's own C{X-Request-Id}, if it is a reasonable one to echo and
+    log: at most 128 printable ASCII characters, no spaces.
+    """
+    if value is None or not (0 < len(value) <= 128):
+        return None
+    if not all(0x21 <= b < 0x7F for b in value):
+        return None
+    return value.decode("ascii")
+
+
+def openai_key_carrier(headers: Headers, uri: bytes, accepted: Optional[bytes] = None) -> Optional[str]:
+    """
+    Where a request carries a real OpenAI secret key (see
+    L{oaiproxy.access.clients.contains_openai_key}): the lower-cased name of a
+    header, C{"the URL"}, or C{None} for nowhere.
+
+    Every header value is looked at, not only C{Authorization}: clients put
+    keys in C{x-api-key}, C{api-key}, in C{Authorization} without a scheme
+    or in a C{Basic} credential, and in the query string (C{?api_key=}).
+    Each look is a substring search for the keys' fixed marker, so a
+    request carrying none costs one C{in} per header value.
+
+    @param accepted: the client key that identified the client, which is
+        accepted whatever it looks like (teams may keep keys they already
+        hand out); it is not taken for a leaked key.
+    """
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        for value in values:
+            if _carries_key(value, accepted):
+                return lowered.decode("latin-1")
+            if lowered in (b"authorization", b"proxy-authorization"):
+                scheme, _, credential = value.strip().partition(b" ")
+                if scheme.lower() == b"basic" and _carries_key(_unbase64(credential), accepted):
+                    return lowered.decode("latin-1")
+    if _carries_key(uri, None) or (b"%" in uri and _carries_key(unquote_to_bytes(uri), None)):
+        return "the URL"
+    return None
+
+
+def _carries_key(value: bytes, accepted: Optional[bytes]) -> bool:
+    if OPENAI_KEY_MARKER not in value:
+        return False
+    if accepted is not None:
+        value = value.replace(accepted, b"")
+    return contains_openai_key(value)
+
+
+def _unbase64(text: bytes) -> bytes:
+    try:
+        return b64decode(text.strip() + b"==")
+    except (binascii.Error, ValueError):
+        return b""
+
+
+_OPENAI_ORGANIZATION = b"openai-organization"
+_OPENAI_PROJECT = b"openai-project"
+
+
+def scope_openai_headers(
+    headers: Headers,
+    organization: Optional[str] = None,
+    project: Optional[str] = None,
+    passthrough: bool = False,
+) -> None:
+    """
+    Decide, for a client of a proxy with client keys, the
+    C{OpenAI-Organization} and C{OpenAI-Project} that go upstream.
+
+    These headers choose which organization or project the shared upstream
+    key acts for (and bills), so a client does not choose them unless its
+    entry says so: a fixed value from its entry replaces the client's, and
+    otherwise the client's own pass only with C{passthrough}; by default
+    they are removed.  (Without client keys, a single-user proxy, the
+    client's pass unchanged and this is not called.)
+
+    @param headers: the client request's headers, changed in place.
+    """
+    for name, fixed in ((_OPENAI_ORGANIZATION, organization), (_OPENAI_PROJECT, project)):
+        if fixed is not None:
+            headers.setRawHeaders(name, [fixed.encode("latin-1")])
+        elif not passthrough:
+            headers.removeHeader(name)

@@ -1,0 +1,219 @@
+# -*- test-case-name: tests.test_relay,tests.test_chat -*-
+"""
+Copy an upstream response body to a client as it arrives.
+
+One relay serves plain and streamed bodies alike: every chunk treq delivers
+is written to the client at once, so server-sent events are never held
+back, and a plain JSON body costs no buffer either.  Two things a naive
+copy loop gets wrong are handled here:
+
+ - B{backpressure}: the upstream transport is registered as the client
+   request's push producer, so a client that reads slowly pauses the
+   upstream socket instead of growing the proxy's memory;
+ - B{silence}: treq's own timeout stops at the response head, so a stream
+   that goes quiet is bounded here, with an injected clock, by a timer that
+   restarts on every chunk and is suspended while the client holds the
+   upstream paused (that silence is the client's, not upstream's).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+from typing import Protocol as Interface
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.server import Request
+from zope.interface import implementer
+
+__all__ = ["BodyRelay", "UpstreamIdle", "Transform", "KEEPALIVE"]
+
+#: The SSE comment sent on a silent stream; clients ignore comment lines.
+KEEPALIVE = b": keepalive\n\n"
+
+
+class Transform(Interface):
+    """
+    Rewrites a body on its way through.
+    """
+
+    def __call__(self, data: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+    def discard(self) -> None: ...
+
+
+class UpstreamIdle(Exception):
+    """
+    The upstream sent no body data for longer than the read timeout.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class _IdleTimer:
+    """
+    A restartable one-shot timer.
+    """
+
+    def __init__(self, clock: IReactorTime, seconds: float, expired: Callable[[], None]) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._expired = expired
+        self._call: Optional[IDelayedCall] = None
+
+    def restart(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.reset(self._seconds)
+        else:
+            self._call = self._clock.callLater(self._seconds, self._expired)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
+@implementer(IPushProducer)
+class _PauseAwareProducer:
+    """
+    The upstream transport as the client's producer, with the idle timer
+    suspended for as long as the client keeps it paused.
+    """
+
+    def __init__(self, upstream: IPushProducer, timer: _IdleTimer) -> None:
+        self._upstream = upstream
+        self._timer = timer
+
+    def pauseProducing(self) -> None:
+        self._timer.stop()
+        self._upstream.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._timer.restart()
+        self._upstream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._timer.stop()
+        self._upstream.stopProducing()
+
+
+class BodyRelay(Protocol):
+    """
+    An C{IResponse.deliverBody} protocol that writes each chunk to a
+    twisted.web request.
+
+    @param observe: called with each upstream chunk after it is written
+        (usage metering); it must be cheap and must not raise.
+    @param transform: rewrites the chunks on their way (see
+        L{oaiproxy.observe.usage.UsageEventFilter}); its C{flush()} gives what it
+        still holds when the body ends.
+    @param keepalive: for an event stream, the seconds of upstream silence
+        after which an SSE comment (C{: keepalive}) is sent so that idle
+        timeouts between the proxy and the client do not cut the stream; 0
+        for none.  Comments go only between events, never inside one.
+    @param done: called once when the body ends, with C{None} for a complete
+        body or the L{Failure} that cut it short (L{UpstreamIdle} for a
+        silent upstream).  It decides how to end the client's response.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        read_timeout: float,
+        done: Callable[[Optional[Failure]], None],
+        observe: Optional[Callable[[bytes], None]] = None,
+        transform: Optional[Transform] = None,
+        keepalive: float = 0.0,
+    ) -> None:
+        self._request = request
+        self._observe = observe
+        self._transform = transform
+        self._read_timeout = read_timeout
+        self._done = done
+        self._timer = _IdleTimer(clock, read_timeout, self._idle)
+        self._keepalive = _IdleTimer(clock, keepalive, self._send_keepalive) if keepalive > 0 else None
+        self._at_boundary = True
+        self._timed_out = False
+
+    def connectionMade(self) -> None:
+        # deliverBody's transport is a pausable push producer (Twisted's
+        # TransportProxyProducer), not just an ITransport.
+        self._upstream: IPushProducer = self.transport  # type: ignore[assignment]
+        self._request.registerProducer(_PauseAwareProducer(self._upstream, self._timer), True)
+        self._timer.restart()
+        if self._keepalive is not None:
+            self._keepalive.restart()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._timer.restart()
+        if self._keepalive is not None:
+            self._keepalive.restart()
+        if not data:
+            return
+        out = data if self._transform is None else self._transform(data)
+        if out:
+            self._request.write(out)
+            self._at_boundary = out.endswith((b"\n\n", b"\r\n\r\n"))
+        if self._observe is not None:
+            self._observe(data)
+
+    def _send_keepalive(self) -> None:
+        if self._at_boundary:
+            self._request.write(KEEPALIVE)
+        assert self._keepalive is not None
+        self._keepalive.restart()
+
+    def _stop_timers(self) -> None:
+        self._timer.stop()
+        if self._keepalive is not None:
+            self._keepalive.stop()
+
+    def abort(self) -> None:
+        """
+        Close the upstream connection now: the client has gone.
+        """
+        self._stop_timers()
+        self._upstream.stopProducing()
+
+    def _idle(self) -> None:
+        self._timed_out = True
+        self._upstream.stopProducing()
+
+    @property
+    def at_boundary(self) -> bool:
+        """
+        Whether what the client has received ends between events, where an
+        error event can be added without corrupting one.
+        """
+        return self._at_boundary
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._stop_timers()
+        complete = not self._timed_out and reason.check(ResponseDone, PotentialDataLoss)
+        if self._transform is not None:
+            if complete:
+                rest = self._transform.flush()
+                if rest:
+                    self._request.write(rest)
+                    self._at_boundary = rest.endswith((b"\n\n", b"\r\n\r\n"))
+            else:
+                # Half an event is worse than none: the failure is reported
+                # right after what was complete.
+                self._transform.discard()
+        if self._timed_out:
+            # First: a body without length or chunking ends at connection
+            # close, so the close our timeout caused looks like a normal end
+            # (PotentialDataLoss).  It is not.
+            self._done(Failure(UpstreamIdle(self._read_timeout)))
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self._done(None)
+        else:
+            self._done(reason)

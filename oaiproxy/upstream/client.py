@@ -1,0 +1,246 @@
+# -*- test-case-name: tests.test_upstream,tests.test_chat -*-
+"""
+The proxy's one upstream: an HTTP client bound to a base URL and a key.
+
+This is the only module that handles the upstream key in the clear, and the
+only one that knows how treq is asked to behave like a proxy's client
+rather than a browser: never buffer a body, never follow a redirect, never
+keep a cookie, and give up when the response head is late.
+"""
+
+from __future__ import annotations
+
+from http.cookiejar import CookiePolicy
+from typing import Any, Optional, Sequence
+
+from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from oaiproxy.access.clients import Credentials
+from oaiproxy.server.bodies import IStreamedBody
+from oaiproxy.server.headers import upstream_request_headers
+from oaiproxy.upstream.styles import OpenAIStyle, UpstreamStyle
+
+__all__ = ["UpstreamClient", "UpstreamTimeout", "TreqLike", "make_http_client", "make_pool", "http_client"]
+
+#: Idle upstream connections kept per host.  Twisted's default of 2 would
+#: make a busy proxy open a new TCP and TLS connection for most requests.
+MAX_PERSISTENT_PER_HOST = 64
+
+
+#: A treq-like client: L{treq.client.HTTPClient}, or C{StubTreq} in tests.
+#: Only C{request(method, url, data=, headers=, unbuffered=,
+#: allow_redirects=)} is used.
+TreqLike = Any
+
+
+class UpstreamTimeout(Exception):
+    """
+    The upstream sent no response head within the read timeout.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class _NoCookies(CookiePolicy):
+    """
+    Refuse every cookie: an upstream session cookie stored by a shared
+    client would be replayed on behalf of every user of the proxy.
+    """
+
+    netscape = True
+    rfc2965 = False
+    hide_cookie2 = True
+
+    def set_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+    def domain_return_ok(self, domain: str, request: Any) -> bool:
+        return False
+
+    def path_return_ok(self, path: str, request: Any) -> bool:
+        return False
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    Hand an in-memory body to the connection in one write.
+
+    treq's default producer for bytes feeds a C{FileBodyProducer} through
+    the global cooperator 64 KiB per reactor turn; the body is already in
+    memory (it was validated), so that only adds latency.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def make_http_client(reactor: Any, connect_timeout: float) -> HTTPClient:
+    """
+    Build the production treq client: pooled persistent connections and
+    certificate-verifying TLS (Agent's default policy).
+    """
+    return http_client(Agent(reactor, connectTimeout=connect_timeout, pool=make_pool(reactor)))
+
+
+def make_pool(reactor: Any) -> HTTPConnectionPool:
+    """
+    A pool of persistent upstream connections, many per host.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
+    return pool
+
+
+def http_client(agent: IAgent) -> HTTPClient:
+    """
+    A treq client over C{agent} configured for a proxy: a cookie jar that
+    stores nothing, and request bodies written in one go.
+    """
+    return HTTPClient(
+        agent,
+        cookiejar=IndexableCookieJar(policy=_NoCookies()),
+        data_to_body_producer=_body_producer,
+    )
+
+
+def _body_producer(data: Any) -> IBodyProducer:
+    """
+    A body as treq sends it: an upload's producer as it is, bytes in one
+    write.
+    """
+    if IBodyProducer.providedBy(data):
+        producer: IBodyProducer = data
+        return producer
+    return _BytesProducer(data)
+
+
+class UpstreamClient:
+    """
+    Sends requests to the upstream API on behalf of clients.
+
+    @param http: a treq-like client (injected so tests can use
+        C{StubTreq}).
+    @param base_url: the upstream base, for example
+        C{https://api.openai.com/v1}.
+    @param credentials: holds the upstream key, read for every request so a
+        reload takes effect at once.
+    @param clock: the clock for the response-head timeout.
+    @param read_timeout: seconds to wait for the response head.
+    @param extra_headers: static headers for every upstream request
+        (C{--upstream-header}), e.g. OpenRouter's C{HTTP-Referer}.
+    @param style: how the upstream addresses routes and takes its key
+        (OpenAI's way by default; see L{oaiproxy.upstream.styles}).
+    """
+
+    def __init__(
+        self,
+        http: TreqLike,
+        base_url: str,
+        credentials: Credentials,
+        clock: IReactorTime,
+        read_timeout: float,
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
+        style: Optional[UpstreamStyle] = None,
+    ) -> None:
+        self._http = http
+        self.style: UpstreamStyle = style if style is not None else OpenAIStyle()
+        self.base_url = base_url.rstrip("/")
+        self._credentials = credentials
+        self._extra_headers = tuple(extra_headers)
+        self._clock = clock
+        self.read_timeout = read_timeout
+
+    def __repr__(self) -> str:
+        return f"UpstreamClient({self.base_url!r})"
+
+    def post(self, path: str, body: bytes, client_headers: Headers) -> "Deferred[IResponse]":
+        """
+        Forward a request body, byte for byte, to C{path}.
+
+        See L{request}.
+        """
+        return self.request("POST", path, body, client_headers)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: "Optional[bytes | IBodyProducer]",
+        client_headers: Headers,
+        model: Optional[str] = None,
+        query: bytes = b"",
+    ) -> "Deferred[IResponse]":
+        """
+        Forward a request, its body (if any) byte for byte, to the upstream
+        address of C{path}: C{base_url + path} for OpenAI-style upstreams.
+
+        @param path: the path as a client sends it below C{/v1}
+            (C{/chat/completions}).
+        @param body: the body, in memory or streamed (an upload).
+        @param model: the model the request names, which selects an Azure
+            deployment.
+        @param query: the client's query string, passed on.
+        @return: a Deferred firing with the unbuffered response as soon as
+            its head arrives; failing with L{UpstreamTimeout} if that takes
+            longer than C{read_timeout}.  Cancelling it aborts the upstream
+            request, which is how a client disconnect stops token spend.
+        """
+        name, credential = self.style.credential(self._credentials.api_key.reveal())
+        headers = upstream_request_headers(client_headers, credential, self._extra_headers, name)
+        d = self._http.request(
+            method,
+            self.base_url + self.style.target(path, model, query),
+            data=body,
+            headers=headers,
+            unbuffered=True,
+            allow_redirects=False,
+        )
+        timed_out = []
+
+        def on_timeout() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        call = self._clock.callLater(self.read_timeout, on_timeout)
+        if IStreamedBody.providedBy(body):
+            # An upload in progress: upstream taking its bytes is upstream
+            # alive, so the wait for the head counts from the last of them,
+            # however long the client takes to send it.
+            body.watch_progress(lambda: call.reset(self.read_timeout) if call.active() else None)
+
+        def settle(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            if timed_out and isinstance(result, Failure):
+                return Failure(UpstreamTimeout(self.read_timeout))
+            return result
+
+        return d.addBoth(settle)

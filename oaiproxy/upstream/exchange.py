@@ -1,0 +1,701 @@
+# -*- test-case-name: tests.test_chat,tests.test_routes -*-
+"""
+What every forwarding endpoint shares: admission (draining, client keys,
+allow-lists, limits) and one request's trip upstream and back.
+
+A request is sent upstream unchanged; the upstream status, headers and body
+come back as they arrive.  L{Exchange} follows the discipline twisted.web
+requires of asynchronous resources (and that klein's
+C{KleinResource.render} models): the resource returns C{NOT_DONE_YET}, the
+exchange tracks whether the client is still there through C{notifyFinish},
+cancels the upstream work when it is not, and never calls C{finish()} on a
+request whose connection is gone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet import error as netError
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client as webClient
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.server import Request
+
+from oaiproxy.access.clients import Client, Credentials
+from oaiproxy.access.limits import UNLIMITED, Limiter, Refusal, Reservation
+from oaiproxy.daemon.lifecycle import Lifecycle
+from oaiproxy.errors import (
+    ApiError,
+    draining,
+    invalid_api_key,
+    model_not_allowed,
+    model_not_found,
+    not_found,
+    openai_key_sent,
+    rate_limited,
+    sse_error_event,
+    upstream_failed_mid_response,
+    upstream_rejected_proxy_key,
+    upstream_response_too_large,
+    upstream_timeout,
+    upstream_unreachable,
+)
+from oaiproxy.observe.records import RequestRecord, record_of
+from oaiproxy.observe.usage import UsageEventFilter, UsageMeter
+from oaiproxy.routes.table import CHAT, Route
+from oaiproxy.server.bodies import IStreamedBody
+from oaiproxy.server.headers import (
+    bearer_token,
+    client_request_id,
+    client_response_headers,
+    openai_key_carrier,
+    scope_openai_headers,
+)
+from oaiproxy.server.relay import BodyRelay, UpstreamIdle
+from oaiproxy.server.tree import Endpoint, error_response, send_error
+from oaiproxy.upstream.client import UpstreamClient, UpstreamTimeout
+
+__all__ = [
+    "ForwardingResource",
+    "Exchange",
+    "admission_gate",
+    "Collect",
+    "BoundedCollector",
+    "authenticate",
+    "classify_upstream_failure",
+    "read_body",
+]
+
+_log = Logger()
+#: What an exchange that reads its response whole (see L{BoundedCollector})
+#: does with it: given the upstream status and the decoded body, the body
+#: the client gets, or an error to answer instead.
+Collect = Callable[[int, bytes], "bytes | ApiError"]
+
+
+def classify_upstream_failure(failure: Failure, connect_timeout: float) -> ApiError:
+    """
+    Turn a failure to get a response head from upstream into the error the
+    client receives.
+
+    Only exception class names reach the message: a formatted exception
+    could quote a URL or a header.
+    """
+    if failure.check(UpstreamTimeout):
+        return upstream_timeout(failure.value.seconds, "send a response")
+    if failure.check(netError.TimeoutError):
+        # "Cannot connect" is a bad gateway; 504 is kept for an upstream
+        # that accepted the request and then stayed silent.
+        return upstream_unreachable(f"no connection within {connect_timeout:g} seconds")
+    if failure.check(webClient.ResponseNeverReceived, webClient.RequestTransmissionFailed):
+        names = sorted({_reason(r.value) for r in getattr(failure.value, "reasons", [])}) or ["no response"]
+        return upstream_unreachable(", ".join(names))
+    return upstream_unreachable(_reason(failure.value))
+
+
+def _reason(exception: BaseException) -> str:
+    """
+    A short, secret-free name for why a connection failed.
+    """
+    module = type(exception).__module__
+    if module.startswith("OpenSSL") or module.startswith("service_identity"):
+        # pyOpenSSL names its exception just "Error"; say what it means.
+        return "TLS handshake failed: certificate not trusted or not for this host"
+    return type(exception).__name__
+
+
+def _failure_kind(failure: Failure) -> str:
+    """
+    The metrics' name for an upstream failure before the response head.
+    """
+    if failure.check(UpstreamTimeout):
+        return "timeout"
+    if failure.check(webClient.ResponseNeverReceived, webClient.RequestTransmissionFailed):
+        return "reset"
+    return "connect"
+
+
+def authenticate(request: Request, credentials: Credentials) -> "Optional[Client] | ApiError":
+    """
+    Who is asking: the client whose key the request carries (C{None} when
+    the proxy has no client keys), or the error to answer with.  A request
+    carrying a real OpenAI key anywhere (a header, the URL) is refused
+    either way; a configured client key is accepted whatever it looks like.
+    The client's name goes on the request's record, for logs and metrics,
+    and its entry decides the C{OpenAI-Organization} / C{OpenAI-Project}
+    that go upstream.
+    """
+    headers = request.requestHeaders
+    token = bearer_token(headers)
+    clients = credentials.clients
+    client = clients.identify(token) if (token is not None and len(clients)) else None
+    leaked = openai_key_carrier(headers, request.uri, token if client is not None else None)
+    if leaked is not None:
+        # Where, never what: the operator can tell the user to rotate it.
+        _log.warn("refused a request carrying a real OpenAI API key in {where}; it should be rotated", where=leaked)
+        return openai_key_sent(leaked)
+    if len(clients) and client is None:
+        return invalid_api_key()
+    if client is not None:
+        # Who, never with what key.
+        record_of(request).client = client.name
+        scope_openai_headers(headers, client.organization, client.project, client.pass_openai_headers)
+    return client
+
+
+def admission_gate(credentials: Credentials) -> Callable[[Request], bool]:
+    """
+    The check a request passes as soon as its headers are in, before any
+    of its body is read (see L{oaiproxy.server.site.ProxySite.admit}): the same
+    key check as L{authenticate}, so a client without a valid key cannot
+    make the proxy hold a body (its route then refuses it, by the same
+    check, before the body).  The model allow-list cannot apply yet: every
+    route names its model in the body.
+    """
+
+    def gate(request: Request) -> bool:
+        return not isinstance(authenticate(request, credentials), ApiError)
+
+    return gate
+
+
+def read_body(request: Request) -> bytes:
+    """
+    The whole request body.  L{oaiproxy.server.site.ProxyRequest} keeps it in
+    memory; a plain twisted.web request may have spooled it to a file.
+    """
+    content: Any = request.content
+    getvalue = getattr(content, "getvalue", None)
+    if getvalue is not None:
+        body: bytes = getvalue()
+        return body
+    content.seek(0)
+    data: bytes = content.read()
+    return data
+
+
+class ForwardingResource(Endpoint):
+    """
+    What every forwarding endpoint shares: its collaborators, and the
+    admission every request passes (not draining, a valid client, then the
+    client's model allow-list and limits).
+
+    @param upstream: where requests go.
+    @param clock: the clock for timeouts and records.
+    @param credentials: the clients allowed in (none: no client auth); read
+        per request, so a reload applies at once.
+    @param lifecycle: tells whether the proxy is draining.
+    @param connect_timeout: named in the 502 for a connect timeout.
+    @param limiter: the clients' limit state, shared by every route.
+    @param stream_usage: ask upstream for usage on streams whose client did
+        not, and remove it before the client sees it (exact token counts;
+        the one change the proxy makes to a request body).
+    @param sse_keepalive: seconds of upstream silence in a stream after
+        which a C{: keepalive} comment is sent; 0 for never.
+    @param route: the route served, when not the class's own.
+    """
+
+    log = Logger()
+    route: Route = CHAT
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        clock: IReactorTime,
+        credentials: Credentials,
+        lifecycle: Optional[Lifecycle] = None,
+        connect_timeout: float = 10.0,
+        limiter: Optional[Limiter] = None,
+        stream_usage: bool = True,
+        sse_keepalive: float = 15.0,
+        route: Optional[Route] = None,
+    ) -> None:
+        super().__init__()
+        if route is not None:
+            self.route = route
+        self._upstream = upstream
+        self._clock = clock
+        self._credentials = credentials
+        self._lifecycle = lifecycle or Lifecycle()
+        self._connect_timeout = connect_timeout
+        self._limiter = limiter or Limiter(clock)
+        self._stream_usage = stream_usage
+        self._sse_keepalive = sse_keepalive
+
+    def admit(self, request: Request, route: str) -> "Optional[Client] | bytes":
+        """
+        The client making the request (C{None} without client auth), or the
+        body of the error already set on the request.
+        """
+        if self._lifecycle.draining:
+            return error_response(request, draining())
+        client = authenticate(request, self._credentials)
+        if isinstance(client, ApiError):
+            return error_response(request, client)
+        record_of(request).route = route
+        return client
+
+    def reserve(
+        self,
+        request: Request,
+        client: Optional[Client],
+        model: Optional[str],
+        estimate: int,
+        names_model: bool = True,
+    ) -> "Reservation | bytes":
+        """
+        Check the client's allow-list for C{model} and take C{estimate}
+        tokens (and a request, and a concurrency slot) from its limits.
+
+        @param names_model: the request is about a model (false for reading
+            a stored response: no allow-list applies, the limits do).
+        @return: the reservation to settle when the response is over, or
+            the body of the error already set on the request.
+        """
+        if client is None:
+            return UNLIMITED
+        if names_model and not client.allows(model):
+            return error_response(request, model_not_allowed(client.name, model))
+        admitted = self._limiter.admit(client, estimate)
+        if isinstance(admitted, Refusal):
+            self.log.info("client {client} over its {limit} limit", client=client.name, limit=admitted.limit)
+            headers = tuple(self._limiter.headers(client))
+            return error_response(request, rate_limited(admitted.message, admitted.retry_after, headers))
+        return admitted
+
+    def exchange(
+        self,
+        request: Request,
+        route: Route,
+        reservation: Reservation = UNLIMITED,
+        prompt_estimate: int = 0,
+        strip_usage: bool = False,
+        metered: bool = True,
+        collect: Optional[Collect] = None,
+    ) -> "Exchange":
+        """
+        A trip upstream for C{request}; see L{Exchange}.
+        """
+        return Exchange(
+            request,
+            self._upstream,
+            self._clock,
+            self._connect_timeout,
+            self.log,
+            reservation,
+            prompt_estimate,
+            record_of(request),
+            route=route,
+            strip_usage=strip_usage,
+            sse_keepalive=self._sse_keepalive,
+            metered=metered,
+            collect=collect,
+        )
+
+
+class _Discard(Protocol):
+    """
+    Reads a response body and throws it away (so the pooled connection can
+    be reused).
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+class BodyTooLarge(Exception):
+    """
+    A response body read whole was larger than its limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+class BoundedCollector:
+    """
+    A L{oaiproxy.server.relay.Transform} that passes nothing on until the body
+    has ended, then the whole body rewritten: for a response the proxy must
+    read whole (a model list it filters).
+
+    What it holds is bounded by C{limit} bytes of I{decoded} body (treq
+    has already undone any gzip), so a gzip bomb or an endless upstream
+    stops at the limit, not at the proxy's memory.
+
+    @param finish: given the whole body, returns what the client gets.
+    @param overflow: called once when the body passes C{limit}, to stop
+        reading it.
+    """
+
+    def __init__(self, limit: int, finish: Callable[[bytes], bytes], overflow: Callable[[], None]) -> None:
+        self._limit = limit
+        self._finish = finish
+        self._overflow = overflow
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.overflowed = False
+
+    def __call__(self, data: bytes) -> bytes:
+        if self.overflowed:
+            return b""
+        self._size += len(data)
+        if self._size > self._limit:
+            self.overflowed = True
+            self._chunks = []
+            self._overflow()
+            return b""
+        self._chunks.append(data)
+        return b""
+
+    def flush(self) -> bytes:
+        if self.overflowed:
+            # A body without length ends at the close that stopped it,
+            # which looks like a normal end: the exchange answers instead.
+            return b""
+        body = b"".join(self._chunks)
+        self._chunks = []
+        return self._finish(body)
+
+    def discard(self) -> None:
+        self._chunks = []
+
+
+#: The most of a response body an exchange reads whole, decoded (a model
+#: list to filter: OpenAI's is about 10 KB; lists of hundreds of models
+#: with descriptions, as OpenRouter serves, stay in the low megabytes).
+COLLECT_LIMIT = 8 * 1024 * 1024
+
+
+class Exchange:
+    """
+    One client request's trip upstream and back.
+
+    @param metered: the response's usage is this request's cost (not so
+        for a stored response read back).
+    @param collect: read the response body whole (at most
+        C{collect_limit} bytes, decoded) and send the client what this
+        makes of it, instead of relaying it as it comes.  The status and
+        headers wait for the body, so a body that fails or grows too large
+        is answered with an error of its own.  Everything else (the
+        head timeout, the idle timeout on the body, an upstream that
+        refuses the proxy's key) is as for any exchange.
+
+    @ivar finished: the client request is over, either finished by us or
+        disconnected; nothing may be written to it any more.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        upstream: UpstreamClient,
+        clock: IReactorTime,
+        connect_timeout: float,
+        log: Logger,
+        reservation: Reservation,
+        prompt_estimate: int,
+        record: RequestRecord,
+        route: Route = CHAT,
+        strip_usage: bool = False,
+        sse_keepalive: float = 0.0,
+        metered: bool = True,
+        collect: Optional[Collect] = None,
+        collect_limit: int = COLLECT_LIMIT,
+    ) -> None:
+        self._request = request
+        self._collect = collect
+        self._collect_limit = collect_limit
+        self._collector: Optional[BoundedCollector] = None
+        self._route = route
+        self._metered = metered
+        self._record = record
+        self._strip_usage = strip_usage
+        self._sse_keepalive = sse_keepalive
+        self._upstream = upstream
+        self._clock = clock
+        self._connect_timeout = connect_timeout
+        self._log = log
+        self._reservation = reservation
+        self._prompt_estimate = prompt_estimate
+        self._pending: Optional[Deferred[IResponse]] = None
+        self._body: "Optional[bytes | IBodyProducer]" = None
+        self._relay: Optional[BodyRelay] = None
+        self._meter: Optional[UsageMeter] = None
+        self._event_stream = False
+        self.finished = False
+
+    def start(
+        self,
+        body: "Optional[bytes | IBodyProducer]",
+        method: str = "POST",
+        path: Optional[str] = None,
+        model: Optional[str] = None,
+        query: bytes = b"",
+    ) -> None:
+        """
+        Send the request upstream.
+
+        @param path: below the API base; the route's own path by default.
+        @param model: the model named, for an Azure deployment.
+        """
+        path = path or self._route.path
+        if not self._upstream.style.addressable(path, model):
+            # The resources refuse ids that are not one path segment before
+            # they get here; this is the last line, for every route.
+            self._log.warn("refused to send {method} to an upstream path that is not its own", method=method)
+            self.finished = True
+            self._reservation.settle(0)
+            if self._upstream.style.addressable(path, None):
+                send_error(self._request, model_not_found(model or ""))
+            else:
+                send_error(self._request, not_found(method, self._request.path.decode("latin-1")))
+            return
+        self._body = body
+        self._request.notifyFinish().addBoth(self._client_done)
+        self._record.upstream_sent = self._clock.seconds()
+        pending = self._upstream.request(method, path, body, self._request.requestHeaders, model, query)
+        self._pending = pending
+        pending.addCallbacks(self._got_head, self._no_head)
+        pending.addErrback(self._bug)
+
+    def _settle(self) -> None:
+        """
+        Charge the client's token allowance with what the response used: as
+        reported, or as estimated from what was streamed (see
+        L{oaiproxy.access.limits}).  Idempotent, and it never fails to release the
+        reservation (its concurrency slot above all): whatever goes wrong
+        in the metering is logged once, and the reservation is charged.
+        """
+        try:
+            charge = self._charge()
+        except Exception:
+            self._log.failure("bug while metering a response; charging its reservation")
+            charge = max(self._prompt_estimate, self._reservation.estimate)
+        self._reservation.settle(charge)
+
+    def _charge(self) -> int:
+        """
+        The tokens the response cost, for L{_settle}.
+        """
+        meter = self._meter
+        if not self._metered:
+            # Reading a stored response: its usage was charged when it was
+            # made.
+            return 0
+        if meter is None:
+            # No response head: the upstream was cancelled or failed early,
+            # and only the prompt may have been processed.
+            return self._prompt_estimate
+        unread = meter.failed is not None or meter.incomplete
+        if meter.failed is not None:
+            self._log.failure(
+                "the usage meter failed on an upstream response; its output goes uncounted", failure=meter.failed
+            )
+        status = self._record.upstream_status
+        if status is not None and status >= 400 and meter.reported is None:
+            # Upstream refused the request (429, 401, 5xx...): nothing was
+            # generated, and charging the client would make its retries
+            # through an upstream rate limit exhaust its own allowance.
+            return 0
+        usage = meter.usage(self._prompt_estimate)
+        self._record.usage = usage
+        if meter.reported is None and unread:
+            # Part of the output could not be counted: the reservation (the
+            # most the request was admitted for) is the floor.
+            return max(usage.total, self._reservation.estimate)
+        return usage.total
+
+    def _client_done(self, result: Optional[Failure]) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if isinstance(result, Failure):
+            if self._meter is not None and self._meter.ended:
+                # The client read the stream's end event and hung up before
+                # upstream's last bytes, as the openai SDKs do after
+                # "data: [DONE]": it did not leave early.
+                self._record.end_sent = True
+                self._log.debug(
+                    "client closed {method} {path} after the end of the stream",
+                    method=self._request.method.decode("latin-1"),
+                    path=self._request.path.decode("latin-1"),
+                )
+            else:
+                self._log.info(
+                    "client went away during {method} {path}; upstream request cancelled",
+                    method=self._request.method.decode("latin-1"),
+                    path=self._request.path.decode("latin-1"),
+                )
+            if self._relay is not None:
+                self._relay.abort()
+            elif self._pending is not None:
+                self._pending.cancel()
+        self._settle()
+
+    def _got_head(self, response: IResponse) -> None:
+        self._pending = None
+        record = self._record
+        record.upstream_head = self._clock.seconds()
+        record.upstream_status = response.code
+        record.upstream_request_id = client_request_id((response.headers.getRawHeaders(b"x-request-id") or [None])[0])
+        if response.code >= 500:
+            record.upstream_error = "status"
+        if response.code == 401:
+            self._proxy_key_rejected(response)
+            return
+        request = self._request
+        if self._collect is None:
+            self._send_head(response, None if response.length is UNKNOWN_LENGTH else response.length)
+        else:
+            self._collector = self._collector_for(response)
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        self._event_stream = content_type.lower().startswith(b"text/event-stream")
+        json_body = content_type.lower().startswith(b"application/json")
+        self._meter = UsageMeter(self._event_stream, self._route.text_keys, plain=json_body)
+        if self._collector is None:
+            # Send the head now, as upstream did, so a client sees the status
+            # of a long stream before its first token.
+            request.write(b"")
+        self._relay = BodyRelay(
+            request,
+            self._clock,
+            self._upstream.read_timeout,
+            self._body_done,
+            # A body read whole (a model list) has no usage to meter.
+            observe=self._meter.feed if self._collector is None else None,
+            transform=self._collector or (UsageEventFilter() if (self._strip_usage and self._event_stream) else None),
+            keepalive=self._sse_keepalive if self._event_stream else 0.0,
+        )
+        response.deliverBody(self._relay)
+
+    def _send_head(self, response: IResponse, length: Optional[int]) -> None:
+        """
+        Upstream's status and headers, for a body of C{length} bytes (or
+        one framed by twisted.web).
+        """
+        request = self._request
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in client_response_headers(response.headers, length):
+            request.responseHeaders.setRawHeaders(name, values)
+
+    def _collector_for(self, response: IResponse) -> BoundedCollector:
+        """
+        The transform that reads C{response}'s body whole, then sets the
+        head for what the client gets.
+        """
+        collect = self._collect
+        assert collect is not None
+
+        def finish(body: bytes) -> bytes:
+            answer = collect(response.code, body)
+            if isinstance(answer, ApiError):
+                return error_response(self._request, answer)
+            self._send_head(response, len(answer))
+            return answer
+
+        def overflow() -> None:
+            if self._relay is not None:
+                self._relay.abort()
+
+        return BoundedCollector(self._collect_limit, finish, overflow)
+
+    def _proxy_key_rejected(self, response: IResponse) -> None:
+        """
+        Upstream refused the proxy's key: the operator's problem, not the
+        client's.  Its body (which quotes part of the key) is dropped.
+        """
+        self._record.upstream_error = "status"
+        self._log.critical("the upstream API rejected the proxy's API key (401): check --api-key-file / OPENAI_API_KEY")
+        response.deliverBody(_Discard())
+        self.finished = True
+        self._reservation.settle(0)
+        send_error(self._request, upstream_rejected_proxy_key())
+
+    def _no_head(self, failure: Failure) -> None:
+        self._pending = None
+        if self.finished:
+            # The client left and we cancelled: whatever the failure says,
+            # nobody is waiting for an answer.
+            return
+        error = classify_upstream_failure(failure, self._connect_timeout)
+        if IStreamedBody.providedBy(self._body) and self._body.refusal is not None:
+            # The proxy stopped the upload on its way (too large, or a form
+            # it cannot vouch for): that is the answer, whatever became of
+            # the upstream request.
+            error = self._body.refusal
+        if error.status >= 500:
+            # (A 4xx here is the proxy refusing an upload on its way.)
+            self._record.upstream_error = _failure_kind(failure)
+        self._log.warn(
+            "upstream gave no response: {status} {code} ({message})",
+            status=error.status,
+            code=error.code,
+            message=error.message,
+        )
+        self.finished = True
+        # A connection that never carried the request cost nothing; one that
+        # failed after sending it (a timeout, a reset) may have been billed
+        # for the prompt.
+        self._reservation.settle(0 if self._record.upstream_error == "connect" else self._prompt_estimate)
+        send_error(self._request, error)
+
+    def _body_done(self, failure: Optional[Failure]) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self._meter is not None and failure is None:
+            # (It never raises: a failure is kept for _settle to log.)
+            self._meter.finish()
+        self._settle()
+        request = self._request
+        request.unregisterProducer()
+        if self._collector is not None and self._collector.overflowed:
+            failure = Failure(BodyTooLarge(self._collect_limit))
+        if failure is None:
+            request.finish()
+            return
+        if failure.check(BodyTooLarge):
+            reason = f"over {self._collect_limit} bytes"
+            self._record.upstream_error = "status"
+        elif failure.check(UpstreamIdle):
+            reason = f"no data for {failure.value.seconds:g} seconds"
+            self._record.upstream_error = "timeout"
+        else:
+            reason = type(failure.value).__name__
+            self._record.upstream_error = "reset"
+        self._log.warn("upstream response cut short: {reason}", reason=reason)
+        if self._collector is not None:
+            # Nothing was sent yet: the client gets an answer of its own.
+            send_error(request, self._collected_failure(failure, reason))
+            return
+        if self._event_stream and self._relay is not None and self._relay.at_boundary:
+            # The status line is long gone; the SDKs raise APIError on an
+            # event whose JSON has an "error" key.  (Glued onto half an
+            # event it would only corrupt that event: then the truncation
+            # alone reports the failure.)
+            request.write(sse_error_event(upstream_failed_mid_response(reason)))
+        # Close without the final chunk, so no client can take the partial
+        # body for a complete one.
+        request.loseConnection()
+
+    def _collected_failure(self, failure: Failure, reason: str) -> ApiError:
+        """
+        The answer for a body read whole that did not arrive whole.
+        """
+        if failure.check(BodyTooLarge):
+            return upstream_response_too_large(self._collect_limit)
+        if failure.check(UpstreamIdle):
+            return upstream_timeout(failure.value.seconds, "send the rest of its response")
+        return upstream_failed_mid_response(reason)
+
+    def _bug(self, failure: Failure) -> None:
+        self._log.failure("bug while relaying a response", failure=failure)
+        self._reservation.settle(self._prompt_estimate)
+        if not self.finished:
+            self.finished = True
+            self._request.loseConnection()

@@ -1,0 +1,128 @@
+"""
+The upstream client's configuration: what treq is asked to do for every
+forwarded request, and the connection pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from oaiproxy.access.clients import Credentials
+from oaiproxy.config import Secret
+from oaiproxy.upstream.client import MAX_PERSISTENT_PER_HOST, UpstreamClient, UpstreamTimeout, make_pool
+
+
+class Recording:
+    """
+    A treq-like client that records its calls and never answers.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.cancelled = 0
+
+    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.calls.append((args, kwargs))
+
+        def cancel(d: Deferred[Any]) -> None:
+            self.cancelled += 1
+
+        return Deferred(cancel)
+
+
+class UpstreamClientTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.http = Recording()
+        self.clock = Clock()
+        self.client = UpstreamClient(self.http, "https://api.test/v1/", Credentials(Secret(b"sk-UP")), self.clock, 30.0)
+
+    def test_request_options(self) -> None:
+        """
+        Every forward is a POST of the exact body to base + path, unbuffered
+        (chunks are relayed as they come, not collected in memory) and
+        without following redirects (which would carry the key elsewhere).
+        """
+        self.client.post("/chat/completions", b'{"a": 1}', Headers({b"x-stainless-lang": [b"python"]}))
+        [(args, kwargs)] = self.http.calls
+        self.assertEqual(args, ("POST", "https://api.test/v1/chat/completions"))
+        self.assertEqual(kwargs["data"], b'{"a": 1}')
+        self.assertIs(kwargs["unbuffered"], True)
+        self.assertIs(kwargs["allow_redirects"], False)
+        self.assertEqual(kwargs["headers"].getRawHeaders(b"authorization"), [b"Bearer sk-UP"])
+        self.assertEqual(kwargs["headers"].getRawHeaders(b"x-stainless-lang"), [b"python"])
+
+    def test_head_timeout(self) -> None:
+        """
+        No response head within the read timeout cancels the request (which
+        closes its connection) and fails with L{UpstreamTimeout}.
+        """
+        d = self.client.post("/chat/completions", b"{}", Headers())
+        self.clock.advance(29)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.assertEqual(self.http.cancelled, 1)
+        self.assertEqual(self.failureResultOf(d, UpstreamTimeout).value.seconds, 30.0)
+
+    def test_key_not_in_repr(self) -> None:
+        """
+        The client's repr names the upstream, never the key.
+        """
+        self.assertNotIn("sk-UP", repr(self.client))
+
+
+class PoolTests(SynchronousTestCase):
+    def test_pool_keeps_connections(self) -> None:
+        """
+        Upstream connections are persistent and many are kept per host
+        (Twisted's default of 2 would make a busy proxy reconnect, with a
+        TLS handshake, for most requests).
+        """
+        pool = make_pool(MemoryReactorClock())
+        self.assertTrue(pool.persistent)
+        self.assertEqual(pool.maxPersistentPerHost, MAX_PERSISTENT_PER_HOST)
+        self.assertGreaterEqual(MAX_PERSISTENT_PER_HOST, 64)
+
+
+class StaticHeaderTests(SynchronousTestCase):
+    def test_parse(self) -> None:
+        """
+        --upstream-header takes NAME:VALUE, and refuses headers the proxy
+        owns, bad names and control characters without quoting the value.
+        """
+        from oaiproxy.server.headers import parse_static_header
+
+        self.assertEqual(
+            parse_static_header("HTTP-Referer: https://app.example"), (b"HTTP-Referer", b"https://app.example")
+        )
+        self.assertEqual(parse_static_header("X-Title:My App"), (b"X-Title", b"My App"))
+        for bad in ("NoColon", "Bad Name: x", "Authorization: Bearer sk-SECRETVALUE", "Host: a", "X-A: a\rb"):
+            with self.assertRaises(ValueError) as caught:
+                parse_static_header(bad)
+            self.assertNotIn("SECRETVALUE", str(caught.exception))
+
+    def test_sent_with_every_request(self) -> None:
+        """
+        Static headers go upstream with every request, replacing a client's
+        header of the same name, and cannot displace the proxy's key.
+        """
+        http = Recording()
+        client = UpstreamClient(
+            http,
+            "https://openrouter.test/api/v1",
+            Credentials(Secret(b"sk-UP")),
+            Clock(),
+            30.0,
+            [(b"HTTP-Referer", b"https://app.example"), (b"X-Title", b"My App")],
+        )
+        client.post("/chat/completions", b"{}", Headers({b"x-title": [b"client's"]}))
+        [(_, kwargs)] = http.calls
+        headers = kwargs["headers"]
+        self.assertEqual(headers.getRawHeaders(b"http-referer"), [b"https://app.example"])
+        self.assertEqual(headers.getRawHeaders(b"x-title"), [b"My App"])
+        self.assertEqual(headers.getRawHeaders(b"authorization"), [b"Bearer sk-UP"])
