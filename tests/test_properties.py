@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness
+from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -17,7 +17,6 @@ C{--nodaemon} (see L{oaiproxy.daemon.lifecycle.StartupReport}).
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import os
 import signal
@@ -39,7 +38,6 @@ from twisted.python.systemd import ListenFDs
 
 from oaiproxy import __version__
 from oaiproxy.access.clients import ClientRegistry, Credentials, load_clients
-from oaiproxy.access.limits import Limiter
 from oaiproxy.config import (
     DEFAULT_PORT,
     DEFAULT_UPSTREAM,
@@ -79,24 +77,17 @@ from oaiproxy.daemon.workers import (
     die_with_parent,
     read_secrets,
 )
-from oaiproxy.errors import invalid_api_key
 from oaiproxy.fake.upstream import FakeUpstream, listen
-from oaiproxy.observe.accesslog import JsonAccessLog, TextAccessLog
 from oaiproxy.observe.jsonlog import OBSERVER_NAME
-from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource
-from oaiproxy.routes.jsonapi import api_resources, streamed_paths
+from oaiproxy.observe.metrics import Metrics
 from oaiproxy.routes.table import BY_NAME, DEFAULT_ROUTES, ROUTES, in_order, parse_routes
-from oaiproxy.server.headers import bearer_token, parse_static_header
-from oaiproxy.server.site import ProxySite
-from oaiproxy.server.tree import HealthResource, build_root, build_tree, error_response
+from oaiproxy.server.build import build_site
+from oaiproxy.server.headers import parse_static_header
 from oaiproxy.upstream.client import UpstreamClient, make_http_client
-from oaiproxy.upstream.exchange import admission_gate
 from oaiproxy.upstream.styles import (
     DEFAULT_AZURE_API_VERSION,
     DEFAULT_AZURE_RESPONSES_API_VERSION,
     AzureStyle,
-    OpenAIStyle,
-    UpstreamStyle,
 )
 
 __all__ = ["Options", "makeService"]
@@ -729,26 +720,6 @@ def _metrics_announcer(bound: "Deferred[None]", keyed: bool) -> Callable[[IListe
     return announce
 
 
-def _metrics_check(credentials: Credentials, metrics_key: Optional[Secret]) -> MetricsCheck:
-    """
-    Who may read /metrics on the API port: the holder of the metrics key, or
-    any client; with neither configured, anyone who may use the API.
-    """
-
-    def check(request: Any) -> Optional[bytes]:
-        token = bearer_token(request.requestHeaders)
-        if token is not None:
-            if metrics_key is not None and hmac.compare_digest(token, metrics_key.reveal()):
-                return None
-            if credentials.clients.identify(token) is not None:
-                return None
-        elif metrics_key is None and not len(credentials.clients):
-            return None
-        return error_response(request, invalid_api_key())
-
-    return check
-
-
 def _announcer(
     description: str,
     config: Config,
@@ -1088,49 +1059,18 @@ def makeService(
     if http is None:
         http = make_http_client(reactor, config.connect_timeout)
     assert http is not None
-    style: UpstreamStyle = OpenAIStyle()
-    if config.upstream_style == "azure":
-        style = AzureStyle(config.azure_api_version, dict(config.azure_deployments))
-    upstream = UpstreamClient(
-        http, config.upstream, credentials, reactor, config.read_timeout, config.upstream_headers, style
+    built = build_site(
+        config,
+        http=http,
+        credentials=credentials,
+        clock=reactor,
+        lifecycle=lifecycle,
+        metrics=Metrics(),
+        worker=_worker_index(options.environ),
     )
+    upstream, site = built.upstream, built.site
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
-
-    metrics = Metrics()
-    limiter = Limiter(reactor, share=config.worker_share)
-    enabled = in_order(config.routes)
-    api = api_resources(
-        enabled,
-        upstream,
-        reactor,
-        credentials,
-        lifecycle,
-        config.connect_timeout,
-        limiter,
-        stream_usage=config.stream_usage,
-        sse_keepalive=config.sse_keepalive,
-    )
-    metrics_check = _metrics_check(credentials, config.metrics_key)
-    health = HealthResource(lifecycle)
-    on_api_port = None if config.metrics_port else MetricsResource(metrics, metrics_check)
-    served = [r.name for r in ROUTES if r.name not in api and (r.azure is not None or style.name != "azure")]
-    unavailable = [r.name for r in ROUTES if r.name not in api and r.name not in served]
-    site = ProxySite(
-        build_tree(api, health, on_api_port, disabled=served, unavailable=unavailable),
-        streamed_paths=streamed_paths(enabled),
-        max_body_bytes=config.max_body_bytes,
-        idle_timeout=config.idle_timeout,
-        header_timeout=config.header_timeout,
-        body_timeout=config.body_timeout,
-        max_connections_per_ip=config.max_connections_per_ip,
-        gate=admission_gate(credentials),
-        lifecycle=lifecycle,
-        metrics=metrics,
-        access_log=JsonAccessLog() if config.log_format == "json" else TextAccessLog(),
-        worker=_worker_index(options.environ),
-        reactor=reactor,
-    )
     listening: list[Deferred[None]] = []
     # A worker accepts on the sockets its supervisor opened.
     for description, endpoint in endpoints:
@@ -1138,22 +1078,12 @@ def makeService(
         listening.append(bound)
         announce = _announcer(description, config, bound, exposure, credentials, report)
         ListenerService(endpoint, site, description, report, announce).setServiceParent(service)
-    if config.metrics_port and metrics_endpoint is not None:
-        # A private listener (loopback, or firewalled) for the scraper; the
-        # metrics key still applies when one is set.
-        metrics_site = ProxySite(
-            build_root(None, health, MetricsResource(metrics, metrics_check if config.metrics_key else None)),
-            max_body_bytes=1024,
-            idle_timeout=config.idle_timeout,
-            header_timeout=config.header_timeout,
-            access_log=lambda record: None,
-            reactor=reactor,
-        )
+    if built.metrics_site is not None and metrics_endpoint is not None:
         bound = Deferred()
         listening.append(bound)
         ListenerService(
             metrics_endpoint,
-            metrics_site,
+            built.metrics_site,
             config.metrics_port,
             report,
             _metrics_announcer(bound, config.metrics_key is not None),
@@ -1186,8 +1116,8 @@ def makeService(
         "oaiproxy {version} forwarding {routes} to {upstream} ({style}) "
         "(client keys: {keys}, read timeout {read:g}s, body limit {limit} bytes, drain {drain:g}s)",
         version=__version__,
-        routes=", ".join(route.name for route in enabled),
-        style=style.name,
+        routes=", ".join(route.name for route in built.routes),
+        style=upstream.style.name,
         upstream=upstream.base_url if not config.mock_upstream else "the mock upstream",
         keys=len(clients) or "none",
         read=config.read_timeout,

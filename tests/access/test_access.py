@@ -13,7 +13,7 @@ import treq
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.access.clients import Limits
-from tests.support import CLIENT_KEY, Harness, chat_body, registry
+from oaiproxy.fake.harness import CLIENT_KEY, Harness, chat_body, registry
 
 BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY]}
 

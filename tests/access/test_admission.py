@@ -20,6 +20,7 @@ from twisted.web._newclient import RequestGenerationFailed
 from oaiproxy.access.clients import Credentials
 from oaiproxy.config import Secret
 from oaiproxy.daemon.tap import Options
+from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, registry
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routes.table import BY_NAME
 from oaiproxy.server import site as site_module
@@ -29,7 +30,7 @@ from oaiproxy.upstream.client import UpstreamClient
 from oaiproxy.upstream.exchange import admission_gate
 from tests.daemon.test_systemd import unit_settings
 from tests.routes.test_uploads import AUDIO, ROUTES, _Consumer, _Upstream
-from tests.support import CLIENT_KEY, UPSTREAM_KEY, form, registry
+from tests.support import form
 
 UNIT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "systemd", "oaiproxy.service"

@@ -38,9 +38,10 @@ from oaiproxy.daemon.lifecycle import (
 )
 from oaiproxy.daemon.sdnotify import Notifier, encode, notify_address
 from oaiproxy.daemon.tap import Options, _Exposure, _reloader
+from oaiproxy.fake.harness import Harness, chat_body
 from oaiproxy.server.site import ProxySite
 from oaiproxy.server.tree import Endpoint, HealthResource, build_root
-from tests.support import Harness, chat_body, temp_dir
+from tests.support import temp_dir
 
 
 def entries(*names: str) -> str:

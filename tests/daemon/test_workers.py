@@ -29,8 +29,9 @@ from oaiproxy.config import Secret
 from oaiproxy.daemon.lifecycle import StartupReport
 from oaiproxy.daemon.sdnotify import Notifier
 from oaiproxy.daemon.workers import GroupSecrets, SecretsReader, Supervisor, read_secrets, worker_argv
+from oaiproxy.fake.harness import registry
 from oaiproxy.fake.processes import child_env, start_fake_upstream, start_proxy, twistd
-from tests.support import registry, temp_dir
+from tests.support import temp_dir
 
 KEY = "sk-proj-WORKERSSECRET000"
 MESSAGES = [{"role": "user", "content": "hello proxy"}]

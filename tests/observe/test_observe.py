@@ -20,13 +20,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.access.clients import Credentials
 from oaiproxy.config import Secret
-from oaiproxy.daemon.tap import _metrics_check
+from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body, registry
 from oaiproxy.observe.accesslog import JsonAccessLog
 from oaiproxy.observe.metrics import MODEL_LABEL_LIMIT, Metrics, MetricsResource
 from oaiproxy.observe.records import RequestRecord, Usage
+from oaiproxy.server.build import metrics_check
 from oaiproxy.server.relay import KEEPALIVE
 from oaiproxy.server.tree import build_root
-from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body, registry
 
 BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY]}
 
@@ -302,11 +302,12 @@ class MetricsTests(SynchronousTestCase):
 
     def test_metrics_endpoint(self) -> None:
         """
-        GET /metrics serves the Prometheus text format.
+        GET /metrics serves the Prometheus text format, to a client key as
+        in the daemon.
         """
         h = Keyed(self)
         self.successResultOf(h.post(chat_body(), headers=BEARER))
-        d = h.proxy.get("http://proxy.test/metrics")
+        d = h.proxy.get("http://proxy.test/metrics", headers=BEARER)
         h.pump()
         response = self.successResultOf(d)
         body = self.successResultOf(treq.content(response))
@@ -329,13 +330,13 @@ class MetricsAccessTests(SynchronousTestCase):
         with neither configured it is as open as the API itself.
         """
         keyed = Credentials(Secret(b"sk-up"), registry(CLIENT_KEY))
-        check = _metrics_check(keyed, Secret(b"scraper-key"))
+        check = metrics_check(keyed, Secret(b"scraper-key"))
         self.assertEqual(
             [self.get(check, t) for t in (None, b"wrong", CLIENT_KEY, b"scraper-key")], [401, 401, 200, 200]
         )
-        only_key = _metrics_check(Credentials(Secret(b"sk-up")), Secret(b"scraper-key"))
+        only_key = metrics_check(Credentials(Secret(b"sk-up")), Secret(b"scraper-key"))
         self.assertEqual([self.get(only_key, t) for t in (None, b"scraper-key")], [401, 200])
-        open_check = _metrics_check(Credentials(Secret(b"sk-up")), None)
+        open_check = metrics_check(Credentials(Secret(b"sk-up")), None)
         self.assertEqual(self.get(open_check, None), 200)
 
 

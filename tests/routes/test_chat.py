@@ -20,9 +20,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from oaiproxy.access.clients import Limits
+from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body, registry
 from oaiproxy.observe.usage import MAX_LINE, UsageMeter
 from oaiproxy.upstream.exchange import classify_upstream_failure
-from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body, registry
 
 BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY]}
 

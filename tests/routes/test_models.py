@@ -21,10 +21,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from oaiproxy.config import Secret
 from oaiproxy.errors import ApiError
+from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, registry
 from oaiproxy.routes.models import filter_listing
 from oaiproxy.upstream.exchange import COLLECT_LIMIT
 from oaiproxy.upstream.styles import AzureStyle
-from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, registry
 from tests.tricks import ID_TRICKS
 
 BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY]}

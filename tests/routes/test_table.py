@@ -15,10 +15,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.access.clients import Limits
 from oaiproxy.config import ConfigError
+from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, registry
 from oaiproxy.fake.routes import speech
 from oaiproxy.routes.table import BY_NAME, ROUTES, parse_routes
 from oaiproxy.upstream.styles import AzureStyle
-from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, exchange, form, registry
+from tests.support import exchange, form
 from tests.tricks import ID_TRICKS
 
 BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY], b"content-type": [b"application/json"]}

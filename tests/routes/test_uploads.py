@@ -24,13 +24,14 @@ from twisted.web.iweb import IBodyProducer
 
 from oaiproxy.access.clients import ClientRegistry, Credentials
 from oaiproxy.config import Secret
+from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, registry
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routes.table import BY_NAME
 from oaiproxy.server.site import LINGER_SECONDS, ProxySite
 from oaiproxy.server.tree import build_tree
 from oaiproxy.upstream.client import UpstreamClient
-from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, exchange, form, registry
+from tests.support import exchange, form
 
 ROUTES = ["audio/transcriptions", "audio/translations"]
 AUDIO = bytes(range(256)) * 4096  # 1 MiB, larger than any read buffer

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.errors import ApiError
+from oaiproxy.fake.harness import CLIENT_KEY, Harness, registry
 from oaiproxy.routes.validation import ChatRequest, parse_chat_request
-from tests.support import CLIENT_KEY, Harness, registry
 
 #: A distinctive string standing for private data in a request body.
 SECRET = "sk-live-DONOTLEAK-7f3a9c"

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from oaiproxy.access.clients import OPENAI_KEY_MARKER, Client, ClientRegistry, hash_key
+from oaiproxy.fake.harness import UPSTREAM_KEY, Harness, chat_body
 from oaiproxy.server.headers import (
     bearer_token,
     client_response_headers,
@@ -29,7 +30,6 @@ from oaiproxy.server.headers import (
     scope_openai_headers,
     upstream_request_headers,
 )
-from tests.support import UPSTREAM_KEY, Harness, chat_body
 
 PROXY_AUTH = b"Bearer sk-proj-UPSTREAMSECRET0123456789"
 CLIENT_KEY = b"oai-client-CLIENTSECRET42"

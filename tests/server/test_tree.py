@@ -11,7 +11,7 @@ from typing import Any
 import treq
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import Harness
+from oaiproxy.fake.harness import Harness
 
 
 class TreeTests(SynchronousTestCase):

@@ -1,0 +1,173 @@
+# -*- test-case-name: tests.server.test_build -*-
+"""
+The one wiring: from a L{Config} and the collaborators that differ between
+the daemon and the tests, the Site that serves the API (and the private
+one for C{--metrics-port}).
+
+L{oaiproxy.daemon.tap.makeService} calls L{build_site} with the pooled
+upstream client and the reactor; the in-memory harness
+(L{oaiproxy.fake.harness}) calls it with an in-memory client and a
+L{twisted.internet.task.Clock}.  Whatever the tree, the upstream client or
+the site are made of is decided here once, so the tests exercise what the
+daemon serves.
+
+This is the composition root: the one module of C{server/} that knows the
+layers above it (routes, access, upstream, observe), because it puts them
+together; nothing in the request path imports it.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from twisted.internet.interfaces import IReactorTime
+
+from oaiproxy.access.clients import ClientRegistry, Credentials
+from oaiproxy.access.limits import Limiter
+from oaiproxy.config import Config, Secret
+from oaiproxy.daemon.lifecycle import Lifecycle
+from oaiproxy.errors import invalid_api_key
+from oaiproxy.observe.accesslog import AccessLog, JsonAccessLog, TextAccessLog
+from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource
+from oaiproxy.routes.jsonapi import api_resources, streamed_paths
+from oaiproxy.routes.table import ROUTES, Route, in_order
+from oaiproxy.server.headers import bearer_token
+from oaiproxy.server.site import ProxySite
+from oaiproxy.server.tree import HealthResource, build_root, build_tree, error_response
+from oaiproxy.upstream.client import TreqLike, UpstreamClient
+from oaiproxy.upstream.exchange import ForwardingResource, admission_gate
+from oaiproxy.upstream.styles import AzureStyle, OpenAIStyle, UpstreamStyle
+
+__all__ = ["Built", "build_site", "metrics_check", "style_of"]
+
+
+@dataclass(frozen=True)
+class Built:
+    """
+    What L{build_site} made, for the caller to listen with and look at.
+
+    @ivar site: the API listeners' factory (every C{--port} shares it).
+    @ivar metrics_site: the C{--metrics-port} listener's factory, if set.
+    @ivar upstream: the upstream client (the mock upstream re-points it).
+    @ivar limiter: the per-client limits, shared by every route.
+    @ivar api: the resource of each enabled route, by route name.
+    @ivar routes: the enabled routes, in the table's order.
+    """
+
+    site: ProxySite
+    metrics_site: Optional[ProxySite]
+    upstream: UpstreamClient
+    limiter: Limiter
+    api: dict[str, ForwardingResource]
+    routes: list[Route]
+
+
+def style_of(config: Config) -> UpstreamStyle:
+    """
+    How the configured upstream addresses the API.
+    """
+    if config.upstream_style == "azure":
+        return AzureStyle(config.azure_api_version, dict(config.azure_deployments))
+    return OpenAIStyle()
+
+
+def build_site(
+    config: Config,
+    *,
+    http: TreqLike,
+    credentials: Credentials,
+    clock: IReactorTime,
+    lifecycle: Lifecycle,
+    metrics: Metrics,
+    access_log: Optional[AccessLog] = None,
+    worker: Optional[int] = None,
+) -> Built:
+    """
+    Wire the proxy for C{config}.
+
+    @param http: the treq-like client requests go upstream through (the
+        pooled one in the daemon, an in-memory one in tests).
+    @param credentials: the upstream key and the client registry, replaced
+        in place by a reload.
+    @param clock: every timeout's clock (the reactor, or a C{Clock}).
+    @param lifecycle: drains every route and the health check together.
+    @param metrics: what C{/metrics} serves and every request counts in.
+    @param access_log: where each request's record goes; by default the
+        text or JSON log that C{config.log_format} names.
+    @param worker: which worker of a group this process is, if any.
+    """
+    style = style_of(config)
+    upstream = UpstreamClient(
+        http, config.upstream, credentials, clock, config.read_timeout, config.upstream_headers, style
+    )
+    limiter = Limiter(clock, share=config.worker_share)
+    enabled = in_order(config.routes)
+    api = api_resources(
+        enabled,
+        upstream,
+        clock,
+        credentials,
+        lifecycle,
+        config.connect_timeout,
+        limiter,
+        stream_usage=config.stream_usage,
+        sse_keepalive=config.sse_keepalive,
+    )
+    check = metrics_check(credentials, config.metrics_key)
+    health = HealthResource(lifecycle)
+    on_api_port = None if config.metrics_port else MetricsResource(metrics, check)
+    served = [r.name for r in ROUTES if r.name not in api and (r.azure is not None or style.name != "azure")]
+    unavailable = [r.name for r in ROUTES if r.name not in api and r.name not in served]
+    if access_log is None:
+        access_log = JsonAccessLog() if config.log_format == "json" else TextAccessLog()
+    site = ProxySite(
+        build_tree(api, health, on_api_port, disabled=served, unavailable=unavailable),
+        streamed_paths=streamed_paths(enabled),
+        max_body_bytes=config.max_body_bytes,
+        idle_timeout=config.idle_timeout,
+        header_timeout=config.header_timeout,
+        body_timeout=config.body_timeout,
+        max_connections_per_ip=config.max_connections_per_ip,
+        gate=admission_gate(credentials),
+        lifecycle=lifecycle,
+        metrics=metrics,
+        access_log=access_log,
+        worker=worker,
+        reactor=clock,
+    )
+    metrics_site = None
+    if config.metrics_port:
+        # A private listener (loopback, or firewalled) for the scraper; the
+        # metrics key still applies when one is set.
+        metrics_site = ProxySite(
+            build_root(None, health, MetricsResource(metrics, check if config.metrics_key else None)),
+            max_body_bytes=1024,
+            idle_timeout=config.idle_timeout,
+            header_timeout=config.header_timeout,
+            access_log=lambda record: None,
+            reactor=clock,
+        )
+    return Built(site, metrics_site, upstream, limiter, api, enabled)
+
+
+def metrics_check(credentials: Credentials, metrics_key: Optional[Secret]) -> MetricsCheck:
+    """
+    Who may read /metrics on the API port: the holder of the metrics key, or
+    any client; with neither configured, anyone who may use the API.
+    """
+
+    def check(request: Any) -> Optional[bytes]:
+        token = bearer_token(request.requestHeaders)
+        if token is not None:
+            if metrics_key is not None and hmac.compare_digest(token, metrics_key.reveal()):
+                return None
+            clients: ClientRegistry = credentials.clients
+            if clients.identify(token) is not None:
+                return None
+        elif metrics_key is None and not len(credentials.clients):
+            return None
+        return error_response(request, invalid_api_key())
+
+    return check
