@@ -1,9 +1,11 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.daemon.test_tap -*-
 """
-The twistd plugin's options and service: all of the daemon's wiring.
+The twistd plugin's options and service: the process around the one
+wiring (L{oaiproxy.server.build.build_site}): listeners, the upstream's
+connection pool, readiness, reload and drain, the worker group.
 
-Every setting has a command-line option and an environment variable; the
-option wins.  Secrets are the exception: the upstream key comes from a
+Every setting has a command-line option and an environment variable, both
+declared once in L{oaiproxy.daemon.settings}; the option wins.  Secrets are the exception: the upstream key comes from a
 file, a systemd credential or the environment, and client keys from the
 environment only, so that no secret ever appears in C{ps} output.
 
@@ -47,15 +49,9 @@ from oaiproxy.config import (
     api_base,
     is_private_address,
     load_api_key,
-    parse_byte_count,
     parse_deployment,
     parse_deployments,
-    parse_interval,
-    parse_log_format,
-    parse_seconds,
-    parse_style,
     parse_upstream,
-    parse_workers,
     port_from_env,
     unix_listener,
 )
@@ -68,6 +64,7 @@ from oaiproxy.daemon.lifecycle import (
     StartupReport,
 )
 from oaiproxy.daemon.sdnotify import Notifier
+from oaiproxy.daemon.settings import FLAG, MAIN_OPTIONS, PARAMETER, REFUSED, REPEATABLE, SETTINGS, by_option
 from oaiproxy.daemon.workers import (
     FAMILIES,
     WORKER_INDEX,
@@ -80,13 +77,11 @@ from oaiproxy.daemon.workers import (
 from oaiproxy.fake.upstream import FakeUpstream, listen
 from oaiproxy.observe.jsonlog import OBSERVER_NAME
 from oaiproxy.observe.metrics import Metrics
-from oaiproxy.routes.table import BY_NAME, DEFAULT_ROUTES, ROUTES, in_order, parse_routes
+from oaiproxy.routes.table import BY_NAME, in_order
 from oaiproxy.server.build import build_site
 from oaiproxy.server.headers import parse_static_header
 from oaiproxy.upstream.client import UpstreamClient, make_http_client
 from oaiproxy.upstream.styles import (
-    DEFAULT_AZURE_API_VERSION,
-    DEFAULT_AZURE_RESPONSES_API_VERSION,
     AzureStyle,
 )
 
@@ -95,28 +90,6 @@ __all__ = ["Options", "makeService"]
 log = Logger()
 
 _DEFAULTS = Config(ports=(DEFAULT_PORT,), upstream=DEFAULT_UPSTREAM, api_key=None)
-
-#: (option, environment variable, parser, Config field) for every plain
-#: setting; the option wins over the environment, which wins over the
-#: default.
-_SETTINGS: list[tuple[str, str, Callable[[str, str], Any], str]] = [
-    ("connect-timeout", "OAIPROXY_CONNECT_TIMEOUT", parse_seconds, "connect_timeout"),
-    ("read-timeout", "OAIPROXY_READ_TIMEOUT", parse_seconds, "read_timeout"),
-    ("idle-timeout", "OAIPROXY_IDLE_TIMEOUT", parse_seconds, "idle_timeout"),
-    ("max-body-bytes", "OAIPROXY_MAX_BODY_BYTES", parse_byte_count, "max_body_bytes"),
-    ("drain-timeout", "OAIPROXY_DRAIN_TIMEOUT", parse_seconds, "drain_timeout"),
-    ("header-timeout", "OAIPROXY_HEADER_TIMEOUT", parse_seconds, "header_timeout"),
-    ("body-timeout", "OAIPROXY_BODY_TIMEOUT", parse_seconds, "body_timeout"),
-    ("max-connections-per-ip", "OAIPROXY_MAX_CONNECTIONS_PER_IP", parse_byte_count, "max_connections_per_ip"),
-    ("sse-keepalive", "OAIPROXY_SSE_KEEPALIVE", parse_interval, "sse_keepalive"),
-    ("log-format", "OAIPROXY_LOG_FORMAT", parse_log_format, "log_format"),
-    ("metrics-port", "OAIPROXY_METRICS_PORT", lambda name, text: text, "metrics_port"),
-    ("workers", "OAIPROXY_WORKERS", parse_workers, "workers"),
-    ("routes", "OAIPROXY_ROUTES", parse_routes, "routes"),
-    ("upstream-style", "OAIPROXY_UPSTREAM_STYLE", parse_style, "upstream_style"),
-    ("azure-api-version", "OAIPROXY_AZURE_API_VERSION", lambda name, text: text.strip(), "azure_api_version"),
-    ("worker-share", "OAIPROXY_WORKER_SHARE", parse_workers, "worker_share"),
-]
 
 _MOCK_KEY = Secret(b"mock-upstream-key")
 
@@ -140,203 +113,38 @@ class Options(usage.Options):
         "python -m oaiproxy keygen --name NAME >> clients.toml. "
         "Try it without a key: twistd -n oaiproxy --mock-upstream."
     )
-    #: Shown first in --help, in this order; the rest follow as declared.
-    _MAIN_OPTIONS = (
-        "port",
-        "upstream",
-        "api-key-file",
-        "client-keys-file",
-        "mock-upstream",
-        "routes",
-        "upstream-style",
-        "workers",
-        "log-format",
-        "allow-open-relay",
-    )
+    # Every option, its help and its environment variable come from the
+    # one table of settings (oaiproxy.daemon.settings).
+    _MAIN_OPTIONS = MAIN_OPTIONS
     #: Not in --help: set by the supervisor for its workers, or defined
     #: only to refuse them (a key on the command line).
-    _HIDDEN_OPTIONS = frozenset({"worker-listener", "worker-share", "api-key", "client-keys"})
-    optFlags = [
-        [
-            "no-stream-usage",
-            None,
-            "Do not add stream_options.include_usage to streamed requests (token counts of streams whose "
-            "client did not ask for usage are then estimates). [env OAIPROXY_STREAM_USAGE=off]",
-        ],
-        [
-            "allow-open-relay",
-            None,
-            "Start even when a listener is reachable from other hosts and no client keys are set "
-            "(anyone who can connect spends the upstream key). Without it, that refuses to start.",
-        ],
-        [
-            "mock-upstream",
-            None,
-            "Forward to a built-in mock of the OpenAI API (deterministic answers, "
-            "streaming too) instead of a real upstream; no key needed.",
-        ],
-    ]
-    optParameters = [
-        [
-            "upstream",
-            None,
-            None,
-            "Upstream base URL; route paths (/chat/completions...) are appended, and /v1 first if the URL has "
-            f"no path. [env OPENAI_BASE_URL, default {DEFAULT_UPSTREAM}]",
-        ],
-        [
-            "routes",
-            None,
-            None,
-            "API routes to serve, separated by commas, or 'all': " + ", ".join(r.name for r in ROUTES) + ". "
-            f"[env OAIPROXY_ROUTES, default {','.join(DEFAULT_ROUTES)}]",
-        ],
-        [
-            "upstream-style",
-            None,
-            None,
-            "openai (OpenAI, vLLM, Ollama, OpenRouter, LM Studio...) or azure (Azure OpenAI: "
-            "deployment paths, api-version, api-key header). [env OAIPROXY_UPSTREAM_STYLE, default openai]",
-        ],
-        [
-            "azure-api-version",
-            None,
-            None,
-            f"The api-version sent to Azure OpenAI. [env OAIPROXY_AZURE_API_VERSION, default "
-            f"{DEFAULT_AZURE_API_VERSION}, and {DEFAULT_AZURE_RESPONSES_API_VERSION} for the Responses API]",
-        ],
-        [
-            "api-key-file",
-            None,
-            None,
-            "File holding the upstream API key. [else the systemd credential openai_api_key, else env OPENAI_API_KEY]",
-        ],
-        [
-            "connect-timeout",
-            None,
-            None,
-            f"Seconds to open the upstream connection. [env OAIPROXY_CONNECT_TIMEOUT, "
-            f"default {_DEFAULTS.connect_timeout:g}]",
-        ],
-        [
-            "read-timeout",
-            None,
-            None,
-            "Longest upstream silence, before the response head and between body "
-            f"chunks, in seconds. [env OAIPROXY_READ_TIMEOUT, default {_DEFAULTS.read_timeout:g}]",
-        ],
-        [
-            "idle-timeout",
-            None,
-            None,
-            "Seconds an idle client connection is kept open. [env OAIPROXY_IDLE_TIMEOUT, "
-            f"default {_DEFAULTS.idle_timeout:g}]",
-        ],
-        [
-            "client-keys-file",
-            None,
-            None,
-            "File of clients (TOML or JSON: names, key hashes, limits, model allow-lists), re-read on SIGHUP. "
-            "[env OAIPROXY_CLIENT_KEYS_FILE, else the "
-            "systemd credential client_keys; keys in env OAIPROXY_CLIENT_KEYS are added]",
-        ],
-        [
-            "drain-timeout",
-            None,
-            None,
-            "On SIGTERM, seconds in-flight requests may run on before they are cut off. "
-            f"[env OAIPROXY_DRAIN_TIMEOUT, default {_DEFAULTS.drain_timeout:g}]",
-        ],
-        [
-            "header-timeout",
-            None,
-            None,
-            "Seconds a client has to send a request's line and headers (slow senders are cut off). "
-            f"[env OAIPROXY_HEADER_TIMEOUT, default {_DEFAULTS.header_timeout:g}]",
-        ],
-        [
-            "body-timeout",
-            None,
-            None,
-            "Seconds a request body has to arrive, plus one for every 64 KiB received (slow senders get a 408). "
-            f"[env OAIPROXY_BODY_TIMEOUT, default {_DEFAULTS.body_timeout:g}]",
-        ],
-        [
-            "max-connections-per-ip",
-            None,
-            None,
-            "Connections one client address may hold before presenting a valid client key (16 times as many "
-            f"in all). [env OAIPROXY_MAX_CONNECTIONS_PER_IP, default {_DEFAULTS.max_connections_per_ip}]",
-        ],
-        [
-            "sse-keepalive",
-            None,
-            None,
-            "Seconds of upstream silence in a stream before a ': keepalive' comment is sent; 0 for never. "
-            f"[env OAIPROXY_SSE_KEEPALIVE, default {_DEFAULTS.sse_keepalive:g}]",
-        ],
-        [
-            "log-format",
-            None,
-            None,
-            "Logs as 'text' or 'json': one JSON object per line on standard output, the access entries and, "
-            "under twistd --nodaemon, every other line too. [env OAIPROXY_LOG_FORMAT, default text]",
-        ],
-        [
-            "metrics-port",
-            None,
-            None,
-            "Serve /metrics on this endpoint only (e.g. tcp:9108:interface=127.0.0.1), without auth; "
-            "otherwise /metrics is on the API port behind a client key or the metrics key. "
-            "[env OAIPROXY_METRICS_PORT]",
-        ],
-        [
-            "metrics-key-file",
-            None,
-            None,
-            "File holding a key that may read /metrics (Authorization: Bearer). [env OAIPROXY_METRICS_KEY]",
-        ],
-        [
-            "workers",
-            None,
-            None,
-            "Worker processes serving the same listeners: a number, or auto (one per CPU). "
-            "[env OAIPROXY_WORKERS, default 1]",
-        ],
-        [
-            "worker-share",
-            None,
-            None,
-            "(internal, set by the supervisor) the number of workers the client limits are split among.",
-        ],
-        [
-            "max-body-bytes",
-            None,
-            None,
-            f"Largest request body accepted. [env OAIPROXY_MAX_BODY_BYTES, default {_DEFAULTS.max_body_bytes}]",
-        ],
-    ]
+    _HIDDEN_OPTIONS = frozenset(s.option for s in SETTINGS if not s.shown and s.option is not None)
+    optFlags = [[s.option, None, s.usage()] for s in SETTINGS if s.kind == FLAG]
+    optParameters = [[s.option, None, None, s.usage()] for s in SETTINGS if s.kind == PARAMETER]
 
     def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
         super().__init__()
+        # The opt_ methods' help too comes from the table; each repeatable
+        # option's method appends to its list.
+        for setting in SETTINGS:
+            if setting.kind in (REPEATABLE, REFUSED) and setting.option is not None:
+                self.docs[setting.option] = setting.usage()
+            if setting.kind == REPEATABLE and setting.option is not None:
+                self[setting.option] = []
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
-        self["port"] = []
-        self["worker-listener"] = []
-        self["upstream-header"] = []
-        self["azure-deployment"] = []
         self.argv: list[str] = []
         self.config: Config = _DEFAULTS
 
     def opt_port(self, description: str) -> None:
         """
-        Listen on this Twisted endpoint (tcp:, ssl:, unix:, systemd:...); repeatable. [env PORT as a port number, default tcp:8080:interface=127.0.0.1]
-        """  # noqa: E501 (usage.Options shows the docstring as one paragraph)
+        A listener (C{--port}); its help is in the settings table.
+        """
         self["port"].append(description)
 
     def opt_api_key(self, value: str) -> None:
         """
-        Refused: a key on the command line is visible to every user in ps. Use --api-key-file or OPENAI_API_KEY.
-        """  # noqa: E501
+        Refuse C{--api-key} (see the settings table).
+        """
         # Defined so that getopt's prefix matching cannot turn "--api-key
         # sk-..." into "--api-key-file sk-..." and echo the key as a path.
         raise usage.UsageError(
@@ -346,8 +154,8 @@ class Options(usage.Options):
 
     def opt_client_keys(self, value: str) -> None:
         """
-        Refused: keys on the command line are visible to every user in ps. Use --client-keys-file or OAIPROXY_CLIENT_KEYS.
-        """  # noqa: E501
+        Refuse C{--client-keys} (see the settings table).
+        """
         # As for --api-key: getopt would otherwise take it for a prefix of
         # --client-keys-file and print the key as a path.
         raise usage.UsageError(
@@ -357,8 +165,8 @@ class Options(usage.Options):
 
     def opt_upstream_header(self, value: str) -> None:
         """
-        NAME:VALUE: a header sent with every upstream request (e.g. OpenRouter's HTTP-Referer); repeatable.
-        """  # noqa: E501
+        One C{--upstream-header}, checked as it is given.
+        """
         try:
             self["upstream-header"].append(parse_static_header(value))
         except ValueError as e:
@@ -366,8 +174,8 @@ class Options(usage.Options):
 
     def opt_azure_deployment(self, value: str) -> None:
         """
-        MODEL=DEPLOYMENT: the Azure deployment serving MODEL (a model not listed is its own deployment); repeatable. [env OAIPROXY_AZURE_DEPLOYMENTS, comma-separated]
-        """  # noqa: E501
+        One C{--azure-deployment}, checked as it is given.
+        """
         try:
             self["azure-deployment"].append(parse_deployment("--azure-deployment", value))
         except ConfigError as e:
@@ -375,7 +183,7 @@ class Options(usage.Options):
 
     def opt_worker_listener(self, value: str) -> None:
         """
-        (internal, set by the supervisor) an inherited listening socket, FD:FAMILY.
+        One inherited socket (C{--worker-listener}).
         """
         self["worker-listener"].append(value)
 
@@ -473,10 +281,10 @@ class Options(usage.Options):
     def _settings(self) -> Config:
         env = self.environ
         ports = tuple(self["port"]) or (port_from_env(env) or DEFAULT_PORT,)
-        upstream = parse_upstream(self["upstream"] or env.get("OPENAI_BASE_URL") or DEFAULT_UPSTREAM)
+        upstream = parse_upstream(self["upstream"] or env.get(_env("upstream")) or DEFAULT_UPSTREAM)
         mock = bool(self["mock-upstream"])
         deployments = tuple(self["azure-deployment"]) or parse_deployments(
-            "OAIPROXY_AZURE_DEPLOYMENTS", env.get("OAIPROXY_AZURE_DEPLOYMENTS", "")
+            _env("azure-deployment"), env.get(_env("azure-deployment"), "")
         )
         # A worker gets the secrets from its supervisor (see makeService),
         # never from the files, which may have changed since the group
@@ -484,11 +292,16 @@ class Options(usage.Options):
         worker = bool(self["worker-listener"])
         api_key = None if mock or worker else load_api_key(self["api-key-file"], env)
         values: dict[str, Any] = {}
-        for option, variable, parse, name in _SETTINGS:
-            if self[option] is not None:
-                values[name] = parse("--" + option, self[option])
-            elif env.get(variable):
-                values[name] = parse(variable, env[variable])
+        for setting in SETTINGS:
+            # The plain settings: the option, else the variable, else the
+            # Config field's default.
+            if setting.field is None or setting.parse is None or setting.option is None:
+                continue
+            variable = setting.env
+            if self[setting.option] is not None:
+                values[setting.field] = setting.parse("--" + setting.option, self[setting.option])
+            elif variable is not None and env.get(variable):
+                values[setting.field] = setting.parse(variable, env[variable])
         return Config(
             ports=ports,
             upstream=api_base(upstream, values.get("upstream_style", "openai")),
@@ -500,7 +313,7 @@ class Options(usage.Options):
             api_key_file=self["api-key-file"],
             client_keys_file=self["client-keys-file"],
             metrics_key=None if worker else self._metrics_key(),
-            stream_usage=not self["no-stream-usage"] and env.get("OAIPROXY_STREAM_USAGE", "on") != "off",
+            stream_usage=not self["no-stream-usage"] and env.get(_env("no-stream-usage"), "on") != "off",
             worker_listeners=tuple(self["worker-listener"]),
             upstream_headers=tuple(self["upstream-header"]),
             **values,
@@ -509,8 +322,17 @@ class Options(usage.Options):
     def _metrics_key(self) -> Optional[Secret]:
         if self["metrics-key-file"]:
             return load_api_key(self["metrics-key-file"], {})
-        value = self.environ.get("OAIPROXY_METRICS_KEY", "").strip()
+        value = self.environ.get(_env("metrics-key-file"), "").strip()
         return Secret(value.encode("utf-8")) if value else None
+
+
+def _env(option: str) -> str:
+    """
+    The environment variable of C{--option}, from the settings table.
+    """
+    variable = by_option(option).env
+    assert variable is not None, option
+    return variable
 
 
 def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
@@ -789,7 +611,7 @@ def _clients_file(keys_file: Optional[str], environ: Mapping[str, str]) -> Optio
     The clients file in use, found as L{load_clients} finds it; C{None} when
     there is none.
     """
-    path = keys_file or environ.get("OAIPROXY_CLIENT_KEYS_FILE")
+    path = keys_file or environ.get(_env("client-keys-file"))
     if path:
         return path
     directory = environ.get("CREDENTIALS_DIRECTORY")
@@ -1078,7 +900,7 @@ def makeService(
         listening.append(bound)
         announce = _announcer(description, config, bound, exposure, credentials, report)
         ListenerService(endpoint, site, description, report, announce).setServiceParent(service)
-    if built.metrics_site is not None and metrics_endpoint is not None:
+    if config.metrics_port and built.metrics_site is not None and metrics_endpoint is not None:
         bound = Deferred()
         listening.append(bound)
         ListenerService(

@@ -277,9 +277,9 @@ class Harness:
         Send a POST to the proxy, unbuffered so a test sees a stream's
         chunks as they arrive; the request is pumped until it settles.
         """
-        sent = {b"content-type": [b"application/json"]}
+        sent: dict[Any, Any] = {b"content-type": [b"application/json"]}
         sent.update(headers or {})
-        d: Deferred[IResponse] = self.proxy.request(
+        d: Deferred[Any] = self.proxy.request(
             "POST",
             "http://proxy.test" + path,
             data=body,
