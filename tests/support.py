@@ -23,6 +23,7 @@ from twisted.internet.task import Clock
 from twisted.web.iweb import IResponse
 from twisted.web.resource import IResource
 
+from oaiproxy.access.admission import admission_gate
 from oaiproxy.access.clients import Client, ClientRegistry, Credentials, Limits
 from oaiproxy.access.limits import Limiter
 from oaiproxy.config import Secret
@@ -31,11 +32,10 @@ from oaiproxy.fake.upstream import FakeUpstream
 from oaiproxy.observe.metrics import Metrics, MetricsResource
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
-from oaiproxy.routes.table import BY_NAME, DEFAULT_ROUTES, in_order
+from oaiproxy.routetable import BY_NAME, DEFAULT_ROUTES, in_order
 from oaiproxy.server.site import ProxySite
 from oaiproxy.server.tree import HealthResource, build_tree
 from oaiproxy.upstream.client import TreqLike, UpstreamClient, http_client
-from oaiproxy.upstream.exchange import admission_gate
 from oaiproxy.upstream.styles import AzureStyle, UpstreamStyle
 
 

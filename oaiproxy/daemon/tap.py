@@ -38,6 +38,7 @@ from twisted.python import usage
 from twisted.python.systemd import ListenFDs
 
 from oaiproxy import __version__
+from oaiproxy.access.admission import admission_gate
 from oaiproxy.access.clients import ClientRegistry, Credentials, load_clients
 from oaiproxy.access.limits import Limiter
 from oaiproxy.config import (
@@ -85,12 +86,11 @@ from oaiproxy.observe.accesslog import JsonAccessLog, TextAccessLog
 from oaiproxy.observe.jsonlog import OBSERVER_NAME
 from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
-from oaiproxy.routes.table import BY_NAME, DEFAULT_ROUTES, ROUTES, in_order, parse_routes
-from oaiproxy.server.headers import bearer_token, parse_static_header
+from oaiproxy.routetable import BY_NAME, DEFAULT_ROUTES, ROUTES, in_order, parse_routes
 from oaiproxy.server.site import ProxySite
-from oaiproxy.server.tree import HealthResource, build_root, build_tree, error_response
+from oaiproxy.server.tree import HealthResource, build_root, build_tree
 from oaiproxy.upstream.client import UpstreamClient, make_http_client
-from oaiproxy.upstream.exchange import admission_gate
+from oaiproxy.upstream.headers import bearer_token, parse_static_header
 from oaiproxy.upstream.styles import (
     DEFAULT_AZURE_API_VERSION,
     DEFAULT_AZURE_RESPONSES_API_VERSION,
@@ -98,6 +98,7 @@ from oaiproxy.upstream.styles import (
     OpenAIStyle,
     UpstreamStyle,
 )
+from oaiproxy.web import error_response
 
 __all__ = ["Options", "makeService"]
 

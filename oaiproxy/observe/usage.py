@@ -30,14 +30,10 @@ from twisted.python.failure import Failure
 
 from oaiproxy import fastjson
 from oaiproxy.observe.records import Usage
+from oaiproxy.routetable import CHAT_TEXT_KEYS
 
 __all__ = ["UsageMeter", "inject_include_usage", "UsageEventFilter", "MAX_LINE", "PLAIN_BODY_LIMIT", "TAIL_BYTES"]
 
-#: Where a chat completion chunk carries generated text: the message, the
-#: reasoning (C{reasoning_content}, and C{reasoning} as vLLM and
-#: OpenRouter name it), a refusal, tool and function calls (C{name},
-#: C{arguments}) and the transcript of generated audio.
-CHAT_TEXT_KEYS = ("content", "reasoning_content", "reasoning", "refusal", "name", "arguments", "transcript")
 
 #: The events after which a stream is over, whatever bytes upstream still
 #: owes (the end of its chunked body): chat and completions' C{[DONE]} is

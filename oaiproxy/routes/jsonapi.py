@@ -23,18 +23,17 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from oaiproxy.access.clients import Credentials, Limits
 from oaiproxy.access.limits import Limiter, Reservation, estimate_tokens
-from oaiproxy.daemon.lifecycle import Lifecycle
+from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import ApiError, bad_request, method_not_allowed, model_not_found, not_an_id
-from oaiproxy.observe.records import record_of
 from oaiproxy.observe.usage import inject_include_usage
+from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.models import ModelsResource
-from oaiproxy.routes.table import CHAT, MODELS, RESPONSES, Route
 from oaiproxy.routes.uploads import UploadResource
 from oaiproxy.routes.validation import parse_json_request
-from oaiproxy.server.tree import JSONResource, NotFound, error_response, query_of
+from oaiproxy.routetable import CHAT, MODELS, RESPONSES, Route
 from oaiproxy.upstream.client import UpstreamClient
-from oaiproxy.upstream.exchange import ForwardingResource, read_body
 from oaiproxy.upstream.styles import is_path_segment
+from oaiproxy.web import JSONResource, NotFound, error_response, query_of, read_body
 
 __all__ = [
     "JsonRouteResource",
@@ -59,7 +58,6 @@ class JsonRouteResource(ForwardingResource):
         client = self.admit(request, route.label)
         if isinstance(client, bytes):
             return client
-        record = record_of(request)
         body = read_body(request)
         parsed = parse_json_request(body, route)
         if isinstance(parsed, ApiError):
@@ -77,8 +75,7 @@ class JsonRouteResource(ForwardingResource):
             # Azure puts the model's deployment in the path: "../x" would
             # address another endpoint with the shared key.
             return error_response(request, model_not_found(parsed.model or ""))
-        record.model = parsed.model
-        record.stream = parsed.stream
+        self.note(request, model=parsed.model, stream=parsed.stream)
         limits = client.limits if client is not None else Limits()
         prompt_estimate, estimate = estimate_tokens(body, parsed.document, limits, route.generates)
         reservation = self.reserve(request, client, parsed.model, estimate)

@@ -31,7 +31,7 @@ from oaiproxy.daemon.lifecycle import StartupError, StartupReport
 from oaiproxy.daemon.tap import Options, _Exposure, _reloader, _SecretsService, fd_address, makeService, planned_address
 from oaiproxy.daemon.workers import GroupSecrets, encode_secrets
 from oaiproxy.observe.jsonlog import OBSERVER_NAME, JsonLogObserver
-from oaiproxy.routes.table import BY_NAME
+from oaiproxy.routetable import BY_NAME
 from tests.support import registry, self_signed_pem, temp_dir
 
 KEY = "sk-proj-TAPSECRET000111222"

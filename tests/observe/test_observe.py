@@ -24,8 +24,8 @@ from oaiproxy.daemon.tap import _metrics_check
 from oaiproxy.observe.accesslog import JsonAccessLog
 from oaiproxy.observe.metrics import MODEL_LABEL_LIMIT, Metrics, MetricsResource
 from oaiproxy.observe.records import RequestRecord, Usage
-from oaiproxy.server.relay import KEEPALIVE
 from oaiproxy.server.tree import build_root
+from oaiproxy.upstream.relay import KEEPALIVE
 from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body, registry
 
 BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY]}

@@ -26,7 +26,7 @@ from oaiproxy.access.clients import ClientRegistry, Credentials
 from oaiproxy.config import Secret
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
-from oaiproxy.routes.table import BY_NAME
+from oaiproxy.routetable import BY_NAME
 from oaiproxy.server.site import LINGER_SECONDS, ProxySite
 from oaiproxy.server.tree import build_tree
 from oaiproxy.upstream.client import UpstreamClient

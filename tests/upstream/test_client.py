@@ -95,7 +95,7 @@ class StaticHeaderTests(SynchronousTestCase):
         --upstream-header takes NAME:VALUE, and refuses headers the proxy
         owns, bad names and control characters without quoting the value.
         """
-        from oaiproxy.server.headers import parse_static_header
+        from oaiproxy.upstream.headers import parse_static_header
 
         self.assertEqual(
             parse_static_header("HTTP-Referer: https://app.example"), (b"HTTP-Referer", b"https://app.example")

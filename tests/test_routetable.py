@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaiproxy.access.clients import Limits
 from oaiproxy.config import ConfigError
 from oaiproxy.fake.routes import speech
-from oaiproxy.routes.table import BY_NAME, ROUTES, parse_routes
+from oaiproxy.routetable import BY_NAME, ROUTES, parse_routes
 from oaiproxy.upstream.styles import AzureStyle
 from tests.support import CLIENT_KEY, UPSTREAM_KEY, Harness, exchange, form, registry
 from tests.tricks import ID_TRICKS

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_bodies -*-
+# -*- test-case-name: tests.upstream.test_bodies -*-
 """
 Request bodies that go upstream while they are still arriving.
 
