@@ -392,15 +392,6 @@ class UsageMeter:
             return self.reported
         return Usage(prompt=prompt_estimate, completion=math.ceil(self.streamed_chars / 4), exact=False)
 
-    def used(self, prompt_estimate: int) -> int:
-        """
-        The tokens to charge: what upstream reported, or else the prompt
-        estimate plus the output seen so far.
-        """
-        if self.total_tokens is not None:
-            return self.total_tokens
-        return prompt_estimate + math.ceil(self.streamed_chars / 4)
-
 
 #: A member named usage whose value is an object.
 _USAGE_VALUE = re.compile(rb'"usage"\s*:\s*(?=\{)')

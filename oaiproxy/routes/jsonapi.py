@@ -30,14 +30,13 @@ from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.models import ModelsResource
 from oaiproxy.routes.uploads import UploadResource
 from oaiproxy.routes.validation import parse_json_request
-from oaiproxy.routetable import CHAT, MODELS, RESPONSES, Route
+from oaiproxy.routetable import MODELS, RESPONSES, Route
 from oaiproxy.upstream.client import UpstreamClient
 from oaiproxy.upstream.styles import is_path_segment
 from oaiproxy.web import JSONResource, NotFound, error_response, query_of, read_body
 
 __all__ = [
     "JsonRouteResource",
-    "ChatCompletionsResource",
     "ResponsesResource",
     "api_resources",
     "resource_class",
@@ -94,14 +93,6 @@ class JsonRouteResource(ForwardingResource):
         exchange = self.exchange(request, route, reservation, prompt_estimate, strip_usage)
         exchange.start(body, "POST", route.path, parsed.model, query_of(request))
         return NOT_DONE_YET
-
-
-class ChatCompletionsResource(JsonRouteResource):
-    """
-    C{POST /v1/chat/completions}.
-    """
-
-    route = CHAT
 
 
 #: What can be done to a stored response, by the path below its id.

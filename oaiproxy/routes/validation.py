@@ -16,9 +16,9 @@ from typing import Any, Callable, Optional
 from oaiproxy import fastjson
 from oaiproxy.access.limits import NOT_A_COUNT, read_count
 from oaiproxy.errors import ApiError, bad_request
-from oaiproxy.routetable import CHAT, RESPONSES, Route
+from oaiproxy.routetable import RESPONSES, Route
 
-__all__ = ["ChatRequest", "JsonRequest", "parse_chat_request", "parse_json_request", "COUNT_MEMBERS"]
+__all__ = ["JsonRequest", "parse_json_request", "COUNT_MEMBERS"]
 
 
 class JsonRequest:
@@ -40,24 +40,6 @@ class JsonRequest:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, stream={self.stream!r})"
-
-
-class ChatRequest(JsonRequest):
-    """
-    A valid chat completions request.
-    """
-
-    __slots__ = ()
-
-
-def parse_chat_request(body: bytes) -> "ChatRequest | ApiError":
-    """
-    Check a chat completions body; see L{parse_json_request}.
-    """
-    parsed = parse_json_request(body, CHAT)
-    if isinstance(parsed, ApiError):
-        return parsed
-    return ChatRequest(parsed.model, parsed.stream, parsed.document)
 
 
 def parse_json_request(body: bytes, route: Route) -> "JsonRequest | ApiError":
@@ -105,9 +87,7 @@ def parse_json_request(body: bytes, route: Route) -> "JsonRequest | ApiError":
             try:
                 read_count(document.get(name), minimum=1 if name in ("n", "best_of") else 0)
             except ValueError as e:
-                return bad_request(
-                    f"'{name}' {e}.", name, "invalid_type" if str(e) == NOT_A_COUNT else "invalid_value"
-                )
+                return bad_request(f"'{name}' {e}.", name, "invalid_type" if str(e) == NOT_A_COUNT else "invalid_value")
 
     return JsonRequest(model, document.get("stream") is True, document)
 

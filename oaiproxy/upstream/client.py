@@ -195,14 +195,6 @@ class UpstreamClient:
     def __repr__(self) -> str:
         return f"UpstreamClient({self.base_url!r})"
 
-    def post(self, path: str, body: bytes, client_headers: Headers) -> "Deferred[IResponse]":
-        """
-        Forward a request body, byte for byte, to C{path}.
-
-        See L{request}.
-        """
-        return self.request("POST", path, body, client_headers)
-
     def request(
         self,
         method: str,
