@@ -112,6 +112,32 @@ def upward_imports() -> list[str]:
     return found
 
 
+def import_cycles() -> list[str]:
+    """
+    Every cycle of imports among the package's modules (within a layer:
+    across layers the rule above already forbids one), as
+    C{"a -> b -> a"}.
+    """
+    graph = {module: {imported for _, imported in imports_of(module, path)} for module, path in modules()}
+    found: list[str] = []
+    done: set[str] = set()
+
+    def visit(module: str, stack: list[str]) -> None:
+        stack.append(module)
+        for imported in sorted(graph.get(module, set())):
+            if imported in stack:
+                found.append(" -> ".join(stack[stack.index(imported) :] + [imported]))
+            elif imported in graph and imported not in done:
+                visit(imported, stack)
+        stack.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [])
+    return found
+
+
 class LayerTests(SynchronousTestCase):
     """
     The layers of L{LAYERS}, as the package's imports have them.
@@ -129,6 +155,12 @@ class LayerTests(SynchronousTestCase):
         No module imports from a layer above its own.
         """
         self.assertEqual(upward_imports(), [])
+
+    def test_no_import_cycles(self) -> None:
+        """
+        Within a layer too, modules import one way: no cycles.
+        """
+        self.assertEqual(import_cycles(), [])
 
     def test_an_upward_import_is_found(self) -> None:
         """

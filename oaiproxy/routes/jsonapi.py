@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_chat,tests.test_routes -*-
+# -*- test-case-name: tests.routes.test_chat,tests.test_routetable -*-
 """
 The JSON API routes: chat completions, and the others an operator enables
 with C{--routes} (completions, embeddings, responses, moderations, image

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.server.test_tree -*-
 """
 The Resource tree: its inner nodes, the health check, routes turned off,
 and the tree itself.  The resources every endpoint is built on (JSON 404s

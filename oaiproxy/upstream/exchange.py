@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_chat,tests.test_routes -*-
+# -*- test-case-name: tests.routes.test_chat,tests.test_routetable -*-
 """
 One request's trip upstream and back, shared by every forwarding route
 (admission, before it, is L{oaiproxy.access.admission}).
