@@ -182,4 +182,3 @@ class LayerTests(SynchronousTestCase):
         """
         names = [name for name, _ in LAYERS]
         self.assertEqual(names, ["daemon", "server", "routes", "access", "upstream", "observe", "shared"])
-
