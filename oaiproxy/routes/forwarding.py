@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from oaiproxy.access.admission import Admission
-from oaiproxy.access.clients import Client, Credentials
+from oaiproxy.access.clients import Credentials
 from oaiproxy.access.limits import UNLIMITED, Limiter, Reservation
 from oaiproxy.drain import Lifecycle
 from oaiproxy.observe.records import record_of
@@ -46,6 +46,8 @@ class ForwardingResource(Endpoint):
     @param sse_keepalive: seconds of upstream silence in a stream after
         which a C{: keepalive} comment is sent; 0 for never.
     @param route: the route served, when not the class's own.
+
+    @ivar admission: what a request passes before it is forwarded.
     """
 
     log = Logger()
@@ -68,29 +70,10 @@ class ForwardingResource(Endpoint):
             self.route = route
         self._upstream = upstream
         self._clock = clock
-        self._admission = Admission(credentials, clock, lifecycle, limiter)
+        self.admission = Admission(credentials, clock, lifecycle, limiter)
         self._connect_timeout = connect_timeout
         self._stream_usage = stream_usage
         self._sse_keepalive = sse_keepalive
-
-    def admit(self, request: Request, route: str) -> "Optional[Client] | bytes":
-        """
-        See L{Admission.admit}.
-        """
-        return self._admission.admit(request, route)
-
-    def reserve(
-        self,
-        request: Request,
-        client: Optional[Client],
-        model: Optional[str],
-        estimate: int,
-        names_model: bool = True,
-    ) -> "Reservation | bytes":
-        """
-        See L{Admission.reserve}.
-        """
-        return self._admission.reserve(request, client, model, estimate, names_model)
 
     @staticmethod
     def note(request: Request, model: Optional[str] = None, stream: Optional[bool] = None) -> None:

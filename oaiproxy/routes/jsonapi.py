@@ -54,7 +54,7 @@ class JsonRouteResource(ForwardingResource):
 
     def render_POST(self, request: Request) -> bytes | int:
         route = self.route
-        client = self.admit(request, route.label)
+        client = self.admission.admit(request, route.label)
         if isinstance(client, bytes):
             return client
         body = read_body(request)
@@ -77,7 +77,7 @@ class JsonRouteResource(ForwardingResource):
         self.note(request, model=parsed.model, stream=parsed.stream)
         limits = client.limits if client is not None else Limits()
         prompt_estimate, estimate = estimate_tokens(body, parsed.document, limits, route.generates)
-        reservation = self.reserve(request, client, parsed.model, estimate)
+        reservation = self.admission.reserve(request, client, parsed.model, estimate)
         if not isinstance(reservation, Reservation):
             return reservation
         renamed = self._upstream.style.body_model(route, parsed.model)
@@ -139,10 +139,10 @@ class ResponsesResource(JsonRouteResource):
         method = request.method.decode("ascii", "replace")
         if method not in allowed:
             return error_response(request, method_not_allowed(method, request.path.decode("latin-1"), list(allowed)))
-        client = self.admit(request, self.route.label)
+        client = self.admission.admit(request, self.route.label)
         if isinstance(client, bytes):
             return client
-        reservation = self.reserve(request, client, None, 0, names_model=False)
+        reservation = self.admission.reserve(request, client, None, 0, names_model=False)
         if not isinstance(reservation, Reservation):
             return reservation
         body = read_body(request) if method == "POST" else None

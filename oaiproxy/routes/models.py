@@ -78,7 +78,7 @@ class ModelsResource(ForwardingResource):
     render = JSONResource.render
 
     def render_GET(self, request: Request) -> bytes | int:
-        client = self.admit(request, "models")
+        client = self.admission.admit(request, "models")
         if isinstance(client, bytes):
             return client
         name = model_id(request.postpath or [])

@@ -42,7 +42,7 @@ class UploadResource(ForwardingResource):
 
     def render_POST(self, request: Request) -> bytes | int:
         route = self.route
-        client = self.admit(request, route.label)
+        client = self.admission.admit(request, route.label)
         if isinstance(client, bytes):
             return client
         boundary = form_boundary(request.getHeader(b"content-type") or b"")
@@ -170,7 +170,7 @@ class _Upload:
     def _forward(self, model: Optional[str]) -> bytes | int:
         request = self._request
         resource = self._resource
-        reservation = resource.reserve(request, self._client, model, 0)
+        reservation = resource.admission.reserve(request, self._client, model, 0)
         if not isinstance(reservation, Reservation):
             self.state = "answered"
             return reservation
