@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 #: The directory holding the C{oaiproxy} package in use (the checkout, or
 #: site-packages), put first on the children's path so they run the same
@@ -113,6 +113,21 @@ class Process:
         if not found:
             raise AssertionError(f"{self.argv[0]} never printed {pattern!r}; output:\n{self.output}")
         return found[0]
+
+    def wait_until(self, condition: "Callable[[str], bool]", timeout: float = STARTUP_SECONDS) -> None:
+        """
+        Wait until C{condition(output)} holds; fail with the output if the
+        process exits or the deadline passes first.
+        """
+        with self._changed:
+            self._changed.wait_for(
+                lambda: (
+                    condition("".join(self._lines)) or (self._proc.poll() is not None and not self._reader.is_alive())
+                ),
+                timeout,
+            )
+        if not condition(self.output):
+            raise AssertionError(f"{self.argv[0]}: condition not met; output:\n{self.output}")
 
     @property
     def pid(self) -> int:
