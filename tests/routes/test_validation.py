@@ -234,7 +234,7 @@ class RejectTests(SynchronousTestCase):
         try:
             result = parse_chat(b"[" * 100_000 + b"]" * 100_000)
         except RecursionError:
-            self.fail("RecursionError escaped parse_chat_request")
+            self.fail("RecursionError escaped parse_json_request")
         self.assertIsInstance(result, ApiError)
 
 
