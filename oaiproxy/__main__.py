@@ -24,7 +24,8 @@ import getpass
 import sys
 from typing import Optional, TextIO
 
-from oaiproxy.access.clients import file_entry, looks_like_openai_key, mint_key
+from oaiproxy.access.clients import file_entry, mint_key
+from oaiproxy.upstream.headers import looks_like_openai_key
 
 __all__ = ["main"]
 

@@ -135,10 +135,6 @@ class Config:
     api_key_file: Optional[str] = None
     client_keys_file: Optional[str] = None
 
-    @property
-    def chat_completions_url(self) -> str:
-        return self.upstream + "/chat/completions"
-
 
 def parse_seconds(name: str, text: str) -> float:
     """

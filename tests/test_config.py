@@ -5,8 +5,9 @@ that build it from the command line and the environment.
 They cover L{Secret} (never displayed), the number, byte-count, URL and
 C{PORT} parsers (good values accepted, junk refused with a message naming
 the option and never a credential), client keys from the environment, the
-precedence and error reporting of the upstream key lookup, which listening
-addresses count as private, and L{Config.chat_completions_url}.
+precedence and error reporting of the upstream key lookup, and which listening
+addresses count as private.  (Where the upstream base leads is tested through
+the daemon, in C{tests.daemon.test_tap}.)
 """
 
 from __future__ import annotations
@@ -665,22 +666,3 @@ class UnixListenerTests(SynchronousTestCase):
         [port] = announced
         self.addCleanup(port.connectionLost, None)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o660)
-
-
-class ConfigTests(SynchronousTestCase):
-    """
-    L{Config} derived values.
-    """
-
-    def test_chat_completions_url(self) -> None:
-        """
-        Requests go to the upstream base URL plus C{/chat/completions}.
-        """
-        self.assertEqual(config().chat_completions_url, "https://api.openai.com/v1/chat/completions")
-
-    def test_chat_completions_url_after_parse(self) -> None:
-        """
-        A base URL given with a trailing slash does not produce C{//}.
-        """
-        upstream = parse_upstream("http://localhost:8000/v1/")
-        self.assertEqual(config(upstream=upstream).chat_completions_url, "http://localhost:8000/v1/chat/completions")

@@ -62,9 +62,6 @@ __all__ = [
     "load_clients",
     "mint_key",
     "file_entry",
-    "looks_like_openai_key",
-    "contains_openai_key",
-    "OPENAI_KEY_MARKER",
     "KEY_PREFIX",
     "Credentials",
 ]
@@ -177,34 +174,6 @@ def hash_key(key: str) -> str:
     The hex SHA-256 of a key, as the keys file stores it.
     """
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-#: What every OpenAI secret key carries between its two random halves:
-#: C{T3BlbkFJ}, the base64 of "OpenAI".  Secret scanners (gitleaks'
-#: C{openai-api-key} rule) key on it; a C{sk-} prefix alone is also worn by
-#: LiteLLM virtual keys and many local servers' dummy keys.
-OPENAI_KEY_MARKER = b"T3BlbkFJ"
-# Legacy keys are sk- + 20 + marker + 20 letters and digits; project,
-# service-account and admin keys (sk-proj-, sk-svcacct-, sk-admin-) have
-# 58 or 74 characters of [A-Za-z0-9_-] on each side.  The bounds keep a
-# search linear in the header's length.
-_OPENAI_KEY = re.compile(rb"sk-[A-Za-z0-9_-]{20,200}T3BlbkFJ[A-Za-z0-9_-]{20}")
-
-
-def contains_openai_key(data: bytes) -> bool:
-    """
-    Whether C{data} holds a real OpenAI secret key (by the shape above),
-    anywhere in it.
-    """
-    return OPENAI_KEY_MARKER in data and _OPENAI_KEY.search(data) is not None
-
-
-def looks_like_openai_key(token: bytes) -> bool:
-    """
-    Whether a token is, or holds, a real OpenAI secret key: someone about
-    to hand their real key to the proxy (see L{contains_openai_key}).
-    """
-    return contains_openai_key(token)
 
 
 def mint_key() -> str:

@@ -23,15 +23,26 @@ be admitted; it is refused at once rather than retried forever.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.access.clients import Client, Limits
-from oaiproxy.routes.validation import read_count
 
-__all__ = ["Bucket", "Limiter", "Reservation", "Refusal", "estimate_tokens", "format_reset", "rate_headers"]
+__all__ = [
+    "Bucket",
+    "Limiter",
+    "Reservation",
+    "Refusal",
+    "estimate_tokens",
+    "format_reset",
+    "rate_headers",
+    "read_count",
+    "MAX_COUNT",
+    "NOT_A_COUNT",
+]
 
 
 class Bucket:
@@ -273,3 +284,50 @@ def _count(value: Any) -> int:
         return read_count(value) or 0
     except ValueError:
         return 0
+
+
+#: Counts beyond this are all "more than any limit": 2**53, the largest
+#: integer a float holds exactly.
+MAX_COUNT = 2**53
+
+NOT_A_COUNT = "must be an integer"
+_DIGITS = re.compile(r"\s*\+?([0-9]+)\s*\Z")
+
+
+def read_count(value: Any, minimum: int = 0) -> Optional[int]:
+    """
+    The whole number an upstream reads in C{value}, for a member the token
+    reservation depends on: the reservation must count what upstream will
+    generate, and lax upstreams (vLLM's, and others built on pydantic)
+    take C{100000.0}, C{1e5} and C{"100000"} for C{100000}.  So an integer,
+    an integral float and a string of decimal digits are that number
+    (capped at L{MAX_COUNT}, which is beyond every limit); C{None} for an
+    absent or null member.
+
+    @raise ValueError: with the reason, for anything an upstream would not
+        take as the same count: a boolean (pydantic reads C{true} as 1,
+        OpenAI refuses it), a fraction, a non-finite number, any other
+        string or type, or a number below C{minimum}.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(NOT_A_COUNT)
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise ValueError(NOT_A_COUNT)
+        number = int(value) if abs(value) < MAX_COUNT else int(math.copysign(MAX_COUNT, value))
+    elif isinstance(value, str):
+        digits = _DIGITS.match(value)
+        if digits is None:
+            raise ValueError(NOT_A_COUNT)
+        text = digits.group(1)
+        # (Past 16 digits it is beyond MAX_COUNT anyway: no long parse.)
+        number = int(text) if len(text) <= 16 else MAX_COUNT
+    else:
+        raise ValueError(NOT_A_COUNT)
+    if number < minimum:
+        raise ValueError(f"must be at least {minimum}")
+    return min(number, MAX_COUNT)

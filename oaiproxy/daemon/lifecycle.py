@@ -12,8 +12,9 @@ The daemon's life under a service manager: readiness, reload and drain.
    on connections that are still open get a 503 and C{Connection: close}.
    Whatever is still running at the deadline is cut off.
 
-L{Lifecycle} is the state they share with the Resource tree: whether the
-proxy is draining, and which requests are in flight.
+L{Lifecycle} (in L{oaiproxy.drain}, below every layer that reads it) is the
+state they share with the site and the routes: whether the proxy is
+draining, and which requests are in flight.
 
 Startup has its own contract: a listener that cannot be bound, or may not
 be served, ends the process with status 1 and one line saying why, on the
@@ -27,16 +28,17 @@ import errno
 import os
 import signal
 import sys
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from oaiproxy.daemon.sdnotify import Notifier
+from oaiproxy.drain import Drainable, Lifecycle
 
 __all__ = [
     "Lifecycle",
@@ -52,113 +54,6 @@ __all__ = [
 ]
 
 log = Logger()
-
-
-class Drainable(Protocol):
-    """
-    A request as the drain sees it.
-    """
-
-    def cut_off_for_shutdown(self) -> None:
-        """
-        End the response now, as clearly as its framing allows.
-        """
-
-
-class Closable(Protocol):
-    """
-    A client connection as the drain sees it.
-    """
-
-    def close_gracefully(self) -> None:
-        """
-        Close once everything written so far has been sent; calling it
-        again does nothing more.
-        """
-
-
-#: After the last request (or the drain deadline), how long connections get
-#: to send what is still buffered and close before shutdown drops them.
-CLOSE_GRACE_SECONDS = 2.0
-
-
-class Lifecycle:
-    """
-    Serving or draining; the requests in flight and the open connections.
-
-    A drain ends in two steps.  First the requests in flight finish (or are
-    cut off at the deadline).  Then every connection is closed gracefully
-    and the drain waits for them to go: the end of a response may still sit
-    in a send buffer, and reactor shutdown would drop it unsent.
-    """
-
-    def __init__(self) -> None:
-        self.draining = False
-        self._active: set[Drainable] = set()
-        self._connections: set[Closable] = set()
-        self._drained: Optional[Deferred[None]] = None
-        self._closing = False
-        self._timer: Optional[IDelayedCall] = None
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._active)
-
-    def started(self, request: Drainable) -> None:
-        self._active.add(request)
-
-    def ended(self, request: Drainable) -> None:
-        self._active.discard(request)
-        self._progress()
-
-    def opened(self, connection: Closable) -> None:
-        self._connections.add(connection)
-
-    def closed(self, connection: Closable) -> None:
-        self._connections.discard(connection)
-        self._progress()
-
-    def drain(self, clock: IReactorTime, timeout: float) -> "Deferred[None]":
-        """
-        Start draining; fire once every request has ended and every
-        connection has closed, cutting off what still runs after
-        C{timeout} seconds.
-        """
-        self.draining = True
-        self._clock = clock
-        self._drained = Deferred()
-        self._timer = clock.callLater(timeout, self._deadline)
-        drained = self._drained
-        self._progress()
-        return drained
-
-    def _deadline(self) -> None:
-        log.warn("drain timeout: cutting off {count} request(s) still in flight", count=len(self._active))
-        for request in list(self._active):
-            request.cut_off_for_shutdown()
-        # A client that stopped reading would hold its connection open.
-        self._active.clear()
-        self._progress()
-
-    def _progress(self) -> None:
-        if self._drained is None or self._active:
-            return
-        if not self._closing:
-            self._closing = True
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
-            self._timer = self._clock.callLater(CLOSE_GRACE_SECONDS, self._finish)
-            for connection in list(self._connections):
-                connection.close_gracefully()
-        if not self._connections:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        drained, self._drained = self._drained, None
-        if drained is not None:
-            drained.callback(None)
 
 
 class DrainService(Service):

@@ -30,7 +30,7 @@ from oaiproxy.config import (
     parse_style,
     parse_workers,
 )
-from oaiproxy.routes.table import DEFAULT_ROUTES, ROUTES, parse_routes
+from oaiproxy.routetable import DEFAULT_ROUTES, ROUTES, parse_routes
 from oaiproxy.upstream.styles import DEFAULT_AZURE_API_VERSION, DEFAULT_AZURE_RESPONSES_API_VERSION
 
 __all__ = ["MAIN_OPTIONS", "SETTINGS", "Setting", "by_option", "markdown_table"]

@@ -77,10 +77,10 @@ from oaiproxy.daemon.workers import (
 from oaiproxy.fake.upstream import FakeUpstream, listen
 from oaiproxy.observe.jsonlog import OBSERVER_NAME
 from oaiproxy.observe.metrics import Metrics
-from oaiproxy.routes.table import BY_NAME, in_order
+from oaiproxy.routetable import BY_NAME, in_order
 from oaiproxy.server.build import build_site
-from oaiproxy.server.headers import parse_static_header
 from oaiproxy.upstream.client import UpstreamClient, make_http_client
+from oaiproxy.upstream.headers import parse_static_header
 from oaiproxy.upstream.styles import (
     AzureStyle,
 )

@@ -38,7 +38,7 @@ from oaiproxy.daemon.lifecycle import Lifecycle
 from oaiproxy.fake.upstream import FakeUpstream
 from oaiproxy.observe.metrics import Metrics
 from oaiproxy.observe.records import RequestRecord
-from oaiproxy.routes.table import DEFAULT_ROUTES
+from oaiproxy.routetable import DEFAULT_ROUTES
 from oaiproxy.server.build import build_site
 from oaiproxy.upstream.client import TreqLike, http_client
 from oaiproxy.upstream.styles import AzureStyle, UpstreamStyle

@@ -26,7 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.server import Request
 
 from oaiproxy.observe.records import RequestRecord
-from oaiproxy.server.tree import Endpoint
+from oaiproxy.web import Endpoint
 
 __all__ = ["Metrics", "MetricsResource", "MetricsCheck", "MODEL_LABEL_LIMIT"]
 

@@ -3,10 +3,17 @@
 What one request did, gathered as it happens, for the access log and the
 metrics.
 
-The site creates a L{RequestRecord} per request; the chat endpoint fills in
-the client, model, upstream timings and token usage; when the request ends
-the record goes to the access log and the metrics, which only ever read
-it.  It holds names and numbers, never a header value, a body or a key.
+The site creates a L{RequestRecord} per request; admission names the
+client, the route the model, and the exchange the upstream's answer, timings
+and token usage; when the request ends the record goes to the access log and
+the metrics, which only ever read it.  It holds names and numbers, never a
+header value, a body or a key.
+
+Each field has one owner, the module that writes it (L{OWNERS}; the test
+C{tests.observe.test_record_owners} holds the package to it).  The one field
+with two is C{route}: the site labels a request by its path on arrival, and
+admission relabels an admitted one with the route that serves it (a path
+with an id below the route's, like C{/v1/responses/{id}}).
 """
 
 from __future__ import annotations
@@ -16,7 +23,40 @@ from typing import Any, Optional
 
 from twisted.web.server import Request
 
-__all__ = ["RequestRecord", "Usage", "record_of", "new_request_id"]
+__all__ = ["RequestRecord", "Usage", "record_of", "new_request_id", "OWNERS"]
+
+_SITE = ("oaiproxy.server.site",)
+_ADMISSION = ("oaiproxy.access.admission",)
+_ROUTES = ("oaiproxy.routes.forwarding",)
+_EXCHANGE = ("oaiproxy.upstream.exchange",)
+
+#: The module that writes each field of L{RequestRecord}, by field.
+OWNERS: dict[str, tuple[str, ...]] = {
+    "request_id": _SITE,
+    "started": _SITE,
+    "peer": _SITE,
+    "client": _ADMISSION,
+    "method": _SITE,
+    "route": _SITE + _ADMISSION,
+    "path": _SITE,
+    "model": _ROUTES,
+    "stream": _ROUTES,
+    "status": _SITE,
+    "upstream_status": _EXCHANGE,
+    "upstream_request_id": _EXCHANGE,
+    "upstream_error": _EXCHANGE,
+    "bytes_in": _SITE,
+    "bytes_out": _SITE,
+    "usage": _EXCHANGE,
+    "upstream_sent": _EXCHANGE,
+    "upstream_head": _EXCHANGE,
+    "first_chunk": _SITE,
+    "head_sent": _SITE,
+    "ended_at": _SITE,
+    "ended": _SITE,
+    "end_sent": _EXCHANGE,
+    "worker": _SITE,
+}
 
 
 def new_request_id() -> str:
@@ -55,7 +95,9 @@ class Usage:
 
 class RequestRecord:
     """
-    One request's facts.  Times are the site's clock, in seconds.
+    One request's facts.  Times are the site's clock, in seconds.  Each
+    field is written by its owner in L{OWNERS} alone; every other module
+    only reads it.
     """
 
     __slots__ = (

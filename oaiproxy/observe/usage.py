@@ -30,14 +30,10 @@ from twisted.python.failure import Failure
 
 from oaiproxy import fastjson
 from oaiproxy.observe.records import Usage
+from oaiproxy.routetable import CHAT_TEXT_KEYS
 
 __all__ = ["UsageMeter", "inject_include_usage", "UsageEventFilter", "MAX_LINE", "PLAIN_BODY_LIMIT", "TAIL_BYTES"]
 
-#: Where a chat completion chunk carries generated text: the message, the
-#: reasoning (C{reasoning_content}, and C{reasoning} as vLLM and
-#: OpenRouter name it), a refusal, tool and function calls (C{name},
-#: C{arguments}) and the transcript of generated audio.
-CHAT_TEXT_KEYS = ("content", "reasoning_content", "reasoning", "refusal", "name", "arguments", "transcript")
 
 #: The events after which a stream is over, whatever bytes upstream still
 #: owes (the end of its chunked body): chat and completions' C{[DONE]} is
@@ -395,15 +391,6 @@ class UsageMeter:
         if self.reported is not None:
             return self.reported
         return Usage(prompt=prompt_estimate, completion=math.ceil(self.streamed_chars / 4), exact=False)
-
-    def used(self, prompt_estimate: int) -> int:
-        """
-        The tokens to charge: what upstream reported, or else the prompt
-        estimate plus the output seen so far.
-        """
-        if self.total_tokens is not None:
-            return self.total_tokens
-        return prompt_estimate + math.ceil(self.streamed_chars / 4)
 
 
 #: A member named usage whose value is an object.

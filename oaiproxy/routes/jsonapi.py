@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_chat,tests.test_routes -*-
+# -*- test-case-name: tests.routes.test_chat,tests.test_routetable -*-
 """
 The JSON API routes: chat completions, and the others an operator enables
 with C{--routes} (completions, embeddings, responses, moderations, image
@@ -23,22 +23,20 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from oaiproxy.access.clients import Credentials, Limits
 from oaiproxy.access.limits import Limiter, Reservation, estimate_tokens
-from oaiproxy.daemon.lifecycle import Lifecycle
+from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import ApiError, bad_request, method_not_allowed, model_not_found, not_an_id
-from oaiproxy.observe.records import record_of
 from oaiproxy.observe.usage import inject_include_usage
+from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.models import ModelsResource
-from oaiproxy.routes.table import CHAT, MODELS, RESPONSES, Route
 from oaiproxy.routes.uploads import UploadResource
 from oaiproxy.routes.validation import parse_json_request
-from oaiproxy.server.tree import JSONResource, NotFound, error_response, query_of
+from oaiproxy.routetable import MODELS, RESPONSES, Route
 from oaiproxy.upstream.client import UpstreamClient
-from oaiproxy.upstream.exchange import ForwardingResource, read_body
 from oaiproxy.upstream.styles import is_path_segment
+from oaiproxy.web import JSONResource, NotFound, error_response, query_of, read_body
 
 __all__ = [
     "JsonRouteResource",
-    "ChatCompletionsResource",
     "ResponsesResource",
     "api_resources",
     "resource_class",
@@ -56,10 +54,9 @@ class JsonRouteResource(ForwardingResource):
 
     def render_POST(self, request: Request) -> bytes | int:
         route = self.route
-        client = self.admit(request, route.label)
+        client = self.admission.admit(request, route.label)
         if isinstance(client, bytes):
             return client
-        record = record_of(request)
         body = read_body(request)
         parsed = parse_json_request(body, route)
         if isinstance(parsed, ApiError):
@@ -77,11 +74,10 @@ class JsonRouteResource(ForwardingResource):
             # Azure puts the model's deployment in the path: "../x" would
             # address another endpoint with the shared key.
             return error_response(request, model_not_found(parsed.model or ""))
-        record.model = parsed.model
-        record.stream = parsed.stream
+        self.note(request, model=parsed.model, stream=parsed.stream)
         limits = client.limits if client is not None else Limits()
         prompt_estimate, estimate = estimate_tokens(body, parsed.document, limits, route.generates)
-        reservation = self.reserve(request, client, parsed.model, estimate)
+        reservation = self.admission.reserve(request, client, parsed.model, estimate)
         if not isinstance(reservation, Reservation):
             return reservation
         renamed = self._upstream.style.body_model(route, parsed.model)
@@ -97,14 +93,6 @@ class JsonRouteResource(ForwardingResource):
         exchange = self.exchange(request, route, reservation, prompt_estimate, strip_usage)
         exchange.start(body, "POST", route.path, parsed.model, query_of(request))
         return NOT_DONE_YET
-
-
-class ChatCompletionsResource(JsonRouteResource):
-    """
-    C{POST /v1/chat/completions}.
-    """
-
-    route = CHAT
 
 
 #: What can be done to a stored response, by the path below its id.
@@ -151,10 +139,10 @@ class ResponsesResource(JsonRouteResource):
         method = request.method.decode("ascii", "replace")
         if method not in allowed:
             return error_response(request, method_not_allowed(method, request.path.decode("latin-1"), list(allowed)))
-        client = self.admit(request, self.route.label)
+        client = self.admission.admit(request, self.route.label)
         if isinstance(client, bytes):
             return client
-        reservation = self.reserve(request, client, None, 0, names_model=False)
+        reservation = self.admission.reserve(request, client, None, 0, names_model=False)
         if not isinstance(reservation, Reservation):
             return reservation
         body = read_body(request) if method == "POST" else None

@@ -22,11 +22,11 @@ from urllib.parse import quote
 from twisted.web.server import NOT_DONE_YET, Request
 
 from oaiproxy.errors import ApiError, model_not_found, not_an_id, upstream_unreadable
-from oaiproxy.observe.records import record_of
-from oaiproxy.routes.table import MODELS
-from oaiproxy.server.tree import JSONResource, error_response
-from oaiproxy.upstream.exchange import Collect, ForwardingResource
+from oaiproxy.routes.forwarding import ForwardingResource
+from oaiproxy.routetable import MODELS
+from oaiproxy.upstream.exchange import Collect
 from oaiproxy.upstream.styles import AzureStyle, is_path_segment
+from oaiproxy.web import JSONResource, error_response
 
 __all__ = ["ModelsResource", "model_not_found", "model_id", "filter_listing"]
 
@@ -78,14 +78,14 @@ class ModelsResource(ForwardingResource):
     render = JSONResource.render
 
     def render_GET(self, request: Request) -> bytes | int:
-        client = self.admit(request, "models")
+        client = self.admission.admit(request, "models")
         if isinstance(client, bytes):
             return client
         name = model_id(request.postpath or [])
         if isinstance(name, ApiError):
             self.log.info("refused a model id that is not one path segment")
             return error_response(request, name)
-        record_of(request).model = name
+        self.note(request, model=name)
         allowed = client.models if client is not None else None
         if allowed is not None and name is not None and name not in allowed:
             return error_response(request, model_not_found(name))

@@ -5,7 +5,7 @@ uploads, streamed upstream as they arrive.
 
 The body is C{multipart/form-data}: a file and a few text fields
 (C{model}, C{language}, C{stream}...).  The file is never held whole (see
-L{oaiproxy.server.bodies}); the fields are read as they pass.  The model is needed
+L{oaiproxy.upstream.bodies}); the fields are read as they pass.  The model is needed
 before anything goes upstream only when something depends on it (the
 client has a model allow-list, or the upstream is Azure, where it picks the
 deployment); then the request waits for the C{model} field, holding what
@@ -26,11 +26,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 from oaiproxy.access.clients import Client
 from oaiproxy.access.limits import Reservation
 from oaiproxy.errors import ApiError, bad_request
-from oaiproxy.observe.records import record_of
-from oaiproxy.server.bodies import BodyPipe, BodyRefused, FormFields, form_boundary
-from oaiproxy.server.site import ProxyRequest
-from oaiproxy.server.tree import error_response, query_of, send_error
-from oaiproxy.upstream.exchange import ForwardingResource, read_body
+from oaiproxy.routes.forwarding import ForwardingResource
+from oaiproxy.upstream.bodies import BodyPipe, BodyRefused, FormFields, form_boundary
+from oaiproxy.web import error_response, query_of, read_body, send_error
 
 __all__ = ["UploadResource"]
 
@@ -44,7 +42,7 @@ class UploadResource(ForwardingResource):
 
     def render_POST(self, request: Request) -> bytes | int:
         route = self.route
-        client = self.admit(request, route.label)
+        client = self.admission.admit(request, route.label)
         if isinstance(client, bytes):
             return client
         boundary = form_boundary(request.getHeader(b"content-type") or b"")
@@ -58,7 +56,9 @@ class UploadResource(ForwardingResource):
                 ),
             )
         fields = FormFields(boundary)
-        pipe = request.body_pipe if isinstance(request, ProxyRequest) else None
+        # The site's requests stream an upload's body (see
+        # oaiproxy.server.site.ProxyRequest); a plain twisted.web one has none.
+        pipe: Optional[BodyPipe] = getattr(request, "body_pipe", None)
         body: "bytes | IBodyProducer"
         if pipe is not None:
             pipe.observe(fields.feed)
@@ -110,7 +110,6 @@ class _Upload:
         self._pipe = pipe
         self._needs_model = needs_model
         self.state = "new"
-        self._record = record_of(request)
         fields.on_field = self._field
         fields.on_part = self._check
         for name in list(fields.fields):
@@ -144,9 +143,9 @@ class _Upload:
     def _field(self, name: str) -> None:
         value = self._fields.fields.get(name)
         if name == "model" and value is not None:
-            self._record.model = value
+            self._resource.note(self._request, model=value)
         elif name == "stream" and value is not None:
-            self._record.stream = value.strip().lower() == "true"
+            self._resource.note(self._request, stream=value.strip().lower() == "true")
         if name == "model" and self.state == "waiting" and self._problem() is None:
             self._answer(self._forward(value))
 
@@ -171,7 +170,7 @@ class _Upload:
     def _forward(self, model: Optional[str]) -> bytes | int:
         request = self._request
         resource = self._resource
-        reservation = resource.reserve(request, self._client, model, 0)
+        reservation = resource.admission.reserve(request, self._client, model, 0)
         if not isinstance(reservation, Reservation):
             self.state = "answered"
             return reservation

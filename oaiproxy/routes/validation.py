@@ -3,7 +3,7 @@
 The checks a JSON request must pass before it costs an upstream call.
 
 Only the members whose absence guarantees an upstream 400 are checked (a
-route's C{required} members, see L{oaiproxy.routes.table}); the rest of the body
+route's C{required} members, see L{oaiproxy.routetable}); the rest of the body
 is OpenAI's to judge, so new API fields work through the proxy the day
 they ship.  The body itself is never rewritten: validation reads a parsed
 copy, and the original bytes are what goes upstream.
@@ -11,15 +11,14 @@ copy, and the original bytes are what goes upstream.
 
 from __future__ import annotations
 
-import math
-import re
 from typing import Any, Callable, Optional
 
 from oaiproxy import fastjson
+from oaiproxy.access.limits import NOT_A_COUNT, read_count
 from oaiproxy.errors import ApiError, bad_request
-from oaiproxy.routes.table import CHAT, RESPONSES, Route
+from oaiproxy.routetable import RESPONSES, Route
 
-__all__ = ["ChatRequest", "JsonRequest", "parse_chat_request", "parse_json_request", "read_count", "COUNT_MEMBERS"]
+__all__ = ["JsonRequest", "parse_json_request", "COUNT_MEMBERS"]
 
 
 class JsonRequest:
@@ -41,24 +40,6 @@ class JsonRequest:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, stream={self.stream!r})"
-
-
-class ChatRequest(JsonRequest):
-    """
-    A valid chat completions request.
-    """
-
-    __slots__ = ()
-
-
-def parse_chat_request(body: bytes) -> "ChatRequest | ApiError":
-    """
-    Check a chat completions body; see L{parse_json_request}.
-    """
-    parsed = parse_json_request(body, CHAT)
-    if isinstance(parsed, ApiError):
-        return parsed
-    return ChatRequest(parsed.model, parsed.stream, parsed.document)
 
 
 def parse_json_request(body: bytes, route: Route) -> "JsonRequest | ApiError":
@@ -106,9 +87,7 @@ def parse_json_request(body: bytes, route: Route) -> "JsonRequest | ApiError":
             try:
                 read_count(document.get(name), minimum=1 if name in ("n", "best_of") else 0)
             except ValueError as e:
-                return bad_request(
-                    f"'{name}' {e}.", name, "invalid_type" if str(e) == _NOT_A_COUNT else "invalid_value"
-                )
+                return bad_request(f"'{name}' {e}.", name, "invalid_type" if str(e) == NOT_A_COUNT else "invalid_value")
 
     return JsonRequest(model, document.get("stream") is True, document)
 
@@ -176,49 +155,3 @@ _CHECKS: dict[str, Callable[[Any, str], Problem]] = {"messages": _messages}
 #: The members a token reservation reads (see L{oaiproxy.access.limits}): the
 #: output bound under its three names, and the number of choices.
 COUNT_MEMBERS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "n", "best_of")
-
-#: Counts beyond this are all "more than any limit": 2**53, the largest
-#: integer a float holds exactly.
-MAX_COUNT = 2**53
-
-_NOT_A_COUNT = "must be an integer"
-_DIGITS = re.compile(r"\s*\+?([0-9]+)\s*\Z")
-
-
-def read_count(value: Any, minimum: int = 0) -> Optional[int]:
-    """
-    The whole number an upstream reads in C{value}, for a member the token
-    reservation depends on: the reservation must count what upstream will
-    generate, and lax upstreams (vLLM's, and others built on pydantic)
-    take C{100000.0}, C{1e5} and C{"100000"} for C{100000}.  So an integer,
-    an integral float and a string of decimal digits are that number
-    (capped at L{MAX_COUNT}, which is beyond every limit); C{None} for an
-    absent or null member.
-
-    @raise ValueError: with the reason, for anything an upstream would not
-        take as the same count: a boolean (pydantic reads C{true} as 1,
-        OpenAI refuses it), a fraction, a non-finite number, any other
-        string or type, or a number below C{minimum}.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(_NOT_A_COUNT)
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
-            raise ValueError(_NOT_A_COUNT)
-        number = int(value) if abs(value) < MAX_COUNT else int(math.copysign(MAX_COUNT, value))
-    elif isinstance(value, str):
-        digits = _DIGITS.match(value)
-        if digits is None:
-            raise ValueError(_NOT_A_COUNT)
-        text = digits.group(1)
-        # (Past 16 digits it is beyond MAX_COUNT anyway: no long parse.)
-        number = int(text) if len(text) <= 16 else MAX_COUNT
-    else:
-        raise ValueError(_NOT_A_COUNT)
-    if number < minimum:
-        raise ValueError(f"must be at least {minimum}")
-    return min(number, MAX_COUNT)

@@ -24,21 +24,23 @@ from typing import Any, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
+from oaiproxy.access.admission import admission_gate
 from oaiproxy.access.clients import ClientRegistry, Credentials
 from oaiproxy.access.limits import Limiter
 from oaiproxy.config import Config, Secret
-from oaiproxy.daemon.lifecycle import Lifecycle
+from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import invalid_api_key
 from oaiproxy.observe.accesslog import AccessLog, JsonAccessLog, TextAccessLog
 from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource
+from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
-from oaiproxy.routes.table import ROUTES, Route, in_order
-from oaiproxy.server.headers import bearer_token
+from oaiproxy.routetable import ROUTES, Route, in_order
 from oaiproxy.server.site import ProxySite
-from oaiproxy.server.tree import HealthResource, build_root, build_tree, error_response
+from oaiproxy.server.tree import HealthResource, build_root, build_tree
 from oaiproxy.upstream.client import TreqLike, UpstreamClient
-from oaiproxy.upstream.exchange import ForwardingResource, admission_gate
+from oaiproxy.upstream.headers import bearer_token
 from oaiproxy.upstream.styles import AzureStyle, OpenAIStyle, UpstreamStyle
+from oaiproxy.web import error_response
 
 __all__ = ["Built", "build_site", "metrics_check", "style_of"]
 

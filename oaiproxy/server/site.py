@@ -26,7 +26,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from oaiproxy import __version__
-from oaiproxy.daemon.lifecycle import Lifecycle
+from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import (
     ApiError,
     bad_http,
@@ -40,11 +40,11 @@ from oaiproxy.errors import (
 from oaiproxy.observe.accesslog import AccessLog, TextAccessLog
 from oaiproxy.observe.metrics import Metrics
 from oaiproxy.observe.records import RequestRecord, new_request_id
-from oaiproxy.routes.table import ROUTES
-from oaiproxy.server.bodies import BodyPipe, BodyRefused
-from oaiproxy.server.headers import client_request_id
-from oaiproxy.server.relay import KEEPALIVE
-from oaiproxy.server.tree import error_response
+from oaiproxy.routetable import ROUTES
+from oaiproxy.upstream.bodies import BodyPipe, BodyRefused
+from oaiproxy.upstream.headers import client_request_id
+from oaiproxy.upstream.relay import KEEPALIVE
+from oaiproxy.web import error_response
 
 try:
     import resource as _resource

@@ -11,7 +11,7 @@ keep a cookie, and give up when the response head is late.
 from __future__ import annotations
 
 from http.cookiejar import CookiePolicy
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
@@ -23,9 +23,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from oaiproxy.access.clients import Credentials
-from oaiproxy.server.bodies import IStreamedBody
-from oaiproxy.server.headers import upstream_request_headers
+from oaiproxy.config import Secret
+from oaiproxy.upstream.bodies import IStreamedBody
+from oaiproxy.upstream.headers import upstream_request_headers
 from oaiproxy.upstream.styles import OpenAIStyle, UpstreamStyle
 
 __all__ = ["UpstreamClient", "UpstreamTimeout", "TreqLike", "make_http_client", "make_pool", "http_client"]
@@ -142,6 +142,20 @@ def _body_producer(data: Any) -> IBodyProducer:
     return _BytesProducer(data)
 
 
+class KeyHolder(Protocol):
+    """
+    Where the upstream key is read for every request (an
+    L{oaiproxy.access.clients.Credentials}, which a reload replaces): the
+    client only reads it, so it names nothing of admission.
+    """
+
+    @property
+    def api_key(self) -> Secret:
+        """
+        The upstream key in use.
+        """
+
+
 class UpstreamClient:
     """
     Sends requests to the upstream API on behalf of clients.
@@ -164,7 +178,7 @@ class UpstreamClient:
         self,
         http: TreqLike,
         base_url: str,
-        credentials: Credentials,
+        credentials: KeyHolder,
         clock: IReactorTime,
         read_timeout: float,
         extra_headers: Sequence[tuple[bytes, bytes]] = (),
@@ -180,14 +194,6 @@ class UpstreamClient:
 
     def __repr__(self) -> str:
         return f"UpstreamClient({self.base_url!r})"
-
-    def post(self, path: str, body: bytes, client_headers: Headers) -> "Deferred[IResponse]":
-        """
-        Forward a request body, byte for byte, to C{path}.
-
-        See L{request}.
-        """
-        return self.request("POST", path, body, client_headers)
 
     def request(
         self,

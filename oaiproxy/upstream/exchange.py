@@ -1,7 +1,7 @@
-# -*- test-case-name: tests.test_chat,tests.test_routes -*-
+# -*- test-case-name: tests.routes.test_chat,tests.test_routetable -*-
 """
-What every forwarding endpoint shares: admission (draining, client keys,
-allow-lists, limits) and one request's trip upstream and back.
+One request's trip upstream and back, shared by every forwarding route
+(admission, before it, is L{oaiproxy.access.admission}).
 
 A request is sent upstream unchanged; the upstream status, headers and body
 come back as they arrive.  L{Exchange} follows the discipline twisted.web
@@ -14,7 +14,8 @@ request whose connection is gone.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
+from typing import Protocol as Interface
 
 from twisted.internet import error as netError
 from twisted.internet.defer import Deferred
@@ -26,18 +27,10 @@ from twisted.web import client as webClient
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.server import Request
 
-from oaiproxy.access.clients import Client, Credentials
-from oaiproxy.access.limits import UNLIMITED, Limiter, Refusal, Reservation
-from oaiproxy.daemon.lifecycle import Lifecycle
 from oaiproxy.errors import (
     ApiError,
-    draining,
-    invalid_api_key,
-    model_not_allowed,
     model_not_found,
     not_found,
-    openai_key_sent,
-    rate_limited,
     sse_error_event,
     upstream_failed_mid_response,
     upstream_rejected_proxy_key,
@@ -45,37 +38,48 @@ from oaiproxy.errors import (
     upstream_timeout,
     upstream_unreachable,
 )
-from oaiproxy.observe.records import RequestRecord, record_of
+from oaiproxy.observe.records import RequestRecord
 from oaiproxy.observe.usage import UsageEventFilter, UsageMeter
-from oaiproxy.routes.table import CHAT, Route
-from oaiproxy.server.bodies import IStreamedBody
-from oaiproxy.server.headers import (
-    bearer_token,
-    client_request_id,
-    client_response_headers,
-    openai_key_carrier,
-    scope_openai_headers,
-)
-from oaiproxy.server.relay import BodyRelay, UpstreamIdle
-from oaiproxy.server.tree import Endpoint, error_response, send_error
+from oaiproxy.routetable import CHAT, Route
+from oaiproxy.upstream.bodies import IStreamedBody
 from oaiproxy.upstream.client import UpstreamClient, UpstreamTimeout
+from oaiproxy.upstream.headers import client_request_id, client_response_headers
+from oaiproxy.upstream.relay import BodyRelay, UpstreamIdle
+from oaiproxy.web import error_response, send_error
 
 __all__ = [
-    "ForwardingResource",
     "Exchange",
-    "admission_gate",
+    "Allowance",
     "Collect",
     "BoundedCollector",
-    "authenticate",
+    "COLLECT_LIMIT",
     "classify_upstream_failure",
-    "read_body",
 ]
 
-_log = Logger()
 #: What an exchange that reads its response whole (see L{BoundedCollector})
 #: does with it: given the upstream status and the decoded body, the body
 #: the client gets, or an error to answer instead.
 Collect = Callable[[int, bytes], "bytes | ApiError"]
+
+
+class Allowance(Interface):
+    """
+    What an exchange needs of the client's hold on its limits (an
+    L{oaiproxy.access.limits.Reservation}): the tokens it was admitted for,
+    and a way to give back what the response did not use.  Declared here so
+    that the exchange never reaches up to admission.
+    """
+
+    @property
+    def estimate(self) -> int:
+        """
+        The tokens reserved when the request was admitted.
+        """
+
+    def settle(self, used_tokens: int) -> None:
+        """
+        Charge what the response used; once.
+        """
 
 
 def classify_upstream_failure(failure: Failure, connect_timeout: float) -> ApiError:
@@ -120,184 +124,6 @@ def _failure_kind(failure: Failure) -> str:
     return "connect"
 
 
-def authenticate(request: Request, credentials: Credentials) -> "Optional[Client] | ApiError":
-    """
-    Who is asking: the client whose key the request carries (C{None} when
-    the proxy has no client keys), or the error to answer with.  A request
-    carrying a real OpenAI key anywhere (a header, the URL) is refused
-    either way; a configured client key is accepted whatever it looks like.
-    The client's name goes on the request's record, for logs and metrics,
-    and its entry decides the C{OpenAI-Organization} / C{OpenAI-Project}
-    that go upstream.
-    """
-    headers = request.requestHeaders
-    token = bearer_token(headers)
-    clients = credentials.clients
-    client = clients.identify(token) if (token is not None and len(clients)) else None
-    leaked = openai_key_carrier(headers, request.uri, token if client is not None else None)
-    if leaked is not None:
-        # Where, never what: the operator can tell the user to rotate it.
-        _log.warn("refused a request carrying a real OpenAI API key in {where}; it should be rotated", where=leaked)
-        return openai_key_sent(leaked)
-    if len(clients) and client is None:
-        return invalid_api_key()
-    if client is not None:
-        # Who, never with what key.
-        record_of(request).client = client.name
-        scope_openai_headers(headers, client.organization, client.project, client.pass_openai_headers)
-    return client
-
-
-def admission_gate(credentials: Credentials) -> Callable[[Request], bool]:
-    """
-    The check a request passes as soon as its headers are in, before any
-    of its body is read (see L{oaiproxy.server.site.ProxySite.admit}): the same
-    key check as L{authenticate}, so a client without a valid key cannot
-    make the proxy hold a body (its route then refuses it, by the same
-    check, before the body).  The model allow-list cannot apply yet: every
-    route names its model in the body.
-    """
-
-    def gate(request: Request) -> bool:
-        return not isinstance(authenticate(request, credentials), ApiError)
-
-    return gate
-
-
-def read_body(request: Request) -> bytes:
-    """
-    The whole request body.  L{oaiproxy.server.site.ProxyRequest} keeps it in
-    memory; a plain twisted.web request may have spooled it to a file.
-    """
-    content: Any = request.content
-    getvalue = getattr(content, "getvalue", None)
-    if getvalue is not None:
-        body: bytes = getvalue()
-        return body
-    content.seek(0)
-    data: bytes = content.read()
-    return data
-
-
-class ForwardingResource(Endpoint):
-    """
-    What every forwarding endpoint shares: its collaborators, and the
-    admission every request passes (not draining, a valid client, then the
-    client's model allow-list and limits).
-
-    @param upstream: where requests go.
-    @param clock: the clock for timeouts and records.
-    @param credentials: the clients allowed in (none: no client auth); read
-        per request, so a reload applies at once.
-    @param lifecycle: tells whether the proxy is draining.
-    @param connect_timeout: named in the 502 for a connect timeout.
-    @param limiter: the clients' limit state, shared by every route.
-    @param stream_usage: ask upstream for usage on streams whose client did
-        not, and remove it before the client sees it (exact token counts;
-        the one change the proxy makes to a request body).
-    @param sse_keepalive: seconds of upstream silence in a stream after
-        which a C{: keepalive} comment is sent; 0 for never.
-    @param route: the route served, when not the class's own.
-    """
-
-    log = Logger()
-    route: Route = CHAT
-
-    def __init__(
-        self,
-        upstream: UpstreamClient,
-        clock: IReactorTime,
-        credentials: Credentials,
-        lifecycle: Optional[Lifecycle] = None,
-        connect_timeout: float = 10.0,
-        limiter: Optional[Limiter] = None,
-        stream_usage: bool = True,
-        sse_keepalive: float = 15.0,
-        route: Optional[Route] = None,
-    ) -> None:
-        super().__init__()
-        if route is not None:
-            self.route = route
-        self._upstream = upstream
-        self._clock = clock
-        self._credentials = credentials
-        self._lifecycle = lifecycle or Lifecycle()
-        self._connect_timeout = connect_timeout
-        self._limiter = limiter or Limiter(clock)
-        self._stream_usage = stream_usage
-        self._sse_keepalive = sse_keepalive
-
-    def admit(self, request: Request, route: str) -> "Optional[Client] | bytes":
-        """
-        The client making the request (C{None} without client auth), or the
-        body of the error already set on the request.
-        """
-        if self._lifecycle.draining:
-            return error_response(request, draining())
-        client = authenticate(request, self._credentials)
-        if isinstance(client, ApiError):
-            return error_response(request, client)
-        record_of(request).route = route
-        return client
-
-    def reserve(
-        self,
-        request: Request,
-        client: Optional[Client],
-        model: Optional[str],
-        estimate: int,
-        names_model: bool = True,
-    ) -> "Reservation | bytes":
-        """
-        Check the client's allow-list for C{model} and take C{estimate}
-        tokens (and a request, and a concurrency slot) from its limits.
-
-        @param names_model: the request is about a model (false for reading
-            a stored response: no allow-list applies, the limits do).
-        @return: the reservation to settle when the response is over, or
-            the body of the error already set on the request.
-        """
-        if client is None:
-            return UNLIMITED
-        if names_model and not client.allows(model):
-            return error_response(request, model_not_allowed(client.name, model))
-        admitted = self._limiter.admit(client, estimate)
-        if isinstance(admitted, Refusal):
-            self.log.info("client {client} over its {limit} limit", client=client.name, limit=admitted.limit)
-            headers = tuple(self._limiter.headers(client))
-            return error_response(request, rate_limited(admitted.message, admitted.retry_after, headers))
-        return admitted
-
-    def exchange(
-        self,
-        request: Request,
-        route: Route,
-        reservation: Reservation = UNLIMITED,
-        prompt_estimate: int = 0,
-        strip_usage: bool = False,
-        metered: bool = True,
-        collect: Optional[Collect] = None,
-    ) -> "Exchange":
-        """
-        A trip upstream for C{request}; see L{Exchange}.
-        """
-        return Exchange(
-            request,
-            self._upstream,
-            self._clock,
-            self._connect_timeout,
-            self.log,
-            reservation,
-            prompt_estimate,
-            record_of(request),
-            route=route,
-            strip_usage=strip_usage,
-            sse_keepalive=self._sse_keepalive,
-            metered=metered,
-            collect=collect,
-        )
-
-
 class _Discard(Protocol):
     """
     Reads a response body and throws it away (so the pooled connection can
@@ -320,7 +146,7 @@ class BodyTooLarge(Exception):
 
 class BoundedCollector:
     """
-    A L{oaiproxy.server.relay.Transform} that passes nothing on until the body
+    A L{oaiproxy.upstream.relay.Transform} that passes nothing on until the body
     has ended, then the whole body rewritten: for a response the proxy must
     read whole (a model list it filters).
 
@@ -397,7 +223,7 @@ class Exchange:
         clock: IReactorTime,
         connect_timeout: float,
         log: Logger,
-        reservation: Reservation,
+        reservation: Allowance,
         prompt_estimate: int,
         record: RequestRecord,
         route: Route = CHAT,

@@ -18,7 +18,7 @@ import unicodedata
 from typing import Mapping, Optional, Union
 from urllib.parse import quote, quote_from_bytes, unquote, unquote_to_bytes
 
-from oaiproxy.routes.table import ROUTES, Route
+from oaiproxy.routetable import ROUTES, Route
 
 __all__ = [
     "OpenAIStyle",

@@ -17,17 +17,17 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import RequestGenerationFailed
 
+from oaiproxy.access.admission import admission_gate
 from oaiproxy.access.clients import Credentials
 from oaiproxy.config import Secret
 from oaiproxy.daemon.tap import Options
 from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, registry
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
-from oaiproxy.routes.table import BY_NAME
+from oaiproxy.routetable import BY_NAME
 from oaiproxy.server import site as site_module
 from oaiproxy.server.site import _FD_RESERVE, STREAMS_WANTED, ProxySite, check_open_files
 from oaiproxy.server.tree import build_tree
 from oaiproxy.upstream.client import UpstreamClient
-from oaiproxy.upstream.exchange import admission_gate
 from tests.daemon.test_systemd import unit_settings
 from tests.routes.test_uploads import AUDIO, ROUTES, _Consumer, _Upstream
 from tests.support import form

@@ -24,20 +24,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaiproxy.__main__ import main
 from oaiproxy.access.clients import (
     KEY_PREFIX,
-    OPENAI_KEY_MARKER,
     Client,
     ClientRegistry,
     Credentials,
     Limits,
-    contains_openai_key,
     file_entry,
     hash_key,
     load_clients,
-    looks_like_openai_key,
     mint_key,
     parse_clients,
 )
 from oaiproxy.config import ConfigError, Secret
+from oaiproxy.upstream.headers import OPENAI_KEY_MARKER, contains_openai_key, looks_like_openai_key
 from tests.support import temp_dir
 
 ALICE_KEY = "oaiproxy-ALICE-secret-key-0123456789abcdef"

@@ -19,8 +19,17 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.access.clients import Client, Limits
-from oaiproxy.access.limits import UNLIMITED, Bucket, Limiter, Refusal, Reservation, estimate_tokens, format_reset
-from oaiproxy.routes.validation import MAX_COUNT, read_count
+from oaiproxy.access.limits import (
+    MAX_COUNT,
+    UNLIMITED,
+    Bucket,
+    Limiter,
+    Refusal,
+    Reservation,
+    estimate_tokens,
+    format_reset,
+    read_count,
+)
 
 
 def client(name: str = "alice", **limits: Any) -> Client:

@@ -27,9 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from oaiproxy.access.clients import Credentials, file_entry
 from oaiproxy.config import Secret
 from oaiproxy.daemon.lifecycle import (
-    CLOSE_GRACE_SECONDS,
     DrainService,
-    Lifecycle,
     ListenerService,
     ReadinessService,
     ReloadService,
@@ -38,9 +36,11 @@ from oaiproxy.daemon.lifecycle import (
 )
 from oaiproxy.daemon.sdnotify import Notifier, encode, notify_address
 from oaiproxy.daemon.tap import Options, _Exposure, _reloader
+from oaiproxy.drain import CLOSE_GRACE_SECONDS, Lifecycle
 from oaiproxy.fake.harness import Harness, chat_body
 from oaiproxy.server.site import ProxySite
-from oaiproxy.server.tree import Endpoint, HealthResource, build_root
+from oaiproxy.server.tree import HealthResource, build_root
+from oaiproxy.web import Endpoint
 from tests.support import temp_dir
 
 

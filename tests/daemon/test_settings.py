@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 import oaiproxy
 from oaiproxy.daemon.settings import ENVIRONMENT, FLAG, REFUSED, REPEATABLE, SETTINGS, Setting, markdown_table
 from oaiproxy.daemon.tap import Options
-from oaiproxy.routes.table import BY_NAME, RESPONSES
+from oaiproxy.routetable import BY_NAME, RESPONSES
 from oaiproxy.server.build import style_of
 
 KEY = "sk-proj-SETTINGSKEY"

@@ -19,7 +19,7 @@ from treq.testing import StubTreq
 from twisted.application.service import IServiceCollection
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor
+from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor, StringTransport
 from twisted.logger import LogLevel, capturedLogs, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
@@ -30,9 +30,9 @@ from oaiproxy.config import DEFAULT_PORT, DEFAULT_UPSTREAM, Secret
 from oaiproxy.daemon.lifecycle import StartupError, StartupReport
 from oaiproxy.daemon.tap import Options, _Exposure, _reloader, _SecretsService, fd_address, makeService, planned_address
 from oaiproxy.daemon.workers import GroupSecrets, encode_secrets
-from oaiproxy.fake.harness import registry
+from oaiproxy.fake.harness import chat_body, registry
 from oaiproxy.observe.jsonlog import OBSERVER_NAME, JsonLogObserver
-from oaiproxy.routes.table import BY_NAME
+from oaiproxy.routetable import BY_NAME
 from tests.support import self_signed_pem, temp_dir
 
 KEY = "sk-proj-TAPSECRET000111222"
@@ -275,6 +275,21 @@ class ServiceTests(SynchronousTestCase):
         error = json.loads(self.successResultOf(stub.content(response)))["error"]
         self.assertEqual((response.code, error["code"]), (404, "route_not_available"))
         self.assertIn("Azure OpenAI", error["message"])
+
+    def test_requests_go_below_the_upstream_base(self) -> None:
+        """
+        A chat request goes to the C{--upstream} base plus
+        C{/chat/completions}, one slash between them even when the base
+        was given with a trailing one.
+        """
+        _, reactor, _ = self.start(["--upstream", "http://localhost:8000/v1/"])
+        stub = StubTreq(reactor.tcpServers[0][1].resource)
+        stub.post("http://p/v1/chat/completions", data=chat_body(), headers={b"content-type": [b"application/json"]})
+        [(_, port, factory, *_)] = reactor.tcpClients
+        transport = StringTransport()
+        factory.buildProtocol(None).makeConnection(transport)
+        self.assertEqual(port, 8000)
+        self.assertEqual(transport.value().split(b"\r\n", 1)[0], b"POST /v1/chat/completions HTTP/1.1")
 
     def test_one_listener_per_port(self) -> None:
         """

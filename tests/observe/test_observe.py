@@ -25,8 +25,8 @@ from oaiproxy.observe.accesslog import JsonAccessLog
 from oaiproxy.observe.metrics import MODEL_LABEL_LIMIT, Metrics, MetricsResource
 from oaiproxy.observe.records import RequestRecord, Usage
 from oaiproxy.server.build import metrics_check
-from oaiproxy.server.relay import KEEPALIVE
 from oaiproxy.server.tree import build_root
+from oaiproxy.upstream.relay import KEEPALIVE
 
 BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY]}
 

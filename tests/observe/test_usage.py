@@ -44,11 +44,14 @@ def chunk(**delta: str) -> bytes:
     return event({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}], "usage": None})
 
 
-def usage_chunk(total: Any) -> bytes:
+def usage_chunk(total: int) -> bytes:
     """
-    The final chunk of a stream with C{include_usage}: no choices, usage.
+    The final chunk of a stream with C{include_usage}: no choices, usage
+    (C{total} tokens, at most 10 of them the prompt's).
     """
-    return event({"object": "chat.completion.chunk", "choices": [], "usage": {"total_tokens": total}})
+    prompt = min(10, total)
+    usage = {"prompt_tokens": prompt, "completion_tokens": total - prompt, "total_tokens": total}
+    return event({"object": "chat.completion.chunk", "choices": [], "usage": usage})
 
 
 DONE = b"data: [DONE]\n\n"
@@ -105,7 +108,7 @@ class EventStreamTests(SynchronousTestCase):
         """
         result = meter([STREAM])
         self.assertEqual(result.total_tokens, 42)
-        self.assertEqual(result.used(1000), 42)
+        self.assertEqual(result.usage(1000).total, 42)
         self.assertEqual(result.streamed_chars, 11)
 
     def test_any_split(self) -> None:
@@ -175,7 +178,7 @@ class EventStreamTests(SynchronousTestCase):
         result = meter([chunk(content="abcd"), junk, chunk(content="efgh")])
         self.assertEqual(result.streamed_chars, 8)
         self.assertIsNone(result.total_tokens)
-        self.assertEqual(result.used(10), 12)
+        self.assertEqual(result.usage(10).total, 12)
 
     def test_choices_not_a_list(self) -> None:
         """
@@ -193,7 +196,7 @@ class EventStreamTests(SynchronousTestCase):
         """
         for text, output in [("", 0), ("a", 1), ("abcd", 1), ("abcde", 2), ("x" * 400, 100)]:
             result = meter([chunk(content=text)] if text else [])
-            self.assertEqual(result.used(30), 30 + output, text)
+            self.assertEqual(result.usage(30).total, 30 + output, text)
 
     def test_cancelled_before_usage(self) -> None:
         """
@@ -203,14 +206,14 @@ class EventStreamTests(SynchronousTestCase):
         cut = STREAM.index(b"data: ", STREAM.index(b" world")) + 10
         result = meter([STREAM[:cut]], finish=False)
         self.assertIsNone(result.total_tokens)
-        self.assertEqual(result.used(20), 20 + 3)  # ceil(11 / 4)
+        self.assertEqual(result.usage(20).total, 20 + 3)  # ceil(11 / 4)
 
     def test_zero_usage_is_a_report(self) -> None:
         """
         A reported total of zero is used as reported, not replaced by the
         estimate.
         """
-        self.assertEqual(meter([chunk(content="abcdefgh"), usage_chunk(0)]).used(50), 0)
+        self.assertEqual(meter([chunk(content="abcdefgh"), usage_chunk(0)]).usage(50).total, 0)
 
 
 class PlainBodyTests(SynchronousTestCase):
@@ -226,10 +229,10 @@ class PlainBodyTests(SynchronousTestCase):
         body = plain_body(42)
         result = meter(split(body, 7, 30, len(body) - 3), event_stream=False, finish=False)
         self.assertIsNone(result.total_tokens)
-        self.assertEqual(result.used(5), 5)
+        self.assertEqual(result.usage(5).total, 5)
         result.finish()
         self.assertEqual(result.total_tokens, 42)
-        self.assertEqual(result.used(5), 42)
+        self.assertEqual(result.usage(5).total, 42)
 
     def test_content_is_not_streamed_text(self) -> None:
         """
@@ -239,7 +242,7 @@ class PlainBodyTests(SynchronousTestCase):
         result = meter([plain_body(None, padding=400)], event_stream=False)
         self.assertIsNone(result.total_tokens)
         self.assertEqual(result.streamed_chars, 0)
-        self.assertEqual(result.used(25), 25)
+        self.assertEqual(result.usage(25).total, 25)
 
     def test_event_lines_in_plain_body(self) -> None:
         """
@@ -256,7 +259,7 @@ class PlainBodyTests(SynchronousTestCase):
         body = plain_body(42)
         body = body[:-1] + b" " * (PLAIN_BODY_LIMIT - len(body)) + b"}"
         self.assertEqual(len(body), PLAIN_BODY_LIMIT)
-        self.assertEqual(meter(split(body, 100, 5000), event_stream=False).used(5), 42)
+        self.assertEqual(meter(split(body, 100, 5000), event_stream=False).usage(5).total, 42)
 
     def test_over_the_limit(self) -> None:
         """
@@ -274,7 +277,7 @@ class PlainBodyTests(SynchronousTestCase):
         self.assertLessEqual(max(held), PLAIN_BODY_LIMIT + 65536)
         self.assertLessEqual(held[-1], 2 * TAIL_BYTES)
         result.finish()
-        self.assertEqual(result.used(5), 42)
+        self.assertEqual(result.usage(5).total, 42)
         assert result.reported is not None
         self.assertEqual((result.reported.prompt, result.reported.completion, result.reported.exact), (10, 32, True))
 
@@ -284,10 +287,10 @@ class PlainBodyTests(SynchronousTestCase):
         read the same way.
         """
         body = plain_body(42, padding=PLAIN_BODY_LIMIT)
-        self.assertEqual(meter([body], event_stream=False).used(5), 42)
+        self.assertEqual(meter([body], event_stream=False).usage(5).total, 42)
         tail = body[-3000:]
         pieces = [body[:-3000]] + [tail[i : i + 1] for i in range(len(tail))]
-        self.assertEqual(meter(pieces, event_stream=False).used(5), 42)
+        self.assertEqual(meter(pieces, event_stream=False).usage(5).total, 42)
 
     def test_tail_finds_the_answers_own_usage(self) -> None:
         """
@@ -305,7 +308,7 @@ class PlainBodyTests(SynchronousTestCase):
             "metadata": {"note": 'fake "usage": {"total_tokens": 2}', "k" * 64: "v" * 512},
         }
         result = meter([json.dumps(document).encode()], event_stream=False)
-        self.assertEqual(result.used(5), 900007)
+        self.assertEqual(result.usage(5).total, 900007)
         # The decoy alone is not taken for usage either.
         del document["usage"]
         self.assertIsNone(meter([json.dumps(document).encode()], event_stream=False).total_tokens)
@@ -320,9 +323,9 @@ class PlainBodyTests(SynchronousTestCase):
             body = b'{"usage": ' + b"[" * depth + b"]" * depth + b"}"
             result = meter(split(body, 1000), event_stream=False)
             self.assertIsNone(result.failed)
-            self.assertEqual(result.used(5), 5)
+            self.assertEqual(result.usage(5).total, 5)
         body = b'{"a": 1, "usage": {"total_tokens": ' + b"[" * 200_000 + b"]" * 200_000 + b"}}"
-        self.assertEqual(meter([b"x" * PLAIN_BODY_LIMIT, body], event_stream=False).used(5), 5)
+        self.assertEqual(meter([b"x" * PLAIN_BODY_LIMIT, body], event_stream=False).usage(5).total, 5)
 
     def test_not_json(self) -> None:
         """
@@ -340,7 +343,7 @@ class PlainBodyTests(SynchronousTestCase):
         ):
             result = meter([body], event_stream=False)
             self.assertIsNone(result.total_tokens, body)
-            self.assertEqual(result.used(5), 5, body)
+            self.assertEqual(result.usage(5).total, 5, body)
 
 
 class InjectionEdgeTests(SynchronousTestCase):
@@ -432,7 +435,7 @@ class GeneratedFieldTests(SynchronousTestCase):
         pieces = [tool_call_chunk("", name="lookup")] + [tool_call_chunk('{"q": "' + "x" * 991 + '"}')] * 288
         result = meter(pieces)
         self.assertEqual(result.streamed_chars, len("lookup") + 288 * 1000)
-        self.assertGreaterEqual(result.used(0), 72_000)
+        self.assertGreaterEqual(result.usage(0).total, 72_000)
 
     def test_every_chat_field(self) -> None:
         """
@@ -572,7 +575,7 @@ class HostileUpstreamTests(SynchronousTestCase):
         deep = b'data: {"usage": {"total_tokens": ' + b"[" * 200_000 + b"]" * 200_000 + b"}}\n\n"
         result = meter([chunk(content="abcd"), deep, DONE])
         self.assertIsNone(result.failed)
-        self.assertEqual(result.used(1), 2)
+        self.assertEqual(result.usage(1).total, 2)
 
     def test_a_bug_is_kept_not_raised(self) -> None:
         """

@@ -27,7 +27,7 @@ from oaiproxy.config import Secret
 from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, registry
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
-from oaiproxy.routes.table import BY_NAME
+from oaiproxy.routetable import BY_NAME
 from oaiproxy.server.site import LINGER_SECONDS, ProxySite
 from oaiproxy.server.tree import build_tree
 from oaiproxy.upstream.client import UpstreamClient

@@ -19,12 +19,20 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.errors import ApiError
 from oaiproxy.fake.harness import CLIENT_KEY, Harness, registry
-from oaiproxy.routes.validation import ChatRequest, parse_chat_request
+from oaiproxy.routes.validation import JsonRequest, parse_json_request
+from oaiproxy.routetable import CHAT
 
 #: A distinctive string standing for private data in a request body.
 SECRET = "sk-live-DONOTLEAK-7f3a9c"
 
 USER_MESSAGE = {"role": "user", "content": "hello"}
+
+
+def parse_chat(data: bytes) -> "JsonRequest | ApiError":
+    """
+    The check a chat completions body passes, as the route runs it.
+    """
+    return parse_json_request(data, CHAT)
 
 
 def body(**document: Any) -> bytes:
@@ -54,13 +62,13 @@ def without(field: str) -> bytes:
 
 class ValidTests(SynchronousTestCase):
     """
-    Acceptable bodies yield a L{ChatRequest}.
+    Acceptable bodies yield a L{JsonRequest}.
     """
 
-    def parse(self, data: bytes) -> ChatRequest:
-        result = parse_chat_request(data)
-        self.assertIsInstance(result, ChatRequest, f"rejected: {result!r}")
-        assert isinstance(result, ChatRequest)
+    def parse(self, data: bytes) -> JsonRequest:
+        result = parse_chat(data)
+        self.assertIsInstance(result, JsonRequest, f"rejected: {result!r}")
+        assert isinstance(result, JsonRequest)
         return result
 
     def test_plain(self) -> None:
@@ -116,7 +124,7 @@ class ValidTests(SynchronousTestCase):
         """
         self.assertEqual(
             repr(self.parse(valid(model="m", stream=True))),
-            "ChatRequest(model='m', stream=True)",
+            "JsonRequest(model='m', stream=True)",
         )
 
 
@@ -130,7 +138,7 @@ class RejectTests(SynchronousTestCase):
         Assert C{data} is refused with a 400 C{invalid_request_error} for
         C{param} (and C{code}, when given), and return the error.
         """
-        result = parse_chat_request(data)
+        result = parse_chat(data)
         self.assertIsInstance(result, ApiError, f"accepted: {data!r}")
         assert isinstance(result, ApiError)
         self.assertEqual((result.status, result.type), (400, "invalid_request_error"))
@@ -224,9 +232,9 @@ class RejectTests(SynchronousTestCase):
         Absurdly nested JSON is a client error, not a proxy crash.
         """
         try:
-            result = parse_chat_request(b"[" * 100_000 + b"]" * 100_000)
+            result = parse_chat(b"[" * 100_000 + b"]" * 100_000)
         except RecursionError:
-            self.fail("RecursionError escaped parse_chat_request")
+            self.fail("RecursionError escaped parse_json_request")
         self.assertIsInstance(result, ApiError)
 
 
@@ -236,7 +244,7 @@ class NoEchoTests(SynchronousTestCase):
     """
 
     def assertNotEchoed(self, data: bytes) -> None:
-        result = parse_chat_request(data)
+        result = parse_chat(data)
         self.assertIsInstance(result, ApiError, f"accepted: {data!r}")
         assert isinstance(result, ApiError)
         self.assertNotIn(SECRET.encode(), result.body())
@@ -297,14 +305,14 @@ class RepeatedMemberTests(SynchronousTestCase):
     """
 
     def assertRepeated(self, data: bytes, param: str) -> None:
-        result = parse_chat_request(data)
+        result = parse_chat(data)
         self.assertIsInstance(result, ApiError, f"accepted: {data!r}")
         assert isinstance(result, ApiError)
         self.assertEqual((result.status, result.param, result.code), (400, param, "duplicate_parameter"), data)
         self.assertIn(param, result.message)
 
     def assertAccepted(self, data: bytes) -> None:
-        self.assertIsInstance(parse_chat_request(data), ChatRequest, data)
+        self.assertIsInstance(parse_chat(data), JsonRequest, data)
 
     def test_exact_repeat(self) -> None:
         """
@@ -439,7 +447,7 @@ class RepeatedMemberProperties(SynchronousTestCase):
         document = {"model": "gpt-4o-mini", "messages": [USER_MESSAGE]}
         document.update({k: v for k, v in extra.items() if k.casefold() not in DECIDING})
         data = json.dumps(document, ensure_ascii=ascii).encode()
-        result = parse_chat_request(data)
+        result = parse_chat(data)
         self.assertFalse(isinstance(result, ApiError) and result.code == "duplicate_parameter", data)
 
     @settings(max_examples=200, deadline=None)
@@ -459,6 +467,6 @@ class RepeatedMemberProperties(SynchronousTestCase):
         for _ in range(2 if name != "model" else 1):
             parts.insert(where % (len(parts) + 1), f'"{name}": {DECIDING[name]}')
         data = ("{" + ", ".join(parts) + "}").encode()
-        result = parse_chat_request(data)
+        result = parse_chat(data)
         assert isinstance(result, ApiError), data
         self.assertEqual((result.code, result.param), ("duplicate_parameter", name))

@@ -17,7 +17,7 @@ from oaiproxy.config import Secret
 from oaiproxy.daemon.lifecycle import ListenerService
 from oaiproxy.daemon.tap import Options, makeService
 from oaiproxy.fake.harness import AZURE_URL, CLIENT_KEY, UPSTREAM_URL, Harness
-from oaiproxy.routes.table import BY_NAME
+from oaiproxy.routetable import BY_NAME
 from oaiproxy.upstream.styles import AzureStyle
 
 _PLAIN = (str, bytes, int, float, bool, type(None))

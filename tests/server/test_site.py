@@ -19,15 +19,16 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
+from oaiproxy.access.admission import admission_gate
 from oaiproxy.access.clients import ClientRegistry, Credentials
 from oaiproxy.config import Secret
 from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, registry
 from oaiproxy.routes.jsonapi import api_resources
-from oaiproxy.routes.table import BY_NAME
+from oaiproxy.routetable import BY_NAME
 from oaiproxy.server.site import ALL_CONNECTIONS_FACTOR, BODY_MIN_RATE, LINGER_SECONDS, TLS_NOTICE_SECONDS, ProxySite
-from oaiproxy.server.tree import Endpoint, build_root, build_tree
+from oaiproxy.server.tree import build_root, build_tree
 from oaiproxy.upstream.client import UpstreamClient
-from oaiproxy.upstream.exchange import admission_gate
+from oaiproxy.web import Endpoint
 
 LIMIT = 1000
 

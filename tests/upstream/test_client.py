@@ -48,7 +48,7 @@ class UpstreamClientTests(SynchronousTestCase):
         (chunks are relayed as they come, not collected in memory) and
         without following redirects (which would carry the key elsewhere).
         """
-        self.client.post("/chat/completions", b'{"a": 1}', Headers({b"x-stainless-lang": [b"python"]}))
+        self.client.request("POST", "/chat/completions", b'{"a": 1}', Headers({b"x-stainless-lang": [b"python"]}))
         [(args, kwargs)] = self.http.calls
         self.assertEqual(args, ("POST", "https://api.test/v1/chat/completions"))
         self.assertEqual(kwargs["data"], b'{"a": 1}')
@@ -62,7 +62,7 @@ class UpstreamClientTests(SynchronousTestCase):
         No response head within the read timeout cancels the request (which
         closes its connection) and fails with L{UpstreamTimeout}.
         """
-        d = self.client.post("/chat/completions", b"{}", Headers())
+        d = self.client.request("POST", "/chat/completions", b"{}", Headers())
         self.clock.advance(29)
         self.assertNoResult(d)
         self.clock.advance(1)
@@ -95,7 +95,7 @@ class StaticHeaderTests(SynchronousTestCase):
         --upstream-header takes NAME:VALUE, and refuses headers the proxy
         owns, bad names and control characters without quoting the value.
         """
-        from oaiproxy.server.headers import parse_static_header
+        from oaiproxy.upstream.headers import parse_static_header
 
         self.assertEqual(
             parse_static_header("HTTP-Referer: https://app.example"), (b"HTTP-Referer", b"https://app.example")
@@ -120,7 +120,7 @@ class StaticHeaderTests(SynchronousTestCase):
             30.0,
             [(b"HTTP-Referer", b"https://app.example"), (b"X-Title", b"My App")],
         )
-        client.post("/chat/completions", b"{}", Headers({b"x-title": [b"client's"]}))
+        client.request("POST", "/chat/completions", b"{}", Headers({b"x-title": [b"client's"]}))
         [(_, kwargs)] = http.calls
         headers = kwargs["headers"]
         self.assertEqual(headers.getRawHeaders(b"http-referer"), [b"https://app.example"])

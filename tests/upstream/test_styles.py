@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import api_base
-from oaiproxy.routes.table import BY_NAME
+from oaiproxy.routetable import BY_NAME
 from oaiproxy.upstream.styles import AzureStyle, OpenAIStyle, is_path_segment, route_of
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_routes -*-
+# -*- test-case-name: tests.test_routetable -*-
 """
 The OpenAI API routes the proxy can serve, and which of them an operator
 turned on (C{--routes}).
@@ -17,9 +17,15 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from oaiproxy.config import ConfigError
-from oaiproxy.observe.usage import CHAT_TEXT_KEYS
 
-__all__ = ["Route", "ROUTES", "BY_NAME", "DEFAULT_ROUTES", "parse_routes", "route_label", "in_order"]
+__all__ = ["CHAT_TEXT_KEYS", "Route", "ROUTES", "BY_NAME", "DEFAULT_ROUTES", "parse_routes", "route_label", "in_order"]
+
+
+#: Where a chat completion chunk carries generated text: the message, the
+#: reasoning (C{reasoning_content}, and C{reasoning} as vLLM and
+#: OpenRouter name it), a refusal, tool and function calls (C{name},
+#: C{arguments}) and the transcript of generated audio.
+CHAT_TEXT_KEYS = ("content", "reasoning_content", "reasoning", "refusal", "name", "arguments", "transcript")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from oaiproxy.errors import body_too_large
-from oaiproxy.server.bodies import HOLD_BYTES, BodyPipe, BodyRefused, FormFields, form_boundary
+from oaiproxy.upstream.bodies import HOLD_BYTES, BodyPipe, BodyRefused, FormFields, form_boundary
 from tests.support import form
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_bodies -*-
+# -*- test-case-name: tests.upstream.test_bodies -*-
 """
 Request bodies that go upstream while they are still arriving.
 
@@ -78,7 +78,6 @@ class BodyPipe:
     @param resume_client: read from the client again.
     @param spool: makes the temporary file for held data (injected by
         tests).
-    @ivar received: bytes received from the client so far.
     """
 
     def __init__(
@@ -107,7 +106,6 @@ class BodyPipe:
         self._observers: list[Callable[[bytes], None]] = []
         self._watchers: list[Callable[[Optional[Failure]], None]] = []
         self._progress: list[Callable[[], None]] = []
-        self.received = 0
 
     def observe(self, observer: Callable[[bytes], None]) -> None:
         """
@@ -152,7 +150,6 @@ class BodyPipe:
         """
         A chunk of the body arrived from the client.
         """
-        self.received += len(data)
         for observer in self._observers:
             observer(data)
         if self._stopped:

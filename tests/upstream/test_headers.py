@@ -1,5 +1,5 @@
 """
-Tests for L{oaiproxy.server.headers}: which headers the proxy forwards upstream,
+Tests for L{oaiproxy.upstream.headers}: which headers the proxy forwards upstream,
 which it sends back to the client, and how it reads a client's bearer
 token.
 
@@ -20,9 +20,10 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from oaiproxy.access.clients import OPENAI_KEY_MARKER, Client, ClientRegistry, hash_key
+from oaiproxy.access.clients import Client, ClientRegistry, hash_key
 from oaiproxy.fake.harness import UPSTREAM_KEY, Harness, chat_body
-from oaiproxy.server.headers import (
+from oaiproxy.upstream.headers import (
+    OPENAI_KEY_MARKER,
     bearer_token,
     client_response_headers,
     is_credential_header,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_headers -*-
+# -*- test-case-name: tests.upstream.test_headers -*-
 """
 The proxy's header policy, as pure functions over L{Headers}.
 
@@ -18,9 +18,10 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.web.http_headers import Headers
 
-from oaiproxy.access.clients import OPENAI_KEY_MARKER, contains_openai_key
-
 __all__ = [
+    "OPENAI_KEY_MARKER",
+    "contains_openai_key",
+    "looks_like_openai_key",
     "HOP_BY_HOP",
     "upstream_request_headers",
     "client_response_headers",
@@ -77,6 +78,34 @@ _REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | frozenset(
 #: framing, which twisted.web recomputes for the body it actually sends, and
 #: C{Server}, which names the proxy the client is really talking to.
 _RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | frozenset({b"set-cookie", b"set-cookie2", b"content-length", b"server"})
+
+
+#: What every OpenAI secret key carries between its two random halves:
+#: C{T3BlbkFJ}, the base64 of "OpenAI".  Secret scanners (gitleaks'
+#: C{openai-api-key} rule) key on it; a C{sk-} prefix alone is also worn by
+#: LiteLLM virtual keys and many local servers' dummy keys.
+OPENAI_KEY_MARKER = b"T3BlbkFJ"
+# Legacy keys are sk- + 20 + marker + 20 letters and digits; project,
+# service-account and admin keys (sk-proj-, sk-svcacct-, sk-admin-) have
+# 58 or 74 characters of [A-Za-z0-9_-] on each side.  The bounds keep a
+# search linear in the header's length.
+_OPENAI_KEY = re.compile(rb"sk-[A-Za-z0-9_-]{20,200}T3BlbkFJ[A-Za-z0-9_-]{20}")
+
+
+def contains_openai_key(data: bytes) -> bool:
+    """
+    Whether C{data} holds a real OpenAI secret key (by the shape above),
+    anywhere in it.
+    """
+    return OPENAI_KEY_MARKER in data and _OPENAI_KEY.search(data) is not None
+
+
+def looks_like_openai_key(token: bytes) -> bool:
+    """
+    Whether a token is, or holds, a real OpenAI secret key: someone about
+    to hand their real key to the proxy (see L{contains_openai_key}).
+    """
+    return contains_openai_key(token)
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
@@ -245,7 +274,7 @@ def client_request_id(value: Optional[bytes]) -> Optional[str]:
 def openai_key_carrier(headers: Headers, uri: bytes, accepted: Optional[bytes] = None) -> Optional[str]:
     """
     Where a request carries a real OpenAI secret key (see
-    L{oaiproxy.access.clients.contains_openai_key}): the lower-cased name of a
+    L{contains_openai_key}): the lower-cased name of a
     header, C{"the URL"}, or C{None} for nowhere.
 
     Every header value is looked at, not only C{Authorization}: clients put

@@ -17,7 +17,7 @@ from oaiproxy.access.clients import Limits
 from oaiproxy.config import ConfigError
 from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, registry
 from oaiproxy.fake.routes import speech
-from oaiproxy.routes.table import BY_NAME, ROUTES, parse_routes
+from oaiproxy.routetable import BY_NAME, ROUTES, parse_routes
 from oaiproxy.upstream.styles import AzureStyle
 from tests.support import exchange, form
 from tests.tricks import ID_TRICKS

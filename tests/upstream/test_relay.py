@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 
-from oaiproxy.server.relay import KEEPALIVE, BodyRelay, UpstreamIdle
+from oaiproxy.upstream.relay import KEEPALIVE, BodyRelay, UpstreamIdle
 
 
 class Consumer:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay,tests.test_chat -*-
+# -*- test-case-name: tests.upstream.test_relay,tests.routes.test_chat -*-
 """
 Copy an upstream response body to a client as it arrives.
 

@@ -1,0 +1,142 @@
+# -*- test-case-name: tests.access.test_admission,tests.routes.test_chat -*-
+"""
+Admission: what a request passes before it may cost an upstream call.
+
+In order: the proxy is not draining, the request carries a valid client key
+(and no real OpenAI key anywhere), then the client's model allow-list and
+its limits.  Each refusal is an OpenAI-shaped error set on the request.
+The routes call it (L{oaiproxy.routes.forwarding}) and, once a request is
+admitted, hand it to the exchange (L{oaiproxy.upstream.exchange}): admission
+never reaches the upstream itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from oaiproxy.access.clients import Client, Credentials
+from oaiproxy.access.limits import UNLIMITED, Limiter, Refusal, Reservation
+from oaiproxy.drain import Lifecycle
+from oaiproxy.errors import ApiError, draining, invalid_api_key, model_not_allowed, openai_key_sent, rate_limited
+from oaiproxy.observe.records import record_of
+from oaiproxy.upstream.headers import bearer_token, openai_key_carrier, scope_openai_headers
+from oaiproxy.web import error_response
+
+__all__ = ["Admission", "admission_gate", "authenticate"]
+
+_log = Logger()
+
+
+def authenticate(request: Request, credentials: Credentials) -> "Optional[Client] | ApiError":
+    """
+    Who is asking: the client whose key the request carries (C{None} when
+    the proxy has no client keys), or the error to answer with.  A request
+    carrying a real OpenAI key anywhere (a header, the URL) is refused
+    either way; a configured client key is accepted whatever it looks like.
+    The client's name goes on the request's record, for logs and metrics,
+    and its entry decides the C{OpenAI-Organization} / C{OpenAI-Project}
+    that go upstream.
+    """
+    headers = request.requestHeaders
+    token = bearer_token(headers)
+    clients = credentials.clients
+    client = clients.identify(token) if (token is not None and len(clients)) else None
+    leaked = openai_key_carrier(headers, request.uri, token if client is not None else None)
+    if leaked is not None:
+        # Where, never what: the operator can tell the user to rotate it.
+        _log.warn("refused a request carrying a real OpenAI API key in {where}; it should be rotated", where=leaked)
+        return openai_key_sent(leaked)
+    if len(clients) and client is None:
+        return invalid_api_key()
+    if client is not None:
+        # Who, never with what key.
+        record_of(request).client = client.name
+        scope_openai_headers(headers, client.organization, client.project, client.pass_openai_headers)
+    return client
+
+
+def admission_gate(credentials: Credentials) -> Callable[[Request], bool]:
+    """
+    The check a request passes as soon as its headers are in, before any
+    of its body is read (see L{oaiproxy.server.site.ProxySite.admit}): the same
+    key check as L{authenticate}, so a client without a valid key cannot
+    make the proxy hold a body (its route then refuses it, by the same
+    check, before the body).  The model allow-list cannot apply yet: every
+    route names its model in the body.
+    """
+
+    def gate(request: Request) -> bool:
+        return not isinstance(authenticate(request, credentials), ApiError)
+
+    return gate
+
+
+class Admission:
+    """
+    The admission every forwarded request passes, shared by every route.
+
+    @param credentials: the clients allowed in (none: no client auth); read
+        per request, so a reload applies at once.
+    @param clock: the clock of the limits.
+    @param lifecycle: tells whether the proxy is draining.
+    @param limiter: the clients' limit state, shared by every route.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        clock: IReactorTime,
+        lifecycle: Optional[Lifecycle] = None,
+        limiter: Optional[Limiter] = None,
+    ) -> None:
+        self._credentials = credentials
+        self._lifecycle = lifecycle or Lifecycle()
+        self._limiter = limiter or Limiter(clock)
+
+    def admit(self, request: Request, route: str) -> "Optional[Client] | bytes":
+        """
+        The client making the request (C{None} without client auth), or the
+        body of the error already set on the request.  An admitted request's
+        record is labelled with C{route}, the route serving it.
+        """
+        if self._lifecycle.draining:
+            return error_response(request, draining())
+        client = authenticate(request, self._credentials)
+        if isinstance(client, ApiError):
+            return error_response(request, client)
+        record_of(request).route = route
+        return client
+
+    def reserve(
+        self,
+        request: Request,
+        client: Optional[Client],
+        model: Optional[str],
+        estimate: int,
+        names_model: bool = True,
+    ) -> "Reservation | bytes":
+        """
+        Check the client's allow-list for C{model} and take C{estimate}
+        tokens (and a request, and a concurrency slot) from its limits.
+
+        @param names_model: the request is about a model (false for reading
+            a stored response: no allow-list applies, the limits do).
+        @return: the reservation to settle when the response is over, or
+            the body of the error already set on the request.
+        """
+        if client is None:
+            return UNLIMITED
+        if names_model and not client.allows(model):
+            return error_response(request, model_not_allowed(client.name, model))
+        admitted = self._limiter.admit(client, estimate)
+        if isinstance(admitted, Refusal):
+            self.log.info("client {client} over its {limit} limit", client=client.name, limit=admitted.limit)
+            headers = tuple(self._limiter.headers(client))
+            return error_response(request, rate_limited(admitted.message, admitted.retry_after, headers))
+        return admitted

@@ -1,0 +1,119 @@
+# -*- test-case-name: tests.routes.test_chat,tests.routes.test_uploads -*-
+"""
+The base of every route that forwards: a request goes through admission
+(L{oaiproxy.access.admission}), then upstream (L{oaiproxy.upstream.exchange}),
+each called from here and neither calling back.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from oaiproxy.access.admission import Admission
+from oaiproxy.access.clients import Credentials
+from oaiproxy.access.limits import UNLIMITED, Limiter, Reservation
+from oaiproxy.drain import Lifecycle
+from oaiproxy.observe.records import record_of
+from oaiproxy.routetable import CHAT, Route
+from oaiproxy.upstream.client import UpstreamClient
+from oaiproxy.upstream.exchange import Collect, Exchange
+from oaiproxy.web import Endpoint
+
+__all__ = ["ForwardingResource"]
+
+
+class ForwardingResource(Endpoint):
+    """
+    What every forwarding endpoint shares: its collaborators, the
+    admission every request passes (L{Admission}: not draining, a valid
+    client, then the client's model allow-list and limits), then the trip
+    upstream (L{Exchange}).
+
+    @param upstream: where requests go.
+    @param clock: the clock for timeouts and records.
+    @param credentials: the clients allowed in (none: no client auth); read
+        per request, so a reload applies at once.
+    @param lifecycle: tells whether the proxy is draining.
+    @param connect_timeout: named in the 502 for a connect timeout.
+    @param limiter: the clients' limit state, shared by every route.
+    @param stream_usage: ask upstream for usage on streams whose client did
+        not, and remove it before the client sees it (exact token counts;
+        the one change the proxy makes to a request body).
+    @param sse_keepalive: seconds of upstream silence in a stream after
+        which a C{: keepalive} comment is sent; 0 for never.
+    @param route: the route served, when not the class's own.
+
+    @ivar admission: what a request passes before it is forwarded.
+    """
+
+    log = Logger()
+    route: Route = CHAT
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        clock: IReactorTime,
+        credentials: Credentials,
+        lifecycle: Optional[Lifecycle] = None,
+        connect_timeout: float = 10.0,
+        limiter: Optional[Limiter] = None,
+        stream_usage: bool = True,
+        sse_keepalive: float = 15.0,
+        route: Optional[Route] = None,
+    ) -> None:
+        super().__init__()
+        if route is not None:
+            self.route = route
+        self._upstream = upstream
+        self._clock = clock
+        self.admission = Admission(credentials, clock, lifecycle, limiter)
+        self._connect_timeout = connect_timeout
+        self._stream_usage = stream_usage
+        self._sse_keepalive = sse_keepalive
+
+    @staticmethod
+    def note(request: Request, model: Optional[str] = None, stream: Optional[bool] = None) -> None:
+        """
+        Put what the request asks for on its record, as far as it is known
+        (C{None}: not said): the model it names, whether it streams.  (The
+        routes' one way to write these fields: see
+        L{oaiproxy.observe.records.RequestRecord}.)
+        """
+        record = record_of(request)
+        if model is not None:
+            record.model = model
+        if stream is not None:
+            record.stream = stream
+
+    def exchange(
+        self,
+        request: Request,
+        route: Route,
+        reservation: Reservation = UNLIMITED,
+        prompt_estimate: int = 0,
+        strip_usage: bool = False,
+        metered: bool = True,
+        collect: Optional[Collect] = None,
+    ) -> "Exchange":
+        """
+        A trip upstream for C{request}; see L{Exchange}.
+        """
+        return Exchange(
+            request,
+            self._upstream,
+            self._clock,
+            self._connect_timeout,
+            self.log,
+            reservation,
+            prompt_estimate,
+            record_of(request),
+            route=route,
+            strip_usage=strip_usage,
+            sse_keepalive=self._sse_keepalive,
+            metered=metered,
+            collect=collect,
+        )
