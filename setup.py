@@ -17,7 +17,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    # Twisted 26.4 (the floor below) requires 3.9.12.
+    python_requires=">=3.9.12",
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/oaiproxy_plugin.py"]},
     # Each floor is the oldest version the suite passes on: .ci/run runs it
