@@ -17,25 +17,38 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    # Twisted 26.4 (the floor below) requires 3.9.12.
+    python_requires=">=3.9.12",
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/oaiproxy_plugin.py"]},
+    # Each floor is the oldest version the suite passes on: .ci/run runs it
+    # against exactly these (.ci/oldest.py pins them), and README's
+    # Development section says why each is where it is.
     install_requires=[
         # Twisted's "tls" extra brings pyOpenSSL, service_identity and idna,
         # without which treq cannot verify an https upstream's certificate.
-        "Twisted[tls]>=24.7.0",
-        "treq>=23.11.0",
+        # 25.5 added Site(parsePOSTFormSubmission=); 26.4 is the first whose
+        # TLS server works with the pyOpenSSL its extra installs today
+        # (25.5 mutates a used SSL context, which pyOpenSSL now refuses).
+        "Twisted[tls]>=26.4.0",
+        # 24.9 is the first that imports on Python 3.13 (older ones import
+        # the cgi module, removed there).
+        "treq>=24.9.0",
         # The metric types and the exposition format; /metrics itself is a
         # small twisted.web resource of ours.
-        "prometheus_client>=0.17",
+        "prometheus_client>=0.17.0",
         # A faster JSON parser for request bodies and usage (see
         # oaiproxy/fastjson.py, which falls back to the standard library).
-        "orjson>=3.9",
+        # Before 3.9.15 deeply nested input crashes the process
+        # (CVE-2024-27454).
+        "orjson>=3.9.15",
         # The client keys file is TOML; Python 3.11 reads it natively.
-        'tomli>=1.1; python_version < "3.11"',
+        'tomli>=1.1.0; python_version < "3.11"',
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "openai>=1.40", "hypothesis>=6"],
+        # openai 1.68: client.responses and streamed transcriptions, which
+        # the end-to-end tests drive (before 1.55.3 it cannot use httpx 0.28).
+        "test": ["pytest>=8.0.0", "pytest-twisted>=1.14.0", "openai>=1.68.0", "hypothesis>=6.0.0"],
     },
     classifiers=[
         "Framework :: Twisted",

@@ -46,7 +46,7 @@ from twisted.application.service import Service
 from twisted.internet import fdesc
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IListeningPort, IReadDescriptor, IStreamServerEndpoint
+from twisted.internet.interfaces import IFileDescriptor, IListeningPort, IReadDescriptor, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -366,7 +366,9 @@ class Supervisor(Service):
             # The workers accept; the supervisor only holds the socket open.
             port.stopReading()  # type: ignore[attr-defined]
             child_fd = FIRST_FD + number
-            self._fds[child_fd] = port.fileno()  # type: ignore[attr-defined]
+            # A listening port is a file descriptor (IFileDescriptor), though
+            # IListeningPort does not say so: adapting says it publicly.
+            self._fds[child_fd] = IFileDescriptor(port).fileno()
             self._inherited.append(f"{child_fd}:{family_name(port.getHost())}")
             self._ports.append(port)
             log.info("supervisor holds {endpoint} for {count} workers", endpoint=description, count=self._count)

@@ -14,7 +14,6 @@ from http.cookiejar import CookiePolicy
 from typing import Any, Optional, Protocol, Sequence
 
 from treq.client import HTTPClient
-from treq.cookies import IndexableCookieJar
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -27,6 +26,12 @@ from oaiproxy.config import Secret
 from oaiproxy.upstream.bodies import IStreamedBody
 from oaiproxy.upstream.headers import upstream_request_headers
 from oaiproxy.upstream.styles import OpenAIStyle, UpstreamStyle
+
+try:
+    # treq 26.7 types HTTPClient's jar as its own CookieJar subclass.
+    from treq.cookies import IndexableCookieJar as _CookieJar
+except ImportError:  # pragma: no cover - treq < 26.7 (setup.py allows 24.9) takes any CookieJar.
+    from http.cookiejar import CookieJar as _CookieJar  # type: ignore[assignment]
 
 __all__ = ["UpstreamClient", "UpstreamTimeout", "TreqLike", "make_http_client", "make_pool", "http_client"]
 
@@ -126,7 +131,7 @@ def http_client(agent: IAgent) -> HTTPClient:
     """
     return HTTPClient(
         agent,
-        cookiejar=IndexableCookieJar(policy=_NoCookies()),
+        cookiejar=_CookieJar(policy=_NoCookies()),
         data_to_body_producer=_body_producer,
     )
 

@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web._newclient import RequestGenerationFailed
+from twisted.web.client import RequestGenerationFailed
 
 from oaiproxy.access.admission import admission_gate
 from oaiproxy.access.clients import Credentials

@@ -318,7 +318,7 @@ class StartupReportTests(SynchronousTestCase):
         A failure once the reactor runs (an endpoint that bound late) stops
         it and exits 1 afterwards.
         """
-        reactor = MemoryReactorClock()
+        reactor = _unstopped_reactor()
         reactor.running = True
         stderr = Pipe(self)
         with capturedLogs():
@@ -327,6 +327,17 @@ class StartupReportTests(SynchronousTestCase):
         [(leave, args, _)] = reactor.triggers["after"]["shutdown"]
         self.assertEqual((leave.__name__, args), ("leave", ()))
         self.assertEqual(stderr.written(), b"twistd oaiproxy: error: cannot listen on x: late\n")
+
+
+def _unstopped_reactor() -> MemoryReactorClock:
+    """
+    A memory reactor whose C{hasStopped} only C{stop()} sets: Twisted 25.5's
+    starts out C{True}, which would make these assertions vacuous (or
+    wrong) on the oldest Twisted setup.py allows.
+    """
+    reactor = MemoryReactorClock()
+    reactor.hasStopped = False
+    return reactor
 
 
 class _LateEndpoint:
@@ -346,7 +357,7 @@ class ListenerServiceTests(SynchronousTestCase):
         """
         from twisted.internet.error import CannotListenError
 
-        reactor = MemoryReactorClock()
+        reactor = _unstopped_reactor()
         stderr = Pipe(self)
         endpoint = _LateEndpoint()
         service = ListenerService(endpoint, object(), "tcp:1", StartupReport(reactor, stderr.write), lambda p: None)
@@ -361,7 +372,7 @@ class ListenerServiceTests(SynchronousTestCase):
         """
         Stopping before a late endpoint binds cancels it quietly.
         """
-        reactor = MemoryReactorClock()
+        reactor = _unstopped_reactor()
         endpoint = _LateEndpoint()
         service = ListenerService(endpoint, object(), "tcp:1", StartupReport(reactor, Pipe(self).write), lambda p: None)
         service.startService()

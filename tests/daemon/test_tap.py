@@ -19,11 +19,13 @@ from treq.testing import StubTreq
 from twisted.application.service import IServiceCollection
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IFileDescriptor
 from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor, StringTransport
 from twisted.logger import LogLevel, capturedLogs, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from oaiproxy.access.clients import Credentials, file_entry
 from oaiproxy.config import DEFAULT_PORT, DEFAULT_UPSTREAM, Secret
@@ -44,6 +46,7 @@ def parse(argv: list[str], env: Mapping[str, str] = {"OPENAI_API_KEY": KEY}) -> 
     return options
 
 
+@implementer(IFileDescriptor)  # the supervisor hands its fileno() to workers
 class _Port:
     def __init__(self, address: IPv4Address) -> None:
         self._address = address

@@ -21,8 +21,10 @@ from typing import Any, Optional
 
 import openai
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IFileDescriptor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from oaiproxy.access.clients import Limits, file_entry, mint_key
 from oaiproxy.config import Secret
@@ -68,6 +70,7 @@ class ArgumentTests(SynchronousTestCase):
         self.assertEqual(limits.split(1), limits)
 
 
+@implementer(IFileDescriptor)  # the supervisor hands its fileno() to workers
 class _Port:
     """
     A bound port as the supervisor sees it.

@@ -163,6 +163,27 @@ class SiteTests(SynchronousTestCase):
         self.assertNotIn(b"SECRET", body)
         self.assertNotIn(b"ZeroDivision", body)
 
+    def test_bug_after_the_client_left_writes_nothing(self) -> None:
+        """
+        A bug in a resource whose client already left is logged, and no
+        answer is written to the lost connection (twisted.web would raise
+        for finishing a request whose connection is gone).
+        """
+
+        class LeftThenBroken(Endpoint):
+            def render_POST(self, request: Request) -> bytes:
+                request.channel.connectionLost(Failure(ConnectionDone()))
+                raise ZeroDivisionError("bug")
+
+        site = ProxySite(build_root(LeftThenBroken()), max_body_bytes=LIMIT, idle_timeout=60, reactor=self.clock)
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(post(b"/v1/chat/completions", b"{}"))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(self.flushLoggedErrors(RuntimeError), [])
+        self.assertEqual(transport.value(), b"")
+
     def test_server_header_names_the_proxy(self) -> None:
         """
         Responses say they come from oaiproxy, not which Twisted version
