@@ -51,7 +51,7 @@ from typing import Callable, Optional
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
-__all__ = ["State", "BreakerPolicy", "Permit", "Transition", "Breaker"]
+__all__ = ["State", "BreakerPolicy", "DEFAULT_POLICY", "Permit", "Transition", "Breaker"]
 
 
 class State(enum.Enum):
@@ -121,6 +121,10 @@ class BreakerPolicy:
         """
         nominal = min(self.max_backoff, self.base_backoff * 2.0 ** min(step - 1, 64))
         return nominal * (1.0 - self.jitter * draw)
+
+
+#: The README's defaults.
+DEFAULT_POLICY = BreakerPolicy()
 
 
 class Permit:
@@ -209,7 +213,7 @@ class Breaker:
         self,
         name: str,
         clock: IReactorTime,
-        policy: BreakerPolicy = BreakerPolicy(),
+        policy: BreakerPolicy = DEFAULT_POLICY,
         draw: Callable[[], float] = random.random,
         observer: Optional[Callable[[Transition], None]] = None,
     ) -> None:
