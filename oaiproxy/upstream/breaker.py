@@ -217,11 +217,8 @@ class Breaker:
         draw: Callable[[], float] = random.random,
         observer: Optional[Callable[[Transition], None]] = None,
     ) -> None:
-        self.name = name
-        self.policy = policy
-        self._clock = clock
-        self._draw = draw
-        self._observer = observer
+        self.name, self.policy = name, policy
+        self._clock, self._draw, self._observer = clock, draw, observer
         self._state = State.CLOSED
         self._epoch = 0
         self._consecutive = 0

@@ -51,7 +51,8 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.config import Secret
-from oaiproxy.upstream.breaker import DEFAULT_POLICY, Breaker, BreakerPolicy, Permit, State, Transition
+from oaiproxy.errors import ApiError, model_not_found, upstreams_unavailable
+from oaiproxy.upstream.breaker import Breaker, Permit, State
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -68,6 +69,7 @@ __all__ = [
     "retry_after_seconds",
     "worst_case_upstream_requests",
     "Advice",
+    "refusal_error",
     "advice",
     "Verdict",
 ]
@@ -292,23 +294,24 @@ class Pool:
     """
     The upstreams and their breakers.
 
-    @param draw: the random source (C{random.random}-shaped), for the
-        weighted choice and the breakers' jitter; seed it in tests.
-    @param observer: told of every breaker L{Transition}.
+    @param draw: the random source (C{random.random}-shaped) of the
+        weighted choice; seed it in tests.
+    @param breaker: makes the breaker of a new upstream, from its name
+        (by default one with the README's policy, on C{clock}, drawing its
+        jitter from C{draw}); the place to set a policy or an observer of
+        transitions.
     """
 
     def __init__(
         self,
         upstreams: Sequence[Upstream],
         clock: IReactorTime,
-        policy: BreakerPolicy = DEFAULT_POLICY,
         draw: Callable[[], float] = random.random,
-        observer: Optional[Callable[[Transition], None]] = None,
+        breaker: Optional[Callable[[str], Breaker]] = None,
     ) -> None:
         self._clock = clock
-        self._policy = policy
         self._draw = draw
-        self._observer = observer
+        self._breaker = breaker or (lambda name: Breaker(name, clock, draw=draw))
         self.members: tuple[Member, ...] = ()
         self.replace(upstreams)
 
@@ -329,8 +332,7 @@ class Pool:
                 kept.upstream = upstream
                 members.append(kept)
             else:
-                breaker = Breaker(upstream.name, self._clock, self._policy, self._draw, self._observer)
-                members.append(Member(upstream, breaker))
+                members.append(Member(upstream, self._breaker(upstream.name)))
         self.members = tuple(members)
 
     def __getitem__(self, name: str) -> Member:
@@ -533,6 +535,17 @@ def advice(pool: Pool, model: Optional[str], last: Optional[Outcome] = None) -> 
     if any(m.ready() for m in serving):
         return Advice(True)
     return Advice(True, pool._retry_after(serving))
+
+
+def refusal_error(refusal: Refusal) -> ApiError:
+    """
+    The client's answer to a L{Refusal}: OpenAI's C{404 model_not_found}
+    when no upstream serves the model, else a C{503 upstreams_unavailable}
+    with the refusal's C{retry-after}.
+    """
+    if not refusal.serves and refusal.model is not None:
+        return model_not_found(refusal.model)
+    return upstreams_unavailable(refusal.model, refusal.retry_after)
 
 
 def worst_case_upstream_requests(sdk_attempts: int, max_attempts: int, upstreams: int) -> int:

@@ -27,6 +27,7 @@ from oaiproxy.upstream.pool import (
     Verdict,
     advice,
     decide,
+    refusal_error,
     retry_after_seconds,
     worst_case_upstream_requests,
 )
@@ -399,6 +400,24 @@ class AdviceTests(SynchronousTestCase):
         self.assertEqual(advice(pool, "gpt-4o"), Advice(True, 5.0))
         nobody, _ = _pool(_upstream("b", models=("o3",)))
         self.assertEqual(advice(nobody, "gpt-4o"), Advice(False))
+
+
+class RefusalErrorTests(SynchronousTestCase):
+    def test_answers(self) -> None:
+        """
+        A refusal becomes OpenAI's 404 for a model nobody serves (no
+        retry), or a 503 upstreams_unavailable with the retry-after, or
+        with x-should-retry: false when waiting cannot help.
+        """
+        unserved = refusal_error(Refusal("o3", False, None))
+        self.assertEqual((unserved.status, unserved.code), (404, "model_not_found"))
+        self.assertIn((b"x-should-retry", b"false"), unserved.headers)
+        waiting = refusal_error(Refusal("gpt-4o", True, 2.4))
+        self.assertEqual((waiting.status, waiting.code, waiting.type), (503, "upstreams_unavailable", "api_error"))
+        self.assertEqual(waiting.headers, ((b"retry-after", b"3"),))
+        self.assertIn("gpt-4o", waiting.message)
+        hopeless = refusal_error(Refusal("gpt-4o", True, None))
+        self.assertEqual(hopeless.headers, ((b"x-should-retry", b"false"),))
 
 
 class ReloadTests(SynchronousTestCase):
