@@ -334,9 +334,9 @@ class Breaker:
             return
         now = self._clock.seconds()
         if permit is self._probe:
+            # The count and the window were emptied when it opened, and
+            # nothing counted since: only the backoff is left to reset.
             self._probe = None
-            self._window.clear()
-            self._consecutive = 0
             self._step = 0
             self._move(State.CLOSED, "probe succeeded")
         elif permit._epoch == self._epoch and self._state is State.CLOSED:

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from oaiproxy.upstream.breaker import Breaker, BreakerPolicy, Permit, State, Transition
+from oaiproxy.upstream.breaker import Breaker, BreakerPolicy, State, Transition
 
 _DEFAULTS = BreakerPolicy()
 
@@ -77,20 +77,35 @@ class ClosedTests(SynchronousTestCase):
         self.assertIs(breaker.state, State.OPEN)
         self.assertIn("10 of 20 requests failed", seen[0].reason)
 
-    def test_ratio_forgets_old_failures(self) -> None:
+    def test_ratio_starts_afresh_after_closing(self) -> None:
         """
-        Failures older than the window no longer count towards the ratio.
+        Once a probe has closed a breaker the ratio opened, the failures
+        that opened it are forgotten: one new failure does not open it
+        again.
         """
         breaker, clock, _ = _breaker()
-        for _ in range(4):
-            _fail(breaker)
+        for _ in range(10):
             _succeed(breaker)
+            _fail(breaker)
+        self.assertIs(breaker.state, State.OPEN)
+        clock.advance(5)
+        _succeed(breaker)
+        _fail(breaker)
+        self.assertIs(breaker.state, State.CLOSED)
+
+    def test_ratio_forgets_old_failures(self) -> None:
+        """
+        Requests older than the window no longer count: 18 at half failed,
+        then 31 s later two more at half failed make 2 in the window, not
+        20, and the breaker stays closed.
+        """
+        breaker, clock, _ = _breaker()
+        for _ in range(9):
+            _succeed(breaker)
+            _fail(breaker)
         clock.advance(31)
-        for _ in range(12):
-            _succeed(breaker)
-        for _ in range(4):
-            _fail(breaker)
-            _succeed(breaker)
+        _succeed(breaker)
+        _fail(breaker)
         self.assertIs(breaker.state, State.CLOSED)
 
     def test_retry_after_opens_at_once(self) -> None:
@@ -447,6 +462,3 @@ class PolicyTests(SynchronousTestCase):
         ):
             with self.assertRaises(ValueError):
                 BreakerPolicy(**bad)  # type: ignore[arg-type]
-
-    def test_permit_repr(self) -> None:
-        self.assertEqual(repr(Permit(True, 0)), "Permit(probe=True)")
