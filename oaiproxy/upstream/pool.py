@@ -46,7 +46,7 @@ import re
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from fnmatch import fnmatchcase
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -258,6 +258,25 @@ class Member:
 
     def ready(self) -> bool:
         return not self.full and self.breaker.admits()
+
+    def health(self) -> dict[str, Any]:
+        """
+        This upstream as C{GET /health/upstreams} shows it: its state (and
+        the gauge's number for it), requests in flight, the last failure's
+        kind and POSIX time, and the cooldown left in seconds.  No URL, key
+        or header: only what an operator needs to see which one is out.
+        """
+        breaker = self.breaker
+        state = breaker.state
+        return {
+            "name": self.name,
+            "state": state.label,
+            "state_value": state.value,
+            "in_flight": self.in_flight,
+            "last_failure": breaker.last_failure,
+            "last_failure_at": breaker.last_failure_at,
+            "cooldown_left": round(breaker.cooldown_left(), 3),
+        }
 
 
 @dataclass

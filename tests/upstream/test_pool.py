@@ -425,6 +425,38 @@ class RefusalErrorTests(SynchronousTestCase):
         self.assertEqual(hopeless.headers, ((b"x-should-retry", b"false"),))
 
 
+class HealthTests(SynchronousTestCase):
+    def test_health(self) -> None:
+        """
+        What /health/upstreams will show per upstream: state and gauge
+        value, in flight, the last failure and when, the cooldown left; no
+        URL or key.
+        """
+        pool, clock = _pool(_upstream("a"))
+        clock.advance(100)
+        held = _chosen(pool)
+        self.assertEqual(
+            pool["a"].health(),
+            {
+                "name": "a",
+                "state": "closed",
+                "state_value": 0,
+                "in_flight": 1,
+                "last_failure": None,
+                "last_failure_at": None,
+                "cooldown_left": 0.0,
+            },
+        )
+        pool.finish(held, Outcome(Kind.ANSWERED, 429, retry_after=2.5))
+        clock.advance(1)
+        health = pool["a"].health()
+        self.assertEqual((health["state"], health["state_value"], health["in_flight"]), ("open", 2, 0))
+        self.assertEqual(
+            (health["last_failure"], health["last_failure_at"], health["cooldown_left"]), ("status 429", 100.0, 1.5)
+        )
+        self.assertNotIn("example", repr(health))
+
+
 class ReloadTests(SynchronousTestCase):
     def test_breakers_survive_by_name(self) -> None:
         """
