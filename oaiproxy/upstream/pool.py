@@ -354,6 +354,12 @@ class Pool:
                 members.append(Member(upstream, self._breaker(upstream.name)))
         self.members = tuple(members)
 
+    def now(self) -> float:
+        """
+        The pool's clock, in seconds.
+        """
+        return self._clock.seconds()
+
     def __getitem__(self, name: str) -> Member:
         for member in self.members:
             if member.name == name:
@@ -377,7 +383,7 @@ class Pool:
         serving = self.serving(model)
         candidates = [m for m in serving if m.name not in skipped]
         if not candidates:
-            return Refusal(model, bool(serving), None if not serving else self._retry_after(serving))
+            return Refusal(model, bool(serving), None if not serving else self.retry_after(serving))
         for priority in sorted({m.upstream.priority for m in candidates}):
             ready = [m for m in candidates if m.upstream.priority == priority and m.ready()]
             if ready:
@@ -395,7 +401,7 @@ class Pool:
             if all(m.breaker.key_refused_open for m in candidates):
                 # Only an operator can fix refused keys: no retry helps.
                 return Refusal(model, True, None)
-        return Refusal(model, True, self._retry_after(candidates))
+        return Refusal(model, True, self.retry_after(candidates))
 
     def finish(self, choice: Choice, outcome: Outcome) -> Decision:
         """
@@ -439,7 +445,7 @@ class Pool:
                 return member
         return members[-1]
 
-    def _retry_after(self, members: Sequence[Member]) -> float:
+    def retry_after(self, members: Sequence[Member]) -> float:
         """
         Seconds until the first of C{members} admits again, at least 1
         (a half-open breaker waiting on its probe, or a full upstream,
@@ -468,7 +474,7 @@ class Attempts:
         self.pool = pool
         self.model = model
         self.max_attempts = max_attempts
-        self.deadline = pool._clock.seconds() + timeout
+        self.deadline = pool.now() + timeout
         self.tried: list[str] = []
         self.failovers: list[tuple[str, str]] = []
         self.last: Optional[Outcome] = None
@@ -484,7 +490,7 @@ class Attempts:
         it; C{None} when this request has had all its attempts.
         """
         assert self._current is None, "report the current attempt first"
-        if self.attempts >= self.max_attempts or (self.tried and self.pool._clock.seconds() >= self.deadline):
+        if self.attempts >= self.max_attempts or (self.tried and self.pool.now() >= self.deadline):
             return None
         choice = self.pool.choose(self.model, self.tried)
         if isinstance(choice, Choice):
@@ -494,13 +500,25 @@ class Attempts:
 
     def first_byte_deadline(self, timeout: Optional[float]) -> Optional[float]:
         """
-        The first-byte deadline to arm for the current attempt: none for
-        the last candidate (it runs to its read timeout), since cutting it
-        would leave nothing to fail over to.
+        The first-byte deadline to arm for the current attempt: the
+        upstream's own C{first_byte_timeout} when its entry sets one (0 is
+        off), else the global C{timeout}; none for the last candidate (it
+        runs to its read timeout), since cutting it would leave nothing to
+        fail over to.  The last is the last attempt the bound allows, or
+        the one after which no untried upstream could take the request
+        (each is open on a cooldown upstream set, or full, or does not
+        serve the model).
         """
+        assert self._current is not None, "no attempt in progress"
+        own = self._current.member.upstream.first_byte_timeout
+        timeout = own if own is not None else timeout
         if not timeout or self.attempts >= self.max_attempts:
             return None
-        others = [m for m in self.pool.serving(self.model) if m.name not in self.tried]
+        others = [
+            m
+            for m in self.pool.serving(self.model)
+            if m.name not in self.tried and (m.ready() or (m.breaker.early_probe_allowed and not m.full))
+        ]
         return timeout if others else None
 
     def report(self, outcome: Outcome) -> bool:
@@ -513,7 +531,7 @@ class Attempts:
         decision = self.pool.finish(choice, outcome)
         self.last = outcome
         go_on = decision.fail_over and self.attempts < self.max_attempts
-        go_on = go_on and self.pool._clock.seconds() < self.deadline
+        go_on = go_on and self.pool.now() < self.deadline
         if go_on:
             self.failovers.append((choice.member.name, outcome.reason))
         return go_on
@@ -553,7 +571,7 @@ def advice(pool: Pool, model: Optional[str], last: Optional[Outcome] = None) -> 
             return Advice(True, last.retry_after)
     if any(m.ready() for m in serving):
         return Advice(True)
-    return Advice(True, pool._retry_after(serving))
+    return Advice(True, pool.retry_after(serving))
 
 
 def refusal_error(refusal: Refusal) -> ApiError:

@@ -301,11 +301,45 @@ class AttemptsTests(SynchronousTestCase):
         attempts.report(Outcome(Kind.FIRST_BYTE))
         attempts.next()
         self.assertIsNone(attempts.first_byte_deadline(2.0))
-        self.assertIsNone(Attempts(pool, "gpt-4o").first_byte_deadline(None))
         lone, _ = _pool(_upstream("a"))
         only = Attempts(lone, "gpt-4o")
         only.next()
         self.assertIsNone(only.first_byte_deadline(2.0))
+
+    def test_no_deadline_when_the_others_cannot_take_it(self) -> None:
+        """
+        An untried upstream that is rate-limited (open on its retry-after)
+        or full is no candidate to fail over to: the current attempt is the
+        last one and gets no first-byte deadline.
+        """
+        pool, _ = _pool(_upstream("a"), _upstream("limited"), _upstream("full", max_concurrent=1))
+        limited = pool["limited"].breaker
+        permit = limited.acquire()
+        assert permit is not None
+        limited.failed(permit, "status 429", retry_after=60)
+        pool["full"].in_flight = 1
+        attempts = Attempts(pool, "gpt-4o")
+        choice = attempts.next()
+        self.assertEqual(choice.member.name if isinstance(choice, Choice) else choice, "a")
+        self.assertIsNone(attempts.first_byte_deadline(2.0))
+
+    def test_per_upstream_first_byte_timeout(self) -> None:
+        """
+        An entry's own first_byte_timeout wins over the global one; 0
+        turns it off for that upstream.
+        """
+        pool, _ = _pool(_upstream("slow", first_byte_timeout=30.0, priority=0), _upstream("b", priority=1))
+        attempts = Attempts(pool, "gpt-4o")
+        attempts.next()
+        self.assertEqual(attempts.first_byte_deadline(2.0), 30.0)
+        off, _ = _pool(_upstream("vllm", first_byte_timeout=0.0), _upstream("b", priority=1))
+        attempts = Attempts(off, "gpt-4o")
+        attempts.next()
+        self.assertIsNone(attempts.first_byte_deadline(2.0))
+        unset, _ = _pool(_upstream("a"), _upstream("b", priority=1))
+        attempts = Attempts(unset, "gpt-4o")
+        attempts.next()
+        self.assertIsNone(attempts.first_byte_deadline(None))
 
     def test_last_attempt_by_bound_gets_no_deadline(self) -> None:
         """
