@@ -264,13 +264,6 @@ class Breaker:
             return 0.0
         return max(0.0, self._reopen_at - self._clock.seconds())
 
-    def retry_in(self) -> float:
-        """
-        Seconds until this breaker would admit a request, as far as it
-        knows: 0 when it admits now (or waits only on a probe in flight).
-        """
-        return self.cooldown_left()
-
     @property
     def key_refused_open(self) -> bool:
         """

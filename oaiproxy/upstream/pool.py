@@ -451,7 +451,7 @@ class Pool:
         (a half-open breaker waiting on its probe, or a full upstream,
         may admit any moment).
         """
-        return max(1.0, float(math.ceil(min(m.breaker.retry_in() for m in members))))
+        return max(1.0, float(math.ceil(min(m.breaker.cooldown_left() for m in members))))
 
 
 class Attempts:
