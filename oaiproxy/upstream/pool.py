@@ -46,7 +46,7 @@ import re
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from fnmatch import fnmatchcase
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -62,6 +62,7 @@ __all__ = [
     "Decision",
     "decide",
     "Member",
+    "Health",
     "Choice",
     "Refusal",
     "Pool",
@@ -259,24 +260,44 @@ class Member:
     def ready(self) -> bool:
         return not self.full and self.breaker.admits()
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> "Health":
         """
-        This upstream as C{GET /health/upstreams} shows it: its state (and
-        the gauge's number for it), requests in flight, the last failure's
-        kind and POSIX time, and the cooldown left in seconds.  No URL, key
-        or header: only what an operator needs to see which one is out.
+        This upstream as C{GET /health/upstreams} shows it.
         """
         breaker = self.breaker
         state = breaker.state
-        return {
-            "name": self.name,
-            "state": state.label,
-            "state_value": state.value,
-            "in_flight": self.in_flight,
-            "last_failure": breaker.last_failure,
-            "last_failure_at": breaker.last_failure_at,
-            "cooldown_left": round(breaker.cooldown_left(), 3),
-        }
+        return Health(
+            self.name,
+            state.label,
+            state.value,
+            self.in_flight,
+            breaker.last_failure,
+            breaker.last_failure_at,
+            round(breaker.cooldown_left(), 3),
+        )
+
+
+@dataclass(frozen=True)
+class Health:
+    """
+    One upstream's health, for C{GET /health/upstreams}
+    (C{dataclasses.asdict} makes it JSON-ready).  No URL, key or header:
+    only what an operator needs to see which one is out and why.
+
+    @ivar state: C{closed}, C{half-open} or C{open}.
+    @ivar state_value: the state gauge's number for it (0, 1, 2).
+    @ivar last_failure: the last failure's kind (C{"status 503"},
+        C{"connect"}...), with its POSIX time C{last_failure_at}.
+    @ivar cooldown_left: seconds until an open breaker half-opens.
+    """
+
+    name: str
+    state: str
+    state_value: int
+    in_flight: int
+    last_failure: Optional[str]
+    last_failure_at: Optional[float]
+    cooldown_left: float
 
 
 @dataclass

@@ -5,8 +5,10 @@ the bounds on attempts; on a C{Clock}, with a seeded random source.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
+from dataclasses import asdict
 from typing import Any, Optional
 
 from twisted.internet.task import Clock
@@ -19,6 +21,7 @@ from oaiproxy.upstream.pool import (
     Attempts,
     Choice,
     Decision,
+    Health,
     Kind,
     Outcome,
     Pool,
@@ -469,26 +472,12 @@ class HealthTests(SynchronousTestCase):
         pool, clock = _pool(_upstream("a"))
         clock.advance(100)
         held = _chosen(pool)
-        self.assertEqual(
-            pool["a"].health(),
-            {
-                "name": "a",
-                "state": "closed",
-                "state_value": 0,
-                "in_flight": 1,
-                "last_failure": None,
-                "last_failure_at": None,
-                "cooldown_left": 0.0,
-            },
-        )
+        self.assertEqual(pool["a"].health(), Health("a", "closed", 0, 1, None, None, 0.0))
         pool.finish(held, Outcome(Kind.ANSWERED, 429, retry_after=2.5))
         clock.advance(1)
         health = pool["a"].health()
-        self.assertEqual((health["state"], health["state_value"], health["in_flight"]), ("open", 2, 0))
-        self.assertEqual(
-            (health["last_failure"], health["last_failure_at"], health["cooldown_left"]), ("status 429", 100.0, 1.5)
-        )
-        self.assertNotIn("example", repr(health))
+        self.assertEqual(health, Health("a", "open", 2, 0, "status 429", 100.0, 1.5))
+        self.assertNotIn("example", json.dumps(asdict(health)))
 
 
 class ReloadTests(SynchronousTestCase):
