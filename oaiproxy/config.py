@@ -11,14 +11,21 @@ an assertion message without leaking the upstream key.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.9 and 3.10 only
+    import tomli as tomllib
 
 __all__ = [
     "Config",
@@ -44,6 +51,9 @@ __all__ = [
     "is_private_address",
     "unix_listener",
     "UNIX_MODE",
+    "config_file_path",
+    "read_config_file",
+    "read_document",
 ]
 
 DEFAULT_PORT = "tcp:8080:interface=127.0.0.1"
@@ -356,6 +366,62 @@ def _read_key_file(path: str) -> Secret:
     if b"\n" in value or b" " in value:
         raise ConfigError(f"the API key file {path} must hold the key alone on one line")
     return Secret(value)
+
+
+def config_file_path(given: Optional[str], variable: str, credential: str, environ: Mapping[str, str]) -> Optional[str]:
+    """
+    Where a configuration file is: the option's value C{given}, else the
+    environment C{variable}, else the systemd credential C{credential}
+    under C{$CREDENTIALS_DIRECTORY} when it exists; C{None} for none.
+    """
+    path = given or environ.get(variable)
+    if path:
+        return path
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    candidate = os.path.join(credentials, credential) if credentials else None
+    if candidate is not None and os.path.exists(candidate):
+        return candidate
+    return None
+
+
+def read_config_file(path: str, what: str) -> bytes:
+    """
+    The bytes of a configuration file (C{what}: C{"client keys file"}...).
+
+    @raise ConfigError: for a file that does not exist (without echoing
+        the value, which may be a key given by mistake: the message goes
+        to the journal) or cannot be read.
+    """
+    if not os.path.exists(path):
+        raise ConfigError(f"the {what} given does not exist (the value is not shown in case it is a key)")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read the {what} {path}: {e.strerror}") from None
+
+
+def read_document(data: bytes, path: str, sections: str) -> dict[str, Any]:
+    """
+    A configuration file's content as a table: JSON if the name ends in
+    C{.json} or its first non-blank character is C{{}}, else TOML.
+
+    @param sections: the sections it should hold, in words, for the error
+        (C{"[defaults] and [[clients]]"}).
+    @raise ConfigError: naming the file, for a document that is neither, or
+        is not a table.
+    """
+    text = data.decode("utf-8", "replace")
+    try:
+        if path.endswith(".json") or text.lstrip().startswith("{"):
+            document = json.loads(text)
+        else:
+            document = tomllib.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{path} is neither valid TOML nor JSON: {e}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} must hold a table with {sections}")
+    return document
 
 
 def is_private_address(address: IAddress) -> bool:

@@ -36,6 +36,7 @@ __all__ = [
     "upstream_unreadable",
     "upstream_failed_mid_response",
     "internal_error",
+    "upstreams_unavailable",
     "draining",
     "openai_key_sent",
     "model_not_allowed",
@@ -424,6 +425,28 @@ def upstream_failed_mid_response(reason: str) -> ApiError:
         API_ERROR,
         None,
         "upstream_stream_interrupted",
+    )
+
+
+def upstreams_unavailable(model: Optional[str], retry_after: Optional[float]) -> ApiError:
+    """
+    A 503 when every upstream serving a model is out (its breaker open, or
+    at its concurrency limit), with the time the first admits again as
+    C{retry-after}, or C{x-should-retry: false} when waiting cannot help
+    (every key refused).
+    """
+    if retry_after is None:
+        timing = NO_RETRY
+    else:
+        timing = ((b"retry-after", b"%d" % max(1, math.ceil(retry_after))),)
+    what = f"model '{model}'" if model else "this request"
+    return ApiError(
+        503,
+        f"No upstream can take {what} right now; retry after the time given.",
+        API_ERROR,
+        None,
+        "upstreams_unavailable",
+        timing,
     )
 
 

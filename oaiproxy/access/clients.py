@@ -39,19 +39,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from oaiproxy.config import CLIENT_KEYS_CREDENTIAL, ConfigError, Secret, client_keys_from_env
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.9 and 3.10 only
-    import tomli as tomllib
+from oaiproxy.config import (
+    CLIENT_KEYS_CREDENTIAL,
+    ConfigError,
+    Secret,
+    client_keys_from_env,
+    config_file_path,
+    read_config_file,
+    read_document,
+)
 
 __all__ = [
     "Limits",
@@ -251,16 +252,7 @@ def _parse_clients(data: bytes, path: str) -> tuple[Limits, dict[str, Any], list
     L{parse_clients}, with the defaults' header settings too (for the keys
     of C{OAIPROXY_CLIENT_KEYS}, which get every default).
     """
-    text = data.decode("utf-8", "replace")
-    try:
-        if path.endswith(".json") or text.lstrip().startswith("{"):
-            document = json.loads(text)
-        else:
-            document = tomllib.loads(text)
-    except ValueError as e:
-        raise ConfigError(f"{path} is neither valid TOML nor JSON: {e}") from None
-    if not isinstance(document, dict):
-        raise ConfigError(f"{path} must hold a table with [defaults] and [[clients]]")
+    document = read_document(data, path, "[defaults] and [[clients]]")
     unknown = set(document) - {"defaults", "clients"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected defaults and clients")
@@ -328,24 +320,10 @@ def load_clients(keys_file: Optional[str], environ: Mapping[str, str]) -> Client
     @raise ConfigError: for a named file that is missing, unreadable or
         malformed.
     """
-    path = keys_file or environ.get("OAIPROXY_CLIENT_KEYS_FILE")
-    if not path:
-        credentials = environ.get("CREDENTIALS_DIRECTORY")
-        candidate = os.path.join(credentials, CLIENT_KEYS_CREDENTIAL) if credentials else None
-        if candidate is not None and os.path.exists(candidate):
-            path = candidate
+    path = config_file_path(keys_file, "OAIPROXY_CLIENT_KEYS_FILE", CLIENT_KEYS_CREDENTIAL, environ)
     defaults, header_defaults, clients = Limits(), dict[str, Any](), list[Client]()
     if path:
-        if not os.path.exists(path):
-            # Not echoed: a value that names no file may be a key given by
-            # mistake, and this message goes to the journal.
-            raise ConfigError("the client keys file given does not exist (the value is not shown in case it is a key)")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise ConfigError(f"cannot read the client keys file {path}: {e.strerror}") from None
-        defaults, header_defaults, clients = _parse_clients(data, path)
+        defaults, header_defaults, clients = _parse_clients(read_config_file(path, "client keys file"), path)
     names = {client.name for client in clients}
     for index, key in enumerate(client_keys_from_env(environ), 1):
         name = f"env-{index}"
