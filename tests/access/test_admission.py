@@ -27,7 +27,7 @@ from oaiproxy.server.site import _FD_RESERVE, STREAMS_WANTED, ProxySite, check_o
 from oaiproxy.server.tree import build_tree
 from oaiproxy.upstream.client import UpstreamClient
 from oaiproxy.upstream.exchange import admission_gate
-from tests.daemon.test_systemd import unit_settings
+from tests.e2e.test_systemd import unit_settings
 from tests.routes.test_uploads import AUDIO, ROUTES, _Consumer, _Upstream
 from tests.support import CLIENT_KEY, UPSTREAM_KEY, form, registry
 
