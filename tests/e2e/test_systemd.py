@@ -216,7 +216,15 @@ class ReloadTests(Deployment):
             f.write(text)
         os.replace(self.key_file + ".new", self.key_file)
 
-    def reload(self, process: Process, expect: str) -> None:
+    def reload(self, process: Process, base: str, expect: str) -> None:
+        # "listening on" is logged while twistd binds, before the services
+        # start and the SIGHUP handler is in place; an answer proves the
+        # reactor runs, so they have.
+        host, port = base.split("://")[1].split(":")
+        probe = http.client.HTTPConnection(host, int(port), timeout=20)
+        probe.request("GET", "/health")
+        self.assertEqual(probe.getresponse().status, 200)
+        probe.close()
         marker = len(process.output)
         process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 20
@@ -236,7 +244,7 @@ class ReloadTests(Deployment):
         received = [next(chunks)]
 
         self.write_key("sk-proj-SECONDKEY\n")
-        self.reload(process, "reloaded: upstream key changed")
+        self.reload(process, base, "reloaded: upstream key changed")
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
         self.assertEqual(self.authorizations(), ["Bearer sk-proj-FIRSTKEY", "Bearer sk-proj-SECONDKEY"])
 
@@ -252,7 +260,7 @@ class ReloadTests(Deployment):
         """
         process, base = self.proxy(["--api-key-file", self.key_file], env={})
         self.write_key("")
-        self.reload(process, "reload failed, keeping the credentials in use")
+        self.reload(process, base, "reload failed, keeping the credentials in use")
         self.client(base).chat.completions.create(model="gpt-4o", messages=MESSAGES)
         self.assertEqual(self.authorizations(), ["Bearer sk-proj-FIRSTKEY"])
 
