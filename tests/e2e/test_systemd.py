@@ -284,10 +284,11 @@ class CredentialTests(Deployment):
         )
         bodies = []
         for model in ("fake-429", "fake-500", "fake-crash"):
-            try:
+            # Each must fail: a call that succeeded would leave no body here
+            # to check, and the test would pass on less than it says.
+            with self.assertRaises(openai.APIError) as failed:
                 client.chat.completions.create(model=model, messages=MESSAGES)
-            except openai.APIError as e:
-                bodies.append(repr(e.body) + str(e))
+            bodies.append(repr(failed.exception.body) + str(failed.exception))
         with self.assertRaises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="gpt-4o", messages=[])
         bodies.append(repr(caught.exception.body))
