@@ -34,7 +34,8 @@ json_values = st.recursive(
 
 #: The members the proxy reads in a chat body (the required ones, and
 #: those that decide streaming, usage and the token reservation): random
-#: extra members never take these names.
+#: extra members never take these names, in any case (C{"N"} is C{"n"} to
+#: a case-insensitive parser, so the proxy refuses it).
 READ = frozenset(
     {
         "model",
@@ -69,7 +70,7 @@ valid_chat = st.fixed_dictionaries(
     },
 ).flatmap(
     lambda document: st.dictionaries(
-        st.text(max_size=10).filter(lambda name: name not in READ), json_values, max_size=3
+        st.text(max_size=10).filter(lambda name: name.casefold() not in READ), json_values, max_size=3
     ).map(lambda extra: {**extra, **document})
 )
 
