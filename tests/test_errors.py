@@ -2,14 +2,16 @@
 Tests for L{oaiproxy.errors}: the OpenAI-shaped error answers the proxy
 produces itself.
 
-They check, for every constructor, the HTTP status and the C{type},
-C{param} and C{code} fields the SDKs map to exception classes; the exact
-shape of the JSON body; the C{Allow} header of a 405; and the server-sent
-event that reports a failure in the middle of a stream.
+They check, for every constructor (found by looking at the module, so a
+new one cannot be missed), the HTTP status and the C{type}, C{param} and
+C{code} fields the SDKs map to exception classes; its exact headers (the
+retry policy, C{Allow} on a 405); the exact shape of the JSON body; and
+the server-sent event that reports a failure in the middle of a stream.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any, Callable, Optional
 
@@ -18,68 +20,150 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaiproxy import errors
 from oaiproxy.errors import ApiError, sse_error_event
 
-#: (constructor call, status, type, param, code) for every error the proxy
-#: can produce.
-CASES: list[tuple[Callable[[], ApiError], int, str, Optional[str], Optional[str]]] = [
-    (lambda: errors.bad_request("bad model", "model"), 400, "invalid_request_error", "model", None),
+Headers = tuple[tuple[bytes, bytes], ...]
+
+NO_RETRY = ((b"x-should-retry", b"false"),)
+RATE_HEADERS = ((b"x-ratelimit-limit-requests", b"60"),)
+
+#: (constructor, arguments, status, type, param, code, headers) for every
+#: error the proxy can produce: every public function of L{errors} that
+#: returns an L{ApiError} has at least one row (see
+#: L{ConstructorTests.test_every_constructor_has_a_case}).  The headers
+#: are the whole policy: C{x-should-retry: false} wherever a retry gets the
+#: same answer, nothing where the SDKs' own retry of a 408 or 5xx is right,
+#: C{Allow} on a 405, the pacing headers on a 429 that can wait.
+CASES: list[tuple[Callable[..., ApiError], tuple[Any, ...], int, str, Optional[str], Optional[str], Headers]] = [
+    (errors.bad_request, ("bad model", "model"), 400, "invalid_request_error", "model", None, NO_RETRY),
     (
-        lambda: errors.bad_request("bad json", None, "invalid_json"),
+        errors.bad_request,
+        ("bad json", None, "invalid_json"),
         400,
         "invalid_request_error",
         None,
         "invalid_json",
+        NO_RETRY,
     ),
-    (errors.invalid_api_key, 401, "invalid_request_error", None, "invalid_api_key"),
-    (lambda: errors.not_found("GET", "/v2/models"), 404, "invalid_request_error", None, "unknown_url"),
+    (errors.invalid_api_key, (), 401, "invalid_request_error", None, "invalid_api_key", NO_RETRY),
+    (errors.not_found, ("GET", "/v2/models"), 404, "invalid_request_error", None, "unknown_url", NO_RETRY),
+    (errors.not_found, ("GET", "/v1/v1/models"), 404, "invalid_request_error", None, "unknown_url", NO_RETRY),
     (
-        lambda: errors.method_not_allowed("GET", "/v1/chat/completions", ["POST"]),
+        errors.method_not_allowed,
+        ("GET", "/v1/chat/completions", ["POST"]),
         405,
         "invalid_request_error",
         None,
         "method_not_allowed",
+        ((b"Allow", b"POST"),) + NO_RETRY,
     ),
-    (lambda: errors.body_too_large(1024), 413, "invalid_request_error", None, "request_too_large"),
+    (errors.body_too_large, (1024,), 413, "invalid_request_error", None, "request_too_large", NO_RETRY),
+    (errors.upstream_unreachable, ("ConnectionRefusedError",), 502, "api_error", None, "upstream_unreachable", ()),
+    (errors.upstream_timeout, (10.0, "connect"), 504, "api_error", None, "upstream_timeout", ()),
     (
-        lambda: errors.upstream_unreachable("ConnectionRefusedError"),
-        502,
+        errors.upstreams_unavailable,
+        ("gpt-4o", 2.5),
+        503,
         "api_error",
         None,
-        "upstream_unreachable",
+        "upstreams_unavailable",
+        ((b"retry-after", b"3"),),
     ),
-    (lambda: errors.upstream_timeout(10.0, "connect"), 504, "api_error", None, "upstream_timeout"),
+    (errors.upstreams_unavailable, ("gpt-4o", None), 503, "api_error", None, "upstreams_unavailable", NO_RETRY),
     (
-        lambda: errors.upstream_failed_mid_response("ResponseFailed"),
+        errors.upstream_failed_mid_response,
+        ("ResponseFailed",),
         502,
         "api_error",
         None,
         "upstream_stream_interrupted",
+        (),
     ),
-    (errors.internal_error, 500, "api_error", None, "internal_error"),
-    (errors.upstream_rejected_proxy_key, 502, "api_error", None, "upstream_auth_failed"),
-    (lambda: errors.upstream_response_too_large(8), 502, "api_error", None, "upstream_response_too_large"),
-    (lambda: errors.upstream_unreadable("model list"), 502, "api_error", None, "upstream_bad_response"),
-    (lambda: errors.model_not_found("o9"), 404, "invalid_request_error", None, "model_not_found"),
-    (lambda: errors.not_an_id("model", "..", "model_not_found"), 404, "invalid_request_error", None, "model_not_found"),
-    (errors.openai_key_sent, 401, "invalid_request_error", None, "openai_key_not_accepted"),
-    (lambda: errors.model_not_allowed("c", "m"), 403, "invalid_request_error", "model", "model_not_allowed"),
-    (lambda: errors.route_not_enabled("embeddings"), 404, "invalid_request_error", None, "route_not_enabled"),
+    (errors.internal_error, (), 500, "api_error", None, "internal_error", ()),
+    (errors.upstream_rejected_proxy_key, (), 502, "api_error", None, "upstream_auth_failed", NO_RETRY),
+    (errors.upstream_response_too_large, (8,), 502, "api_error", None, "upstream_response_too_large", NO_RETRY),
+    (errors.upstream_unreadable, ("model list",), 502, "api_error", None, "upstream_bad_response", NO_RETRY),
+    (errors.model_not_found, ("o9",), 404, "invalid_request_error", None, "model_not_found", NO_RETRY),
     (
-        lambda: errors.route_not_available("moderations", "Azure OpenAI"),
+        errors.not_an_id,
+        ("model", "..", "model_not_found"),
+        404,
+        "invalid_request_error",
+        None,
+        "model_not_found",
+        NO_RETRY,
+    ),
+    (errors.not_an_id, ("response", "a/b", None), 404, "invalid_request_error", None, None, NO_RETRY),
+    (errors.openai_key_sent, (), 401, "invalid_request_error", None, "openai_key_not_accepted", NO_RETRY),
+    (errors.openai_key_sent, ("the URL",), 401, "invalid_request_error", None, "openai_key_not_accepted", NO_RETRY),
+    (errors.model_not_allowed, ("c", "m"), 403, "invalid_request_error", "model", "model_not_allowed", NO_RETRY),
+    (errors.model_not_allowed, ("c", None), 403, "invalid_request_error", "model", "model_not_allowed", NO_RETRY),
+    (errors.route_not_enabled, ("embeddings",), 404, "invalid_request_error", None, "route_not_enabled", NO_RETRY),
+    (
+        errors.route_not_available,
+        ("moderations", "Azure OpenAI"),
         404,
         "invalid_request_error",
         None,
         "route_not_available",
+        NO_RETRY,
     ),
-    (lambda: errors.bad_http("bad"), 400, "invalid_request_error", None, "bad_http_request"),
-    (lambda: errors.header_timeout(10), 408, "invalid_request_error", None, "request_timeout"),
-    (errors.draining, 503, "api_error", None, "proxy_draining"),
-    (lambda: errors.rate_limited("slow down", 2.0, ()), 429, "rate_limit_error", None, "rate_limit_exceeded"),
-    (lambda: errors.rate_limited("too many", None, ()), 429, "rate_limit_error", None, "rate_limit_exceeded"),
+    (errors.bad_http, ("bad",), 400, "invalid_request_error", None, "bad_http_request", NO_RETRY),
+    (errors.header_timeout, (10,), 408, "invalid_request_error", None, "request_timeout", ()),
+    (errors.body_timeout, (30, 65536), 408, "invalid_request_error", None, "request_timeout", ()),
+    (
+        errors.draining,
+        (),
+        503,
+        "api_error",
+        None,
+        "proxy_draining",
+        ((b"x-should-retry", b"true"), (b"retry-after", b"1")),
+    ),
+    (errors.shut_down_mid_response, (), 503, "api_error", None, "proxy_shutting_down", ()),
+    (
+        errors.rate_limited,
+        ("slow down", 1.2, RATE_HEADERS),
+        429,
+        "rate_limit_error",
+        None,
+        "rate_limit_exceeded",
+        ((b"retry-after", b"2"), (b"retry-after-ms", b"1200")) + RATE_HEADERS,
+    ),
+    (
+        errors.rate_limited,
+        ("too many", None, RATE_HEADERS),
+        429,
+        "rate_limit_error",
+        None,
+        "rate_limit_exceeded",
+        NO_RETRY + RATE_HEADERS,
+    ),
 ]
 
+
+def constructors() -> set[str]:
+    """
+    The name of every public function in L{errors} that builds an
+    L{ApiError}, found by looking, so that a new one cannot be left out.
+    """
+    return {
+        name
+        for name, function in inspect.getmembers(errors, inspect.isfunction)
+        if not name.startswith("_")
+        and function.__module__ == errors.__name__
+        and inspect.signature(function).return_annotation in ("ApiError", ApiError)
+    }
+
+
+def made(case: tuple[Any, ...]) -> ApiError:
+    """
+    The error a row of L{CASES} constructs.
+    """
+    return case[0](*case[1])
+
+
 #: The constructors whose answer a retry can change: a slow client (408),
-#: an unreachable, silent or dropped upstream, a bug, a restart, a rate
-#: limit with a time to wait.  Every other error is the same on a retry.
+#: an unreachable, silent or dropped upstream, a bug, a restart (or a
+#: stream it cut short), a rate limit with a time to wait.  Every other error is the same on a retry.
 RETRYABLE = {
     "request_timeout",
     "upstream_unreachable",
@@ -87,6 +171,7 @@ RETRYABLE = {
     "upstream_stream_interrupted",
     "internal_error",
     "proxy_draining",
+    "proxy_shutting_down",
 }
 
 
@@ -113,28 +198,45 @@ class ConstructorTests(SynchronousTestCase):
     Each constructor yields the status and fields the SDKs rely on.
     """
 
+    def test_every_constructor_has_a_case(self) -> None:
+        """
+        Every error constructor in L{errors} is in the table, so each
+        check below covers it; and the table names nothing else.
+        """
+        self.assertEqual({case[0].__name__ for case in CASES}, constructors())
+        self.assertIn("shut_down_mid_response", constructors())  # the look finds them
+
     def test_status_and_fields(self) -> None:
         """
         Every error has the HTTP status and C{type}/C{param}/C{code} that
         make the SDKs raise the matching exception class.
         """
-        for make, status, type_, param, code in CASES:
-            error = make()
+        for case in CASES:
+            error = made(case)
             self.assertEqual(
                 (error.status, error.type, error.param, error.code),
-                (status, type_, param, code),
+                case[2:6],
                 f"wrong fields for {error!r}",
             )
+
+    def test_headers(self) -> None:
+        """
+        Every error carries exactly the headers of the policy in the table,
+        in that order: C{x-should-retry: false} where a retry is pointless,
+        C{Allow} on a 405, the timing on a 429 that can wait, nothing else.
+        """
+        for case in CASES:
+            self.assertEqual(made(case).headers, case[6], f"{case[0].__name__}{case[1]!r}")
 
     def test_messages_are_non_empty_strings(self) -> None:
         """
         Every error carries a human-readable message, which is what a user
         sees in the SDK's exception.
         """
-        for make, *_ in CASES:
-            message = make().message
+        for case in CASES:
+            message = made(case).message
             self.assertIsInstance(message, str)
-            self.assertTrue(message.strip(), f"empty message from {make}")
+            self.assertNotEqual(message.strip(), "", f"empty message from {case[0].__name__}")
 
     def test_retried_only_where_waiting_can_help(self) -> None:
         """
@@ -142,13 +244,13 @@ class ConstructorTests(SynchronousTestCase):
         change; everything else says C{x-should-retry: false}, so a refused
         upstream key costs one upstream request per call, not three.
         """
-        for make, status, _, _, code in CASES:
-            error = make()
+        for case in CASES:
+            error = made(case)
             retry_after = dict(error.headers).get(b"retry-after")
-            expected = code in RETRYABLE or retry_after is not None
-            self.assertEqual(sdk_retries(error), expected, f"{code} ({status}) retried: {not expected}")
+            expected = error.code in RETRYABLE or retry_after is not None
+            self.assertEqual(sdk_retries(error), expected, f"{error.code} ({error.status}) retried: {not expected}")
             if not expected:
-                self.assertIn((b"x-should-retry", b"false"), error.headers, code)
+                self.assertIn((b"x-should-retry", b"false"), error.headers, error.code)
 
     def test_upstream_auth_failure_is_not_retried(self) -> None:
         """
@@ -221,8 +323,8 @@ class BodyTests(SynchronousTestCase):
         The body is JSON with only C{error}, holding exactly the four keys
         the SDKs read, with the error's values.
         """
-        for make, *_ in CASES:
-            error = make()
+        for case in CASES:
+            error = made(case)
             self.assertEqual(
                 decoded_body(error),
                 {

@@ -88,25 +88,39 @@ class DrainService(Service):
 
 class ReadinessService(Service):
     """
-    Say C{READY=1} once every listener is bound.
+    Say C{READY=1} once every listener is bound and the reactor runs.
+
+    Bound is not enough: twistd starts the services before the reactor
+    installs its signal handlers, so a SIGTERM sent as soon as systemd
+    (or a script watching C{NOTIFY_SOCKET}) hears READY would meet the
+    default action and kill the process without its drain.  Waiting for
+    C{callWhenRunning} puts READY after the handlers.
 
     @param listening: one Deferred per listener, fired once it is bound.
     @param status: the human-readable C{STATUS=} line.
+    @param when_running: C{reactor.callWhenRunning}.
     """
 
-    def __init__(self, notifier: Notifier, listening: Sequence["Deferred[Any]"], status: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        notifier: Notifier,
+        listening: Sequence["Deferred[Any]"],
+        status: Callable[[], str],
+        when_running: Callable[[Callable[[], None]], object],
+    ) -> None:
         self._notifier = notifier
         self._listening = list(listening)
         self._status = status
+        self._when_running = when_running
 
     def startService(self) -> None:
         super().startService()
 
-        def ready(_: object) -> None:
+        def ready() -> None:
             self._notifier.ready(self._status())
 
         # A listener that fails to bind stops startup before this matters.
-        gatherResults(self._listening).addCallback(ready)
+        gatherResults(self._listening).addCallback(lambda _: self._when_running(ready))
 
 
 class ReloadService(Service):

@@ -802,7 +802,9 @@ def _supervise(
 
     reload = _reloader(options, credentials, exposure, supervisor.hand_over)
     ReloadService(reload, notifier, status, lambda f: reactor.callFromThread(f)).setServiceParent(service)
-    ReadinessService(notifier, [supervisor.all_ready], status).setServiceParent(service)
+    ReadinessService(
+        notifier, [supervisor.all_ready], status, lambda ready: reactor.callWhenRunning(ready)
+    ).setServiceParent(service)
     supervisor.all_ready.addCallback(lambda _: report.done())
     log.info("oaiproxy {version}: supervising {count} workers", version=__version__, count=config.workers)
     return service
@@ -931,7 +933,9 @@ def makeService(
             _reloader(options, credentials, exposure), notifier, status, lambda f: reactor.callFromThread(f)
         )
         reload.setServiceParent(service)
-    ReadinessService(notifier, listening, status).setServiceParent(service)
+    ReadinessService(notifier, listening, status, lambda ready: reactor.callWhenRunning(ready)).setServiceParent(
+        service
+    )
     gatherResults(listening).addCallback(lambda _: report.done())
 
     log.info(

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_workers -*-
+# -*- test-case-name: tests.daemon.test_workers,tests.e2e.test_workers -*-
 """
 Several processes serving the same listening sockets (C{--workers N}).
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_e2e -*-
+# -*- test-case-name: tests.e2e.test_proxy -*-
 """
 Real processes for end-to-end tests and benchmarks: the fake upstream
 (C{python -m oaiproxy.fake.upstream}) and the daemon (C{twistd -n

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_routes,tests.test_e2e_routes -*-
+# -*- test-case-name: tests.routes,tests.e2e.test_routes -*-
 """
 The fake upstream's answers for the routes beyond chat completions: pure
 functions from a request to the body (or the events) the real API would

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_chat,tests.test_e2e -*-
+# -*- test-case-name: tests.routes.test_chat,tests.e2e.test_proxy -*-
 """
 A fake OpenAI API, shared by the tests, the benchmarks and C{twistd
 oaiproxy --mock-upstream}.

@@ -62,7 +62,11 @@ def filter_listing(status: int, body: bytes, allowed: frozenset[str]) -> "bytes 
         return body
     try:
         listing = json.loads(body)
-        listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and m.get("id") in allowed]
+        # An entry that is not a model with a string id is dropped, not
+        # looked up (a list as the id would raise, refusing the whole list).
+        listing["data"] = [
+            m for m in listing["data"] if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"] in allowed
+        ]
     except (ValueError, KeyError, TypeError, RecursionError):
         return upstream_unreadable("model list")
     return json.dumps(listing).encode("utf-8")

@@ -28,7 +28,7 @@ from oaiproxy.server import site as site_module
 from oaiproxy.server.site import _FD_RESERVE, STREAMS_WANTED, ProxySite, check_open_files
 from oaiproxy.server.tree import build_tree
 from oaiproxy.upstream.client import UpstreamClient
-from tests.daemon.test_systemd import unit_settings
+from tests.e2e.test_systemd import unit_settings
 from tests.routes.test_uploads import AUDIO, ROUTES, _Consumer, _Upstream
 from tests.support import form
 

@@ -253,10 +253,25 @@ class ReadinessTests(SynchronousTestCase):
         notifier = RecordingNotifier()
         first: Deferred[None] = Deferred()
         second: Deferred[None] = Deferred()
-        ReadinessService(notifier, [first, second], lambda: "serving").startService()
+        ReadinessService(notifier, [first, second], lambda: "serving", lambda f: f()).startService()
         first.callback(None)
         self.assertEqual(notifier.sent, [])
         second.callback(None)
+        self.assertEqual(notifier.sent, [{"READY": "1", "STATUS": "serving"}])
+
+    def test_ready_only_once_the_reactor_runs(self) -> None:
+        """
+        READY=1 waits for the reactor to run, when twistd has installed its
+        SIGTERM handler: a service manager that stops the proxy as soon as
+        it is ready must get a drain, not the default action's death.
+        """
+        notifier = RecordingNotifier()
+        reactor = MemoryReactorClock()
+        bound: Deferred[None] = Deferred()
+        ReadinessService(notifier, [bound], lambda: "serving", reactor.callWhenRunning).startService()
+        bound.callback(None)
+        self.assertEqual(notifier.sent, [])
+        reactor.run()
         self.assertEqual(notifier.sent, [{"READY": "1", "STATUS": "serving"}])
 
 
@@ -370,22 +385,30 @@ class ListenerServiceTests(SynchronousTestCase):
 
     def test_stopped_before_bound(self) -> None:
         """
-        Stopping before a late endpoint binds cancels it quietly.
+        Stopping before a late endpoint binds cancels it quietly: the
+        listen is abandoned, and nothing is reported, logged or stopped.
         """
         reactor = _unstopped_reactor()
         endpoint = _LateEndpoint()
-        service = ListenerService(endpoint, object(), "tcp:1", StartupReport(reactor, Pipe(self).write), lambda p: None)
+        stderr = Pipe(self)
+        service = ListenerService(endpoint, object(), "tcp:1", StartupReport(reactor, stderr.write), lambda p: None)
         service.startService()
-        service.stopService()
+        with capturedLogs() as events:
+            self.assertIsNone(service.stopService())
+        # Cancelled, and the CancelledError consumed rather than reported.
+        self.assertIsNone(self.successResultOf(endpoint.listening))
         self.assertFalse(reactor.hasStopped)
+        self.assertEqual((stderr.written(), list(events)), (b"", []))
 
 
 class ReloadServiceTests(SynchronousTestCase):
     def test_sighup_reloads_between_notifications(self) -> None:
         """
         SIGHUP runs the reload in the reactor (not in the signal handler),
-        bracketed by RELOADING=1 and READY=1; stopping restores the old
-        handler.
+        bracketed by RELOADING=1 and READY=1.  Stopping does not restore
+        the handler found at start (nor the default, which kills): from
+        then on SIGHUP is ignored, so one during the drain neither reloads
+        nor cuts the streams still finishing.
         """
         installed: dict[int, Any] = {signal.SIGHUP: "previous"}
 

@@ -283,15 +283,22 @@ class FilteredListTests(SynchronousTestCase):
 
     def test_filter_never_raises(self) -> None:
         """
-        Whatever the list holds (nesting deep enough to exhaust the
-        recursion limit included), filtering gives a list or an error.
+        Whatever the list holds, filtering gives the allowed models or the
+        502 for an unreadable list, never an exception: entries that are
+        not models with a string id are dropped; a body that is not a list
+        of models (nesting deep enough to exhaust the recursion limit
+        included) is the error.
         """
         allowed = frozenset(["a"])
         deep = b"[" * 100_000 + b"]" * 100_000
-        for text in (deep, b'{"data": null}', b'{"data": [1, "a", {"id": "a"}, {"id": ["a"]}]}', b"\xff"):
+        mixed = filter_listing(200, b'{"data": [1, "a", {"id": "a"}, {"id": ["a"]}, {"id": 7}]}', allowed)
+        assert isinstance(mixed, bytes), mixed
+        self.assertEqual(json.loads(mixed)["data"], [{"id": "a"}])
+        for text in (deep, b'{"data": null}', b'{"object": "list"}', b"\xff"):
             answer = filter_listing(200, text, allowed)
-            if not isinstance(answer, ApiError):
-                self.assertEqual(json.loads(answer)["data"], [{"id": "a"}])
+            self.assertIsInstance(answer, ApiError, text[:40])
+            assert isinstance(answer, ApiError)
+            self.assertEqual(answer.code, "upstream_bad_response")
         self.assertEqual(filter_listing(500, b"oops", allowed), b"oops")
 
     def test_size_cap_on_the_decoded_body(self) -> None:

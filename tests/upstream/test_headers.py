@@ -643,6 +643,7 @@ class RequestHeaderPolicyTests(SynchronousTestCase):
         for token in (b"sk-1234", b"sk-" + b"A1b2C3d4" * 6, b"sk-no-key-required"):
             response, body = self.post(h, {b"authorization": [b"Bearer " + token], b"x-api-key": [token]})
             self.assertEqual(response.code, 200, body)
+        self.assertEqual(len(h.fake.requests), 3)
         for request in h.fake.requests:
             self.assertNotIn("x-api-key", request.headers)
             self.assertEqual(request.headers["authorization"], ["Bearer " + UPSTREAM_KEY.decode()])

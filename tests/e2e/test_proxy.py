@@ -525,7 +525,9 @@ class ObservabilityTests(E2ETestCase):
         first = next(e for e in entries if e["request_id"] == request_id)
         self.assertEqual((first["client"], first["model"], first["status"]), ("env-1", "gpt-4o", 200))
         self.assertEqual((first["prompt_tokens"], first["completion_tokens"]), (2, 8))
-        streamed = [e for e in entries if e["model"] == "fake-pause"]
-        self.assertTrue(all(e["stream"] and e["usage_exact"] for e in streamed))
+        # Both fake-pause streams (the SDK's and the keepalive one), each
+        # with its exact usage: all() of no entry at all would pass.
+        streamed = [(e["stream"], e["usage_exact"]) for e in entries if e["model"] == "fake-pause"]
+        self.assertEqual(streamed, [(True, True), (True, True)])
         self.assertNotIn(UPSTREAM_KEY, self.proxy.output)
         self.assertNotIn(CLIENT_KEY, self.proxy.output)

@@ -216,7 +216,15 @@ class ReloadTests(Deployment):
             f.write(text)
         os.replace(self.key_file + ".new", self.key_file)
 
-    def reload(self, process: Process, expect: str) -> None:
+    def reload(self, process: Process, base: str, expect: str) -> None:
+        # "listening on" is logged while twistd binds, before the services
+        # start and the SIGHUP handler is in place; an answer proves the
+        # reactor runs, so they have.
+        host, port = base.split("://")[1].split(":")
+        probe = http.client.HTTPConnection(host, int(port), timeout=20)
+        probe.request("GET", "/health")
+        self.assertEqual(probe.getresponse().status, 200)
+        probe.close()
         marker = len(process.output)
         process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 20
@@ -236,7 +244,7 @@ class ReloadTests(Deployment):
         received = [next(chunks)]
 
         self.write_key("sk-proj-SECONDKEY\n")
-        self.reload(process, "reloaded: upstream key changed")
+        self.reload(process, base, "reloaded: upstream key changed")
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
         self.assertEqual(self.authorizations(), ["Bearer sk-proj-FIRSTKEY", "Bearer sk-proj-SECONDKEY"])
 
@@ -252,7 +260,7 @@ class ReloadTests(Deployment):
         """
         process, base = self.proxy(["--api-key-file", self.key_file], env={})
         self.write_key("")
-        self.reload(process, "reload failed, keeping the credentials in use")
+        self.reload(process, base, "reload failed, keeping the credentials in use")
         self.client(base).chat.completions.create(model="gpt-4o", messages=MESSAGES)
         self.assertEqual(self.authorizations(), ["Bearer sk-proj-FIRSTKEY"])
 
@@ -276,10 +284,11 @@ class CredentialTests(Deployment):
         )
         bodies = []
         for model in ("fake-429", "fake-500", "fake-crash"):
-            try:
+            # Each must fail: a call that succeeded would leave no body here
+            # to check, and the test would pass on less than it says.
+            with self.assertRaises(openai.APIError) as failed:
                 client.chat.completions.create(model=model, messages=MESSAGES)
-            except openai.APIError as e:
-                bodies.append(repr(e.body) + str(e))
+            bodies.append(repr(failed.exception.body) + str(failed.exception))
         with self.assertRaises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="gpt-4o", messages=[])
         bodies.append(repr(caught.exception.body))

@@ -21,8 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaiproxy.access.clients import file_entry, mint_key
 from oaiproxy.fake.processes import start_fake_upstream, start_proxy
 from oaiproxy.fake.routes import speech
+from tests.e2e.test_proxy import CLIENT_KEY, MESSAGES, REPLY, UPSTREAM_KEY, E2ETestCase, http
 from tests.support import temp_dir
-from tests.test_e2e import CLIENT_KEY, MESSAGES, REPLY, UPSTREAM_KEY, E2ETestCase, http
 from tests.tricks import ID_TRICKS
 
 
