@@ -440,6 +440,15 @@ class Exchange:
             return choice
         return None
 
+    def _replayable(self) -> bool:
+        """
+        Whether the body can go to another upstream: one in memory always,
+        a streamed upload only if upstream took none of it (what it took
+        is gone).
+        """
+        body: Any = self._body
+        return not (IStreamedBody.providedBy(body) and body.sent)
+
     def _advice(self, headers: "tuple[tuple[bytes, bytes], ...]") -> "tuple[tuple[bytes, bytes], ...]":
         """
         The retry advice headers (see L{oaiproxy.upstream.pool.advice}) not
@@ -597,7 +606,8 @@ class Exchange:
                 upstream=self._record.upstream,
                 status=code,
             )
-        choice = self._next(self._end_attempt(Outcome(Kind.ANSWERED, code, retry_after)))
+        go_on = self._end_attempt(Outcome(Kind.ANSWERED, code, retry_after))
+        choice = self._next(go_on and self._replayable())
         if choice is not None:
             response.deliverBody(_Discard())
             self._send(choice)
@@ -669,8 +679,7 @@ class Exchange:
         else:
             kind = _failure_kind(failure)
             go_on = self._end_attempt(Outcome(Kind.CONNECT if kind == "connect" else Kind.NO_HEAD))
-            # An upload upstream took part of cannot be sent again.
-            choice = self._next(go_on and not (streamed and body.sent))
+            choice = self._next(go_on and self._replayable())
             if choice is not None:
                 self._send(choice)
                 return
@@ -698,6 +707,11 @@ class Exchange:
         504.
         """
         self._record.upstream_error = "timeout"
+        if self._relay is not None:
+            # The head came, the body did not: the relay had become the
+            # client's producer.
+            self._relay = None
+            self._request.unregisterProducer()
         choice = self._next(self._end_attempt(Outcome(Kind.FIRST_BYTE)))
         if choice is not None:
             self._send(choice)
