@@ -15,7 +15,7 @@ import treq
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
@@ -25,6 +25,7 @@ from zope.interface import implementer
 from oaiproxy.access.clients import ClientRegistry
 from oaiproxy.config import Secret
 from oaiproxy.fake.harness import Harness, chat_body, harness_config
+from oaiproxy.observe.accesslog import TextAccessLog
 from oaiproxy.routetable import ROUTES
 from oaiproxy.upstream.breaker import State
 from oaiproxy.upstream.client import http_client
@@ -294,6 +295,45 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual((response.code, json.loads(body)["error"]["code"]), (502, "upstream_unreachable"))
         self.assertEqual(p.agent.tried, ["a", "b"])
         p.idle()
+
+    def test_retry_advice(self) -> None:
+        """
+        When every attempt failed and every breaker is open, the client is
+        told when the first admits again (retry-after); while one is still
+        closed, nothing is added (the SDK's own backoff).
+        """
+        p = Pooled(self, "a", "b", refused=["a", "b"])
+        for _ in range(4):
+            response, _ = p.answer()
+            self.assertEqual(response.code, 502)
+            self.assertIsNone(response.headers.getRawHeaders(b"retry-after"))
+        response, _ = p.answer()
+        self.assertEqual({m.breaker.state for m in p.pool.members}, {State.OPEN})
+        [after] = response.headers.getRawHeaders(b"retry-after")
+        self.assertTrue(1 <= int(after) <= 5, after)
+        self.assertIsNone(response.headers.getRawHeaders(b"x-should-retry"))
+
+    def test_access_log_names_the_upstream(self) -> None:
+        """
+        The access log's text line says which upstream answered, and after
+        how many attempts; its event has both as fields.
+        """
+        p = Pooled(self, "a", "b", refused=["a"])
+        record = None
+        with capturedLogs() as logged:
+            p.answer()
+            record = p.h.records[-1]
+            TextAccessLog()(record)
+        [line] = [e for e in logged if e.get("log_namespace") == "oaiproxy.access"]
+        self.assertIn(" via b, 2 attempts", formatEvent(line))
+        self.assertEqual((line["upstream"], line["attempts"]), ("b", 2))
+        single = Harness()
+        self.successResultOf(single.post(chat_body()))
+        single.pump()
+        with capturedLogs() as logged:
+            TextAccessLog()(single.records[-1])
+        self.assertEqual(single.records[-1].upstream, "default")
+        self.assertNotIn(" via ", formatEvent(logged[0]))
 
     def test_model_nobody_serves(self) -> None:
         """
