@@ -370,6 +370,23 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual((response.code, json.loads(body)["error"]["code"]), (502, "upstream_auth_failed"))
         self.assertEqual(response.headers.getRawHeaders(b"x-should-retry"), [b"false"])
 
+    def test_key_refused_single_upstream(self) -> None:
+        """
+        With the single-upstream options, a refused key is today's: a 502
+        upstream_auth_failed and a critical line naming the key options,
+        every time (its breaker never opens: nothing to fail over to).
+        """
+        h = Harness()
+        h.credentials.replace(Secret(b"sk-wrong"), h.credentials.clients)
+        for _ in range(2):
+            with capturedLogs() as logged:
+                response = self.successResultOf(h.post(chat_body()))
+            self.assertEqual(response.code, 502)
+            critical = [formatEvent(e) for e in logged if e["log_level"] is LogLevel.critical]
+            self.assertEqual(len(critical), 1, critical)
+            self.assertIn("check --api-key-file", critical[0])
+        self.assertEqual(len(h.fake.requests), 2)
+
     def test_all_open(self) -> None:
         """
         When every upstream is out (each failed five times in a row), one
