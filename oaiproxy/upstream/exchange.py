@@ -411,7 +411,7 @@ class Exchange:
         attempts = self._attempts
         assert attempts is not None
         go_on = attempts.report(outcome)
-        self._upstreams.attempted(choice.member.name, outcome, decide(outcome))
+        self._upstreams.attempted(choice.member.name, outcome)
         return go_on
 
     def _next(self, go_on: bool) -> Optional[Choice]:

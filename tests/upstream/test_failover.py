@@ -589,3 +589,40 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(json.loads(p.answer()[1])["id"], "chatcmpl-c")
         self.assertEqual(len(p.up["a"].bodies), 1)
         self.assertEqual(sorted(upstreams.clients), ["a", "c"])
+
+
+class HookTests(SynchronousTestCase):
+    def test_attempts_and_transitions_are_told(self) -> None:
+        """
+        Whoever watches the pool (the metrics) hears of every attempt's end,
+        with whether it failed over, and of every breaker transition.
+        """
+        p = Pooled(self, "a", "b")
+        upstreams = p.h.built.upstreams
+        attempts: list[tuple[str, str, bool]] = []
+        transitions: list[tuple[str, str]] = []
+        upstreams.listen(lambda name, outcome, decision: attempts.append((name, outcome.reason, decision.fail_over)))
+        upstreams.observe(lambda t: transitions.append((t.upstream, t.new.label)))
+        p.up["a"].status = 429
+        p.up["a"].headers = {b"retry-after": b"3"}
+        p.answer()
+        self.assertEqual(attempts, [("a", "status 429", True), ("b", "status 200", False)])
+        self.assertEqual(transitions, [("a", "open")])
+
+    def test_a_watchers_bug_fails_no_request(self) -> None:
+        """
+        A listener or observer that raises is logged; the request it
+        watched is answered all the same.
+        """
+        p = Pooled(self, "a", "b")
+        upstreams = p.h.built.upstreams
+
+        def broken(*args: Any) -> None:
+            raise ZeroDivisionError()
+
+        upstreams.listen(broken)
+        upstreams.observe(broken)
+        p.up["a"].status = 429
+        p.up["a"].headers = {b"retry-after": b"3"}
+        self.assertEqual(p.answer()[0].code, 200)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 3)
