@@ -490,6 +490,44 @@ class StreamTests(SynchronousTestCase):
         self.assertIn(b'"content": "b"', b"".join(received))
         p.idle()
 
+    def test_within_the_read_timeout_overall(self) -> None:
+        """
+        A later attempt waits for its head only as long as is left of the
+        read timeout, counted from the first attempt: a stream cut at 4 s
+        gives the next upstream 6 s of a 10 s read timeout, then a 504.
+        """
+        p = Pooled(self, "a", "b", first_byte_timeout=4.0, read_timeout=10)
+        p.up["a"].mode, p.up["b"].mode = "head", "hang"
+        d = p.post(chat_body(stream=True))
+        p.h.clock.advance(4.1)
+        p.h.pump()
+        self.assertEqual(len(p.up["b"].bodies), 1)
+        p.h.clock.advance(5.8)
+        p.h.pump()
+        self.assertNoResult(d)
+        p.h.clock.advance(0.2)
+        p.h.pump()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 504)
+        p.idle()
+
+    def test_no_attempt_after_the_read_timeout(self) -> None:
+        """
+        An upstream silent for the whole read timeout leaves no time for
+        another: the client gets today's 504.
+        """
+        p = Pooled(self, "a", "b", read_timeout=10)
+        p.up["a"].mode = "hang"
+        d = p.post()
+        p.h.clock.advance(10.1)
+        p.h.pump()
+        response = self.successResultOf(d)
+        body = self.successResultOf(treq.content(response))
+        self.assertEqual((response.code, json.loads(body)["error"]["code"]), (504, "upstream_timeout"))
+        self.assertEqual(p.up["b"].bodies, [])
+        self.assertEqual(p.pool["a"].breaker.last_failure, "no_head")
+        p.idle()
+
     def test_deadline_is_for_streams_only(self) -> None:
         """
         A request that does not stream is never cut by the first-byte
