@@ -490,6 +490,23 @@ class StreamTests(SynchronousTestCase):
         self.assertIn(b'"content": "b"', b"".join(received))
         p.idle()
 
+    def test_held_head_of_an_empty_stream(self) -> None:
+        """
+        A stream held for its first byte that ends with none still gets its
+        head (status and content type) to the client.
+        """
+        p = Pooled(self, "a", "b", first_byte_timeout=2.0)
+        p.up["a"].mode = "head"
+        d = p.post(chat_body(stream=True))
+        p.up["a"].held[0].finish()
+        p.h.pump()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+        self.assertEqual(self.successResultOf(treq.content(response)), b"")
+        self.assertEqual(p.up["b"].bodies, [])
+        p.idle()
+
     def test_within_the_read_timeout_overall(self) -> None:
         """
         A later attempt waits for its head only as long as is left of the
