@@ -424,6 +424,19 @@ class FailoverTests(SynchronousTestCase):
 
 
 class StreamTests(SynchronousTestCase):
+    def cut_first(self, deadline: float, read_timeout: float, second: str) -> tuple[Pooled, "Deferred[IResponse]"]:
+        """
+        A stream whose first upstream sends its head and no byte, cut at
+        C{deadline}: the second (doing C{second}) has the request.
+        """
+        p = Pooled(self, "a", "b", first_byte_timeout=deadline, read_timeout=read_timeout)
+        p.up["a"].mode, p.up["b"].mode = "head", second
+        d = p.post(chat_body(stream=True))
+        p.h.clock.advance(deadline + 0.1)
+        p.h.pump()
+        self.assertEqual(len(p.up["b"].bodies), 1)
+        return p, d
+
     def test_never_after_first_byte(self) -> None:
         """
         An upstream that fails after its stream started is not retried:
@@ -471,12 +484,7 @@ class StreamTests(SynchronousTestCase):
         The last candidate is never cut by the first-byte deadline: it runs
         to its read timeout.
         """
-        p = Pooled(self, "a", "b", first_byte_timeout=2.0, read_timeout=30)
-        p.up["a"].mode = p.up["b"].mode = "head"
-        d = p.post(chat_body(stream=True))
-        p.h.clock.advance(2.1)
-        p.h.pump()
-        self.assertEqual(len(p.up["b"].bodies), 1)
+        p, d = self.cut_first(2.0, 30, "head")
         p.h.clock.advance(20)
         p.h.pump()
         self.assertEqual(p.up["b"].gone, 0)
@@ -513,12 +521,7 @@ class StreamTests(SynchronousTestCase):
         read timeout, counted from the first attempt: a stream cut at 4 s
         gives the next upstream 6 s of a 10 s read timeout, then a 504.
         """
-        p = Pooled(self, "a", "b", first_byte_timeout=4.0, read_timeout=10)
-        p.up["a"].mode, p.up["b"].mode = "head", "hang"
-        d = p.post(chat_body(stream=True))
-        p.h.clock.advance(4.1)
-        p.h.pump()
-        self.assertEqual(len(p.up["b"].bodies), 1)
+        p, d = self.cut_first(4.0, 10, "hang")
         p.h.clock.advance(5.8)
         p.h.pump()
         self.assertNoResult(d)
