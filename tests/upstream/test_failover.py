@@ -15,6 +15,7 @@ import treq
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
@@ -22,11 +23,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from oaiproxy.access.clients import ClientRegistry
+from oaiproxy.access.clients import ClientRegistry, Credentials
 from oaiproxy.config import Secret
+from oaiproxy.drain import Lifecycle
 from oaiproxy.fake.harness import Harness, chat_body, harness_config
 from oaiproxy.observe.accesslog import TextAccessLog
+from oaiproxy.observe.metrics import Metrics
 from oaiproxy.routetable import ROUTES
+from oaiproxy.server.build import build_site
 from oaiproxy.upstream.breaker import State
 from oaiproxy.upstream.client import http_client
 from oaiproxy.upstream.pool import Upstream
@@ -684,3 +688,40 @@ class HookTests(SynchronousTestCase):
         p.up["a"].headers = {b"retry-after": b"3"}
         self.assertEqual(p.answer()[0].code, 200)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 3)
+
+
+class MemberClientTests(SynchronousTestCase):
+    def test_each_member_its_own_client(self) -> None:
+        """
+        Each member's client has its own URL, style, read timeout and, for
+        an entry with its own connect_timeout, its own HTTP client (the
+        timeout is the agent's).
+        """
+        made: list[float] = []
+
+        def http_for(timeout: float) -> str:
+            made.append(timeout)
+            return f"agent-{timeout:g}"
+
+        members = (
+            member("a"),
+            replace(member("b", connect_timeout=2.0, read_timeout=7.0), style="azure", url="https://b.test"),
+        )
+        built = build_site(
+            replace(harness_config(clients=ClientRegistry()), upstreams=members),
+            http="shared",
+            credentials=Credentials(Secret(b"unused"), ClientRegistry()),
+            clock=Clock(),
+            lifecycle=Lifecycle(),
+            metrics=Metrics(),
+            access_log=lambda record: None,
+            http_for=http_for,
+        )
+        a, b = built.upstreams.client("a"), built.upstreams.client("b")
+        self.assertEqual(
+            (a.base_url, a.style.name, a.read_timeout, a._http), ("http://a.test/v1", "openai", 30.0, "shared")
+        )
+        self.assertEqual(
+            (b.base_url, b.style.name, b.read_timeout, b._http), ("https://b.test", "azure", 7.0, "agent-2")
+        )
+        self.assertEqual(made, [2.0])
