@@ -56,9 +56,6 @@ NOT_SETTINGS = {
     "LISTEN_FDNAMES",
     "OAIPROXY_WORKER_INDEX",
     "OPENAI_KEY_MARKER",
-    # Read by upstream/poolfile.py; its option joins the table when the
-    # pool is wired into the request path.
-    "OAIPROXY_UPSTREAMS_FILE",
 }
 
 
