@@ -6,8 +6,18 @@ Series follow Prometheus conventions (C{_total} counters, C{_seconds}
 histograms, C{_bytes}) and every label comes from a bounded set, so no
 client can blow up the number of series: C{client} is a configured client
 name (or C{-}), C{route} one of the proxy's routes, C{status_class} like
-C{2xx}, and C{model} the requested model for the first
-L{MODEL_LABEL_LIMIT} distinct, well-formed names seen, C{other} after that.
+C{2xx}, C{upstream} a configured upstream name (or C{-} for a request
+that reached none), C{outcome} and C{reason} one of the few words of
+L{oaiproxy.upstream.pool.outcome_label}, and C{model} the requested model
+for the first L{MODEL_LABEL_LIMIT} distinct, well-formed names seen,
+C{other} after that.
+
+Per upstream: attempts by outcome and failovers by reason are counted as
+they happen (the pool reports them, L{Metrics} is its observer); the
+breaker state and the requests in flight are read from the pool at each
+scrape (L{Metrics.watch_upstreams}), since a breaker's state is computed
+from the clock when asked: a gauge set on transitions would show an open
+breaker until the next request looked at it.
 
 The registry is this object's own, not the library's global one, so tests
 and several sites do not share counts.  L{MetricsResource} renders it in
@@ -19,16 +29,18 @@ of formatting.
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 from twisted.web.server import Request
 
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.web import Endpoint
 
-__all__ = ["Metrics", "MetricsResource", "MetricsCheck", "MODEL_LABEL_LIMIT"]
+__all__ = ["Metrics", "MetricsResource", "MetricsCheck", "MODEL_LABEL_LIMIT", "UpstreamGauges"]
 
 #: Decides whether a request may read the metrics: C{None} to let it in,
 #: or the refusal body (with status and headers already set on the request).
@@ -41,6 +53,48 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9._:/@+-]{1,64}$")
 # Latency buckets from 1 ms to 5 min: proxy overhead sits at the low end,
 # reasoning streams at the high end.
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class UpstreamGauges(NamedTuple):
+    """
+    One upstream's gauges at a scrape.
+
+    @ivar breaker_state: 0 closed, 1 half-open, 2 open.
+    """
+
+    name: str
+    breaker_state: int
+    in_flight: int
+
+
+class _UpstreamCollector(Collector):
+    """
+    The per-upstream gauges, read when scraped from whatever
+    L{Metrics.watch_upstreams} was given; an upstream removed by a reload
+    drops out of them.
+    """
+
+    def __init__(self) -> None:
+        self.read: Callable[[], Iterable[UpstreamGauges]] = lambda: ()
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "oaiproxy_upstream_breaker_state",
+            "Each upstream's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            labels=["upstream"],
+        )
+        in_flight = GaugeMetricFamily(
+            "oaiproxy_upstream_in_flight_requests",
+            "Requests on their way to or from each upstream.",
+            labels=["upstream"],
+        )
+        for gauges in self.read():
+            state.add_metric([gauges.name], gauges.breaker_state)
+            in_flight.add_metric([gauges.name], gauges.in_flight)
+        yield state
+        yield in_flight
+
+
 _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
@@ -101,7 +155,29 @@ class Metrics:
             ["client", "model", "kind", "exact"],
             registry=r,
         )
+        self.upstream_requests = Counter(
+            "oaiproxy_upstream_requests",
+            "Requests sent to each upstream, by how they ended: ok, client_error, rate_limited, key_refused, "
+            "server_error, connect, no_head, first_byte, broken, cancelled.",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "oaiproxy_upstream_failovers",
+            "Requests that left an upstream for the next, by the upstream left and why.",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self._upstreams = _UpstreamCollector()
+        r.register(self._upstreams)
         self._models: set[str] = set()
+
+    def watch_upstreams(self, read: Callable[[], Iterable[UpstreamGauges]]) -> None:
+        """
+        Show the per-upstream gauges that C{read} returns at each scrape
+        (the pool's members; the last call wins).
+        """
+        self._upstreams.read = read
 
     def model_label(self, model: Optional[str], claim: bool = True) -> str:
         """
@@ -135,6 +211,12 @@ class Metrics:
 
     def stream_finished(self) -> None:
         self.open_streams.dec()
+
+    def attempt_finished(self, upstream: str, outcome: str) -> None:
+        self.upstream_requests.labels(upstream, outcome).inc()
+
+    def failed_over(self, upstream: str, reason: str) -> None:
+        self.failovers.labels(upstream, reason).inc()
 
     def observe(self, record: RequestRecord) -> None:
         """
