@@ -144,6 +144,12 @@ class Config:
     mock_upstream: bool = False
     api_key_file: Optional[str] = None
     client_keys_file: Optional[str] = None
+    #: The upstreams file's entries (L{oaiproxy.upstream.pool.Upstream}s),
+    #: or C{None}: the single-upstream options make a pool of one.
+    upstreams: Any = None
+    upstreams_file: Optional[str] = None
+    max_attempts: int = 3
+    first_byte_timeout: Optional[float] = None
 
 
 def parse_seconds(name: str, text: str) -> float:

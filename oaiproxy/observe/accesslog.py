@@ -20,7 +20,7 @@ from typing import Callable, Optional, TextIO
 
 from twisted.logger import Logger
 
-from oaiproxy.observe.records import RequestRecord
+from oaiproxy.observe.records import SINGLE_UPSTREAM, RequestRecord
 
 __all__ = ["AccessLog", "TextAccessLog", "JsonAccessLog"]
 
@@ -48,7 +48,7 @@ class TextAccessLog:
         # The fields the line shows, plus the few worth filtering on; the
         # JSON log has them all.
         _log.info(
-            "{peer} {client} {method} {path} {status} {bytes_out} {duration:.3f}s {request_id}{note}",
+            "{peer} {client} {method} {path} {status} {bytes_out} {duration:.3f}s {request_id}{note}{via}",
             peer=record.peer,
             client=record.client,
             method=record.method,
@@ -60,7 +60,23 @@ class TextAccessLog:
             model=record.model,
             ended=record.ended,
             note=_NOTES.get(record.ended, ""),
+            upstream=record.upstream,
+            attempts=record.attempts,
+            via=_via(record),
         )
+
+
+def _via(record: RequestRecord) -> str:
+    """
+    The text line's upstream part: which upstream answered, and after how
+    many attempts when more than one; nothing for a request that went
+    nowhere.
+    """
+    if record.upstream is None or (record.upstream == SINGLE_UPSTREAM and record.attempts <= 1):
+        # (The single-upstream options' pool of one: the line as before.)
+        return ""
+    tries = f", {record.attempts} attempts" if record.attempts > 1 else ""
+    return f" via {record.upstream}{tries}"
 
 
 class JsonAccessLog:

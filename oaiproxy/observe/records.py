@@ -23,12 +23,15 @@ from typing import Any, Optional
 
 from twisted.web.server import Request
 
-__all__ = ["RequestRecord", "Usage", "record_of", "new_request_id", "OWNERS"]
+__all__ = ["RequestRecord", "Usage", "record_of", "new_request_id", "OWNERS", "SINGLE_UPSTREAM"]
 
 _SITE = ("oaiproxy.server.site",)
 _ADMISSION = ("oaiproxy.access.admission",)
 _ROUTES = ("oaiproxy.routes.forwarding",)
 _EXCHANGE = ("oaiproxy.upstream.exchange",)
+
+#: The name of the pool of one that the single-upstream options make.
+SINGLE_UPSTREAM = "default"
 
 #: The module that writes each field of L{RequestRecord}, by field.
 OWNERS: dict[str, tuple[str, ...]] = {
@@ -42,6 +45,8 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "model": _ROUTES,
     "stream": _ROUTES,
     "status": _SITE,
+    "upstream": _EXCHANGE,
+    "attempts": _EXCHANGE,
     "upstream_status": _EXCHANGE,
     "upstream_request_id": _EXCHANGE,
     "upstream_error": _EXCHANGE,
@@ -111,6 +116,8 @@ class RequestRecord:
         "model",
         "stream",
         "status",
+        "upstream",
+        "attempts",
         "upstream_status",
         "upstream_request_id",
         "upstream_error",
@@ -138,6 +145,10 @@ class RequestRecord:
         self.model: Optional[str] = None
         self.stream = False
         self.status = 0
+        #: The name of the upstream that answered (the last one tried).
+        self.upstream: Optional[str] = None
+        #: How many upstreams the request was sent to (0: none).
+        self.attempts = 0
         self.upstream_status: Optional[int] = None
         self.upstream_request_id: Optional[str] = None
         #: Why the upstream failed: connect, timeout, reset or status.
@@ -205,6 +216,8 @@ class RequestRecord:
             "model": self.model,
             "stream": self.stream,
             "status": self.status,
+            "upstream": self.upstream,
+            "attempts": self.attempts,
             "upstream_status": self.upstream_status,
             "upstream_request_id": self.upstream_request_id,
             "upstream_error": self.upstream_error,

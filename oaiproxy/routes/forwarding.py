@@ -20,7 +20,8 @@ from oaiproxy.drain import Lifecycle
 from oaiproxy.observe.records import record_of
 from oaiproxy.routetable import CHAT, Route
 from oaiproxy.upstream.client import UpstreamClient
-from oaiproxy.upstream.exchange import Collect, Exchange
+from oaiproxy.upstream.exchange import BodyFor, Collect, Exchange
+from oaiproxy.upstream.upstreams import Upstreams
 from oaiproxy.web import Endpoint
 
 __all__ = ["ForwardingResource"]
@@ -33,7 +34,8 @@ class ForwardingResource(Endpoint):
     client, then the client's model allow-list and limits), then the trip
     upstream (L{Exchange}).
 
-    @param upstream: where requests go.
+    @param upstream: where requests go: the pool (or one client, made a
+        pool of one).
     @param clock: the clock for timeouts and records.
     @param credentials: the clients allowed in (none: no client auth); read
         per request, so a reload applies at once.
@@ -55,7 +57,7 @@ class ForwardingResource(Endpoint):
 
     def __init__(
         self,
-        upstream: UpstreamClient,
+        upstream: "Upstreams | UpstreamClient",
         clock: IReactorTime,
         credentials: Credentials,
         lifecycle: Optional[Lifecycle] = None,
@@ -68,7 +70,7 @@ class ForwardingResource(Endpoint):
         super().__init__()
         if route is not None:
             self.route = route
-        self._upstream = upstream
+        self._upstream = upstream if isinstance(upstream, Upstreams) else Upstreams.of(upstream, clock)
         self._clock = clock
         self.admission = Admission(credentials, clock, lifecycle, limiter)
         self._connect_timeout = connect_timeout
@@ -98,6 +100,7 @@ class ForwardingResource(Endpoint):
         strip_usage: bool = False,
         metered: bool = True,
         collect: Optional[Collect] = None,
+        body_for: Optional[BodyFor] = None,
     ) -> "Exchange":
         """
         A trip upstream for C{request}; see L{Exchange}.
@@ -116,4 +119,5 @@ class ForwardingResource(Endpoint):
             sse_keepalive=self._sse_keepalive,
             metered=metered,
             collect=collect,
+            body_for=body_for,
         )

@@ -29,10 +29,12 @@ from oaiproxy.observe.usage import inject_include_usage
 from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.models import ModelsResource
 from oaiproxy.routes.uploads import UploadResource
-from oaiproxy.routes.validation import parse_json_request
+from oaiproxy.routes.validation import JsonRequest, parse_json_request
 from oaiproxy.routetable import MODELS, RESPONSES, Route
 from oaiproxy.upstream.client import UpstreamClient
-from oaiproxy.upstream.styles import is_path_segment
+from oaiproxy.upstream.exchange import BodyFor
+from oaiproxy.upstream.styles import UpstreamStyle, is_path_segment
+from oaiproxy.upstream.upstreams import Upstreams
 from oaiproxy.web import JSONResource, NotFound, error_response, query_of, read_body
 
 __all__ = [
@@ -80,19 +82,35 @@ class JsonRouteResource(ForwardingResource):
         reservation = self.admission.reserve(request, client, parsed.model, estimate)
         if not isinstance(reservation, Reservation):
             return reservation
-        renamed = self._upstream.style.body_model(route, parsed.model)
-        if renamed is not None:
-            # The one upstream that needs a body rewritten (Azure's
-            # Responses API wants the deployment's name).
-            body = json.dumps(dict(parsed.document, model=renamed)).encode("utf-8")
-        strip_usage = False
-        if route.stream_usage and parsed.stream and self._stream_usage:
-            injected = inject_include_usage(body, parsed.document)
-            if injected is not None:
-                body, strip_usage = injected, True
-        exchange = self.exchange(request, route, reservation, prompt_estimate, strip_usage)
+        ask_usage = bool(route.stream_usage and parsed.stream and self._stream_usage)
+        body_for, strip_usage = _body_for(body, parsed, route, ask_usage)
+        exchange = self.exchange(request, route, reservation, prompt_estimate, strip_usage, body_for=body_for)
         exchange.start(body, "POST", route.path, parsed.model, query_of(request))
         return NOT_DONE_YET
+
+
+def _body_for(body: bytes, parsed: JsonRequest, route: Route, ask_usage: bool) -> tuple[BodyFor, bool]:
+    """
+    The body each upstream gets: the client's bytes unchanged, but for the
+    model where the upstream's style renames it (a C{model_map} entry, an
+    Azure deployment on a resource-wide route), and C{stream_options} added
+    when the proxy asks for usage (then the second value is true: the
+    usage is removed on the way back).  Each variant is made once.
+    """
+    injected = inject_include_usage(body, parsed.document) if ask_usage else None
+    with_usage = injected is not None
+    made: dict[Optional[str], bytes] = {None: injected if injected is not None else body}
+
+    def body_for(style: UpstreamStyle) -> bytes:
+        renamed = style.body_model(route, parsed.model)
+        if renamed not in made:
+            out = json.dumps(dict(parsed.document, model=renamed)).encode("utf-8")
+            if with_usage:
+                out = inject_include_usage(out, parsed.document) or out
+            made[renamed] = out
+        return made[renamed]
+
+    return body_for, with_usage
 
 
 #: What can be done to a stored response, by the path below its id.
@@ -167,7 +185,7 @@ def resource_class(route: Route) -> type[ForwardingResource]:
 
 def api_resources(
     routes: Iterable[Route],
-    upstream: UpstreamClient,
+    upstream: "Upstreams | UpstreamClient",
     clock: IReactorTime,
     credentials: Credentials,
     lifecycle: Optional[Lifecycle] = None,

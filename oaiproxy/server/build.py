@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -39,7 +39,9 @@ from oaiproxy.server.site import ProxySite
 from oaiproxy.server.tree import HealthResource, build_root, build_tree
 from oaiproxy.upstream.client import TreqLike, UpstreamClient
 from oaiproxy.upstream.headers import bearer_token
+from oaiproxy.upstream.pool import Upstream
 from oaiproxy.upstream.styles import AzureStyle, OpenAIStyle, UpstreamStyle
+from oaiproxy.upstream.upstreams import SINGLE, Upstreams
 from oaiproxy.web import error_response
 
 __all__ = ["Built", "build_site", "metrics_check", "style_of"]
@@ -52,7 +54,12 @@ class Built:
 
     @ivar site: the API listeners' factory (every C{--port} shares it).
     @ivar metrics_site: the C{--metrics-port} listener's factory, if set.
-    @ivar upstream: the upstream client (the mock upstream re-points it).
+    @ivar upstream: the first member's client (with the single-upstream
+        options, the one client: the mock upstream re-points it).
+    @ivar upstreams: the pool and its members' clients: C{upstreams.pool}
+        (members, breakers, in-flight), C{upstreams.clients},
+        C{upstreams.observe} (breaker transitions), C{upstreams.listen}
+        (every attempt's end), C{upstreams.replace} (a reload).
     @ivar limiter: the per-client limits, shared by every route.
     @ivar api: the resource of each enabled route, by route name.
     @ivar routes: the enabled routes, in the table's order.
@@ -64,6 +71,7 @@ class Built:
     limiter: Limiter
     api: dict[str, ForwardingResource]
     routes: list[Route]
+    upstreams: Upstreams
 
 
 def style_of(config: Config) -> UpstreamStyle:
@@ -73,6 +81,52 @@ def style_of(config: Config) -> UpstreamStyle:
     if config.upstream_style == "azure":
         return AzureStyle(config.azure_api_version, dict(config.azure_deployments))
     return OpenAIStyle()
+
+
+def single_upstream(config: Config) -> Upstream:
+    """
+    The pool of one that the single-upstream options describe (its key is
+    read from the reloadable credentials, not from this entry).
+    """
+    return Upstream(
+        SINGLE,
+        config.upstream,
+        Secret(b""),
+        style=config.upstream_style,
+        model_map=dict(config.azure_deployments),
+        headers=config.upstream_headers,
+    )
+
+
+def build_upstreams(
+    config: Config, http: TreqLike, credentials: Credentials, clock: IReactorTime, http_for: Optional[HttpFor] = None
+) -> Upstreams:
+    """
+    The pool for C{config}: the upstreams file's entries, or the pool of
+    one of the single-upstream options.
+    """
+    entries = config.upstreams if config.upstreams is not None else (single_upstream(config),)
+
+    def client_for(upstream: Upstream) -> TreqLike:
+        if http_for is not None and upstream.connect_timeout is not None:
+            return http_for(upstream.connect_timeout)
+        return http
+
+    return Upstreams.build(
+        entries,
+        clock,
+        client_for,
+        config.read_timeout,
+        keys={SINGLE: credentials} if config.upstreams is None else None,
+        azure_api_version=config.azure_api_version,
+        max_attempts=config.max_attempts,
+        first_byte_timeout=config.first_byte_timeout,
+        shorthand=config.upstreams is None,
+    )
+
+
+#: Makes the treq-like client for a connect timeout (an upstream's own).
+HttpFor = Callable[[float], TreqLike]
 
 
 def build_site(
@@ -85,6 +139,7 @@ def build_site(
     metrics: Metrics,
     access_log: Optional[AccessLog] = None,
     worker: Optional[int] = None,
+    http_for: Optional[HttpFor] = None,
 ) -> Built:
     """
     Wire the proxy for C{config}.
@@ -99,16 +154,17 @@ def build_site(
     @param access_log: where each request's record goes; by default the
         text or JSON log that C{config.log_format} names.
     @param worker: which worker of a group this process is, if any.
+    @param http_for: makes the client for an upstream whose entry sets its
+        own C{connect_timeout} (by default every upstream uses C{http}).
     """
-    style = style_of(config)
-    upstream = UpstreamClient(
-        http, config.upstream, credentials, clock, config.read_timeout, config.upstream_headers, style
-    )
+    upstreams = build_upstreams(config, http, credentials, clock, http_for)
+    upstream = next(iter(upstreams.clients.values()))
+    styles = {client.style.name for client in upstreams.clients.values()}
     limiter = Limiter(clock, share=config.worker_share)
     enabled = in_order(config.routes)
     api = api_resources(
         enabled,
-        upstream,
+        upstreams,
         clock,
         credentials,
         lifecycle,
@@ -120,7 +176,7 @@ def build_site(
     check = metrics_check(credentials, config.metrics_key)
     health = HealthResource(lifecycle)
     on_api_port = None if config.metrics_port else MetricsResource(metrics, check)
-    served = [r.name for r in ROUTES if r.name not in api and (r.azure is not None or style.name != "azure")]
+    served = [r.name for r in ROUTES if r.name not in api and (r.azure is not None or styles != {"azure"})]
     unavailable = [r.name for r in ROUTES if r.name not in api and r.name not in served]
     if access_log is None:
         access_log = JsonAccessLog() if config.log_format == "json" else TextAccessLog()
@@ -151,7 +207,7 @@ def build_site(
             access_log=lambda record: None,
             reactor=clock,
         )
-    return Built(site, metrics_site, upstream, limiter, api, enabled)
+    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams)
 
 
 def metrics_check(credentials: Credentials, metrics_key: Optional[Secret]) -> MetricsCheck:

@@ -66,6 +66,8 @@ class IStreamedBody(IBodyProducer):
 
     refusal = Attribute("The proxy's own error if it refused the body, else None.")
 
+    sent = Attribute("Whether upstream began taking the body: then it cannot be sent again (no failover for it).")
+
 
 @implementer(IStreamedBody)
 class BodyPipe:
@@ -113,6 +115,14 @@ class BodyPipe:
         read without holding the body).
         """
         self._observers.append(observer)
+
+    @property
+    def sent(self) -> bool:
+        """
+        Whether an upstream connection began taking the body (its producer
+        started): the body cannot go to another upstream after that.
+        """
+        return self._consumer is not None
 
     @property
     def refusal(self) -> Optional[ApiError]:

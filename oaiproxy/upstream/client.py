@@ -208,6 +208,7 @@ class UpstreamClient:
         client_headers: Headers,
         model: Optional[str] = None,
         query: bytes = b"",
+        timeout: Optional[float] = None,
     ) -> "Deferred[IResponse]":
         """
         Forward a request, its body (if any) byte for byte, to the upstream
@@ -219,6 +220,9 @@ class UpstreamClient:
         @param model: the model the request names, which selects an Azure
             deployment.
         @param query: the client's query string, passed on.
+        @param timeout: the wait for the head, when shorter than
+            C{read_timeout} (a later attempt of a failover, within the
+            read timeout overall).
         @return: a Deferred firing with the unbuffered response as soon as
             its head arrives; failing with L{UpstreamTimeout} if that takes
             longer than C{read_timeout}.  Cancelling it aborts the upstream
@@ -235,23 +239,24 @@ class UpstreamClient:
             allow_redirects=False,
         )
         timed_out = []
+        read_timeout = self.read_timeout if timeout is None else timeout
 
         def on_timeout() -> None:
             timed_out.append(True)
             d.cancel()
 
-        call = self._clock.callLater(self.read_timeout, on_timeout)
+        call = self._clock.callLater(read_timeout, on_timeout)
         if IStreamedBody.providedBy(body):
             # An upload in progress: upstream taking its bytes is upstream
             # alive, so the wait for the head counts from the last of them,
             # however long the client takes to send it.
-            body.watch_progress(lambda: call.reset(self.read_timeout) if call.active() else None)
+            body.watch_progress(lambda: call.reset(read_timeout) if call.active() else None)
 
         def settle(result: Any) -> Any:
             if call.active():
                 call.cancel()
             if timed_out and isinstance(result, Failure):
-                return Failure(UpstreamTimeout(self.read_timeout))
+                return Failure(UpstreamTimeout(read_timeout))
             return result
 
         return d.addBoth(settle)

@@ -10,16 +10,28 @@ C{KleinResource.render} models): the resource returns C{NOT_DONE_YET}, the
 exchange tracks whether the client is still there through C{notifyFinish},
 cancels the upstream work when it is not, and never calls C{finish()} on a
 request whose connection is gone.
+
+With several upstreams it is also where failover happens: the request
+goes to the candidate L{oaiproxy.upstream.pool.Pool.choose} gives, and on
+an outcome that fails over (L{oaiproxy.upstream.pool.decide}) while
+nothing has reached the client, to the next, at most C{max_attempts} in
+all, each upstream once, within the read timeout overall
+(L{oaiproxy.upstream.pool.Attempts}).  A JSON body is replayed from
+memory; a streamed upload only if upstream took none of it.  Every
+attempt's end is told to its upstream's breaker exactly once, whichever
+way it ends (an answer, a failure, the client leaving), which is what
+releases its in-flight count.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import replace
+from typing import Any, Callable, Optional
 from typing import Protocol as Interface
 
 from twisted.internet import error as netError
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,13 +56,17 @@ from oaiproxy.routetable import CHAT, Route
 from oaiproxy.upstream.bodies import IStreamedBody
 from oaiproxy.upstream.client import UpstreamClient, UpstreamTimeout
 from oaiproxy.upstream.headers import client_request_id, client_response_headers
+from oaiproxy.upstream.pool import Attempts, Choice, Kind, Outcome, advice, decide, refusal_error, retry_after_seconds
 from oaiproxy.upstream.relay import BodyRelay, UpstreamIdle
+from oaiproxy.upstream.styles import UpstreamStyle
+from oaiproxy.upstream.upstreams import Upstreams
 from oaiproxy.web import error_response, send_error
 
 __all__ = [
     "Exchange",
     "Allowance",
     "Collect",
+    "BodyFor",
     "BoundedCollector",
     "COLLECT_LIMIT",
     "classify_upstream_failure",
@@ -60,6 +76,15 @@ __all__ = [
 #: does with it: given the upstream status and the decoded body, the body
 #: the client gets, or an error to answer instead.
 Collect = Callable[[int, bytes], "bytes | ApiError"]
+
+#: The request body one upstream gets, from its style (the model renamed
+#: where its C{model_map} says so); see L{oaiproxy.routes.jsonapi}.
+BodyFor = Callable[[UpstreamStyle], bytes]
+
+#: Statuses answered by an upstream that another upstream may answer
+#: better (L{oaiproxy.upstream.pool.decide}): their body is read only if
+#: the client gets it.
+_FAIL_OVER = frozenset({401, 403, 429, 500, 502, 503, 504})
 
 
 class Allowance(Interface):
@@ -200,8 +225,10 @@ COLLECT_LIMIT = 8 * 1024 * 1024
 
 class Exchange:
     """
-    One client request's trip upstream and back.
+    One client request's trip upstream and back: one attempt, or several
+    when the upstreams fail over (see the module's docstring).
 
+    @param upstream: the pool, or one client (made a pool of one).
     @param metered: the response's usage is this request's cost (not so
         for a stored response read back).
     @param collect: read the response body whole (at most
@@ -211,6 +238,8 @@ class Exchange:
         is answered with an error of its own.  Everything else (the
         head timeout, the idle timeout on the body, an upstream that
         refuses the proxy's key) is as for any exchange.
+    @param body_for: the body for an upstream's style, when it is not the
+        same for all (see L{BodyFor}).
 
     @ivar finished: the client request is over, either finished by us or
         disconnected; nothing may be written to it any more.
@@ -219,7 +248,7 @@ class Exchange:
     def __init__(
         self,
         request: Request,
-        upstream: UpstreamClient,
+        upstream: "Upstreams | UpstreamClient",
         clock: IReactorTime,
         connect_timeout: float,
         log: Logger,
@@ -232,6 +261,7 @@ class Exchange:
         metered: bool = True,
         collect: Optional[Collect] = None,
         collect_limit: int = COLLECT_LIMIT,
+        body_for: Optional[BodyFor] = None,
     ) -> None:
         self._request = request
         self._collect = collect
@@ -242,7 +272,8 @@ class Exchange:
         self._record = record
         self._strip_usage = strip_usage
         self._sse_keepalive = sse_keepalive
-        self._upstream = upstream
+        self._upstreams = upstream if isinstance(upstream, Upstreams) else Upstreams.of(upstream, clock)
+        self._body_for = body_for
         self._clock = clock
         self._connect_timeout = connect_timeout
         self._log = log
@@ -254,6 +285,15 @@ class Exchange:
         self._meter: Optional[UsageMeter] = None
         self._event_stream = False
         self.finished = False
+        self._attempts: Optional[Attempts] = None
+        #: The attempt in progress, until its outcome is reported.
+        self._choice: Optional[Choice] = None
+        self._upstream: Optional[UpstreamClient] = None
+        #: The first-byte deadline of the attempt in progress, and whether
+        #: it cut the attempt.
+        self._deadline: Optional[IDelayedCall] = None
+        self._cut: Optional[float] = None
+        self._sent: tuple[str, str, Optional[str], bytes] = ("POST", "", None, b"")
 
     def start(
         self,
@@ -264,30 +304,157 @@ class Exchange:
         query: bytes = b"",
     ) -> None:
         """
-        Send the request upstream.
+        Send the request upstream: to the first candidate of the pool.
 
         @param path: below the API base; the route's own path by default.
-        @param model: the model named, for an Azure deployment.
+        @param model: the model named, for an Azure deployment, and for
+            the upstreams that serve it.
         """
         path = path or self._route.path
-        if not self._upstream.style.addressable(path, model):
+        upstreams = self._upstreams
+        self._body = body
+        self._sent = (method, path, model, query)
+        attempts = self._attempts = Attempts(upstreams.pool, model, upstreams.max_attempts, upstreams.read_timeout)
+        choice = attempts.next()
+        if not isinstance(choice, Choice):
+            self.finished = True
+            self._reservation.settle(0)
+            assert choice is not None
+            self._log.warn(
+                "no upstream can take a request for {model}: {status}",
+                model=model,
+                status="none serves it" if not choice.serves else "every one is out",
+            )
+            send_error(self._request, refusal_error(choice))
+            return
+        self._request.notifyFinish().addBoth(self._client_done)
+        self._send(choice)
+
+    def _send(self, choice: Choice) -> None:
+        """
+        One attempt, on the upstream of C{choice}.
+        """
+        method, path, model, query = self._sent
+        attempts = self._attempts
+        assert attempts is not None
+        self._choice = choice
+        name = choice.member.name
+        upstream = self._upstream = self._upstreams.client(name)
+        self._relay, self._meter, self._collector, self._event_stream, self._cut = None, None, None, False, None
+        record = self._record
+        record.upstream, record.attempts = name, attempts.attempts
+        if not upstream.style.addressable(path, model):
             # The resources refuse ids that are not one path segment before
             # they get here; this is the last line, for every route.
             self._log.warn("refused to send {method} to an upstream path that is not its own", method=method)
+            self._end_attempt(Outcome(Kind.CANCELLED))
             self.finished = True
             self._reservation.settle(0)
-            if self._upstream.style.addressable(path, None):
+            if upstream.style.addressable(path, None):
                 send_error(self._request, model_not_found(model or ""))
             else:
                 send_error(self._request, not_found(method, self._request.path.decode("latin-1")))
             return
-        self._body = body
-        self._request.notifyFinish().addBoth(self._client_done)
-        self._record.upstream_sent = self._clock.seconds()
-        pending = self._upstream.request(method, path, body, self._request.requestHeaders, model, query)
+        body = self._body
+        if self._body_for is not None:
+            body = self._body_for(upstream.style)
+        now = self._clock.seconds()
+        record.upstream_sent = now
+        timeout = None
+        if attempts.attempts > 1:
+            # Within the read timeout overall.
+            timeout = max(0.001, min(upstream.read_timeout, attempts.deadline - now))
+        pending = upstream.request(method, path, body, self._request.requestHeaders, model, query, timeout)
         self._pending = pending
+        if record.stream:
+            first_byte = attempts.first_byte_deadline(self._upstreams.first_byte_timeout)
+            if first_byte is not None:
+                self._deadline = self._clock.callLater(first_byte, self._first_byte_late, first_byte)
         pending.addCallbacks(self._got_head, self._no_head)
         pending.addErrback(self._bug)
+
+    def _first_byte_late(self, seconds: float) -> None:
+        """
+        A stream's first body byte is late: cut this attempt (its handler
+        then tries the next candidate).
+        """
+        self._deadline = None
+        self._cut = seconds
+        self._log.info(
+            "upstream {upstream} sent no first byte within {seconds:g}s; trying the next",
+            upstream=self._record.upstream,
+            seconds=seconds,
+        )
+        if self._relay is not None:
+            self._relay.abort()
+        elif self._pending is not None:
+            self._pending.cancel()
+
+    def _first_byte(self, response: IResponse) -> None:
+        """
+        The first body byte of a stream whose head was held for the
+        first-byte deadline: the client gets the head now.
+        """
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self._send_head(response, None if response.length is UNKNOWN_LENGTH else response.length)
+        self._request.write(b"")
+
+    def _end_attempt(self, outcome: Outcome) -> bool:
+        """
+        Report the attempt in progress (once; later calls do nothing):
+        its breaker and in-flight count hear of it.  C{True} when the
+        request should try the next candidate.
+        """
+        choice, self._choice = self._choice, None
+        if choice is None:
+            return False
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        attempts = self._attempts
+        assert attempts is not None
+        go_on = attempts.report(outcome)
+        self._upstreams.attempted(choice.member.name, outcome, decide(outcome))
+        return go_on
+
+    def _next(self, go_on: bool) -> Optional[Choice]:
+        """
+        The next candidate, when the last outcome fails over and one can
+        take the request.
+        """
+        if not go_on or self.finished:
+            return None
+        attempts = self._attempts
+        assert attempts is not None
+        choice = attempts.next()
+        if isinstance(choice, Choice):
+            failed, reason = attempts.failovers[-1]
+            self._log.info(
+                "upstream {upstream} failed ({reason}); trying {next}",
+                upstream=failed,
+                reason=reason,
+                next=choice.member.name,
+            )
+            return choice
+        return None
+
+    def _advice(self, headers: "tuple[tuple[bytes, bytes], ...]") -> "tuple[tuple[bytes, bytes], ...]":
+        """
+        The retry advice headers (see L{oaiproxy.upstream.pool.advice}) not
+        already in C{headers}, for an answer after every attempt failed.
+        """
+        attempts = self._attempts
+        assert attempts is not None
+        told = advice(attempts.pool, attempts.model, attempts.last)
+        names = {name.lower() for name, _ in headers}
+        extra: list[tuple[bytes, bytes]] = []
+        if not told.retry and b"x-should-retry" not in names:
+            extra.append((b"x-should-retry", b"false"))
+        if told.after is not None and b"retry-after" not in names:
+            extra.append((b"retry-after", b"%d" % max(1, -int(-told.after // 1))))
+        return tuple(extra)
 
     def _settle(self) -> None:
         """
@@ -341,6 +508,9 @@ class Exchange:
             return
         self.finished = True
         if isinstance(result, Failure):
+            # Nothing said about the upstream: its breaker only gets the
+            # slot back.
+            self._end_attempt(Outcome(Kind.CANCELLED))
             if self._meter is not None and self._meter.ended:
                 # The client read the stream's end event and hung up before
                 # upstream's last bytes, as the openai SDKs do after
@@ -365,28 +535,35 @@ class Exchange:
 
     def _got_head(self, response: IResponse) -> None:
         self._pending = None
+        if self.finished:
+            response.deliverBody(_Discard())
+            return
         record = self._record
         record.upstream_head = self._clock.seconds()
         record.upstream_status = response.code
         record.upstream_request_id = client_request_id((response.headers.getRawHeaders(b"x-request-id") or [None])[0])
-        if response.code >= 500:
-            record.upstream_error = "status"
+        record.upstream_error = "status" if response.code >= 500 else None
+        if response.code in _FAIL_OVER and self._failed_over(response):
+            return
         if response.code == 401:
             self._proxy_key_rejected(response)
             return
         request = self._request
+        held = self._deadline is not None and self._collect is None
         if self._collect is None:
-            self._send_head(response, None if response.length is UNKNOWN_LENGTH else response.length)
+            if not held:
+                self._send_head(response, None if response.length is UNKNOWN_LENGTH else response.length)
         else:
             self._collector = self._collector_for(response)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         self._event_stream = content_type.lower().startswith(b"text/event-stream")
         json_body = content_type.lower().startswith(b"application/json")
         self._meter = UsageMeter(self._event_stream, self._route.text_keys, plain=json_body)
-        if self._collector is None:
+        if self._collector is None and not held:
             # Send the head now, as upstream did, so a client sees the status
             # of a long stream before its first token.
             request.write(b"")
+        assert self._upstream is not None
         self._relay = BodyRelay(
             request,
             self._clock,
@@ -396,8 +573,38 @@ class Exchange:
             observe=self._meter.feed if self._collector is None else None,
             transform=self._collector or (UsageEventFilter() if (self._strip_usage and self._event_stream) else None),
             keepalive=self._sse_keepalive if self._event_stream else 0.0,
+            first=(lambda: self._first_byte(response)) if held else None,
         )
         response.deliverBody(self._relay)
+
+    def _failed_over(self, response: IResponse) -> bool:
+        """
+        An answer another upstream may answer better (a 429, a 5xx of the
+        upstream's own, a refused key): report it, and when a next
+        candidate takes the request, drop this answer and go there.  When
+        none does, this is the client's answer, with the retry advice.
+        """
+        code = response.code
+        headers = response.headers
+        retry_after = retry_after_seconds(
+            (headers.getRawHeaders(b"retry-after") or [None])[0],
+            (headers.getRawHeaders(b"retry-after-ms") or [None])[0],
+            self._clock.seconds(),
+        )
+        if code in (401, 403):
+            self._log.critical(
+                "upstream {upstream} rejected the proxy's API key ({status}): check its key",
+                upstream=self._record.upstream,
+                status=code,
+            )
+        choice = self._next(self._end_attempt(Outcome(Kind.ANSWERED, code, retry_after)))
+        if choice is not None:
+            response.deliverBody(_Discard())
+            self._send(choice)
+            return True
+        for name, value in self._advice(tuple((n, v) for n, vs in headers.getAllRawHeaders() for v in vs)):
+            self._request.responseHeaders.setRawHeaders(name, [value])
+        return False
 
     def _send_head(self, response: IResponse, length: Optional[int]) -> None:
         """
@@ -436,7 +643,6 @@ class Exchange:
         client's.  Its body (which quotes part of the key) is dropped.
         """
         self._record.upstream_error = "status"
-        self._log.critical("the upstream API rejected the proxy's API key (401): check --api-key-file / OPENAI_API_KEY")
         response.deliverBody(_Discard())
         self.finished = True
         self._reservation.settle(0)
@@ -444,19 +650,34 @@ class Exchange:
 
     def _no_head(self, failure: Failure) -> None:
         self._pending = None
+        if self._cut is not None and not self.finished:
+            self._cut_short(self._cut)
+            return
         if self.finished:
             # The client left and we cancelled: whatever the failure says,
             # nobody is waiting for an answer.
             return
         error = classify_upstream_failure(failure, self._connect_timeout)
-        if IStreamedBody.providedBy(self._body) and self._body.refusal is not None:
+        body: Any = self._body
+        streamed = IStreamedBody.providedBy(body)
+        if streamed and body.refusal is not None:
             # The proxy stopped the upload on its way (too large, or a form
             # it cannot vouch for): that is the answer, whatever became of
-            # the upstream request.
-            error = self._body.refusal
+            # the upstream request.  It says nothing about the upstream.
+            self._end_attempt(Outcome(Kind.CANCELLED))
+            error = body.refusal
+        else:
+            kind = _failure_kind(failure)
+            go_on = self._end_attempt(Outcome(Kind.CONNECT if kind == "connect" else Kind.NO_HEAD))
+            # An upload upstream took part of cannot be sent again.
+            choice = self._next(go_on and not (streamed and body.sent))
+            if choice is not None:
+                self._send(choice)
+                return
         if error.status >= 500:
             # (A 4xx here is the proxy refusing an upload on its way.)
             self._record.upstream_error = _failure_kind(failure)
+            error = replace(error, headers=error.headers + self._advice(error.headers))
         self._log.warn(
             "upstream gave no response: {status} {code} ({message})",
             status=error.status,
@@ -470,9 +691,34 @@ class Exchange:
         self._reservation.settle(0 if self._record.upstream_error == "connect" else self._prompt_estimate)
         send_error(self._request, error)
 
+    def _cut_short(self, seconds: float) -> None:
+        """
+        The first-byte deadline cut the attempt: the next candidate (the
+        deadline is armed only when one could take the request), else a
+        504.
+        """
+        self._record.upstream_error = "timeout"
+        choice = self._next(self._end_attempt(Outcome(Kind.FIRST_BYTE)))
+        if choice is not None:
+            self._send(choice)
+            return
+        self.finished = True
+        self._reservation.settle(self._prompt_estimate)
+        error = upstream_timeout(seconds, "send the first byte of its stream")
+        send_error(self._request, replace(error, headers=error.headers + self._advice(error.headers)))
+
     def _body_done(self, failure: Optional[Failure]) -> None:
+        if self._cut is not None and not self.finished:
+            # (The first byte would have disarmed the deadline.)
+            self._cut_short(self._cut)
+            return
         if self.finished:
             return
+        status = self._record.upstream_status
+        if failure is None and not (self._collector is not None and self._collector.overflowed):
+            self._end_attempt(Outcome(Kind.ANSWERED, status))
+        else:
+            self._end_attempt(Outcome(Kind.BROKEN, status, reached_client=True))
         self.finished = True
         if self._meter is not None and failure is None:
             # (It never raises: a failure is kept for _settle to log.)
@@ -521,6 +767,7 @@ class Exchange:
 
     def _bug(self, failure: Failure) -> None:
         self._log.failure("bug while relaying a response", failure=failure)
+        self._end_attempt(Outcome(Kind.CANCELLED))
         self._reservation.settle(self._prompt_estimate)
         if not self.finished:
             self.finished = True

@@ -118,6 +118,9 @@ class BodyRelay(Protocol):
         after which an SSE comment (C{: keepalive}) is sent so that idle
         timeouts between the proxy and the client do not cut the stream; 0
         for none.  Comments go only between events, never inside one.
+    @param first: called once, before the first chunk is written, for a
+        head held until the body starts (the first-byte deadline); no
+        keepalive is written before it.
     @param done: called once when the body ends, with C{None} for a complete
         body or the L{Failure} that cut it short (L{UpstreamIdle} for a
         silent upstream).  It decides how to end the client's response.
@@ -132,8 +135,10 @@ class BodyRelay(Protocol):
         observe: Optional[Callable[[bytes], None]] = None,
         transform: Optional[Transform] = None,
         keepalive: float = 0.0,
+        first: Optional[Callable[[], None]] = None,
     ) -> None:
         self._request = request
+        self._first = first
         self._observe = observe
         self._transform = transform
         self._read_timeout = read_timeout
@@ -158,6 +163,9 @@ class BodyRelay(Protocol):
             self._keepalive.restart()
         if not data:
             return
+        if self._first is not None:
+            first, self._first = self._first, None
+            first()
         out = data if self._transform is None else self._transform(data)
         if out:
             self._request.write(out)
@@ -166,7 +174,7 @@ class BodyRelay(Protocol):
             self._observe(data)
 
     def _send_keepalive(self) -> None:
-        if self._at_boundary:
+        if self._at_boundary and self._first is None:
             self._request.write(KEEPALIVE)
         assert self._keepalive is not None
         self._keepalive.restart()

@@ -111,6 +111,12 @@ class OpenAIStyle:
 
     name = "openai"
 
+    def __init__(self, model_map: Optional[Mapping[str, str]] = None) -> None:
+        #: Client model -> the model this upstream knows it as (an
+        #: upstreams file entry's C{model_map}); the body is rewritten only
+        #: for a model listed.
+        self.model_map = dict(model_map or {})
+
     def target(self, path: str, model: Optional[str], query: bytes = b"") -> str:
         """
         The path and query, relative to the base URL, for a request the
@@ -143,6 +149,8 @@ class OpenAIStyle:
         The model name upstream needs in the body instead of C{model}, if
         any.
         """
+        if model is not None and model in self.model_map:
+            return self.model_map[model]
         return None
 
 

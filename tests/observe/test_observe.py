@@ -106,9 +106,9 @@ class RecordTests(SynchronousTestCase):
 class JsonAccessLogTests(SynchronousTestCase):
     FIELDS = {
         "time", "request_id", "peer", "client", "method", "route", "path", "model", "stream", "status",
-        "upstream_status", "upstream_request_id", "upstream_error", "bytes_in", "bytes_out", "prompt_tokens",
-        "completion_tokens", "reasoning_tokens", "cached_tokens", "usage_exact", "ttfb_ms", "upstream_ms",
-        "proxy_ms", "duration_ms", "ended", "disconnected", "worker",
+        "upstream", "attempts", "upstream_status", "upstream_request_id", "upstream_error", "bytes_in", "bytes_out",
+        "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "usage_exact", "ttfb_ms",
+        "upstream_ms", "proxy_ms", "duration_ms", "ended", "disconnected", "worker",
     }  # fmt: skip
 
     def test_one_object_per_request_with_every_field_and_no_secret(self) -> None:
