@@ -134,9 +134,7 @@ class PoolTestCase(SynchronousTestCase):
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     def health(self) -> dict[str, dict[str, Any]]:
-        status, body = http(
-            "GET", self.base + "/health/upstreams", headers={"Authorization": "Bearer " + CLIENT_KEY}
-        )
+        status, body = http("GET", self.base + "/health/upstreams", headers={"Authorization": "Bearer " + CLIENT_KEY})
         assert status == 200, body
         return {u["name"]: u for u in json.loads(body)["upstreams"]}
 

@@ -113,8 +113,8 @@ class Metrics:
         )
         self.upstream_latency = Histogram(
             "oaiproxy_upstream_response_seconds",
-            "Time from sending a request upstream to its response head.",
-            ["route"],
+            "Time from sending a request upstream to its response head, by the upstream that answered.",
+            ["route", "upstream"],
             buckets=_SECONDS,
             registry=r,
         )
@@ -127,13 +127,17 @@ class Metrics:
         )
         self.first_chunk = Histogram(
             "oaiproxy_time_to_first_chunk_seconds",
-            "Time from a request to the first chunk of its streamed answer.",
-            ["route"],
+            "Time from a request to the first chunk of its streamed answer, by the upstream that answered.",
+            ["route", "upstream"],
             buckets=_SECONDS,
             registry=r,
         )
         self.stream_duration = Histogram(
-            "oaiproxy_stream_duration_seconds", "Duration of streamed answers.", ["route"], buckets=_SECONDS, registry=r
+            "oaiproxy_stream_duration_seconds",
+            "Duration of streamed answers, by the upstream that answered.",
+            ["route", "upstream"],
+            buckets=_SECONDS,
+            registry=r,
         )
         self.open_streams = Gauge("oaiproxy_open_streams", "Streamed answers in progress.", registry=r)
         self.in_flight = Gauge("oaiproxy_in_flight_requests", "Requests being processed.", registry=r)
@@ -226,12 +230,13 @@ class Metrics:
         accepted = record.upstream_status is not None and record.upstream_status < 400
         model = self.model_label(record.model, claim=accepted)
         self.requests.labels(record.client, model, route, f"{record.status // 100}xx").inc()
+        upstream = record.upstream or "-"
         if record.upstream_seconds is not None:
-            self.upstream_latency.labels(route).observe(record.upstream_seconds)
+            self.upstream_latency.labels(route, upstream).observe(record.upstream_seconds)
         self.proxy_overhead.labels(route).observe(record.proxy_seconds)
         if record.stream and record.first_chunk is not None:
-            self.first_chunk.labels(route).observe(record.first_chunk - record.started)
-            self.stream_duration.labels(route).observe(record.duration)
+            self.first_chunk.labels(route, upstream).observe(record.first_chunk - record.started)
+            self.stream_duration.labels(route, upstream).observe(record.duration)
         if record.ended == "client_disconnected":
             self.disconnects.labels(route).inc()
         if record.upstream_error is not None:

@@ -145,7 +145,9 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(
             sample(h, "oaiproxy_requests_total", route="chat_completions", status_class="2xx", **labels), 1
         )
-        self.assertEqual(sample(h, "oaiproxy_upstream_response_seconds_count", route="chat_completions"), 1)
+        self.assertEqual(
+            sample(h, "oaiproxy_upstream_response_seconds_count", route="chat_completions", upstream="default"), 1
+        )
         self.assertEqual(sample(h, "oaiproxy_proxy_overhead_seconds_count", route="chat_completions"), 1)
         self.assertEqual(sample(h, "oaiproxy_request_bytes_total", route="chat_completions"), len(chat_body()))
         self.assertGreater(sample(h, "oaiproxy_response_bytes_total", route="chat_completions"), 100)
@@ -163,7 +165,9 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(
             sample(h, "oaiproxy_requests_total", client="-", model="-", route="chat_completions", status_class="4xx"), 1
         )
-        self.assertEqual(sample(h, "oaiproxy_upstream_response_seconds_count", route="chat_completions"), 0)
+        self.assertEqual(
+            sample(h, "oaiproxy_upstream_response_seconds_count", route="chat_completions", upstream="default"), 0
+        )
 
     def test_stream_gauges_and_histograms(self) -> None:
         """
@@ -181,9 +185,15 @@ class MetricsTests(SynchronousTestCase):
         self.successResultOf(done)
         self.assertEqual(sample(h, "oaiproxy_open_streams"), 0)
         self.assertEqual(sample(h, "oaiproxy_in_flight_requests"), 0)
-        self.assertEqual(sample(h, "oaiproxy_time_to_first_chunk_seconds_count", route="chat_completions"), 1)
-        self.assertEqual(sample(h, "oaiproxy_stream_duration_seconds_count", route="chat_completions"), 1)
-        self.assertGreaterEqual(sample(h, "oaiproxy_stream_duration_seconds_sum", route="chat_completions"), 10)
+        self.assertEqual(
+            sample(h, "oaiproxy_time_to_first_chunk_seconds_count", route="chat_completions", upstream="default"), 1
+        )
+        self.assertEqual(
+            sample(h, "oaiproxy_stream_duration_seconds_count", route="chat_completions", upstream="default"), 1
+        )
+        self.assertGreaterEqual(
+            sample(h, "oaiproxy_stream_duration_seconds_sum", route="chat_completions", upstream="default"), 10
+        )
 
     def test_cancelled_stream(self) -> None:
         """
