@@ -191,6 +191,19 @@ def parse_workers(name: str, text: str) -> int:
     return value
 
 
+def parse_attempts(name: str, text: str) -> int:
+    """
+    How many upstreams one request may try (C{--max-attempts}).
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number of attempts, not {text!r}") from None
+    if not 1 <= value <= 16:
+        raise ConfigError(f"{name} must be between 1 and 16, not {text!r}")
+    return value
+
+
 def parse_log_format(name: str, text: str) -> str:
     if text not in ("text", "json"):
         raise ConfigError(f"{name} must be text or json, not {text!r}")

@@ -42,7 +42,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from oaiproxy.config import (
     CLIENT_KEYS_CREDENTIAL,
@@ -155,6 +155,9 @@ class ClientRegistry:
 
     def __len__(self) -> int:
         return len(self._by_hash)
+
+    def __iter__(self) -> Iterator[Client]:
+        return iter(self._by_hash.values())
 
     def __repr__(self) -> str:
         return f"ClientRegistry({list(self.names)!r})"

@@ -23,6 +23,7 @@ from oaiproxy.config import (
     DEFAULT_PORT,
     DEFAULT_UPSTREAM,
     Config,
+    parse_attempts,
     parse_byte_count,
     parse_interval,
     parse_log_format,
@@ -237,6 +238,37 @@ SETTINGS: tuple[Setting, ...] = (
         "else the variable; required unless `--mock-upstream`",
         metavar="PATH",
         sources="else the systemd credential openai_api_key, else env OPENAI_API_KEY",
+    ),
+    Setting(
+        "upstreams-file",
+        "OAIPROXY_UPSTREAMS_FILE",
+        "File of upstreams (TOML or JSON: names, URLs, where their keys are, weights, priorities, models) to "
+        "fail over between, re-read on SIGHUP; instead of --upstream and --api-key-file.",
+        "several upstreams with failover ([Several upstreams](#several-upstreams)); else "
+        "`$CREDENTIALS_DIRECTORY/upstreams`; re-read on SIGHUP. Not with the single-upstream options "
+        "(`--upstream`, `--api-key-file`, `--upstream-style`, `--azure-deployment`, `--upstream-header`)",
+        metavar="PATH",
+        sources="env OAIPROXY_UPSTREAMS_FILE, else the systemd credential upstreams",
+    ),
+    Setting(
+        "max-attempts",
+        "OAIPROXY_MAX_ATTEMPTS",
+        "Upstreams one request may try, each at most once, before the client gets the last failure.",
+        "upstreams one request may try, each once, within the read timeout overall",
+        metavar="N",
+        field="max_attempts",
+        parse=parse_attempts,
+    ),
+    Setting(
+        "first-byte-timeout",
+        "OAIPROXY_FIRST_BYTE_TIMEOUT",
+        "Seconds a stream's first body byte may take before the next upstream is tried (never cuts the last "
+        "candidate); 0 for off.",
+        "a stream's first byte deadline before the next upstream is tried; never for the last candidate; 0 = off",
+        metavar="S",
+        field="first_byte_timeout",
+        parse=parse_interval,
+        default="off",
     ),
     Setting(
         "client-keys-file",

@@ -81,9 +81,12 @@ from oaiproxy.routetable import BY_NAME, in_order
 from oaiproxy.server.build import build_site
 from oaiproxy.upstream.client import UpstreamClient, make_http_client
 from oaiproxy.upstream.headers import parse_static_header
+from oaiproxy.upstream.pool import Upstream
+from oaiproxy.upstream.poolfile import check_allow_lists, load_upstreams, upstreams_file_path
 from oaiproxy.upstream.styles import (
     AzureStyle,
 )
+from oaiproxy.upstream.upstreams import SINGLE, Upstreams
 
 __all__ = ["Options", "makeService"]
 
@@ -262,6 +265,8 @@ class Options(usage.Options):
             fd, _, family = listener.partition(":")
             if not fd.isdigit() or family not in FAMILIES:
                 raise ConfigError(f"--worker-listener must be FD:INET|INET6|UNIX, not {listener!r}")
+        if config.upstreams_file is not None:
+            return self._pooled(config)
         if config.upstream_style == "azure":
             unserved = sorted(name for name in config.routes if BY_NAME[name].azure is None)
             if unserved and config.routes == frozenset(BY_NAME):
@@ -278,6 +283,34 @@ class Options(usage.Options):
             )
         return config
 
+    def _single_upstream_options(self) -> list[str]:
+        """
+        The single-upstream options given (or their variables), which an
+        upstreams file replaces.  (C{OPENAI_API_KEY} is not one: it is
+        often set for other tools too.)
+        """
+        given = [f"--{name}" for name in ("upstream", "api-key-file", "upstream-style") if self[name]]
+        given += [f"--{name}" for name in ("azure-deployment", "upstream-header") if self[name]]
+        for name in ("upstream", "upstream-style", "azure-deployment"):
+            if not self[name] and self.environ.get(_env(name)):
+                given.append(_env(name))
+        return given
+
+    def _pooled(self, config: Config) -> Config:
+        """
+        The checks of a configuration with an upstreams file.
+        """
+        path = config.upstreams_file
+        clash = self._single_upstream_options()
+        if clash:
+            raise ConfigError(
+                f"the upstreams file {path} and {', '.join(clash)} both say where requests go: "
+                "give the upstreams in the file, or use the single-upstream options without it"
+            )
+        if config.mock_upstream:
+            raise ConfigError(f"--mock-upstream cannot be combined with the upstreams file {path}")
+        return config
+
     def _settings(self) -> Config:
         env = self.environ
         ports = tuple(self["port"]) or (port_from_env(env) or DEFAULT_PORT,)
@@ -290,7 +323,11 @@ class Options(usage.Options):
         # never from the files, which may have changed since the group
         # started.
         worker = bool(self["worker-listener"])
-        api_key = None if mock or worker else load_api_key(self["api-key-file"], env)
+        clients = None if worker else load_clients(self["client-keys-file"], env)
+        upstreams_file = upstreams_file_path(self["upstreams-file"], env)
+        upstreams = None if upstreams_file is None else load_pool(upstreams_file, env, clients)
+        pooled = upstreams_file is not None
+        api_key = None if mock or worker or pooled else load_api_key(self["api-key-file"], env)
         values: dict[str, Any] = {}
         for setting in SETTINGS:
             # The plain settings: the option, else the variable, else the
@@ -307,7 +344,7 @@ class Options(usage.Options):
             upstream=api_base(upstream, values.get("upstream_style", "openai")),
             azure_deployments=deployments,
             api_key=api_key,
-            clients=None if worker else load_clients(self["client-keys-file"], env),
+            clients=clients,
             mock_upstream=mock,
             allow_open_relay=bool(self["allow-open-relay"]),
             api_key_file=self["api-key-file"],
@@ -316,6 +353,8 @@ class Options(usage.Options):
             stream_usage=not self["no-stream-usage"] and env.get(_env("no-stream-usage"), "on") != "off",
             worker_listeners=tuple(self["worker-listener"]),
             upstream_headers=tuple(self["upstream-header"]),
+            upstreams=upstreams,
+            upstreams_file=upstreams_file,
             **values,
         )
 
@@ -333,6 +372,23 @@ def _env(option: str) -> str:
     variable = by_option(option).env
     assert variable is not None, option
     return variable
+
+
+def load_pool(path: str, environ: Mapping[str, str], clients: Optional[ClientRegistry]) -> tuple[Upstream, ...]:
+    """
+    The upstreams file's entries, checked against the clients' model
+    allow-lists (a model no upstream serves would let a client in to get
+    nowhere).
+
+    @raise ConfigError: naming the file, the entry and the field.
+    """
+    upstreams = load_upstreams(path, environ)
+    if clients is not None:
+        try:
+            check_allow_lists(upstreams, {client.name: client.models for client in clients})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return upstreams
 
 
 def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
@@ -660,22 +716,33 @@ def _reloader(
     credentials: Credentials,
     exposure: _Exposure,
     hand_over: Optional[Callable[[GroupSecrets], int]] = None,
+    upstreams: Optional[Upstreams] = None,
 ) -> Callable[[], bool]:
     """
-    The SIGHUP action: read the key sources again, then swap the secrets in
-    one step.  Any failure keeps the secrets in use and says why.
+    The SIGHUP action: read the key sources (and the upstreams file) again,
+    then swap the secrets and the pool in one step.  Any failure keeps
+    both in use and says why.
 
     @param hand_over: in a supervisor, gives the checked secrets to every
         worker (and to those started later) and says to how many.
+    @param upstreams: the pool to give the upstreams file's new entries
+        (a supervisor has none: it only checks the file; its workers read
+        it when handed the reload).
     """
 
     def reload() -> bool:
         secrets = _load_credentials(options, credentials, exposure)
         if secrets is None:
             return False
+        entries = _load_entries(options.config, options.environ, secrets.clients)
+        if entries is False:
+            return False
         assert secrets.api_key is not None
         changed = secrets.api_key != credentials.api_key
         credentials.replace(secrets.api_key, secrets.clients)
+        if upstreams is not None and isinstance(entries, tuple):
+            upstreams.replace(entries)
+            log.info("reloaded the upstreams file: {names}", names=", ".join(u.name for u in entries))
         if hand_over is not None:
             count = hand_over(replace(secrets, api_key=None if options.config.mock_upstream else secrets.api_key))
             log.info(
@@ -695,16 +762,55 @@ def _reloader(
     return reload
 
 
-def _worker_reloader(config: Config, credentials: Credentials, exposure: _Exposure) -> Callable[[GroupSecrets], None]:
+def _forwarding_to(upstreams: Upstreams) -> str:
+    """
+    Where requests go, for the status line and the startup log: the one
+    upstream's URL, or the pool's names.
+    """
+    clients = upstreams.clients
+    if len(clients) == 1 and SINGLE in clients:
+        return clients[SINGLE].base_url
+    return f"{len(clients)} upstream(s): " + ", ".join(clients)
+
+
+def _load_entries(
+    config: Config, environ: Mapping[str, str], clients: ClientRegistry
+) -> "tuple[Upstream, ...] | None | bool":
+    """
+    The upstreams file's entries read again for a reload: C{None} without
+    a file, C{False} (the reason logged) when they cannot be used.
+    """
+    if config.upstreams_file is None:
+        return None
+    try:
+        return load_pool(config.upstreams_file, environ, clients)
+    except ConfigError as e:
+        log.error("reload failed, keeping the upstreams and credentials in use: {why}", why=str(e))
+        return False
+
+
+def _worker_reloader(
+    config: Config,
+    credentials: Credentials,
+    exposure: _Exposure,
+    environ: Mapping[str, str] = {},
+    upstreams: Optional[Upstreams] = None,
+) -> Callable[[GroupSecrets], None]:
     """
     In a worker: apply a reload the supervisor has checked (checked again
-    here, so that no path serves an open relay).
+    here, so that no path serves an open relay), and read the upstreams
+    file again into C{upstreams}.
     """
 
     def apply(secrets: GroupSecrets) -> None:
         if exposure.public and not len(secrets.clients) and not config.allow_open_relay:
             log.error("reload refused, keeping the credentials in use: no client keys, and reachable from other hosts")
             return
+        entries = _load_entries(config, environ, secrets.clients)
+        if entries is False:
+            return
+        if upstreams is not None and isinstance(entries, tuple):
+            upstreams.replace(entries)
         api_key = _MOCK_KEY if config.mock_upstream or secrets.api_key is None else secrets.api_key
         changed = api_key != credentials.api_key
         credentials.replace(api_key, secrets.clients)
@@ -873,7 +979,9 @@ def makeService(
         return _supervise(options, reactor, notifier, service, endpoints, report, exposure)
 
     api_key = _MOCK_KEY if config.mock_upstream or config.api_key is None else config.api_key
-    assert config.mock_upstream or config.api_key is not None, "Options guarantees a key unless mocking"
+    assert config.mock_upstream or config.upstreams is not None or config.api_key is not None, (
+        "Options guarantees a key unless mocking or pooled"
+    )
     credentials = Credentials(api_key, clients)
     if not config.worker_listeners:
         _warn_if_no_clients(config, options.environ, clients)
@@ -914,7 +1022,7 @@ def makeService(
     def status() -> str:
         return (
             f"serving {len(config.ports)} listener(s), forwarding to "
-            f"{'the mock upstream' if config.mock_upstream else upstream.base_url}, "
+            f"{'the mock upstream' if config.mock_upstream else _forwarding_to(built.upstreams)}, "
             f"{len(credentials.clients)} client(s)"
         )
 
@@ -923,12 +1031,19 @@ def makeService(
     DrainService(lifecycle, reactor, config.drain_timeout, notifier).setServiceParent(service)
     if config.worker_listeners:
         # Reloads come from the supervisor, checked, on the pipe.
-        reader = SecretsReader(supervisor_input, _worker_reloader(config, credentials, exposure), pending)
+        reader = SecretsReader(
+            supervisor_input,
+            _worker_reloader(config, credentials, exposure, options.environ, built.upstreams),
+            pending,
+        )
         _SecretsService(reactor, reader).setServiceParent(service)
     else:
         # callFromThread is the signal-safe way back into the reactor.
         reload = ReloadService(
-            _reloader(options, credentials, exposure), notifier, status, lambda f: reactor.callFromThread(f)
+            _reloader(options, credentials, exposure, upstreams=built.upstreams),
+            notifier,
+            status,
+            lambda f: reactor.callFromThread(f),
         )
         reload.setServiceParent(service)
     ReadinessService(notifier, listening, status).setServiceParent(service)
@@ -940,7 +1055,7 @@ def makeService(
         version=__version__,
         routes=", ".join(route.name for route in built.routes),
         style=upstream.style.name,
-        upstream=upstream.base_url if not config.mock_upstream else "the mock upstream",
+        upstream=_forwarding_to(built.upstreams) if not config.mock_upstream else "the mock upstream",
         keys=len(clients) or "none",
         read=config.read_timeout,
         limit=config.max_body_bytes,

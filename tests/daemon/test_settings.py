@@ -42,6 +42,8 @@ EXAMPLES: dict[str, tuple[str, object, Mapping[str, str]]] = {
     "sse-keepalive": ("0", 0.0, {}),
     "workers": ("3", 3, {}),
     "worker-share": ("2", 2, {}),
+    "max-attempts": ("2", 2, {}),
+    "first-byte-timeout": ("1.5", 1.5, {}),
 }
 
 #: Variables the package reads that are not settings: what systemd and
