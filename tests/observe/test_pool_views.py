@@ -7,49 +7,16 @@ requests fail over.  Two fake upstreams, told apart by host.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import Any, Optional
 
 import treq
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
-from twisted.web.server import Request
 
 from oaiproxy.config import Secret
-from oaiproxy.fake.harness import CLIENT_KEY, Harness, chat_body, harness_config, registry
-from oaiproxy.fake.upstream import FakeUpstream
+from oaiproxy.fake.harness import CLIENT_KEY, Harness, chat_body, pool_harness
 from oaiproxy.upstream.pool import Upstream
 
 BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY]}
-
-
-class ByHost(Resource):
-    """
-    Several fake upstreams behind one in-memory agent: each request goes
-    to the fake its host names.
-    """
-
-    isLeaf = True
-
-    def __init__(self, fakes: dict[str, FakeUpstream]) -> None:
-        super().__init__()
-        self.fakes = fakes
-
-    def render(self, request: Request) -> Any:
-        host = (request.getHeader(b"host") or b"").decode("ascii").split(":")[0]
-        return self.fakes[host.split(".")[0]].render(request)
-
-
-def pool_harness(*upstreams: Upstream, **config: Any) -> tuple[Harness, dict[str, FakeUpstream]]:
-    """
-    A harness whose pool is C{upstreams}, each upstream C{name} served by
-    its own fake at C{http://name.test/v1}.
-    """
-    fakes = {u.name: FakeUpstream(Clock(), api_key=u.key.reveal()) for u in upstreams}
-    base = harness_config(clients=registry(CLIENT_KEY), **config)
-    h = Harness(config=replace(base, upstreams=upstreams), upstream_resource=ByHost(fakes))
-    return h, fakes
 
 
 def upstream(name: str, **fields: Any) -> Upstream:
