@@ -697,7 +697,8 @@ def _load_credentials(options: Options, credentials: Credentials, exposure: _Exp
     """
     config = options.config
     try:
-        if config.mock_upstream:
+        if config.mock_upstream or config.upstreams_file is not None:
+            # (With an upstreams file, the keys are its entries'.)
             api_key = credentials.api_key
         else:
             api_key = load_api_key(config.api_key_file, options.environ)

@@ -81,11 +81,6 @@ Collect = Callable[[int, bytes], "bytes | ApiError"]
 #: where its C{model_map} says so); see L{oaiproxy.routes.jsonapi}.
 BodyFor = Callable[[UpstreamStyle], bytes]
 
-#: Statuses answered by an upstream that another upstream may answer
-#: better (L{oaiproxy.upstream.pool.decide}): their body is read only if
-#: the client gets it.
-_FAIL_OVER = frozenset({401, 403, 429, 500, 502, 503, 504})
-
 
 class Allowance(Interface):
     """
@@ -440,6 +435,15 @@ class Exchange:
             return choice
         return None
 
+    def _replayable(self) -> bool:
+        """
+        Whether the body can go to another upstream: one in memory always,
+        a streamed upload only if upstream took none of it (what it took
+        is gone).
+        """
+        body: Any = self._body
+        return not (IStreamedBody.providedBy(body) and body.sent)
+
     def _advice(self, headers: "tuple[tuple[bytes, bytes], ...]") -> "tuple[tuple[bytes, bytes], ...]":
         """
         The retry advice headers (see L{oaiproxy.upstream.pool.advice}) not
@@ -543,7 +547,7 @@ class Exchange:
         record.upstream_status = response.code
         record.upstream_request_id = client_request_id((response.headers.getRawHeaders(b"x-request-id") or [None])[0])
         record.upstream_error = "status" if response.code >= 500 else None
-        if response.code in _FAIL_OVER and self._failed_over(response):
+        if decide(Outcome(Kind.ANSWERED, response.code)).fail_over and self._failed_over(response):
             return
         if response.code == 401:
             self._proxy_key_rejected(response)
@@ -580,7 +584,8 @@ class Exchange:
     def _failed_over(self, response: IResponse) -> bool:
         """
         An answer another upstream may answer better (a 429, a 5xx of the
-        upstream's own, a refused key): report it, and when a next
+        upstream's own, a refused key, which its breaker logs as critical):
+        report it, and when a next
         candidate takes the request, drop this answer and go there.  When
         none does, this is the client's answer, with the retry advice.
         """
@@ -591,13 +596,8 @@ class Exchange:
             (headers.getRawHeaders(b"retry-after-ms") or [None])[0],
             self._clock.seconds(),
         )
-        if code in (401, 403):
-            self._log.critical(
-                "upstream {upstream} rejected the proxy's API key ({status}): check its key",
-                upstream=self._record.upstream,
-                status=code,
-            )
-        choice = self._next(self._end_attempt(Outcome(Kind.ANSWERED, code, retry_after)))
+        go_on = self._end_attempt(Outcome(Kind.ANSWERED, code, retry_after))
+        choice = self._next(go_on and self._replayable())
         if choice is not None:
             response.deliverBody(_Discard())
             self._send(choice)
@@ -669,8 +669,7 @@ class Exchange:
         else:
             kind = _failure_kind(failure)
             go_on = self._end_attempt(Outcome(Kind.CONNECT if kind == "connect" else Kind.NO_HEAD))
-            # An upload upstream took part of cannot be sent again.
-            choice = self._next(go_on and not (streamed and body.sent))
+            choice = self._next(go_on and self._replayable())
             if choice is not None:
                 self._send(choice)
                 return
@@ -698,6 +697,11 @@ class Exchange:
         504.
         """
         self._record.upstream_error = "timeout"
+        if self._relay is not None:
+            # The head came, the body did not: the relay had become the
+            # client's producer.
+            self._relay = None
+            self._request.unregisterProducer()
         choice = self._next(self._end_attempt(Outcome(Kind.FIRST_BYTE)))
         if choice is not None:
             self._send(choice)

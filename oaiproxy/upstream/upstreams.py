@@ -57,7 +57,13 @@ class PassThroughBreaker(Breaker):
             self.last_failure, self.last_failure_at = reason, self._clock.seconds()
 
     def key_refused(self, permit: Permit, reason: str) -> None:
-        self.failed(permit, reason)
+        if self._settle(permit):
+            self.last_failure, self.last_failure_at = reason, self._clock.seconds()
+            self.log.critical(
+                "the upstream API rejected the proxy's API key ({reason}): check --api-key-file / OPENAI_API_KEY",
+                upstream=self.name,
+                reason=reason,
+            )
 
 
 class StaticKey:

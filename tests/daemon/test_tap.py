@@ -20,6 +20,7 @@ from twisted.application.service import IServiceCollection
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IFileDescriptor
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor, StringTransport
 from twisted.logger import LogLevel, capturedLogs, textFileLogObserver
 from twisted.python.failure import Failure
@@ -29,12 +30,14 @@ from zope.interface import implementer
 
 from oaiproxy.access.clients import Credentials, file_entry
 from oaiproxy.config import DEFAULT_PORT, DEFAULT_UPSTREAM, Secret
-from oaiproxy.daemon.lifecycle import StartupError, StartupReport
+from oaiproxy.daemon.lifecycle import Lifecycle, StartupError, StartupReport
 from oaiproxy.daemon.tap import Options, _Exposure, _reloader, _SecretsService, fd_address, makeService, planned_address
 from oaiproxy.daemon.workers import GroupSecrets, encode_secrets
 from oaiproxy.fake.harness import chat_body, registry
 from oaiproxy.observe.jsonlog import OBSERVER_NAME, JsonLogObserver
+from oaiproxy.observe.metrics import Metrics
 from oaiproxy.routetable import BY_NAME
+from oaiproxy.server.build import build_site
 from tests.support import self_signed_pem, temp_dir
 
 KEY = "sk-proj-TAPSECRET000111222"
@@ -801,3 +804,100 @@ class JsonLogTests(SynchronousTestCase):
             textFileLogObserver,
         )
         self.assertEqual(OBSERVER_NAME, "oaiproxy.observe.jsonlog.observer")
+
+
+class UpstreamsFileTests(SynchronousTestCase):
+    """
+    --upstreams-file: loaded at startup in place of the single-upstream
+    options, and again on SIGHUP.
+    """
+
+    def write(self, text: str) -> str:
+        directory = temp_dir(self)
+        for name in ("one", "two", "three"):
+            with open(os.path.join(directory, name + ".key"), "w") as f:
+                f.write(f"sk-{name}-key\n")
+        path = os.path.join(directory, "upstreams.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    ENTRIES = (
+        '[[upstreams]]\nname = "one"\nurl = "https://one.test/v1"\nkey_file = "one.key"\n'
+        '[[upstreams]]\nname = "two"\nurl = "https://two.test/v1"\nkey_file = "two.key"\npriority = 1\n'
+    )
+
+    def test_loaded_into_the_pool(self) -> None:
+        """
+        The file's entries are the pool, from the option or the variable;
+        no upstream key is needed besides theirs.
+        """
+        path = self.write(self.ENTRIES)
+        for options in (parse(["--upstreams-file", path], {}), parse([], {"OAIPROXY_UPSTREAMS_FILE": path})):
+            self.assertEqual([u.name for u in options.config.upstreams], ["one", "two"])
+            self.assertEqual(options.config.max_attempts, 3)
+            self.assertIsNone(options.config.first_byte_timeout)
+
+    def test_single_upstream_options_clash(self) -> None:
+        """
+        The file and a single-upstream option at once: one line naming both.
+        """
+        path = self.write(self.ENTRIES)
+        for argv, env, named in [
+            (["--upstream", "https://x.test/v1"], {}, "--upstream"),
+            (["--api-key-file", path], {}, "--api-key-file"),
+            (["--upstream-header", "X-A:b"], {}, "--upstream-header"),
+            ([], {"OPENAI_BASE_URL": "https://x.test/v1"}, "OPENAI_BASE_URL"),
+        ]:
+            with self.assertRaises(SystemExit) as caught:
+                parse(["--upstreams-file", path, *argv], env)
+            message = str(caught.exception.code)
+            self.assertIn(path, message)
+            self.assertIn(named, message)
+
+    def test_mistake_names_file_entry_field(self) -> None:
+        """
+        A mistake in the file stops startup naming the file, the entry and
+        the field.
+        """
+        path = self.write(self.ENTRIES + '[[upstreams]]\nname = "three"\nurl = "https://3.test"\nkey_file = "nope"\n')
+        with self.assertRaises(SystemExit) as caught:
+            parse(["--upstreams-file", path], {})
+        message = str(caught.exception.code)
+        self.assertIn(path, message)
+        self.assertIn("three", message)
+        self.assertIn("key_file", message)
+
+    def test_reload_keeps_breakers_and_a_failed_one_keeps_the_pool(self) -> None:
+        """
+        SIGHUP reads the file again: a name that stays keeps its breaker; a
+        file with a mistake changes nothing and says why.
+        """
+        path = self.write(self.ENTRIES)
+        options = parse(["--upstreams-file", path, "--port", "tcp:0:interface=127.0.0.1"], {})
+        config = options.config
+        credentials = Credentials(Secret(b"unused"), config.clients)
+        built = build_site(
+            config,
+            http=object(),
+            credentials=credentials,
+            clock=Clock(),
+            lifecycle=Lifecycle(),
+            metrics=Metrics(),
+            access_log=lambda record: None,
+        )
+        upstreams = built.upstreams
+        breaker = upstreams.pool["one"].breaker
+        with open(path, "a") as f:
+            f.write('[[upstreams]]\nname = "three"\nurl = "https://three.test/v1"\nkey_file = "three.key"\n')
+        self.assertTrue(_reloader(options, credentials, _Exposure(), upstreams=upstreams)())
+        self.assertEqual([m.name for m in upstreams.pool.members], ["one", "two", "three"])
+        self.assertIs(upstreams.pool["one"].breaker, breaker)
+        with open(path, "a") as f:
+            f.write('[[upstreams]]\nname = "three"\nurl = "https://again.test/v1"\nkey_file = "three.key"\n')
+        with capturedLogs() as events:
+            self.assertFalse(_reloader(options, credentials, _Exposure(), upstreams=upstreams)())
+        self.assertEqual([m.name for m in upstreams.pool.members], ["one", "two", "three"])
+        [error] = [e for e in events if e["log_level"] == LogLevel.error]
+        self.assertIn("keeping the upstreams", error["log_format"])
+        self.assertIn("names are unique", error["why"])
