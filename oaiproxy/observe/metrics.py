@@ -40,7 +40,7 @@ from twisted.web.server import Request
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.web import Endpoint
 
-__all__ = ["Metrics", "MetricsResource", "MetricsCheck", "MODEL_LABEL_LIMIT", "UpstreamGauges"]
+__all__ = ["Metrics", "MetricsResource", "MetricsCheck", "MODEL_LABEL_LIMIT", "UpstreamGauges", "GuardedEndpoint"]
 
 #: Decides whether a request may read the metrics: C{None} to let it in,
 #: or the refusal body (with status and headers already set on the request).
@@ -256,18 +256,18 @@ class Metrics:
                     self.tokens.labels(record.client, model, kind, exact).inc(count)
 
 
-class MetricsResource(Endpoint):
+class GuardedEndpoint(Endpoint):
     """
-    C{GET /metrics}: the registry in Prometheus' text format.
+    A C{GET} endpoint for operators, behind a L{MetricsCheck}: C{/metrics},
+    C{/health/upstreams}.  A subclass says what it answers in L{answer}.
 
-    @param authorized: decides whether a request may read the metrics
-        (see L{oaiproxy.daemon.tap}); C{None} lets everyone in, for a dedicated,
-        private metrics listener.
+    @param authorized: decides whether a request may read it (see
+        L{oaiproxy.server.build.metrics_check}); C{None} lets everyone in,
+        for a dedicated, private metrics listener.
     """
 
-    def __init__(self, metrics: Metrics, authorized: Optional[MetricsCheck] = None) -> None:
+    def __init__(self, authorized: Optional[MetricsCheck] = None) -> None:
         super().__init__()
-        self._metrics = metrics
         self._authorized = authorized
 
     def render_GET(self, request: Request) -> bytes:
@@ -275,6 +275,25 @@ class MetricsResource(Endpoint):
             refusal = self._authorized(request)
             if refusal is not None:
                 return refusal
+        return self.answer(request)
+
+    def answer(self, request: Request) -> bytes:
+        """
+        The answer to a request let in.
+        """
+        raise NotImplementedError
+
+
+class MetricsResource(GuardedEndpoint):
+    """
+    C{GET /metrics}: the registry in Prometheus' text format.
+    """
+
+    def __init__(self, metrics: Metrics, authorized: Optional[MetricsCheck] = None) -> None:
+        super().__init__(authorized)
+        self._metrics = metrics
+
+    def answer(self, request: Request) -> bytes:
         request.responseHeaders.setRawHeaders(b"content-type", [CONTENT_TYPE_LATEST.encode("ascii")])
         body: bytes = generate_latest(self._metrics.registry)
         return body

@@ -16,7 +16,7 @@ from twisted.web.server import Request
 
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import ApiError, route_not_available, route_not_enabled
-from oaiproxy.observe.metrics import MetricsCheck
+from oaiproxy.observe.metrics import GuardedEndpoint, MetricsCheck
 from oaiproxy.upstream.pool import Pool
 from oaiproxy.web import Endpoint, JSONResource, NotFound, error_response
 
@@ -71,7 +71,7 @@ class HealthResource(Endpoint):
         return self._HEALTHY
 
 
-class UpstreamsHealthResource(Endpoint):
+class UpstreamsHealthResource(GuardedEndpoint):
     """
     C{GET /health/upstreams}: each upstream of the pool as its breaker sees
     it (L{oaiproxy.upstream.pool.Health}: state, requests in flight, the
@@ -88,15 +88,10 @@ class UpstreamsHealthResource(Endpoint):
     """
 
     def __init__(self, pool: Pool, authorized: Optional[MetricsCheck] = None) -> None:
-        super().__init__()
+        super().__init__(authorized)
         self._pool = pool
-        self._authorized = authorized
 
-    def render_GET(self, request: Request) -> bytes:
-        if self._authorized is not None:
-            refusal = self._authorized(request)
-            if refusal is not None:
-                return refusal
+    def answer(self, request: Request) -> bytes:
         upstreams = [member.health() for member in self._pool.members]
         closed = sum(1 for health in upstreams if health.state_value == 0)
         status = "ok" if closed == len(upstreams) else "unavailable" if closed == 0 else "degraded"
