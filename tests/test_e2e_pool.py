@@ -227,11 +227,15 @@ class RateLimitTests(PoolTestCase):
         for thread in threads:
             thread.start()
         try:
-            until(lambda: len(limited.chats()) >= 2, "the probe after retry-after")
+            # Each step of the waits is one more call from this thread too.
+            client = self.client()
+            until(lambda: len(limited.chats()) >= 2, "the probe after retry-after", lambda: self.chat(client))
             probe_at = limited.chats()[1]["at"]
             # Another second of traffic: no second probe (the first one's
             # 429 opened the breaker for 2 s again).
-            until(lambda: time.time() >= probe_at + 1.0, "a second of traffic after the probe")
+            until(
+                lambda: time.time() >= probe_at + 1.0, "a second of traffic after the probe", lambda: self.chat(client)
+            )
         finally:
             stop.set()
             for thread in threads:
