@@ -182,25 +182,26 @@ def parse_workers(name: str, text: str) -> int:
     """
     if text == "auto":
         return os.cpu_count() or 1
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of processes or auto, not {text!r}") from None
-    if not 1 <= value <= 256:
-        raise ConfigError(f"{name} must be between 1 and 256, not {text!r}")
-    return value
+    return _count(name, text, 256, "a number of processes or auto")
 
 
 def parse_attempts(name: str, text: str) -> int:
     """
     How many upstreams one request may try (C{--max-attempts}).
     """
+    return _count(name, text, 16, "a whole number of attempts")
+
+
+def _count(name: str, text: str, most: int, what: str) -> int:
+    """
+    A whole number from 1 to C{most}; C{what} says what the option takes.
+    """
     try:
         value = int(text)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number of attempts, not {text!r}") from None
-    if not 1 <= value <= 16:
-        raise ConfigError(f"{name} must be between 1 and 16, not {text!r}")
+        raise ConfigError(f"{name} must be {what}, not {text!r}") from None
+    if not 1 <= value <= most:
+        raise ConfigError(f"{name} must be between 1 and {most}, not {text!r}")
     return value
 
 

@@ -987,8 +987,18 @@ def makeService(
     if not config.worker_listeners:
         _warn_if_no_clients(config, options.environ, clients)
     lifecycle = Lifecycle()
+    http_for = None
     if http is None:
         http = make_http_client(reactor, config.connect_timeout)
+        # An upstream with its own connect_timeout gets an agent of its own
+        # (the timeout is the agent's); one per distinct timeout.
+        agents: dict[float, Any] = {config.connect_timeout: http}
+
+        def http_for(timeout: float) -> Any:
+            if timeout not in agents:
+                agents[timeout] = make_http_client(reactor, timeout)
+            return agents[timeout]
+
     assert http is not None
     built = build_site(
         config,
@@ -998,6 +1008,7 @@ def makeService(
         lifecycle=lifecycle,
         metrics=Metrics(),
         worker=_worker_index(options.environ),
+        http_for=http_for,
     )
     upstream, site = built.upstream, built.site
     if config.mock_upstream:

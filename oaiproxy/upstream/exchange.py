@@ -288,6 +288,8 @@ class Exchange:
         #: it cut the attempt.
         self._deadline: Optional[IDelayedCall] = None
         self._cut: Optional[float] = None
+        #: A stream's head, held until its first byte (see _first_byte).
+        self._held: Optional[IResponse] = None
         self._sent: tuple[str, str, Optional[str], bytes] = ("POST", "", None, b"")
 
     def start(
@@ -335,7 +337,8 @@ class Exchange:
         self._choice = choice
         name = choice.member.name
         upstream = self._upstream = self._upstreams.client(name)
-        self._relay, self._meter, self._collector, self._event_stream, self._cut = None, None, None, False, None
+        self._relay, self._meter, self._collector, self._event_stream = None, None, None, False
+        self._cut = self._held = None
         record = self._record
         record.upstream, record.attempts = name, attempts.attempts
         if not upstream.style.addressable(path, model):
@@ -354,7 +357,10 @@ class Exchange:
         if self._body_for is not None:
             body = self._body_for(upstream.style)
         now = self._clock.seconds()
-        record.upstream_sent = now
+        if record.upstream_sent is None:
+            # From the first attempt: the time failing over took is the
+            # upstreams', not the proxy's own overhead.
+            record.upstream_sent = now
         timeout = None
         if attempts.attempts > 1:
             # Within the read timeout overall.
@@ -393,6 +399,7 @@ class Exchange:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+        self._held = None
         self._send_head(response, None if response.length is UNKNOWN_LENGTH else response.length)
         self._request.write(b"")
 
@@ -411,7 +418,7 @@ class Exchange:
         attempts = self._attempts
         assert attempts is not None
         go_on = attempts.report(outcome)
-        self._upstreams.attempted(choice.member.name, outcome, decide(outcome))
+        self._upstreams.attempted(choice.member.name, outcome)
         return go_on
 
     def _next(self, go_on: bool) -> Optional[Choice]:
@@ -554,6 +561,8 @@ class Exchange:
             return
         request = self._request
         held = self._deadline is not None and self._collect is None
+        if held:
+            self._held = response
         if self._collect is None:
             if not held:
                 self._send_head(response, None if response.length is UNKNOWN_LENGTH else response.length)
@@ -719,6 +728,9 @@ class Exchange:
         if self.finished:
             return
         status = self._record.upstream_status
+        if self._held is not None:
+            # A body that ended before any byte of it: its head is due.
+            self._first_byte(self._held)
         if failure is None and not (self._collector is not None and self._collector.overflowed):
             self._end_attempt(Outcome(Kind.ANSWERED, status))
         else:

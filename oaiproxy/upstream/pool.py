@@ -454,6 +454,12 @@ class Pool:
         candidates = [m for m in serving if m.name not in skipped]
         if not candidates:
             return Refusal(model, bool(serving), None if not serving else self.retry_after(serving))
+        if len(candidates) == 1 and candidates[0].ready():
+            # The common pool of one: its only tier, its only draw.
+            only = candidates[0]
+            permit = only.breaker.acquire()
+            assert permit is not None
+            return self._start(only, permit, early=False)
         for priority in sorted({m.upstream.priority for m in candidates}):
             ready = [m for m in candidates if m.upstream.priority == priority and m.ready()]
             if ready:

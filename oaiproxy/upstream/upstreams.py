@@ -27,16 +27,19 @@ from __future__ import annotations
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from oaiproxy.config import Secret
 from oaiproxy.observe.records import SINGLE_UPSTREAM
 from oaiproxy.routetable import Route
 from oaiproxy.upstream.breaker import Breaker, Permit, Transition
 from oaiproxy.upstream.client import KeyHolder, TreqLike, UpstreamClient
-from oaiproxy.upstream.pool import DEFAULT_MAX_ATTEMPTS, Decision, Outcome, Pool, Upstream
+from oaiproxy.upstream.pool import DEFAULT_MAX_ATTEMPTS, Decision, Outcome, Pool, Upstream, decide
 from oaiproxy.upstream.styles import AzureStyle, OpenAIStyle, UpstreamStyle
 
 __all__ = ["Upstreams", "SINGLE", "PoolStyle", "StaticKey", "style_for", "AttemptListener"]
+
+_log = Logger()
 
 #: The name of the pool of one that today's single-upstream options make.
 SINGLE = SINGLE_UPSTREAM
@@ -251,12 +254,18 @@ class Upstreams:
         """
         self._listeners.append(listener)
 
-    def attempted(self, name: str, outcome: Outcome, decision: Decision) -> None:
+    def attempted(self, name: str, outcome: Outcome) -> None:
         """
         An attempt on C{name} ended (the exchange calls this).
         """
-        for listener in self._listeners:
-            listener(name, outcome, decision)
+        if self._listeners:
+            decision = decide(outcome)
+            for listener in self._listeners:
+                try:
+                    listener(name, outcome, decision)
+                except Exception:
+                    # A watcher's bug must not fail the request it watches.
+                    _log.failure("bug in a listener of upstream attempts")
 
     def observe(self, observer: Callable[[Transition], None]) -> None:
         """
@@ -276,6 +285,9 @@ def _observed(
 
     def observe(transition: Transition) -> None:
         for observer in observers:
-            observer(transition)
+            try:
+                observer(transition)
+            except Exception:
+                _log.failure("bug in an observer of breaker transitions")
 
     return lambda name: kind(name, clock, observer=observe)

@@ -15,6 +15,7 @@ import treq
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
@@ -22,11 +23,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from oaiproxy.access.clients import ClientRegistry
+from oaiproxy.access.clients import ClientRegistry, Credentials
 from oaiproxy.config import Secret
+from oaiproxy.drain import Lifecycle
 from oaiproxy.fake.harness import Harness, chat_body, harness_config
 from oaiproxy.observe.accesslog import TextAccessLog
+from oaiproxy.observe.metrics import Metrics
 from oaiproxy.routetable import ROUTES
+from oaiproxy.server.build import build_site
 from oaiproxy.upstream.breaker import State
 from oaiproxy.upstream.client import http_client
 from oaiproxy.upstream.pool import Upstream
@@ -424,6 +428,19 @@ class FailoverTests(SynchronousTestCase):
 
 
 class StreamTests(SynchronousTestCase):
+    def cut_first(self, deadline: float, read_timeout: float, second: str) -> tuple[Pooled, "Deferred[IResponse]"]:
+        """
+        A stream whose first upstream sends its head and no byte, cut at
+        C{deadline}: the second (doing C{second}) has the request.
+        """
+        p = Pooled(self, "a", "b", first_byte_timeout=deadline, read_timeout=read_timeout)
+        p.up["a"].mode, p.up["b"].mode = "head", second
+        d = p.post(chat_body(stream=True))
+        p.h.clock.advance(deadline + 0.1)
+        p.h.pump()
+        self.assertEqual(len(p.up["b"].bodies), 1)
+        return p, d
+
     def test_never_after_first_byte(self) -> None:
         """
         An upstream that fails after its stream started is not retried:
@@ -471,12 +488,7 @@ class StreamTests(SynchronousTestCase):
         The last candidate is never cut by the first-byte deadline: it runs
         to its read timeout.
         """
-        p = Pooled(self, "a", "b", first_byte_timeout=2.0, read_timeout=30)
-        p.up["a"].mode = p.up["b"].mode = "head"
-        d = p.post(chat_body(stream=True))
-        p.h.clock.advance(2.1)
-        p.h.pump()
-        self.assertEqual(len(p.up["b"].bodies), 1)
+        p, d = self.cut_first(2.0, 30, "head")
         p.h.clock.advance(20)
         p.h.pump()
         self.assertEqual(p.up["b"].gone, 0)
@@ -488,6 +500,56 @@ class StreamTests(SynchronousTestCase):
         p.h.pump()
         self.successResultOf(done)
         self.assertIn(b'"content": "b"', b"".join(received))
+        p.idle()
+
+    def test_held_head_of_an_empty_stream(self) -> None:
+        """
+        A stream held for its first byte that ends with none still gets its
+        head (status and content type) to the client.
+        """
+        p = Pooled(self, "a", "b", first_byte_timeout=2.0)
+        p.up["a"].mode = "head"
+        d = p.post(chat_body(stream=True))
+        p.up["a"].held[0].finish()
+        p.h.pump()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+        self.assertEqual(self.successResultOf(treq.content(response)), b"")
+        self.assertEqual(p.up["b"].bodies, [])
+        p.idle()
+
+    def test_within_the_read_timeout_overall(self) -> None:
+        """
+        A later attempt waits for its head only as long as is left of the
+        read timeout, counted from the first attempt: a stream cut at 4 s
+        gives the next upstream 6 s of a 10 s read timeout, then a 504.
+        """
+        p, d = self.cut_first(4.0, 10, "hang")
+        p.h.clock.advance(5.8)
+        p.h.pump()
+        self.assertNoResult(d)
+        p.h.clock.advance(0.2)
+        p.h.pump()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 504)
+        p.idle()
+
+    def test_no_attempt_after_the_read_timeout(self) -> None:
+        """
+        An upstream silent for the whole read timeout leaves no time for
+        another: the client gets today's 504.
+        """
+        p = Pooled(self, "a", "b", read_timeout=10)
+        p.up["a"].mode = "hang"
+        d = p.post()
+        p.h.clock.advance(10.1)
+        p.h.pump()
+        response = self.successResultOf(d)
+        body = self.successResultOf(treq.content(response))
+        self.assertEqual((response.code, json.loads(body)["error"]["code"]), (504, "upstream_timeout"))
+        self.assertEqual(p.up["b"].bodies, [])
+        self.assertEqual(p.pool["a"].breaker.last_failure, "no_head")
         p.idle()
 
     def test_deadline_is_for_streams_only(self) -> None:
@@ -589,3 +651,77 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(json.loads(p.answer()[1])["id"], "chatcmpl-c")
         self.assertEqual(len(p.up["a"].bodies), 1)
         self.assertEqual(sorted(upstreams.clients), ["a", "c"])
+
+
+class HookTests(SynchronousTestCase):
+    def test_attempts_and_transitions_are_told(self) -> None:
+        """
+        Whoever watches the pool (the metrics) hears of every attempt's end,
+        with whether it failed over, and of every breaker transition.
+        """
+        p = Pooled(self, "a", "b")
+        upstreams = p.h.built.upstreams
+        attempts: list[tuple[str, str, bool]] = []
+        transitions: list[tuple[str, str]] = []
+        upstreams.listen(lambda name, outcome, decision: attempts.append((name, outcome.reason, decision.fail_over)))
+        upstreams.observe(lambda t: transitions.append((t.upstream, t.new.label)))
+        p.up["a"].status = 429
+        p.up["a"].headers = {b"retry-after": b"3"}
+        p.answer()
+        self.assertEqual(attempts, [("a", "status 429", True), ("b", "status 200", False)])
+        self.assertEqual(transitions, [("a", "open")])
+
+    def test_a_watchers_bug_fails_no_request(self) -> None:
+        """
+        A listener or observer that raises is logged; the request it
+        watched is answered all the same.
+        """
+        p = Pooled(self, "a", "b")
+        upstreams = p.h.built.upstreams
+
+        def broken(*args: Any) -> None:
+            raise ZeroDivisionError()
+
+        upstreams.listen(broken)
+        upstreams.observe(broken)
+        p.up["a"].status = 429
+        p.up["a"].headers = {b"retry-after": b"3"}
+        self.assertEqual(p.answer()[0].code, 200)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 3)
+
+
+class MemberClientTests(SynchronousTestCase):
+    def test_each_member_its_own_client(self) -> None:
+        """
+        Each member's client has its own URL, style, read timeout and, for
+        an entry with its own connect_timeout, its own HTTP client (the
+        timeout is the agent's).
+        """
+        made: list[float] = []
+
+        def http_for(timeout: float) -> str:
+            made.append(timeout)
+            return f"agent-{timeout:g}"
+
+        members = (
+            member("a"),
+            replace(member("b", connect_timeout=2.0, read_timeout=7.0), style="azure", url="https://b.test"),
+        )
+        built = build_site(
+            replace(harness_config(clients=ClientRegistry()), upstreams=members),
+            http="shared",
+            credentials=Credentials(Secret(b"unused"), ClientRegistry()),
+            clock=Clock(),
+            lifecycle=Lifecycle(),
+            metrics=Metrics(),
+            access_log=lambda record: None,
+            http_for=http_for,
+        )
+        a, b = built.upstreams.client("a"), built.upstreams.client("b")
+        self.assertEqual(
+            (a.base_url, a.style.name, a.read_timeout, a._http), ("http://a.test/v1", "openai", 30.0, "shared")
+        )
+        self.assertEqual(
+            (b.base_url, b.style.name, b.read_timeout, b._http), ("https://b.test", "azure", 7.0, "agent-2")
+        )
+        self.assertEqual(made, [2.0])
