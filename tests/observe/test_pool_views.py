@@ -7,13 +7,15 @@ requests fail over.  Two fake upstreams, told apart by host.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Optional
 
 import treq
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import Secret
-from oaiproxy.fake.harness import CLIENT_KEY, Harness, chat_body, pool_harness
+from oaiproxy.fake.harness import CLIENT_KEY, Harness, SiteAgent, chat_body, harness_config, pool_harness, registry
+from oaiproxy.upstream.client import http_client
 from oaiproxy.upstream.pool import Upstream
 
 BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY]}
@@ -112,3 +114,29 @@ class SingleUpstreamViewTests(SynchronousTestCase):
         h.pump()
         document = json.loads(self.successResultOf(treq.content(self.successResultOf(d))))
         self.assertEqual([u["name"] for u in document["upstreams"]], ["default"])
+
+
+class MetricsPortTests(SynchronousTestCase):
+    def get(self, h: Harness, token: Optional[bytes]) -> int:
+        assert h.built.metrics_site is not None
+        agent = SiteAgent(h.built.metrics_site)
+        client = http_client(agent)
+        headers = {b"authorization": [b"Bearer " + token]} if token else {}
+        d = client.get("http://metrics.test/health/upstreams", headers=headers)
+        agent.flush()
+        response = self.successResultOf(d)
+        return int(response.code)
+
+    def test_on_the_metrics_port(self) -> None:
+        """
+        With C{--metrics-port}, /health/upstreams is served there under
+        /metrics' rule: open without a metrics key; with one, a request
+        needs it (or a client key).
+        """
+        base = harness_config(clients=registry(CLIENT_KEY))
+        open_port = Harness(config=replace(base, metrics_port="tcp:9108"))
+        self.assertEqual(self.get(open_port, None), 200)
+        keyed = Harness(config=replace(base, metrics_port="tcp:9108", metrics_key=Secret(b"scraper-key")))
+        self.assertEqual(
+            [self.get(keyed, t) for t in (None, b"wrong", CLIENT_KEY, b"scraper-key")], [401, 401, 200, 200]
+        )
