@@ -90,6 +90,23 @@ class PoolViewTests(SynchronousTestCase):
         status, metrics = self.get("/metrics")
         self.assertIn(b'oaiproxy_upstream_breaker_state{upstream="a"} 2.0', metrics)
 
+    def test_reload_shows_the_new_members(self) -> None:
+        """
+        After a reload, the gauges and /health/upstreams show the new list:
+        the entry that stays keeps its breaker's state, a removed one is
+        gone, a new one starts closed.
+        """
+        for _ in range(5):
+            self.call()
+        self.h.built.upstreams.replace([upstream("a"), upstream("c", priority=1)])
+        _, body = self.get("/health/upstreams")
+        self.assertEqual(
+            [(u["name"], u["state"]) for u in json.loads(body)["upstreams"]], [("a", "open"), ("c", "closed")]
+        )
+        self.assertEqual(self.sample("oaiproxy_upstream_breaker_state", upstream="a"), 2)
+        self.assertEqual(self.sample("oaiproxy_upstream_breaker_state", upstream="c"), 0)
+        self.assertIsNone(self.sample("oaiproxy_upstream_breaker_state", upstream="b"))
+
     def test_health_upstreams_needs_a_key(self) -> None:
         """
         Like /metrics: a request without a client key (or the metrics key)
