@@ -203,6 +203,19 @@ class KillTests(PoolTestCase):
         self.assertGreater(after["a"] + after["c"] - before["a"] - before["c"], 30)
 
 
+class ModelsTests(PoolTestCase):
+    def test_models_from_a_healthy_upstream(self) -> None:
+        """
+        client.models.list() with one upstream dead: the list comes from
+        another (the entries have no models lists, so an upstream is asked),
+        every time.
+        """
+        self.fakes["a"].kill()
+        self.fakes["b"].mode(mode="status", status=503)
+        for _ in range(5):
+            self.assertEqual([m.id for m in self.client().models.list()], ["gpt-4o", "gpt-4o-mini", "o3"])
+
+
 class RateLimitTests(PoolTestCase):
     def test_retry_after_is_honoured_then_one_probe(self) -> None:
         """
