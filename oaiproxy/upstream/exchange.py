@@ -317,7 +317,9 @@ class Exchange:
             self.finished = True
             self._reservation.settle(0)
             assert choice is not None
-            self._log.warn(
+            # (Debug: in an outage every request would say it; the breakers'
+            # transitions and the access log's 503s already do, once each.)
+            self._log.debug(
                 "no upstream can take a request for {model}: {status}",
                 model=model,
                 status="none serves it" if not choice.serves else "every one is out",

@@ -868,6 +868,25 @@ class UpstreamsFileTests(SynchronousTestCase):
         self.assertIn("three", message)
         self.assertIn("key_file", message)
 
+    def test_allow_list_model_nobody_serves(self) -> None:
+        """
+        A client allowed a model that no upstream serves stops startup,
+        naming the file, the client and the model.
+        """
+        path = self.write(self.ENTRIES.replace("priority = 1\n", 'priority = 1\nmodels = ["gpt-4o*"]\n', 1))
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace('key_file = "one.key"\n', 'key_file = "one.key"\nmodels = ["gpt-4o*"]\n', 1))
+        clients = os.path.join(os.path.dirname(path), "clients.toml")
+        with open(clients, "w") as f:
+            f.write(file_entry("alice", "key-of-alice", ["gpt-4o-mini", "o3"]))
+        with self.assertRaises(SystemExit) as caught:
+            parse(["--upstreams-file", path, "--client-keys-file", clients], {})
+        message = str(caught.exception.code)
+        for named in (path, "'alice'", "'o3'"):
+            self.assertIn(named, message)
+
     def test_reload_keeps_breakers_and_a_failed_one_keeps_the_pool(self) -> None:
         """
         SIGHUP reads the file again: a name that stays keeps its breaker; a

@@ -317,6 +317,21 @@ class FailoverTests(SynchronousTestCase):
         self.assertTrue(1 <= int(after) <= 5, after)
         self.assertIsNone(response.headers.getRawHeaders(b"x-should-retry"))
 
+    def test_retry_advice_on_a_relayed_answer(self) -> None:
+        """
+        The last upstream's own answer, relayed, gains the retry-after of
+        the first breaker to admit again once every one is open.
+        """
+        p = Pooled(self, "a", "b")
+        for scripted in p.up.values():
+            scripted.status = 503
+        for _ in range(4):
+            self.assertIsNone(p.answer()[0].headers.getRawHeaders(b"retry-after"))
+        response, body = p.answer()
+        self.assertEqual(json.loads(body)["error"]["message"], "b says 503")
+        [after] = response.headers.getRawHeaders(b"retry-after")
+        self.assertTrue(1 <= int(after) <= 5, after)
+
     def test_access_log_names_the_upstream(self) -> None:
         """
         The access log's text line says which upstream answered, and after
