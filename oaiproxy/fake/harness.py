@@ -28,8 +28,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 from twisted.web.client import Agent
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
-from twisted.web.resource import IResource
-from twisted.web.server import Site
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from oaiproxy.access.clients import Client, ClientRegistry, Credentials, Limits
@@ -41,6 +41,7 @@ from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routetable import DEFAULT_ROUTES
 from oaiproxy.server.build import build_site
 from oaiproxy.upstream.client import TreqLike, http_client
+from oaiproxy.upstream.pool import Upstream
 from oaiproxy.upstream.styles import AzureStyle, UpstreamStyle
 
 __all__ = [
@@ -49,9 +50,11 @@ __all__ = [
     "UPSTREAM_KEY",
     "UPSTREAM_URL",
     "Harness",
+    "FakesByHost",
     "SiteAgent",
     "chat_body",
     "harness_config",
+    "pool_harness",
     "registry",
 ]
 
@@ -290,3 +293,34 @@ class Harness:
         )
         self.pump()
         return d
+
+
+class FakesByHost(Resource):
+    """
+    Several fake upstreams behind the harness's one in-memory agent: a
+    request goes to the fake named by the first label of its host
+    (C{http://a.test/v1} reaches C{fakes["a"]}).
+    """
+
+    isLeaf = True
+
+    def __init__(self, fakes: dict[str, FakeUpstream]) -> None:
+        super().__init__()
+        self.fakes = fakes
+
+    def render(self, request: Request) -> Any:
+        host = (request.getHeader(b"host") or b"").decode("ascii").split(":")[0]
+        return self.fakes[host.split(".")[0]].render(request)
+
+
+def pool_harness(*upstreams: Upstream, **config: Any) -> tuple[Harness, dict[str, FakeUpstream]]:
+    """
+    A harness whose pool is C{upstreams} (as an upstreams file would give
+    them), each served by its own fake, which demands that upstream's key:
+    name an entry's URL C{http://NAME.test/...}.  Other keyword arguments
+    make the L{Config}, as for L{Harness}.
+    """
+    fakes = {u.name: FakeUpstream(Clock(), api_key=u.key.reveal(), azure=u.style == "azure") for u in upstreams}
+    base = harness_config(clients=config.pop("clients", None) or registry(CLIENT_KEY), **config)
+    harness = Harness(config=replace(base, upstreams=tuple(upstreams)), upstream_resource=FakesByHost(fakes))
+    return harness, fakes

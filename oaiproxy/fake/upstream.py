@@ -33,10 +33,13 @@ SDK without any side channel.
     C{fake-redirect}       307 to another URL (a proxy must not follow)
     =====================  ==============================================
 
-In control mode, C{GET /_fake/requests} returns what was received,
-C{POST /_fake/release} releases gated streams, and
-C{GET /_fake/disconnects?at_least=N&within=S} answers with the number of
-client disconnects once it reaches N, or after S seconds.
+In control mode, C{GET /_fake/requests} returns what was received (with
+the time each arrived, C{at}), C{POST /_fake/release} releases gated
+streams, C{GET /_fake/disconnects?at_least=N&within=S} answers with the
+number of client disconnects once it reaches N, or after S seconds, and
+C{POST /_fake/mode} makes every API request misbehave alike, whatever its
+model, so that one of several upstreams behind a pool can fail while the
+others answer the same requests (see L{FakeUpstream.set_mode}).
 
 Run it alone with C{python -m oaiproxy.fake.upstream --port 0}: it prints
 the URL it listens on.  It only ever listens on loopback.
@@ -79,6 +82,8 @@ class RecordedRequest:
     peer_port: int = 0
     #: The query string, without C{?}.
     query: str = ""
+    #: When it arrived, on the fake's clock (POSIX time when run alone).
+    at: float = 0.0
 
 
 @dataclass
@@ -141,6 +146,49 @@ class FakeUpstream(Resource):
         self._limited_once = False
         self._waiters: list[tuple[int, Callable[[], None]]] = []
         self._serial = 0
+        self._mode: dict[str, Any] = {"mode": "normal"}
+
+    def set_mode(self, mode: dict[str, Any]) -> None:
+        """
+        How every API request is answered from now on, whatever its model
+        (C{POST /_fake/mode} with this as its JSON body):
+
+            - C{{"mode": "normal"}}: as the model says (the default);
+            - C{{"mode": "status", "status": 503, "retry_after": "2"}}: that
+              status with an OpenAI-shaped error, and C{retry-after} when
+              given;
+            - C{{"mode": "hang"}}: never answers (a server that accepted the
+              connection and queued the request);
+            - C{{"mode": "hang-after-head"}}: a 200 event-stream head, then
+              nothing.
+
+        @raise ValueError: for any other mode.
+        """
+        if mode.get("mode") not in ("normal", "status", "hang", "hang-after-head"):
+            raise ValueError(f"unknown mode {mode.get('mode')!r}")
+        if mode["mode"] == "status" and not isinstance(mode.get("status"), int):
+            raise ValueError("mode status needs an integer status")
+        self._mode = dict(mode)
+
+    def _misbehave(self, request: Request) -> bytes | int | None:
+        """
+        The answer the mode set by L{set_mode} gives instead of the real
+        one, if any.
+        """
+        mode = self._mode
+        if mode["mode"] == "status":
+            request.setResponseCode(mode["status"])
+            if mode.get("retry_after") is not None:
+                request.setHeader(b"retry-after", str(mode["retry_after"]).encode("ascii"))
+            kind = "requests" if mode["status"] == 429 else "server_error"
+            return self._json(request, _error(f"Fake status {mode['status']} (mode).", kind, None))
+        if mode["mode"] in ("hang", "hang-after-head"):
+            request.notifyFinish().addErrback(lambda _: self._count_disconnect())
+            if mode["mode"] == "hang-after-head":
+                request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+                request.write(b"")
+            return NOT_DONE_YET
+        return None
 
     # Dispatch.
 
@@ -163,6 +211,7 @@ class FakeUpstream(Resource):
                     body,
                     getattr(request.getClientAddress(), "port", 0),
                     request.uri.partition(b"?")[2].decode("latin-1"),
+                    self._clock.seconds(),
                 )
             )
         api_path = self._api_path(request, path)
@@ -186,6 +235,9 @@ class FakeUpstream(Resource):
         self._serial += 1
         request.setHeader(b"x-request-id", b"req_fake_%d" % (self._serial,))
         request.setHeader(b"openai-processing-ms", b"7")
+        instead = self._misbehave(request)
+        if instead is not None:
+            return instead
         if api_path == "/models" or api_path.startswith("/models/"):
             if method != "GET":
                 return self._not_allowed(request)
@@ -374,6 +426,7 @@ class FakeUpstream(Resource):
                     "body": r.body.decode("utf-8", "replace"),
                     "peer_port": r.peer_port,
                     "query": r.query,
+                    "at": r.at,
                 }
                 for r in self.requests
             ]
@@ -383,6 +436,16 @@ class FakeUpstream(Resource):
             return self._json(request, json.dumps({"released": released}).encode())
         if path == "/_fake/disconnects" and method == "GET":
             return self._render_disconnects(request)
+        if path == "/_fake/mode" and method == "POST":
+            content: IO[bytes] = request.content  # type: ignore[assignment]
+            try:
+                mode = json.loads(content.read())
+                assert isinstance(mode, dict)
+                self.set_mode(mode)
+            except (ValueError, AssertionError) as e:
+                request.setResponseCode(400)
+                return self._json(request, _error(f"bad mode: {e}", "invalid_request_error", None))
+            return self._json(request, json.dumps(self._mode).encode())
         request.setResponseCode(404)
         return self._json(request, _error("no such control route", "invalid_request_error", None))
 

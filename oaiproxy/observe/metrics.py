@@ -6,8 +6,18 @@ Series follow Prometheus conventions (C{_total} counters, C{_seconds}
 histograms, C{_bytes}) and every label comes from a bounded set, so no
 client can blow up the number of series: C{client} is a configured client
 name (or C{-}), C{route} one of the proxy's routes, C{status_class} like
-C{2xx}, and C{model} the requested model for the first
-L{MODEL_LABEL_LIMIT} distinct, well-formed names seen, C{other} after that.
+C{2xx}, C{upstream} a configured upstream name (or C{-} for a request
+that reached none), C{outcome} and C{reason} one of the few words of
+L{oaiproxy.upstream.pool.outcome_label}, and C{model} the requested model
+for the first L{MODEL_LABEL_LIMIT} distinct, well-formed names seen,
+C{other} after that.
+
+Per upstream: attempts by outcome and failovers by reason are counted as
+they happen (the pool reports them, L{Metrics} is its observer); the
+breaker state and the requests in flight are read from the pool at each
+scrape (L{Metrics.watch_upstreams}), since a breaker's state is computed
+from the clock when asked: a gauge set on transitions would show an open
+breaker until the next request looked at it.
 
 The registry is this object's own, not the library's global one, so tests
 and several sites do not share counts.  L{MetricsResource} renders it in
@@ -19,16 +29,18 @@ of formatting.
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 from twisted.web.server import Request
 
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.web import Endpoint
 
-__all__ = ["Metrics", "MetricsResource", "MetricsCheck", "MODEL_LABEL_LIMIT"]
+__all__ = ["Metrics", "MetricsResource", "MetricsCheck", "MODEL_LABEL_LIMIT", "UpstreamGauges", "GuardedEndpoint"]
 
 #: Decides whether a request may read the metrics: C{None} to let it in,
 #: or the refusal body (with status and headers already set on the request).
@@ -41,6 +53,48 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9._:/@+-]{1,64}$")
 # Latency buckets from 1 ms to 5 min: proxy overhead sits at the low end,
 # reasoning streams at the high end.
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class UpstreamGauges(NamedTuple):
+    """
+    One upstream's gauges at a scrape.
+
+    @ivar breaker_state: 0 closed, 1 half-open, 2 open.
+    """
+
+    name: str
+    breaker_state: int
+    in_flight: int
+
+
+class _UpstreamCollector(Collector):
+    """
+    The per-upstream gauges, read when scraped from whatever
+    L{Metrics.watch_upstreams} was given; an upstream removed by a reload
+    drops out of them.
+    """
+
+    def __init__(self) -> None:
+        self.read: Callable[[], Iterable[UpstreamGauges]] = lambda: ()
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "oaiproxy_upstream_breaker_state",
+            "Each upstream's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            labels=["upstream"],
+        )
+        in_flight = GaugeMetricFamily(
+            "oaiproxy_upstream_in_flight_requests",
+            "Requests on their way to or from each upstream.",
+            labels=["upstream"],
+        )
+        for gauges in self.read():
+            state.add_metric([gauges.name], gauges.breaker_state)
+            in_flight.add_metric([gauges.name], gauges.in_flight)
+        yield state
+        yield in_flight
+
+
 _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
@@ -59,8 +113,8 @@ class Metrics:
         )
         self.upstream_latency = Histogram(
             "oaiproxy_upstream_response_seconds",
-            "Time from sending a request upstream to its response head.",
-            ["route"],
+            "Time from sending a request upstream to its response head, by the upstream that answered.",
+            ["route", "upstream"],
             buckets=_SECONDS,
             registry=r,
         )
@@ -73,13 +127,17 @@ class Metrics:
         )
         self.first_chunk = Histogram(
             "oaiproxy_time_to_first_chunk_seconds",
-            "Time from a request to the first chunk of its streamed answer.",
-            ["route"],
+            "Time from a request to the first chunk of its streamed answer, by the upstream that answered.",
+            ["route", "upstream"],
             buckets=_SECONDS,
             registry=r,
         )
         self.stream_duration = Histogram(
-            "oaiproxy_stream_duration_seconds", "Duration of streamed answers.", ["route"], buckets=_SECONDS, registry=r
+            "oaiproxy_stream_duration_seconds",
+            "Duration of streamed answers, by the upstream that answered.",
+            ["route", "upstream"],
+            buckets=_SECONDS,
+            registry=r,
         )
         self.open_streams = Gauge("oaiproxy_open_streams", "Streamed answers in progress.", registry=r)
         self.in_flight = Gauge("oaiproxy_in_flight_requests", "Requests being processed.", registry=r)
@@ -101,7 +159,29 @@ class Metrics:
             ["client", "model", "kind", "exact"],
             registry=r,
         )
+        self.upstream_requests = Counter(
+            "oaiproxy_upstream_requests",
+            "Requests sent to each upstream, by how they ended: ok, client_error, rate_limited, key_refused, "
+            "server_error, connect, no_head, first_byte, broken, cancelled.",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "oaiproxy_upstream_failovers",
+            "Requests that left an upstream for the next, by the upstream left and why.",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self._upstreams = _UpstreamCollector()
+        r.register(self._upstreams)
         self._models: set[str] = set()
+
+    def watch_upstreams(self, read: Callable[[], Iterable[UpstreamGauges]]) -> None:
+        """
+        Show the per-upstream gauges that C{read} returns at each scrape
+        (the pool's members; the last call wins).
+        """
+        self._upstreams.read = read
 
     def model_label(self, model: Optional[str], claim: bool = True) -> str:
         """
@@ -136,6 +216,12 @@ class Metrics:
     def stream_finished(self) -> None:
         self.open_streams.dec()
 
+    def attempt_finished(self, upstream: str, outcome: str) -> None:
+        self.upstream_requests.labels(upstream, outcome).inc()
+
+    def failed_over(self, upstream: str, reason: str) -> None:
+        self.failovers.labels(upstream, reason).inc()
+
     def observe(self, record: RequestRecord) -> None:
         """
         Count a finished request, whatever its fate.
@@ -144,12 +230,13 @@ class Metrics:
         accepted = record.upstream_status is not None and record.upstream_status < 400
         model = self.model_label(record.model, claim=accepted)
         self.requests.labels(record.client, model, route, f"{record.status // 100}xx").inc()
+        upstream = record.upstream or "-"
         if record.upstream_seconds is not None:
-            self.upstream_latency.labels(route).observe(record.upstream_seconds)
+            self.upstream_latency.labels(route, upstream).observe(record.upstream_seconds)
         self.proxy_overhead.labels(route).observe(record.proxy_seconds)
         if record.stream and record.first_chunk is not None:
-            self.first_chunk.labels(route).observe(record.first_chunk - record.started)
-            self.stream_duration.labels(route).observe(record.duration)
+            self.first_chunk.labels(route, upstream).observe(record.first_chunk - record.started)
+            self.stream_duration.labels(route, upstream).observe(record.duration)
         if record.ended == "client_disconnected":
             self.disconnects.labels(route).inc()
         if record.upstream_error is not None:
@@ -169,18 +256,18 @@ class Metrics:
                     self.tokens.labels(record.client, model, kind, exact).inc(count)
 
 
-class MetricsResource(Endpoint):
+class GuardedEndpoint(Endpoint):
     """
-    C{GET /metrics}: the registry in Prometheus' text format.
+    A C{GET} endpoint for operators, behind a L{MetricsCheck}: C{/metrics},
+    C{/health/upstreams}.  A subclass says what it answers in L{answer}.
 
-    @param authorized: decides whether a request may read the metrics
-        (see L{oaiproxy.daemon.tap}); C{None} lets everyone in, for a dedicated,
-        private metrics listener.
+    @param authorized: decides whether a request may read it (see
+        L{oaiproxy.server.build.metrics_check}); C{None} lets everyone in,
+        for a dedicated, private metrics listener.
     """
 
-    def __init__(self, metrics: Metrics, authorized: Optional[MetricsCheck] = None) -> None:
+    def __init__(self, authorized: Optional[MetricsCheck] = None) -> None:
         super().__init__()
-        self._metrics = metrics
         self._authorized = authorized
 
     def render_GET(self, request: Request) -> bytes:
@@ -188,6 +275,25 @@ class MetricsResource(Endpoint):
             refusal = self._authorized(request)
             if refusal is not None:
                 return refusal
+        return self.answer(request)
+
+    def answer(self, request: Request) -> bytes:
+        """
+        The answer to a request let in.
+        """
+        raise NotImplementedError
+
+
+class MetricsResource(GuardedEndpoint):
+    """
+    C{GET /metrics}: the registry in Prometheus' text format.
+    """
+
+    def __init__(self, metrics: Metrics, authorized: Optional[MetricsCheck] = None) -> None:
+        super().__init__(authorized)
+        self._metrics = metrics
+
+    def answer(self, request: Request) -> bytes:
         request.responseHeaders.setRawHeaders(b"content-type", [CONTENT_TYPE_LATEST.encode("ascii")])
         body: bytes = generate_latest(self._metrics.registry)
         return body

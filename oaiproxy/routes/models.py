@@ -8,6 +8,18 @@ client with a model allow-list sees only its models: the list is read
 whole (bounded, see L{oaiproxy.upstream.exchange.BoundedCollector}) and filtered,
 and any other model is a 404 for it, decided without asking upstream.
 
+With several upstreams (an upstreams file) the list is the union of what
+the pool serves (L{PoolListing}): the names in the entries' C{models}
+lists (globs cannot be listed: a model only a glob covers is served but
+not shown) and the deployments of Azure entries with a C{model_map},
+answered by the proxy itself; and, when some entry has no C{models} list,
+that upstream's own list, asked of one such entry that is healthy (the
+exchange picks it and fails over as for any request) and merged with the
+configured names.  The client's allow-list filters the union as it does
+the single upstream's list.  A single upstream is the case of one entry:
+its list is forwarded, or an Azure deployment map answered locally, as
+before.
+
 A model id is one path segment (L{oaiproxy.upstream.styles.is_path_segment}): the
 path below C{/models} goes upstream with the shared key, so C{../files}
 (or C{..%2Ffiles}) would otherwise read the account's files.
@@ -16,7 +28,8 @@ path below C{/models} goes upstream with the shared key, so C{../files}
 from __future__ import annotations
 
 import json
-from typing import Optional
+from fnmatch import fnmatchcase
+from typing import Any, Optional
 from urllib.parse import quote
 
 from twisted.web.server import NOT_DONE_YET, Request
@@ -26,9 +39,10 @@ from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routetable import MODELS
 from oaiproxy.upstream.exchange import Collect
 from oaiproxy.upstream.styles import AzureStyle, is_path_segment
+from oaiproxy.upstream.upstreams import Upstreams
 from oaiproxy.web import JSONResource, error_response
 
-__all__ = ["ModelsResource", "model_not_found", "model_id", "filter_listing"]
+__all__ = ["ModelsResource", "model_not_found", "model_id", "filter_listing", "PoolListing"]
 
 
 def model_id(postpath: list[bytes]) -> "Optional[str] | ApiError":
@@ -51,10 +65,13 @@ def model_id(postpath: list[bytes]) -> "Optional[str] | ApiError":
     return name
 
 
-def filter_listing(status: int, body: bytes, allowed: frozenset[str]) -> "bytes | ApiError":
+def filter_listing(
+    status: int, body: bytes, allowed: Optional[frozenset[str]], extra: "tuple[dict[str, Any], ...]" = ()
+) -> "bytes | ApiError":
     """
-    Upstream's model list less the models outside C{allowed}.  Any answer
-    but a 200 goes on as it came (an upstream 429 or 5xx, with its
+    Upstream's model list with the models of C{extra} it lacks added after
+    its own, less the models outside C{allowed} (none: every model).  Any
+    answer but a 200 goes on as it came (an upstream 429 or 5xx, with its
     headers); a 200 that is not a list of models is an error, never passed
     on unfiltered.
     """
@@ -64,12 +81,71 @@ def filter_listing(status: int, body: bytes, allowed: frozenset[str]) -> "bytes 
         listing = json.loads(body)
         # An entry that is not a model with a string id is dropped, not
         # looked up (a list as the id would raise, refusing the whole list).
-        listing["data"] = [
-            m for m in listing["data"] if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"] in allowed
-        ]
+        data = [m for m in listing["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        seen = {m["id"] for m in data}
+        data += [m for m in extra if m["id"] not in seen]
+        listing["data"] = [m for m in data if allowed is None or m["id"] in allowed]
     except (ValueError, KeyError, TypeError, RecursionError):
         return upstream_unreadable("model list")
     return json.dumps(listing).encode("utf-8")
+
+
+_GLOB = frozenset("*?[")
+
+
+class PoolListing:
+    """
+    What the pool's configuration says it serves, for C{/v1/models}.
+
+    @ivar models: the models the proxy lists itself, sorted: every
+        entry's C{models} names (not its globs), and the deployments of an
+        Azure entry with a C{model_map} and no C{models} list.
+    @ivar ask: whether some entry has neither, so only its upstream knows
+        what it serves: the list is then asked of it (one such entry, a
+        healthy one: the exchange chooses).
+    @ivar globs: the glob patterns of the C{models} lists, which serve
+        models the list cannot name.
+    """
+
+    def __init__(self, upstreams: Upstreams) -> None:
+        names: dict[str, str] = {}
+        self.globs: list[str] = []
+        self.ask = False
+        for member in upstreams.pool.members:
+            style = upstreams.client(member.name).style
+            owner = "azure" if isinstance(style, AzureStyle) else "oaiproxy"
+            served = member.upstream.models
+            if served is None and isinstance(style, AzureStyle) and style.deployments:
+                # Azure lists the base models a resource could deploy, not
+                # its deployments: the map is what a client can use.
+                served = tuple(style.deployments)
+            if served is None:
+                self.ask = True
+                continue
+            for name in served:
+                if _GLOB.isdisjoint(name):
+                    names.setdefault(name, owner)
+                else:
+                    self.globs.append(name)
+        self.models = tuple(
+            {"id": name, "object": "model", "created": 0, "owned_by": names[name]} for name in sorted(names)
+        )
+
+    def find(self, name: str) -> Optional[dict[str, Any]]:
+        """
+        The listed model C{name}, if the proxy lists it itself.
+        """
+        for model in self.models:
+            if model["id"] == name:
+                return model
+        return None
+
+    def covers(self, name: str) -> bool:
+        """
+        Whether some upstream could know C{name}: one that is asked, or one
+        whose glob matches it.
+        """
+        return self.ask or any(fnmatchcase(name, glob) for glob in self.globs)
 
 
 class ModelsResource(ForwardingResource):
@@ -93,42 +169,40 @@ class ModelsResource(ForwardingResource):
         allowed = client.models if client is not None else None
         if allowed is not None and name is not None and name not in allowed:
             return error_response(request, model_not_found(name))
-        style = self._upstream.style
-        if isinstance(style, AzureStyle) and style.deployments:
-            return self._deployed(request, name, style, allowed)
-        path = "/models" if name is None else "/models/" + quote(name, safe=":@")
-        collect = None
-        if allowed is not None and name is None:
-            collect = self._filter(allowed)
-        self.exchange(request, MODELS, collect=collect).start(None, "GET", path)
+        listing = PoolListing(self._upstream)
+        if name is None:
+            if not listing.ask:
+                models = [m for m in listing.models if allowed is None or m["id"] in allowed]
+                return self._local(request, {"object": "list", "data": models})
+            collect = None
+            if allowed is not None or listing.models:
+                collect = self._merge(allowed, listing.models)
+            self.exchange(request, MODELS, collect=collect).start(None, "GET", "/models")
+            return NOT_DONE_YET
+        model = listing.find(name)
+        if model is not None:
+            return self._local(request, model)
+        if not listing.covers(name):
+            return error_response(request, model_not_found(name))
+        # Asked of an upstream that serves it (one whose glob matches, or
+        # one without a models list).
+        self.exchange(request, MODELS).start(None, "GET", "/models/" + quote(name, safe=":@"), name)
         return NOT_DONE_YET
 
-    def _filter(self, allowed: frozenset[str]) -> Collect:
+    def _merge(self, allowed: Optional[frozenset[str]], extra: "tuple[dict[str, Any], ...]") -> Collect:
         def collect(status: int, body: bytes) -> "bytes | ApiError":
-            answer = filter_listing(status, body, allowed)
+            answer = filter_listing(status, body, allowed, extra)
             if isinstance(answer, ApiError):
                 self.log.warn("upstream's model list is not a JSON list of models: not passed on")
             return answer
 
         return collect
 
-    def _deployed(
-        self, request: Request, name: Optional[str], style: AzureStyle, allowed: Optional[frozenset[str]]
-    ) -> bytes:
+    @staticmethod
+    def _local(request: Request, document: dict[str, Any]) -> bytes:
         """
-        Azure lists the base models a resource could deploy, not the
-        deployments; with a deployment map, the models a client can use are
-        the map's, so they are the list.
+        An answer the proxy knows from its configuration, without asking
+        upstream.
         """
-        models = [
-            {"id": model, "object": "model", "created": 0, "owned_by": "azure"}
-            for model in sorted(style.deployments)
-            if allowed is None or model in allowed
-        ]
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-        if name is None:
-            return json.dumps({"object": "list", "data": models}).encode("utf-8")
-        for model in models:
-            if model["id"] == name:
-                return json.dumps(model).encode("utf-8")
-        return error_response(request, model_not_found(name))
+        return json.dumps(document).encode("utf-8")

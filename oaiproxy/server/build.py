@@ -31,20 +31,20 @@ from oaiproxy.config import Config, Secret
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import invalid_api_key
 from oaiproxy.observe.accesslog import AccessLog, JsonAccessLog, TextAccessLog
-from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource
+from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource, UpstreamGauges
 from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routetable import ROUTES, Route, in_order
 from oaiproxy.server.site import ProxySite
-from oaiproxy.server.tree import HealthResource, build_root, build_tree
+from oaiproxy.server.tree import HealthResource, UpstreamsHealthResource, build_root, build_tree
 from oaiproxy.upstream.client import TreqLike, UpstreamClient
 from oaiproxy.upstream.headers import bearer_token
-from oaiproxy.upstream.pool import Upstream
+from oaiproxy.upstream.pool import Pool, Upstream
 from oaiproxy.upstream.styles import AzureStyle, OpenAIStyle, UpstreamStyle
 from oaiproxy.upstream.upstreams import SINGLE, Upstreams
 from oaiproxy.web import error_response
 
-__all__ = ["Built", "build_site", "metrics_check", "style_of"]
+__all__ = ["Built", "build_site", "metrics_check", "style_of", "watch_pool"]
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,7 @@ def build_site(
         own C{connect_timeout} (by default every upstream uses C{http}).
     """
     upstreams = build_upstreams(config, http, credentials, clock, http_for)
+    watch_pool(metrics, upstreams.pool)
     upstream = next(iter(upstreams.clients.values()))
     styles = {client.style.name for client in upstreams.clients.values()}
     limiter = Limiter(clock, share=config.worker_share)
@@ -174,7 +175,7 @@ def build_site(
         sse_keepalive=config.sse_keepalive,
     )
     check = metrics_check(credentials, config.metrics_key)
-    health = HealthResource(lifecycle)
+    health = HealthResource(lifecycle, UpstreamsHealthResource(upstreams.pool, check))
     on_api_port = None if config.metrics_port else MetricsResource(metrics, check)
     served = [r.name for r in ROUTES if r.name not in api and (r.azure is not None or styles != {"azure"})]
     unavailable = [r.name for r in ROUTES if r.name not in api and r.name not in served]
@@ -199,8 +200,10 @@ def build_site(
     if config.metrics_port:
         # A private listener (loopback, or firewalled) for the scraper; the
         # metrics key still applies when one is set.
+        private = check if config.metrics_key else None
+        private_health = HealthResource(lifecycle, UpstreamsHealthResource(upstreams.pool, private))
         metrics_site = ProxySite(
-            build_root(None, health, MetricsResource(metrics, check if config.metrics_key else None)),
+            build_root(None, private_health, MetricsResource(metrics, private)),
             max_body_bytes=1024,
             idle_timeout=config.idle_timeout,
             header_timeout=config.header_timeout,
@@ -208,6 +211,16 @@ def build_site(
             reactor=clock,
         )
     return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams)
+
+
+def watch_pool(metrics: Metrics, pool: Pool) -> None:
+    """
+    Show C{pool} in the per-upstream metrics: its attempts and failovers as
+    they happen, its breakers and in-flight counts as they are at each
+    scrape (a reload's new members included: the pool object stays).
+    """
+    pool.observer = metrics
+    metrics.watch_upstreams(lambda: [UpstreamGauges(m.name, m.breaker.state.value, m.in_flight) for m in pool.members])
 
 
 def metrics_check(credentials: Credentials, metrics_key: Optional[Secret]) -> MetricsCheck:

@@ -8,6 +8,7 @@ and 405s) are in L{oaiproxy.web}, below every layer.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Iterable, Mapping, Optional
 
 from twisted.web.resource import IResource, Resource
@@ -15,11 +16,14 @@ from twisted.web.server import Request
 
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import ApiError, route_not_available, route_not_enabled
+from oaiproxy.observe.metrics import GuardedEndpoint, MetricsCheck
+from oaiproxy.upstream.pool import Pool
 from oaiproxy.web import Endpoint, JSONResource, NotFound, error_response
 
 __all__ = [
     "Directory",
     "HealthResource",
+    "UpstreamsHealthResource",
     "DisabledRoute",
     "build_root",
     "build_tree",
@@ -41,14 +45,21 @@ class HealthResource(Endpoint):
     C{GET /health}: the process is up and serving.  It never calls upstream,
     so a load balancer's probes cost no tokens and an upstream outage does
     not take every proxy out of rotation at once.
+
+    @param upstreams: served at C{/health/upstreams}, when given.
     """
 
     _HEALTHY = json.dumps({"status": "healthy"}).encode("ascii")
     _DRAINING = json.dumps({"status": "draining"}).encode("ascii")
 
-    def __init__(self, lifecycle: Optional[Lifecycle] = None) -> None:
+    def __init__(self, lifecycle: Optional[Lifecycle] = None, upstreams: Optional[IResource] = None) -> None:
         super().__init__()
         self._lifecycle = lifecycle or Lifecycle()
+        if upstreams is not None:
+            # No longer a leaf: /health/upstreams is its child, anything else
+            # below it a 404 (JSONResource.getChild).
+            self.isLeaf = False
+            self.putChild(b"upstreams", upstreams)
 
     def render_GET(self, request: Request) -> bytes:
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
@@ -58,6 +69,36 @@ class HealthResource(Endpoint):
             request.setResponseCode(503)
             return self._DRAINING
         return self._HEALTHY
+
+
+class UpstreamsHealthResource(GuardedEndpoint):
+    """
+    C{GET /health/upstreams}: each upstream of the pool as its breaker sees
+    it (L{oaiproxy.upstream.pool.Health}: state, requests in flight, the
+    last failure's kind and time, the cooldown left), for an operator
+    asking which upstream is out and why.  No URL, key or header.
+
+    Always a 200 while the proxy runs: it describes the upstreams, it is
+    not a probe (that is C{/health}, which an upstream outage must not
+    fail).  C{status} sums it up: C{ok} when every breaker is closed,
+    C{degraded} when some are not, C{unavailable} when none is.
+
+    @param authorized: who may read it: the same check as C{/metrics}
+        (the metrics key, or a client key); C{None} lets everyone in.
+    """
+
+    def __init__(self, pool: Pool, authorized: Optional[MetricsCheck] = None) -> None:
+        super().__init__(authorized)
+        self._pool = pool
+
+    def answer(self, request: Request) -> bytes:
+        upstreams = [member.health() for member in self._pool.members]
+        closed = sum(1 for health in upstreams if health.state_value == 0)
+        status = "ok" if closed == len(upstreams) else "unavailable" if closed == 0 else "degraded"
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+        document = {"status": status, "upstreams": [asdict(health) for health in upstreams]}
+        return json.dumps(document).encode("utf-8")
 
 
 class DisabledRoute(JSONResource):

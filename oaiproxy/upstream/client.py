@@ -14,12 +14,15 @@ from http.cookiejar import CookiePolicy
 from typing import Any, Optional, Protocol, Sequence
 
 from treq.client import HTTPClient
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from oaiproxy.config import Secret
@@ -33,7 +36,15 @@ try:
 except ImportError:  # pragma: no cover - treq < 26.7 (setup.py allows 24.9) takes any CookieJar.
     from http.cookiejar import CookieJar as _CookieJar  # type: ignore[assignment]
 
-__all__ = ["UpstreamClient", "UpstreamTimeout", "TreqLike", "make_http_client", "make_pool", "http_client"]
+__all__ = [
+    "UpstreamClient",
+    "UpstreamTimeout",
+    "TreqLike",
+    "make_http_client",
+    "make_pool",
+    "http_client",
+    "UpstreamEndpoints",
+]
 
 #: Idle upstream connections kept per host.  Twisted's default of 2 would
 #: make a busy proxy open a new TCP and TLS connection for most requests.
@@ -112,7 +123,47 @@ def make_http_client(reactor: Any, connect_timeout: float) -> HTTPClient:
     Build the production treq client: pooled persistent connections and
     certificate-verifying TLS (Agent's default policy).
     """
-    return http_client(Agent(reactor, connectTimeout=connect_timeout, pool=make_pool(reactor)))
+    endpoints = UpstreamEndpoints(reactor, connect_timeout)
+    return http_client(Agent.usingEndpointFactory(reactor, endpoints, pool=make_pool(reactor)))
+
+
+@implementer(IAgentEndpointFactory)
+class UpstreamEndpoints:
+    """
+    The endpoint for an upstream URL: what Agent's own factory makes (a
+    C{HostnameEndpoint}, wrapped in TLS for https with Agent's default,
+    verifying policy), except for a host given as an IP address, which is
+    connected to directly.
+
+    Why: C{HostnameEndpoint} starts one connection attempt per resolved
+    address every C{attemptDelay} (0.3 s), and notices that the last one
+    failed only at the next tick, so a refused connection is reported 0.3 s
+    late, and every failover from a dead upstream would cost that much
+    (C{bench/failover.py} measured it).  An address needs no resolution and
+    has one attempt: C{TCP4ClientEndpoint}/C{TCP6ClientEndpoint} report
+    the refusal at once.  A host name keeps Twisted's endpoint and its
+    happy-eyeballs delay between addresses.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        host = uri.host.decode("ascii")
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(host):
+            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        return endpoint
 
 
 def make_pool(reactor: Any) -> HTTPConnectionPool:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from fnmatch import fnmatchcase
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Protocol as Interface
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -73,6 +74,8 @@ __all__ = [
     "refusal_error",
     "advice",
     "Verdict",
+    "PoolObserver",
+    "outcome_label",
 ]
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -178,6 +181,48 @@ class Outcome:
 #: Statuses that say the upstream, not the request, is at fault right now.
 _FAIL_OVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 _KEY_REFUSED = frozenset({401, 403})
+
+
+def outcome_label(outcome: Outcome) -> str:
+    """
+    An attempt's end as the per-upstream metrics label it, from a small
+    fixed set (so the label stays bounded whatever upstream answers):
+    C{ok} (a 2xx or 3xx), C{client_error} (a 4xx the client's request
+    earned), C{rate_limited} (429), C{key_refused} (401, 403),
+    C{server_error} (5xx), or the kind of a failure without an answer
+    (C{connect}, C{no_head}, C{first_byte}, C{broken}, C{cancelled}).
+    """
+    if outcome.kind is not Kind.ANSWERED:
+        return outcome.kind.value
+    status = outcome.status or 0
+    if status in _KEY_REFUSED:
+        return "key_refused"
+    if status == 429:
+        return "rate_limited"
+    if status >= 500:
+        return "server_error"
+    if status >= 400:
+        return "client_error"
+    return "ok"
+
+
+class PoolObserver(Interface):
+    """
+    What the pool tells the metrics (L{oaiproxy.observe.metrics.Metrics}
+    is one), by upstream name and L{outcome_label}: plain strings, since
+    the metrics sit below this layer.
+    """
+
+    def attempt_finished(self, upstream: str, outcome: str) -> None:
+        """
+        One attempt on C{upstream} ended as C{outcome}.
+        """
+
+    def failed_over(self, upstream: str, reason: str) -> None:
+        """
+        A request left C{upstream} for the next candidate, because of
+        C{reason} (an L{outcome_label}).
+        """
 
 
 class Verdict(enum.Enum):
@@ -340,6 +385,8 @@ class Pool:
         (by default one with the README's policy, on C{clock}, drawing its
         jitter from C{draw}); the place to set a policy or an observer of
         transitions.
+    @ivar observer: told of every attempt's end and every failover (the
+        metrics), if set.
     """
 
     def __init__(
@@ -348,7 +395,9 @@ class Pool:
         clock: IReactorTime,
         draw: Callable[[], float] = random.random,
         breaker: Optional[Callable[[str], Breaker]] = None,
+        observer: Optional[PoolObserver] = None,
     ) -> None:
+        self.observer = observer
         self._clock = clock
         self._draw = draw
         self._breaker = breaker or (lambda name: Breaker(name, clock, draw=draw))
@@ -448,6 +497,8 @@ class Pool:
             breaker.key_refused(permit, outcome.reason)
         else:
             breaker.release(permit)
+        if self.observer is not None:
+            self.observer.attempt_finished(member.name, outcome_label(outcome))
         return decision
 
     def _start(self, member: Member, permit: Permit, early: bool) -> Choice:
@@ -561,6 +612,8 @@ class Attempts:
         go_on = go_on and self.pool.now() < self.deadline
         if go_on:
             self.failovers.append((choice.member.name, outcome.reason))
+            if self.pool.observer is not None:
+                self.pool.observer.failed_over(choice.member.name, outcome_label(outcome))
         return go_on
 
 

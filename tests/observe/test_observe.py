@@ -22,7 +22,7 @@ from oaiproxy.access.clients import Credentials
 from oaiproxy.config import Secret
 from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body, registry
 from oaiproxy.observe.accesslog import JsonAccessLog
-from oaiproxy.observe.metrics import MODEL_LABEL_LIMIT, Metrics, MetricsResource
+from oaiproxy.observe.metrics import MODEL_LABEL_LIMIT, Metrics, MetricsResource, UpstreamGauges
 from oaiproxy.observe.records import RequestRecord, Usage
 from oaiproxy.server.build import metrics_check
 from oaiproxy.server.tree import build_root
@@ -145,7 +145,9 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(
             sample(h, "oaiproxy_requests_total", route="chat_completions", status_class="2xx", **labels), 1
         )
-        self.assertEqual(sample(h, "oaiproxy_upstream_response_seconds_count", route="chat_completions"), 1)
+        self.assertEqual(
+            sample(h, "oaiproxy_upstream_response_seconds_count", route="chat_completions", upstream="default"), 1
+        )
         self.assertEqual(sample(h, "oaiproxy_proxy_overhead_seconds_count", route="chat_completions"), 1)
         self.assertEqual(sample(h, "oaiproxy_request_bytes_total", route="chat_completions"), len(chat_body()))
         self.assertGreater(sample(h, "oaiproxy_response_bytes_total", route="chat_completions"), 100)
@@ -163,7 +165,9 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(
             sample(h, "oaiproxy_requests_total", client="-", model="-", route="chat_completions", status_class="4xx"), 1
         )
-        self.assertEqual(sample(h, "oaiproxy_upstream_response_seconds_count", route="chat_completions"), 0)
+        self.assertEqual(
+            sample(h, "oaiproxy_upstream_response_seconds_count", route="chat_completions", upstream="default"), 0
+        )
 
     def test_stream_gauges_and_histograms(self) -> None:
         """
@@ -181,9 +185,15 @@ class MetricsTests(SynchronousTestCase):
         self.successResultOf(done)
         self.assertEqual(sample(h, "oaiproxy_open_streams"), 0)
         self.assertEqual(sample(h, "oaiproxy_in_flight_requests"), 0)
-        self.assertEqual(sample(h, "oaiproxy_time_to_first_chunk_seconds_count", route="chat_completions"), 1)
-        self.assertEqual(sample(h, "oaiproxy_stream_duration_seconds_count", route="chat_completions"), 1)
-        self.assertGreaterEqual(sample(h, "oaiproxy_stream_duration_seconds_sum", route="chat_completions"), 10)
+        self.assertEqual(
+            sample(h, "oaiproxy_time_to_first_chunk_seconds_count", route="chat_completions", upstream="default"), 1
+        )
+        self.assertEqual(
+            sample(h, "oaiproxy_stream_duration_seconds_count", route="chat_completions", upstream="default"), 1
+        )
+        self.assertGreaterEqual(
+            sample(h, "oaiproxy_stream_duration_seconds_sum", route="chat_completions", upstream="default"), 10
+        )
 
     def test_cancelled_stream(self) -> None:
         """
@@ -313,6 +323,40 @@ class MetricsTests(SynchronousTestCase):
         body = self.successResultOf(treq.content(response))
         self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain"))
         self.assertIn(b'oaiproxy_requests_total{client="client-1"', body)
+
+
+class UpstreamMetricsTests(SynchronousTestCase):
+    def test_per_upstream_counters(self) -> None:
+        """
+        As the pool's observer, the metrics count attempts by upstream and
+        outcome and failovers by upstream and reason.
+        """
+        metrics = Metrics()
+        for upstream, outcome in [("a", "connect"), ("b", "ok"), ("b", "ok"), ("a", "rate_limited")]:
+            metrics.attempt_finished(upstream, outcome)
+        metrics.failed_over("a", "connect")
+        get = metrics.registry.get_sample_value
+        self.assertEqual(get("oaiproxy_upstream_requests_total", {"upstream": "b", "outcome": "ok"}), 2)
+        self.assertEqual(get("oaiproxy_upstream_requests_total", {"upstream": "a", "outcome": "connect"}), 1)
+        self.assertEqual(get("oaiproxy_upstream_requests_total", {"upstream": "a", "outcome": "rate_limited"}), 1)
+        self.assertEqual(get("oaiproxy_upstream_failovers_total", {"upstream": "a", "reason": "connect"}), 1)
+        self.assertIsNone(get("oaiproxy_upstream_failovers_total", {"upstream": "b", "reason": "connect"}))
+
+    def test_gauges_read_at_scrape(self) -> None:
+        """
+        The breaker state and in-flight gauges show what the pool says at
+        the moment of the scrape, and an upstream that left the pool (a
+        reload) leaves the gauges.
+        """
+        metrics = Metrics()
+        now = [UpstreamGauges("a", 0, 3), UpstreamGauges("b", 2, 0)]
+        metrics.watch_upstreams(lambda: now)
+        get = metrics.registry.get_sample_value
+        self.assertEqual(get("oaiproxy_upstream_breaker_state", {"upstream": "b"}), 2)
+        self.assertEqual(get("oaiproxy_upstream_in_flight_requests", {"upstream": "a"}), 3)
+        now = [UpstreamGauges("a", 1, 0)]
+        self.assertEqual(get("oaiproxy_upstream_breaker_state", {"upstream": "a"}), 1)
+        self.assertIsNone(get("oaiproxy_upstream_breaker_state", {"upstream": "b"}))
 
 
 class MetricsAccessTests(SynchronousTestCase):

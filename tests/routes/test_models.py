@@ -21,9 +21,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from oaiproxy.config import Secret
 from oaiproxy.errors import ApiError
-from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, registry
+from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, pool_harness, registry
 from oaiproxy.routes.models import filter_listing
 from oaiproxy.upstream.exchange import COLLECT_LIMIT
+from oaiproxy.upstream.pool import Upstream
 from oaiproxy.upstream.styles import AzureStyle
 from tests.tricks import ID_TRICKS
 
@@ -360,3 +361,99 @@ class FilteredListTests(SynchronousTestCase):
         h.pump()
         self.failureResultOf(d)
         self.assertTrue(upstream.lost)
+
+
+def _entry(name: str, **fields: Any) -> Upstream:
+    return Upstream(name, f"http://{name}.test/v1", Secret(f"sk-proj-KEY{name.upper()}".encode()), **fields)
+
+
+class PoolModelsTests(SynchronousTestCase):
+    """
+    C{/v1/models} with several upstreams: the union of what the pool
+    serves, filtered by the client's allow-list.
+    """
+
+    def get(self, h: Harness, path: str) -> tuple[int, Any]:
+        d = h.proxy.request("GET", "http://proxy.test" + path, headers=BEARER)
+        h.pump()
+        response = self.successResultOf(d)
+        content = treq.content(response)
+        h.pump()
+        return response.code, json.loads(self.successResultOf(content))
+
+    def test_configured_lists_answered_by_the_proxy(self) -> None:
+        """
+        When every entry says what it serves (a C{models} list, or an
+        Azure deployment map), the list is theirs, answered without asking
+        any upstream: names, not globs.
+        """
+        h, fakes = pool_harness(
+            _entry("openai", models=("gpt-4o", "gpt-4o-*")),
+            _entry("vllm", models=("llama-3.1-8b",), model_map={"llama-3.1-8b": "meta-llama/Llama-3.1-8B"}),
+            Upstream(
+                "azure",
+                "http://azure.test",
+                Secret(b"azure-key"),
+                style="azure",
+                models=("gpt-4o-mini",),
+                model_map={"gpt-4o-mini": "prod-4o-mini"},
+            ),
+        )
+        status, body = self.get(h, "/v1/models")
+        self.assertEqual(status, 200)
+        self.assertEqual([m["id"] for m in body["data"]], ["gpt-4o", "gpt-4o-mini", "llama-3.1-8b"])
+        self.assertEqual(body["data"][1], {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "azure"})
+        self.assertEqual(self.get(h, "/v1/models/llama-3.1-8b")[1]["id"], "llama-3.1-8b")
+        status, body = self.get(h, "/v1/models/mistral")
+        self.assertEqual((status, body["error"]["code"]), (404, "model_not_found"))
+        self.assertEqual([r for f in fakes.values() for r in f.requests], [])
+        # A model only a glob covers is asked of the upstream whose glob it is.
+        status, body = self.get(h, "/v1/models/gpt-4o-2099")
+        self.assertEqual((status, body["error"]["code"]), (404, "model_not_found"))
+        self.assertEqual([r.path for r in fakes["openai"].requests], ["/v1/models/gpt-4o-2099"])
+
+    def test_allow_list_filters_the_union(self) -> None:
+        """
+        A client with an allow-list sees the union less its other models.
+        """
+        h, _ = pool_harness(
+            _entry("openai", models=("gpt-4o", "o3")),
+            _entry("vllm", models=("llama-3.1-8b",)),
+            clients=registry(CLIENT_KEY, models=["o3", "llama-3.1-8b"]),
+        )
+        self.assertEqual([m["id"] for m in self.get(h, "/v1/models")[1]["data"]], ["llama-3.1-8b", "o3"])
+        self.assertEqual(self.get(h, "/v1/models/gpt-4o")[0], 404)
+
+    def test_upstream_without_a_list_is_asked_and_merged(self) -> None:
+        """
+        An entry without a C{models} list serves what its upstream says:
+        its list is asked (of a healthy one: the first answers 503 and the
+        request fails over) and merged with the configured names, then
+        filtered by the allow-list.
+        """
+        h, fakes = pool_harness(
+            _entry("broken"),
+            _entry("openai", priority=1),
+            _entry("vllm", models=("llama-3.1-8b", "o3")),
+            clients=registry(CLIENT_KEY, models=["gpt-4o", "o3", "llama-3.1-8b"]),
+        )
+        fakes["broken"].set_mode({"mode": "status", "status": 503})
+        status, body = self.get(h, "/v1/models")
+        self.assertEqual(status, 200)
+        self.assertEqual([m["id"] for m in body["data"]], ["gpt-4o", "o3", "llama-3.1-8b"])
+        self.assertEqual(body["data"][1]["owned_by"], "openai")
+        self.assertEqual([len(f.requests) for f in fakes.values()], [1, 1, 0])
+        # Asked of every entry that could serve it: the no-list ones.
+        self.assertEqual(self.get(h, "/v1/models/gpt-4o")[1]["id"], "gpt-4o")
+
+    def test_azure_deployments_listed(self) -> None:
+        """
+        A single Azure upstream with a deployment map lists the map's
+        models (Azure's own list names base models, not deployments),
+        without asking it.
+        """
+        h = ModelsHarness(client_keys=[CLIENT_KEY], style=AzureStyle(None, {"gpt-4o": "prod-4o", "o3": "prod-o3"}))
+        self.assertEqual([m["id"] for m in h.get(self, "/v1/models")[1]["data"]], ["gpt-4o", "o3"])
+        self.assertEqual(h.get(self, "/v1/models/o3")[1]["owned_by"], "azure")
+        self.assertEqual(h.get(self, "/v1/models/gpt-4o-mini")[0], 404)
+        self.assertEqual(h.fake.requests, [])

@@ -8,14 +8,26 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import URI
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 
 from oaiproxy.access.clients import Credentials
 from oaiproxy.config import Secret
-from oaiproxy.upstream.client import MAX_PERSISTENT_PER_HOST, UpstreamClient, UpstreamTimeout, make_pool
+from oaiproxy.upstream.client import (
+    MAX_PERSISTENT_PER_HOST,
+    UpstreamClient,
+    UpstreamEndpoints,
+    UpstreamTimeout,
+    make_pool,
+)
 
 
 class Recording:
@@ -126,3 +138,47 @@ class StaticHeaderTests(SynchronousTestCase):
         self.assertEqual(headers.getRawHeaders(b"http-referer"), [b"https://app.example"])
         self.assertEqual(headers.getRawHeaders(b"x-title"), [b"My App"])
         self.assertEqual(headers.getRawHeaders(b"authorization"), [b"Bearer sk-UP"])
+
+
+class EndpointTests(SynchronousTestCase):
+    """
+    L{UpstreamEndpoints}: a refused connection to an upstream given by
+    address is reported at once, so failing over from it costs nothing.
+    """
+
+    def test_address_connects_directly(self) -> None:
+        """
+        An IPv4 or IPv6 address gets a plain TCP endpoint; a name keeps
+        Twisted's HostnameEndpoint; another scheme is refused.
+        """
+        endpoints = UpstreamEndpoints(MemoryReactorClock(), 5.0)
+        self.assertIsInstance(endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8000/v1")), TCP4ClientEndpoint)
+        self.assertIsInstance(endpoints.endpointForURI(URI.fromBytes(b"http://[::1]:8000/v1")), TCP6ClientEndpoint)
+        self.assertIsInstance(endpoints.endpointForURI(URI.fromBytes(b"http://gpu-host:8000/v1")), HostnameEndpoint)
+        self.assertRaises(SchemeNotSupported, endpoints.endpointForURI, URI.fromBytes(b"ftp://127.0.0.1/"))
+
+    def test_refusal_reported_without_waiting(self) -> None:
+        """
+        The connection to an address is refused: the attempt fails without
+        the clock moving (HostnameEndpoint would report it 0.3 s later).
+        """
+        reactor = MemoryReactorClock()
+        endpoint = UpstreamEndpoints(reactor, 5.0).endpointForURI(URI.fromBytes(b"http://127.0.0.1:9/v1"))
+        attempt = endpoint.connect(Factory.forProtocol(Protocol))
+        host, port, factory, timeout, _ = reactor.tcpClients[-1]
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 9, 5.0))
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.failureResultOf(attempt, ConnectionRefusedError)
+
+    def test_https_verifies(self) -> None:
+        """
+        An https address is wrapped in TLS: the first bytes on the
+        connection are a TLS handshake record, not the HTTP request.
+        """
+        reactor = MemoryReactorClock()
+        endpoint = UpstreamEndpoints(reactor, 5.0).endpointForURI(URI.fromBytes(b"https://10.0.0.1/v1"))
+        endpoint.connect(Factory.forProtocol(Protocol))
+        protocol = reactor.tcpClients[-1][2].buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.value()[:1], b"\x16")

@@ -30,6 +30,7 @@ from oaiproxy.upstream.pool import (
     Verdict,
     advice,
     decide,
+    outcome_label,
     refusal_error,
     retry_after_seconds,
     worst_case_upstream_requests,
@@ -478,6 +479,76 @@ class HealthTests(SynchronousTestCase):
         health = pool["a"].health()
         self.assertEqual(health, Health("a", "open", 2, 0, "status 429", 100.0, 1.5))
         self.assertNotIn("example", json.dumps(asdict(health)))
+
+
+class _Seen:
+    """
+    A pool observer that keeps what it is told.
+    """
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[str, str]] = []
+        self.failovers: list[tuple[str, str]] = []
+
+    def attempt_finished(self, upstream: str, outcome: str) -> None:
+        self.attempts.append((upstream, outcome))
+
+    def failed_over(self, upstream: str, reason: str) -> None:
+        self.failovers.append((upstream, reason))
+
+
+class ObserverTests(SynchronousTestCase):
+    def test_outcome_labels(self) -> None:
+        """
+        Every outcome maps to one of a few fixed words, whatever the
+        status: the metrics label stays bounded.
+        """
+        answered = {
+            status: outcome_label(Outcome(Kind.ANSWERED, status))
+            for status in (200, 204, 307, 400, 401, 403, 404, 429, 500, 501, 503, 599)
+        }
+        self.assertEqual(
+            answered,
+            {
+                200: "ok",
+                204: "ok",
+                307: "ok",
+                400: "client_error",
+                401: "key_refused",
+                403: "key_refused",
+                404: "client_error",
+                429: "rate_limited",
+                500: "server_error",
+                501: "server_error",
+                503: "server_error",
+                599: "server_error",
+            },
+        )
+        self.assertEqual(
+            [outcome_label(Outcome(kind)) for kind in Kind if kind is not Kind.ANSWERED],
+            ["connect", "no_head", "first_byte", "broken", "cancelled"],
+        )
+
+    def test_attempts_and_failovers_reported(self) -> None:
+        """
+        The observer hears each attempt's end once, under the upstream that
+        made it, and a failover only when the request really moved on: the
+        last attempt's failure is an attempt, not a failover.
+        """
+        seen = _Seen()
+        pool, _ = _pool(_upstream("a"), _upstream("b"), _upstream("c"))
+        pool.observer = seen
+        attempts = Attempts(pool, "gpt-4o")
+        outcomes = [Outcome(Kind.CONNECT), Outcome(Kind.ANSWERED, 429), ANSWERED_503]
+        for outcome in outcomes:
+            self.assertIsInstance(attempts.next(), Choice)
+            attempts.report(outcome)
+        tried = attempts.tried
+        self.assertEqual(seen.attempts, list(zip(tried, ["connect", "rate_limited", "server_error"])))
+        self.assertEqual(seen.failovers, list(zip(tried[:2], ["connect", "rate_limited"])))
+        pool.finish(_chosen(pool), ANSWERED_200)
+        self.assertEqual(len(seen.attempts), 4)
+        self.assertEqual(seen.attempts[-1][1], "ok")
 
 
 class ReloadTests(SynchronousTestCase):
