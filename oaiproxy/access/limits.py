@@ -25,15 +25,19 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.access.clients import Client, Limits
 
 __all__ = [
     "Bucket",
+    "Held",
+    "LimitStore",
     "Limiter",
+    "LocalLimitStore",
     "Reservation",
     "Refusal",
     "estimate_tokens",
@@ -82,11 +86,15 @@ class Refusal:
     A request over a limit: which one, and when to retry.
 
     @ivar retry_after: seconds, or C{None} when retrying cannot help.
+    @ivar headers: the client's C{x-ratelimit-*} headers at the refusal,
+        when the store that refused knows them (an asynchronous store
+        answers them in the same round trip); empty otherwise.
     """
 
     limit: str
     message: str
     retry_after: Optional[float]
+    headers: Sequence[tuple[bytes, bytes]] = ()
 
 
 class _ClientState:
@@ -223,6 +231,53 @@ class Limiter:
             bucket.refill(now)
             out += rate_headers(kind, bucket.capacity, max(0, int(bucket.level)), bucket.until_full())
         return out
+
+
+class Held(Protocol):
+    """
+    What an admitted request holds until it ends: a L{Reservation} here, a
+    L{oaiproxy.access.shared.SharedReservation} with Redis.
+    """
+
+    estimate: int
+
+    def settle(self, used_tokens: int) -> None:
+        """
+        Replace the reserved estimate by what the request really used;
+        only the first call counts.  It never raises and never waits: a
+        store that settles remotely does so in the background.
+        """
+
+
+class LimitStore(Protocol):
+    """
+    Where client limits live, as the admission will use them: admission
+    may be a round trip away (Redis), so it is asynchronous.
+    """
+
+    def admit(self, client: Client, estimate: int) -> "Deferred[Held | Refusal]":
+        """
+        Admit a request that may cost up to C{estimate} tokens, or say
+        which limit it is over (with the client's rate headers).  The
+        Deferred never fails: a store that cannot answer decides locally.
+        """
+
+
+class LocalLimitStore:
+    """
+    The in-process L{Limiter} behind the asynchronous L{LimitStore}
+    interface: the same decisions, already made when C{admit} returns.
+    The limiter stays usable directly, synchronously, as before.
+    """
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    def admit(self, client: Client, estimate: int) -> "Deferred[Held | Refusal]":
+        admitted = self.limiter.admit(client, estimate)
+        if isinstance(admitted, Refusal) and not admitted.headers:
+            admitted.headers = tuple(self.limiter.headers(client))
+        return succeed(admitted)
 
 
 def rate_headers(kind: str, limit: int, remaining: int, reset: float) -> list[tuple[bytes, bytes]]:
