@@ -215,7 +215,8 @@ def _classify(failure: Failure, target: RedisTarget, protocol: Optional[_Protoco
     if failure.check(netError.DNSLookupError):
         return SharedStateError("unresolved", f"cannot resolve {target.host!r}")
     if failure.check(netError.TimeoutError, DeferredTimeout, CancelledError):
-        return SharedStateError("timeout", f"{where} did not answer in time")
+        hint = " (a plain-text server behind rediss:// can look like this)" if target.tls else ""
+        return SharedStateError("timeout", f"{where} did not answer in time{hint}")
     if failure.check(txredisapi.ResponseError):
         text = failure.getErrorMessage()
         if any(word in text.upper() for word in ("NOAUTH", "WRONGPASS", "PASSWORD", "AUTH")):
