@@ -44,6 +44,7 @@ __all__ = [
     "format_reset",
     "rate_headers",
     "read_count",
+    "refusal_message",
     "MAX_COUNT",
     "NOT_A_COUNT",
 ]
@@ -181,36 +182,17 @@ class Limiter:
         limits = state.limits
         now = self._clock.seconds()
         if limits.concurrent_requests is not None and state.in_flight >= limits.concurrent_requests:
-            return Refusal(
-                "concurrent",
-                f"Too many concurrent requests for client {client.name!r}: the limit is {limits.concurrent_requests}.",
-                1.0,
-            )
+            return Refusal("concurrent", refusal_message(client, "concurrent", estimate), 1.0)
         if state.requests is not None:
             state.requests.refill(now)
             if state.requests.level < 1:
-                return Refusal(
-                    "requests",
-                    f"Rate limit reached for client {client.name!r}: {limits.requests_per_minute} requests per minute.",
-                    state.requests.wait(1),
-                )
+                return Refusal("requests", refusal_message(client, "requests", estimate), state.requests.wait(1))
         if state.tokens is not None:
             state.tokens.refill(now)
             if estimate > state.tokens.capacity:
-                return Refusal(
-                    "tokens",
-                    f"Request too large for client {client.name!r}: it may use up to {estimate} tokens, "
-                    f"more than the limit of {limits.tokens_per_minute} tokens per minute. "
-                    "Lower max_tokens or the prompt size.",
-                    None,
-                )
+                return Refusal("tokens", refusal_message(client, "too large", estimate), None)
             if state.tokens.level < estimate:
-                return Refusal(
-                    "tokens",
-                    f"Rate limit reached for client {client.name!r}: "
-                    f"{limits.tokens_per_minute} tokens per minute (this request reserves {estimate}).",
-                    state.tokens.wait(estimate),
-                )
+                return Refusal("tokens", refusal_message(client, "tokens", estimate), state.tokens.wait(estimate))
             state.tokens.level -= estimate
         if state.requests is not None:
             state.requests.level -= 1
@@ -231,6 +213,28 @@ class Limiter:
             bucket.refill(now)
             out += rate_headers(kind, bucket.capacity, max(0, int(bucket.level)), bucket.until_full())
         return out
+
+
+def refusal_message(client: Client, over: str, estimate: int) -> str:
+    """
+    What a refusal says, the same from every store: C{over} is
+    C{"concurrent"}, C{"requests"}, C{"too large"} or C{"tokens"}.
+    """
+    limits = client.limits
+    if over == "concurrent":
+        return f"Too many concurrent requests for client {client.name!r}: the limit is {limits.concurrent_requests}."
+    if over == "requests":
+        return f"Rate limit reached for client {client.name!r}: {limits.requests_per_minute} requests per minute."
+    if over == "too large":
+        return (
+            f"Request too large for client {client.name!r}: it may use up to {estimate} tokens, "
+            f"more than the limit of {limits.tokens_per_minute} tokens per minute. "
+            "Lower max_tokens or the prompt size."
+        )
+    return (
+        f"Rate limit reached for client {client.name!r}: "
+        f"{limits.tokens_per_minute} tokens per minute (this request reserves {estimate})."
+    )
 
 
 class Held(Protocol):

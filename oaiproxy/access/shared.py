@@ -62,7 +62,8 @@ from urllib.parse import unquote, urlsplit
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet import error as netError
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
@@ -71,7 +72,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from oaiproxy.access.clients import Client
-from oaiproxy.access.limits import UNLIMITED, Held, Limiter, Refusal, Reservation, rate_headers
+from oaiproxy.access.limits import UNLIMITED, Held, Limiter, Refusal, Reservation, rate_headers, refusal_message
 
 __all__ = [
     "DEFAULT_DEADLINE",
@@ -169,7 +170,7 @@ class RedisTarget:
         )
 
 
-class _Protocol(txredisapi.RedisProtocol):  # type: ignore[misc]
+class _Protocol(txredisapi.RedisProtocol):
     """
     txredisapi's protocol on our clock (its class attribute C{callLater}
     is the global reactor's), remembering why its connection was lost.
@@ -538,6 +539,7 @@ def _failed(error: Exception) -> "Deferred[Any]":
 
 
 _STATUS = {1: "concurrent", 2: "requests", 3: "tokens", 4: "tokens"}
+_OVER = {1: "concurrent", 2: "requests", 3: "too large", 4: "tokens"}
 
 
 class SharedReservation:
@@ -659,7 +661,7 @@ class SharedLimitStore:
             if tpm:
                 headers += rate_headers("tokens", tpm, max(0, t_level), t_full / 1000)
             retry = None if retry_ms < 0 else retry_ms / 1000
-            return Refusal(_STATUS[status], _message(client, status, estimate), retry, tuple(headers))
+            return Refusal(_STATUS[status], refusal_message(client, _OVER[status], estimate), retry, tuple(headers))
 
         def unanswered(failure: Failure) -> "Held | Refusal":
             if not failure.check(Unavailable):
@@ -675,24 +677,3 @@ class SharedLimitStore:
             return admitted
         self.fallback_admitted += 1
         return SharedReservation(self, estimate, local=admitted)
-
-
-def _message(client: Client, status: int, estimate: int) -> str:
-    """
-    The same words as L{Limiter.admit}'s refusals.
-    """
-    limits = client.limits
-    if status == 1:
-        return f"Too many concurrent requests for client {client.name!r}: the limit is {limits.concurrent_requests}."
-    if status == 2:
-        return f"Rate limit reached for client {client.name!r}: {limits.requests_per_minute} requests per minute."
-    if status == 3:
-        return (
-            f"Request too large for client {client.name!r}: it may use up to {estimate} tokens, "
-            f"more than the limit of {limits.tokens_per_minute} tokens per minute. "
-            "Lower max_tokens or the prompt size."
-        )
-    return (
-        f"Rate limit reached for client {client.name!r}: "
-        f"{limits.tokens_per_minute} tokens per minute (this request reserves {estimate})."
-    )
