@@ -6,14 +6,9 @@ hosts: each has its own link (its own connection).
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import tempfile
 import time
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -32,6 +27,7 @@ from oaiproxy.access.shared import (
     check_shared_state,
     redis_connector,
 )
+from oaiproxy.fake.processes import RedisServer
 
 SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(SERVER is None, reason="redis-server is not on PATH (Debian package redis-server)")
@@ -48,43 +44,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Redis:
-    def __init__(self, port: int = 0, password: str = "") -> None:
-        self.port = port or free_port()
-        self.password = password
-        self.dir = tempfile.mkdtemp()
-        self.process: Any = None
-
-    def start(self) -> None:
-        args = [SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        args += ["--dir", self.dir]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            os.kill(self.process.pid, signal.SIGCONT)
-            os.kill(self.process.pid, signal.SIGTERM)
-            self.process.wait(10)
-            self.process = None
-
-
 @pytest.fixture
 def redis():
-    server = Redis()
-    server.start()
+    server = RedisServer().start()
     yield server
-    server.stop()
-    shutil.rmtree(server.dir, ignore_errors=True)
+    server.remove()
 
 
 def sleep(seconds: float) -> defer.Deferred:
@@ -197,7 +161,7 @@ def test_redis_stopped_falls_back_within_bound_then_recovers(redis):
 def test_paused_redis_calls_return_within_deadline(redis):
     a = yield host(redis.port, deadline=0.05)
     client = Client("erin", b"", limits=Limits(requests_per_minute=100))
-    os.kill(redis.process.pid, signal.SIGSTOP)
+    redis.pause()
     try:
         started = time.monotonic()
         first = yield a.admit(client, 1)
@@ -209,7 +173,7 @@ def test_paused_redis_calls_return_within_deadline(redis):
         yield a.admit(client, 1)
         assert time.monotonic() - started < 0.02
     finally:
-        os.kill(redis.process.pid, signal.SIGCONT)
+        redis.pause(False)
     for _ in range(100):
         if a.up:
             break
@@ -234,8 +198,7 @@ def test_startup_check_names_reasons(redis):
         assert tls.value.reason == "tls"
     finally:
         yield port.stopListening()
-    locked = Redis(password="sesame")
-    locked.start()
+    locked = RedisServer(password="sesame").start()
     try:
         with pytest.raises(SharedStateError) as auth:
             target = RedisTarget("127.0.0.1", locked.port, password="wrong")
@@ -247,4 +210,4 @@ def test_startup_check_names_reasons(redis):
         ok = RedisTarget("127.0.0.1", locked.port, password="sesame")
         yield check_shared_state(redis_connector(reactor, ok), reactor)
     finally:
-        locked.stop()
+        locked.remove()
