@@ -51,6 +51,7 @@ the shared breaker state.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import uuid
@@ -98,11 +99,15 @@ DEFAULT_PREFIX = "oaiproxy:"
 DEFAULT_LEASE = 30.0
 
 _log = Logger()
+#: The Lua scripts, in C{oaiproxy/access/scripts/}.
+SCRIPTS = ("admit", "settle", "renew")
 
 
+@functools.lru_cache(maxsize=None)
 def script(name: str) -> bytes:
     """
-    The Lua script C{name} (package data: C{oaiproxy/access/scripts/}).
+    The Lua script C{name} (package data: C{oaiproxy/access/scripts/}),
+    read once.
     """
     return resources.files("oaiproxy.access").joinpath("scripts", name + ".lua").read_bytes()
 
@@ -262,6 +267,7 @@ def redis_connector(reactor: Any, target: RedisTarget, connect_timeout: float = 
             protocol = _Protocol(reactor)
             protocol.factory = _NoFactory()
             yield connectProtocol(endpoint, protocol)
+            _no_delay(protocol.transport)
             if target.password is not None:
                 if target.username:
                     yield protocol.auth(target.password, target.username)
@@ -273,6 +279,11 @@ def redis_connector(reactor: Any, target: RedisTarget, connect_timeout: float = 
                 except txredisapi.ResponseError as e:
                     raise SharedStateError("database", f"cannot select database {target.db}: {e}") from None
             yield protocol.ping()
+            # Loaded now, so the first calls send EVALSHA, not each a whole
+            # script (a burst of EVALs at startup can miss the deadline).
+            for name in SCRIPTS:
+                sha = yield protocol.script_load(script(name))
+                protocol.script_hashes.add(sha)
         except SharedStateError:
             _abort(protocol)
             raise
@@ -283,6 +294,18 @@ def redis_connector(reactor: Any, target: RedisTarget, connect_timeout: float = 
         return protocol
 
     return connect
+
+
+def _no_delay(transport: Any) -> None:
+    """
+    Turn Nagle off: pipelined calls written while a reply is outstanding
+    would otherwise wait for the server's delayed ACK (40 ms on Linux),
+    almost the whole deadline.  Under TLS the TCP transport is one down.
+    """
+    for layer in (transport, getattr(transport, "transport", None)):
+        if layer is not None and hasattr(layer, "setTcpNoDelay"):
+            layer.setTcpNoDelay(True)
+            return
 
 
 def _abort(protocol: Optional[Any]) -> None:
