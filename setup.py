@@ -20,7 +20,7 @@ setup(
     # Twisted 26.4 (the floor below) requires 3.9.12.
     python_requires=">=3.9.12",
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/oaiproxy_plugin.py"]},
+    package_data={"twisted": ["plugins/oaiproxy_plugin.py"], "oaiproxy.access": ["scripts/*.lua"]},
     # Each floor is the oldest version the suite passes on: .ci/run runs it
     # against exactly these (.ci/oldest.py pins them), and README's
     # Development section says why each is where it is.
@@ -48,7 +48,19 @@ setup(
     extras_require={
         # openai 1.68: client.responses and streamed transcriptions, which
         # the end-to-end tests drive (before 1.55.3 it cannot use httpx 0.28).
-        "test": ["pytest>=8.0.0", "pytest-twisted>=1.14.0", "openai>=1.68.0", "hypothesis>=6.0.0"],
+        "test": [
+            "pytest>=8.0.0",
+            "pytest-twisted>=1.14.0",
+            "openai>=1.68.0",
+            "hypothesis>=6.0.0",
+            "txredisapi>=1.6.0",
+        ],
+        # Limits shared through Redis (oaiproxy/access/shared.py).
+        # txredisapi is the maintained Twisted-native Redis client: no
+        # thread per call, no second event loop.  1.6.0 connects through
+        # endpoints (ClientService), which we replace with our own on the
+        # injected reactor; we use its protocol (replies, EVALSHA/NOSCRIPT).
+        "redis": ["txredisapi>=1.6.0"],
     },
     classifiers=[
         "Framework :: Twisted",

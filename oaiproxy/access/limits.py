@@ -25,21 +25,26 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.access.clients import Client, Limits
 
 __all__ = [
     "Bucket",
+    "Held",
+    "LimitStore",
     "Limiter",
+    "LocalLimitStore",
     "Reservation",
     "Refusal",
     "estimate_tokens",
     "format_reset",
     "rate_headers",
     "read_count",
+    "refusal_message",
     "MAX_COUNT",
     "NOT_A_COUNT",
 ]
@@ -82,11 +87,15 @@ class Refusal:
     A request over a limit: which one, and when to retry.
 
     @ivar retry_after: seconds, or C{None} when retrying cannot help.
+    @ivar headers: the client's C{x-ratelimit-*} headers at the refusal,
+        when the store that refused knows them (an asynchronous store
+        answers them in the same round trip); empty otherwise.
     """
 
     limit: str
     message: str
     retry_after: Optional[float]
+    headers: Sequence[tuple[bytes, bytes]] = ()
 
 
 class _ClientState:
@@ -173,36 +182,17 @@ class Limiter:
         limits = state.limits
         now = self._clock.seconds()
         if limits.concurrent_requests is not None and state.in_flight >= limits.concurrent_requests:
-            return Refusal(
-                "concurrent",
-                f"Too many concurrent requests for client {client.name!r}: the limit is {limits.concurrent_requests}.",
-                1.0,
-            )
+            return Refusal("concurrent", refusal_message(client, "concurrent", estimate), 1.0)
         if state.requests is not None:
             state.requests.refill(now)
             if state.requests.level < 1:
-                return Refusal(
-                    "requests",
-                    f"Rate limit reached for client {client.name!r}: {limits.requests_per_minute} requests per minute.",
-                    state.requests.wait(1),
-                )
+                return Refusal("requests", refusal_message(client, "requests", estimate), state.requests.wait(1))
         if state.tokens is not None:
             state.tokens.refill(now)
             if estimate > state.tokens.capacity:
-                return Refusal(
-                    "tokens",
-                    f"Request too large for client {client.name!r}: it may use up to {estimate} tokens, "
-                    f"more than the limit of {limits.tokens_per_minute} tokens per minute. "
-                    "Lower max_tokens or the prompt size.",
-                    None,
-                )
+                return Refusal("tokens", refusal_message(client, "too large", estimate), None)
             if state.tokens.level < estimate:
-                return Refusal(
-                    "tokens",
-                    f"Rate limit reached for client {client.name!r}: "
-                    f"{limits.tokens_per_minute} tokens per minute (this request reserves {estimate}).",
-                    state.tokens.wait(estimate),
-                )
+                return Refusal("tokens", refusal_message(client, "tokens", estimate), state.tokens.wait(estimate))
             state.tokens.level -= estimate
         if state.requests is not None:
             state.requests.level -= 1
@@ -223,6 +213,75 @@ class Limiter:
             bucket.refill(now)
             out += rate_headers(kind, bucket.capacity, max(0, int(bucket.level)), bucket.until_full())
         return out
+
+
+def refusal_message(client: Client, over: str, estimate: int) -> str:
+    """
+    What a refusal says, the same from every store: C{over} is
+    C{"concurrent"}, C{"requests"}, C{"too large"} or C{"tokens"}.
+    """
+    limits = client.limits
+    if over == "concurrent":
+        return f"Too many concurrent requests for client {client.name!r}: the limit is {limits.concurrent_requests}."
+    if over == "requests":
+        return f"Rate limit reached for client {client.name!r}: {limits.requests_per_minute} requests per minute."
+    if over == "too large":
+        return (
+            f"Request too large for client {client.name!r}: it may use up to {estimate} tokens, "
+            f"more than the limit of {limits.tokens_per_minute} tokens per minute. "
+            "Lower max_tokens or the prompt size."
+        )
+    return (
+        f"Rate limit reached for client {client.name!r}: "
+        f"{limits.tokens_per_minute} tokens per minute (this request reserves {estimate})."
+    )
+
+
+class Held(Protocol):
+    """
+    What an admitted request holds until it ends: a L{Reservation} here, a
+    L{oaiproxy.access.shared.SharedReservation} with Redis.
+    """
+
+    estimate: int
+
+    def settle(self, used_tokens: int) -> None:
+        """
+        Replace the reserved estimate by what the request really used;
+        only the first call counts.  It never raises and never waits: a
+        store that settles remotely does so in the background.
+        """
+
+
+class LimitStore(Protocol):
+    """
+    Where client limits live, as the admission will use them: admission
+    may be a round trip away (Redis), so it is asynchronous.
+    """
+
+    def admit(self, client: Client, estimate: int) -> "Deferred[Held | Refusal]":
+        """
+        Admit a request that may cost up to C{estimate} tokens, or say
+        which limit it is over (with the client's rate headers).  The
+        Deferred never fails: a store that cannot answer decides locally.
+        """
+
+
+class LocalLimitStore:
+    """
+    The in-process L{Limiter} behind the asynchronous L{LimitStore}
+    interface: the same decisions, already made when C{admit} returns.
+    The limiter stays usable directly, synchronously, as before.
+    """
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    def admit(self, client: Client, estimate: int) -> "Deferred[Held | Refusal]":
+        admitted = self.limiter.admit(client, estimate)
+        if isinstance(admitted, Refusal) and not admitted.headers:
+            admitted.headers = tuple(self.limiter.headers(client))
+        return succeed(admitted)
 
 
 def rate_headers(kind: str, limit: int, remaining: int, reset: float) -> list[tuple[bytes, bytes]]:

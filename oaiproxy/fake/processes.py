@@ -198,3 +198,64 @@ def start_proxy(
     )
     base = process.wait_for(r"oaiproxy listening on (http://127\.0\.0\.1:\d+)").group(1)
     return process, base
+
+
+class RedisServer:
+    """
+    Debian's C{redis-server} on 127.0.0.1 and a free port, persistence off
+    (C{--save '' --appendonly no}: limits need none), stopped by PID.  It
+    can be stopped and started again on the same port (a Redis restart),
+    and paused with C{SIGSTOP} (a Redis that does not answer).
+    """
+
+    def __init__(self, port: int = 0, password: str = "") -> None:
+        import socket
+        import tempfile
+
+        if not port:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+        self.port = port
+        self.password = password
+        self.dir = tempfile.mkdtemp(prefix="oaiproxy-redis-")
+        self.process: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self) -> "RedisServer":
+        import socket
+        import time
+
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is not installed (Debian package redis-server)")
+        args = [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", self.dir] + (["--requirepass", self.password] if self.password else [])
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    def pause(self, paused: bool = True) -> None:
+        import signal
+
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            os.kill(self.process.pid, signal.SIGTERM)
+            self.process.wait(STARTUP_SECONDS)
+            self.process = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
