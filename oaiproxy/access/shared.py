@@ -474,17 +474,23 @@ class RedisLink(Service):
         self._stop_pinger()
         if self.up:
             self.up = False
-            self.episodes += 1
-            self._down_since = self._clock.seconds()
-            self.log.critical(
-                "shared state at {where} unreachable ({why}): limits are local at a conservative share"
-                " until it is back",
-                where=self._where,
-                why=why,
-            )
-            for watcher in list(self.watchers):
-                watcher(False)
+            self._episode_begins(why)
         self._schedule()
+
+    def _episode_begins(self, why: str) -> None:
+        """
+        The shared state is gone (or was never there): one critical line
+        and one watcher call per episode, however many calls fail in it.
+        """
+        self.episodes += 1
+        self._down_since = self._clock.seconds()
+        self.log.critical(
+            "shared state at {where} unreachable ({why}): limits are local at a conservative share until it is back",
+            where=self._where,
+            why=why,
+        )
+        for watcher in list(self.watchers):
+            watcher(False)
 
     def _schedule(self) -> None:
         if not self.running or (self._pending is not None and self._pending.active()):
@@ -528,16 +534,7 @@ class RedisLink(Service):
             if self._first and self._down_since is None:
                 # Never up yet: the first failure opens the episode.
                 self._first = False
-                self.episodes += 1
-                self._down_since = self._clock.seconds()
-                self.log.critical(
-                    "shared state at {where} unreachable ({why}): limits are local at a conservative share"
-                    " until it is back",
-                    where=self._where,
-                    why=failure.getErrorMessage(),
-                )
-                for watcher in list(self.watchers):
-                    watcher(False)
+                self._episode_begins(failure.getErrorMessage())
             self._schedule()
 
         attempt.addCallbacks(connected, failed)

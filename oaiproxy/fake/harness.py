@@ -97,11 +97,11 @@ def chat_body(model: str = "gpt-4o-mini", stream: bool = False, **more: Any) -> 
 
 @implementer(IStreamClientEndpoint)
 class _Endpoint:
-    def __init__(self, agent: "SiteAgent") -> None:
-        self._agent = agent
+    def __init__(self, site_agent: "SiteAgent") -> None:
+        self._site_agent = site_agent
 
     def connect(self, protocolFactory: IProtocolFactory) -> "Deferred[IProtocol]":
-        return succeed(self._agent._connect(protocolFactory))
+        return succeed(self._site_agent.join(protocolFactory))
 
 
 @implementer(IAgent)
@@ -124,14 +124,20 @@ class SiteAgent:
             def endpointForURI(self, uri: Any) -> _Endpoint:
                 return _Endpoint(endpoints)
 
-        self._agent = Agent.usingEndpointFactory(MemoryReactorClock(), _Endpoints())
+        # A plain twisted.web Agent does the HTTP; only its connections are
+        # ours, joined to the site in memory by join().
+        self._http = Agent.usingEndpointFactory(MemoryReactorClock(), _Endpoints())
 
     def request(
         self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Optional[IBodyProducer] = None
     ) -> "Deferred[IResponse]":
-        return self._agent.request(method, uri, headers, bodyProducer)
+        return self._http.request(method, uri, headers, bodyProducer)
 
-    def _connect(self, factory: IProtocolFactory) -> IProtocol:
+    def join(self, factory: IProtocolFactory) -> IProtocol:
+        """
+        A client protocol of C{factory}, connected in memory to a new
+        server protocol of the site.
+        """
         server = self._site.buildProtocol(_CLIENT_ADDRESS)
         client = factory.buildProtocol(_SERVER_ADDRESS)
         assert server is not None and client is not None
