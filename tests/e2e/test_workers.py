@@ -10,6 +10,7 @@ C{tests.daemon.test_workers}.)
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -17,6 +18,7 @@ import select
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import openai
@@ -68,6 +70,14 @@ class GroupTests(SynchronousTestCase):
             thread.join(timeout=30)
         self.assertFalse([t for t in threads if t.is_alive()], "requests still running")
         self.assertEqual(statuses, [200] * 40)
+        # Which worker the kernel hands a connection to is its choice; with
+        # the other one stopped, each worker in turn must serve alone.
+        for worker in workers_of(proxy.pid):
+            marker = len(proxy.output)
+            with only_running(worker, workers_of(proxy.pid)):
+                request()
+            self.assertEqual(statuses[-1], 200)
+            proxy.wait_until(lambda out, since=marker: len(workers_answering(out[since:])) == 1)
         entries = [json.loads(line) for line in proxy.output.splitlines() if line.startswith("{")]
         self.assertEqual({e["worker"] for e in entries if "request_id" in e}, {0, 1})
 
@@ -88,6 +98,29 @@ class GroupTests(SynchronousTestCase):
 def workers_of(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(child) for child in f.read().split()]
+
+
+@contextlib.contextmanager
+def only_running(worker: int, workers: list[int]) -> Iterator[None]:
+    """
+    Stop every other worker (SIGSTOP) for the duration, so that only
+    C{worker} can accept from the shared listening socket; they continue
+    afterwards, even if the body fails.
+    """
+    stopped = [pid for pid in workers if pid != worker]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+
+
+def workers_answering(output: str) -> list[int]:
+    """The worker index of each access-log entry in C{output}, in order."""
+    entries = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    return [e["worker"] for e in entries if "request_id" in e]
 
 
 class RefusalTests(SynchronousTestCase):
@@ -135,7 +168,7 @@ class RestartTests(SynchronousTestCase):
         self.addCleanup(proxy.stop)
         proxy.wait_until(lambda out: out.count("oaiproxy listening on") == 2)
         open(keys_file, "w").close()
-        first, _ = workers_of(proxy.pid)
+        first, survivor = workers_of(proxy.pid)
         os.kill(first, signal.SIGKILL)
         proxy.wait_until(lambda out: out.count("oaiproxy listening on") == 3)
         self.assertIn("starting it again", proxy.output)
@@ -149,13 +182,19 @@ class RestartTests(SynchronousTestCase):
             connection.close()
             return code
 
+        # With the surviving worker stopped, only the restarted one can
+        # accept, so every answer below is the restarted worker's.
+        restarted = [pid for pid in workers_of(proxy.pid) if pid != survivor]
+        self.assertEqual(len(restarted), 1)
         marker = len(proxy.output)
-        self.assertEqual([status(None) for _ in range(40)], [401] * 40)
-        self.assertEqual({status(f"Bearer {key}") for _ in range(4)}, {200})
-        # Both workers answered, so the restarted one did (it has the dead
-        # one's index).
-        answered = [json.loads(line) for line in proxy.output[marker:].splitlines() if line.startswith("{")]
-        self.assertEqual({e["worker"] for e in answered if e.get("status") == 401}, {0, 1})
+        with only_running(restarted[0], workers_of(proxy.pid)):
+            self.assertEqual([status(None) for _ in range(10)], [401] * 10)
+            self.assertEqual({status(f"Bearer {key}") for _ in range(2)}, {200})
+        # The access log may trail the answers; all twelve are one worker's.
+        proxy.wait_until(lambda out: len(workers_answering(out[marker:])) == 12)
+        self.assertEqual(len(set(workers_answering(proxy.output[marker:]))), 1)
+        # And every later connection, whichever worker takes it.
+        self.assertEqual([status(None) for _ in range(10)], [401] * 10)
         self.assertNotIn(key, proxy.output)
 
 
