@@ -20,7 +20,7 @@ setup(
     # Twisted 26.4 (the floor below) requires 3.9.12.
     python_requires=">=3.9.12",
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/oaiproxy_plugin.py"], "oaiproxy.access": ["scripts/*.lua"]},
+    package_data={"twisted": ["plugins/oaiproxy_plugin.py"], "oaiproxy.sharedstate": ["scripts/*.lua"]},
     # Each floor is the oldest version the suite passes on: .ci/run runs it
     # against exactly these (.ci/oldest.py pins them), and README's
     # Development section says why each is where it is.
@@ -55,7 +55,7 @@ setup(
             "hypothesis>=6.0.0",
             "txredisapi>=1.6.0",
         ],
-        # Limits shared through Redis (oaiproxy/access/shared.py).
+        # State shared through Redis (oaiproxy/sharedstate/).
         # txredisapi is the maintained Twisted-native Redis client: no
         # thread per call, no second event loop.  1.6.0 connects through
         # endpoints (ClientService), which we replace with our own on the

@@ -18,8 +18,9 @@ from twisted.internet import defer, reactor, task
 
 from oaiproxy.access.clients import Client, Limits
 from oaiproxy.access.limits import Limiter, LocalLimitStore
-from oaiproxy.access.shared import KeySpace, RedisLink, RedisTarget, SharedLimitStore, redis_connector
+from oaiproxy.access.shared import SharedLimitStore
 from oaiproxy.fake.processes import RedisServer
+from oaiproxy.sharedstate.link import KeySpace, RedisLink, RedisTarget, redis_connector
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("routes", ("oaiproxy.routes",)),
     ("access", ("oaiproxy.access",)),
     ("upstream", ("oaiproxy.upstream",)),
+    ("sharedstate", ("oaiproxy.sharedstate",)),
     ("observe", ("oaiproxy.observe",)),
     (
         "shared",
@@ -178,7 +179,10 @@ class LayerTests(SynchronousTestCase):
     def test_layers_are_ordered(self) -> None:
         """
         The daemon is the top and the shared modules the bottom; a request
-        goes server, routes, access, upstream.
+        goes server, routes, access, upstream; the shared state is below both
+        users of it (access, upstream).
         """
         names = [name for name, _ in LAYERS]
-        self.assertEqual(names, ["daemon", "server", "routes", "access", "upstream", "observe", "shared"])
+        self.assertEqual(
+            names, ["daemon", "server", "routes", "access", "upstream", "sharedstate", "observe", "shared"]
+        )

@@ -37,6 +37,7 @@ from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routetable import ROUTES, Route, in_order
 from oaiproxy.server.site import ProxySite
 from oaiproxy.server.tree import HealthResource, UpstreamsHealthResource, build_root, build_tree
+from oaiproxy.sharedstate.link import SharedState
 from oaiproxy.upstream.client import TreqLike, UpstreamClient
 from oaiproxy.upstream.headers import bearer_token
 from oaiproxy.upstream.pool import Pool, Upstream
@@ -140,6 +141,7 @@ def build_site(
     access_log: Optional[AccessLog] = None,
     worker: Optional[int] = None,
     http_for: Optional[HttpFor] = None,
+    shared: Optional[SharedState] = None,
 ) -> Built:
     """
     Wire the proxy for C{config}.
@@ -156,6 +158,8 @@ def build_site(
     @param worker: which worker of a group this process is, if any.
     @param http_for: makes the client for an upstream whose entry sets its
         own C{connect_timeout} (by default every upstream uses C{http}).
+    @param shared: the Redis the group shares limits and breakers through
+        (C{--shared-state}); without it, all state is in this process.
     """
     upstreams = build_upstreams(config, http, credentials, clock, http_for)
     watch_pool(metrics, upstreams.pool)

@@ -15,15 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.access.clients import Client, Limits
 from oaiproxy.access.limits import Limiter, LocalLimitStore, Refusal, Reservation
-from oaiproxy.access.shared import (
-    KeySpace,
-    RedisLink,
-    RedisTarget,
-    SharedLimitStore,
-    SharedReservation,
-    SharedStateError,
-    check_shared_state,
-)
+from oaiproxy.access.shared import SharedLimitStore, SharedReservation
+from oaiproxy.sharedstate.link import KeySpace, RedisLink, RedisTarget, SharedStateError, check_shared_state
 
 
 class FakeTransport:

@@ -16,17 +16,16 @@ from twisted.trial.unittest import TestCase
 
 from oaiproxy.access.clients import Client, Limits
 from oaiproxy.access.limits import Refusal
-from oaiproxy.access.shared import (
+from oaiproxy.access.shared import SharedLimitStore, SharedReservation
+from oaiproxy.fake.processes import RedisServer
+from oaiproxy.sharedstate.link import (
     KeySpace,
     RedisLink,
     RedisTarget,
-    SharedLimitStore,
-    SharedReservation,
     SharedStateError,
     check_shared_state,
     redis_connector,
 )
-from oaiproxy.fake.processes import RedisServer
 
 SERVER = shutil.which("redis-server")
 

@@ -1,0 +1,3 @@
+"""
+State shared by a group of processes and hosts, through Redis.
+"""
