@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -37,13 +37,17 @@ from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routetable import ROUTES, Route, in_order
 from oaiproxy.server.site import ProxySite
 from oaiproxy.server.tree import HealthResource, UpstreamsHealthResource, build_root, build_tree
-from oaiproxy.sharedstate.link import SharedState
 from oaiproxy.upstream.client import TreqLike, UpstreamClient
 from oaiproxy.upstream.headers import bearer_token
 from oaiproxy.upstream.pool import Pool, Upstream
 from oaiproxy.upstream.styles import AzureStyle, OpenAIStyle, UpstreamStyle
 from oaiproxy.upstream.upstreams import SINGLE, Upstreams
 from oaiproxy.web import error_response
+
+if TYPE_CHECKING:
+    # Imported when used: the Redis client is an extra (oaiproxy[redis]).
+    from oaiproxy.access.shared import SharedLimitStore
+    from oaiproxy.sharedstate.link import SharedState
 
 __all__ = ["Built", "build_site", "metrics_check", "style_of", "watch_pool"]
 
@@ -64,6 +68,8 @@ class Built:
     @ivar limiter: the per-client limits, shared by every route.
     @ivar api: the resource of each enabled route, by route name.
     @ivar routes: the enabled routes, in the table's order.
+    @ivar shared_limits: the client limits in the group's Redis, with
+        C{--shared-state}.
     """
 
     site: ProxySite
@@ -73,6 +79,7 @@ class Built:
     api: dict[str, ForwardingResource]
     routes: list[Route]
     upstreams: Upstreams
+    shared_limits: "Optional[SharedLimitStore]" = None
 
 
 def style_of(config: Config) -> UpstreamStyle:
@@ -163,6 +170,7 @@ def build_site(
     """
     upstreams = build_upstreams(config, http, credentials, clock, http_for)
     watch_pool(metrics, upstreams.pool)
+    shared_limits = None if shared is None else shared_limit_store(config, shared, clock, metrics)
     upstream = next(iter(upstreams.clients.values()))
     styles = {client.style.name for client in upstreams.clients.values()}
     limiter = Limiter(clock, share=config.worker_share)
@@ -214,7 +222,24 @@ def build_site(
             access_log=lambda record: None,
             reactor=clock,
         )
-    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams)
+    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, shared_limits)
+
+
+def shared_limit_store(
+    config: Config, shared: "SharedState", clock: IReactorTime, metrics: Metrics
+) -> "SharedLimitStore":
+    """
+    The client limits of a group, in its Redis: exact across the group
+    (no split among workers), each process's share (1 / instances) only
+    while Redis is unreachable; its state and fallbacks in the metrics.
+    """
+    from oaiproxy.access.shared import SharedLimitStore
+
+    store = SharedLimitStore(shared.link, clock, shared.keys, shared.instances, config.shared_state_lease)
+    metrics.watch_shared_state(shared.link.up)
+    shared.link.watchers.append(metrics.shared_state_changed)
+    store.on_fallback = metrics.admitted_in_fallback
+    return store
 
 
 def watch_pool(metrics: Metrics, pool: Pool) -> None:
