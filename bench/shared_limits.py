@@ -7,8 +7,8 @@ limits shared through that Redis against the same group without it (each
 worker then holds its own split of every limit): wrk at 64 connections,
 ~1 KB requests, nginx as the upstream (as bench/run.py's scenario (a)).
 
-    python bench/shared_limits.py [--admits 5000] [--seconds 10]
-    python bench/shared_limits.py --admits 200 --seconds 1   # smoke run
+    python bench/shared_limits.py [--admits 5000] [--seconds 10] [--deadline-ms 50]
+    python bench/shared_limits.py --admits 200 --seconds 1 --rounds 1   # smoke run
 
 (PYTHONPATH=. from a checkout.)  The second part needs wrk and nginx; it is
 skipped, saying so, without them.  Figures go in bench/README.md.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -55,7 +56,7 @@ def measure(store, admits: int, concurrency: int):
     return percentiles(samples)
 
 
-def throughput(server: RedisServer, seconds: float) -> None:
+def throughput(server: RedisServer, seconds: float, deadline_ms: float, rounds: int) -> None:
     """
     Requests per second of two workers, limits shared through C{server}
     or split among the workers.
@@ -87,7 +88,8 @@ def throughput(server: RedisServer, seconds: float) -> None:
         common = ["--upstream", f"http://127.0.0.1:{port}/v1", "--client-keys-file", clients, "--workers", "2"]
         common += ["--max-connections-per-ip", "100000"]
         shared = ["--shared-state", f"redis://127.0.0.1:{server.port}/0", "--shared-state-prefix", "rps:"]
-        rows = {}
+        shared += ["--shared-state-deadline", f"{deadline_ms:g}"]
+        bases = {}
         for name, extra in (("split", []), ("shared", shared)):
             proxy, base = start_proxy(
                 work, [*common, *extra], {"OPENAI_API_KEY": UPSTREAM_KEY}, port="tcp:0:interface=127.0.0.1:backlog=4096"
@@ -95,17 +97,27 @@ def throughput(server: RedisServer, seconds: float) -> None:
             started.append(proxy)
             proxy.wait_until(lambda out: out.count("oaiproxy listening on") == 2)
             wrk(base + "/v1/chat/completions", script, 64, 1)  # warm up
-            rows[name] = wrk(base + "/v1/chat/completions", script, 64, seconds)
-            if name == "shared":
-                rows[name]["fallbacks"] = float(proxy.output.count("unreachable"))
-            proxy.stop()
-        split, together = rows["split"], rows["shared"]
+            bases[name] = (proxy, base + "/v1/chat/completions")
+        # Rounds alternate between the two groups (both running), so that
+        # the other work of a shared machine weighs on both alike.
+        runs: dict[str, list[dict[str, float]]] = {"split": [], "shared": []}
+        for _ in range(rounds):
+            for name, (proxy, url) in bases.items():
+                runs[name].append(wrk(url, script, 64, seconds))
+        episodes = bases["shared"][0].output.count("unreachable")
+        ratios = [b["rps"] / a["rps"] for a, b in zip(runs["split"], runs["shared"])]
+
+        def median(name: str, key: str) -> float:
+            return statistics.median(run[key] for run in runs[name])
+
         print(
-            f"--workers 2, 64 connections: limits split {split['rps']:,.0f} req/s "
-            f"(p50 {split['p50_ms']:.2f} ms, p99 {split['p99_ms']:.2f} ms); shared in Redis "
-            f"{together['rps']:,.0f} req/s (p50 {together['p50_ms']:.2f} ms, p99 {together['p99_ms']:.2f} ms): "
-            f"{together['rps'] / split['rps']:.2f}x; non-2xx {split['errors']:.0f} / {together['errors']:.0f}, "
-            f"fallback episodes {together['fallbacks']:.0f}"
+            f"--workers 2, 64 connections, {rounds} round(s) of {seconds:g} s: limits split "
+            f"{median('split', 'rps'):,.0f} req/s (p50 {median('split', 'p50_ms'):.2f} ms, "
+            f"p99 {median('split', 'p99_ms'):.2f} ms); shared in Redis {median('shared', 'rps'):,.0f} req/s "
+            f"(p50 {median('shared', 'p50_ms'):.2f} ms, p99 {median('shared', 'p99_ms'):.2f} ms); shared / split "
+            f"per round {', '.join(f'{r:.2f}x' for r in ratios)}; non-2xx "
+            f"{sum(r['errors'] for r in runs['split']):.0f} / {sum(r['errors'] for r in runs['shared']):.0f}; "
+            f"fallback episodes {episodes} (deadline {deadline_ms:g} ms)"
         )
     finally:
         for process in reversed(started):
@@ -114,7 +126,7 @@ def throughput(server: RedisServer, seconds: float) -> None:
 
 
 @defer.inlineCallbacks
-def main(admits: int, seconds: float):
+def main(admits: int, seconds: float, deadline_ms: float, rounds: int):
     server = RedisServer().start()
     try:
         link = RedisLink(
@@ -145,7 +157,7 @@ def main(admits: int, seconds: float):
         link.stopService()
         if seconds > 0:
             # The load generators block: off the reactor's thread.
-            yield threads.deferToThread(throughput, server, seconds)
+            yield threads.deferToThread(throughput, server, seconds, deadline_ms, rounds)
     finally:
         server.remove()
 
@@ -154,5 +166,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--admits", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=10.0, help="of wrk per group (0: no requests/s part)")
+    parser.add_argument("--deadline-ms", type=float, default=50.0, help="--shared-state-deadline of the group")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating wrk runs per group")
     options = parser.parse_args()
-    task.react(lambda _: main(options.admits, options.seconds))
+    task.react(lambda _: main(options.admits, options.seconds, options.deadline_ms, options.rounds))
