@@ -424,9 +424,7 @@ def _check_shared_state_options(config: Config) -> None:
     try:
         import txredisapi  # noqa: F401
     except ImportError:
-        raise ConfigError(
-            "--shared-state needs the Redis client: pip install 'oaiproxy[redis]' (txredisapi)"
-        ) from None
+        raise ConfigError("--shared-state needs the Redis client: pip install 'oaiproxy[redis]' (txredisapi)") from None
 
 
 #: Seconds the startup check of C{--shared-state} may take in all.
