@@ -49,6 +49,10 @@ PASSWORD = "redis-PASSWORD-e2e-0042"
 SERVER = shutil.which("redis-server")
 #: The lease of these tests (seconds): short, so a dead process's slot frees quickly.
 LEASE = 1.5
+#: The deadline (ms) of the tests about sharing: on a loaded machine a 50 ms
+#: deadline can be missed, which would make a test of exact shared limits a
+#: test of the fallback.  The paused-Redis test keeps the default.
+SHARING_DEADLINE = "500"
 
 
 def request(
@@ -137,7 +141,7 @@ class SharedLimitsTests(SynchronousTestCase):
             f.write(file_entry("team", key) + "".join(f"{name} = {value}\n" for name, value in limits.items()))
         return key
 
-    def proxy(self, host: str = "127.0.0.1", *more: str) -> tuple[Process, str]:
+    def proxy(self, host: str = "127.0.0.1", deadline: str = SHARING_DEADLINE) -> tuple[Process, str]:
         args = [
             "--upstream",
             self.url,
@@ -151,7 +155,8 @@ class SharedLimitsTests(SynchronousTestCase):
             "2",
             "--shared-state-lease",
             str(LEASE),
-            *more,
+            "--shared-state-deadline",
+            deadline,
         ]
         process, base = start_proxy(self.cwd, args, {"OPENAI_API_KEY": KEY}, port=f"tcp:0:interface={host}")
         self.addCleanup(process.stop)
@@ -194,7 +199,7 @@ class SharedLimitsTests(SynchronousTestCase):
         """
         key = self.clients(tokens_per_minute=1000)
         (one, a), (two, b) = self.two_hosts()
-        body = chat(words=30, stream=True, max_tokens=100)
+        body = chat(words=60, stream=True, max_tokens=100)
         _, estimate = estimate_tokens(json.dumps(body).encode(), body, Limits())
         results: list[Any] = [None] * 16
 
@@ -216,7 +221,7 @@ class SharedLimitsTests(SynchronousTestCase):
         self.assertEqual(admitted + results.count(429), 16, results)
         self.assertGreaterEqual(admitted, 1)
         self.assertLessEqual(admitted * estimate, 1000)
-        # (With streams of 30 words at 0.2 s each, none settled meanwhile.)
+        # (With streams of 60 words at 0.2 s each, none settled meanwhile.)
         self.assertGreaterEqual(admitted, math.floor(1000 / estimate) - 1)
 
     def test_dead_process_frees_its_slot_within_the_lease(self) -> None:
@@ -286,7 +291,7 @@ class SharedLimitsTests(SynchronousTestCase):
         deadline (50 ms) plus the proxy's own work, not held behind it.
         """
         key = self.clients(requests_per_minute=100)
-        one, a = self.proxy()
+        one, a = self.proxy(deadline="50")
         self.redis.pause()
         self.addCleanup(self.redis.pause, False)
         started = time.monotonic()
@@ -322,7 +327,7 @@ class GroupTests(SynchronousTestCase):
         with open(os.path.join(cwd, "clients.toml"), "w") as f:
             f.write(file_entry("team", key) + "requests_per_minute = 10\n")
         args = ["--upstream", url, "--client-keys-file", os.path.join(cwd, "clients.toml"), "--workers", "2"]
-        args += ["--shared-state", f"redis://127.0.0.1:{redis.port}/0"]
+        args += ["--shared-state", f"redis://127.0.0.1:{redis.port}/0", "--shared-state-deadline", SHARING_DEADLINE]
         proxy, base = start_proxy(cwd, args, {"OPENAI_API_KEY": KEY})
         self.addCleanup(proxy.stop)
         proxy.wait_until(lambda out: out.count("connected") >= 2 and out.count("oaiproxy listening on") == 2)
