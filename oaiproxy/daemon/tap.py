@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IAddress, IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -782,6 +782,26 @@ def _announcer(
     return announce
 
 
+class _InOrder(MultiService):
+    """
+    Services started in the order given and stopped the other way round,
+    each once the one after it has stopped (a L{MultiService} stops all
+    its children at once).
+    """
+
+    def __init__(self, *services: IService) -> None:
+        super().__init__()
+        for child in services:
+            child.setServiceParent(self)
+
+    def stopService(self) -> "Deferred[None]":
+        Service.stopService(self)
+        stopped: Deferred[None] = succeed(None)
+        for child in reversed(list(self)):
+            stopped.addBoth(lambda _, child=child: maybeDeferred(child.stopService))
+        return stopped.addBoth(lambda _: None)
+
+
 class _MockUpstreamService(Service):
     """
     Serve the built-in fake API on a free loopback port and point the
@@ -1175,10 +1195,6 @@ def makeService(
 
     assert http is not None
     shared = shared_state(config, reactor)
-    if shared is not None:
-        # Before the listeners: stopping runs in reverse, so the link goes
-        # last, after the drain has settled the requests in flight.
-        shared.link.setServiceParent(service)
     built = build_site(
         config,
         http=http,
@@ -1220,7 +1236,14 @@ def makeService(
 
     # Stopping runs in reverse order: the drain starts as the listeners
     # close, so no new connection arrives while in-flight requests finish.
-    DrainService(lifecycle, reactor, config.drain_timeout, notifier).setServiceParent(service)
+    drain = DrainService(lifecycle, reactor, config.drain_timeout, notifier)
+    if shared is None:
+        drain.setServiceParent(service)
+    else:
+        # The link closes only once the drain is over, so that the requests
+        # in flight settle through it (their concurrency slots free at
+        # once, not when their leases expire).
+        _InOrder(shared.link, drain).setServiceParent(service)
     if config.worker_listeners:
         # Reloads come from the supervisor, checked, on the pipe.
         reader = SecretsReader(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from twisted.application.service import MultiService
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -108,6 +109,23 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(shared_instances(Config(**{**base.__dict__, "workers": 4, "shared_state_instances": 8})), 8)
 
 
+def find(service: Any, kind: type) -> list[Any]:
+    """
+    The services of C{kind} anywhere in a service tree.
+    """
+    found = []
+    for child in service:
+        if isinstance(child, kind):
+            found.append(child)
+        elif isinstance(child, MultiService):
+            found += find(child, kind)
+    return found
+
+
+def links(service: Any) -> list[RedisLink]:
+    return find(service, RedisLink)
+
+
 def answer_connect(reactor: HonestReactor, auth: bool = False, index: int = -1) -> StringTransport:
     """
     Play the Redis server for the link's connection attempt: every reply
@@ -146,7 +164,7 @@ class ServiceTests(SynchronousTestCase):
         service = makeService(parse(["--shared-state", URL]), reactor=reactor, check_shared=check)
         self.assertEqual([c.shared_state for c in calls], [URL])
         self.assertEqual(reactor.tcpServers, [])
-        [link] = [s for s in service if isinstance(s, RedisLink)]
+        [link] = links(service)
         self.assertEqual(link.deadline, 0.05)
 
     def test_supervisor_checks_once_before_any_worker(self) -> None:
@@ -161,7 +179,7 @@ class ServiceTests(SynchronousTestCase):
         env = {"OPENAI_API_KEY": KEY, "OAIPROXY_CLIENT_KEYS": "k"}
         service = makeService(parse(argv, env), reactor=reactor, check_shared=check)
         self.assertEqual((len(calls), reactor.tcpServers, reactor.spawned), (1, [], []))
-        self.assertEqual([s for s in service if isinstance(s, RedisLink)], [])
+        self.assertEqual(links(service), [])
         [supervisor] = [s for s in service if isinstance(s, Supervisor)]
         self.assertEqual(supervisor.secrets.shared_state_password, Secret(PASSWORD.encode()))
 
@@ -205,7 +223,7 @@ class ServiceTests(SynchronousTestCase):
             service.startService()
         self.addCleanup(service.stopService)
         [(_, site, _, _)] = reactor.tcpServers
-        [link] = [s for s in service if isinstance(s, RedisLink)]
+        [link] = links(service)
         stub = StubTreq(site.resource)
 
         def metrics() -> str:
@@ -225,3 +243,43 @@ class ServiceTests(SynchronousTestCase):
         text = metrics()
         self.assertIn("oaiproxy_shared_state_up 0.0", text)
         self.assertIn("oaiproxy_shared_state_episodes_total 1.0", text)
+
+
+class _InFlight:
+    """
+    A request in flight, as the drain sees it.
+    """
+
+    def cut_off_for_shutdown(self) -> None:
+        pass
+
+
+class StopTests(SynchronousTestCase):
+    def test_link_outlives_the_drain(self) -> None:
+        """
+        On stop, the link stays up while requests drain (their
+        settlements, which free their concurrency slots, go through it),
+        and closes once the drain is over.
+        """
+        from oaiproxy.daemon.lifecycle import DrainService
+
+        reactor = HonestReactor()
+        env = {"OPENAI_API_KEY": KEY, "OAIPROXY_CLIENT_KEYS": "k"}
+        service = makeService(parse(["--shared-state", URL], env), reactor=reactor, check_shared=lambda c: None)
+        with capturedLogs():
+            service.privilegedStartService()
+            service.startService()
+        answer_connect(reactor)
+        [link] = links(service)
+        [drain] = find(service, DrainService)
+        request = _InFlight()
+        drain._lifecycle.started(request)
+        with capturedLogs():
+            stopped = service.stopService()
+        self.assertTrue(link.running and link.up)
+        self.assertNoResult(stopped)
+        with capturedLogs():
+            drain._lifecycle.ended(request)
+            reactor.advance(5)
+        self.successResultOf(stopped)
+        self.assertFalse(link.running or link.up)
