@@ -796,9 +796,13 @@ class _InOrder(MultiService):
 
     def stopService(self) -> "Deferred[None]":
         Service.stopService(self)
-        stopped: Deferred[None] = succeed(None)
+        stopped: Deferred[Any] = succeed(None)
+
+        def then(_: object, child: IService) -> "Deferred[Any]":
+            return maybeDeferred(child.stopService)
+
         for child in reversed(list(self)):
-            stopped.addBoth(lambda _, child=child: maybeDeferred(child.stopService))
+            stopped.addBoth(then, child)
         return stopped.addBoth(lambda _: None)
 
 
