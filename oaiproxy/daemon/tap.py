@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IAddress, IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -91,7 +92,7 @@ from oaiproxy.upstream.styles import (
 from oaiproxy.upstream.upstreams import SINGLE, Upstreams
 
 if TYPE_CHECKING:
-    from oaiproxy.sharedstate.link import RedisTarget, SharedState
+    from oaiproxy.sharedstate.link import RedisLink, RedisTarget, SharedState
 
 __all__ = ["Options", "makeService"]
 
@@ -782,27 +783,29 @@ def _announcer(
     return announce
 
 
-class _InOrder(MultiService):
+class _LinkAfterDrain(MultiService):
     """
-    Services started in the order given and stopped the other way round,
-    each once the one after it has stopped (a L{MultiService} stops all
-    its children at once).
+    The link to the shared state, and the drain: the link starts first
+    and stops last, once the drain is over and a deadline more has
+    passed, so that the settlements of the requests the drain ended (the
+    last of them as their connections close) reach Redis and free their
+    concurrency slots at once, rather than when their leases expire.  (A
+    L{MultiService} stops all its children at once.)
     """
 
-    def __init__(self, *services: IService) -> None:
+    def __init__(self, link: "RedisLink", drain: DrainService, clock: Any) -> None:
         super().__init__()
-        for child in services:
-            child.setServiceParent(self)
+        self._link = link
+        self._drain = drain
+        self._clock = clock
+        link.setServiceParent(self)
+        drain.setServiceParent(self)
 
     def stopService(self) -> "Deferred[None]":
         Service.stopService(self)
-        stopped: Deferred[Any] = succeed(None)
-
-        def then(_: object, child: IService) -> "Deferred[Any]":
-            return maybeDeferred(child.stopService)
-
-        for child in reversed(list(self)):
-            stopped.addBoth(then, child)
+        stopped: Deferred[Any] = maybeDeferred(self._drain.stopService)
+        stopped.addBoth(lambda _: deferLater(self._clock, self._link.deadline, lambda: None))
+        stopped.addBoth(lambda _: self._link.stopService())
         return stopped.addBoth(lambda _: None)
 
 
@@ -1247,7 +1250,7 @@ def makeService(
         # The link closes only once the drain is over, so that the requests
         # in flight settle through it (their concurrency slots free at
         # once, not when their leases expire).
-        _InOrder(shared.link, drain).setServiceParent(service)
+        _LinkAfterDrain(shared.link, drain, reactor).setServiceParent(service)
     if config.worker_listeners:
         # Reloads come from the supervisor, checked, on the pipe.
         reader = SecretsReader(

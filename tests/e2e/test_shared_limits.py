@@ -141,7 +141,9 @@ class SharedLimitsTests(SynchronousTestCase):
             f.write(file_entry("team", key) + "".join(f"{name} = {value}\n" for name, value in limits.items()))
         return key
 
-    def proxy(self, host: str = "127.0.0.1", deadline: str = SHARING_DEADLINE) -> tuple[Process, str]:
+    def proxy(
+        self, host: str = "127.0.0.1", deadline: str = SHARING_DEADLINE, lease: float = LEASE, *more: str
+    ) -> tuple[Process, str]:
         args = [
             "--upstream",
             self.url,
@@ -154,9 +156,10 @@ class SharedLimitsTests(SynchronousTestCase):
             "--shared-state-instances",
             "2",
             "--shared-state-lease",
-            str(LEASE),
+            str(lease),
             "--shared-state-deadline",
             deadline,
+            *more,
         ]
         process, base = start_proxy(self.cwd, args, {"OPENAI_API_KEY": KEY}, port=f"tcp:0:interface={host}")
         self.addCleanup(process.stop)
@@ -248,6 +251,24 @@ class SharedLimitsTests(SynchronousTestCase):
         self.addCleanup(third[3].close)
         self.assertEqual(third[0], 200)
         self.assertEqual(request(b, key, chat())[0], 429)
+
+    def test_stopped_process_frees_its_slot_at_once(self) -> None:
+        """
+        A host stopped the orderly way (SIGTERM: it drains, cutting off
+        the stream at its drain timeout) settles before its link closes:
+        its slot is free at once, not when the lease (30 s) expires.
+        """
+        key = self.clients(concurrent_requests=1)
+        one, a = self.proxy("127.0.0.1", SHARING_DEADLINE, 30.0, "--drain-timeout", "1")
+        two, b = self.proxy("127.0.0.2", SHARING_DEADLINE, 30.0)
+        stream = request(a, key, chat(words=60, stream=True))
+        self.addCleanup(stream[3].close)
+        self.assertEqual(stream[0], 200)
+        self.assertEqual(request(b, key, chat())[0], 429)
+        one.send_signal(signal.SIGTERM)
+        one.wait()
+        self.assertIn("drained; shutting down", one.output)
+        self.assertEqual(request(b, key, chat())[0], 200)
 
     def test_redis_stopped_fallback_within_bound_then_back(self) -> None:
         """
