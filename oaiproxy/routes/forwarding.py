@@ -133,7 +133,9 @@ class ForwardingResource(Endpoint):
 
         def answered(_: object) -> None:
             result = answer[0]
-            if over:
+            # (An upload answered early finishes before its body is in, and
+            # notifyFinish fires only once it is.)
+            if over or request.finished:
                 if not isinstance(result, bytes):
                     result.settle(0)
                 return
@@ -146,7 +148,7 @@ class ForwardingResource(Endpoint):
             self.log.failure("bug going on with an admitted request", failure)
             if answer and not isinstance(answer[0], bytes):
                 answer[0].settle(0)
-            if over:
+            if over or request.finished:
                 return
             if request.startedWriting:
                 request.loseConnection()
