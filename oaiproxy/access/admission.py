@@ -1,10 +1,13 @@
-# -*- test-case-name: tests.access.test_admission,tests.routes.test_chat -*-
+# -*- test-case-name: tests.access.test_admission,tests.routes.test_chat,tests.routes.test_pending_admission -*-
 """
 Admission: what a request passes before it may cost an upstream call.
 
 In order: the proxy is not draining, the request carries a valid client key
 (and no real OpenAI key anywhere), then the client's model allow-list and
 its limits.  Each refusal is an OpenAI-shaped error set on the request.
+The limits live in a L{oaiproxy.access.limits.LimitStore}, which may be a
+round trip away (Redis), so L{Admission.reserve} answers with a Deferred;
+everything before it is checked at once.
 The routes call it (L{oaiproxy.routes.forwarding}) and, once a request is
 admitted, hand it to the exchange (L{oaiproxy.upstream.exchange}): admission
 never reaches the upstream itself.

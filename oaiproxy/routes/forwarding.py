@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.routes.test_chat,tests.routes.test_uploads -*-
+# -*- test-case-name: tests.routes.test_chat,tests.routes.test_uploads,tests.routes.test_pending_admission -*-
 """
 The base of every route that forwards: a request goes through admission
 (L{oaiproxy.access.admission}), then upstream (L{oaiproxy.upstream.exchange}),

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_uploads -*-
+# -*- test-case-name: tests.routes.test_uploads,tests.routes.test_pending_admission -*-
 """
 C{POST /v1/audio/transcriptions} and C{/v1/audio/translations}: audio
 uploads, streamed upstream as they arrive.
