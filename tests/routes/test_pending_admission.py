@@ -19,11 +19,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from oaiproxy.access.clients import Client, Credentials
-from oaiproxy.access.limits import Held, Refusal
+from oaiproxy.access.clients import Client, Credentials, Limits
+from oaiproxy.access.limits import Held, LocalLimitStore, Refusal
 from oaiproxy.config import Secret
 from oaiproxy.drain import Lifecycle
-from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, chat_body, registry
+from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body, registry
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routetable import BY_NAME
 from oaiproxy.server.site import ProxySite
@@ -316,6 +316,25 @@ class UploadTests(PendingAdmissionCase):
         self.assertEqual(hold.settled, [0])
         self.assertEqual(self.http.requests, [])
 
+    def test_body_too_large_while_pending(self) -> None:
+        """
+        An upload that grows past the body limit while admission is
+        pending is answered 413 at once, not after the store answers; the
+        hold granted later is given back.
+        """
+        self.channel.dataReceived(
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer " + CLIENT_KEY + b"\r\n"
+            b"Content-Type: " + self.content_type + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = self.body[:500_000]
+        for _ in range(5):
+            self.channel.dataReceived(b"%x\r\n" % (len(chunk),) + chunk + b"\r\n")
+        self.assertEqual(self.status(), b"413")
+        hold = Hold()
+        self.store.answer(hold)
+        self.assertEqual(hold.settled, [0])
+        self.assertEqual(self.http.requests, [])
+
 
 class _Broken(_Upstream):
     """
@@ -343,3 +362,21 @@ class BugTests(PendingAdmissionCase):
         self.assertIn(b"internal_error", self.transport.value())
         # (Only the first settlement counts; the exchange settles again.)
         self.assertEqual(hold.settled[0], 0)
+
+
+class WiringTests(SynchronousTestCase):
+    def test_build_site_admits_through_the_limiter(self) -> None:
+        """
+        The site's store (C{Built.limit_store}) is the in-process one over
+        C{Built.limiter}: what the routes admit counts there, and a client
+        over its limit is refused at once.
+        """
+        h = Harness(clients=registry(CLIENT_KEY, limits=Limits(requests_per_minute=1)))
+        store = h.built.limit_store
+        assert isinstance(store, LocalLimitStore)
+        self.assertIs(store.limiter, h.limiter)
+        bearer = {b"authorization": [b"Bearer " + CLIENT_KEY]}
+        self.assertEqual(self.successResultOf(h.post(chat_body(), headers=bearer)).code, 200)
+        [client] = h.credentials.clients
+        self.assertEqual(dict(h.limiter.headers(client))[b"x-ratelimit-remaining-requests"], b"0")
+        self.assertEqual(self.successResultOf(h.post(chat_body(), headers=bearer)).code, 429)
