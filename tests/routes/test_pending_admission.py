@@ -119,6 +119,16 @@ class PendingAdmissionCase(SynchronousTestCase):
     def client_leaves(self) -> None:
         self.channel.connectionLost(Failure(ConnectionDone()))
 
+    def assert_grant_given_back(self) -> None:
+        """
+        The store now admits the request: its hold is settled with 0 at
+        once, and nothing goes upstream.
+        """
+        hold = Hold(100)
+        self.store.answer(hold)
+        self.assertEqual(hold.settled, [0])
+        self.assertEqual(self.http.requests, [])
+
 
 class ChatTests(PendingAdmissionCase):
     def test_waits_for_admission_then_forwards(self) -> None:
@@ -166,10 +176,7 @@ class ChatTests(PendingAdmissionCase):
         """
         self.send(b"POST", b"/v1/chat/completions", chat_body())
         self.client_leaves()
-        hold = Hold(100)
-        self.store.answer(hold)
-        self.assertEqual(hold.settled, [0])
-        self.assertEqual(self.http.requests, [])
+        self.assert_grant_given_back()
 
     def test_client_gone_then_refused(self) -> None:
         """
@@ -208,10 +215,7 @@ class ChatTests(PendingAdmissionCase):
         self.clock.advance(30)
         self.assertTrue(self.transport.disconnecting)
         self.client_leaves()
-        hold = Hold()
-        self.store.answer(hold)
-        self.assertEqual(hold.settled, [0])
-        self.assertEqual(self.http.requests, [])
+        self.assert_grant_given_back()
 
     def test_stored_response_waits_for_admission(self) -> None:
         """
@@ -293,10 +297,7 @@ class UploadTests(PendingAdmissionCase):
         """
         self.channel.dataReceived(self.head() + self.body[:100_000])
         self.client_leaves()
-        hold = Hold()
-        self.store.answer(hold)
-        self.assertEqual(hold.settled, [0])
-        self.assertEqual(self.http.requests, [])
+        self.assert_grant_given_back()
 
     def test_body_refused_while_pending(self) -> None:
         """
@@ -311,10 +312,7 @@ class UploadTests(PendingAdmissionCase):
         self.assertEqual(self.transport.value(), b"")
         self.channel.dataReceived(body[first:200_000])
         self.assertEqual(self.status(), b"400")
-        hold = Hold()
-        self.store.answer(hold)
-        self.assertEqual(hold.settled, [0])
-        self.assertEqual(self.http.requests, [])
+        self.assert_grant_given_back()
 
     def test_body_too_large_while_pending(self) -> None:
         """
@@ -330,10 +328,7 @@ class UploadTests(PendingAdmissionCase):
         for _ in range(5):
             self.channel.dataReceived(b"%x\r\n" % (len(chunk),) + chunk + b"\r\n")
         self.assertEqual(self.status(), b"413")
-        hold = Hold()
-        self.store.answer(hold)
-        self.assertEqual(hold.settled, [0])
-        self.assertEqual(self.http.requests, [])
+        self.assert_grant_given_back()
 
 
 class _Broken(_Upstream):
