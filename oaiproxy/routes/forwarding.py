@@ -127,7 +127,7 @@ class ForwardingResource(Endpoint):
         answer: list["Held | bytes"] = []
         admitted.addCallback(answer.append)
         if answer:
-            return self._go_on(request, answer[0], forward, refused)
+            return self._go_on(answer[0], forward, refused)
         over: list[object] = []
         request.notifyFinish().addBoth(over.append)
 
@@ -139,7 +139,7 @@ class ForwardingResource(Endpoint):
                 if not isinstance(result, bytes):
                     result.settle(0)
                 return
-            body = self._go_on(request, result, forward, refused)
+            body = self._go_on(result, forward, refused)
             if isinstance(body, bytes):
                 request.write(body)
                 request.finish()
@@ -160,7 +160,6 @@ class ForwardingResource(Endpoint):
 
     @staticmethod
     def _go_on(
-        request: Request,
         result: "Held | bytes",
         forward: Callable[[Held], object],
         refused: Optional[Callable[[], object]],
