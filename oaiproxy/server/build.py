@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.access.admission import admission_gate
 from oaiproxy.access.clients import ClientRegistry, Credentials
-from oaiproxy.access.limits import Limiter
+from oaiproxy.access.limits import Limiter, LimitStore, LocalLimitStore
 from oaiproxy.config import Config, Secret
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import invalid_api_key
@@ -65,11 +65,12 @@ class Built:
         (members, breakers, in-flight), C{upstreams.clients},
         C{upstreams.observe} (breaker transitions), C{upstreams.listen}
         (every attempt's end), C{upstreams.replace} (a reload).
-    @ivar limiter: the per-client limits, shared by every route.
+    @ivar limiter: the per-client limits in this process (behind
+        C{limit_store} unless the limits are shared).
+    @ivar limit_store: where admission takes the per-client limits from,
+        shared by every route.
     @ivar api: the resource of each enabled route, by route name.
     @ivar routes: the enabled routes, in the table's order.
-    @ivar shared_limits: the client limits in the group's Redis, with
-        C{--shared-state}.
     """
 
     site: ProxySite
@@ -79,7 +80,7 @@ class Built:
     api: dict[str, ForwardingResource]
     routes: list[Route]
     upstreams: Upstreams
-    shared_limits: "Optional[SharedLimitStore]" = None
+    limit_store: LimitStore
 
 
 def style_of(config: Config) -> UpstreamStyle:
@@ -170,10 +171,14 @@ def build_site(
     """
     upstreams = build_upstreams(config, http, credentials, clock, http_for)
     watch_pool(metrics, upstreams.pool)
-    shared_limits = None if shared is None else shared_limit_store(config, shared, clock, metrics)
     upstream = next(iter(upstreams.clients.values()))
     styles = {client.style.name for client in upstreams.clients.values()}
-    limiter = Limiter(clock, share=config.worker_share)
+    # With a shared state the group shares the exact limits: no split
+    # among workers (each takes 1 / instances only while Redis is down).
+    limiter = Limiter(clock, share=1 if shared is not None else config.worker_share)
+    store: LimitStore = (
+        LocalLimitStore(limiter) if shared is None else shared_limit_store(config, shared, clock, metrics)
+    )
     enabled = in_order(config.routes)
     api = api_resources(
         enabled,
@@ -182,7 +187,7 @@ def build_site(
         credentials,
         lifecycle,
         config.connect_timeout,
-        limiter,
+        store,
         stream_usage=config.stream_usage,
         sse_keepalive=config.sse_keepalive,
     )
@@ -222,7 +227,7 @@ def build_site(
             access_log=lambda record: None,
             reactor=clock,
         )
-    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, shared_limits)
+    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store)
 
 
 def shared_limit_store(
