@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaiproxy.config import Config, Secret
 from oaiproxy.daemon import tap
 from oaiproxy.daemon.tap import Options, makeService, shared_instances
+from oaiproxy.access.clients import file_entry
 from oaiproxy.daemon.workers import GroupSecrets, Supervisor, encode_secrets
 from oaiproxy.fake.harness import registry
 from oaiproxy.sharedstate.link import RedisLink
@@ -216,8 +217,11 @@ class ServiceTests(SynchronousTestCase):
         from treq.testing import StubTreq
 
         reactor = HonestReactor()
-        env = {"OPENAI_API_KEY": KEY, "OAIPROXY_CLIENT_KEYS": "k"}
-        service = makeService(parse(["--shared-state", URL], env), reactor=reactor, check_shared=lambda c: None)
+        clients = os.path.join(temp_dir(self), "clients.toml")
+        with open(clients, "w") as f:
+            f.write(file_entry("team", "k") + "requests_per_minute = 10\n")
+        argv = ["--shared-state", URL, "--client-keys-file", clients]
+        service = makeService(parse(argv), reactor=reactor, check_shared=lambda c: None)
         with capturedLogs():
             service.privilegedStartService()
             service.startService()
@@ -243,6 +247,16 @@ class ServiceTests(SynchronousTestCase):
         text = metrics()
         self.assertIn("oaiproxy_shared_state_up 0.0", text)
         self.assertIn("oaiproxy_shared_state_episodes_total 1.0", text)
+        self.assertIn("oaiproxy_shared_state_fallback_admitted_total 0.0", text)
+        # Admitted at this process's share while Redis is down (the request
+        # then waits on an upstream the memory reactor never connects).
+        with capturedLogs():
+            stub.post(
+                "http://p/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": b"Bearer k"},
+            )
+        self.assertIn("oaiproxy_shared_state_fallback_admitted_total 1.0", metrics())
 
 
 class _InFlight:
