@@ -16,10 +16,10 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaiproxy.access.clients import file_entry
 from oaiproxy.config import Config, Secret
 from oaiproxy.daemon import tap
 from oaiproxy.daemon.tap import Options, makeService, shared_instances
-from oaiproxy.access.clients import file_entry
 from oaiproxy.daemon.workers import GroupSecrets, Supervisor, encode_secrets
 from oaiproxy.fake.harness import registry
 from oaiproxy.sharedstate.link import RedisLink
