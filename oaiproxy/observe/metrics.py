@@ -74,6 +74,7 @@ __all__ = [
     "GroupDirectory",
     "MULTIPROC_ENV",
     "UPSTREAM_GAUGE_SECONDS",
+    "Unrecorded",
 ]
 
 #: The variable prometheus_client reads, once, when first imported: set,
@@ -361,6 +362,47 @@ class Metrics:
             ):
                 if count:
                     self.tokens.labels(record.client, model, kind, exact).inc(count)
+
+
+class Unrecorded(Metrics):
+    """
+    The metrics of a site whose own requests nobody reads: the
+    C{--metrics-port} listener's, as before.  It makes no series at all:
+    in a group, one of its own would write the same series as the API
+    site's into this worker's file, each overwriting the other's value,
+    and a counter could go backwards.
+    """
+
+    def __init__(self) -> None:
+        # Not Metrics.__init__: that would make the series.
+        self.registry = CollectorRegistry()
+        self._group = False
+        self._read = lambda: ()
+        self._models = set()
+
+    def request_started(self) -> None:
+        pass
+
+    def request_finished(self) -> None:
+        pass
+
+    def stream_started(self) -> None:
+        pass
+
+    def stream_finished(self) -> None:
+        pass
+
+    def attempt_finished(self, upstream: str, outcome: str) -> None:
+        pass
+
+    def failed_over(self, upstream: str, reason: str) -> None:
+        pass
+
+    def watch_upstreams(self, read: Callable[[], Iterable[UpstreamGauges]]) -> None:
+        pass
+
+    def observe(self, record: RequestRecord) -> None:
+        pass
 
 
 class GuardedEndpoint(Endpoint):
