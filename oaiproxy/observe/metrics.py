@@ -161,6 +161,11 @@ class Metrics:
         made (L{GroupDirectory}); C{None} for one process on its own.
     @param worker: that worker's index (the C{worker} label).
     @ivar registry: what C{/metrics} shows.
+    @ivar series_registry: where a series registers (C{registry=} of a
+        C{Counter}, C{Gauge}, ...): C{registry} itself for one process;
+        C{None} in a group, whose samples reach C{/metrics} through the
+        files (registered as well, a series would show twice).  Every gauge
+        says how a group combines it (C{multiprocess_mode}).
     @raise ValueError: for C{group_dir} when prometheus_client was imported
         without L{MULTIPROC_ENV}: the samples would stay in this process.
     """
@@ -179,10 +184,11 @@ class Metrics:
             # The samples go to files only; the scrape reads every worker's.
             self.registry = CollectorRegistry()
             self.registry.register(_GroupCollector(group_dir, lambda: [g.name for g in self._read()]))
-            r: Optional[CollectorRegistry] = None
+            self.series_registry: Optional[CollectorRegistry] = None
         else:
             self.registry = registry if registry is not None else CollectorRegistry()
-            r = self.registry
+            self.series_registry = self.registry
+        r = self.series_registry
         self._worker = "-" if worker is None else str(worker)
         self.requests = Counter(
             "oaiproxy_requests", "Requests answered.", ["client", "model", "route", "status_class"], registry=r
@@ -376,6 +382,7 @@ class Unrecorded(Metrics):
     def __init__(self) -> None:
         # Not Metrics.__init__: that would make the series.
         self.registry = CollectorRegistry()
+        self.series_registry = None
         self._group = False
         self._read = lambda: ()
         self._models = set()
