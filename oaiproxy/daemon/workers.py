@@ -388,34 +388,29 @@ class Supervisor(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        for number, (description, endpoint) in enumerate(self._listeners):
+        for description, endpoint in self._listeners:
 
             def bound(port: IListeningPort, description: str = description) -> None:
                 self._bound(description, port)
 
-            port = bind_now(endpoint, Factory.forProtocol(_Refuse), description, self._report, bound)
-            # The workers accept; the supervisor only holds the socket open.
-            port.stopReading()  # type: ignore[attr-defined]
-            child_fd = FIRST_FD + number
-            # A listening port is a file descriptor (IFileDescriptor), though
-            # IListeningPort does not say so: adapting says it publicly.
-            self._fds[child_fd] = IFileDescriptor(port).fileno()
-            self._inherited.append(f"{child_fd}:{family_name(port.getHost())}")
-            self._ports.append(port)
-            log.info("supervisor holds {endpoint} for {count} workers", endpoint=description, count=self._count)
+            self._inherited.append(self._hold(description, endpoint, bound))
         if self._metrics_listener is not None:
-            self._metrics_inherited = self._hold(*self._metrics_listener)
+            self._metrics_inherited = self._hold(*self._metrics_listener, lambda port: None)
 
-    def _hold(self, description: str, endpoint: IStreamServerEndpoint) -> str:
+    def _hold(self, description: str, endpoint: IStreamServerEndpoint, bound: Callable[[IListeningPort], None]) -> str:
         """
-        Bind a listener that only the workers accept on; its C{fd:family}.
+        Bind a listener that only the workers accept on, to be a worker's
+        next descriptor; its C{fd:family}.
         """
-        port = bind_now(endpoint, Factory.forProtocol(_Refuse), description, self._report, lambda port: None)
+        port = bind_now(endpoint, Factory.forProtocol(_Refuse), description, self._report, bound)
+        # The workers accept; the supervisor only holds the socket open.
         port.stopReading()  # type: ignore[attr-defined]
         child_fd = FIRST_FD + len(self._fds)
+        # A listening port is a file descriptor (IFileDescriptor), though
+        # IListeningPort does not say so: adapting says it publicly.
         self._fds[child_fd] = IFileDescriptor(port).fileno()
         self._ports.append(port)
-        log.info("supervisor holds {endpoint} (metrics) for {count} workers", endpoint=description, count=self._count)
+        log.info("supervisor holds {endpoint} for {count} workers", endpoint=description, count=self._count)
         return f"{child_fd}:{family_name(port.getHost())}"
 
     def startService(self) -> None:
