@@ -156,6 +156,7 @@ class WorkerMetricsTests(SynchronousTestCase):
         with self.assertRaises(urllib.error.HTTPError) as refused:
             scrape(base + "/metrics")
         self.assertEqual(refused.exception.code, 404)
+        refused.exception.close()
         # As with one process, the scraper's own requests are not counted
         # (nor do they overwrite the counts of the API port's requests).
         growing, _ = scrape(metrics_url)
@@ -189,10 +190,10 @@ class WorkerMetricsTests(SynchronousTestCase):
                     {"model": "fake-stall", "stream": True, "messages": [{"role": "user", "content": "x"}]}
                 )
                 connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-                response = connection.getresponse()
-                response.read(1)
-                holding.set()
-                response.read()
+                with connection.getresponse() as response:
+                    response.read(1)
+                    holding.set()
+                    response.read()
                 streamed.append(None)
             except Exception as e:
                 holding.set()

@@ -12,7 +12,7 @@ import contextlib
 import os
 import stat
 from collections.abc import Iterator
-from typing import Optional
+from typing import Any, Optional
 
 from prometheus_client import values
 from prometheus_client.values import MultiProcessValue
@@ -43,7 +43,8 @@ class Group:
         self.directory = GroupDirectory({"RUNTIME_DIRECTORY": temp_dir(case)})
         self.path = self.directory.create()
         case.addCleanup(self.directory.remove)
-        self._classes: dict[int, type] = {}
+        self._classes: dict[int, Any] = {}
+        case.addCleanup(lambda: [value_class.close_all_files() for value_class in self._classes.values()])
         self.workers: dict[int, Metrics] = {}
 
     @contextlib.contextmanager
