@@ -145,6 +145,8 @@ class Config:
     azure_deployments: tuple[tuple[str, str], ...] = ()
     workers: int = 1
     worker_listeners: tuple[str, ...] = ()
+    #: A worker's inherited C{--metrics-port} socket (C{fd:family}).
+    worker_metrics_listener: Optional[str] = None
     worker_share: int = 1
     mock_upstream: bool = False
     api_key_file: Optional[str] = None

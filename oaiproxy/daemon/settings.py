@@ -524,6 +524,13 @@ SETTINGS: tuple[Setting, ...] = (
         kind=REPEATABLE,
         shown=False,
     ),
+    Setting(
+        "worker-metrics-listener",
+        None,
+        "(internal, set by the supervisor) the inherited --metrics-port socket, FD:FAMILY.",
+        "",
+        shown=False,
+    ),
     # Defined only to refuse them: getopt's prefix matching would otherwise
     # take "--api-key sk-..." for --api-key-file and echo the key as a path.
     Setting(

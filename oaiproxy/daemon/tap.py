@@ -28,6 +28,7 @@ import textwrap
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -79,7 +80,7 @@ from oaiproxy.daemon.workers import (
 )
 from oaiproxy.fake.upstream import FakeUpstream, listen
 from oaiproxy.observe.jsonlog import OBSERVER_NAME
-from oaiproxy.observe.metrics import Metrics
+from oaiproxy.observe.metrics import MULTIPROC_ENV, UPSTREAM_GAUGE_SECONDS, GroupDirectory, Metrics
 from oaiproxy.routetable import BY_NAME, in_order
 from oaiproxy.server.build import build_site
 from oaiproxy.upstream.client import UpstreamClient, make_http_client
@@ -276,11 +277,10 @@ class Options(usage.Options):
     def _build(self) -> Config:
         config = self._settings()
         _check_shared_state_options(config)
-        if config.workers > 1 and config.metrics_port:
-            raise ConfigError(
-                "--metrics-port cannot be combined with --workers: each worker serves its own /metrics on the API port"
-            )
-        for listener in config.worker_listeners:
+        inherited = config.worker_listeners + (
+            (config.worker_metrics_listener,) if config.worker_metrics_listener else ()
+        )
+        for listener in inherited:
             fd, _, family = listener.partition(":")
             if not fd.isdigit() or family not in FAMILIES:
                 raise ConfigError(f"--worker-listener must be FD:INET|INET6|UNIX, not {listener!r}")
@@ -371,6 +371,7 @@ class Options(usage.Options):
             metrics_key=None if worker else self._metrics_key(),
             stream_usage=not self["no-stream-usage"] and env.get(_env("no-stream-usage"), "on") != "off",
             worker_listeners=tuple(self["worker-listener"]),
+            worker_metrics_listener=self["worker-metrics-listener"],
             upstream_headers=tuple(self["upstream-header"]),
             upstreams=upstreams,
             upstreams_file=upstreams_file,
@@ -1036,6 +1037,17 @@ class _SecretsService(Service):
         self._reactor.removeReader(self._reader)
 
 
+def _metrics(config: Config, environ: Mapping[str, str]) -> Metrics:
+    """
+    A worker's metrics, in the directory its supervisor made (the group's
+    totals at every scrape); one process's own, in memory, otherwise.
+    """
+    directory = environ.get(MULTIPROC_ENV)
+    if config.worker_listeners and directory:
+        return Metrics(group_dir=directory, worker=_worker_index(environ))
+    return Metrics()
+
+
 def _worker_index(environ: Mapping[str, str]) -> Optional[int]:
     """
     The index the supervisor gave this worker (in its environment), if any.
@@ -1052,11 +1064,13 @@ def _supervise(
     endpoints: list[tuple[str, IStreamServerEndpoint]],
     report: StartupReport,
     exposure: _Exposure,
+    metrics_listener: Optional[tuple[str, IStreamServerEndpoint]] = None,
 ) -> IService:
     """
     C{--workers N}: this process only holds the listeners and speaks for
     the group (see L{oaiproxy.daemon.workers}).  It checks the configuration; the
-    workers get it from here.
+    workers get it from here.  It also holds the C{--metrics-port}
+    listener, if any, and the group's metrics directory.
     """
     config = options.config
 
@@ -1087,6 +1101,8 @@ def _supervise(
         report,
         bound,
         error_output=writer(sys.__stderr__),
+        metrics_listener=metrics_listener,
+        metrics_dir=GroupDirectory(options.environ),
     )
     supervisor.setServiceParent(service)
 
@@ -1167,7 +1183,14 @@ def makeService(
     else:
         planned = [(description, planned_address(description)) for description in config.ports]
         endpoints = [(description, _endpoint(reactor, description)) for description in config.ports]
-    metrics_endpoint = _endpoint(reactor, config.metrics_port) if config.metrics_port else None
+    metrics_endpoint: Optional[IStreamServerEndpoint] = None
+    if config.worker_listeners:
+        # A worker accepts on its supervisor's metrics socket too.
+        if config.worker_metrics_listener:
+            fd, _, family = config.worker_metrics_listener.partition(":")
+            metrics_endpoint = AdoptedStreamServerEndpoint(reactor, int(fd), FAMILIES[family])
+    elif config.metrics_port:
+        metrics_endpoint = _endpoint(reactor, config.metrics_port)
     clients: ClientRegistry = config.clients if config.clients is not None else ClientRegistry()
     _check_before_binding(planned, config, clients, exposure)
     if config.shared_state is not None and not config.worker_listeners:
@@ -1178,7 +1201,10 @@ def makeService(
         report = StartupReport(reactor)
 
     if config.workers > 1 and not config.worker_listeners:
-        return _supervise(options, reactor, notifier, service, endpoints, report, exposure)
+        metrics_listener = None
+        if config.metrics_port and metrics_endpoint is not None:
+            metrics_listener = (config.metrics_port, metrics_endpoint)
+        return _supervise(options, reactor, notifier, service, endpoints, report, exposure, metrics_listener)
 
     api_key = _MOCK_KEY if config.mock_upstream or config.api_key is None else config.api_key
     assert config.mock_upstream or config.upstreams is not None or config.api_key is not None, (
@@ -1202,13 +1228,14 @@ def makeService(
 
     assert http is not None
     shared = shared_state(config, reactor)
+    metrics = _metrics(config, options.environ)
     built = build_site(
         config,
         http=http,
         credentials=credentials,
         clock=reactor,
         lifecycle=lifecycle,
-        metrics=Metrics(),
+        metrics=metrics,
         worker=_worker_index(options.environ),
         http_for=http_for,
         shared=shared,
@@ -1216,6 +1243,11 @@ def makeService(
     upstream, site = built.upstream, built.site
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
+    if config.worker_listeners and MULTIPROC_ENV in options.environ:
+        # The other workers cannot read this one's pool: it writes it.
+        gauges = TimerService(UPSTREAM_GAUGE_SECONDS, metrics.refresh_upstreams)
+        gauges.clock = reactor
+        gauges.setServiceParent(service)
     listening: list[Deferred[None]] = []
     # A worker accepts on the sockets its supervisor opened.
     for description, endpoint in endpoints:

@@ -28,6 +28,15 @@ file emptied since cannot turn a restarted worker into an open relay.
 Per-client limits are split: each worker enforces 1/N of each limit
 (rounded down, at least 1), which keeps the group within the limit without
 a shared store.
+
+Metrics are the group's: the supervisor makes a private directory
+(L{oaiproxy.observe.metrics.GroupDirectory}) before the first worker
+starts, names it in every worker's environment, so that each writes its
+samples there and any of them answers a scrape with the group's totals,
+marks each worker that exits as dead there (its gauges go, its counters
+stay in the totals), and removes it when the group has stopped.  A
+C{--metrics-port} listener is opened here and handed to the workers like
+the others.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from oaiproxy.access.clients import ClientRegistry
 from oaiproxy.config import ConfigError, Secret
 from oaiproxy.daemon.lifecycle import StartupReport, bind_now, exit_after_shutdown
 from oaiproxy.daemon.sdnotify import Notifier
+from oaiproxy.observe.metrics import GroupDirectory
 
 __all__ = [
     "Supervisor",
@@ -203,11 +213,15 @@ def family_name(address: Any) -> str:
     raise ValueError(f"cannot hand a {type(address).__name__} listener to workers")
 
 
-def worker_argv(argv: Sequence[str], listeners: Sequence[str], workers: int) -> list[str]:
+def worker_argv(
+    argv: Sequence[str], listeners: Sequence[str], workers: int, metrics_listener: Optional[str] = None
+) -> list[str]:
     """
     The plugin arguments for a worker: the supervisor's own, without the
     options that only the supervisor acts on (C{--workers}, C{--port}),
-    plus the inherited listeners (C{fd:family}) and the share of limits.
+    plus the inherited listeners (C{fd:family}), the C{--metrics-port}
+    one if any (C{--metrics-port} itself stays: it moves /metrics off the
+    API port), and the share of limits.
     """
     out: list[str] = []
     skip = False
@@ -215,14 +229,16 @@ def worker_argv(argv: Sequence[str], listeners: Sequence[str], workers: int) -> 
         if skip:
             skip = False
             continue
-        if arg in ("--workers", "--port", "--metrics-port"):
+        if arg in ("--workers", "--port"):
             skip = True
             continue
-        if arg.startswith(("--workers=", "--port=", "--metrics-port=")):
+        if arg.startswith(("--workers=", "--port=")):
             continue
         out.append(arg)
     for listener in listeners:
         out += ["--worker-listener", listener]
+    if metrics_listener is not None:
+        out += ["--worker-metrics-listener", metrics_listener]
     return out + ["--worker-share", str(workers)]
 
 
@@ -281,10 +297,15 @@ class _WorkerProcess(ProcessProtocol):
     def __init__(self, supervisor: "Supervisor", index: int) -> None:
         self._supervisor = supervisor
         self.index = index
+        self.pid: Optional[int] = None
         self.ready = False
         self.ended: Deferred[None] = Deferred()
         self._out = _Lines(supervisor.output)
         self._err = _Lines(supervisor.error_output)
+
+    def connectionMade(self) -> None:
+        # Kept for after its end, when the transport no longer has it.
+        self.pid = getattr(self.transport, "pid", None)
 
     def outReceived(self, data: bytes) -> None:
         lines = self._out.feed(data)
@@ -319,6 +340,11 @@ class Supervisor(Service):
         bound, before any worker starts: the exposure check, which refuses
         by raising L{oaiproxy.daemon.lifecycle.StartupError}.
     @param spawn: C{reactor.spawnProcess}, injected for tests.
+    @param metrics_listener: the C{--metrics-port} description and
+        endpoint, opened here and handed to the workers like the others.
+    @param metrics_dir: the group's metrics directory, made before the
+        first worker starts and removed once the last has stopped;
+        C{None} leaves each worker's metrics its own.
     """
 
     def __init__(
@@ -335,8 +361,13 @@ class Supervisor(Service):
         bound: Callable[[str, IListeningPort], None] = lambda description, port: None,
         spawn: Optional[Callable[..., Any]] = None,
         error_output: Optional[Callable[[bytes], None]] = None,
+        metrics_listener: Optional[tuple[str, IStreamServerEndpoint]] = None,
+        metrics_dir: Optional[GroupDirectory] = None,
     ) -> None:
         self._reactor = reactor
+        self._metrics_listener = metrics_listener
+        self._metrics_inherited: Optional[str] = None
+        self.metrics_dir = metrics_dir
         self._listeners = list(listeners)
         self._plugin_argv = list(plugin_argv)
         self._count = workers
@@ -360,26 +391,37 @@ class Supervisor(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        for number, (description, endpoint) in enumerate(self._listeners):
+        for description, endpoint in self._listeners:
 
             def bound(port: IListeningPort, description: str = description) -> None:
                 self._bound(description, port)
 
-            port = bind_now(endpoint, Factory.forProtocol(_Refuse), description, self._report, bound)
-            # The workers accept; the supervisor only holds the socket open.
-            port.stopReading()  # type: ignore[attr-defined]
-            child_fd = FIRST_FD + number
-            # A listening port is a file descriptor (IFileDescriptor), though
-            # IListeningPort does not say so: adapting says it publicly.
-            self._fds[child_fd] = IFileDescriptor(port).fileno()
-            self._inherited.append(f"{child_fd}:{family_name(port.getHost())}")
-            self._ports.append(port)
-            log.info("supervisor holds {endpoint} for {count} workers", endpoint=description, count=self._count)
+            self._inherited.append(self._hold(description, endpoint, bound))
+        if self._metrics_listener is not None:
+            self._metrics_inherited = self._hold(*self._metrics_listener, lambda port: None)
+
+    def _hold(self, description: str, endpoint: IStreamServerEndpoint, bound: Callable[[IListeningPort], None]) -> str:
+        """
+        Bind a listener that only the workers accept on, to be a worker's
+        next descriptor; its C{fd:family}.
+        """
+        port = bind_now(endpoint, Factory.forProtocol(_Refuse), description, self._report, bound)
+        # The workers accept; the supervisor only holds the socket open.
+        port.stopReading()  # type: ignore[attr-defined]
+        child_fd = FIRST_FD + len(self._fds)
+        # A listening port is a file descriptor (IFileDescriptor), though
+        # IListeningPort does not say so: adapting says it publicly.
+        self._fds[child_fd] = IFileDescriptor(port).fileno()
+        self._ports.append(port)
+        log.info("supervisor holds {endpoint} for {count} workers", endpoint=description, count=self._count)
+        return f"{child_fd}:{family_name(port.getHost())}"
 
     def startService(self) -> None:
         if not self._ports:
             self.privilegedStartService()
         super().startService()
+        if self.metrics_dir is not None:
+            self.metrics_dir.create()
         for index in range(self._count):
             self._start(index)
 
@@ -394,12 +436,14 @@ class Supervisor(Service):
             "--nodaemon",
             "--pidfile=",
             "oaiproxy",
-            *worker_argv(self._plugin_argv, self._inherited, self._count),
+            *worker_argv(self._plugin_argv, self._inherited, self._count, self._metrics_inherited),
         ]
         worker = _WorkerProcess(self, index)
         self.workers[index] = worker
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", **self._fds}
         env = {**self._environ, WORKER_INDEX: str(index)}
+        if self.metrics_dir is not None:
+            env.update(self.metrics_dir.environ())
         self._spawn(worker, sys.executable, argv, env=env, childFDs=child_fds)
         # Its first read: the configuration the group runs with now, not
         # what the files say.
@@ -423,6 +467,9 @@ class Supervisor(Service):
                 self.all_ready.callback(None)
 
     def worker_ended(self, worker: _WorkerProcess, reason: Failure) -> None:
+        if self.metrics_dir is not None and worker.pid is not None:
+            # Before any replacement starts: its requests are not in flight.
+            self.metrics_dir.process_dead(worker.pid)
         if self._stopping:
             return
         if not worker.ready:
@@ -461,6 +508,8 @@ class Supervisor(Service):
         waiting = [w.ended for w in self.workers.values() if not w.ended.called]
 
         def close(_: object) -> "Deferred[Any]":
+            if self.metrics_dir is not None:
+                self.metrics_dir.remove()
             return DeferredList([succeed(p.stopListening()) for p in self._ports])
 
         return DeferredList(waiting).addCallback(close)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_observe -*-
+# -*- test-case-name: tests.observe.test_observe,tests.observe.test_metrics -*-
 """
 Prometheus metrics, with the standard C{prometheus_client} library.
 
@@ -24,23 +24,68 @@ and several sites do not share counts.  L{MetricsResource} renders it in
 the text exposition format synchronously: the library's Twisted helper
 would run a WSGI app on the reactor's thread pool for a few microseconds
 of formatting.
+
+A group of workers (C{--workers N}) shows one set of series, whichever
+worker a scrape reaches: prometheus_client's multiprocess mode.  The
+supervisor makes a private directory (L{GroupDirectory}) and starts every
+worker with L{MULTIPROC_ENV} naming it, so that the library, which picks
+its value class once, at import, writes every sample of that worker to
+memory-mapped files there; a worker's L{Metrics} (C{group_dir=}) serves a
+registry holding only a C{MultiProcessCollector} over the directory, which
+adds up every file at each scrape.  Counters and histograms of a worker
+that died stay in the directory and in the sums, so totals never go
+backwards; the supervisor drops a dead worker's gauges
+(L{GroupDirectory.process_dead}).  Each gauge says how its workers' values
+combine (C{multiprocess_mode}): requests and streams in flight are summed
+over live workers; a breaker's state is each worker's own (its breakers
+are its own), under a C{worker} label.  The per-upstream gauges, read from
+the pool at scrape time in one process, cannot be read from another
+worker's pool: in a group each worker writes them every
+L{UPSTREAM_GAUGE_SECONDS} (and just before it answers a scrape), and a
+scrape keeps only the upstreams its own pool has, so a reload (which every
+worker gets) still removes an upstream from them.  Without C{--workers}
+nothing of this runs: no files, the in-process registry.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional
+import shutil
+import tempfile
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 from twisted.web.server import Request
 
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.web import Endpoint
 
-__all__ = ["Metrics", "MetricsResource", "MetricsCheck", "MODEL_LABEL_LIMIT", "UpstreamGauges", "GuardedEndpoint"]
+__all__ = [
+    "Metrics",
+    "MetricsResource",
+    "MetricsCheck",
+    "MODEL_LABEL_LIMIT",
+    "UpstreamGauges",
+    "GuardedEndpoint",
+    "GroupDirectory",
+    "MULTIPROC_ENV",
+    "UPSTREAM_GAUGE_SECONDS",
+    "Unrecorded",
+]
+
+#: The variable prometheus_client reads, once, when first imported: set,
+#: it writes every sample to files in that directory (multiprocess mode).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: How often a worker of a group writes its pool's per-upstream gauges.
+UPSTREAM_GAUGE_SECONDS = 1.0
+_BREAKER_STATE = "oaiproxy_upstream_breaker_state"
+_UPSTREAM_IN_FLIGHT = "oaiproxy_upstream_in_flight_requests"
+_BREAKER_HELP = "Each upstream's circuit breaker: 0 closed, 1 half-open, 2 open."
+_UPSTREAM_IN_FLIGHT_HELP = "Requests on their way to or from each upstream."
 
 #: Decides whether a request may read the metrics: C{None} to let it in,
 #: or the refusal body (with status and headers already set on the request).
@@ -78,16 +123,8 @@ class _UpstreamCollector(Collector):
         self.read: Callable[[], Iterable[UpstreamGauges]] = lambda: ()
 
     def collect(self) -> Iterator[Metric]:
-        state = GaugeMetricFamily(
-            "oaiproxy_upstream_breaker_state",
-            "Each upstream's circuit breaker: 0 closed, 1 half-open, 2 open.",
-            labels=["upstream"],
-        )
-        in_flight = GaugeMetricFamily(
-            "oaiproxy_upstream_in_flight_requests",
-            "Requests on their way to or from each upstream.",
-            labels=["upstream"],
-        )
+        state = GaugeMetricFamily(_BREAKER_STATE, _BREAKER_HELP, labels=["upstream"])
+        in_flight = GaugeMetricFamily(_UPSTREAM_IN_FLIGHT, _UPSTREAM_IN_FLIGHT_HELP, labels=["upstream"])
         for gauges in self.read():
             state.add_metric([gauges.name], gauges.breaker_state)
             in_flight.add_metric([gauges.name], gauges.in_flight)
@@ -98,16 +135,61 @@ class _UpstreamCollector(Collector):
 _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
+class _GroupCollector(Collector):
+    """
+    A scrape in a group: every worker's files added up, of the per-upstream
+    gauges only the upstreams this worker's pool has now.
+    """
+
+    def __init__(self, directory: str, upstreams: Callable[[], Iterable[str]]) -> None:
+        self._files = MultiProcessCollector(None, path=directory)
+        self._upstreams = upstreams
+
+    def collect(self) -> Iterator[Metric]:
+        current = set(self._upstreams())
+        for metric in self._files.collect():
+            if metric.name in (_BREAKER_STATE, _UPSTREAM_IN_FLIGHT):
+                metric.samples = [s for s in metric.samples if s.labels.get("upstream") in current]
+            yield metric
+
+
 class Metrics:
     """
     The proxy's metrics.
 
+    @param group_dir: in a worker of a group, the directory its supervisor
+        made (L{GroupDirectory}); C{None} for one process on its own.
+    @param worker: that worker's index (the C{worker} label).
     @ivar registry: what C{/metrics} shows.
+    @ivar series_registry: where a series registers (C{registry=} of a
+        C{Counter}, C{Gauge}, ...): C{registry} itself for one process;
+        C{None} in a group, whose samples reach C{/metrics} through the
+        files (registered as well, a series would show twice).  Every gauge
+        says how a group combines it (C{multiprocess_mode}).
+    @raise ValueError: for C{group_dir} when prometheus_client was imported
+        without L{MULTIPROC_ENV}: the samples would stay in this process.
     """
 
-    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+    def __init__(
+        self,
+        registry: Optional[CollectorRegistry] = None,
+        group_dir: Optional[str] = None,
+        worker: Optional[int] = None,
+    ) -> None:
+        self._read: Callable[[], Iterable[UpstreamGauges]] = lambda: ()
+        self._group = group_dir is not None
+        if group_dir is not None:
+            if not getattr(values.ValueClass, "_multiprocess", False):
+                raise ValueError(f"{MULTIPROC_ENV} must be set before prometheus_client is first imported")
+            # The samples go to files only; the scrape reads every worker's.
+            self.registry = CollectorRegistry()
+            self.registry.register(_GroupCollector(group_dir, lambda: [g.name for g in self._read()]))
+            self.series_registry: Optional[CollectorRegistry] = None
+        else:
+            self.registry = registry if registry is not None else CollectorRegistry()
+            self.series_registry = self.registry
+        r = self.series_registry
+        self._worker = "-" if worker is None else str(worker)
         self.requests = Counter(
             "oaiproxy_requests", "Requests answered.", ["client", "model", "route", "status_class"], registry=r
         )
@@ -139,8 +221,14 @@ class Metrics:
             buckets=_SECONDS,
             registry=r,
         )
-        self.open_streams = Gauge("oaiproxy_open_streams", "Streamed answers in progress.", registry=r)
-        self.in_flight = Gauge("oaiproxy_in_flight_requests", "Requests being processed.", registry=r)
+        # In a group: the sum over the workers alive (a dead worker's
+        # requests are not in flight any more).
+        self.open_streams = Gauge(
+            "oaiproxy_open_streams", "Streamed answers in progress.", registry=r, multiprocess_mode="livesum"
+        )
+        self.in_flight = Gauge(
+            "oaiproxy_in_flight_requests", "Requests being processed.", registry=r, multiprocess_mode="livesum"
+        )
         self.disconnects = Counter(
             "oaiproxy_client_disconnects", "Requests whose client left before the answer ended.", ["route"], registry=r
         )
@@ -172,9 +260,20 @@ class Metrics:
             ["upstream", "reason"],
             registry=r,
         )
-        self._upstreams = _UpstreamCollector()
-        r.register(self._upstreams)
         self._models: set[str] = set()
+        if self._group:
+            # Another worker's pool cannot be read at scrape time: each
+            # worker writes its own (refresh_upstreams).  A breaker is one
+            # worker's, so each worker's state is its own series.
+            self._breaker_state = Gauge(
+                _BREAKER_STATE, _BREAKER_HELP, ["upstream", "worker"], registry=None, multiprocess_mode="livemax"
+            )
+            self._upstream_in_flight = Gauge(
+                _UPSTREAM_IN_FLIGHT, _UPSTREAM_IN_FLIGHT_HELP, ["upstream"], registry=None, multiprocess_mode="livesum"
+            )
+        else:
+            self._upstreams = _UpstreamCollector()
+            self.registry.register(self._upstreams)
         self.shared_state_up: Optional[Gauge] = None
         self.shared_state_episodes: Optional[Counter] = None
         self.shared_state_fallback: Optional[Counter] = None
@@ -186,7 +285,7 @@ class Metrics:
         gauge takes the minimum over a group's live workers: the group is
         up only while every one of them reaches Redis.
         """
-        r = self.registry
+        r = self.series_registry
         self.shared_state_up = Gauge(
             "oaiproxy_shared_state_up",
             "1 while the shared state (Redis) answers, 0 while limits are decided locally.",
@@ -218,7 +317,22 @@ class Metrics:
         Show the per-upstream gauges that C{read} returns at each scrape
         (the pool's members; the last call wins).
         """
-        self._upstreams.read = read
+        self._read = read
+        if not self._group:
+            self._upstreams.read = read
+        self.refresh_upstreams()
+
+    def refresh_upstreams(self) -> None:
+        """
+        In a group, write this worker's per-upstream gauges as its pool
+        has them now (every L{UPSTREAM_GAUGE_SECONDS}, and before a scrape
+        it answers); alone, nothing to do: they are read at scrape time.
+        """
+        if not self._group:
+            return
+        for gauges in self._read():
+            self._breaker_state.labels(gauges.name, self._worker).set(gauges.breaker_state)
+            self._upstream_in_flight.labels(gauges.name).set(gauges.in_flight)
 
     def model_label(self, model: Optional[str], claim: bool = True) -> str:
         """
@@ -293,6 +407,48 @@ class Metrics:
                     self.tokens.labels(record.client, model, kind, exact).inc(count)
 
 
+class Unrecorded(Metrics):
+    """
+    The metrics of a site whose own requests nobody reads: the
+    C{--metrics-port} listener's, as before.  It makes no series at all:
+    in a group, one of its own would write the same series as the API
+    site's into this worker's file, each overwriting the other's value,
+    and a counter could go backwards.
+    """
+
+    def __init__(self) -> None:
+        # Not Metrics.__init__: that would make the series.
+        self.registry = CollectorRegistry()
+        self.series_registry = None
+        self._group = False
+        self._read = lambda: ()
+        self._models = set()
+
+    def request_started(self) -> None:
+        pass
+
+    def request_finished(self) -> None:
+        pass
+
+    def stream_started(self) -> None:
+        pass
+
+    def stream_finished(self) -> None:
+        pass
+
+    def attempt_finished(self, upstream: str, outcome: str) -> None:
+        pass
+
+    def failed_over(self, upstream: str, reason: str) -> None:
+        pass
+
+    def watch_upstreams(self, read: Callable[[], Iterable[UpstreamGauges]]) -> None:
+        pass
+
+    def observe(self, record: RequestRecord) -> None:
+        pass
+
+
 class GuardedEndpoint(Endpoint):
     """
     A C{GET} endpoint for operators, behind a L{MetricsCheck}: C{/metrics},
@@ -332,5 +488,55 @@ class MetricsResource(GuardedEndpoint):
 
     def answer(self, request: Request) -> bytes:
         request.responseHeaders.setRawHeaders(b"content-type", [CONTENT_TYPE_LATEST.encode("ascii")])
+        self._metrics.refresh_upstreams()
         body: bytes = generate_latest(self._metrics.registry)
         return body
+
+
+class GroupDirectory:
+    """
+    The directory a group of workers writes its metrics to: made by the
+    supervisor before the first worker starts, private to the group (mode
+    0700, a fresh name, so nothing of an earlier run is in it), and removed
+    when the group stops.
+
+    Under systemd it is inside C{$RUNTIME_DIRECTORY} (the unit's
+    C{RuntimeDirectory=}, which systemd also removes at stop, should the
+    supervisor be killed outright); elsewhere in the temporary directory.
+
+    @param environ: where to read C{RUNTIME_DIRECTORY} from.
+    """
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._parent = environ.get("RUNTIME_DIRECTORY") or None
+        self.path: Optional[str] = None
+
+    def create(self) -> str:
+        """
+        Make the directory (once) and return its path.
+        """
+        if self.path is None:
+            self.path = tempfile.mkdtemp(prefix="oaiproxy-metrics-", dir=self._parent)
+        return self.path
+
+    def environ(self) -> dict[str, str]:
+        """
+        What a worker's environment needs to write its samples here.
+        """
+        return {MULTIPROC_ENV: self.create()}
+
+    def process_dead(self, pid: int) -> None:
+        """
+        A worker has exited: its gauges leave the group's (its requests are
+        no longer in flight), its counters and histograms stay in the sums.
+        """
+        if self.path is not None:
+            mark_process_dead(pid, self.path)
+
+    def remove(self) -> None:
+        """
+        The group has stopped: remove the directory and every file in it.
+        """
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None

@@ -31,7 +31,7 @@ from oaiproxy.config import Config, Secret
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import invalid_api_key
 from oaiproxy.observe.accesslog import AccessLog, JsonAccessLog, TextAccessLog
-from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource, UpstreamGauges
+from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource, Unrecorded, UpstreamGauges
 from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routetable import ROUTES, Route, in_order
@@ -225,6 +225,8 @@ def build_site(
             idle_timeout=config.idle_timeout,
             header_timeout=config.header_timeout,
             access_log=lambda record: None,
+            # Its own requests are not counted (nor, in a group, written).
+            metrics=Unrecorded(),
             reactor=clock,
         )
     return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store)

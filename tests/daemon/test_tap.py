@@ -414,7 +414,11 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn("refusing to start: http://proxy.example:8080", stderr.written())
 
         keyed = makeService(
-            parse(["--port", "tcp:8080", "--workers", "2"], {"OPENAI_API_KEY": KEY, "OAIPROXY_CLIENT_KEYS": "k"}),
+            parse(
+                ["--port", "tcp:8080", "--workers", "2"],
+                # (The group's metrics directory: its fake workers never end.)
+                {"OPENAI_API_KEY": KEY, "OAIPROXY_CLIENT_KEYS": "k", "RUNTIME_DIRECTORY": temp_dir(self)},
+            ),
             reactor=reactor,
         )
         keyed.privilegedStartService()

@@ -22,6 +22,8 @@ from oaiproxy.daemon.lifecycle import StartupReport
 from oaiproxy.daemon.sdnotify import Notifier
 from oaiproxy.daemon.workers import GroupSecrets, SecretsReader, Supervisor, read_secrets, worker_argv
 from oaiproxy.fake.harness import registry
+from oaiproxy.observe.metrics import MULTIPROC_ENV, GroupDirectory
+from tests.support import temp_dir
 
 
 class ArgumentTests(SynchronousTestCase):
@@ -198,3 +200,66 @@ class HandoverTests(SynchronousTestCase):
         worker.outReceived(b": 2}\n")
         self.assertEqual(self.out, [b'{"a": 1}\n', b'{"b": 2}\n'])
         self.assertEqual(self.err, [b"Traceback...\n"])
+
+
+class GroupMetricsTests(SynchronousTestCase):
+    """
+    The supervisor's part in the group's one /metrics: the directory every
+    worker writes to, the metrics port handed over like the API's, a dead
+    worker's gauges dropped, the directory gone once the group stopped.
+    """
+
+    def test_directory_and_metrics_port_for_every_worker(self) -> None:
+        reactor = MemoryReactorClock()
+        spawned: list[tuple[Any, dict[str, str], list[str], dict[int, Any]]] = []
+
+        def spawn(protocol: Any, executable: str, argv: list[str], env: Any, childFDs: Any) -> _Transport:
+            transport = _Transport()
+            transport.pid = 4000 + len(spawned)  # type: ignore[assignment]
+            protocol.makeConnection(transport)
+            spawned.append((protocol, env, argv, childFDs))
+            return transport
+
+        directory = GroupDirectory({"RUNTIME_DIRECTORY": temp_dir(self)})
+        supervisor = Supervisor(
+            reactor,
+            [("tcp:8080:interface=127.0.0.1", _Endpoint())],
+            ["--port", "tcp:8080:interface=127.0.0.1", "--workers", "2", "--metrics-port", "tcp:9108"],
+            2,
+            Notifier(None),
+            {MULTIPROC_ENV: "/somewhere/else"},
+            lambda data: None,
+            GroupSecrets(Secret(b"sk-first"), registry(b"key-one")),
+            StartupReport(reactor),
+            spawn=spawn,
+            metrics_listener=("tcp:9108", _Endpoint()),
+            metrics_dir=directory,
+        )
+        supervisor.privilegedStartService()
+        supervisor.startService()
+        path = directory.path
+        assert path is not None
+        self.assertEqual({env[MULTIPROC_ENV] for _, env, _, _ in spawned}, {path})
+        for _, _, argv, fds in spawned:
+            self.assertEqual(argv[argv.index("--worker-metrics-listener") + 1], "4:INET")
+            self.assertEqual(argv[argv.index("--metrics-port") + 1], "tcp:9108")
+            self.assertEqual(sorted(fds), [0, 1, 2, 3, 4])
+
+        # Worker 0 dies: its live gauges go before its successor starts,
+        # its counters stay.
+        for name in ("counter_4000.db", "gauge_livesum_4000.db", "gauge_livesum_4001.db"):
+            with open(os.path.join(path, name), "w"):
+                pass
+        worker = spawned[0][0]
+        worker.ready = True
+        worker.processEnded(None)
+        self.assertEqual(sorted(os.listdir(path)), ["counter_4000.db", "gauge_livesum_4001.db"])
+        reactor.advance(5)
+        self.assertEqual(spawned[2][1][MULTIPROC_ENV], path)
+
+        stopped = supervisor.stopService()
+        self.assertTrue(os.path.isdir(path), "removed while workers still drain")
+        for protocol, _, _, _ in spawned[1:]:
+            protocol.processEnded(None)
+        self.successResultOf(stopped)
+        self.assertFalse(os.path.exists(path))

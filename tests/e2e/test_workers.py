@@ -223,7 +223,10 @@ class OrphanTests(SynchronousTestCase):
         cwd = temp_dir(self)
         upstream, url = start_fake_upstream(cwd, "")
         self.addCleanup(upstream.stop)
-        proxy, base = start_proxy(cwd, ["--upstream", url, "--workers", "2"], {"OPENAI_API_KEY": KEY})
+        # (A killed supervisor leaves its metrics directory, as systemd's
+        # RuntimeDirectory= would not: here it is in this test's own.)
+        runtime = {"RUNTIME_DIRECTORY": temp_dir(self)}
+        proxy, base = start_proxy(cwd, ["--upstream", url, "--workers", "2"], {"OPENAI_API_KEY": KEY, **runtime})
         self.addCleanup(proxy.stop)
         proxy.wait_until(lambda out: out.count("oaiproxy listening on") == 2)
         workers = workers_of(proxy.pid)
