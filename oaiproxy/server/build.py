@@ -41,6 +41,7 @@ from oaiproxy.sharedstate.link import SharedState
 from oaiproxy.upstream.client import TreqLike, UpstreamClient
 from oaiproxy.upstream.headers import bearer_token
 from oaiproxy.upstream.pool import Pool, Upstream
+from oaiproxy.upstream.shared import SharedBreakers
 from oaiproxy.upstream.styles import AzureStyle, OpenAIStyle, UpstreamStyle
 from oaiproxy.upstream.upstreams import SINGLE, Upstreams
 from oaiproxy.web import error_response
@@ -100,7 +101,12 @@ def single_upstream(config: Config) -> Upstream:
 
 
 def build_upstreams(
-    config: Config, http: TreqLike, credentials: Credentials, clock: IReactorTime, http_for: Optional[HttpFor] = None
+    config: Config,
+    http: TreqLike,
+    credentials: Credentials,
+    clock: IReactorTime,
+    http_for: Optional[HttpFor] = None,
+    group: Optional[SharedBreakers] = None,
 ) -> Upstreams:
     """
     The pool for C{config}: the upstreams file's entries, or the pool of
@@ -123,6 +129,7 @@ def build_upstreams(
         max_attempts=config.max_attempts,
         first_byte_timeout=config.first_byte_timeout,
         shorthand=config.upstreams is None,
+        group=group,
     )
 
 
@@ -161,7 +168,12 @@ def build_site(
     @param shared: the Redis the group shares limits and breakers through
         (C{--shared-state}); without it, all state is in this process.
     """
-    upstreams = build_upstreams(config, http, credentials, clock, http_for)
+    # The breakers of an upstreams file's pool are the group's (the
+    # shorthand's pool of one never opens: nothing to share).
+    group = (
+        SharedBreakers(shared.link, clock, shared.keys) if shared is not None and config.upstreams is not None else None
+    )
+    upstreams = build_upstreams(config, http, credentials, clock, http_for, group)
     watch_pool(metrics, upstreams.pool)
     upstream = next(iter(upstreams.clients.values()))
     styles = {client.style.name for client in upstreams.clients.values()}
