@@ -85,8 +85,8 @@ class _Member:
     @ivar known: the gen of the group's opening the local open stands for
         (published or adopted); C{None} when closed or opened while the
         link was down.
-    @ivar granted_until: the probe lease is ours until then (local clock,
-        with a margin).
+    @ivar granted_until: the probe lease is ours to start a probe with
+        until then (local clock, with a margin); 0 once lost or used up.
     @ivar elsewhere_until: another process holds the lease until then.
     @ivar version: counts local transitions: a read sent before one says
         nothing about the state after it.
@@ -276,7 +276,9 @@ class SharedBreakers:
         member.reading = True
         version, sent = member.version, self.clock.seconds()
         breaker = member.breaker
-        renew = member.granted_until > sent and breaker.probing_here
+        # Granted (and not lost since: then it is 0) and in use: renewed,
+        # however long the probe takes.
+        renew = member.granted_until > 0 and breaker.probing_here
 
         def answered(reply: Any) -> None:
             member.reading = False
