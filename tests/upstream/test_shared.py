@@ -353,6 +353,10 @@ class SharedBreakerTests(SynchronousTestCase):
         prober.pool.finish(choice, FAILED)
         self.assertIs(prober.breaker().state, State.OPEN)
         self.assertAlmostEqual(prober.breaker().cooldown_left(), 10.0, places=2)
+        # Published at once: the other's very next read (one it makes now,
+        # as after a failure of its own) sees it.
+        other.group.failure(other.breaker())
+        self.assertIs(other.breaker().state, State.OPEN)
         self.clock.advance(1.0)
         self.assertIs(other.breaker().state, State.OPEN)
         self.assertAlmostEqual(other.breaker().cooldown_left(), 9.0, places=2)
