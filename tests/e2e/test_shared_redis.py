@@ -41,8 +41,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
+def until_up(link: RedisLink, within: float = 10.0) -> defer.Deferred:
+    """
+    Fires when C{link} is up (at once if it is), told by the link itself;
+    fails after C{within} seconds.
+    """
+    if link.up:
+        return defer.succeed(None)
+    d: defer.Deferred = defer.Deferred()
+
+    def changed(up: bool) -> None:
+        if up and not d.called:
+            link.watchers.remove(changed)
+            d.callback(None)
+
+    link.watchers.append(changed)
+    return d.addTimeout(within, reactor)
+
+
+@defer.inlineCallbacks
+def until_admitted(store: SharedLimitStore, client: Client, within: float = 10.0):
+    """
+    Ask C{store} to admit C{client} until it does (a lease expiring on
+    Redis's clock, which no test clock can advance), every 50 ms, at most
+    C{within} seconds; the reservation, and how long it took.
+    """
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        admitted = yield store.admit(client, 1)
+        if not isinstance(admitted, Refusal):
+            return admitted, time.monotonic() - started
+        yield task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"{client.name} not admitted within {within} s")
 
 
 @defer.inlineCallbacks
@@ -51,10 +81,7 @@ def host(port: int, instances: int = 2, lease: float = 30.0, deadline: float = 0
         redis_connector(reactor, RedisTarget("127.0.0.1", port)), reactor, deadline=deadline, retry=(0.1, 0.2)
     )
     link.startService()
-    for _ in range(100):
-        if link.up:
-            break
-        yield sleep(0.02)
+    yield until_up(link)
     return SharedLimitStore(link, reactor, KeySpace(prefix), instances=instances, lease=lease)
 
 
@@ -117,9 +144,10 @@ class SharedRedisTests(TestCase):
         assert isinstance(third, Refusal) and third.limit == "concurrent"
         # Host a "dies": its renewals stop, nothing settles; b's keeps renewing.
         first._renewer.stop()
-        yield sleep(0.6)
-        fourth = yield b.admit(client, 1)
-        assert isinstance(fourth, SharedReservation)
+        fourth, took = yield until_admitted(b, client)
+        assert isinstance(fourth, SharedReservation) and fourth.local is None
+        # Freed by the lease's expiry (0.3 s), not at once, and not much later.
+        assert 0.1 < took < 5
         # b's own running request kept its slot through renewals.
         fifth = yield b.admit(client, 1)
         assert isinstance(fifth, Refusal)
@@ -146,11 +174,7 @@ class SharedRedisTests(TestCase):
         assert a.fallback_admitted == 5 and b.fallback_admitted == 5
         assert not a.up and not b.up and a.link.episodes == 1
         self.redis.start()
-        for _ in range(100):
-            if a.up and b.up:
-                break
-            yield sleep(0.05)
-        assert a.up and b.up
+        yield defer.gatherResults([until_up(a.link), until_up(b.link)])
         # Redis restarted empty: the shared limit is exact again, 10 for both.
         back = yield defer.gatherResults([(a if i % 2 else b).admit(client, 1) for i in range(30)])
         assert sum(isinstance(r, SharedReservation) for r in back) == 10
@@ -175,11 +199,7 @@ class SharedRedisTests(TestCase):
             assert (yield second).local is not None
         finally:
             self.redis.pause(False)
-        for _ in range(100):
-            if a.up:
-                break
-            yield sleep(0.05)
-        assert a.up
+        yield until_up(a.link)
         a.link.stopService()
 
     @defer.inlineCallbacks
