@@ -40,8 +40,7 @@ from oaiproxy.server.tree import HealthResource, UpstreamsHealthResource, build_
 from oaiproxy.sharedstate.link import SharedState
 from oaiproxy.upstream.client import TreqLike, UpstreamClient
 from oaiproxy.upstream.headers import bearer_token
-from oaiproxy.upstream.pool import Pool, Upstream
-from oaiproxy.upstream.shared import SharedBreakers
+from oaiproxy.upstream.pool import Pool, PoolGroup, Upstream
 from oaiproxy.upstream.styles import AzureStyle, OpenAIStyle, UpstreamStyle
 from oaiproxy.upstream.upstreams import SINGLE, Upstreams
 from oaiproxy.web import error_response
@@ -106,7 +105,7 @@ def build_upstreams(
     credentials: Credentials,
     clock: IReactorTime,
     http_for: Optional[HttpFor] = None,
-    group: Optional[SharedBreakers] = None,
+    group: Optional[PoolGroup] = None,
 ) -> Upstreams:
     """
     The pool for C{config}: the upstreams file's entries, or the pool of
@@ -168,11 +167,14 @@ def build_site(
     @param shared: the Redis the group shares limits and breakers through
         (C{--shared-state}); without it, all state is in this process.
     """
-    # The breakers of an upstreams file's pool are the group's (the
-    # shorthand's pool of one never opens: nothing to share).
-    group = (
-        SharedBreakers(shared.link, clock, shared.keys) if shared is not None and config.upstreams is not None else None
-    )
+    group = None
+    if shared is not None and config.upstreams is not None:
+        # The breakers of an upstreams file's pool are the group's (the
+        # shorthand's never opens); imported here, as the Redis client is
+        # an extra.
+        from oaiproxy.upstream.shared import SharedBreakers
+
+        group = SharedBreakers(shared.link, clock, shared.keys)
     upstreams = build_upstreams(config, http, credentials, clock, http_for, group)
     watch_pool(metrics, upstreams.pool)
     upstream = next(iter(upstreams.clients.values()))
