@@ -484,3 +484,42 @@ class SharedBreakerTests(SynchronousTestCase):
             pool.finish(pool.choose(None, exclude=("b",)), FAILED)  # type: ignore[arg-type]
         self.assertIs(pool["c"].breaker.state, State.OPEN)
         self.assertIn("t:breaker:{c}:state", self.redis.data)
+
+
+class WiringTests(SynchronousTestCase):
+    def build(self, upstreams: Optional[tuple[Upstream, ...]]) -> Any:
+        from dataclasses import replace
+
+        from oaiproxy.access.clients import ClientRegistry, Credentials
+        from oaiproxy.drain import Lifecycle
+        from oaiproxy.fake.harness import harness_config
+        from oaiproxy.observe.metrics import Metrics
+        from oaiproxy.server.build import build_site
+        from oaiproxy.sharedstate.link import SharedState
+
+        clock = Clock()
+        process = Process(clock, FakeRedis(clock), 1)
+        self.addCleanup(process.link.stopService)
+        config = replace(harness_config(clients=ClientRegistry()), upstreams=upstreams)
+        built = build_site(
+            config,
+            http=None,  # type: ignore[arg-type]
+            credentials=Credentials(Secret(b"k"), ClientRegistry()),
+            clock=clock,
+            lifecycle=Lifecycle(),
+            metrics=Metrics(),
+            shared=SharedState(process.link, KeySpace("t:")),
+        )
+        return built.upstreams.pool
+
+    def test_an_upstreams_file_pool_shares_its_breakers(self) -> None:
+        """
+        With C{--shared-state}, the breakers of an upstreams file's pool
+        are the group's; the single-upstream options' pool of one (whose
+        breaker never opens) shares nothing.
+        """
+        pool = self.build(tuple(Upstream(n, f"https://{n}.example", Secret(b"k")) for n in "ab"))
+        self.assertIsInstance(pool.group, SharedBreakers)
+        self.assertEqual([m.breaker.group for m in pool.members], [pool.group] * 2)
+        pool.group.stop()
+        self.assertIsNone(self.build(None).group)
