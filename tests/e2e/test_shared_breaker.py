@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 from oaiproxy.config import Secret
 from oaiproxy.fake.processes import RedisServer
 from oaiproxy.sharedstate.link import KeySpace, RedisLink, RedisTarget, redis_connector
-from oaiproxy.upstream.breaker import Breaker, BreakerPolicy, State
+from oaiproxy.upstream.breaker import Breaker, BreakerPolicy, State, Transition
 from oaiproxy.upstream.pool import Choice, Kind, Outcome, Pool, Upstream
 from oaiproxy.upstream.shared import SharedBreakers
 from tests.e2e.test_shared_redis import until_up
@@ -53,7 +53,13 @@ class Host:
         self.link.startService()
         self.group = SharedBreakers(self.link, reactor, KeySpace("t:"), interval=INTERVAL, lease=0.5)
         upstreams = [Upstream(name, f"https://{name}.example", Secret(b"k")) for name in ("a", "b")]
-        self.pool = Pool(upstreams, reactor, breaker=lambda name: Breaker(name, reactor, POLICY), group=self.group)
+        self.transitions: list[Transition] = []
+        self.pool = Pool(
+            upstreams,
+            reactor,
+            breaker=lambda name: Breaker(name, reactor, POLICY, observer=self.transitions.append),
+            group=self.group,
+        )
         case.addCleanup(self.link.stopService)
         case.addCleanup(self.group.stop)
 
@@ -125,6 +131,9 @@ class TwoPoolsTests(TestCase):
         # The other learns it within a read or two, without a failure.
         yield until(lambda: two.breaker().state is not State.CLOSED, "two to hold a open")
         assert two.breaker().cooldown_left() > 0.2
+        # Logged there with the reason the first gave, as text.
+        [learnt] = [t for t in two.transitions if t.new is State.OPEN]
+        assert learnt.shared and learnt.reason == "open in the group (5 failures in a row, the last status 500)", learnt
         for _ in range(20):
             choice = two.choose()
             assert choice is not None and choice.member.name == "b"
