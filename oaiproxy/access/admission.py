@@ -1,10 +1,13 @@
-# -*- test-case-name: tests.access.test_admission,tests.routes.test_chat -*-
+# -*- test-case-name: tests.access.test_admission,tests.routes.test_chat,tests.routes.test_pending_admission -*-
 """
 Admission: what a request passes before it may cost an upstream call.
 
 In order: the proxy is not draining, the request carries a valid client key
 (and no real OpenAI key anywhere), then the client's model allow-list and
 its limits.  Each refusal is an OpenAI-shaped error set on the request.
+The limits live in a L{oaiproxy.access.limits.LimitStore}, which may be a
+round trip away (Redis), so L{Admission.reserve} answers with a Deferred;
+everything before it is checked at once.
 The routes call it (L{oaiproxy.routes.forwarding}) and, once a request is
 admitted, hand it to the exchange (L{oaiproxy.upstream.exchange}): admission
 never reaches the upstream itself.
@@ -14,12 +17,13 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
 from oaiproxy.access.clients import Client, Credentials
-from oaiproxy.access.limits import UNLIMITED, Limiter, Refusal, Reservation
+from oaiproxy.access.limits import UNLIMITED, Held, Limiter, LimitStore, LocalLimitStore, Refusal
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import ApiError, draining, invalid_api_key, model_not_allowed, openai_key_sent, rate_limited
 from oaiproxy.observe.records import record_of
@@ -83,7 +87,8 @@ class Admission:
         per request, so a reload applies at once.
     @param clock: the clock of the limits.
     @param lifecycle: tells whether the proxy is draining.
-    @param limiter: the clients' limit state, shared by every route.
+    @param store: where the clients' limits live, shared by every route
+        (by default a fresh in-process L{Limiter} on C{clock}).
     """
 
     log = Logger()
@@ -93,11 +98,11 @@ class Admission:
         credentials: Credentials,
         clock: IReactorTime,
         lifecycle: Optional[Lifecycle] = None,
-        limiter: Optional[Limiter] = None,
+        store: Optional[LimitStore] = None,
     ) -> None:
         self._credentials = credentials
         self._lifecycle = lifecycle or Lifecycle()
-        self._limiter = limiter or Limiter(clock)
+        self._store: LimitStore = store if store is not None else LocalLimitStore(Limiter(clock))
 
     def admit(self, request: Request, route: str) -> "Optional[Client] | bytes":
         """
@@ -120,23 +125,31 @@ class Admission:
         model: Optional[str],
         estimate: int,
         names_model: bool = True,
-    ) -> "Reservation | bytes":
+    ) -> "Deferred[Held | bytes]":
         """
         Check the client's allow-list for C{model} and take C{estimate}
         tokens (and a request, and a concurrency slot) from its limits.
 
+        The allow-list is checked here and now; the limits are the store's
+        answer, which may be a round trip away (Redis).  With the
+        in-process store the Deferred has fired when this returns.  It
+        never fails.
+
         @param names_model: the request is about a model (false for reading
             a stored response: no allow-list applies, the limits do).
-        @return: the reservation to settle when the response is over, or
-            the body of the error already set on the request.
+        @return: the hold to settle when the response is over, or the body
+            of the error already set on the request.
         """
         if client is None:
-            return UNLIMITED
+            return succeed(UNLIMITED)
         if names_model and not client.allows(model):
-            return error_response(request, model_not_allowed(client.name, model))
-        admitted = self._limiter.admit(client, estimate)
+            return succeed(error_response(request, model_not_allowed(client.name, model)))
+        return self._store.admit(client, estimate).addCallback(self._answered, request, client)
+
+    def _answered(self, admitted: "Held | Refusal", request: Request, client: Client) -> "Held | bytes":
         if isinstance(admitted, Refusal):
             self.log.info("client {client} over its {limit} limit", client=client.name, limit=admitted.limit)
-            headers = tuple(self._limiter.headers(client))
-            return error_response(request, rate_limited(admitted.message, admitted.retry_after, headers))
+            return error_response(
+                request, rate_limited(admitted.message, admitted.retry_after, tuple(admitted.headers))
+            )
         return admitted

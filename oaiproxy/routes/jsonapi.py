@@ -19,10 +19,10 @@ from typing import Iterable, Optional
 from urllib.parse import quote
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 
 from oaiproxy.access.clients import Credentials, Limits
-from oaiproxy.access.limits import Limiter, Reservation, estimate_tokens
+from oaiproxy.access.limits import Held, Limiter, LimitStore, LocalLimitStore, estimate_tokens
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import ApiError, bad_request, method_not_allowed, model_not_found, not_an_id
 from oaiproxy.observe.usage import inject_include_usage
@@ -79,14 +79,15 @@ class JsonRouteResource(ForwardingResource):
         self.note(request, model=parsed.model, stream=parsed.stream)
         limits = client.limits if client is not None else Limits()
         prompt_estimate, estimate = estimate_tokens(body, parsed.document, limits, route.generates)
-        reservation = self.admission.reserve(request, client, parsed.model, estimate)
-        if not isinstance(reservation, Reservation):
-            return reservation
-        ask_usage = bool(route.stream_usage and parsed.stream and self._stream_usage)
-        body_for, strip_usage = _body_for(body, parsed, route, ask_usage)
-        exchange = self.exchange(request, route, reservation, prompt_estimate, strip_usage, body_for=body_for)
-        exchange.start(body, "POST", route.path, parsed.model, query_of(request))
-        return NOT_DONE_YET
+        admitted = self.admission.reserve(request, client, parsed.model, estimate)
+
+        def forward(held: Held) -> None:
+            ask_usage = bool(route.stream_usage and parsed.stream and self._stream_usage)
+            body_for, strip_usage = _body_for(body, parsed, route, ask_usage)
+            exchange = self.exchange(request, route, held, prompt_estimate, strip_usage, body_for=body_for)
+            exchange.start(body, "POST", route.path, parsed.model, query_of(request))
+
+        return self.when_admitted(request, admitted, forward)
 
 
 def _body_for(body: bytes, parsed: JsonRequest, route: Route, ask_usage: bool) -> tuple[BodyFor, bool]:
@@ -160,14 +161,15 @@ class ResponsesResource(JsonRouteResource):
         client = self.admission.admit(request, self.route.label)
         if isinstance(client, bytes):
             return client
-        reservation = self.admission.reserve(request, client, None, 0, names_model=False)
-        if not isinstance(reservation, Reservation):
-            return reservation
-        body = read_body(request) if method == "POST" else None
-        path = "/".join(("/responses", quote(response_id, safe=""), *rest))
-        exchange = self.exchange(request, self.route, reservation, metered=False)
-        exchange.start(body, method, path, None, query_of(request))
-        return NOT_DONE_YET
+        admitted = self.admission.reserve(request, client, None, 0, names_model=False)
+
+        def forward(held: Held) -> None:
+            body = read_body(request) if method == "POST" else None
+            path = "/".join(("/responses", quote(response_id, safe=""), *rest))
+            exchange = self.exchange(request, self.route, held, metered=False)
+            exchange.start(body, method, path, None, query_of(request))
+
+        return self.when_admitted(request, admitted, forward)
 
 
 def resource_class(route: Route) -> type[ForwardingResource]:
@@ -190,17 +192,17 @@ def api_resources(
     credentials: Credentials,
     lifecycle: Optional[Lifecycle] = None,
     connect_timeout: float = 10.0,
-    limiter: Optional[Limiter] = None,
+    store: Optional[LimitStore] = None,
     stream_usage: bool = True,
     sse_keepalive: float = 15.0,
 ) -> dict[str, ForwardingResource]:
     """
     A resource for each of C{routes}, by route name, all sharing the same
     collaborators (see L{ForwardingResource}): one lifecycle drains them
-    all, and one limiter counts a client's requests on every route.
+    all, and one limit store counts a client's requests on every route.
     """
     lifecycle = lifecycle or Lifecycle()
-    limiter = limiter or Limiter(clock)
+    store = store if store is not None else LocalLimitStore(Limiter(clock))
     return {
         route.name: resource_class(route)(
             upstream,
@@ -208,7 +210,7 @@ def api_resources(
             credentials,
             lifecycle,
             connect_timeout,
-            limiter,
+            store,
             stream_usage=stream_usage,
             sse_keepalive=sse_keepalive,
             route=route,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_uploads -*-
+# -*- test-case-name: tests.routes.test_uploads,tests.routes.test_pending_admission -*-
 """
 C{POST /v1/audio/transcriptions} and C{/v1/audio/translations}: audio
 uploads, streamed upstream as they arrive.
@@ -13,6 +13,14 @@ arrives meanwhile in a temporary file.  The official Python SDK sends the
 model before the file, so the wait is a few hundred bytes; an SDK that
 sends it after the file (the Node SDK with C{{file, model}}) waits for the
 upload, still without holding it in memory.
+
+Then the client's limits answer (L{oaiproxy.access.admission.Admission.
+reserve}), at once in-process, after a round trip with a shared store;
+until they do, nothing goes upstream and what arrives is held the same
+way (L{oaiproxy.upstream.bodies.BodyPipe}: in memory up to a bound, then in
+a temporary file).  A refusal meanwhile (a second C{model} field, a body
+over the limit, the client gone) ends the upload, and its hold is given
+back as soon as admission answers.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.server import NOT_DONE_YET, Request
 
 from oaiproxy.access.clients import Client
-from oaiproxy.access.limits import Reservation
+from oaiproxy.access.limits import Held
 from oaiproxy.errors import ApiError, bad_request
 from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.upstream.bodies import BodyPipe, BodyRefused, FormFields, form_boundary
@@ -88,8 +96,9 @@ class _Upload:
     field (which upstream might take instead of the checked first one)
     stops the upload with a 400.
 
-    @ivar state: C{new}, C{waiting} (for the model), C{forwarded}, or
-        C{answered} (by the proxy itself).
+    @ivar state: C{new}, C{waiting} (for the model), C{admitting} (for
+        the client's limits), C{forwarded}, or C{answered} (by the proxy
+        itself).
     """
 
     def __init__(
@@ -110,6 +119,7 @@ class _Upload:
         self._pipe = pipe
         self._needs_model = needs_model
         self.state = "new"
+        self._watching = False
         fields.on_field = self._field
         fields.on_part = self._check
         for name in list(fields.fields):
@@ -127,9 +137,20 @@ class _Upload:
         if self._pipe is None or self._fields.complete:
             return self._no_model()
         self.state = "waiting"
-        self._pipe.notify(self._body_over)
-        self._request.notifyFinish().addErrback(self._gone)
+        self._watch()
         return NOT_DONE_YET
+
+    def _watch(self) -> None:
+        """
+        Answer, and release the held body, if the body fails or the client
+        goes while the upload waits (for its model, or its admission).
+        """
+        if self._watching:
+            return
+        self._watching = True
+        if self._pipe is not None:
+            self._pipe.notify(self._body_over)
+        self._request.notifyFinish().addErrback(self._gone)
 
     def _problem(self) -> Optional[ApiError]:
         """
@@ -159,7 +180,7 @@ class _Upload:
             self._refuse(problem)
 
     def _refuse(self, error: ApiError) -> None:
-        if self.state == "waiting":
+        if self.state in ("waiting", "admitting"):
             self.state = "answered"
             send_error(self._request, error)
         elif self.state == "forwarded" and self._pipe is not None:
@@ -170,14 +191,22 @@ class _Upload:
     def _forward(self, model: Optional[str]) -> bytes | int:
         request = self._request
         resource = self._resource
-        reservation = resource.admission.reserve(request, self._client, model, 0)
-        if not isinstance(reservation, Reservation):
+        self.state = "admitting"
+        admitted = resource.admission.reserve(request, self._client, model, 0)
+
+        def forward(held: Held) -> None:
+            self.state = "forwarded"
+            exchange = resource.exchange(request, resource.route, held)
+            exchange.start(self._body, "POST", resource.route.path, model, query_of(request))
+
+        def refused() -> None:
             self.state = "answered"
-            return reservation
-        self.state = "forwarded"
-        exchange = resource.exchange(request, resource.route, reservation)
-        exchange.start(self._body, "POST", resource.route.path, model, query_of(request))
-        return NOT_DONE_YET
+
+        result = resource.when_admitted(request, admitted, forward, refused)
+        if self.state == "admitting":
+            # Still pending: the body keeps being held meanwhile.
+            self._watch()
+        return result
 
     def _no_model(self) -> bytes:
         self.state = "answered"
@@ -198,18 +227,20 @@ class _Upload:
     def _body_over(self, failure: Optional[Failure]) -> None:
         """
         The whole body arrived, or was refused, while the request was
-        still waiting for its model.
+        still waiting for its model or its admission (a complete body then
+        waits for the admission).
         """
-        if self.state != "waiting":
+        if self.state not in ("waiting", "admitting"):
             return
         if failure is None:
-            self._answer(self._no_model())
+            if self.state == "waiting":
+                self._answer(self._no_model())
         elif failure.check(BodyRefused):
             self.state = "answered"
             send_error(self._request, failure.value.error)
 
     def _gone(self, failure: Failure) -> None:
-        if self.state == "waiting":
+        if self.state in ("waiting", "admitting"):
             self.state = "answered"
         if self._pipe is not None:
             self._pipe.close()

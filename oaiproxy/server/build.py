@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.access.admission import admission_gate
 from oaiproxy.access.clients import ClientRegistry, Credentials
-from oaiproxy.access.limits import Limiter
+from oaiproxy.access.limits import Limiter, LimitStore, LocalLimitStore
 from oaiproxy.config import Config, Secret
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import invalid_api_key
@@ -61,7 +61,10 @@ class Built:
         (members, breakers, in-flight), C{upstreams.clients},
         C{upstreams.observe} (breaker transitions), C{upstreams.listen}
         (every attempt's end), C{upstreams.replace} (a reload).
-    @ivar limiter: the per-client limits, shared by every route.
+    @ivar limiter: the per-client limits in this process (behind
+        C{limit_store} unless the limits are shared).
+    @ivar limit_store: where admission takes the per-client limits from,
+        shared by every route.
     @ivar api: the resource of each enabled route, by route name.
     @ivar routes: the enabled routes, in the table's order.
     """
@@ -73,6 +76,7 @@ class Built:
     api: dict[str, ForwardingResource]
     routes: list[Route]
     upstreams: Upstreams
+    limit_store: LimitStore
 
 
 def style_of(config: Config) -> UpstreamStyle:
@@ -180,6 +184,7 @@ def build_site(
     upstream = next(iter(upstreams.clients.values()))
     styles = {client.style.name for client in upstreams.clients.values()}
     limiter = Limiter(clock, share=config.worker_share)
+    store: LimitStore = LocalLimitStore(limiter)
     enabled = in_order(config.routes)
     api = api_resources(
         enabled,
@@ -188,7 +193,7 @@ def build_site(
         credentials,
         lifecycle,
         config.connect_timeout,
-        limiter,
+        store,
         stream_usage=config.stream_usage,
         sse_keepalive=config.sse_keepalive,
     )
@@ -228,7 +233,7 @@ def build_site(
             access_log=lambda record: None,
             reactor=clock,
         )
-    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams)
+    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store)
 
 
 def watch_pool(metrics: Metrics, pool: Pool) -> None:

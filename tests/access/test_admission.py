@@ -2,7 +2,9 @@
 What a client must pass before the proxy holds anything for it, on an
 upload route (whose body goes upstream as it arrives): the key checked on
 the headers, a chunk size checked as it is declared, and a body deadline;
-and the process's room for connections (its open-file limit).
+and the process's room for connections (its open-file limit).  Then
+L{Admission.reserve}: the allow-list at once, the limits as their store
+answers.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import RequestGenerationFailed
+from twisted.web.http import HTTPChannel, Request
 
-from oaiproxy.access.admission import admission_gate
-from oaiproxy.access.clients import Credentials
+from oaiproxy.access.admission import Admission, admission_gate
+from oaiproxy.access.clients import Credentials, Limits
+from oaiproxy.access.limits import Limiter, LocalLimitStore, Reservation
 from oaiproxy.config import Secret
 from oaiproxy.daemon.tap import Options
 from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, registry
@@ -29,6 +33,7 @@ from oaiproxy.server.site import _FD_RESERVE, STREAMS_WANTED, ProxySite, check_o
 from oaiproxy.server.tree import build_tree
 from oaiproxy.upstream.client import UpstreamClient
 from tests.e2e.test_systemd import unit_settings
+from tests.routes.test_pending_admission import RATE_HEADERS, HandStore, refusal
 from tests.routes.test_uploads import AUDIO, ROUTES, _Consumer, _Upstream
 from tests.support import form
 
@@ -131,6 +136,85 @@ class UploadAdmissionTests(SynchronousTestCase):
         self.assertEqual(consumer.data, [])
         self.http.requests[0][3].errback(RequestGenerationFailed([failure]))
         self.assertIn(b"HTTP/1.1 413 ", self.transport.value())
+
+
+class ReserveTests(SynchronousTestCase):
+    """
+    L{Admission.reserve} on a request whose client is known.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        # (reserve only sets the error on it.)
+        channel = HTTPChannel()
+        channel.makeConnection(StringTransport())
+        self.request = Request(channel)
+        [self.client] = registry(CLIENT_KEY, limits=Limits(requests_per_minute=1), models=["gpt-4o"])
+        self.store = HandStore()
+        self.credentials = Credentials(Secret(UPSTREAM_KEY), registry(CLIENT_KEY))
+        self.admission = Admission(self.credentials, self.clock, None, self.store)
+
+    def test_allow_list_is_checked_before_the_store(self) -> None:
+        """
+        A model outside the client's allow-list is refused at once, and
+        the store is not asked (nothing is taken from the limits).
+        """
+        body = self.successResultOf(self.admission.reserve(self.request, self.client, "o3", 10))
+        self.assertEqual(self.request.code, 403)
+        self.assertIn(b"model_not_allowed", body)
+        self.assertEqual(self.store.asked, [])
+
+    def test_store_is_asked_for_the_estimate(self) -> None:
+        d = self.admission.reserve(self.request, self.client, "gpt-4o", 1234)
+        [(client, estimate, _)] = self.store.asked
+        self.assertEqual((client.name, estimate), ("client-1", 1234))
+        self.assertNoResult(d)
+        hold = Reservation(None, 1234)
+        self.store.answer(hold)
+        self.assertIs(self.successResultOf(d), hold)
+
+    def test_refusal_carries_the_store_headers(self) -> None:
+        """
+        A refusal is the 429 with the rate headers the store answered with
+        (a shared store's, from the same round trip), and its retry time.
+        """
+        d = self.admission.reserve(self.request, self.client, "gpt-4o", 10)
+        self.store.answer(refusal())
+        body = self.successResultOf(d)
+        self.assertEqual(self.request.code, 429)
+        self.assertIn(b"rate_limit_exceeded", body)
+        for name, value in RATE_HEADERS:
+            self.assertEqual(self.request.responseHeaders.getRawHeaders(name), [value])
+        self.assertEqual(self.request.responseHeaders.getRawHeaders(b"retry-after"), [b"6"])
+
+    def test_default_store_answers_at_once(self) -> None:
+        """
+        Without a store, the limits are a fresh in-process limiter, and
+        its answers are there when C{reserve} returns: the client's one
+        request per minute is admitted, the next one refused with the
+        limiter's headers.
+        """
+        admission = Admission(self.credentials, self.clock)
+        held = self.successResultOf(admission.reserve(self.request, self.client, "gpt-4o", 10))
+        self.assertIsInstance(held, Reservation)
+        refused = self.successResultOf(admission.reserve(self.request, self.client, "gpt-4o", 10))
+        self.assertIsInstance(refused, bytes)
+        self.assertEqual(self.request.responseHeaders.getRawHeaders(b"x-ratelimit-remaining-requests"), [b"0"])
+
+    def test_local_store_headers_are_the_limiters(self) -> None:
+        """
+        The in-process store's refusal carries the limiter's own headers,
+        as before the store existed.
+        """
+        limiter = Limiter(self.clock)
+        admission = Admission(self.credentials, self.clock, None, LocalLimitStore(limiter))
+        self.successResultOf(admission.reserve(self.request, self.client, "gpt-4o", 10))
+        self.clock.advance(30)
+        self.successResultOf(admission.reserve(self.request, self.client, "gpt-4o", 10))
+        expected = dict(limiter.headers(self.client))
+        headers = self.request.responseHeaders
+        self.assertEqual({n: headers.getRawHeaders(n)[0] for n in expected}, expected)
+        self.assertIn(b"x-ratelimit-reset-requests", expected)
 
 
 class _Limits:
