@@ -74,6 +74,13 @@ def body(size: int) -> bytes:
     ).encode()
 
 
+#: nginx's answer to every request: a ~1 KB chat completion.
+ANSWER = json.dumps(
+    {"id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "gpt-4o-mini",
+     "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 800}, "finish_reason": "stop"}],
+     "usage": {"prompt_tokens": 250, "completion_tokens": 120, "total_tokens": 370}}
+)  # fmt: skip
+
 NGINX_CONF = """
 worker_processes 1;
 daemon off;
@@ -210,11 +217,7 @@ def main() -> None:
     started: list[Process] = []
     results: dict[str, Any] = {"smoke": args.smoke}
     try:
-        answer = json.dumps(
-            {"id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "gpt-4o-mini",
-             "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 800}, "finish_reason": "stop"}],
-             "usage": {"prompt_tokens": 250, "completion_tokens": 120, "total_tokens": 370}}
-        )  # fmt: skip
+        answer = ANSWER
         nginx_port = free_port()
         with open(os.path.join(work, "nginx.conf"), "w") as f:
             f.write(NGINX_CONF.format(work=work, port=nginx_port, answer=answer))

@@ -38,6 +38,11 @@ __all__ = [
     "parse_byte_count",
     "parse_interval",
     "parse_log_format",
+    "parse_instances",
+    "parse_milliseconds",
+    "parse_shared_state",
+    "load_shared_state_password",
+    "SHARED_STATE_CREDENTIAL",
     "parse_workers",
     "parse_upstream",
     "parse_style",
@@ -150,6 +155,16 @@ class Config:
     upstreams_file: Optional[str] = None
     max_attempts: int = 3
     first_byte_timeout: Optional[float] = None
+    #: C{--shared-state}: the Redis URL (no password in it), or C{None}.
+    shared_state: Optional[str] = None
+    #: Its password (a file or the systemd credential; handed to workers).
+    shared_state_password: Optional[Secret] = None
+    shared_state_ca_file: Optional[str] = None
+    shared_state_prefix: str = "oaiproxy:"
+    #: The processes expected to share the limits; C{None}: the workers.
+    shared_state_instances: Optional[int] = None
+    shared_state_deadline_ms: float = 50.0
+    shared_state_lease: float = 30.0
 
 
 def parse_seconds(name: str, text: str) -> float:
@@ -203,6 +218,54 @@ def _count(name: str, text: str, most: int, what: str) -> int:
     if not 1 <= value <= most:
         raise ConfigError(f"{name} must be between 1 and {most}, not {text!r}")
     return value
+
+
+def parse_instances(name: str, text: str) -> int:
+    """
+    How many processes share the limits (C{--shared-state-instances}).
+    """
+    return _count(name, text, 4096, "a whole number of processes")
+
+
+def parse_milliseconds(name: str, text: str) -> float:
+    """
+    A positive number of milliseconds, at most a minute.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of milliseconds, not {text!r}") from None
+    if not (0 < value <= 60000):
+        raise ConfigError(f"{name} must be a positive number of milliseconds (at most 60000), not {text!r}")
+    return value
+
+
+def parse_shared_state(name: str, text: str) -> str:
+    """
+    Check a C{--shared-state} URL: C{redis://host[:port][/db]} or
+    C{rediss://} (TLS), optionally with an ACL user name.  A password in
+    it is refused, like a key on the command line: it would show in C{ps}
+    and in the unit file; it goes in C{--shared-state-password-file}.
+    """
+    shown = _redact_url(text)
+    try:
+        parts = urlsplit(text.strip())
+        _ = parts.port  # raises ValueError for a port that is not a number
+        path = parts.path.strip("/")
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL: {shown!r}") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"{name} must be a redis:// or rediss:// URL with a host, not {shown!r}")
+    if parts.password is not None:
+        raise ConfigError(
+            f"{name} must not carry a password (it would show in ps and in logs): "
+            "put it in --shared-state-password-file or the systemd credential shared_state_password"
+        )
+    if path and not path.isdigit():
+        raise ConfigError(f"{name}'s database must be a number (redis://host:port/0), not {shown!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{name} must not have a query or fragment: {shown!r}")
+    return text.strip()
 
 
 def parse_log_format(name: str, text: str) -> str:
@@ -371,21 +434,38 @@ def load_api_key(key_file: Optional[str], environ: Mapping[str, str]) -> Secret:
     )
 
 
-def _read_key_file(path: str) -> Secret:
+def _read_key_file(path: str, what: str = "API key file") -> Secret:
     if not os.path.exists(path):
         # Not echoed: a value that names no file may be a key passed by
         # mistake, and this message goes to the journal.
-        raise ConfigError("the API key file given does not exist (the value is not shown in case it is a key)")
+        raise ConfigError(f"the {what} given does not exist (the value is not shown in case it is a key)")
     try:
         with open(path, "rb") as f:
             value = f.read().strip()
     except OSError as e:
-        raise ConfigError(f"cannot read the API key file {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read the {what} {path}: {e.strerror}") from None
     if not value:
-        raise ConfigError(f"the API key file {path} is empty")
+        raise ConfigError(f"the {what} {path} is empty")
     if b"\n" in value or b" " in value:
-        raise ConfigError(f"the API key file {path} must hold the key alone on one line")
+        raise ConfigError(f"the {what} {path} must hold the key alone on one line")
     return Secret(value)
+
+
+#: The systemd credential holding the shared state's (Redis) password.
+SHARED_STATE_CREDENTIAL = "shared_state_password"
+
+
+def load_shared_state_password(password_file: Optional[str], environ: Mapping[str, str]) -> Optional[Secret]:
+    """
+    The shared state's password: C{--shared-state-password-file} (or its
+    variable, a path), else the systemd credential
+    C{$CREDENTIALS_DIRECTORY/shared_state_password}; C{None} for a Redis
+    without one.  Never the command line, never a variable's value.
+    """
+    path = config_file_path(password_file, "OAIPROXY_SHARED_STATE_PASSWORD_FILE", SHARED_STATE_CREDENTIAL, environ)
+    if path is None:
+        return None
+    return _read_key_file(path, "shared state password file")
 
 
 def config_file_path(given: Optional[str], variable: str, credential: str, environ: Mapping[str, str]) -> Optional[str]:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -150,6 +150,8 @@ class SharedLimitStore:
         self.lease = lease
         self.local = Limiter(clock, share=self.instances)
         self.fallback_admitted = 0
+        #: Called for each request admitted in fallback (the metrics).
+        self.on_fallback: Callable[[], None] = lambda: None
         self._ids = itertools.count(1)
         self._me = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -195,4 +197,5 @@ class SharedLimitStore:
             admitted.headers = tuple(self.local.headers(client))
             return admitted
         self.fallback_admitted += 1
+        self.on_fallback()
         return SharedReservation(self, estimate, local=admitted)

@@ -25,9 +25,12 @@ from oaiproxy.config import (
     Config,
     parse_attempts,
     parse_byte_count,
+    parse_instances,
     parse_interval,
     parse_log_format,
+    parse_milliseconds,
     parse_seconds,
+    parse_shared_state,
     parse_style,
     parse_workers,
 )
@@ -426,6 +429,76 @@ SETTINGS: tuple[Setting, ...] = (
         parse=parse_workers,
     ),
     Setting(
+        "shared-state",
+        "OAIPROXY_SHARED_STATE",
+        "Share client limits with the other processes of the group (--workers, other hosts) through this Redis: "
+        "redis://HOST:PORT/DB, or rediss:// for TLS; no password in it. Checked at startup.",
+        "share client limits through this Redis: `redis://host:port/db`, `rediss://` for TLS (a user name may go "
+        "in it, a password may not) ([Several processes and hosts](#several-processes-and-hosts)); checked at "
+        "startup, which fails naming why",
+        metavar="URL",
+        field="shared_state",
+        parse=parse_shared_state,
+    ),
+    Setting(
+        "shared-state-password-file",
+        "OAIPROXY_SHARED_STATE_PASSWORD_FILE",
+        "File holding the shared state's Redis password (never on the command line).",
+        "the Redis password: this file, else `$CREDENTIALS_DIRECTORY/shared_state_password` (systemd "
+        "`LoadCredential=`); none = a Redis without `requirepass`",
+        metavar="PATH",
+        sources="env OAIPROXY_SHARED_STATE_PASSWORD_FILE, else the systemd credential shared_state_password",
+    ),
+    Setting(
+        "shared-state-ca-file",
+        "OAIPROXY_SHARED_STATE_CA_FILE",
+        "PEM file of the CA that signed the rediss:// server's certificate (else the system's roots).",
+        "the CA (PEM) a `rediss://` server's certificate is verified against; else the system's roots",
+        metavar="PATH",
+        field="shared_state_ca_file",
+        parse=_text,
+    ),
+    Setting(
+        "shared-state-prefix",
+        "OAIPROXY_SHARED_STATE_PREFIX",
+        "Prefix of every key the proxy writes, so several groups can share one Redis.",
+        "prefix of every key written, so several groups can share one Redis",
+        metavar="TEXT",
+        field="shared_state_prefix",
+        parse=_text,
+    ),
+    Setting(
+        "shared-state-instances",
+        "OAIPROXY_SHARED_STATE_INSTANCES",
+        "Processes expected to share the limits: while Redis is unreachable each enforces 1/N of every limit.",
+        "processes sharing the limits (all hosts' workers): while Redis is unreachable each enforces 1/N of every "
+        "limit",
+        metavar="N",
+        field="shared_state_instances",
+        parse=parse_instances,
+        default="the `--workers` count",
+    ),
+    Setting(
+        "shared-state-deadline",
+        "OAIPROXY_SHARED_STATE_DEADLINE",
+        "Milliseconds a call to Redis may take before the proxy decides locally (and marks Redis down).",
+        "milliseconds a Redis call may take before the proxy decides locally and marks it down",
+        metavar="MS",
+        field="shared_state_deadline_ms",
+        parse=parse_milliseconds,
+    ),
+    Setting(
+        "shared-state-lease",
+        "OAIPROXY_SHARED_STATE_LEASE",
+        "Seconds a concurrency slot is held in Redis without renewal: how long the slots of a process that "
+        "died stay taken.",
+        "seconds a concurrency slot lives without renewal (renewed every third): how long a dead process's slots "
+        "stay taken",
+        metavar="S",
+        field="shared_state_lease",
+        parse=parse_seconds,
+    ),
+    Setting(
         "mock-upstream",
         None,
         "Forward to a built-in mock of the OpenAI API (deterministic answers, streaming too) instead of a real "
@@ -457,6 +530,15 @@ SETTINGS: tuple[Setting, ...] = (
         "api-key",
         None,
         "Refused: a key on the command line is visible to every user in ps. Use --api-key-file or OPENAI_API_KEY.",
+        "",
+        kind=REFUSED,
+        shown=False,
+    ),
+    Setting(
+        "shared-state-password",
+        None,
+        "Refused: a password on the command line is visible to every user in ps. Use "
+        "--shared-state-password-file or the systemd credential shared_state_password.",
         "",
         kind=REFUSED,
         shown=False,

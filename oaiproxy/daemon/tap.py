@@ -26,16 +26,18 @@ import socket
 import sys
 import textwrap
 from dataclasses import replace
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IAddress, IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.systemd import ListenFDs
 
 from oaiproxy import __version__
@@ -49,6 +51,7 @@ from oaiproxy.config import (
     api_base,
     is_private_address,
     load_api_key,
+    load_shared_state_password,
     parse_deployment,
     parse_deployments,
     parse_upstream,
@@ -87,6 +90,9 @@ from oaiproxy.upstream.styles import (
     AzureStyle,
 )
 from oaiproxy.upstream.upstreams import SINGLE, Upstreams
+
+if TYPE_CHECKING:
+    from oaiproxy.sharedstate.link import RedisLink, RedisTarget, SharedState
 
 __all__ = ["Options", "makeService"]
 
@@ -164,6 +170,18 @@ class Options(usage.Options):
         raise usage.UsageError(
             "--client-keys is not accepted: keys on the command line are visible to every user of the host "
             "in ps; use --client-keys-file PATH (a file of key hashes) or OAIPROXY_CLIENT_KEYS"
+        )
+
+    def opt_shared_state_password(self, value: str) -> None:
+        """
+        Refuse C{--shared-state-password} (see the settings table).
+        """
+        # As for --api-key: getopt would otherwise take it for a prefix of
+        # --shared-state-password-file and name the password as a path.
+        raise usage.UsageError(
+            "--shared-state-password is not accepted: a password on the command line is visible to every user "
+            "of the host in ps; use --shared-state-password-file PATH or the systemd credential "
+            "shared_state_password"
         )
 
     def opt_upstream_header(self, value: str) -> None:
@@ -257,6 +275,7 @@ class Options(usage.Options):
 
     def _build(self) -> Config:
         config = self._settings()
+        _check_shared_state_options(config)
         if config.workers > 1 and config.metrics_port:
             raise ConfigError(
                 "--metrics-port cannot be combined with --workers: each worker serves its own /metrics on the API port"
@@ -355,14 +374,153 @@ class Options(usage.Options):
             upstream_headers=tuple(self["upstream-header"]),
             upstreams=upstreams,
             upstreams_file=upstreams_file,
+            shared_state_password=None if worker else self._shared_state_password(values),
             **values,
         )
+
+    def _shared_state_password(self, values: Mapping[str, Any]) -> Optional[Secret]:
+        """
+        The Redis password, read here in the process that checks the
+        configuration (a worker is handed it), and only with a
+        C{--shared-state} to use it with.
+        """
+        given = self["shared-state-password-file"] or self.environ.get(_env("shared-state-password-file"))
+        if values.get("shared_state") is None:
+            if given:
+                raise ConfigError("--shared-state-password-file needs --shared-state (OAIPROXY_SHARED_STATE)")
+            return None
+        return load_shared_state_password(self["shared-state-password-file"], self.environ)
 
     def _metrics_key(self) -> Optional[Secret]:
         if self["metrics-key-file"]:
             return load_api_key(self["metrics-key-file"], {})
         value = self.environ.get(_env("metrics-key-file"), "").strip()
         return Secret(value.encode("utf-8")) if value else None
+
+
+def _check_shared_state_options(config: Config) -> None:
+    """
+    The shared-state options that make sense only together, and the
+    client library they need.
+    """
+    if config.shared_state is None:
+        defaults = _DEFAULTS
+        given = [
+            f"--{option}"
+            for option, field in (
+                ("shared-state-ca-file", "shared_state_ca_file"),
+                ("shared-state-prefix", "shared_state_prefix"),
+                ("shared-state-instances", "shared_state_instances"),
+                ("shared-state-deadline", "shared_state_deadline_ms"),
+                ("shared-state-lease", "shared_state_lease"),
+            )
+            if getattr(config, field) != getattr(defaults, field)
+        ]
+        if given:
+            verb = "needs" if len(given) == 1 else "need"
+            raise ConfigError(f"{', '.join(given)} {verb} --shared-state (OAIPROXY_SHARED_STATE)")
+        return
+    if config.shared_state_ca_file is not None and not config.shared_state.startswith("rediss://"):
+        raise ConfigError("--shared-state-ca-file is for TLS: use a rediss:// URL with it")
+    try:
+        import txredisapi  # noqa: F401
+    except ImportError:
+        raise ConfigError("--shared-state needs the Redis client: pip install 'oaiproxy[redis]' (txredisapi)") from None
+
+
+#: Seconds the startup check of C{--shared-state} may take in all.
+STARTUP_CHECK_SECONDS = 5.0
+
+
+def shared_state_target(config: Config) -> "RedisTarget":
+    """
+    Where C{--shared-state} points, with the password it was given.
+    """
+    from oaiproxy.sharedstate.link import RedisTarget
+
+    assert config.shared_state is not None
+    password = config.shared_state_password
+    return RedisTarget.from_url(
+        config.shared_state,
+        None if password is None else password.reveal().decode("utf-8", "replace"),
+        config.shared_state_ca_file,
+    )
+
+
+def shared_instances(config: Config) -> int:
+    """
+    How many processes share the limits: C{--shared-state-instances}, else
+    the group's workers (a worker knows them from its share), else 1.
+    """
+    return config.shared_state_instances or max(config.workers, config.worker_share)
+
+
+def shared_state(config: Config, reactor: Any) -> "Optional[SharedState]":
+    """
+    This process's link to the group's Redis (a service: the caller puts
+    it in the service tree), its key space and the expected group size;
+    C{None} without C{--shared-state}.
+    """
+    if config.shared_state is None:
+        return None
+    from oaiproxy.sharedstate.link import KeySpace, RedisLink, SharedState, redis_connector
+
+    target = shared_state_target(config)
+    link = RedisLink(
+        redis_connector(reactor, target),
+        reactor,
+        deadline=config.shared_state_deadline_ms / 1000,
+        name=f"{target.host}:{target.port}",
+    )
+    return SharedState(link, KeySpace(config.shared_state_prefix), shared_instances(config))
+
+
+def check_shared_state_now(config: Config) -> None:
+    """
+    The startup check of C{--shared-state}: connect, authenticate, select
+    the database and PING, or end startup with one line naming why
+    (refused, timeout, unresolved, tls, auth, database), never the
+    password.
+
+    twistd calls L{makeService} before its reactor runs (and before it
+    daemonizes, so the line reaches the terminal), so the check runs on
+    a private reactor of its own, run until the check is over and then
+    discarded: the same connection code as the running proxy's, before
+    anything is bound.
+    """
+    from twisted.internet.selectreactor import SelectReactor
+
+    from oaiproxy.sharedstate.link import SharedStateError, check_shared_state, redis_connector
+
+    try:
+        target = shared_state_target(config)
+    except ValueError as e:
+        raise SystemExit(f"twistd oaiproxy: error: --shared-state: {e}") from None
+    private = SelectReactor()
+    outcome: list[Any] = []
+
+    def check() -> None:
+        try:
+            d = check_shared_state(redis_connector(private, target), private, STARTUP_CHECK_SECONDS)
+        except OSError as e:
+            # The CA file, read as the connector is made.
+            d = Deferred()
+            d.errback(SharedStateError("tls", f"cannot read the CA file {config.shared_state_ca_file}: {e.strerror}"))
+        d.addBoth(outcome.append)
+        d.addBoth(lambda _: private.stop())
+
+    private.callWhenRunning(check)
+    private.run(installSignalHandlers=False)
+    result = outcome[0] if outcome else None
+    if isinstance(result, Failure):
+        if result.check(SharedStateError):
+            error = result.value
+            raise SystemExit(
+                f"twistd oaiproxy: error: cannot use the shared state at {target.host}:{target.port} "
+                f"({error.reason}): {error.detail}"
+            )
+        raise SystemExit(f"twistd oaiproxy: error: cannot use the shared state: {result.getErrorMessage()}")
+    log.info("shared state at {where} checked", where=f"{target.host}:{target.port}")
 
 
 def _env(option: str) -> str:
@@ -625,6 +783,32 @@ def _announcer(
     return announce
 
 
+class _LinkAfterDrain(MultiService):
+    """
+    The link to the shared state, and the drain: the link starts first
+    and stops last, once the drain is over and a deadline more has
+    passed, so that the settlements of the requests the drain ended (the
+    last of them as their connections close) reach Redis and free their
+    concurrency slots at once, rather than when their leases expire.  (A
+    L{MultiService} stops all its children at once.)
+    """
+
+    def __init__(self, link: "RedisLink", drain: DrainService, clock: Any) -> None:
+        super().__init__()
+        self._link = link
+        self._drain = drain
+        self._clock = clock
+        link.setServiceParent(self)
+        drain.setServiceParent(self)
+
+    def stopService(self) -> "Deferred[None]":
+        Service.stopService(self)
+        stopped: Deferred[Any] = maybeDeferred(self._drain.stopService)
+        stopped.addBoth(lambda _: deferLater(self._clock, self._link.deadline, lambda: None))
+        stopped.addBoth(lambda _: self._link.stopService())
+        return stopped.addBoth(lambda _: None)
+
+
 class _MockUpstreamService(Service):
     """
     Serve the built-in fake API on a free loopback port and point the
@@ -709,7 +893,9 @@ def _load_credentials(options: Options, credentials: Credentials, exposure: _Exp
         log.error("reload failed, keeping the credentials in use: {why}", why=str(e))
         return None
     _warn_if_no_clients(config, options.environ, clients)
-    return GroupSecrets(api_key, clients, config.metrics_key)
+    # The Redis password is the one the group started with: the links
+    # keep their connections, and a worker started later needs the same.
+    return GroupSecrets(api_key, clients, config.metrics_key, config.shared_state_password)
 
 
 def _reloader(
@@ -897,7 +1083,7 @@ def _supervise(
         notifier,
         dict(options.environ),
         writer(sys.__stdout__),
-        GroupSecrets(config.api_key, clients, config.metrics_key),
+        GroupSecrets(config.api_key, clients, config.metrics_key, config.shared_state_password),
         report,
         bound,
         error_output=writer(sys.__stderr__),
@@ -924,6 +1110,7 @@ def makeService(
     notifier: Optional[Notifier] = None,
     report: Optional[StartupReport] = None,
     supervisor_input: int = 0,
+    check_shared: Optional[Callable[[Config], None]] = None,
 ) -> IService:
     """
     Build the daemon: listeners on every C{--port}, the Resource tree, the
@@ -942,6 +1129,8 @@ def makeService(
         standard error twistd was started with).
     @param supervisor_input: in a worker, the descriptor its supervisor
         writes the configuration to (standard input).
+    @param check_shared: the startup check of C{--shared-state}
+        (L{check_shared_state_now}; injected for tests).
     """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -961,7 +1150,13 @@ def makeService(
             secrets, pending = read_secrets(supervisor_input)
         except ConfigError as e:
             raise SystemExit(f"twistd oaiproxy: error: {e}") from None
-        config = replace(config, api_key=secrets.api_key, clients=secrets.clients, metrics_key=secrets.metrics_key)
+        config = replace(
+            config,
+            api_key=secrets.api_key,
+            clients=secrets.clients,
+            metrics_key=secrets.metrics_key,
+            shared_state_password=secrets.shared_state_password,
+        )
         die_with_parent()
         inherited = [(listener, int(listener.partition(":")[0])) for listener in config.worker_listeners]
         planned = [(listener, fd_address(fd)) for listener, fd in inherited]
@@ -975,6 +1170,10 @@ def makeService(
     metrics_endpoint = _endpoint(reactor, config.metrics_port) if config.metrics_port else None
     clients: ClientRegistry = config.clients if config.clients is not None else ClientRegistry()
     _check_before_binding(planned, config, clients, exposure)
+    if config.shared_state is not None and not config.worker_listeners:
+        # Once per group, before anything is bound or any worker starts:
+        # a worker's link connects in the background (and falls back).
+        (check_shared or check_shared_state_now)(config)
     if report is None:
         report = StartupReport(reactor)
 
@@ -1002,6 +1201,7 @@ def makeService(
             return agents[timeout]
 
     assert http is not None
+    shared = shared_state(config, reactor)
     built = build_site(
         config,
         http=http,
@@ -1011,6 +1211,7 @@ def makeService(
         metrics=Metrics(),
         worker=_worker_index(options.environ),
         http_for=http_for,
+        shared=shared,
     )
     upstream, site = built.upstream, built.site
     if config.mock_upstream:
@@ -1042,7 +1243,14 @@ def makeService(
 
     # Stopping runs in reverse order: the drain starts as the listeners
     # close, so no new connection arrives while in-flight requests finish.
-    DrainService(lifecycle, reactor, config.drain_timeout, notifier).setServiceParent(service)
+    drain = DrainService(lifecycle, reactor, config.drain_timeout, notifier)
+    if shared is None:
+        drain.setServiceParent(service)
+    else:
+        # The link closes only once the drain is over, so that the requests
+        # in flight settle through it (their concurrency slots free at
+        # once, not when their leases expire).
+        _LinkAfterDrain(shared.link, drain, reactor).setServiceParent(service)
     if config.worker_listeners:
         # Reloads come from the supervisor, checked, on the pipe.
         reader = SecretsReader(

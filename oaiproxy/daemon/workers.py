@@ -95,11 +95,14 @@ class GroupSecrets:
     @ivar clients: the clients; empty only where that passed the
         open-relay check.
     @ivar metrics_key: the key that may read C{/metrics}, if any.
+    @ivar shared_state_password: the Redis password of C{--shared-state},
+        if any: the file may have changed since the group started.
     """
 
     api_key: Optional[Secret]
     clients: ClientRegistry
     metrics_key: Optional[Secret] = None
+    shared_state_password: Optional[Secret] = None
 
 
 def encode_secrets(secrets: GroupSecrets) -> bytes:

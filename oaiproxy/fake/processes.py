@@ -196,7 +196,7 @@ def start_proxy(
         child_env(env),
         cwd,
     )
-    base = process.wait_for(r"oaiproxy listening on (http://127\.0\.0\.1:\d+)").group(1)
+    base = process.wait_for(r"oaiproxy listening on (http://127\.\d+\.\d+\.\d+:\d+)").group(1)
     return process, base
 
 

@@ -175,6 +175,43 @@ class Metrics:
         self._upstreams = _UpstreamCollector()
         r.register(self._upstreams)
         self._models: set[str] = set()
+        self.shared_state_up: Optional[Gauge] = None
+        self.shared_state_episodes: Optional[Counter] = None
+        self.shared_state_fallback: Optional[Counter] = None
+
+    def watch_shared_state(self, up: bool) -> None:
+        """
+        Show the shared state's series (C{--shared-state} only: without
+        it, C{oaiproxy_shared_state_up 0} would read as an outage).  The
+        gauge takes the minimum over a group's live workers: the group is
+        up only while every one of them reaches Redis.
+        """
+        r = self.registry
+        self.shared_state_up = Gauge(
+            "oaiproxy_shared_state_up",
+            "1 while the shared state (Redis) answers, 0 while limits are decided locally.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.shared_state_episodes = Counter(
+            "oaiproxy_shared_state_episodes", "Times the shared state (Redis) became unreachable.", registry=r
+        )
+        self.shared_state_fallback = Counter(
+            "oaiproxy_shared_state_fallback_admitted",
+            "Requests admitted by this process's own share of the limits while the shared state was unreachable.",
+            registry=r,
+        )
+        self.shared_state_up.set(1 if up else 0)
+
+    def shared_state_changed(self, up: bool) -> None:
+        if self.shared_state_up is not None:
+            self.shared_state_up.set(1 if up else 0)
+        if not up and self.shared_state_episodes is not None:
+            self.shared_state_episodes.inc()
+
+    def admitted_in_fallback(self) -> None:
+        if self.shared_state_fallback is not None:
+            self.shared_state_fallback.inc()
 
     def watch_upstreams(self, read: Callable[[], Iterable[UpstreamGauges]]) -> None:
         """

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -37,13 +37,17 @@ from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routetable import ROUTES, Route, in_order
 from oaiproxy.server.site import ProxySite
 from oaiproxy.server.tree import HealthResource, UpstreamsHealthResource, build_root, build_tree
-from oaiproxy.sharedstate.link import SharedState
 from oaiproxy.upstream.client import TreqLike, UpstreamClient
 from oaiproxy.upstream.headers import bearer_token
 from oaiproxy.upstream.pool import Pool, PoolGroup, Upstream
 from oaiproxy.upstream.styles import AzureStyle, OpenAIStyle, UpstreamStyle
 from oaiproxy.upstream.upstreams import SINGLE, Upstreams
 from oaiproxy.web import error_response
+
+if TYPE_CHECKING:
+    # Imported when used: the Redis client is an extra (oaiproxy[redis]).
+    from oaiproxy.access.shared import SharedLimitStore
+    from oaiproxy.sharedstate.link import SharedState
 
 __all__ = ["Built", "build_site", "metrics_check", "style_of", "watch_pool"]
 
@@ -183,8 +187,12 @@ def build_site(
     watch_pool(metrics, upstreams.pool)
     upstream = next(iter(upstreams.clients.values()))
     styles = {client.style.name for client in upstreams.clients.values()}
-    limiter = Limiter(clock, share=config.worker_share)
-    store: LimitStore = LocalLimitStore(limiter)
+    # With a shared state the group shares the exact limits: no split
+    # among workers (each takes 1 / instances only while Redis is down).
+    limiter = Limiter(clock, share=1 if shared is not None else config.worker_share)
+    store: LimitStore = (
+        LocalLimitStore(limiter) if shared is None else shared_limit_store(config, shared, clock, metrics)
+    )
     enabled = in_order(config.routes)
     api = api_resources(
         enabled,
@@ -234,6 +242,23 @@ def build_site(
             reactor=clock,
         )
     return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store)
+
+
+def shared_limit_store(
+    config: Config, shared: "SharedState", clock: IReactorTime, metrics: Metrics
+) -> "SharedLimitStore":
+    """
+    The client limits of a group, in its Redis: exact across the group
+    (no split among workers), each process's share (1 / instances) only
+    while Redis is unreachable; its state and fallbacks in the metrics.
+    """
+    from oaiproxy.access.shared import SharedLimitStore
+
+    store = SharedLimitStore(shared.link, clock, shared.keys, shared.instances, config.shared_state_lease)
+    metrics.watch_shared_state(shared.link.up)
+    shared.link.watchers.append(metrics.shared_state_changed)
+    store.on_fallback = metrics.admitted_in_fallback
+    return store
 
 
 def watch_pool(metrics: Metrics, pool: Pool) -> None:

@@ -499,6 +499,9 @@ class RedisLink(Service):
 
         def failed(failure: Failure) -> None:
             self._attempt = None
+            if not self.running:
+                # Cancelled by stopService: not an outage.
+                return
             if self._first and self._down_since is None:
                 # Never up yet: the first failure opens the episode.
                 self._first = False

@@ -23,6 +23,9 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
 #: Azure's settings need an Azure upstream.
 AZURE = {"OPENAI_BASE_URL": "https://r.openai.azure.com", "OAIPROXY_UPSTREAM_STYLE": "azure"}
 
+#: The shared-state settings need a shared state.
+SHARED = {"OAIPROXY_SHARED_STATE": "redis://127.0.0.1:6379/0"}
+
 #: A value other than the default for every plain setting (field and
 #: parser), what it parses to, and the environment it needs.
 EXAMPLES: dict[str, tuple[str, object, Mapping[str, str]]] = {
@@ -44,6 +47,12 @@ EXAMPLES: dict[str, tuple[str, object, Mapping[str, str]]] = {
     "worker-share": ("2", 2, {}),
     "max-attempts": ("2", 2, {}),
     "first-byte-timeout": ("1.5", 1.5, {}),
+    "shared-state": ("redis://10.0.0.5:6380/2", "redis://10.0.0.5:6380/2", {}),
+    "shared-state-ca-file": ("/etc/ca.pem", "/etc/ca.pem", {"OAIPROXY_SHARED_STATE": "rediss://r.internal"}),
+    "shared-state-prefix": ("team-a:", "team-a:", SHARED),
+    "shared-state-instances": ("6", 6, SHARED),
+    "shared-state-deadline": ("20", 20.0, SHARED),
+    "shared-state-lease": ("2.5", 2.5, SHARED),
 }
 
 #: Variables the package reads that are not settings: what systemd and
