@@ -14,20 +14,23 @@ them.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from typing import Any, Optional
 
 from twisted.internet import defer, reactor, task
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from oaiproxy.config import Secret
-from oaiproxy.fake.processes import RedisServer
+from oaiproxy.fake.processes import RedisServer, start_proxy
 from oaiproxy.sharedstate.link import KeySpace, RedisLink, RedisTarget, redis_connector
 from oaiproxy.upstream.breaker import Breaker, BreakerPolicy, State, Transition
 from oaiproxy.upstream.pool import Choice, Kind, Outcome, Pool, Upstream
 from oaiproxy.upstream.shared import SharedBreakers
+from tests.e2e.test_pool import CLIENT_KEY, KEYS, MESSAGES, Fake, http, until
 from tests.e2e.test_shared_redis import until_up
+from tests.support import temp_dir
 
 SERVER = shutil.which("redis-server")
 FAILED = Outcome(Kind.ANSWERED, 500)
@@ -72,7 +75,7 @@ class Host:
 
 
 @defer.inlineCallbacks
-def until(condition: Any, what: str, within: float = 10.0) -> Any:
+def soon(condition: Any, what: str, within: float = 10.0) -> Any:
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > within:
@@ -129,7 +132,7 @@ class TwoPoolsTests(TestCase):
             one.pool.finish(choice, FAILED)
         assert one.breaker().state is State.OPEN
         # The other learns it within a read or two, without a failure.
-        yield until(lambda: two.breaker().state is not State.CLOSED, "two to hold a open")
+        yield soon(lambda: two.breaker().state is not State.CLOSED, "two to hold a open")
         assert two.breaker().cooldown_left() > 0.2
         # Logged there with the reason the first gave, as text.
         [learnt] = [t for t in two.transitions if t.new is State.OPEN]
@@ -145,13 +148,11 @@ class TwoPoolsTests(TestCase):
         prober = tried[0][0]
         other = two if prober is one else one
         assert 0.8 < prober.breaker().cooldown_left() <= 1.0
-        yield until(lambda: other.breaker().cooldown_left() > 0.5, "the other to re-open")
+        yield soon(lambda: other.breaker().cooldown_left() > 0.5, "the other to re-open")
         # The next probe, again one across both, succeeds: both close.
         tried = yield self.probes(one, two, OK)
         assert len(tried) == 1 and tried[0][1], tried
-        yield until(
-            lambda: one.breaker().state is State.CLOSED and two.breaker().state is State.CLOSED, "both to close"
-        )
+        yield soon(lambda: one.breaker().state is State.CLOSED and two.breaker().state is State.CLOSED, "both to close")
 
     @defer.inlineCallbacks
     def test_redis_restart_republishes_the_open(self):
@@ -165,10 +166,95 @@ class TwoPoolsTests(TestCase):
             one.pool.finish(one.pool.choose(None, exclude=("b",)), FAILED)
         one.breaker().adopt(30.0, False, False, "a longer cooldown, for the test")
         self.redis.stop()
-        yield until(lambda: not one.link.up, "one to see Redis gone")
+        yield soon(lambda: not one.link.up, "one to see Redis gone")
         self.redis.start()
         yield until_up(one.link)
         three = Host(self, self.redis.port)
         yield until_up(three.link)
-        yield until(lambda: three.breaker().state is State.OPEN, "three to hold a open")
+        yield soon(lambda: three.breaker().state is State.OPEN, "three to hold a open")
         assert three.breaker().cooldown_left() > 20
+
+
+class TwoProxiesTests(SynchronousTestCase):
+    """
+    Two daemons (two hosts) over one Redis, each with the upstreams file of
+    C{a} (made to fail with 500s) and C{b}; the README's default breaker
+    policy (5 failures in a row, 5 s then 10 s, up to 10% jitter).
+    """
+
+    if SERVER is None:
+        skip = "redis-server is not on PATH (Debian package redis-server)"
+
+    def setUp(self) -> None:
+        self.cwd = temp_dir(self)
+        self.redis = RedisServer().start()
+        self.addCleanup(self.redis.remove)
+        self.fakes = {name: Fake(self, self.cwd, name) for name in ("a", "b")}
+        path = f"{self.cwd}/upstreams.toml"
+        with open(path, "w") as f:
+            for name, fake in self.fakes.items():
+                f.write(f'[[upstreams]]\nname = "{name}"\nurl = "{fake.url}"\nkey_env = "POOL_KEY_{name.upper()}"\n\n')
+        env = {f"POOL_KEY_{name.upper()}": KEYS[name] for name in self.fakes}
+        env["OAIPROXY_CLIENT_KEYS"] = CLIENT_KEY
+        args = ["--upstreams-file", path, "--shared-state", f"redis://127.0.0.1:{self.redis.port}/0"]
+        self.bases = []
+        for host in ("127.0.0.1", "127.0.0.2"):
+            proxy, base = start_proxy(self.cwd, args, env, port=f"tcp:0:interface={host}")
+            self.addCleanup(proxy.stop)
+            proxy.wait_for(r"shared state at 127\.0\.0\.1:\d+ connected")
+            self.bases.append(base)
+
+    def chat(self, base: str) -> None:
+        body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+        headers = {"Authorization": "Bearer " + CLIENT_KEY, "Content-Type": "application/json"}
+        status, answer = http("POST", base + "/v1/chat/completions", body, headers)
+        self.assertEqual(status, 200, answer)
+
+    def a_seen_by(self, base: str) -> dict[str, Any]:
+        status, body = http("GET", base + "/health/upstreams", headers={"Authorization": "Bearer " + CLIENT_KEY})
+        assert status == 200, body
+        return next(u for u in json.loads(body)["upstreams"] if u["name"] == "a")
+
+    def hits(self) -> int:
+        return len(self.fakes["a"].chats())
+
+    def test_opened_by_one_not_tried_by_the_other_one_probe_across_both(self) -> None:
+        """
+        C{a} opened by the first proxy's requests: the second's requests
+        never reach it while it is open; when the cooldown ends, requests
+        through both let exactly one probe reach it, whose failure opens
+        it again for both.  Every client gets C{b}'s answer throughout.
+        """
+        first, second = self.bases
+        self.fakes["a"].mode(mode="status", status=500)
+        # Through the first proxy until a has failed there 5 times in a
+        # row: it opens there (every client still gets b's answer).
+        until(lambda: self.a_seen_by(first)["state"] == "open", "a to open on the first", lambda: self.chat(first))
+        self.assertEqual(self.hits(), 5)
+        # The second hears of it without a request (a read every second),
+        # and shows it in /health/upstreams and /metrics.
+        until(lambda: self.a_seen_by(second)["state"] != "closed", "the second to hold a open")
+        self.assertRegex(self.metrics(second), r'oaiproxy_upstream_breaker_state\{upstream="a"\} [12]\.0')
+        # While its cooldown lasts, the second sends a nothing.
+        left, started, sent = self.a_seen_by(second)["cooldown_left"], time.monotonic(), 0
+        while sent < 20 and time.monotonic() - started < left - 1.0:
+            self.chat(second)
+            sent += 1
+        self.assertGreater(sent, 5)
+        self.assertEqual(self.hits(), 5)
+        # Cooldown over (at most 5 s): requests through both, alternately;
+        # exactly one reaches a (the probe), which fails: open again for
+        # both, for the next step (9 s at least).
+        until(lambda: all(self.a_seen_by(base)["state"] == "half-open" for base in self.bases), "the cooldown's end")
+        started = time.monotonic()
+        while time.monotonic() - started < 3:
+            for base in self.bases:
+                self.chat(base)
+        self.assertEqual(self.hits(), 6)
+        for base in self.bases:
+            self.assertEqual(self.a_seen_by(base)["state"], "open")
+
+    def metrics(self, base: str) -> str:
+        status, body = http("GET", base + "/metrics", headers={"Authorization": "Bearer " + CLIENT_KEY})
+        assert status == 200
+        return body.decode()
