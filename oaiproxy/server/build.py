@@ -39,7 +39,7 @@ from oaiproxy.server.site import ProxySite
 from oaiproxy.server.tree import HealthResource, UpstreamsHealthResource, build_root, build_tree
 from oaiproxy.upstream.client import TreqLike, UpstreamClient
 from oaiproxy.upstream.headers import bearer_token
-from oaiproxy.upstream.pool import Pool, Upstream
+from oaiproxy.upstream.pool import Pool, PoolGroup, Upstream
 from oaiproxy.upstream.styles import AzureStyle, OpenAIStyle, UpstreamStyle
 from oaiproxy.upstream.upstreams import SINGLE, Upstreams
 from oaiproxy.web import error_response
@@ -108,7 +108,12 @@ def single_upstream(config: Config) -> Upstream:
 
 
 def build_upstreams(
-    config: Config, http: TreqLike, credentials: Credentials, clock: IReactorTime, http_for: Optional[HttpFor] = None
+    config: Config,
+    http: TreqLike,
+    credentials: Credentials,
+    clock: IReactorTime,
+    http_for: Optional[HttpFor] = None,
+    group: Optional[PoolGroup] = None,
 ) -> Upstreams:
     """
     The pool for C{config}: the upstreams file's entries, or the pool of
@@ -131,6 +136,7 @@ def build_upstreams(
         max_attempts=config.max_attempts,
         first_byte_timeout=config.first_byte_timeout,
         shorthand=config.upstreams is None,
+        group=group,
     )
 
 
@@ -169,7 +175,15 @@ def build_site(
     @param shared: the Redis the group shares limits and breakers through
         (C{--shared-state}); without it, all state is in this process.
     """
-    upstreams = build_upstreams(config, http, credentials, clock, http_for)
+    group = None
+    if shared is not None and config.upstreams is not None:
+        # The breakers of an upstreams file's pool are the group's (the
+        # shorthand's never opens); imported here, as the Redis client is
+        # an extra.
+        from oaiproxy.upstream.shared import SharedBreakers
+
+        group = SharedBreakers(shared.link, clock, shared.keys)
+    upstreams = build_upstreams(config, http, credentials, clock, http_for, group)
     watch_pool(metrics, upstreams.pool)
     upstream = next(iter(upstreams.clients.values()))
     styles = {client.style.name for client in upstreams.clients.values()}

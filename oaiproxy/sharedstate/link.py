@@ -67,7 +67,7 @@ DEFAULT_PREFIX = "oaiproxy:"
 _log = Logger()
 #: The Lua scripts, in C{oaiproxy/sharedstate/scripts/}: every one is
 #: loaded on connecting, so calls send EVALSHA.
-SCRIPTS = ("admit", "settle", "renew")
+SCRIPTS = ("admit", "settle", "renew", "breaker_read", "breaker_open", "breaker_close", "breaker_probe")
 
 
 @functools.lru_cache(maxsize=None)

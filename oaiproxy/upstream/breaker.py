@@ -37,6 +37,14 @@ flight when the breaker opened, say) neither count twice towards a
 threshold nor close a breaker; they may only extend an open cooldown with a
 C{retry-after}.  A request the client gave up on is L{Breaker.release}d: it
 says nothing about the upstream.
+
+A breaker may belong to a L{BreakerGroup} (the processes sharing breakers
+through Redis: L{oaiproxy.upstream.shared}).  It still decides alone, from
+its own state, without waiting on anyone; the group only tells it what the
+others saw (L{Breaker.adopt}, L{Breaker.close_by_group}) and, before it
+sends a probe, whether this process is the one to send it
+(L{BreakerGroup.may_probe}).  Without a group, or when the group says it is
+out of reach, the breaker behaves as above.
 """
 
 from __future__ import annotations
@@ -47,11 +55,12 @@ import random
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
+from typing import Protocol as Interface
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
-__all__ = ["State", "BreakerPolicy", "DEFAULT_POLICY", "Permit", "Transition", "Breaker"]
+__all__ = ["State", "BreakerPolicy", "DEFAULT_POLICY", "Permit", "Transition", "Breaker", "BreakerGroup"]
 
 
 class State(enum.Enum):
@@ -154,6 +163,8 @@ class Transition:
     @ivar reason: why, in a few secret-free words (C{"5 failures in a
         row"}, C{"retry-after 2s (status 429)"}, C{"probe succeeded"}).
     @ivar cooldown: for an opening, how long it lasts, in seconds.
+    @ivar shared: learnt from the group (another process saw it), not seen
+        here.
     """
 
     upstream: str
@@ -162,6 +173,41 @@ class Transition:
     reason: str
     cooldown: Optional[float] = None
     critical: bool = False
+    shared: bool = False
+
+
+class BreakerGroup(Interface):
+    """
+    The other processes a breaker shares its state with (see
+    L{oaiproxy.upstream.shared.SharedBreakers}).  Every method answers at
+    once, from what the group last heard: none waits on the network.
+    """
+
+    def may_probe(self, breaker: "Breaker", early: bool) -> bool:
+        """
+        Whether this process may send C{breaker}'s probe now (an C{early}
+        one: of an open breaker whose cooldown is the proxy's own guess).
+        C{False} while another process probes, or while this one has not
+        yet won the right to (asking may start winning it); C{True} when
+        the group is out of reach.
+        """
+
+    def probing_elsewhere(self, breaker: "Breaker") -> bool:
+        """
+        Whether another process of the group has a probe of C{breaker}'s
+        upstream in flight.
+        """
+
+    def moved(self, breaker: "Breaker", transition: Transition) -> None:
+        """
+        C{breaker} changed state (told after the observer).
+        """
+
+    def failure(self, breaker: "Breaker") -> None:
+        """
+        C{breaker} counted a failure without opening: the group may know
+        more (another process may have opened it already).
+        """
 
 
 class _Window:
@@ -235,6 +281,9 @@ class Breaker:
         self._key_refused = False
         self.last_failure: Optional[str] = None
         self.last_failure_at: Optional[float] = None
+        #: The processes this breaker shares its state with, if any (set by
+        #: the group when the pool joins the breaker to it).
+        self.group: Optional[BreakerGroup] = None
 
     def __repr__(self) -> str:
         return f"Breaker({self.name!r}, {self.state.label})"
@@ -252,9 +301,25 @@ class Breaker:
     @property
     def probing(self) -> bool:
         """
-        Whether a probe is in flight.
+        Whether a probe is in flight, here or in another process of the
+        group.
+        """
+        return self._probe is not None or (self.group is not None and self.group.probing_elsewhere(self))
+
+    @property
+    def probing_here(self) -> bool:
+        """
+        Whether this process has a probe in flight.
         """
         return self._probe is not None
+
+    @property
+    def told(self) -> bool:
+        """
+        Whether the current cooldown is one upstream (or a refused key)
+        set, not the proxy's own guess.
+        """
+        return self._told
 
     def cooldown_left(self) -> float:
         """
@@ -279,14 +344,17 @@ class Breaker:
         C{retry-after} upstream gave or a refused key, and when no probe is
         in flight.
         """
-        return self.state is State.OPEN and not self._told and self._probe is None
+        return self.state is State.OPEN and not self._told and not self.probing
+
+    def _may_probe(self, early: bool) -> bool:
+        return self.group is None or self.group.may_probe(self, early)
 
     def admits(self) -> bool:
         """
         Whether L{acquire} would give a permit now.
         """
         state = self.state
-        return state is State.CLOSED or (state is State.HALF_OPEN and self._probe is None)
+        return state is State.CLOSED or (state is State.HALF_OPEN and self._probe is None and self._may_probe(False))
 
     def acquire(self) -> Optional[Permit]:
         """
@@ -295,7 +363,7 @@ class Breaker:
         state = self.state
         if state is State.CLOSED:
             return Permit(False, self._epoch)
-        if state is State.HALF_OPEN and self._probe is None:
+        if state is State.HALF_OPEN and self._probe is None and self._may_probe(False):
             self._probe = Permit(True, self._epoch)
             return self._probe
         return None
@@ -304,9 +372,9 @@ class Breaker:
         """
         A permit for an early probe of an open breaker (when every
         candidate of a model is open: see L{early_probe_allowed}), or
-        C{None}.
+        C{None} (also when another process of the group is to send it).
         """
-        if not self.early_probe_allowed:
+        if not self.early_probe_allowed or not self._may_probe(True):
             return None
         self._probe = Permit(True, self._epoch)
         return self._probe
@@ -373,6 +441,45 @@ class Breaker:
         requests, failures = self._window.counts(now)
         if requests >= self.policy.minimum_requests and failures >= self.policy.failure_ratio * requests:
             self._open(now, f"{failures} of {requests} requests failed in {self.policy.window:g}s", None)
+        elif self.group is not None:
+            self.group.failure(self)
+
+    def adopt(self, cooldown: float, told: bool, key_refused: bool, reason: str) -> None:
+        """
+        Another process of the group opened the upstream: it is open here
+        too for C{cooldown} more seconds (0: its cooldown is over and the
+        group waits on its probe).  An open breaker's cooldown is only
+        extended; a closed one opens (reported as a shared transition, at
+        warning level even for a refused key: the process that saw it
+        says so critically).
+
+        @param reason: why it opened, as the process that saw it said.
+        """
+        now = self._clock.seconds()
+        until = now + max(0.0, cooldown)
+        state = self.state
+        if state is State.OPEN:
+            self._extend(until, told)
+            self._key_refused = self._key_refused or key_refused
+            return
+        if state is State.HALF_OPEN and until <= now:
+            return
+        self._step += 1
+        self._enter_open(now, until, f"open in the group ({reason})", told, shared=True)
+        self._key_refused = key_refused
+
+    def close_by_group(self) -> None:
+        """
+        The group's probe, sent by another process, succeeded: closed here
+        too, the backoff reset.
+        """
+        if self.state is State.CLOSED:
+            return
+        self._probe = None
+        self._step = 0
+        self._consecutive = 0
+        self._window.clear()
+        self._move(State.CLOSED, "closed in the group (probe succeeded)", shared=True)
 
     def key_refused(self, permit: Permit, reason: str) -> None:
         """
@@ -409,7 +516,9 @@ class Breaker:
         else:
             self._enter_open(now, now + self.policy.backoff(self._step, self._draw()), reason, told=False)
 
-    def _enter_open(self, now: float, until: float, reason: str, told: bool, critical: bool = False) -> None:
+    def _enter_open(
+        self, now: float, until: float, reason: str, told: bool, critical: bool = False, shared: bool = False
+    ) -> None:
         self._key_refused = critical
         if self._state is State.OPEN and self._reopen_at > until:
             # An early probe failed: what it says never shortens the
@@ -420,17 +529,19 @@ class Breaker:
         self._window.clear()
         # A probe still in flight from before is no longer the probe.
         self._probe = None
-        self._move(State.OPEN, reason, until - now, critical)
+        self._move(State.OPEN, reason, until - now, critical, shared)
 
     def _extend(self, until: float, told: bool) -> None:
         if until > self._reopen_at:
             self._reopen_at = until
             self._told = self._told or told
 
-    def _move(self, new: State, reason: str, cooldown: Optional[float] = None, critical: bool = False) -> None:
+    def _move(
+        self, new: State, reason: str, cooldown: Optional[float] = None, critical: bool = False, shared: bool = False
+    ) -> None:
         old, self._state = self._state, new
         self._epoch += 1
-        transition = Transition(self.name, old, new, reason, cooldown, critical)
+        transition = Transition(self.name, old, new, reason, cooldown, critical, shared)
         if new is State.OPEN:
             level = LogLevel.critical if critical else LogLevel.warn
             self.log.emit(
@@ -441,6 +552,7 @@ class Breaker:
                 reason=reason,
                 old_state=old.label,
                 new_state=new.label,
+                shared=shared,
             )
         else:
             self.log.info(
@@ -449,6 +561,9 @@ class Breaker:
                 reason=reason,
                 old_state=old.label,
                 new_state=new.label,
+                shared=shared,
             )
         if self._observer is not None:
             self._observer(transition)
+        if self.group is not None:
+            self.group.moved(self, transition)

@@ -53,7 +53,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.config import Secret
 from oaiproxy.errors import ApiError, model_not_found, upstreams_unavailable
-from oaiproxy.upstream.breaker import Breaker, Permit, State
+from oaiproxy.upstream.breaker import Breaker, BreakerGroup, Permit, State
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
@@ -75,6 +75,7 @@ __all__ = [
     "advice",
     "Verdict",
     "PoolObserver",
+    "PoolGroup",
     "outcome_label",
 ]
 
@@ -375,6 +376,22 @@ class Refusal:
     retry_after: Optional[float]
 
 
+class PoolGroup(BreakerGroup, Interface):
+    """
+    A L{BreakerGroup} the pool joins its members' breakers to.
+    """
+
+    def join(self, breaker: Breaker) -> None:
+        """
+        Share C{breaker} (a new member's) with the group.
+        """
+
+    def leave(self, name: str) -> None:
+        """
+        The member C{name} is gone (a reload dropped it).
+        """
+
+
 class Pool:
     """
     The upstreams and their breakers.
@@ -385,6 +402,9 @@ class Pool:
         (by default one with the README's policy, on C{clock}, drawing its
         jitter from C{draw}); the place to set a policy or an observer of
         transitions.
+    @param group: the processes the breakers are shared with (a
+        L{oaiproxy.upstream.shared.SharedBreakers}), if any: every member's
+        breaker joins it, and leaves it when a reload drops the member.
     @ivar observer: told of every attempt's end and every failover (the
         metrics), if set.
     """
@@ -396,8 +416,10 @@ class Pool:
         draw: Callable[[], float] = random.random,
         breaker: Optional[Callable[[str], Breaker]] = None,
         observer: Optional[PoolObserver] = None,
+        group: Optional["PoolGroup"] = None,
     ) -> None:
         self.observer = observer
+        self.group = group
         self._clock = clock
         self._draw = draw
         self._breaker = breaker or (lambda name: Breaker(name, clock, draw=draw))
@@ -421,7 +443,13 @@ class Pool:
                 kept.upstream = upstream
                 members.append(kept)
             else:
-                members.append(Member(upstream, self._breaker(upstream.name)))
+                member = Member(upstream, self._breaker(upstream.name))
+                if self.group is not None:
+                    self.group.join(member.breaker)
+                members.append(member)
+        if self.group is not None:
+            for name in set(old) - set(names):
+                self.group.leave(name)
         self.members = tuple(members)
 
     def now(self) -> float:
@@ -471,10 +499,11 @@ class Pool:
             probeable = [m for m in candidates if m.breaker.early_probe_allowed and not m.full]
             if probeable:
                 first = min(probeable, key=lambda m: (m.breaker.cooldown_left(), m.upstream.priority))
+                # None when another process of the group is to send it.
                 permit = first.breaker.acquire_early()
-                assert permit is not None
-                return self._start(first, permit, early=True)
-            if all(m.breaker.key_refused_open for m in candidates):
+                if permit is not None:
+                    return self._start(first, permit, early=True)
+            elif all(m.breaker.key_refused_open for m in candidates):
                 # Only an operator can fix refused keys: no retry helps.
                 return Refusal(model, True, None)
         return Refusal(model, True, self.retry_after(candidates))

@@ -20,6 +20,10 @@ with its C{breaker} and C{in_flight}); breaker transitions through the
 C{observer} of the breakers the pool's C{breaker} factory makes
 (L{Upstreams.observe} adds one); and every attempt's end through
 L{Upstreams.listen} (name, outcome, decision).
+
+With a group (C{--shared-state}: L{oaiproxy.upstream.shared}) the
+breakers of a pool from an upstreams file are shared with the other
+processes; the shorthand's never opens, so it has nothing to share.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from oaiproxy.observe.records import SINGLE_UPSTREAM
 from oaiproxy.routetable import Route
 from oaiproxy.upstream.breaker import Breaker, Permit, Transition
 from oaiproxy.upstream.client import KeyHolder, TreqLike, UpstreamClient
-from oaiproxy.upstream.pool import DEFAULT_MAX_ATTEMPTS, Decision, Outcome, Pool, Upstream, decide
+from oaiproxy.upstream.pool import DEFAULT_MAX_ATTEMPTS, Decision, Outcome, Pool, PoolGroup, Upstream, decide
 from oaiproxy.upstream.styles import AzureStyle, OpenAIStyle, UpstreamStyle
 
 __all__ = ["Upstreams", "SINGLE", "PoolStyle", "StaticKey", "style_for", "AttemptListener"]
@@ -175,6 +179,7 @@ class Upstreams:
         first_byte_timeout: Optional[float] = None,
         breaker: Optional[Callable[[str], Breaker]] = None,
         shorthand: bool = False,
+        group: Optional[PoolGroup] = None,
     ) -> "Upstreams":
         """
         The pool of C{upstreams} with a client each.
@@ -186,10 +191,18 @@ class Upstreams:
             credentials).
         @param shorthand: the pool of one of the single-upstream options
             (its breaker never opens: see L{PassThroughBreaker}).
+        @param group: the processes the breakers are shared with
+            (L{oaiproxy.upstream.shared.SharedBreakers}), if any; not for
+            the shorthand's breaker, which never opens.
         """
         observers: list[Callable[[Transition], None]] = []
         kind = PassThroughBreaker if shorthand else Breaker
-        pool = Pool(upstreams, clock, breaker=breaker or _observed(clock, observers, kind))
+        pool = Pool(
+            upstreams,
+            clock,
+            breaker=breaker or _observed(clock, observers, kind),
+            group=None if shorthand else group,
+        )
         own_keys = dict(keys or {})
 
         def make_clients(entries: Sequence[Upstream]) -> dict[str, UpstreamClient]:

@@ -22,7 +22,7 @@ from oaiproxy.daemon import tap
 from oaiproxy.daemon.tap import Options, makeService, shared_instances
 from oaiproxy.daemon.workers import GroupSecrets, Supervisor, encode_secrets
 from oaiproxy.fake.harness import registry
-from oaiproxy.sharedstate.link import RedisLink
+from oaiproxy.sharedstate.link import SCRIPTS, RedisLink
 from tests.daemon.test_tap import KEY, HonestReactor, inherited_socket
 from tests.support import temp_dir
 
@@ -130,7 +130,7 @@ def links(service: Any) -> list[RedisLink]:
 def answer_connect(reactor: HonestReactor, auth: bool = False, index: int = -1) -> StringTransport:
     """
     Play the Redis server for the link's connection attempt: every reply
-    the connect sequence waits for (AUTH, PING, the three SCRIPT LOADs).
+    the connect sequence waits for (AUTH, PING, a SCRIPT LOAD per script).
     """
     _, _, factory, _, _ = reactor.tcpClients[index]
     protocol = factory.buildProtocol(None)
@@ -138,7 +138,7 @@ def answer_connect(reactor: HonestReactor, auth: bool = False, index: int = -1) 
     protocol.makeConnection(transport)
     # One at a time: each is the answer to the command the last one let
     # the connect sequence send.
-    for reply in [b"+OK\r\n"] * auth + [b"+PONG\r\n"] + [b"$2\r\nab\r\n"] * 3:
+    for reply in [b"+OK\r\n"] * auth + [b"+PONG\r\n"] + [b"$2\r\nab\r\n"] * len(SCRIPTS):
         protocol.dataReceived(reply)
     return transport
 

@@ -462,3 +462,149 @@ class PolicyTests(SynchronousTestCase):
         ):
             with self.assertRaises(ValueError):
                 BreakerPolicy(**bad)  # type: ignore[arg-type]
+
+
+class StubGroup:
+    """
+    A group whose answers the test sets, recording what it is told.
+    """
+
+    def __init__(self) -> None:
+        self.probe_allowed = False
+        self.elsewhere = False
+        self.asked: list[bool] = []
+        self.moves: list[Transition] = []
+        self.failures = 0
+
+    def may_probe(self, breaker: Breaker, early: bool) -> bool:
+        self.asked.append(early)
+        return self.probe_allowed
+
+    def probing_elsewhere(self, breaker: Breaker) -> bool:
+        return self.elsewhere
+
+    def moved(self, breaker: Breaker, transition: Transition) -> None:
+        self.moves.append(transition)
+
+    def failure(self, breaker: Breaker) -> None:
+        self.failures += 1
+
+    def join(self, breaker: Breaker) -> None:
+        breaker.group = self
+
+    def leave(self, name: str) -> None:
+        pass
+
+
+class GroupTests(SynchronousTestCase):
+    """
+    What a breaker takes from the other processes of its group, and asks
+    them.
+    """
+
+    def grouped(self) -> tuple[Breaker, Clock, list[Transition], StubGroup]:
+        breaker, clock, seen = _breaker()
+        group = StubGroup()
+        breaker.group = group
+        return breaker, clock, seen, group
+
+    def test_adopt_opens_a_closed_breaker_as_shared(self) -> None:
+        """
+        An open learnt from the group opens a closed breaker for what is
+        left of it, reported as shared, at warning level even for a
+        refused key (the process that saw it says so critically).
+        """
+        breaker, _, seen, group = self.grouped()
+        with capturedLogs() as events:
+            breaker.adopt(4.0, told=True, key_refused=True, reason="key refused (status 401)")
+        self.assertIs(breaker.state, State.OPEN)
+        self.assertEqual(breaker.cooldown_left(), 4.0)
+        self.assertTrue(breaker.key_refused_open)
+        self.assertFalse(breaker.early_probe_allowed)
+        [t] = seen
+        self.assertTrue(t.shared)
+        self.assertEqual(t.reason, "open in the group (key refused (status 401))")
+        self.assertEqual(group.moves, [t])
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.warn])
+
+    def test_adopt_only_extends(self) -> None:
+        breaker, clock, seen, _ = self.grouped()
+        _fail(breaker, 5)
+        left = breaker.cooldown_left()
+        breaker.adopt(1.0, False, False, "shorter")
+        self.assertEqual(breaker.cooldown_left(), left)
+        breaker.adopt(60.0, False, False, "longer")
+        self.assertEqual(breaker.cooldown_left(), 60.0)
+        self.assertEqual(len(seen), 1)
+        # A half-open breaker told "cooldown over" stays as it is.
+        clock.advance(60)
+        self.assertIs(breaker.state, State.HALF_OPEN)
+        breaker.adopt(0.0, False, False, "over")
+        self.assertEqual([t.new for t in seen], [State.OPEN, State.HALF_OPEN])
+
+    def test_close_by_group_resets_the_backoff(self) -> None:
+        breaker, clock, seen, _ = self.grouped()
+        _fail(breaker, 5)
+        clock.advance(5)
+        breaker.close_by_group()
+        self.assertIs(breaker.state, State.CLOSED)
+        self.assertTrue(seen[-1].shared)
+        _fail(breaker, 5)
+        self.assertEqual(seen[-1].cooldown, 5.0)
+
+    def test_half_open_probes_only_when_the_group_says(self) -> None:
+        breaker, clock, _, group = self.grouped()
+        self.assertIsNotNone(breaker.acquire())
+        self.assertEqual(group.asked, [])  # a closed breaker asks nobody
+        _fail(breaker, 5)
+        clock.advance(5)
+        self.assertFalse(breaker.admits())
+        self.assertIsNone(breaker.acquire())
+        group.probe_allowed = True
+        permit = breaker.acquire()
+        self.assertTrue(permit is not None and permit.probe)
+        self.assertEqual(group.asked, [False, False, False])
+
+    def test_early_probe_asks_and_probing_elsewhere_counts(self) -> None:
+        breaker, _, _, group = self.grouped()
+        _fail(breaker, 5)
+        self.assertTrue(breaker.early_probe_allowed)
+        self.assertIsNone(breaker.acquire_early())
+        self.assertEqual(group.asked, [True])
+        group.elsewhere = True
+        self.assertTrue(breaker.probing)
+        self.assertFalse(breaker.probing_here)
+        self.assertFalse(breaker.early_probe_allowed)
+
+    def test_a_counted_failure_that_does_not_open_is_told(self) -> None:
+        breaker, _, _, group = self.grouped()
+        _fail(breaker, 4)
+        self.assertEqual(group.failures, 4)
+        _fail(breaker)
+        self.assertEqual(group.failures, 4)
+        self.assertEqual([t.new for t in group.moves], [State.OPEN])
+
+    def test_pool_refuses_when_the_group_keeps_the_early_probe(self) -> None:
+        """
+        Every candidate open, and the early probe is another process's to
+        send: the request gets the refusal with its retry-after, not an
+        error; once the group lets it, it is the early probe.
+        """
+        from oaiproxy.config import Secret
+        from oaiproxy.upstream.pool import Choice, Pool, Refusal, Upstream
+
+        clock, group = Clock(), StubGroup()
+        pool = Pool(
+            [Upstream("a", "https://a.example", Secret(b"k"))],
+            clock,
+            breaker=lambda name: Breaker(name, clock, draw=lambda: 0.0),
+            group=group,
+        )
+        _fail(pool["a"].breaker, 5)
+        refusal = pool.choose(None)
+        self.assertIsInstance(refusal, Refusal)
+        assert isinstance(refusal, Refusal)
+        self.assertEqual(refusal.retry_after, 5.0)
+        group.probe_allowed = True
+        choice = pool.choose(None)
+        self.assertTrue(isinstance(choice, Choice) and choice.early)
