@@ -150,6 +150,12 @@ class Config:
     upstreams_file: Optional[str] = None
     max_attempts: int = 3
     first_byte_timeout: Optional[float] = None
+    #: The usage ledger (oaiproxy.ledger): a SQLite path or a postgresql://
+    #: URL, or C{None} for off; the PostgreSQL password; the prices (an
+    #: L{oaiproxy.ledger.prices.PriceBook}, or C{None} without a file).
+    usage_db: Optional[str] = None
+    usage_db_password: Optional[Secret] = None
+    prices: Any = None
 
 
 def parse_seconds(name: str, text: str) -> float:

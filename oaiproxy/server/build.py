@@ -31,7 +31,10 @@ from oaiproxy.config import Config, Secret
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import invalid_api_key
 from oaiproxy.observe.accesslog import AccessLog, JsonAccessLog, TextAccessLog
+from oaiproxy.ledger.prices import EMPTY, Prices
+from oaiproxy.ledger.recorder import UsageRecorder
 from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource, UpstreamGauges
+from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routetable import ROUTES, Route, in_order
@@ -64,6 +67,7 @@ class Built:
     @ivar limiter: the per-client limits, shared by every route.
     @ivar api: the resource of each enabled route, by route name.
     @ivar routes: the enabled routes, in the table's order.
+    @ivar usage: the spend metrics and the usage ledger's recorder.
     """
 
     site: ProxySite
@@ -73,6 +77,7 @@ class Built:
     api: dict[str, ForwardingResource]
     routes: list[Route]
     upstreams: Upstreams
+    usage: Optional[UsageRecorder] = None
 
 
 def style_of(config: Config) -> UpstreamStyle:
@@ -142,6 +147,7 @@ def build_site(
     worker: Optional[int] = None,
     http_for: Optional[HttpFor] = None,
     shared: Optional[SharedState] = None,
+    usage: Optional[UsageRecorder] = None,
 ) -> Built:
     """
     Wire the proxy for C{config}.
@@ -160,6 +166,8 @@ def build_site(
         own C{connect_timeout} (by default every upstream uses C{http}).
     @param shared: the Redis the group shares limits and breakers through
         (C{--shared-state}); without it, all state is in this process.
+    @param usage: reads every finished request into the spend metrics and
+        the usage ledger; by default, the metrics only, at C{config.prices}.
     """
     upstreams = build_upstreams(config, http, credentials, clock, http_for)
     watch_pool(metrics, upstreams.pool)
@@ -185,6 +193,9 @@ def build_site(
     unavailable = [r.name for r in ROUTES if r.name not in api and r.name not in served]
     if access_log is None:
         access_log = JsonAccessLog() if config.log_format == "json" else TextAccessLog()
+    if usage is None:
+        usage = UsageRecorder(clock, metrics, Prices(config.prices or EMPTY))
+    access_log = _both(access_log, usage)
     site = ProxySite(
         build_tree(api, health, on_api_port, disabled=served, unavailable=unavailable),
         streamed_paths=streamed_paths(enabled),
@@ -214,7 +225,19 @@ def build_site(
             access_log=lambda record: None,
             reactor=clock,
         )
-    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams)
+    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, usage)
+
+
+def _both(access_log: AccessLog, usage: UsageRecorder) -> AccessLog:
+    """
+    Every finished record to the access log, then to the usage recorder.
+    """
+
+    def record(record: RequestRecord) -> None:
+        access_log(record)
+        usage(record)
+
+    return record
 
 
 def watch_pool(metrics: Metrics, pool: Pool) -> None:

@@ -247,6 +247,11 @@ class ServiceTests(SynchronousTestCase):
         self, argv: list[str], env: Mapping[str, str] = {"OPENAI_API_KEY": KEY}
     ) -> tuple[Any, HonestReactor, list[dict[str, Any]]]:
         reactor = HonestReactor()
+        # A --mock-upstream run keeps its usage ledger in the current
+        # directory: a fresh one, not the checkout.
+        here = os.getcwd()
+        os.chdir(temp_dir(self))
+        self.addCleanup(os.chdir, here)
         with capturedLogs() as events:
             service = makeService(parse(argv, env), reactor=reactor)
             service.privilegedStartService()
