@@ -126,7 +126,9 @@ class LedgerWriter(Service):
         if self._merge(key, totals):
             self._records += 1
             self.pending.inc()
-            if self._records >= self._batch and not self._flushing:
+            # In an outage only the clock retries: a request must not
+            # become a connection attempt.
+            if self._records >= self._batch and not self._flushing and self._down_since is None:
                 self.flush()
 
     def _merge(self, key: Key, totals: Sequence[Any]) -> bool:
