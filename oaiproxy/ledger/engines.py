@@ -186,9 +186,10 @@ class SqliteEngine(Engine):
         pass
 
     def is_retryable(self, error: BaseException) -> bool:
-        # "database is locked" after the busy timeout: another process
-        # held the file that long; one more try is cheap.
-        return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
+        # "database is locked" comes after the busy timeout has already
+        # waited (and retried) for BUSY_TIMEOUT_SECONDS: the next flush
+        # tries again, holding the totals meanwhile.
+        return False
 
 
 class PostgresEngine(Engine):
