@@ -953,10 +953,11 @@ def _usage_recorder(
     flush waits for the drain).
     """
     writer = None
-    if config.usage_db is not None:
+    target = config.usage_db
+    if target is not None:
         writer = _ledger_or_exit(
             lambda: open_writer(
-                config.usage_db,
+                target,
                 config.usage_db_password,
                 reactor,
                 metrics.registry,
@@ -1043,9 +1044,10 @@ def makeService(
         report = StartupReport(reactor)
 
     if config.workers > 1 and not config.worker_listeners:
-        if config.usage_db is not None:
+        ledger = config.usage_db
+        if ledger is not None:
             # The supervisor migrates the ledger before any worker starts.
-            _ledger_or_exit(lambda: migrate(config.usage_db, config.usage_db_password))
+            _ledger_or_exit(lambda: migrate(ledger, config.usage_db_password))
         return _supervise(options, reactor, notifier, service, endpoints, report, exposure)
 
     api_key = _MOCK_KEY if config.mock_upstream or config.api_key is None else config.api_key

@@ -57,9 +57,7 @@ class LedgerPool:
 
         @param desc: what it is, for errors.
         """
-        return threads.deferToThreadPool(
-            self._reactor, self._pool.threadpool, self._in_thread, desc, transaction, args
-        )
+        return threads.deferToThreadPool(self._reactor, self._pool.threadpool, self._in_thread, desc, transaction, args)
 
     def _in_thread(self, desc: str, transaction: Callable[..., T], args: tuple[Any, ...]) -> T:
         engine = self.engine

@@ -53,7 +53,8 @@ class Price:
         the output price.
         """
         cached = min(usage.cached, usage.prompt)
-        return ((usage.prompt - cached) * self.input + cached * self.cached_input + usage.completion * self.output) / 1e6
+        uncached = usage.prompt - cached
+        return (uncached * self.input + cached * self.cached_input + usage.completion * self.output) / 1e6
 
 
 @dataclass(frozen=True)

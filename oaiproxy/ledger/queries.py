@@ -69,9 +69,7 @@ def add_totals(cursor: Any, engine: Engine, rows: Sequence[Sequence[Any]]) -> in
     return len(rows)
 
 
-def select_rows(
-    cursor: Any, engine: Engine, first_day: str, last_day: str, client: Optional[str] = None
-) -> list[Row]:
+def select_rows(cursor: Any, engine: Engine, first_day: str, last_day: str, client: Optional[str] = None) -> list[Row]:
     """
     The rows of the days from C{first_day} to C{last_day} (inclusive,
     C{YYYY-MM-DD}), of one client or all.
@@ -82,7 +80,8 @@ def select_rows(
         sql += " AND client = ?"
         args.append(client)
     cursor.execute(engine.convert(sql + " ORDER BY day, client, model, upstream"), args)
-    return [
-        Row(str(r[0]), r[1], r[2], r[3], *(int(v) for v in r[4:11]), float(r[11]), int(r[12]))
-        for r in cursor.fetchall()
-    ]
+    rows = []
+    for r in cursor.fetchall():
+        counts = [int(v) for v in r[4:11]]
+        rows.append(Row(str(r[0]), r[1], r[2], r[3], *counts, cost_usd=float(r[11]), unpriced=int(r[12])))  # type: ignore[misc]
+    return rows

@@ -45,6 +45,22 @@ def day_of(seconds: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(seconds))
 
 
+class _Day:
+    """
+    L{day_of}, formatted once a day rather than once a request.
+    """
+
+    def __init__(self) -> None:
+        self._number = -1
+        self._text = ""
+
+    def __call__(self, seconds: float) -> str:
+        number = int(seconds // 86400)
+        if number != self._number:
+            self._number, self._text = number, day_of(seconds)
+        return self._text
+
+
 class UsageRecorder:
     """
     Reads each finished record into the spend metrics and, when there is
@@ -64,6 +80,7 @@ class UsageRecorder:
         self.writer = writer
         self._models: set[str] = set()
         self._warned: set[str] = set()
+        self._day = _Day()
         self.cost = Counter(
             "oaiproxy_cost_usd",
             "Spend in USD at the prices file's prices, by client and model (unpriced models are not in it: see "
@@ -106,7 +123,7 @@ class UsageRecorder:
             cost or 0.0,
             1 if cost is None else 0,
         ]
-        key: Key = (day_of(self._clock.seconds()), record.client, model, record.upstream or "-")
+        key: Key = (self._day(self._clock.seconds()), record.client, model, record.upstream or "-")
         self.writer.add(key, totals)
 
     def _model(self, record: RequestRecord) -> str:

@@ -128,7 +128,7 @@ def render(entries: Sequence[Mapping[str, Any]], by: Sequence[str], fmt: str, pe
     """
     columns = list(by) + list(_SUMS)
     if fmt == "json":
-        document = {"since": period[0], "until": period[1], "by": list(by), "rows": list(entries)}
+        document: dict[str, Any] = {"since": period[0], "until": period[1], "by": list(by), "rows": list(entries)}
         document["total"] = _total(entries)
         return json.dumps(document, indent=2) + "\n"
     if fmt == "csv":

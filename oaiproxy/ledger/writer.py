@@ -18,7 +18,7 @@ no room is dropped and counted (C{oaiproxy_ledger_dropped_records_total});
 the outage is logged once when it starts and once when writing works
 again, with what was held and what was lost; C{oaiproxy_ledger_up} says
 which state it is in and C{oaiproxy_ledger_pending_records} how much is
-held.  At shutdown the writer flushes what it holds (for at most
+held (set once a second).  At shutdown the writer flushes what it holds (for at most
 L{STOP_SECONDS}); a crash loses at most the records since the last
 flush.
 
@@ -87,7 +87,7 @@ class LedgerWriter(Service):
         self._in_flight = 0
         self._flushing = False
         self._waiters: list[Deferred[bool]] = []
-        self._loop = LoopingCall(self.flush)
+        self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
         # The outage in progress: since when, what it held, what it lost.
         self._down_since: Optional[float] = None
@@ -125,7 +125,6 @@ class LedgerWriter(Service):
         """
         if self._merge(key, totals):
             self._records += 1
-            self.pending.inc()
             # In an outage only the clock retries: a request must not
             # become a connection attempt.
             if self._records >= self._batch and not self._flushing and self._down_since is None:
@@ -163,7 +162,20 @@ class LedgerWriter(Service):
         """
         return {key: tuple(row) for key, row in self._pending.items()}
 
+    @property
+    def held(self) -> int:
+        """
+        Records not yet written: held in memory, or in the flush in flight.
+        """
+        return self._records + self._in_flight
+
     # Flushing.
+
+    def _tick(self) -> None:
+        # The gauge is set once a tick, not per record: a request pays for
+        # no metric lock here.
+        self.pending.set(self.held)
+        self.flush()
 
     def flush(self) -> "Deferred[bool]":
         """
@@ -200,7 +212,8 @@ class LedgerWriter(Service):
 
     def _written(self, _: object, count: int) -> None:
         self.written.inc(count)
-        self.pending.dec(count)
+        self._in_flight = 0
+        self.pending.set(self.held)
         if self._down_since is not None:
             log.info(
                 "usage ledger: writing to {db} again after {seconds:.0f}s; the records held meanwhile are "
@@ -232,7 +245,8 @@ class LedgerWriter(Service):
             if self._merge(key, totals):
                 held += totals[0]
         self._records += held
-        self.pending.dec(count - held)
+        self._in_flight = 0
+        self.pending.set(self.held)
         self._finished(False)
 
     # The service.

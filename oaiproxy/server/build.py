@@ -30,9 +30,9 @@ from oaiproxy.access.limits import Limiter
 from oaiproxy.config import Config, Secret
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import invalid_api_key
-from oaiproxy.observe.accesslog import AccessLog, JsonAccessLog, TextAccessLog
 from oaiproxy.ledger.prices import EMPTY, Prices
 from oaiproxy.ledger.recorder import UsageRecorder
+from oaiproxy.observe.accesslog import AccessLog, JsonAccessLog, TextAccessLog
 from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource, UpstreamGauges
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routes.forwarding import ForwardingResource

@@ -4,7 +4,8 @@ oaiproxy --mock-upstream}) on 127.0.0.1: totals survive a restart; a
 SQLite file locked by another process, or a PostgreSQL server stopped,
 mid-run, and requests keep flowing while what could not be written is
 held, counted and logged once, then written when the database is back;
-two daemons writing one SQLite file add up exactly.
+two daemons writing one SQLite file add up exactly; and the schema's
+migrations on a real PostgreSQL (from nothing, and an upgrade).
 
 Nothing sleeps for a fixed time: readiness and outcomes are read from the
 processes' output and from C{/metrics}, each wait with a deadline.
@@ -25,11 +26,17 @@ from typing import Any, Optional, Sequence
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaiproxy.config import ConfigError, Secret
 from oaiproxy.fake.processes import PostgresServer, Process, child_env, postgres_bindir, start_proxy
+from oaiproxy.ledger.engines import Engine, PostgresEngine, load_db_password
+from oaiproxy.ledger.schema import SCHEMA_VERSION, prepare
+from oaiproxy.ledger.startup import migrate
+from tests.ledger.test_schema import MigrationCases
 from tests.support import temp_dir
 
 try:
-    import psycopg2  # noqa: F401
+    import psycopg2
+    import psycopg2.errors
 
     HAVE_PSYCOPG2 = True
 except ImportError:
@@ -209,3 +216,64 @@ class PostgresLedgerE2ETests(SynchronousTestCase):
         process.stop()
         document = report(cwd, "--db", url, "--db-password-file", password)
         self.assertEqual(document["total"]["requests"], 5)
+
+
+class PostgresMigrationTests(MigrationCases, SynchronousTestCase):
+    if postgres_bindir() is None:
+        skip = "PostgreSQL's server is not installed (Debian package postgresql; .ci/run installs it)"
+    elif not HAVE_PSYCOPG2:
+        skip = "psycopg2 is not installed (pip install '.[postgres]')"
+
+    server: PostgresServer
+    count = 0
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.server = PostgresServer().start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.server.remove()
+
+    def fresh(self) -> Engine:
+        PostgresMigrationTests.count += 1
+        url = self.server.create_database(f"t{self.count}")
+        return PostgresEngine(url, Secret(self.server.password.encode()))
+
+    def indexes(self, engine: Engine) -> list[str]:
+        return [r[0] for r in self.query(engine, "SELECT indexname FROM pg_indexes WHERE tablename = 'usage_daily'")]
+
+    def test_password_from_a_file(self) -> None:
+        """
+        The password comes from the file (the URL has none); without it,
+        the server refuses and startup says so in one line without it.
+        """
+        url = self.server.create_database("pw")
+        directory = temp_dir(self)
+        path = os.path.join(directory, "pw")
+        with open(path, "w") as f:
+            f.write(self.server.password + "\n")
+        self.assertEqual(migrate(url, load_db_password(path, {})), (0, SCHEMA_VERSION))
+        error = self.assertRaises(ConfigError, migrate, url, Secret(b"wrong-password"))
+        self.assertIn("127.0.0.1", str(error))
+        self.assertNotIn("wrong-password", str(error))
+
+    def test_two_migrations_at_once(self) -> None:
+        """
+        Two processes starting together apply each delta once (the
+        advisory lock): the second waits, then finds nothing to do.
+        """
+        engine = self.fresh()
+        first = engine.connect()
+        cursor = first.cursor()
+        engine.lock_for_migration(cursor)
+        second = engine.connect()
+        second_cursor = second.cursor()
+        second_cursor.execute("SET lock_timeout = 200")
+        self.assertRaises(psycopg2.errors.LockNotAvailable, engine.lock_for_migration, second_cursor)
+        second.rollback()
+        first.rollback()
+        self.assertEqual(prepare(engine, first), (0, SCHEMA_VERSION))
+        self.assertEqual(prepare(engine, second), (SCHEMA_VERSION, SCHEMA_VERSION))
+        first.close()
+        second.close()

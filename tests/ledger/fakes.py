@@ -52,7 +52,9 @@ class Threadless:
         self.queued: list[tuple[Callable[..., Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
         self.jobs = 0
 
-    def callInThreadWithCallback(self, on_result: Callable[..., Any], f: Callable[..., Any], *a: Any, **kw: Any) -> None:
+    def callInThreadWithCallback(
+        self, on_result: Callable[..., Any], f: Callable[..., Any], *a: Any, **kw: Any
+    ) -> None:  # noqa: E501
         self.queued.append((on_result, f, a, kw))
         self.clock.callLater(0, self._run)
 

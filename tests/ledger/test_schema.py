@@ -1,9 +1,8 @@
 """
 Tests for L{oaiproxy.ledger.schema}, L{oaiproxy.ledger.engines} and
 L{oaiproxy.ledger.startup}: the schema created from nothing and upgraded
-from an older version, on SQLite and on a real PostgreSQL (a throwaway
-cluster, Debian's server, started for these tests and stopped by PID);
-where the ledger is; what is refused.
+from an older version, on SQLite (the same cases run on a real PostgreSQL
+in C{tests/e2e/test_ledger.py}); where the ledger is; what is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import ConfigError, Secret
-from oaiproxy.fake.processes import PostgresServer, postgres_bindir
 from oaiproxy.ledger.engines import (
     Engine,
     PostgresEngine,
@@ -28,13 +26,6 @@ from oaiproxy.ledger.queries import add_totals, select_rows
 from oaiproxy.ledger.schema import SCHEMA_VERSION, SchemaError, prepare, statements
 from oaiproxy.ledger.startup import migrate
 from tests.support import temp_dir
-
-try:
-    import psycopg2  # noqa: F401
-
-    HAVE_PSYCOPG2 = True
-except ImportError:
-    HAVE_PSYCOPG2 = False
 
 ROW = ("2026-12-03", "alice", "gpt-4o-mini", "openai", 1, 0, 0, 10, 5, 2, 1, 0.5, 0)
 
@@ -155,67 +146,6 @@ class SqliteMigrationTests(MigrationCases, SynchronousTestCase):
         error = self.assertRaises(ConfigError, migrate, path, None)
         self.assertIn(path, str(error))
         self.assertNotIn("\n", str(error))
-
-
-class PostgresMigrationTests(MigrationCases, SynchronousTestCase):
-    if postgres_bindir() is None:
-        skip = "PostgreSQL's server is not installed (Debian package postgresql; .ci/run installs it)"
-    elif not HAVE_PSYCOPG2:
-        skip = "psycopg2 is not installed (pip install '.[postgres]')"
-
-    server: PostgresServer
-    count = 0
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.server = PostgresServer().start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.remove()
-
-    def fresh(self) -> Engine:
-        PostgresMigrationTests.count += 1
-        url = self.server.create_database(f"t{self.count}")
-        return PostgresEngine(url, Secret(self.server.password.encode()))
-
-    def indexes(self, engine: Engine) -> list[str]:
-        return [r[0] for r in self.query(engine, "SELECT indexname FROM pg_indexes WHERE tablename = 'usage_daily'")]
-
-    def test_password_from_a_file(self) -> None:
-        """
-        The password comes from the file (the URL has none); without it,
-        the server refuses and startup says so in one line without it.
-        """
-        url = self.server.create_database("pw")
-        directory = temp_dir(self)
-        path = os.path.join(directory, "pw")
-        with open(path, "w") as f:
-            f.write(self.server.password + "\n")
-        self.assertEqual(migrate(url, load_db_password(path, {})), (0, SCHEMA_VERSION))
-        error = self.assertRaises(ConfigError, migrate, url, Secret(b"wrong-password"))
-        self.assertIn("127.0.0.1", str(error))
-        self.assertNotIn("wrong-password", str(error))
-
-    def test_two_migrations_at_once(self) -> None:
-        """
-        Two processes starting together apply each delta once (the
-        advisory lock): the second waits, then finds nothing to do.
-        """
-        engine = self.fresh()
-        first = engine.connect()
-        cursor = first.cursor()
-        engine.lock_for_migration(cursor)
-        second = engine.connect()
-        second_cursor = second.cursor()
-        second_cursor.execute("SET lock_timeout = 200")
-        self.assertRaises(Exception, engine.lock_for_migration, second_cursor)
-        second.rollback()
-        first.rollback()
-        self.assertEqual(prepare(engine, first), (0, SCHEMA_VERSION))
-        self.assertEqual(prepare(engine, second), (SCHEMA_VERSION, SCHEMA_VERSION))
-        first.close()
-        second.close()
 
 
 class EngineTests(SynchronousTestCase):

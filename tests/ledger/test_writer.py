@@ -45,7 +45,7 @@ class WriterTests(SynchronousTestCase):
         self.writer.add((DAY, "alice", "m", "up"), ONE)
         self.clock.advance(0.9)
         self.assertEqual(read_rows(self.engine), [])
-        self.assertEqual(self.metric("oaiproxy_ledger_pending_records"), 2)
+        self.assertEqual(self.writer.held, 2)
         self.clock.advance(0.1)
         self.clock.advance(0)
         self.assertEqual(read_rows(self.engine), [(DAY, "alice", "m", "up", 2, 0, 0, 20, 10, 4, 2, 1.0, 0)])
@@ -130,7 +130,7 @@ class WriterTests(SynchronousTestCase):
             for client in ("a", "b", "c", "d", "a"):
                 writer.add((DAY, client, "m", "up"), ONE)
         self.assertEqual(registry.get_sample_value("oaiproxy_ledger_dropped_records_total"), 2)
-        self.assertEqual(registry.get_sample_value("oaiproxy_ledger_pending_records"), 3)
+        self.assertEqual(writer.held, 3)
         self.assertEqual(len(logged(events, "buffer full")), 1)
         self.assertEqual(sorted(writer.pending_rows()), [(DAY, "a", "m", "up"), (DAY, "b", "m", "up")])
 
