@@ -27,7 +27,14 @@ from typing import Any, Optional, Sequence
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import ConfigError, Secret
-from oaiproxy.fake.processes import PostgresServer, Process, child_env, postgres_bindir, start_proxy
+from oaiproxy.fake.processes import (
+    PostgresServer,
+    Process,
+    child_env,
+    postgres_bindir,
+    start_fake_upstream,
+    start_proxy,
+)
 from oaiproxy.ledger.engines import Engine, PostgresEngine, load_db_password
 from oaiproxy.ledger.schema import SCHEMA_VERSION, prepare
 from oaiproxy.ledger.startup import migrate
@@ -174,6 +181,39 @@ class LedgerE2ETests(SynchronousTestCase):
         for base in bases:
             wait_metric(base, "oaiproxy_ledger_written_records_total", 80)
         self.assertEqual(report(self.cwd, "--db", path)["total"]["requests"], 160)
+
+    def test_workers_share_one_sqlite_file(self) -> None:
+        """
+        --workers 2: the supervisor migrates the ledger, both workers write
+        it, and after the group's drain the total is the requests sent,
+        whichever worker served each.
+        """
+        path = os.path.join(self.cwd, "workers.sqlite3")
+        upstream, url = start_fake_upstream(self.cwd, "")
+        self.addCleanup(upstream.stop)
+        process, base = start_proxy(
+            self.cwd, ["--upstream", url, "--workers", "2", "--usage-db", path], {"OPENAI_API_KEY": "sk-x"}
+        )
+        self.addCleanup(process.stop)
+        process.wait_until(lambda out: out.count("oaiproxy listening on") == 2)
+        self.assertEqual(process.output.count("schema version 0 -> 2"), 1)
+        statuses: list[object] = []
+
+        def send() -> None:
+            for _ in range(10):
+                try:
+                    statuses.append(chat(base))
+                except Exception as e:  # reported below
+                    statuses.append(e)
+
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(statuses, [200] * 40)
+        process.stop()
+        self.assertEqual(report(self.cwd, "--db", path)["total"]["requests"], 40)
 
 
 class PostgresLedgerE2ETests(SynchronousTestCase):
