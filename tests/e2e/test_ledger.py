@@ -13,9 +13,11 @@ processes' output and from C{/metrics}, each wait with a deadline.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -124,6 +126,33 @@ class LedgerE2ETests(SynchronousTestCase):
         self.assertEqual(document["total"]["requests"], 5)
         self.assertEqual([r["model"] for r in document["rows"]], ["gpt-4o-mini"])
         self.assertGreater(document["total"]["completion_tokens"], 0)
+
+    def test_stream_finishing_during_the_drain_is_written(self) -> None:
+        """
+        A stream still running at SIGTERM ends during the drain: the
+        ledger's last flush waits for it, so it is written.
+        """
+        path = os.path.join(self.cwd, "drain.sqlite3")
+        upstream, url = start_fake_upstream(self.cwd, "")
+        self.addCleanup(upstream.stop)
+        process, base = start_proxy(self.cwd, ["--upstream", url, "--usage-db", path], {"OPENAI_API_KEY": "sk-x"})
+        self.addCleanup(process.stop)
+        host, port = base.split("://")[1].split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=20)
+        body = json.dumps({"model": "fake-gated", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        self.assertTrue(response.readline().startswith(b"data: "))
+        process.send_signal(signal.SIGTERM)
+        process.wait_for("draining: no new connections; 1 request")
+        control = url.rsplit("/v1", 1)[0].split("://")[1].split(":")
+        release = http.client.HTTPConnection(control[0], int(control[1]), timeout=20)
+        release.request("POST", "/_fake/release")
+        release.getresponse().read()
+        self.assertIn(b"[DONE]", response.read())
+        process.wait()
+        document = report(self.cwd, "--db", path)
+        self.assertEqual([(r["model"], r["requests"]) for r in document["rows"]], [("fake-gated", 1)])
 
     def test_locked_sqlite_mid_run(self) -> None:
         """
