@@ -13,6 +13,7 @@ processes' output and from C{/metrics}, each wait with a deadline.
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import json
 import os
@@ -287,22 +288,34 @@ class PostgresLedgerE2ETests(SynchronousTestCase):
         self.assertEqual(document["total"]["requests"], 5)
 
 
+_SHARED: list[PostgresServer] = []
+
+
+def shared_postgres() -> PostgresServer:
+    """
+    The PostgreSQL cluster the migration tests share.
+    """
+    if not _SHARED:
+        server = PostgresServer().start()
+        atexit.register(server.remove)
+        _SHARED.append(server)
+    return _SHARED[0]
+
+
 class PostgresMigrationTests(MigrationCases, SynchronousTestCase):
     if postgres_bindir() is None:
         skip = "PostgreSQL's server is not installed (Debian package postgresql; .ci/run installs it)"
     elif not HAVE_PSYCOPG2:
         skip = "psycopg2 is not installed (pip install '.[postgres]')"
 
-    server: PostgresServer
     count = 0
 
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.server = PostgresServer().start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.remove()
+    def setUp(self) -> None:
+        # One cluster for the class, each test in a database of its own
+        # (initdb takes seconds); started by the first test, stopped by
+        # PID when the test process exits (trial's SynchronousTestCase has
+        # no class-level hooks).
+        self.server = shared_postgres()
 
     def fresh(self) -> Engine:
         PostgresMigrationTests.count += 1
