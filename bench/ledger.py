@@ -36,6 +36,8 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+from quick import timed  # bench/ is this script's directory
+
 from oaiproxy.fake.processes import start_fake_upstream, start_proxy
 
 KEY = "sk-bench-not-a-real-key"
@@ -44,19 +46,10 @@ PRICES = '[models."gpt-4o-mini"]\ninput = 0.15\ncached_input = 0.075\noutput = 0
 
 
 def latencies(base: str, count: int) -> list[float]:
-    url = urlsplit(base)
-    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        connection.request("POST", "/v1/chat/completions", BODY, {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        response.read()
-        samples.append((time.perf_counter() - start) * 1000)
-        if response.status != 200:
-            raise SystemExit(f"unexpected status {response.status} from {base}")
-    connection.close()
-    return samples
+    """
+    Plain chat completions over one keep-alive connection (quick.py's).
+    """
+    return timed(base + "/v1", BODY, False, count)
 
 
 def throughput(base: str, clients: int, seconds: float) -> tuple[float, int]:
