@@ -67,7 +67,7 @@ def chat(base: str) -> int:
 def metric(base: str, name: str) -> Optional[float]:
     with urllib.request.urlopen(base + "/metrics", timeout=20) as response:
         text = response.read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(match.group(1)) if match else None
 
 
@@ -154,6 +154,29 @@ class LedgerE2ETests(SynchronousTestCase):
         process.wait()
         document = report(self.cwd, "--db", path)
         self.assertEqual([(r["model"], r["requests"]) for r in document["rows"]], [("fake-gated", 1)])
+
+    def test_prices_reload_on_sighup(self) -> None:
+        """
+        A model without a price is warned about once and its tokens are
+        counted unpriced; once the prices file gives it a price and SIGHUP
+        arrives, its cost is counted.
+        """
+        prices = os.path.join(self.cwd, "prices.toml")
+        with open(prices, "w") as f:
+            f.write('[models."gpt-4o"]\ninput = 2.5\noutput = 10\n')
+        process, base = self.proxy("--prices-file", prices)
+        self.assertEqual(chat(base), 200)
+        process.wait_for("no price for model gpt-4o-mini in the prices file")
+        self.assertGreater(metric(base, 'oaiproxy_unpriced_tokens_total{model="gpt-4o-mini"}') or 0, 0)
+        self.assertIsNone(metric(base, 'oaiproxy_cost_usd_total{client="-",model="gpt-4o-mini"}'))
+        with open(prices, "a") as f:
+            f.write('[models."gpt-4o-mini"]\ninput = 0.15\noutput = 0.6\n')
+        marker = len(process.output)
+        process.send_signal(signal.SIGHUP)
+        process.wait_until(lambda out: "reloaded the prices file: 2 model(s)" in out[marker:])
+        self.assertEqual(chat(base), 200)
+        self.assertGreater(metric(base, 'oaiproxy_cost_usd_total{client="-",model="gpt-4o-mini"}') or 0, 0)
+        self.assertEqual(process.output.count("no price for model gpt-4o-mini"), 1)
 
     def test_locked_sqlite_mid_run(self) -> None:
         """
