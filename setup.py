@@ -20,7 +20,12 @@ setup(
     # Twisted 26.4 (the floor below) requires 3.9.12.
     python_requires=">=3.9.12",
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/oaiproxy_plugin.py"], "oaiproxy.sharedstate": ["scripts/*.lua"]},
+    package_data={
+        "twisted": ["plugins/oaiproxy_plugin.py"],
+        "oaiproxy.sharedstate": ["scripts/*.lua"],
+        # The usage ledger's versioned schema deltas (oaiproxy/ledger/schema.py).
+        "oaiproxy.ledger": ["schema/*/*.sql*"],
+    },
     # Each floor is the oldest version the suite passes on: .ci/run runs it
     # against exactly these (.ci/oldest.py pins them), and README's
     # Development section says why each is where it is.
@@ -54,6 +59,9 @@ setup(
             "openai>=1.68.0",
             "hypothesis>=6.0.0",
             "txredisapi>=1.6.0",
+            # The PostgreSQL ledger tests run against a real server, so CI
+            # never skips them (tests/ledger/test_schema.py, tests/e2e/test_ledger.py).
+            "psycopg2-binary>=2.9.13",
         ],
         # State shared through Redis (oaiproxy/sharedstate/).
         # txredisapi is the maintained Twisted-native Redis client: no
@@ -61,6 +69,11 @@ setup(
         # endpoints (ClientService), which we replace with our own on the
         # injected reactor; we use its protocol (replies, EVALSHA/NOSCRIPT).
         "redis": ["txredisapi>=1.6.0"],
+        # A usage ledger in PostgreSQL (--usage-db postgresql://...); SQLite
+        # needs nothing.  The binary wheel: no compiler or libpq headers.
+        # 2.9.13 is the version the suite was written against; nothing
+        # older has been tried (the oldest-versions run pins this one).
+        "postgres": ["psycopg2-binary>=2.9.13"],
     },
     classifiers=[
         "Framework :: Twisted",

@@ -15,6 +15,10 @@ file.
 hashes a key the client already has instead (a team keeping the keys it
 hands out, whatever their prefix), read from standard input (without echo
 at a terminal), never from the command line, where C{ps} would show it.
+
+    python -m oaiproxy usage [--db PATH|URL] [--since 7d] [--by client,model] [--format table|csv|json]
+
+reports what the usage ledger holds (see L{oaiproxy.ledger.report}).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 from typing import Optional, TextIO
 
 from oaiproxy.access.clients import file_entry, mint_key
+from oaiproxy.ledger import report
 from oaiproxy.upstream.headers import looks_like_openai_key
 
 __all__ = ["main"]
@@ -48,7 +53,11 @@ def main(
         action="store_true",
         help="hash a key read from standard input (one line) instead of minting one: keep an existing key",
     )
+    usage = commands.add_parser("usage", help="report what the usage ledger holds (tokens and cost)")
+    report.add_arguments(usage)
     args = parser.parse_args(argv)
+    if args.command == "usage":
+        return report.run(args, out, err)
 
     name = args.name.strip()
     if not name:

@@ -167,6 +167,12 @@ class Config:
     shared_state_instances: Optional[int] = None
     shared_state_deadline_ms: float = 50.0
     shared_state_lease: float = 30.0
+    #: The usage ledger (oaiproxy.ledger): a SQLite path or a postgresql://
+    #: URL, or C{None} for off; the PostgreSQL password; the prices (an
+    #: L{oaiproxy.ledger.prices.PriceBook}, or C{None} without a file).
+    usage_db: Optional[str] = None
+    usage_db_password: Optional[Secret] = None
+    prices: Any = None
 
 
 def parse_seconds(name: str, text: str) -> float:

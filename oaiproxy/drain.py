@@ -66,6 +66,7 @@ class Lifecycle:
         self._drained: Optional[Deferred[None]] = None
         self._closing = False
         self._timer: Optional[IDelayedCall] = None
+        self._waiters: list[Deferred[None]] = []
 
     @property
     def in_flight(self) -> int:
@@ -99,6 +100,18 @@ class Lifecycle:
         self._progress()
         return drained
 
+    def when_drained(self) -> "Deferred[None]":
+        """
+        Fire once a drain (started now or later) has ended: what must
+        outlive every request (the usage ledger's last flush) waits here.
+        """
+        waiter: Deferred[None] = Deferred()
+        if self.draining and self._drained is None and self._closing:
+            waiter.callback(None)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
     def _deadline(self) -> None:
         log.warn("drain timeout: cutting off {count} request(s) still in flight", count=len(self._active))
         for request in list(self._active):
@@ -126,3 +139,6 @@ class Lifecycle:
         drained, self._drained = self._drained, None
         if drained is not None:
             drained.callback(None)
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)

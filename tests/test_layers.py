@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("access", ("oaiproxy.access",)),
     ("upstream", ("oaiproxy.upstream",)),
     ("sharedstate", ("oaiproxy.sharedstate",)),
+    ("ledger", ("oaiproxy.ledger",)),
     ("observe", ("oaiproxy.observe",)),
     (
         "shared",
@@ -180,9 +181,10 @@ class LayerTests(SynchronousTestCase):
         """
         The daemon is the top and the shared modules the bottom; a request
         goes server, routes, access, upstream; the shared state is below both
-        users of it (access, upstream).
+        users of it (access, upstream); the ledger reads observe's records and
+        is read by access's budgets.
         """
         names = [name for name, _ in LAYERS]
         self.assertEqual(
-            names, ["daemon", "server", "routes", "access", "upstream", "sharedstate", "observe", "shared"]
+            names, ["daemon", "server", "routes", "access", "upstream", "sharedstate", "ledger", "observe", "shared"]
         )

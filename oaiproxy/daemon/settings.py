@@ -428,6 +428,36 @@ SETTINGS: tuple[Setting, ...] = (
         field="workers",
         parse=parse_workers,
     ),
+    # The usage ledger and prices (issue 15).
+    Setting(
+        "usage-db",
+        "OAIPROXY_USAGE_DB",
+        "The usage ledger: a SQLite file (created if missing) or a postgresql://user@host/db URL (no password "
+        "in it); 'off' for none.",
+        "the usage ledger ([Usage and budgets](#usage-and-budgets)): a SQLite file, or `postgresql://user@host/db` "
+        "(the password in `--usage-db-password-file`); `off` for none. Default: `$STATE_DIRECTORY/usage.sqlite3` "
+        "under systemd's `StateDirectory=`, `./oaiproxy-usage.sqlite3` with `--mock-upstream`, else off",
+        metavar="PATH|URL",
+        default="off (see meaning)",
+    ),
+    Setting(
+        "usage-db-password-file",
+        None,
+        "File holding the PostgreSQL ledger's password.",
+        "the PostgreSQL ledger's password: this file, else `$CREDENTIALS_DIRECTORY/usage_db_password`; never in "
+        "the URL",
+        metavar="PATH",
+        sources="else the systemd credential usage_db_password",
+    ),
+    Setting(
+        "prices-file",
+        "OAIPROXY_PRICES_FILE",
+        "File of model prices (TOML or JSON: USD per million input, cached input and output tokens), re-read on "
+        "SIGHUP; models not in it have cost unknown.",
+        "USD per million tokens by model ([prices](#usage-and-budgets)); re-read on SIGHUP; a model not in it "
+        "has cost unknown",
+        metavar="PATH",
+    ),
     Setting(
         "shared-state",
         "OAIPROXY_SHARED_STATE",

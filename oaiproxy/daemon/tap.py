@@ -79,6 +79,10 @@ from oaiproxy.daemon.workers import (
     read_secrets,
 )
 from oaiproxy.fake.upstream import FakeUpstream, listen
+from oaiproxy.ledger.engines import create_engine, load_db_password, usage_db_target
+from oaiproxy.ledger.prices import EMPTY, Prices, load_prices
+from oaiproxy.ledger.recorder import UsageRecorder
+from oaiproxy.ledger.startup import migrate, open_writer, reload_prices
 from oaiproxy.observe.jsonlog import OBSERVER_NAME
 from oaiproxy.observe.metrics import MULTIPROC_ENV, UPSTREAM_GAUGE_SECONDS, GroupDirectory, Metrics
 from oaiproxy.routetable import BY_NAME, in_order
@@ -377,6 +381,7 @@ class Options(usage.Options):
             upstreams_file=upstreams_file,
             shared_state_password=None if worker else self._shared_state_password(values),
             **values,
+            **self._ledger_settings(mock),
         )
 
     def _shared_state_password(self, values: Mapping[str, Any]) -> Optional[Secret]:
@@ -391,6 +396,18 @@ class Options(usage.Options):
                 raise ConfigError("--shared-state-password-file needs --shared-state (OAIPROXY_SHARED_STATE)")
             return None
         return load_shared_state_password(self["shared-state-password-file"], self.environ)
+
+    def _ledger_settings(self, mock: bool) -> dict[str, Any]:
+        """
+        The usage ledger's settings (oaiproxy.ledger): where it is, its
+        password, the prices.
+        """
+        target = usage_db_target(self["usage-db"], self.environ, mock)
+        password = load_db_password(self["usage-db-password-file"], self.environ)
+        if target is not None:
+            create_engine(target, password)
+        path = self["prices-file"] or self.environ.get(_env("prices-file"))
+        return {"usage_db": target, "usage_db_password": password, "prices": load_prices(path) if path else None}
 
     def _metrics_key(self) -> Optional[Secret]:
         if self["metrics-key-file"]:
@@ -1119,6 +1136,54 @@ def _supervise(
     return service
 
 
+def _ledger_or_exit(open_it: Callable[[], Any]) -> Any:
+    """
+    Open (or migrate) the usage ledger, or stop the start with one line.
+    """
+    try:
+        return open_it()
+    except ConfigError as e:
+        raise SystemExit(f"twistd oaiproxy: error: {e}") from None
+
+
+def _usage_recorder(
+    config: Config, reactor: Any, metrics: Metrics, lifecycle: Lifecycle, service: MultiService
+) -> UsageRecorder:
+    """
+    What reads every finished request into the spend metrics and, with
+    C{--usage-db}, the ledger, whose writer joins C{service} (its last
+    flush waits for the drain).
+    """
+    writer = None
+    target = config.usage_db
+    if target is not None:
+        writer = _ledger_or_exit(
+            lambda: open_writer(
+                target,
+                config.usage_db_password,
+                reactor,
+                metrics.series_registry,
+                apply=not config.worker_listeners,
+                wait=lifecycle.when_drained,
+            )
+        )
+        writer.setServiceParent(service)
+    return UsageRecorder(reactor, metrics, Prices(config.prices or EMPTY), writer)
+
+
+def _and_prices(reload: Callable[..., Any], usage: UsageRecorder) -> Callable[..., Any]:
+    """
+    A reload that reads the prices file again too.
+    """
+
+    def both(*args: Any) -> Any:
+        result = reload(*args)
+        priced = reload_prices(usage.prices)
+        return result and priced if isinstance(result, bool) else result
+
+    return both
+
+
 def makeService(
     options: Options,
     reactor: Any = None,
@@ -1201,6 +1266,10 @@ def makeService(
         report = StartupReport(reactor)
 
     if config.workers > 1 and not config.worker_listeners:
+        ledger = config.usage_db
+        if ledger is not None:
+            # The supervisor migrates the ledger before any worker starts.
+            _ledger_or_exit(lambda: migrate(ledger, config.usage_db_password))
         metrics_listener = None
         if config.metrics_port and metrics_endpoint is not None:
             metrics_listener = (config.metrics_port, metrics_endpoint)
@@ -1229,6 +1298,7 @@ def makeService(
     assert http is not None
     shared = shared_state(config, reactor)
     metrics = _metrics(config, options.environ)
+    usage = _usage_recorder(config, reactor, metrics, lifecycle, service)
     built = build_site(
         config,
         http=http,
@@ -1239,6 +1309,7 @@ def makeService(
         worker=_worker_index(options.environ),
         http_for=http_for,
         shared=shared,
+        usage=usage,
     )
     upstream, site = built.upstream, built.site
     if config.mock_upstream:
@@ -1287,14 +1358,14 @@ def makeService(
         # Reloads come from the supervisor, checked, on the pipe.
         reader = SecretsReader(
             supervisor_input,
-            _worker_reloader(config, credentials, exposure, options.environ, built.upstreams),
+            _and_prices(_worker_reloader(config, credentials, exposure, options.environ, built.upstreams), usage),
             pending,
         )
         _SecretsService(reactor, reader).setServiceParent(service)
     else:
         # callFromThread is the signal-safe way back into the reactor.
         reload = ReloadService(
-            _reloader(options, credentials, exposure, upstreams=built.upstreams),
+            _and_prices(_reloader(options, credentials, exposure, upstreams=built.upstreams), usage),
             notifier,
             status,
             lambda f: reactor.callFromThread(f),

@@ -259,3 +259,129 @@ class RedisServer:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def postgres_bindir() -> Optional[str]:
+    """
+    Where Debian's PostgreSQL server programs are (C{initdb}, C{pg_ctl}):
+    on the path, else the newest C{/usr/lib/postgresql/N/bin}; C{None}
+    when the server is not installed (Debian package postgresql).
+    """
+    import glob
+
+    found = shutil.which("initdb")
+    if found is not None and shutil.which("pg_ctl") is not None:
+        return os.path.dirname(os.path.realpath(found))
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    return os.path.dirname(candidates[-1]) if candidates else None
+
+
+class PostgresServer:
+    """
+    A throwaway PostgreSQL cluster on 127.0.0.1 and a free port, in a
+    temporary directory: user C{oaiproxy} with a password (TCP connections
+    must give it), started with C{pg_ctl} and stopped by its PID.  It can
+    be stopped and started again on the same port (a database restart).
+    Run as root, the server runs as the C{postgres} user (PostgreSQL
+    refuses root).
+    """
+
+    USER = "oaiproxy"
+
+    def __init__(self, password: str = "pg-test-password") -> None:
+        import socket
+        import tempfile
+
+        bindir = postgres_bindir()
+        if bindir is None:
+            raise RuntimeError("PostgreSQL is not installed (Debian package postgresql)")
+        self.bindir = bindir
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.password = password
+        self.dir = tempfile.mkdtemp(prefix="oaiproxy-pg-")
+        self.data = os.path.join(self.dir, "data")
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            entry = pwd.getpwnam("postgres")
+            os.chown(self.dir, entry.pw_uid, entry.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        pwfile = os.path.join(self.dir, "pwfile")
+        with open(pwfile, "w") as f:
+            f.write(password + "\n")
+        if self._as:
+            os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+        self._run(
+            "initdb", "-D", self.data, "-U", self.USER, "--pwfile", pwfile, "--auth-local=trust",
+            "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync",
+        )  # fmt: skip
+
+    def _run(self, program: str, *args: str) -> None:
+        result = subprocess.run(
+            [*self._as, os.path.join(self.bindir, program), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{program} failed: {result.stdout[-2000:]}")
+
+    def start(self) -> "PostgresServer":
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", self.data, "-o", options, "-l", os.path.join(self.dir, "log"), "-w", "start")
+        return self
+
+    @property
+    def pid(self) -> Optional[int]:
+        try:
+            with open(os.path.join(self.data, "postmaster.pid")) as f:
+                return int(f.readline())
+        except (OSError, ValueError):
+            return None
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.USER}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """
+        A new, empty database; its URL.
+        """
+        import psycopg2
+
+        connection = psycopg2.connect(self.url(), password=self.password)
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        connection.close()
+        return self.url(name)
+
+    def stop(self) -> None:
+        """
+        A fast shutdown (SIGINT to the postmaster, by its PID), waited for.
+        """
+        import signal
+        import time
+
+        pid = self.pid
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

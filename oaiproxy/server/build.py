@@ -30,8 +30,11 @@ from oaiproxy.access.limits import Limiter, LimitStore, LocalLimitStore
 from oaiproxy.config import Config, Secret
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import invalid_api_key
+from oaiproxy.ledger.prices import EMPTY, Prices
+from oaiproxy.ledger.recorder import UsageRecorder
 from oaiproxy.observe.accesslog import AccessLog, JsonAccessLog, TextAccessLog
 from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource, Unrecorded, UpstreamGauges
+from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routetable import ROUTES, Route, in_order
@@ -71,6 +74,7 @@ class Built:
         shared by every route.
     @ivar api: the resource of each enabled route, by route name.
     @ivar routes: the enabled routes, in the table's order.
+    @ivar usage: the spend metrics and the usage ledger's recorder.
     """
 
     site: ProxySite
@@ -81,6 +85,7 @@ class Built:
     routes: list[Route]
     upstreams: Upstreams
     limit_store: LimitStore
+    usage: Optional[UsageRecorder] = None
 
 
 def style_of(config: Config) -> UpstreamStyle:
@@ -156,6 +161,7 @@ def build_site(
     worker: Optional[int] = None,
     http_for: Optional[HttpFor] = None,
     shared: Optional[SharedState] = None,
+    usage: Optional[UsageRecorder] = None,
 ) -> Built:
     """
     Wire the proxy for C{config}.
@@ -174,6 +180,8 @@ def build_site(
         own C{connect_timeout} (by default every upstream uses C{http}).
     @param shared: the Redis the group shares limits and breakers through
         (C{--shared-state}); without it, all state is in this process.
+    @param usage: reads every finished request into the spend metrics and
+        the usage ledger; by default, the metrics only, at C{config.prices}.
     """
     group = None
     if shared is not None and config.upstreams is not None:
@@ -212,6 +220,9 @@ def build_site(
     unavailable = [r.name for r in ROUTES if r.name not in api and r.name not in served]
     if access_log is None:
         access_log = JsonAccessLog() if config.log_format == "json" else TextAccessLog()
+    if usage is None:
+        usage = UsageRecorder(clock, metrics, Prices(config.prices or EMPTY))
+    access_log = _both(access_log, usage)
     site = ProxySite(
         build_tree(api, health, on_api_port, disabled=served, unavailable=unavailable),
         streamed_paths=streamed_paths(enabled),
@@ -243,7 +254,7 @@ def build_site(
             metrics=Unrecorded(),
             reactor=clock,
         )
-    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store)
+    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage)
 
 
 def shared_limit_store(
@@ -261,6 +272,18 @@ def shared_limit_store(
     shared.link.watchers.append(metrics.shared_state_changed)
     store.on_fallback = metrics.admitted_in_fallback
     return store
+
+
+def _both(access_log: AccessLog, usage: UsageRecorder) -> AccessLog:
+    """
+    Every finished record to the access log, then to the usage recorder.
+    """
+
+    def record(record: RequestRecord) -> None:
+        access_log(record)
+        usage(record)
+
+    return record
 
 
 def watch_pool(metrics: Metrics, pool: Pool) -> None:

@@ -182,6 +182,27 @@ class OptionsTests(SynchronousTestCase):
         config = parse(["--api-key-file", path]).config
         self.assertEqual(config.api_key, Secret(b"sk-from-file"))
 
+    def test_usage_ledger_settings(self) -> None:
+        """
+        The ledger is off by default, in the current directory for a mock
+        run, under systemd's state directory when there is one, wherever
+        --usage-db says, and off when told; a bad value or prices file
+        stops the start in one line.
+        """
+        self.assertIsNone(parse([]).config.usage_db)
+        self.assertEqual(parse(["--mock-upstream"], {}).config.usage_db, os.path.abspath("oaiproxy-usage.sqlite3"))
+        directory = temp_dir(self)
+        state = {"OPENAI_API_KEY": KEY, "STATE_DIRECTORY": directory}
+        self.assertEqual(parse([], state).config.usage_db, os.path.join(directory, "usage.sqlite3"))
+        self.assertIsNone(parse(["--usage-db", "off"], state).config.usage_db)
+        url = "postgresql://u@db/usage"
+        self.assertEqual(parse([], {"OPENAI_API_KEY": KEY, "OAIPROXY_USAGE_DB": url}).config.usage_db, url)
+        self.assertStartupError(["--usage-db", "postgresql://u:pw@db/usage"], {"OPENAI_API_KEY": KEY}, "password")
+        prices = os.path.join(directory, "prices.toml")
+        with open(prices, "w") as f:
+            f.write('[models."m"]\ninput = 1\n')
+        self.assertStartupError(["--prices-file", prices], {"OPENAI_API_KEY": KEY}, "no output price")
+
     def test_mock_upstream_needs_no_key(self) -> None:
         """
         --mock-upstream starts without any key.
@@ -247,6 +268,11 @@ class ServiceTests(SynchronousTestCase):
         self, argv: list[str], env: Mapping[str, str] = {"OPENAI_API_KEY": KEY}
     ) -> tuple[Any, HonestReactor, list[dict[str, Any]]]:
         reactor = HonestReactor()
+        # A --mock-upstream run keeps its usage ledger in the current
+        # directory: a fresh one, not the checkout.
+        here = os.getcwd()
+        os.chdir(temp_dir(self))
+        self.addCleanup(os.chdir, here)
         with capturedLogs() as events:
             service = makeService(parse(argv, env), reactor=reactor)
             service.privilegedStartService()

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -383,6 +384,10 @@ class UnitCommandTests(Deployment):
         notify.bind(notify_path)
         notify.settimeout(30)
 
+        [state_directory] = service["StateDirectory"]
+        self.assertEqual(state_directory, "oaiproxy")
+        state = os.path.join(self.cwd, "state")
+        os.makedirs(state)
         port = free_port()
         process = Process(
             [
@@ -391,7 +396,7 @@ class UnitCommandTests(Deployment):
                 f"127.0.0.1:{port}",
                 f"--fdname={fdname}",
                 *("-E", "PYTHONPATH", "-E", "PYTHONUNBUFFERED", "-E", "CREDENTIALS_DIRECTORY"),
-                *("-E", "NOTIFY_SOCKET", "-E", "OPENAI_BASE_URL"),
+                *("-E", "NOTIFY_SOCKET", "-E", "OPENAI_BASE_URL", "-E", "STATE_DIRECTORY"),
                 twistd(),
                 *argv[1:],
             ],
@@ -401,6 +406,8 @@ class UnitCommandTests(Deployment):
                     "NOTIFY_SOCKET": notify_path,
                     # What /etc/oaiproxy/oaiproxy.env would say.
                     "OPENAI_BASE_URL": self.upstream_url,
+                    # StateDirectory=oaiproxy: the usage ledger's home.
+                    "STATE_DIRECTORY": state,
                 }
             ),
             self.cwd,
@@ -417,6 +424,10 @@ class UnitCommandTests(Deployment):
         self.assertIn(b"READY=1", notify.recv(4096))
         process.send_signal(signal.SIGTERM)
         self.assertIn(process.wait(), CLEAN_EXIT)
+        # The ledger is $STATE_DIRECTORY/usage.sqlite3, and has the request.
+        ledger = sqlite3.connect(os.path.join(state, "usage.sqlite3"))
+        self.addCleanup(ledger.close)
+        self.assertEqual(ledger.execute("SELECT client, requests FROM usage_daily").fetchall(), [("unit-test", 1)])
 
 
 class StartupFailureTests(Deployment):
