@@ -277,6 +277,7 @@ class Metrics:
         self.shared_state_up: Optional[Gauge] = None
         self.shared_state_episodes: Optional[Counter] = None
         self.shared_state_fallback: Optional[Counter] = None
+        self.shared_state_late: Optional[Counter] = None
 
     def watch_shared_state(self, up: bool) -> None:
         """
@@ -300,6 +301,11 @@ class Metrics:
             "Requests admitted by this process's own share of the limits while the shared state was unreachable.",
             registry=r,
         )
+        self.shared_state_late = Counter(
+            "oaiproxy_shared_state_late",
+            "Calls to the shared state (Redis) that missed their deadline and were decided locally.",
+            registry=r,
+        )
         self.shared_state_up.set(1 if up else 0)
 
     def shared_state_changed(self, up: bool) -> None:
@@ -307,6 +313,10 @@ class Metrics:
             self.shared_state_up.set(1 if up else 0)
         if not up and self.shared_state_episodes is not None:
             self.shared_state_episodes.inc()
+
+    def shared_state_late_call(self) -> None:
+        if self.shared_state_late is not None:
+            self.shared_state_late.inc()
 
     def admitted_in_fallback(self) -> None:
         if self.shared_state_fallback is not None:

@@ -270,6 +270,7 @@ def shared_limit_store(
     store = SharedLimitStore(shared.link, clock, shared.keys, shared.instances, config.shared_state_lease)
     metrics.watch_shared_state(shared.link.up)
     shared.link.watchers.append(metrics.shared_state_changed)
+    shared.link.late_watchers.append(metrics.shared_state_late_call)
     store.on_fallback = metrics.admitted_in_fallback
     return store
 

@@ -10,11 +10,15 @@ shares (client limits, upstream breakers, and later the budgets).
     connection failed (L{SharedStateError}); L{check_shared_state} is the
     startup check built on it.
   - L{RedisLink}: the connection as a state.  Every call carries our own
-    deadline (default 50 ms, on the injected clock).  A missed deadline or
-    a lost connection marks the link down at once (one critical log line
-    per episode); while down no call is even tried, and a background
-    reconnect with backoff brings it back up by itself.  Its users decide
-    locally while it is down: see L{oaiproxy.access.shared}.
+    deadline (default 50 ms, on the injected clock): a missed deadline
+    decides that call locally (L{Unavailable}) and is counted
+    (C{missed}), but does not by itself drop the connection.  The link
+    goes down (one critical log line per episode) when the connection is
+    lost, or when Redis has sent no reply at all for the C{silence}
+    interval while a call waits (default C{max(1 s, 10 x deadline)});
+    while down no call is even tried, and a background reconnect with
+    backoff brings it back up by itself.  Its users decide locally while
+    it is down: see L{oaiproxy.access.shared}.
   - L{KeySpace}: every key under one prefix, so several groups can share
     one Redis; a name's keys share one hash tag (C{{name}}), so a Redis
     Cluster keeps each script's keys on one node.
@@ -62,6 +66,10 @@ __all__ = [
 #: Seconds a call to Redis may take before the proxy decides without it:
 #: a LAN round trip is well under a millisecond.
 DEFAULT_DEADLINE = 0.05
+#: The shortest silence (seconds without any reply while a call waits)
+#: that takes the link down: a saturated proxy reads replies tens of
+#: milliseconds late, a stopped Redis sends none at all.
+MIN_SILENCE = 1.0
 DEFAULT_PREFIX = "oaiproxy:"
 
 _log = Logger()
@@ -150,14 +158,28 @@ class _Protocol(txredisapi.RedisProtocol):
 
     factory: Any = None
     lost: Optional[Failure] = None
+    #: Set by L{RedisLink}: told of every reply Redis sends, late ones
+    #: too (txredisapi hands a late reply to the already timed-out
+    #: Deferred, which ignores it), and of the connection's loss.
+    on_reply: Optional[Callable[[], None]] = None
+    on_lost: Optional[Callable[[Failure], None]] = None
 
     def __init__(self, clock: IReactorTime) -> None:
         super().__init__(replyTimeout=None, convertNumbers=True)
         self.callLater = clock.callLater
 
+    def replyReceived(self, reply: Any) -> None:
+        # While connected only: connectionLost hands each waiting call a
+        # ConnectionError through here, which is no reply from Redis.
+        if self.connected and self.on_reply is not None:
+            self.on_reply()
+        super().replyReceived(reply)
+
     def connectionLost(self, why: Failure) -> None:
         self.lost = why
         super().connectionLost(why)
+        if self.on_lost is not None:
+            self.on_lost(why)
 
 
 class _NoFactory:
@@ -332,16 +354,29 @@ class RedisLink(Service):
     One connection to Redis, as a state the proxy can read (L{up}).
 
     Calls are pipelined on one connection (Redis runs one command at a
-    time anyway).  Each has a deadline on the injected clock; a missed
-    deadline drops the connection (its late replies are of no use) and
-    marks the link down, so requests never queue behind a slow Redis.
-    While down, calls fail at once with L{Unavailable}, and reconnection
-    is tried in the background after C{retry[0]} seconds, doubling up to
-    C{retry[1]}.  While up, a PING every C{keepalive} seconds finds a dead
-    connection even when idle.
+    time anyway).  Each has a deadline on the injected clock: a call not
+    answered in time fails with L{Unavailable} (its caller decides
+    locally), so no request waits longer than the deadline.  A missed
+    deadline alone leaves the connection up: on a saturated proxy (its
+    own event loop queued tens of milliseconds) replies Redis sent in
+    time are read late, and dropping the connection on each would make
+    the link flap (measured: 61 episodes in 50 s of full load at 50 ms,
+    C{bench/README.md}).  txredisapi matches replies to calls in order,
+    so a late reply is consumed by its timed-out call and discarded.
+
+    The link goes down when the connection is lost, or when C{silence}
+    seconds (default C{max(1 s, 10 x deadline)}) pass with a call
+    unanswered and no reply at all from Redis: a stopped or wedged Redis.
+    A count of consecutive misses is not used: it grows with the request
+    rate, not with how long Redis has been quiet.  While down, calls fail
+    at once with L{Unavailable}, and reconnection is tried in the
+    background after C{retry[0]} seconds, doubling up to C{retry[1]}.
+    While up, a PING every C{keepalive} seconds finds a dead connection
+    even when idle.
 
     @ivar up: the link is usable; the metrics read it.
     @ivar episodes: how many times it went down.
+    @ivar missed: how many calls missed their deadline (decided locally).
     """
 
     log = Logger()
@@ -354,10 +389,12 @@ class RedisLink(Service):
         retry: tuple[float, float] = (0.25, 5.0),
         keepalive: float = 5.0,
         name: str = "redis",
+        silence: Optional[float] = None,
     ) -> None:
         self._connect = connect
         self._clock = clock
         self.deadline = deadline
+        self.silence = max(MIN_SILENCE, 10 * deadline) if silence is None else silence
         self._retry = retry
         self._delay = retry[0]
         self._keepalive = keepalive
@@ -368,10 +405,18 @@ class RedisLink(Service):
         self._pinger: Optional[LoopingCall] = None
         self.up = False
         self.episodes = 0
+        self.missed = 0
         self._down_since: Optional[float] = None
         self._first = True
+        #: When Redis last replied (or the connection was made).
+        self._heard = 0.0
+        #: When the oldest call that missed its deadline since then was sent.
+        self._waiting_since: Optional[float] = None
+        self._silence_check: Optional[IDelayedCall] = None
         #: Called with C{True} when the link comes up, C{False} when it goes down.
         self.watchers: list[Callable[[bool], None]] = []
+        #: Called once for each call that missed its deadline.
+        self.late_watchers: list[Callable[[], None]] = []
 
     def startService(self) -> None:
         super().startService()
@@ -385,9 +430,10 @@ class RedisLink(Service):
         if self._attempt is not None:
             self._attempt.cancel()
         self._stop_pinger()
+        self._stop_silence_check()
         self.up = False
-        _abort(self._protocol)
-        self._protocol = None
+        protocol, self._protocol = self._protocol, None
+        _abort(protocol)
         return succeed(None)
 
     def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> "Deferred[Any]":
@@ -417,21 +463,74 @@ class RedisLink(Service):
         return self._bounded(d, protocol)
 
     def _bounded(self, d: "Deferred[Any]", protocol: Any) -> "Deferred[Any]":
+        sent = self._clock.seconds()
+        # Cancelling txredisapi's Deferred (what addTimeout does) leaves
+        # its place in the reply queue: the late reply still goes to this
+        # call, whose Deferred has fired already and ignores it.
         d.addTimeout(self.deadline, self._clock)
+
+        def answered(result: Any) -> Any:
+            self._replied(protocol)
+            return result
 
         def failed(failure: Failure) -> Failure:
             if failure.check(txredisapi.ResponseError) and not failure.check(txredisapi.ConnectionError):
                 # Redis answered, with an error: the link is fine; the caller
                 # decides (a script error is a bug, logged there).
+                self._replied(protocol)
                 return failure
             if failure.check(DeferredTimeout):
                 why = f"no answer within {self.deadline * 1000:g} ms"
+                self._late(protocol, sent)
             else:
                 why = failure.getErrorMessage()
-            self._lost(protocol, why)
+                self._lost(protocol, why)
             return Failure(Unavailable(why))
 
-        return d.addErrback(failed)
+        return d.addCallbacks(answered, failed)
+
+    def _replied(self, protocol: Any) -> None:
+        """
+        Redis sent a reply (in time or late): it is alive, however late
+        this process reads it.
+        """
+        if protocol is self._protocol:
+            self._heard = self._clock.seconds()
+            self._waiting_since = None
+
+    def _late(self, protocol: Any, sent: float) -> None:
+        """
+        A call missed its deadline: counted, and Redis's silence watched
+        from when it was sent (or its last reply, if later).
+        """
+        self.missed += 1
+        for watcher in list(self.late_watchers):
+            watcher()
+        if protocol is not self._protocol or self._waiting_since is not None:
+            return
+        self._waiting_since = max(sent, self._heard)
+        self._check_silence_at(self._waiting_since + self.silence)
+
+    def _check_silence_at(self, when: float) -> None:
+        if self._silence_check is not None and self._silence_check.active():
+            return
+        self._silence_check = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._check_silence)
+
+    def _check_silence(self) -> None:
+        self._silence_check = None
+        since = self._waiting_since
+        if since is None or self._protocol is None:
+            return
+        if self._clock.seconds() - since >= self.silence:
+            self._lost(self._protocol, f"no reply for {self.silence:g} s")
+        else:
+            self._check_silence_at(since + self.silence)
+
+    def _stop_silence_check(self) -> None:
+        if self._silence_check is not None and self._silence_check.active():
+            self._silence_check.cancel()
+        self._silence_check = None
+        self._waiting_since = None
 
     def _lost(self, protocol: Any, why: str) -> None:
         if protocol is not self._protocol:
@@ -439,6 +538,7 @@ class RedisLink(Service):
         self._protocol = None
         _abort(protocol)
         self._stop_pinger()
+        self._stop_silence_check()
         if self.up:
             self.up = False
             self._episode_begins(why)
@@ -481,6 +581,9 @@ class RedisLink(Service):
                 _abort(protocol)
                 return
             self._protocol = protocol
+            self._heard = self._clock.seconds()
+            protocol.on_reply = lambda: self._replied(protocol)
+            protocol.on_lost = lambda why: self._lost(protocol, why.getErrorMessage())
             self._delay = self._retry[0]
             self.up = True
             if self._first:

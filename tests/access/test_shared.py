@@ -116,6 +116,10 @@ class SharedStoreTests(SynchronousTestCase):
         self.clock.advance(0.05)
         [r] = results
         self.assertIsInstance(r.local, Reservation)
+        # One missed deadline leaves the link up; Redis silent for the
+        # link's silence interval takes it down.
+        self.assertTrue(self.store.up)
+        self.clock.advance(self.link.silence)
         self.assertFalse(self.store.up)
         self.assertTrue(self.connector.connections[0].transport.aborted)
         # Down: decided at once, at the share (10 // 2), never unlimited.
@@ -129,7 +133,10 @@ class SharedStoreTests(SynchronousTestCase):
         c = client(requests_per_minute=100)
         self.connector.connections[0].answer = None
         self.admit(c)
-        self.clock.advance(0.05)
+        self.clock.advance(0.05)  # missed: decided locally, the link up...
+        self.assertTrue(self.store.up)
+        self.clock.advance(self.link.silence - 0.05)  # ...until 1 s of silence
+        self.assertFalse(self.store.up)
         self.connector.refuse = True
         self.clock.advance(1.0)  # first retry: hangs, its own deadline ends it
         self.assertEqual(len(self.connector.pending), 1)
@@ -148,6 +155,7 @@ class SharedStoreTests(SynchronousTestCase):
         self.connector.connections[-1].answer = None
         self.admit(c)
         self.clock.advance(0.05)
+        self.clock.advance(self.link.silence)
         self.admit(c)
         self.assertEqual(len(self.criticals()), 2)
 

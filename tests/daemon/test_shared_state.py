@@ -241,7 +241,10 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn("oaiproxy_shared_state_episodes_total 0.0", metrics())
         with capturedLogs() as events:
             reactor.advance(5)  # the keepalive PING...
-            reactor.advance(0.1)  # ...gets no answer within the deadline
+            reactor.advance(0.1)  # ...gets no answer within the deadline:
+            self.assertTrue(link.up)  # counted late, the link still up...
+            self.assertIn("oaiproxy_shared_state_late_total 1.0", metrics())
+            reactor.advance(link.silence)  # ...until Redis is silent that long
         self.assertFalse(link.up)
         self.assertEqual([e["log_level"].name for e in events if "unreachable" in e["log_format"]], ["critical"])
         text = metrics()

@@ -200,12 +200,15 @@ class Process:
     def down(self) -> None:
         """
         Redis stops answering this process: its next call misses the
-        deadline, and the link is down until C{back}.
+        deadline (the link stays up), and after the link's silence
+        interval without a reply the link is down until C{back}.
         """
         self.refuse = True
         self.connections[-1].hang = True
         self.link.call("breaker_read", ["x", "y"], ["me", 0]).addErrback(lambda _: None)
         self.clock.advance(0.05)
+        assert self.link.up
+        self.clock.advance(self.link.silence)
         assert not self.link.up
 
     def back(self) -> None:
@@ -442,8 +445,8 @@ class SharedBreakerTests(SynchronousTestCase):
     def test_slow_redis_never_holds_a_request(self) -> None:
         """
         Redis answers nothing: every choice is made at once, closed
-        breakers never ask, and after the link's deadline a half-open one
-        probes locally.
+        breakers never ask, and once the link is down (its silence
+        interval after the deadline) a half-open one probes locally.
         """
         self.half_open()
         calls = len(self.redis.calls)
@@ -454,6 +457,8 @@ class SharedBreakerTests(SynchronousTestCase):
         self.assertEqual(self.one.send({}), "b")
         self.assertEqual(len(self.redis.calls), calls)
         self.clock.advance(0.05)
+        self.assertTrue(self.one.link.up)
+        self.clock.advance(self.one.link.silence)
         self.assertFalse(self.one.link.up)
         sent = {self.one.send({}) for _ in range(10)}
         self.assertIn("a", sent)
