@@ -22,6 +22,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import urllib.request
 
 from twisted.internet import defer, reactor, task, threads
 
@@ -97,14 +98,16 @@ def throughput(server: RedisServer, seconds: float, deadline_ms: float, rounds: 
             started.append(proxy)
             proxy.wait_until(lambda out: out.count("oaiproxy listening on") == 2)
             wrk(base + "/v1/chat/completions", script, 64, 1)  # warm up
-            bases[name] = (proxy, base + "/v1/chat/completions")
+            bases[name] = (proxy, base)
         # Rounds alternate between the two groups (both running), so that
         # the other work of a shared machine weighs on both alike.
         runs: dict[str, list[dict[str, float]]] = {"split": [], "shared": []}
         for _ in range(rounds):
-            for name, (proxy, url) in bases.items():
-                runs[name].append(wrk(url, script, 64, seconds))
+            for name, (_proxy, base) in bases.items():
+                runs[name].append(wrk(base + "/v1/chat/completions", script, 64, seconds))
         episodes = bases["shared"][0].output.count("unreachable")
+        counters = shared_counters(bases["shared"][1], key)
+        sent = sum(run["requests"] for run in runs["shared"])
         ratios = [b["rps"] / a["rps"] for a, b in zip(runs["split"], runs["shared"])]
 
         def median(name: str, key: str) -> float:
@@ -117,12 +120,31 @@ def throughput(server: RedisServer, seconds: float, deadline_ms: float, rounds: 
             f"(p50 {median('shared', 'p50_ms'):.2f} ms, p99 {median('shared', 'p99_ms'):.2f} ms); shared / split "
             f"per round {', '.join(f'{r:.2f}x' for r in ratios)}; non-2xx "
             f"{sum(r['errors'] for r in runs['split']):.0f} / {sum(r['errors'] for r in runs['shared']):.0f}; "
-            f"fallback episodes {episodes} (deadline {deadline_ms:g} ms)"
+            f"fallback episodes {episodes} (deadline {deadline_ms:g} ms); of the shared group's {sent:,.0f} "
+            f"requests (and its warm-up), calls that missed the deadline "
+            f"{counters.get('oaiproxy_shared_state_late_total', 0):,.0f}, admitted in fallback "
+            f"{counters.get('oaiproxy_shared_state_fallback_admitted_total', 0):,.0f}"
         )
     finally:
         for process in reversed(started):
             process.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def shared_counters(base: str, key: str) -> dict[str, float]:
+    """
+    The group's C{oaiproxy_shared_state_*} series from its C{/metrics}
+    (summed over the workers): how many calls were decided locally.
+    """
+    request = urllib.request.Request(base + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        text = response.read().decode("utf-8")
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("oaiproxy_shared_state_"):
+            name, _, value = line.rpartition(" ")
+            found[name] = float(value)
+    return found
 
 
 @defer.inlineCallbacks

@@ -511,8 +511,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "shared-state-deadline",
         "OAIPROXY_SHARED_STATE_DEADLINE",
-        "Milliseconds a call to Redis may take before the proxy decides locally (and marks Redis down).",
-        "milliseconds a Redis call may take before the proxy decides locally and marks it down",
+        "Milliseconds a call to Redis may take before the proxy decides that call locally (Redis is marked "
+        "down only after max(1 s, 10 x this) without any reply, or a lost connection).",
+        "milliseconds a Redis call may take before the proxy decides that call locally; Redis is marked down only "
+        "after max(1 s, 10 × this) without any reply, or on a lost connection",
         metavar="MS",
         field="shared_state_deadline_ms",
         parse=parse_milliseconds,
