@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.access.admission import admission_gate
+from oaiproxy.access.budgetstore import BudgetedLimits, BudgetStore
 from oaiproxy.access.clients import ClientRegistry, Credentials
 from oaiproxy.access.limits import Limiter, LimitStore, LocalLimitStore
 from oaiproxy.config import Config, Secret
@@ -75,6 +76,7 @@ class Built:
     @ivar api: the resource of each enabled route, by route name.
     @ivar routes: the enabled routes, in the table's order.
     @ivar usage: the spend metrics and the usage ledger's recorder.
+    @ivar budgets: the clients' budget totals in this process.
     """
 
     site: ProxySite
@@ -86,6 +88,7 @@ class Built:
     upstreams: Upstreams
     limit_store: LimitStore
     usage: Optional[UsageRecorder] = None
+    budgets: Optional[BudgetStore] = None
 
 
 def style_of(config: Config) -> UpstreamStyle:
@@ -202,6 +205,11 @@ def build_site(
         LocalLimitStore(limiter) if shared is None else shared_limit_store(config, shared, clock, metrics)
     )
     enabled = in_order(config.routes)
+    if usage is None:
+        usage = UsageRecorder(clock, metrics, Prices(config.prices or EMPTY))
+    # The budgets price requests with the recorder's prices, which a
+    # reload replaces in place.
+    budgets = BudgetStore(clock, usage.prices)
     api = api_resources(
         enabled,
         upstreams,
@@ -209,7 +217,7 @@ def build_site(
         credentials,
         lifecycle,
         config.connect_timeout,
-        store,
+        BudgetedLimits(store, budgets),
         stream_usage=config.stream_usage,
         sse_keepalive=config.sse_keepalive,
     )
@@ -220,8 +228,6 @@ def build_site(
     unavailable = [r.name for r in ROUTES if r.name not in api and r.name not in served]
     if access_log is None:
         access_log = JsonAccessLog() if config.log_format == "json" else TextAccessLog()
-    if usage is None:
-        usage = UsageRecorder(clock, metrics, Prices(config.prices or EMPTY))
     access_log = _both(access_log, usage)
     site = ProxySite(
         build_tree(api, health, on_api_port, disabled=served, unavailable=unavailable),
@@ -254,7 +260,7 @@ def build_site(
             metrics=Unrecorded(),
             reactor=clock,
         )
-    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage)
+    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage, budgets)
 
 
 def shared_limit_store(
