@@ -197,7 +197,7 @@ class BudgetStore:
         Add what the ledger says the client spent: C{(utc_day, tokens,
         usd)} rows, each added to every current period it overlaps.
         """
-        for kind, period in self.periods(client).items():
+        for period in self.periods(client).values():
             first, last = period.utc_days()
             total = self._total(client.name, period)
             for day, tokens, usd in rows:
