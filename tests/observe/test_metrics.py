@@ -44,8 +44,18 @@ class Group:
         self.path = self.directory.create()
         case.addCleanup(self.directory.remove)
         self._classes: dict[int, Any] = {}
-        case.addCleanup(lambda: [value_class.close_all_files() for value_class in self._classes.values()])
+        case.addCleanup(self._close)
         self.workers: dict[int, Metrics] = {}
+
+    def _close(self) -> None:
+        """
+        Close the workers' memory-mapped files (C{close_all_files} came in
+        prometheus_client 0.20; before it, they close with the process).
+        """
+        for value_class in self._classes.values():
+            close = getattr(value_class, "close_all_files", None)
+            if close is not None:
+                close()
 
     @contextlib.contextmanager
     def as_worker(self, pid: int) -> Iterator[None]:
