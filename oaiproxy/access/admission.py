@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from oaiproxy.access.budgets import Exhausted
-from oaiproxy.access.budgetstore import BudgetedLimits, BudgetStore, Unpriced
+from oaiproxy.access.budgetstore import BudgetedLimits, BudgetHold, BudgetStore, Unpriced
 from oaiproxy.access.clients import Client, Credentials
 from oaiproxy.access.limits import UNLIMITED, Held, Limiter, LimitStore, LocalLimitStore, Refusal
 from oaiproxy.drain import Lifecycle
@@ -184,7 +184,7 @@ class Admission:
         model: Optional[str],
         prompt: int,
         estimate: int,
-    ) -> "Held | bytes":
+    ) -> "Held | bytes | Deferred[Held | bytes]":
         if isinstance(admitted, Refusal):
             self.log.info("client {client} over its {limit} limit", client=client.name, limit=admitted.limit)
             return error_response(
@@ -193,10 +193,17 @@ class Admission:
         budgets = self._budgets
         if budgets is None:
             return admitted
-        # Reserved only now, in the same reactor turn as the check: the
-        # limits' answer may have been a round trip away, and a budget
-        # checked before it could be overshot by the requests in between.
-        held = budgets.admit(client, model, prompt, estimate, record_of(request))
+        # Reserved only now, after the check of the limits: their answer
+        # may have been a round trip away, and a budget reserved before it
+        # would be held by requests the limits then refuse.  Locally the
+        # check and the reservation are one step; in Redis, one script.
+        return budgets.reserve(client, model, prompt, estimate, record_of(request)).addCallback(
+            self._budgeted, admitted, request, client
+        )
+
+    def _budgeted(
+        self, held: "Optional[BudgetHold] | Exhausted | Unpriced", admitted: Held, request: Request, client: Client
+    ) -> "Held | bytes":
         if isinstance(held, (Exhausted, Unpriced)):
             # Its limits' hold goes back: the request never runs.
             admitted.settle(0)

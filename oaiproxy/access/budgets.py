@@ -143,12 +143,16 @@ def _budget_fields(budgets: Budgets, kind: str) -> tuple[tuple[str, Optional[flo
     )
 
 
-def decide(client: Client, spent: dict[str, Cost], periods: dict[str, Period], cost: Cost) -> Optional[Exhausted]:
+def decide(
+    client: Client, spent: dict[str, Cost], periods: dict[str, Period], cost: Cost, share: int = 1
+) -> Optional[Exhausted]:
     """
     Whether C{cost} fits in every budget of C{client}, given what is
     C{spent} (reserved or settled) in each period kind: C{None} when it
     does, else the first budget it would exceed.  A request that would
-    reach a budget exactly fits.
+    reach a budget exactly fits.  With C{share} above 1, only that part
+    of each budget is available (a process deciding on its own spend
+    alone, see L{oaiproxy.access.sharedbudgets}).
     """
     budgets = client.budgets
     for kind in PERIODS:
@@ -156,12 +160,13 @@ def decide(client: Client, spent: dict[str, Cost], periods: dict[str, Period], c
         for name, limit, unit in _budget_fields(budgets, kind):
             if limit is None:
                 continue
+            available = limit / share
             if unit == "tokens":
-                over = used.tokens + cost.tokens > limit
+                over = used.tokens + cost.tokens > available
             else:
                 # An unpriced model never reaches here: admission refuses it
                 # for a client with a dollar budget.
-                over = (used.usd or 0.0) + (cost.usd or 0.0) > limit + 1e-12
+                over = (used.usd or 0.0) + (cost.usd or 0.0) > available + 1e-12
             if over:
                 period = periods[kind]
                 return Exhausted(name, period.ends, exhausted_message(client, name, limit, period))

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from twisted.python.systemd import ListenFDs
 
 from oaiproxy import __version__
+from oaiproxy.access.budgetstore import BudgetRefresh, ledger_days, seed_from_ledger
 from oaiproxy.access.clients import ClientRegistry, Credentials, load_clients
 from oaiproxy.config import (
     DEFAULT_PORT,
@@ -81,12 +82,13 @@ from oaiproxy.daemon.workers import (
 from oaiproxy.fake.upstream import FakeUpstream, listen
 from oaiproxy.ledger.engines import create_engine, load_db_password, usage_db_target
 from oaiproxy.ledger.prices import EMPTY, Prices, load_prices
+from oaiproxy.ledger.queries import Spend, select_spend
 from oaiproxy.ledger.recorder import UsageRecorder
-from oaiproxy.ledger.startup import migrate, open_writer, reload_prices
+from oaiproxy.ledger.startup import migrate, open_writer, read_spend, reload_prices
 from oaiproxy.observe.jsonlog import OBSERVER_NAME
 from oaiproxy.observe.metrics import MULTIPROC_ENV, UPSTREAM_GAUGE_SECONDS, GroupDirectory, Metrics
 from oaiproxy.routetable import BY_NAME, in_order
-from oaiproxy.server.build import build_site
+from oaiproxy.server.build import Built, build_site
 from oaiproxy.upstream.client import UpstreamClient, make_http_client
 from oaiproxy.upstream.headers import parse_static_header
 from oaiproxy.upstream.pool import Upstream
@@ -1171,6 +1173,36 @@ def _usage_recorder(
     return UsageRecorder(reactor, metrics, Prices(config.prices or EMPTY), writer)
 
 
+def _budget_totals(
+    config: Config, built: Built, credentials: Credentials, reactor: Any, metrics: Metrics
+) -> BudgetRefresh:
+    """
+    Seed the budgets from the ledger now, before anything listens (every
+    process of a group does: a restart keeps the period's totals), and
+    the service that reads them again every second (others' spend on the
+    same ledger) and sets the remaining gauges.
+    """
+    assert built.budgets is not None and built.usage is not None
+    store, writer = built.budgets, built.usage.writer
+    target = config.usage_db
+    if writer is None or target is None:
+        return BudgetRefresh(store, lambda: credentials.clients, reactor, registry=metrics.series_registry)
+    clients = list(credentials.clients)
+    days = ledger_days(store, clients)
+    if days is not None:
+        first, last = days
+        rows = _ledger_or_exit(lambda: read_spend(target, config.usage_db_password, first, last))
+        seeded = seed_from_ledger(store, clients, rows, writer.pending_rows())
+        log.info("budgets: totals of {count} client(s) read from the usage ledger", count=seeded)
+
+    def read(first: str, last: str) -> "Deferred[list[Spend]]":
+        return writer.pool.run("ledger_select_spend", select_spend, writer.pool.engine, first, last)
+
+    return BudgetRefresh(
+        store, lambda: credentials.clients, reactor, read, writer.pending_rows, registry=metrics.series_registry
+    )
+
+
 def _and_prices(reload: Callable[..., Any], usage: UsageRecorder) -> Callable[..., Any]:
     """
     A reload that reads the prices file again too.
@@ -1312,6 +1344,7 @@ def makeService(
         usage=usage,
     )
     upstream, site = built.upstream, built.site
+    _budget_totals(config, built, credentials, reactor, metrics).setServiceParent(service)
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
     if config.worker_listeners and MULTIPROC_ENV in options.environ:

@@ -277,6 +277,7 @@ class Metrics:
         self.shared_state_up: Optional[Gauge] = None
         self.shared_state_episodes: Optional[Counter] = None
         self.shared_state_fallback: Optional[Counter] = None
+        self.shared_state_budget_fallback: Optional[Counter] = None
 
     def watch_shared_state(self, up: bool) -> None:
         """
@@ -300,6 +301,11 @@ class Metrics:
             "Requests admitted by this process's own share of the limits while the shared state was unreachable.",
             registry=r,
         )
+        self.shared_state_budget_fallback = Counter(
+            "oaiproxy_shared_state_budget_fallback_admitted",
+            "Requests whose budgets this process decided on its own totals while the shared state was unreachable.",
+            registry=r,
+        )
         self.shared_state_up.set(1 if up else 0)
 
     def shared_state_changed(self, up: bool) -> None:
@@ -311,6 +317,10 @@ class Metrics:
     def admitted_in_fallback(self) -> None:
         if self.shared_state_fallback is not None:
             self.shared_state_fallback.inc()
+
+    def budget_decided_in_fallback(self) -> None:
+        if self.shared_state_budget_fallback is not None:
+            self.shared_state_budget_fallback.inc()
 
     def watch_upstreams(self, read: Callable[[], Iterable[UpstreamGauges]]) -> None:
         """

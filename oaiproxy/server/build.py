@@ -51,6 +51,7 @@ from oaiproxy.web import error_response
 if TYPE_CHECKING:
     # Imported when used: the Redis client is an extra (oaiproxy[redis]).
     from oaiproxy.access.shared import SharedLimitStore
+    from oaiproxy.access.sharedbudgets import SharedBudgetStore
     from oaiproxy.sharedstate.link import SharedState
 
 __all__ = ["Built", "build_site", "metrics_check", "style_of", "watch_pool"]
@@ -209,7 +210,11 @@ def build_site(
         usage = UsageRecorder(clock, metrics, Prices(config.prices or EMPTY))
     # The budgets price requests with the recorder's prices, which a
     # reload replaces in place.
-    budgets = BudgetStore(clock, usage.prices)
+    budgets = (
+        BudgetStore(clock, usage.prices)
+        if shared is None
+        else shared_budget_store(config, shared, clock, metrics, usage.prices)
+    )
     api = api_resources(
         enabled,
         upstreams,
@@ -277,6 +282,22 @@ def shared_limit_store(
     metrics.watch_shared_state(shared.link.up)
     shared.link.watchers.append(metrics.shared_state_changed)
     store.on_fallback = metrics.admitted_in_fallback
+    return store
+
+
+def shared_budget_store(
+    config: Config, shared: "SharedState", clock: IReactorTime, metrics: Metrics, prices: Prices
+) -> "SharedBudgetStore":
+    """
+    The budget totals of a group, in its Redis; its fallbacks in the
+    metrics (the shared-state series are made by L{shared_limit_store}).
+    """
+    from oaiproxy.access.sharedbudgets import SharedBudgetStore
+
+    store = SharedBudgetStore(
+        clock, prices, shared.link, shared.keys, shared.instances, ledger=config.usage_db is not None
+    )
+    store.on_fallback = metrics.budget_decided_in_fallback
     return store
 
 
