@@ -13,19 +13,28 @@ import json
 from dataclasses import replace
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel, Request
 
 from oaiproxy.access.admission import Admission
-from oaiproxy.access.budgetstore import BudgetedLimits, BudgetStore, spent_cost
+from oaiproxy.access.budgets import Exhausted
+from oaiproxy.access.budgetstore import BudgetedLimits, BudgetHold, BudgetRefresh, BudgetStore, spent_cost
 from oaiproxy.access.clients import Budgets, Client, Credentials
 from oaiproxy.config import Secret
 from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, registry
+from oaiproxy.ledger.database import LedgerPool
+from oaiproxy.ledger.engines import SqliteEngine
 from oaiproxy.ledger.prices import Price, PriceBook, Prices
+from oaiproxy.ledger.queries import select_spend
+from oaiproxy.ledger.writer import LedgerWriter
 from oaiproxy.observe.records import RequestRecord, Usage, record_of
+from tests.ledger.fakes import Threadless, ThreadlessReactor, sqlite_ledger
 from tests.routes.test_pending_admission import HandStore, Hold
+from tests.support import temp_dir
 
 PRICE = Price(input=1.0, cached_input=0.5, output=4.0)
 PRICES = Prices(PriceBook({"gpt-4o": PRICE}, "/etc/oaiproxy/prices.toml"))
@@ -213,3 +222,149 @@ class SeedTests(SynchronousTestCase):
         spent = store.spent(client)
         self.assertEqual((spent["day"].tokens, spent["month"].tokens), (300, 350))
         self.assertAlmostEqual(spent["month"].usd or 0, 1.75)
+
+
+class Process:
+    """
+    One proxy process on a shared SQLite ledger, threadless on the test's
+    clock: its writer, its budget totals, and their refresh reading the
+    real file through the writer's pool.
+    """
+
+    def __init__(self, engine: SqliteEngine, reactor: ThreadlessReactor, clients: list[Client]) -> None:
+        adbapi_pool = engine.make_pool(reactor)
+        self.thread = Threadless(reactor)
+        adbapi_pool.threadpool = self.thread  # type: ignore[assignment]
+        self.registry = CollectorRegistry()
+        pool = LedgerPool(engine, reactor, adbapi_pool)
+        self.writer = LedgerWriter(pool, reactor, self.registry)
+        self.store = BudgetStore(reactor, PRICES)
+        self.clients = clients
+
+        def read(first: str, last: str) -> Any:
+            return pool.run("ledger_select_spend", select_spend, engine, first, last)
+
+        self.refresh = BudgetRefresh(
+            self.store, lambda: self.clients, reactor, read, self.writer.pending_rows, registry=self.registry
+        )
+        self.writer.startService()
+        self.refresh.startService()
+
+    def spend(self, client: Client, estimate: int, used: int) -> None:
+        """
+        One request: reserved, settled on C{used} tokens, and its record
+        in the writer (as the recorder adds it: prompt + completion).
+        """
+        hold = self.store.admit(client, "gpt-4o", 0, estimate)
+        assert isinstance(hold, BudgetHold), hold
+        hold.settle(used)
+        self.writer.add(("2026-12-03", client.name, "gpt-4o", "-"), [1, 0, 0, used, 0, 0, 0, used * 4e-6, 0])
+
+    def stop(self) -> None:
+        self.refresh.stopService()
+        self.writer.stopService()
+
+
+class LedgerRefreshTests(SynchronousTestCase):
+    """
+    Several processes on one ledger (a real SQLite file): each re-reads
+    the current periods' totals every second, so the others' settled
+    spend counts within about two seconds, and its own reservations stay.
+    """
+
+    def setUp(self) -> None:
+        self.engine = sqlite_ledger(temp_dir(self))
+        self.reactor = ThreadlessReactor()
+        self.reactor.advance(at("2026-12-03T10:00:00+00:00"))
+        [client] = registry(CLIENT_KEY)
+        self.client = replace(client, budgets=Budgets(tokens_per_day=1000))
+        self.a = Process(self.engine, self.reactor, [self.client])
+        self.b = Process(self.engine, self.reactor, [self.client])
+        self.addCleanup(self.a.stop)
+        self.addCleanup(self.b.stop)
+        self.reactor.advance(0)
+
+    def settle_clock(self, seconds: float) -> None:
+        """
+        Let C{seconds} pass, a tenth at a time (the pools' jobs run on
+        the clock's next turns).
+        """
+        for _ in range(round(seconds * 10)):
+            self.reactor.advance(0.1)
+            self.reactor.advance(0)
+
+    def test_others_spend_counts_within_two_seconds(self) -> None:
+        """
+        What process A settles is in B's total two seconds later (A's
+        flush, then B's read), and B then refuses what would overshoot.
+        """
+        self.a.spend(self.client, 600, 600)
+        self.assertEqual(self.b.store.spent(self.client)["day"].tokens, 0)
+        self.settle_clock(2)
+        self.assertEqual(self.b.store.spent(self.client)["day"].tokens, 600)
+        self.assertIsInstance(self.b.store.admit(self.client, "gpt-4o", 0, 500), Exhausted)
+        self.assertIsInstance(self.b.store.admit(self.client, "gpt-4o", 0, 400), BudgetHold)
+
+    def test_own_reservations_stay_and_settled_counts_once(self) -> None:
+        """
+        A read replaces what the ledger said, keeps this process's
+        reservations in flight, and does not count its own settled spend
+        twice (it is in the ledger, or its writer, by then).
+        """
+        self.a.spend(self.client, 250, 250)
+        in_flight = self.b.store.admit(self.client, "gpt-4o", 0, 200)
+        self.b.spend(self.client, 100, 100)
+        self.assertEqual(self.b.store.spent(self.client)["day"].tokens, 300)
+        self.settle_clock(3)
+        for _ in range(3):
+            self.settle_clock(1)
+            self.assertEqual(self.b.store.spent(self.client)["day"].tokens, 550)
+            self.assertEqual(self.a.store.spent(self.client)["day"].tokens, 350)
+        assert isinstance(in_flight, BudgetHold)
+        in_flight.settle(0)
+        self.assertEqual(self.b.store.spent(self.client)["day"].tokens, 350)
+
+    def test_a_reload_budget_counts_at_the_next_read(self) -> None:
+        """
+        A client given a budget by a reload (SIGHUP) is read from the
+        ledger at the next tick: its spend before the budget counts.
+        """
+        other = replace(self.client, name="client-2", budgets=Budgets())
+        self.a.spend(replace(other, budgets=Budgets(tokens_per_day=10**6)), 700, 700)
+        self.settle_clock(2)
+        budgeted = replace(other, budgets=Budgets(tokens_per_month=1000))
+        self.b.clients = [self.client, budgeted]
+        self.assertEqual(self.b.store.spent(budgeted)["month"].tokens, 0)
+        self.settle_clock(1)
+        self.assertEqual(self.b.store.spent(budgeted)["month"].tokens, 700)
+        remaining = self.b.registry.get_sample_value
+        self.settle_clock(1)
+        self.assertEqual(
+            remaining("oaiproxy_budget_remaining", {"client": "client-2", "budget": "tokens_per_month"}), 300
+        )
+        self.assertEqual(
+            remaining("oaiproxy_budget_remaining", {"client": "client-1", "budget": "tokens_per_day"}), 1000
+        )
+        # A budget taken away by the next reload: its series goes.
+        self.b.clients = [self.client]
+        self.settle_clock(1)
+        self.assertIsNone(remaining("oaiproxy_budget_remaining", {"client": "client-2", "budget": "tokens_per_month"}))
+
+    def test_a_failed_read_keeps_the_totals_said_once(self) -> None:
+        """
+        While the ledger cannot be read, the totals stay as they were and
+        grow with this process's own spend; it is said once, and once
+        when reading works again.
+        """
+        self.a.spend(self.client, 300, 300)
+        self.settle_clock(2)
+        self.b.thread.error = RuntimeError("database is locked")
+        with capturedLogs() as events:
+            self.settle_clock(3)
+            self.b.store.admit(self.client, "gpt-4o", 0, 100)
+            self.assertEqual(self.b.store.spent(self.client)["day"].tokens, 400)
+            self.b.thread.error = None
+            self.settle_clock(1)
+        said = [e for e in events if "budgets:" in e.get("log_format", "")]
+        self.assertEqual(len(said), 2)
+        self.assertIn("database is locked", said[0]["why"])
