@@ -231,13 +231,15 @@ class Process:
     real file through the writer's pool.
     """
 
-    def __init__(self, engine: SqliteEngine, reactor: ThreadlessReactor, clients: list[Client]) -> None:
+    def __init__(
+        self, engine: SqliteEngine, reactor: ThreadlessReactor, clients: list[Client], flush_every: float = 1.0
+    ) -> None:
         adbapi_pool = engine.make_pool(reactor)
         self.thread = Threadless(reactor)
         adbapi_pool.threadpool = self.thread  # type: ignore[assignment]
         self.registry = CollectorRegistry()
         pool = LedgerPool(engine, reactor, adbapi_pool)
-        self.writer = LedgerWriter(pool, reactor, self.registry)
+        self.writer = LedgerWriter(pool, reactor, self.registry, interval=flush_every)
         self.store = BudgetStore(reactor, PRICES)
         self.clients = clients
 
@@ -323,6 +325,20 @@ class LedgerRefreshTests(SynchronousTestCase):
         assert isinstance(in_flight, BudgetHold)
         in_flight.settle(0)
         self.assertEqual(self.b.store.spent(self.client)["day"].tokens, 350)
+
+    def test_own_unwritten_spend_counts_after_a_read(self) -> None:
+        """
+        What this process settled and its writer has not written yet (it
+        flushes every 5 s here) stays counted across reads.
+        """
+        slow = Process(self.engine, self.reactor, [self.client], flush_every=5.0)
+        self.addCleanup(slow.stop)
+        slow.spend(self.client, 100, 100)
+        self.settle_clock(3)
+        self.assertEqual(slow.store.spent(self.client)["day"].tokens, 100)
+        self.settle_clock(3)
+        self.assertEqual(slow.store.spent(self.client)["day"].tokens, 100)
+        self.assertEqual(self.a.store.spent(self.client)["day"].tokens, 100)
 
     def test_a_reload_budget_counts_at_the_next_read(self) -> None:
         """
