@@ -195,9 +195,7 @@ class SharedLedgerTests(BudgetCase):
         for _ in range(3):
             self.assertEqual(request(a, self.key, body())[0], 200)
         until(lambda: (remaining(a, self.key) or 100_000) < 100_000, what="A's spend in its gauge")
-        taken = until(
-            lambda: remaining(b, self.key) == remaining(a, self.key), timeout=10, what="A's spend seen by B"
-        )
+        taken = until(lambda: remaining(b, self.key) == remaining(a, self.key), timeout=10, what="A's spend seen by B")
         self.assertLess(taken, 5)
         left = remaining(b, self.key)
         assert left is not None
@@ -301,6 +299,13 @@ class SharedStateBudgetTests(BudgetCase):
         for process, base in processes:
             text = _metrics(base, self.key)
             self.assertRegex(text, r"(?m)^oaiproxy_shared_state_budget_fallback_admitted_total 0\.0$")
+        # Every stream is over: the settlements gave back what they did not
+        # use, and both processes show the group's one figure.
+        (_, a), (_, b) = processes
+        until(
+            lambda: 0 < (remaining(a, self.key) or 0) == remaining(b, self.key),
+            what="the settled total, the same on both",
+        )
 
 
 def _metrics(base: str, key: str) -> str:
@@ -310,4 +315,3 @@ def _metrics(base: str, key: str) -> str:
     text = connection.getresponse().read().decode()
     connection.close()
     return text
-
