@@ -296,7 +296,7 @@ class SharedStateBudgetTests(BudgetCase):
         for result in results:
             if result[0] == 429:
                 assert_quota_refusal(self, *result)
-        for process, base in processes:
+        for _, base in processes:
             text = _metrics(base, self.key)
             self.assertRegex(text, r"(?m)^oaiproxy_shared_state_budget_fallback_admitted_total 0\.0$")
         # Every stream is over: the settlements gave back what they did not
