@@ -18,8 +18,6 @@ import http.client
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -28,8 +26,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.access.clients import Limits, file_entry, mint_key
 from oaiproxy.access.limits import estimate_tokens
-from oaiproxy.fake.processes import Process, RedisServer, child_env, postgres_bindir, start_fake_upstream, start_proxy
-from tests.e2e.test_ledger import HAVE_PSYCOPG2, shared_postgres
+from oaiproxy.fake.processes import Process, RedisServer, postgres_bindir, start_fake_upstream, start_proxy
+from tests.e2e.test_ledger import HAVE_PSYCOPG2, report, shared_postgres
+from tests.e2e.test_shared_limits import metrics
 from tests.support import temp_dir
 
 KEY = "sk-proj-BUDGETS0000000001"
@@ -67,7 +66,7 @@ def remaining(base: str, key: str, client: str = "team", budget: str = BUDGET) -
     C{oaiproxy_budget_remaining} of a client's budget, as C{/metrics}
     shows it (C{None}: no such series).
     """
-    for line in _metrics(base, key).splitlines():
+    for line in metrics(base, key).splitlines():
         if line.startswith("oaiproxy_budget_remaining{") and f'client="{client}"' in line and f'"{budget}"' in line:
             return float(line.rsplit(" ", 1)[1])
     return None
@@ -87,18 +86,9 @@ def until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "") 
 
 def spent_in_ledger(cwd: str, *db: str) -> int:
     """
-    The tokens the usage report shows for today (prompt + completion).
+    The tokens the usage report shows (prompt + completion).
     """
-    result = subprocess.run(
-        [sys.executable, "-m", "oaiproxy", "usage", "--format", "json", "--since", "1d", "--db", *db],
-        env=child_env({}),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    total = json.loads(result.stdout)["total"]
+    total = report(cwd, "--db", *db)["total"]
     return int(total["prompt_tokens"]) + int(total["completion_tokens"])
 
 
@@ -297,7 +287,7 @@ class SharedStateBudgetTests(BudgetCase):
             if result[0] == 429:
                 assert_quota_refusal(self, *result)
         for _, base in processes:
-            text = _metrics(base, self.key)
+            text = metrics(base, self.key)
             self.assertRegex(text, r"(?m)^oaiproxy_shared_state_budget_fallback_admitted_total 0\.0$")
         # Every stream is over: the settlements gave back what they did not
         # use, and both processes show the group's one figure.
@@ -306,12 +296,3 @@ class SharedStateBudgetTests(BudgetCase):
             lambda: 0 < (remaining(a, self.key) or 0) == remaining(b, self.key),
             what="the settled total, the same on both",
         )
-
-
-def _metrics(base: str, key: str) -> str:
-    host, port = base.split("://")[1].rsplit(":", 1)
-    connection = http.client.HTTPConnection(host, int(port), timeout=20)
-    connection.request("GET", "/metrics", headers={"Authorization": f"Bearer {key}"})
-    text = connection.getresponse().read().decode()
-    connection.close()
-    return text
