@@ -384,3 +384,31 @@ class LedgerRefreshTests(SynchronousTestCase):
         said = [e for e in events if "budgets:" in e.get("log_format", "")]
         self.assertEqual(len(said), 2)
         self.assertIn("database is locked", said[0]["why"])
+
+
+class MemoryTests(SynchronousTestCase):
+    def test_past_periods_are_forgotten(self) -> None:
+        """
+        A long-running process keeps totals for its clients' current
+        periods, not one per day it has run; a past period's total with a
+        request still in flight stays until it settles.
+        """
+        from oaiproxy.access import budgetstore
+
+        self.patch(budgetstore, "_PERIOD_KEYS", 2)
+        clock = Clock()
+        clock.advance(at("2026-12-03T10:00:00+00:00"))
+        store = BudgetStore(clock, PRICES)
+        [client] = registry(CLIENT_KEY)
+        client = replace(client, budgets=Budgets(tokens_per_day=1000))
+        late = store.admit(client, "gpt-4o", 0, 10)
+        for _ in range(60):
+            clock.advance(86400)
+            hold = store.admit(client, "gpt-4o", 0, 10)
+            assert isinstance(hold, BudgetHold)
+            hold.settle(10)
+            self.assertLessEqual(len(store._totals), 4 * 2 + 4)
+        self.assertIn((client.name, "day", "2026-12-03"), store._totals)
+        self.assertEqual(store.spent(client)["day"].tokens, 10)
+        assert isinstance(late, BudgetHold)
+        late.settle(0)
