@@ -49,6 +49,7 @@ from oaiproxy.access.clients import Client
 from oaiproxy.access.limits import Held, LimitStore, Refusal
 from oaiproxy.ledger.prices import Price, Prices
 from oaiproxy.ledger.queries import COLUMNS, Spend
+from oaiproxy.observe.metrics import BUDGET_REMAINING
 from oaiproxy.observe.records import RequestRecord
 
 __all__ = [
@@ -430,6 +431,8 @@ class BudgetRefresh(Service):
     read is in flight; a read that fails keeps the totals and is said once
     per episode.  Each tick also sets C{oaiproxy_budget_remaining}.
 
+    @ivar shown: the C{(client, budget)} series of the gauge in use now.
+
     @param clients: the clients in use (read at every tick: a reload's
         budgets count at once).
     @param read: C{(first_day, last_day) -> Deferred[list[Spend]]}, the
@@ -460,9 +463,9 @@ class BudgetRefresh(Service):
         self._loop = LoopingCall(self.tick)
         self._loop.clock = clock
         self._interval = interval
-        self._shown: set[tuple[str, str]] = set()
+        self.shown: set[tuple[str, str]] = set()
         self.remaining = Gauge(
-            "oaiproxy_budget_remaining",
+            BUDGET_REMAINING,
             "What is left of each client's budget in its current period (tokens, or USD for usd_per_*), as this "
             "process sees it (a group shows the lowest of its workers).",
             ["client", "budget"],
@@ -519,9 +522,9 @@ class BudgetRefresh(Service):
             fields = [(name, limit) for name, limit in fields if limit is not None]
             shown.update((client.name, name) for name, _ in fields)
             self._store.current(client).addCallback(self._show, client.name, fields)
-        for gone in self._shown - shown:
+        for gone in self.shown - shown:
             self.remaining.remove(*gone)
-        self._shown = shown
+        self.shown = shown
 
     def _show(self, spent: dict[str, Cost], client: str, fields: Sequence[tuple[str, float]]) -> None:
         for name, limit in fields:

@@ -1344,7 +1344,9 @@ def makeService(
         usage=usage,
     )
     upstream, site = built.upstream, built.site
-    _budget_totals(config, built, credentials, reactor, metrics).setServiceParent(service)
+    budget_totals = _budget_totals(config, built, credentials, reactor, metrics)
+    budget_totals.setServiceParent(service)
+    metrics.watch_budgets(lambda: budget_totals.shown)
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
     if config.worker_listeners and MULTIPROC_ENV in options.environ:
