@@ -464,6 +464,8 @@ class BudgetRefresh(Service):
         self._loop.clock = clock
         self._interval = interval
         self.shown: set[tuple[str, str]] = set()
+        # A group's series go to files, not to a registry.
+        self._group = registry is None
         self.remaining = Gauge(
             BUDGET_REMAINING,
             "What is left of each client's budget in its current period (tokens, or USD for usd_per_*), as this "
@@ -522,8 +524,11 @@ class BudgetRefresh(Service):
             fields = [(name, limit) for name, limit in fields if limit is not None]
             shown.update((client.name, name) for name, _ in fields)
             self._store.current(client).addCallback(self._show, client.name, fields)
-        for gone in self.shown - shown:
-            self.remaining.remove(*gone)
+        if not self._group:
+            # (In a group the files keep a removed series anyway, and
+            # prometheus_client warns: the scrape leaves it out instead.)
+            for gone in self.shown - shown:
+                self.remaining.remove(*gone)
         self.shown = shown
 
     def _show(self, spent: dict[str, Cost], client: str, fields: Sequence[tuple[str, float]]) -> None:
