@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from twisted.python.systemd import ListenFDs
 
 from oaiproxy import __version__
-from oaiproxy.access.budgetstore import BudgetRefresh, ledger_days, seed_from_ledger
+from oaiproxy.access.budgetstore import ledger_days, seed_from_ledger
 from oaiproxy.access.clients import ClientRegistry, Credentials, load_clients
 from oaiproxy.config import (
     DEFAULT_PORT,
@@ -82,7 +82,6 @@ from oaiproxy.daemon.workers import (
 from oaiproxy.fake.upstream import FakeUpstream, listen
 from oaiproxy.ledger.engines import create_engine, load_db_password, usage_db_target
 from oaiproxy.ledger.prices import EMPTY, Prices, load_prices
-from oaiproxy.ledger.queries import Spend, select_spend
 from oaiproxy.ledger.recorder import UsageRecorder
 from oaiproxy.ledger.startup import migrate, open_writer, read_spend, reload_prices
 from oaiproxy.observe.jsonlog import OBSERVER_NAME
@@ -1173,34 +1172,23 @@ def _usage_recorder(
     return UsageRecorder(reactor, metrics, Prices(config.prices or EMPTY), writer)
 
 
-def _budget_totals(
-    config: Config, built: Built, credentials: Credentials, reactor: Any, metrics: Metrics
-) -> BudgetRefresh:
+def _seed_budgets(config: Config, built: Built, credentials: Credentials) -> None:
     """
     Seed the budgets from the ledger now, before anything listens (every
-    process of a group does: a restart keeps the period's totals), and
-    the service that reads them again every second (others' spend on the
-    same ledger) and sets the remaining gauges.
+    process of a group does): a restart keeps the period's totals.  Then
+    L{Built.budget_refresh} reads them again every second.
     """
-    assert built.budgets is not None and built.usage is not None
-    store, writer = built.budgets, built.usage.writer
-    target = config.usage_db
-    if writer is None or target is None:
-        return BudgetRefresh(store, lambda: credentials.clients, reactor, registry=metrics.series_registry)
+    store, usage, target = built.budgets, built.usage, config.usage_db
+    if store is None or usage is None or usage.writer is None or target is None:
+        return
     clients = list(credentials.clients)
     days = ledger_days(store, clients)
-    if days is not None:
-        first, last = days
-        rows = _ledger_or_exit(lambda: read_spend(target, config.usage_db_password, first, last))
-        seeded = seed_from_ledger(store, clients, rows, writer.pending_rows())
-        log.info("budgets: totals of {count} client(s) read from the usage ledger", count=seeded)
-
-    def read(first: str, last: str) -> "Deferred[list[Spend]]":
-        return writer.pool.run("ledger_select_spend", select_spend, writer.pool.engine, first, last)
-
-    return BudgetRefresh(
-        store, lambda: credentials.clients, reactor, read, writer.pending_rows, registry=metrics.series_registry
-    )
+    if days is None:
+        return
+    first, last = days
+    rows = _ledger_or_exit(lambda: read_spend(target, config.usage_db_password, first, last))
+    seeded = seed_from_ledger(store, clients, rows, usage.writer.pending_rows())
+    log.info("budgets: totals of {count} client(s) read from the usage ledger", count=seeded)
 
 
 def _and_prices(reload: Callable[..., Any], usage: UsageRecorder) -> Callable[..., Any]:
@@ -1344,9 +1332,9 @@ def makeService(
         usage=usage,
     )
     upstream, site = built.upstream, built.site
-    budget_totals = _budget_totals(config, built, credentials, reactor, metrics)
-    budget_totals.setServiceParent(service)
-    metrics.watch_budgets(lambda: budget_totals.shown)
+    _seed_budgets(config, built, credentials)
+    assert built.budget_refresh is not None
+    built.budget_refresh.setServiceParent(service)
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
     if config.worker_listeners and MULTIPROC_ENV in options.environ:

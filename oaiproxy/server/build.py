@@ -22,16 +22,18 @@ import hmac
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.access.admission import admission_gate
-from oaiproxy.access.budgetstore import BudgetedLimits, BudgetStore
+from oaiproxy.access.budgetstore import BudgetedLimits, BudgetRefresh, BudgetStore
 from oaiproxy.access.clients import ClientRegistry, Credentials
 from oaiproxy.access.limits import Limiter, LimitStore, LocalLimitStore
 from oaiproxy.config import Config, Secret
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import invalid_api_key
 from oaiproxy.ledger.prices import EMPTY, Prices
+from oaiproxy.ledger.queries import Spend, select_spend
 from oaiproxy.ledger.recorder import UsageRecorder
 from oaiproxy.observe.accesslog import AccessLog, JsonAccessLog, TextAccessLog
 from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource, Unrecorded, UpstreamGauges
@@ -78,6 +80,9 @@ class Built:
     @ivar routes: the enabled routes, in the table's order.
     @ivar usage: the spend metrics and the usage ledger's recorder.
     @ivar budgets: the clients' budget totals in this process.
+    @ivar budget_refresh: the service that reads them again from the
+        ledger every second and sets the remaining gauges (the daemon
+        starts it).
     """
 
     site: ProxySite
@@ -90,6 +95,7 @@ class Built:
     limit_store: LimitStore
     usage: Optional[UsageRecorder] = None
     budgets: Optional[BudgetStore] = None
+    budget_refresh: Optional[BudgetRefresh] = None
 
 
 def style_of(config: Config) -> UpstreamStyle:
@@ -265,7 +271,32 @@ def build_site(
             metrics=Unrecorded(),
             reactor=clock,
         )
-    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage, budgets)
+    refresh = budget_refresh(budgets, credentials, clock, usage, metrics)
+    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage, budgets, refresh)
+
+
+def budget_refresh(
+    store: BudgetStore, credentials: Credentials, clock: IReactorTime, usage: UsageRecorder, metrics: Metrics
+) -> BudgetRefresh:
+    """
+    What keeps C{store} near the ledger's totals (with a ledger: every
+    process's spend) and shows what is left of each budget.
+    """
+    writer = usage.writer
+    read = None
+    unwritten: Callable[[], Any] = dict
+    if writer is not None:
+        pool = writer.pool
+
+        def read(first: str, last: str) -> "Deferred[list[Spend]]":
+            return pool.run("ledger_select_spend", select_spend, pool.engine, first, last)
+
+        unwritten = writer.pending_rows
+    refresh = BudgetRefresh(
+        store, lambda: credentials.clients, clock, read, unwritten, registry=metrics.series_registry
+    )
+    metrics.watch_budgets(lambda: refresh.shown)
+    return refresh
 
 
 def shared_limit_store(
