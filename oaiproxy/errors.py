@@ -190,6 +190,32 @@ def rate_limited(message: str, retry_after: Optional[float], headers: tuple[tupl
     return ApiError(429, message, "rate_limit_error", None, "rate_limit_exceeded", timing + headers)
 
 
+def insufficient_quota(message: str) -> ApiError:
+    """
+    A 429 for a client whose budget ran out, with OpenAI's type and code
+    for an exhausted balance (what the SDKs and users recognise), and
+    C{x-should-retry: false}: retrying before the period resets cannot help.
+    """
+    return ApiError(429, message, "insufficient_quota", None, "insufficient_quota", NO_RETRY)
+
+
+def model_unpriced(client: str, model: Optional[str], prices_file: Optional[str]) -> ApiError:
+    """
+    A 403 for a model without a price asked for by a client with a dollar
+    budget: its spend could not be counted against the budget.
+    """
+    where = f"the prices file {prices_file}" if prices_file else "a prices file (--prices-file)"
+    return ApiError(
+        403,
+        f"Client {client!r} has a dollar budget, so it may only use models with a price in {where}; "
+        f"{model!r} has none.",
+        INVALID_REQUEST,
+        "model",
+        "model_not_priced",
+        NO_RETRY,
+    )
+
+
 def not_found(method: str, path: str) -> ApiError:
     """
     A 404 that names what was asked for and how to point an SDK at the

@@ -43,6 +43,7 @@ from twisted.python.systemd import ListenFDs
 
 from oaiproxy import __version__
 from oaiproxy.access.admin import check_admin_key
+from oaiproxy.access.budgetstore import ledger_days, seed_from_ledger
 from oaiproxy.access.clients import ClientRegistry, Credentials, load_clients
 from oaiproxy.config import (
     DEFAULT_PORT,
@@ -84,11 +85,11 @@ from oaiproxy.fake.upstream import FakeUpstream, listen
 from oaiproxy.ledger.engines import create_engine, load_db_password, usage_db_target
 from oaiproxy.ledger.prices import EMPTY, Prices, load_prices
 from oaiproxy.ledger.recorder import UsageRecorder
-from oaiproxy.ledger.startup import migrate, open_writer, reload_prices
+from oaiproxy.ledger.startup import migrate, open_writer, read_spend, reload_prices
 from oaiproxy.observe.jsonlog import OBSERVER_NAME
 from oaiproxy.observe.metrics import MULTIPROC_ENV, UPSTREAM_GAUGE_SECONDS, GroupDirectory, Metrics
 from oaiproxy.routetable import BY_NAME, in_order
-from oaiproxy.server.build import build_site
+from oaiproxy.server.build import Built, build_site
 from oaiproxy.upstream.client import UpstreamClient, make_http_client
 from oaiproxy.upstream.headers import parse_static_header
 from oaiproxy.upstream.pool import Upstream
@@ -1186,6 +1187,25 @@ def _usage_recorder(
     return UsageRecorder(reactor, metrics, Prices(config.prices or EMPTY), writer)
 
 
+def _seed_budgets(config: Config, built: Built, credentials: Credentials) -> None:
+    """
+    Seed the budgets from the ledger now, before anything listens (every
+    process of a group does): a restart keeps the period's totals.  Then
+    L{Built.budget_refresh} reads them again every second.
+    """
+    store, usage, target = built.budgets, built.usage, config.usage_db
+    if store is None or usage is None or usage.writer is None or target is None:
+        return
+    clients = list(credentials.clients)
+    days = ledger_days(store, clients)
+    if days is None:
+        return
+    first, last = days
+    rows = _ledger_or_exit(lambda: read_spend(target, config.usage_db_password, first, last))
+    seeded = seed_from_ledger(store, clients, rows, usage.writer.pending_rows())
+    log.info("budgets: totals of {count} client(s) read from the usage ledger", count=seeded)
+
+
 def _and_prices(reload: Callable[..., Any], usage: UsageRecorder) -> Callable[..., Any]:
     """
     A reload that reads the prices file again too.
@@ -1328,6 +1348,9 @@ def makeService(
         usage=usage,
     )
     upstream, site = built.upstream, built.site
+    _seed_budgets(config, built, credentials)
+    assert built.budget_refresh is not None
+    built.budget_refresh.setServiceParent(service)
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
     if config.worker_listeners and MULTIPROC_ENV in options.environ:

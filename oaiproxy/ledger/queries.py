@@ -9,11 +9,11 @@ connection alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from oaiproxy.ledger.engines import Engine
 
-__all__ = ["KEY", "COLUMNS", "Row", "add_totals", "select_rows"]
+__all__ = ["KEY", "COLUMNS", "Row", "Spend", "add_totals", "select_rows", "select_spend"]
 
 #: What a row is keyed by.
 KEY = ("day", "client", "model", "upstream")
@@ -58,6 +58,18 @@ class Row:
     unpriced: int
 
 
+class Spend(NamedTuple):
+    """
+    One client's spend on one UTC day, every model and upstream added up:
+    what the budgets read.
+    """
+
+    day: str
+    client: str
+    tokens: int
+    cost_usd: float
+
+
 def add_totals(cursor: Any, engine: Engine, rows: Sequence[Sequence[Any]]) -> int:
     """
     Add each row's totals to the ledger (inserting the rows not there
@@ -85,3 +97,20 @@ def select_rows(cursor: Any, engine: Engine, first_day: str, last_day: str, clie
         counts = [int(v) for v in r[4:11]]
         rows.append(Row(str(r[0]), r[1], r[2], r[3], *counts, cost_usd=float(r[11]), unpriced=int(r[12])))  # type: ignore[misc]
     return rows
+
+
+def select_spend(cursor: Any, engine: Engine, first_day: str, last_day: str) -> list[Spend]:
+    """
+    Every client's spend by day from C{first_day} to C{last_day}
+    (inclusive): one aggregate query over the primary key's leading
+    column, whose answer grows with clients times days, not with models
+    and upstreams.
+    """
+    cursor.execute(
+        engine.convert(
+            "SELECT day, client, SUM(prompt_tokens + completion_tokens), SUM(cost_usd) FROM usage_daily "
+            "WHERE day >= ? AND day <= ? GROUP BY day, client"
+        ),
+        [first_day, last_day],
+    )
+    return [Spend(str(r[0]), r[1], int(r[2] or 0), float(r[3] or 0.0)) for r in cursor.fetchall()]

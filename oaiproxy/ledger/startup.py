@@ -18,10 +18,11 @@ from oaiproxy.config import ConfigError, Secret
 from oaiproxy.ledger.database import LedgerPool
 from oaiproxy.ledger.engines import create_engine
 from oaiproxy.ledger.prices import Prices
+from oaiproxy.ledger.queries import Spend, select_spend
 from oaiproxy.ledger.schema import SchemaError, prepare
 from oaiproxy.ledger.writer import LedgerWriter
 
-__all__ = ["migrate", "open_writer", "reload_prices"]
+__all__ = ["migrate", "open_writer", "read_spend", "reload_prices"]
 
 log = Logger(namespace="oaiproxy.ledger")
 
@@ -74,6 +75,29 @@ def open_writer(
     writer = LedgerWriter(LedgerPool(engine, reactor), reactor, registry, wait=wait)
     log.info("usage ledger: {db} ({engine})", db=engine.describe(), engine=engine.name)
     return writer
+
+
+def read_spend(target: str, password: Optional[Secret], first_day: str, last_day: str) -> list[Spend]:
+    """
+    Every client's spend by day over a period, read once at startup on a
+    connection of its own (before anything listens: the budgets are
+    seeded before the first request).
+
+    @raise ConfigError: the database cannot be read.
+    """
+    engine = create_engine(target, password)
+    module = engine.module()
+    try:
+        connection = engine.connect()
+        try:
+            cursor = connection.cursor()
+            rows = select_spend(cursor, engine, first_day, last_day)
+            cursor.close()
+        finally:
+            connection.close()
+    except module.Error as e:
+        raise ConfigError(f"cannot read the usage ledger {engine.describe()}: {_line(e)}") from None
+    return rows
 
 
 def reload_prices(prices: Prices) -> bool:

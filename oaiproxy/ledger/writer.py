@@ -83,6 +83,8 @@ class LedgerWriter(Service):
         self._max_rows = max_rows
         self._stop_timeout = stop_timeout
         self._pending: dict[Key, list[Any]] = {}
+        # The batch being written: not in the database until it commits.
+        self._writing: dict[Key, list[Any]] = {}
         self._records = 0
         self._in_flight = 0
         self._flushing = False
@@ -158,9 +160,20 @@ class LedgerWriter(Service):
     def pending_rows(self) -> dict[Key, tuple[Any, ...]]:
         """
         What is held and not yet written, by row (for readers that add it
-        to what the database says: budgets, C{/usage}).
+        to what the database says: budgets, C{/usage}): the buffer and the
+        batch of the flush in flight.  The pool has one thread, so a read
+        queued on it sees the database before or after a flush, and this,
+        taken when the read's answer is back, is exactly what it missed.
         """
-        return {key: tuple(row) for key, row in self._pending.items()}
+        rows = {key: list(row) for key, row in self._writing.items()}
+        for key, row in self._pending.items():
+            held = rows.get(key)
+            if held is None:
+                rows[key] = list(row)
+            else:
+                for i, value in enumerate(row):
+                    held[i] += value
+        return {key: tuple(row) for key, row in rows.items()}
 
     @property
     def held(self) -> int:
@@ -189,6 +202,7 @@ class LedgerWriter(Service):
         if not self._pending:
             return succeed(True)
         batch, self._pending = self._pending, {}
+        self._writing = batch
         count, self._records = self._records, 0
         self._in_flight = count
         self._flushing = True
@@ -205,6 +219,7 @@ class LedgerWriter(Service):
 
     def _finished(self, ok: bool) -> None:
         self._flushing = False
+        self._writing = {}
         self._in_flight = 0
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:

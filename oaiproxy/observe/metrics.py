@@ -52,7 +52,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
+from typing import Callable, Collection, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -75,6 +75,7 @@ __all__ = [
     "MULTIPROC_ENV",
     "UPSTREAM_GAUGE_SECONDS",
     "Unrecorded",
+    "BUDGET_REMAINING",
 ]
 
 #: The variable prometheus_client reads, once, when first imported: set,
@@ -84,6 +85,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UPSTREAM_GAUGE_SECONDS = 1.0
 _BREAKER_STATE = "oaiproxy_upstream_breaker_state"
 _UPSTREAM_IN_FLIGHT = "oaiproxy_upstream_in_flight_requests"
+#: The budget gauge (L{oaiproxy.access.budgetstore.BudgetRefresh}).
+BUDGET_REMAINING = "oaiproxy_budget_remaining"
 _BREAKER_HELP = "Each upstream's circuit breaker: 0 closed, 1 half-open, 2 open."
 _UPSTREAM_IN_FLIGHT_HELP = "Requests on their way to or from each upstream."
 
@@ -138,18 +141,31 @@ _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0
 class _GroupCollector(Collector):
     """
     A scrape in a group: every worker's files added up, of the per-upstream
-    gauges only the upstreams this worker's pool has now.
+    gauges only the upstreams this worker's pool has now, of the budget
+    gauges only the budgets its clients have now (a file keeps a series
+    its worker removed; every worker gets the same reloads).
     """
 
-    def __init__(self, directory: str, upstreams: Callable[[], Iterable[str]]) -> None:
+    def __init__(
+        self,
+        directory: str,
+        upstreams: Callable[[], Iterable[str]],
+        budgets: Callable[[], Optional[Collection[tuple[str, str]]]] = lambda: None,
+    ) -> None:
         self._files = MultiProcessCollector(None, path=directory)
         self._upstreams = upstreams
+        self._budgets = budgets
 
     def collect(self) -> Iterator[Metric]:
         current = set(self._upstreams())
+        budgets = self._budgets()
         for metric in self._files.collect():
             if metric.name in (_BREAKER_STATE, _UPSTREAM_IN_FLIGHT):
                 metric.samples = [s for s in metric.samples if s.labels.get("upstream") in current]
+            elif metric.name == BUDGET_REMAINING and budgets is not None:
+                metric.samples = [
+                    s for s in metric.samples if (s.labels.get("client"), s.labels.get("budget")) in budgets
+                ]
             yield metric
 
 
@@ -177,13 +193,16 @@ class Metrics:
         worker: Optional[int] = None,
     ) -> None:
         self._read: Callable[[], Iterable[UpstreamGauges]] = lambda: ()
+        self._budgets: Callable[[], Optional[Collection[tuple[str, str]]]] = lambda: None
         self._group = group_dir is not None
         if group_dir is not None:
             if not getattr(values.ValueClass, "_multiprocess", False):
                 raise ValueError(f"{MULTIPROC_ENV} must be set before prometheus_client is first imported")
             # The samples go to files only; the scrape reads every worker's.
             self.registry = CollectorRegistry()
-            self.registry.register(_GroupCollector(group_dir, lambda: [g.name for g in self._read()]))
+            self.registry.register(
+                _GroupCollector(group_dir, lambda: [g.name for g in self._read()], lambda: self._budgets())
+            )
             self.series_registry: Optional[CollectorRegistry] = None
         else:
             self.registry = registry if registry is not None else CollectorRegistry()
@@ -278,6 +297,7 @@ class Metrics:
         self.shared_state_episodes: Optional[Counter] = None
         self.shared_state_fallback: Optional[Counter] = None
         self.shared_state_late: Optional[Counter] = None
+        self.shared_state_budget_fallback: Optional[Counter] = None
 
     def watch_shared_state(self, up: bool) -> None:
         """
@@ -306,6 +326,11 @@ class Metrics:
             "Calls to the shared state (Redis) that missed their deadline and were decided locally.",
             registry=r,
         )
+        self.shared_state_budget_fallback = Counter(
+            "oaiproxy_shared_state_budget_fallback_admitted",
+            "Requests whose budgets this process decided on its own totals while the shared state was unreachable.",
+            registry=r,
+        )
         self.shared_state_up.set(1 if up else 0)
 
     def shared_state_changed(self, up: bool) -> None:
@@ -321,6 +346,18 @@ class Metrics:
     def admitted_in_fallback(self) -> None:
         if self.shared_state_fallback is not None:
             self.shared_state_fallback.inc()
+
+    def budget_decided_in_fallback(self) -> None:
+        if self.shared_state_budget_fallback is not None:
+            self.shared_state_budget_fallback.inc()
+
+    def watch_budgets(self, read: Callable[[], Collection[tuple[str, str]]]) -> None:
+        """
+        The C{(client, budget)} series of C{oaiproxy_budget_remaining} in
+        use now (L{oaiproxy.access.budgetstore.BudgetRefresh.shown}): in a
+        group, a scrape shows only those.
+        """
+        self._budgets = read
 
     def watch_upstreams(self, read: Callable[[], Iterable[UpstreamGauges]]) -> None:
         """
@@ -451,6 +488,14 @@ class Unrecorded(Metrics):
 
     def failed_over(self, upstream: str, reason: str) -> None:
         pass
+
+    def watch_budgets(self, read: Callable[[], Collection[tuple[str, str]]]) -> None:
+        """
+        The C{(client, budget)} series of C{oaiproxy_budget_remaining} in
+        use now (L{oaiproxy.access.budgetstore.BudgetRefresh.shown}): in a
+        group, a scrape shows only those.
+        """
+        self._budgets = read
 
     def watch_upstreams(self, read: Callable[[], Iterable[UpstreamGauges]]) -> None:
         pass

@@ -22,16 +22,19 @@ import hmac
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.access.admin import is_admin
 from oaiproxy.access.admission import admission_gate
+from oaiproxy.access.budgetstore import BudgetedLimits, BudgetRefresh, BudgetStore
 from oaiproxy.access.clients import ClientRegistry, Credentials
 from oaiproxy.access.limits import Limiter, LimitStore, LocalLimitStore
 from oaiproxy.config import Config, Secret
 from oaiproxy.drain import Lifecycle
 from oaiproxy.errors import invalid_api_key
 from oaiproxy.ledger.prices import EMPTY, Prices
+from oaiproxy.ledger.queries import Spend, select_spend
 from oaiproxy.ledger.recorder import UsageRecorder
 from oaiproxy.observe.accesslog import AccessLog, JsonAccessLog, TextAccessLog
 from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource, Unrecorded, UpstreamGauges
@@ -51,6 +54,7 @@ from oaiproxy.web import error_response
 if TYPE_CHECKING:
     # Imported when used: the Redis client is an extra (oaiproxy[redis]).
     from oaiproxy.access.shared import SharedLimitStore
+    from oaiproxy.access.sharedbudgets import SharedBudgetStore
     from oaiproxy.sharedstate.link import SharedState
 
 __all__ = ["Built", "build_site", "metrics_check", "style_of", "watch_pool"]
@@ -76,6 +80,10 @@ class Built:
     @ivar api: the resource of each enabled route, by route name.
     @ivar routes: the enabled routes, in the table's order.
     @ivar usage: the spend metrics and the usage ledger's recorder.
+    @ivar budgets: the clients' budget totals in this process.
+    @ivar budget_refresh: the service that reads them again from the
+        ledger every second and sets the remaining gauges (the daemon
+        starts it).
     """
 
     site: ProxySite
@@ -87,6 +95,8 @@ class Built:
     upstreams: Upstreams
     limit_store: LimitStore
     usage: Optional[UsageRecorder] = None
+    budgets: Optional[BudgetStore] = None
+    budget_refresh: Optional[BudgetRefresh] = None
 
 
 def style_of(config: Config) -> UpstreamStyle:
@@ -203,6 +213,15 @@ def build_site(
         LocalLimitStore(limiter) if shared is None else shared_limit_store(config, shared, clock, metrics)
     )
     enabled = in_order(config.routes)
+    if usage is None:
+        usage = UsageRecorder(clock, metrics, Prices(config.prices or EMPTY))
+    # The budgets price requests with the recorder's prices, which a
+    # reload replaces in place.
+    budgets = (
+        BudgetStore(clock, usage.prices)
+        if shared is None
+        else shared_budget_store(config, shared, clock, metrics, usage.prices)
+    )
     api = api_resources(
         enabled,
         upstreams,
@@ -210,7 +229,7 @@ def build_site(
         credentials,
         lifecycle,
         config.connect_timeout,
-        store,
+        BudgetedLimits(store, budgets),
         stream_usage=config.stream_usage,
         sse_keepalive=config.sse_keepalive,
     )
@@ -221,8 +240,6 @@ def build_site(
     unavailable = [r.name for r in ROUTES if r.name not in api and r.name not in served]
     if access_log is None:
         access_log = JsonAccessLog() if config.log_format == "json" else TextAccessLog()
-    if usage is None:
-        usage = UsageRecorder(clock, metrics, Prices(config.prices or EMPTY))
     access_log = _both(access_log, usage)
     site = ProxySite(
         build_tree(api, health, on_api_port, disabled=served, unavailable=unavailable),
@@ -255,7 +272,32 @@ def build_site(
             metrics=Unrecorded(),
             reactor=clock,
         )
-    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage)
+    refresh = budget_refresh(budgets, credentials, clock, usage, metrics)
+    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage, budgets, refresh)
+
+
+def budget_refresh(
+    store: BudgetStore, credentials: Credentials, clock: IReactorTime, usage: UsageRecorder, metrics: Metrics
+) -> BudgetRefresh:
+    """
+    What keeps C{store} near the ledger's totals (with a ledger: every
+    process's spend) and shows what is left of each budget.
+    """
+    writer = usage.writer
+    read = None
+    unwritten: Callable[[], Any] = dict
+    if writer is not None:
+        pool = writer.pool
+
+        def read(first: str, last: str) -> "Deferred[list[Spend]]":
+            return pool.run("ledger_select_spend", select_spend, pool.engine, first, last)
+
+        unwritten = writer.pending_rows
+    refresh = BudgetRefresh(
+        store, lambda: credentials.clients, clock, read, unwritten, registry=metrics.series_registry
+    )
+    metrics.watch_budgets(lambda: refresh.shown)
+    return refresh
 
 
 def shared_limit_store(
@@ -273,6 +315,22 @@ def shared_limit_store(
     shared.link.watchers.append(metrics.shared_state_changed)
     shared.link.late_watchers.append(metrics.shared_state_late_call)
     store.on_fallback = metrics.admitted_in_fallback
+    return store
+
+
+def shared_budget_store(
+    config: Config, shared: "SharedState", clock: IReactorTime, metrics: Metrics, prices: Prices
+) -> "SharedBudgetStore":
+    """
+    The budget totals of a group, in its Redis; its fallbacks in the
+    metrics (the shared-state series are made by L{shared_limit_store}).
+    """
+    from oaiproxy.access.sharedbudgets import SharedBudgetStore
+
+    store = SharedBudgetStore(
+        clock, prices, shared.link, shared.keys, shared.instances, ledger=config.usage_db is not None
+    )
+    store.on_fallback = metrics.budget_decided_in_fallback
     return store
 
 

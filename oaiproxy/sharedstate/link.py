@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.sharedstate.test_link,tests.access.test_shared,tests.e2e.test_shared_redis -*-
 """
 The connection to the Redis that holds the state a group of processes
-shares (client limits, upstream breakers, and later the budgets).
+shares (client limits, upstream breakers, budgets).
 
   - L{redis_connector}: one connected, authenticated txredisapi protocol,
     through an endpoint on the I{injected} reactor (txredisapi's own
@@ -75,7 +75,18 @@ DEFAULT_PREFIX = "oaiproxy:"
 _log = Logger()
 #: The Lua scripts, in C{oaiproxy/sharedstate/scripts/}: every one is
 #: loaded on connecting, so calls send EVALSHA.
-SCRIPTS = ("admit", "settle", "renew", "breaker_read", "breaker_open", "breaker_close", "breaker_probe")
+SCRIPTS = (
+    "admit",
+    "settle",
+    "renew",
+    "breaker_read",
+    "breaker_open",
+    "breaker_close",
+    "breaker_probe",
+    "budget_admit",
+    "budget_settle",
+    "budget_read",
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -329,8 +340,9 @@ def check_shared_state(connect: Connector, clock: IReactorTime, deadline: float 
 class KeySpace:
     """
     Every key the proxy writes, under one prefix.  Kinds: C{limits} (the
-    client limits, L{oaiproxy.access.shared}), and reserved for the budgets (C{budget}) and the upstream breakers
-    (C{breaker}).  A name is put inside a hash tag with its C{%}, C{{} and
+    client limits, L{oaiproxy.access.shared}), C{budget} (the budget totals,
+    L{oaiproxy.access.sharedbudgets}) and C{breaker} (the upstream
+    breakers).  A name is put inside a hash tag with its C{%}, C{{} and
     C{}} escaped, so no two names share a key and one name's keys share a
     cluster slot.
     """
@@ -347,6 +359,13 @@ class KeySpace:
         A client's buckets (hash) and concurrency leases (sorted set).
         """
         return self.key("limits", client, "buckets"), self.key("limits", client, "leases")
+
+    def budget(self, client: str, kind: str, period: str) -> str:
+        """
+        A client's total in one period (hash): C{day:2026-12-03},
+        C{month:2026-12}, in the client's zone.
+        """
+        return self.key("budget", client, f"{kind}:{period}")
 
 
 class RedisLink(Service):

@@ -134,6 +134,24 @@ class WriterTests(SynchronousTestCase):
         self.assertEqual(len(logged(events, "buffer full")), 1)
         self.assertEqual(sorted(writer.pending_rows()), [(DAY, "a", "m", "up"), (DAY, "b", "m", "up")])
 
+    def test_pending_rows_include_the_flush_in_flight(self) -> None:
+        """
+        What a flush is writing is not in the database yet: a reader that
+        adds the pending rows to what it read (the budgets) still sees it,
+        once, and the records that arrived meanwhile beside it.
+        """
+        self.thread.held = True
+        self.writer.add((DAY, "alice", "m", "up"), ONE)
+        self.clock.advance(1)
+        self.writer.add((DAY, "alice", "m", "up"), ONE)
+        self.writer.add((DAY, "bob", "m", "up"), ONE)
+        rows = self.writer.pending_rows()
+        self.assertEqual(rows[(DAY, "alice", "m", "up")][:4], (2, 0, 0, 20))
+        self.assertEqual(rows[(DAY, "bob", "m", "up")][:4], (1, 0, 0, 10))
+        self.thread.release()
+        self.assertEqual(list(self.writer.pending_rows()), [(DAY, "alice", "m", "up"), (DAY, "bob", "m", "up")])
+        self.assertEqual(self.writer.pending_rows()[(DAY, "alice", "m", "up")][0], 1)
+
     def test_stop_flushes_what_is_held(self) -> None:
         """
         Stopping writes what is held (a crash loses at most what the last

@@ -17,8 +17,12 @@ from typing import Any, Optional
 from prometheus_client import values
 from prometheus_client.values import MultiProcessValue
 from treq.testing import StubTreq
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaiproxy.access.budgetstore import BudgetRefresh, BudgetStore
+from oaiproxy.access.clients import Budgets, Client
+from oaiproxy.ledger.prices import EMPTY, Prices
 from oaiproxy.observe.metrics import MULTIPROC_ENV, GroupDirectory, Metrics, MetricsResource, UpstreamGauges
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.server.tree import build_root
@@ -253,3 +257,38 @@ class GroupDirectoryTests(SynchronousTestCase):
                 pass
         directory.process_dead(7)
         self.assertEqual(sorted(os.listdir(path)), ["counter_7.db", "counter_8.db", "histogram_7.db"])
+
+
+class GroupBudgetGaugeTests(SynchronousTestCase):
+    def test_lowest_of_the_workers_and_only_current_budgets(self) -> None:
+        """
+        Over a group, a client's remaining budget is the lowest any live
+        worker sees (the most spent it knows of); a budget a reload took
+        away leaves the scrape, though the workers' files keep its last
+        value.
+        """
+        group = Group(self)
+        clock = Clock()
+        clients = [Client("alice", b"", budgets=Budgets(tokens_per_day=1000, tokens_per_month=5000))]
+        refreshes = {}
+        for pid, index in ((1001, 0), (1002, 1)):
+            metrics = group.start(pid, index)
+            store = BudgetStore(clock, Prices(EMPTY))
+            refresh = BudgetRefresh(store, lambda: clients, clock, registry=metrics.series_registry)
+            metrics.watch_budgets(lambda refresh=refresh: refresh.shown)
+            refreshes[pid] = (store, refresh)
+        store, _ = refreshes[1001]
+        store.admit(clients[0], None, 0, 300)
+        for pid, (_, refresh) in refreshes.items():
+            with group.as_worker(pid):
+                refresh.tick()
+        day = {"client": "alice", "budget": "tokens_per_day"}
+        month = {"client": "alice", "budget": "tokens_per_month"}
+        self.assertEqual(group.sample(1002, "oaiproxy_budget_remaining", **day), 700)
+        self.assertEqual(group.sample(1002, "oaiproxy_budget_remaining", **month), 4700)
+        clients[:] = [Client("alice", b"", budgets=Budgets(tokens_per_day=1000))]
+        for pid, (_, refresh) in refreshes.items():
+            with group.as_worker(pid):
+                refresh.tick()
+        self.assertIsNone(group.sample(1001, "oaiproxy_budget_remaining", **month))
+        self.assertEqual(group.sample(1001, "oaiproxy_budget_remaining", **day), 700)

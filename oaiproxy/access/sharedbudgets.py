@@ -1,0 +1,208 @@
+# -*- test-case-name: tests.access.test_sharedbudgets,tests.e2e.test_shared_budgets -*-
+"""
+Budget totals shared through Redis by several processes and hosts
+(C{--shared-state}); the ledger stays the record.
+
+Over the link of L{oaiproxy.sharedstate.link}, a client's total in each
+current period is one hash (L{KeySpace.budget}: tokens, and dollars as
+integer nano-dollars so that Redis adds them exactly).  Admission is one
+round trip (C{budget_admit.lua}: every budget of the request checked, and
+the reservation taken in all of them, or none, atomically), settlement
+one (C{budget_settle.lua}: the difference added).  A key absent from
+Redis is created from the ledger's total (the local store's last read of
+it, L{oaiproxy.access.budgetstore.BudgetRefresh}) by the script that
+finds it absent: of several processes starting at once, only the first
+seeds it.  Keys expire an hour after their period ends.
+
+While Redis is unreachable (the link's deadline, the link down), the
+process decides on its local totals (L{BudgetStore}, which it keeps up to
+date beside Redis): with a ledger, the whole budget against the ledger's
+totals, read every second, plus its own (the same bound as several
+processes without C{--shared-state}); without a ledger, C{1 / instances}
+of each budget against its own spend alone.  Every request so decided is
+counted (C{oaiproxy_shared_state_budget_fallback_admitted_total}).  A
+settlement lost while Redis is down leaves the reservation charged there
+(the safe side) until the period's key expires; the ledger has the truth.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from oaiproxy.access.budgets import PERIODS, Cost, Exhausted, Period, exhausted_message, reservation_cost
+from oaiproxy.access.budgetstore import BudgetHold, BudgetStore, Unpriced, _Total
+from oaiproxy.access.clients import Client
+from oaiproxy.ledger.prices import Price, Prices
+from oaiproxy.observe.records import RequestRecord
+from oaiproxy.sharedstate.link import KeySpace, RedisLink, Unavailable
+
+__all__ = ["SharedBudgetStore", "SharedBudgetHold", "EXPIRY_MARGIN"]
+
+#: Seconds a period's key outlives the period (clocks differ a little).
+EXPIRY_MARGIN = 3600.0
+
+_log = Logger()
+
+
+def nano(usd: Optional[float]) -> int:
+    """
+    Dollars as the integer nano-dollars Redis keeps.
+    """
+    return round((usd or 0.0) * 1e9)
+
+
+class SharedBudgetHold(BudgetHold):
+    """
+    A reservation taken in Redis (and mirrored in the local totals): its
+    settlement adds the difference there too.
+
+    @ivar settled: fires once the settlement is done or given up.
+    """
+
+    __slots__ = ("_link", "_keys", "settled")
+
+    def __init__(
+        self,
+        totals: Sequence[_Total],
+        reserved: Cost,
+        record: Optional[RequestRecord],
+        price: Optional[Price],
+        link: RedisLink,
+        keys: Sequence[str],
+    ) -> None:
+        super().__init__(totals, reserved, record, price)
+        self._link = link
+        self._keys = list(keys)
+        self.settled: Deferred[None] = Deferred()
+
+    def _settled_as(self, spent: Cost) -> None:
+        tokens = spent.tokens - self._reserved.tokens
+        usd = nano(spent.usd) - nano(self._reserved.usd)
+        if not tokens and not usd:
+            self.settled.callback(None)
+            return
+
+        def lost(failure: Failure) -> None:
+            # The reservation stays charged in Redis: the safe side.
+            _log.debug("budget settlement lost: {why}", why=failure.getErrorMessage())
+
+        d = self._link.call("budget_settle", self._keys, [tokens, usd])
+        d.addCallbacks(lambda _: None, lost).addBoth(lambda _: self.settled.callback(None))
+
+
+class SharedBudgetStore(BudgetStore):
+    """
+    The budget totals of a group, in Redis (see the module's docstring).
+
+    @param instances: how many processes share the budgets.
+    @param ledger: whether the process reads a ledger (it then falls back
+        on the whole budget, else on C{1 / instances} of it).
+    @ivar fallback_admitted: requests whose budgets were decided locally.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        prices: Prices,
+        link: RedisLink,
+        keys: Optional[KeySpace] = None,
+        instances: int = 1,
+        ledger: bool = False,
+    ) -> None:
+        super().__init__(clock, prices, share=1 if ledger else max(1, instances))
+        self.link = link
+        self.keys = keys or KeySpace()
+        self.fallback_admitted = 0
+        #: Called for each request decided locally (the metrics).
+        self.on_fallback: Callable[[], None] = lambda: None
+
+    def _keys(self, client: Client, periods: dict[str, Period]) -> list[str]:
+        return [self.keys.budget(client.name, kind, periods[kind].key) for kind in PERIODS]
+
+    def reserve(
+        self,
+        client: Client,
+        model: Optional[str],
+        prompt_estimate: int,
+        estimate: int,
+        record: Optional[RequestRecord] = None,
+    ) -> "Deferred[Optional[BudgetHold] | Exhausted | Unpriced]":
+        if not client.budgets.any:
+            return succeed(None)
+        price = self.price(client, model)
+        if isinstance(price, Unpriced):
+            return succeed(price)
+        if not self.link.up:
+            return succeed(self._locally(client, model, prompt_estimate, estimate, record))
+        periods = self.periods(client)
+        cost = reservation_cost(prompt_estimate, estimate, price)
+        seeds = self.ledger(client)
+        budgets = client.budgets
+        args: list[int] = [cost.tokens, nano(cost.usd)]
+        for kind in PERIODS:
+            tokens = getattr(budgets, f"tokens_per_{kind}")
+            usd = getattr(budgets, f"usd_per_{kind}")
+            args += [
+                -1 if tokens is None else int(tokens),
+                -1 if usd is None else nano(usd),
+                seeds[kind].tokens,
+                nano(seeds[kind].usd),
+                int((periods[kind].ends + EXPIRY_MARGIN) * 1000),
+            ]
+        keys = self._keys(client, periods)
+        d = self.link.call("budget_admit", keys, args)
+
+        def answered(reply: Sequence[int]) -> "BudgetHold | Exhausted":
+            index, unit = (int(v) for v in reply[:2])
+            if index == 0:
+                totals = [self._total(client.name, periods[kind]) for kind in PERIODS]
+                for total in totals:
+                    total.reserve(cost)
+                return SharedBudgetHold(totals, cost, record, price, self.link, keys)
+            kind = PERIODS[index - 1]
+            name = f"{'tokens' if unit == 1 else 'usd'}_per_{kind}"
+            limit = getattr(budgets, name)
+            period = periods[kind]
+            return Exhausted(name, period.ends, exhausted_message(client, name, limit, period))
+
+        def unanswered(failure: Failure) -> "Optional[BudgetHold] | Exhausted | Unpriced":
+            if not failure.check(Unavailable):
+                _log.failure("the budget_admit script failed; deciding locally", failure)
+            return self._locally(client, model, prompt_estimate, estimate, record)
+
+        return d.addCallbacks(answered, unanswered)
+
+    def _locally(
+        self, client: Client, model: Optional[str], prompt: int, estimate: int, record: Optional[RequestRecord]
+    ) -> "Optional[BudgetHold] | Exhausted | Unpriced":
+        held = self.admit(client, model, prompt, estimate, record)
+        if isinstance(held, BudgetHold):
+            self.fallback_admitted += 1
+            self.on_fallback()
+        return held
+
+    def current(self, client: Client) -> "Deferred[dict[str, Cost]]":
+        """
+        The totals in Redis (a period whose key is absent, or Redis
+        unreachable: the local totals).
+        """
+        local = self.spent(client)
+        if not client.budgets.any or not self.link.up:
+            return succeed(local)
+        d = self.link.call("budget_read", self._keys(client, self.periods(client)), [])
+
+        def answered(reply: Sequence[int]) -> dict[str, Cost]:
+            values = [int(v) for v in reply]
+            spent = dict(local)
+            for i, kind in enumerate(PERIODS):
+                exists, tokens, usd = values[3 * i : 3 * i + 3]
+                if exists:
+                    spent[kind] = Cost(tokens, usd / 1e9)
+            return spent
+
+        return d.addCallbacks(answered, lambda _: local)

@@ -1,0 +1,153 @@
+"""
+The shared budget store in memory: a fake txredisapi connection on a
+Clock, for what is sent to the scripts, how their answers are read, the
+settlement's difference, and the fallback while Redis is unreachable.
+The scripts themselves run against a real Redis in
+tests/e2e/test_shared_budgets.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from oaiproxy.access.budgets import Exhausted
+from oaiproxy.access.budgetstore import BudgetHold
+from oaiproxy.access.clients import Budgets, Client
+from oaiproxy.access.sharedbudgets import SharedBudgetHold, SharedBudgetStore
+from oaiproxy.ledger.prices import Price, PriceBook, Prices
+from oaiproxy.sharedstate.link import KeySpace, RedisLink
+from tests.access.test_shared import Connector
+
+PRICES = Prices(PriceBook({"gpt-4o": Price(input=1.0, cached_input=0.5, output=4.0)}, None))
+NOW = datetime.datetime(2026, 12, 3, 10, tzinfo=datetime.timezone.utc).timestamp()
+DAY_END = datetime.datetime(2026, 12, 4, tzinfo=datetime.timezone.utc).timestamp()
+MONTH_END = datetime.datetime(2027, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def client(**budgets: Any) -> Client:
+    return Client("alice", b"", budgets=Budgets(**budgets))
+
+
+class SharedBudgetsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.connector = Connector()
+        self.link = RedisLink(self.connector, self.clock, deadline=0.05, retry=(1.0, 4.0), keepalive=0)
+        self.link.startService()
+        self.addCleanup(self.link.stopService)
+        self.store = self.make(ledger=False)
+
+    def make(self, ledger: bool) -> SharedBudgetStore:
+        return SharedBudgetStore(self.clock, PRICES, self.link, KeySpace("p:"), instances=2, ledger=ledger)
+
+    @property
+    def redis(self) -> Any:
+        return self.connector.connections[-1]
+
+    def reserve(self, c: Client, estimate: int = 100, prompt: int = 20, store: Any = None) -> Any:
+        results: list[Any] = []
+        (store or self.store).reserve(c, "gpt-4o", prompt, estimate).addCallback(results.append)
+        return results[0] if results else None
+
+    def test_every_budget_in_one_round_trip_seeded_from_the_ledger(self) -> None:
+        """
+        One call checks and reserves the day and the month, with the
+        ledger's totals to seed absent keys from and their expiry (an
+        hour after the period); dollars go as integer nano-dollars.
+        """
+        c = client(tokens_per_day=1000, usd_per_month=2.5)
+        self.store.seed(c, [("2026-12-03", 300, 0.5), ("2026-12-01", 50, 0.25)])
+        self.redis.answer = [0, 0]
+        held = self.reserve(c)
+        self.assertIsInstance(held, SharedBudgetHold)
+        [(_, keys, args)] = self.redis.calls
+        self.assertEqual(keys, ["p:budget:{alice}:day:2026-12-03", "p:budget:{alice}:month:2026-12"])
+        usd = 20 * 1.0 + 80 * 4.0  # per million tokens: the prompt, then the output
+        self.assertEqual(args[:2], [100, round(usd * 1000)])
+        self.assertEqual(args[2:7], [1000, -1, 300, 500_000_000, int((DAY_END + 3600) * 1000)])
+        self.assertEqual(args[7:], [-1, 2_500_000_000, 350, 750_000_000, int((MONTH_END + 3600) * 1000)])
+        # Mirrored in the local totals: the fallback knows what is in flight.
+        self.assertEqual(self.store.spent(c)["day"].tokens, 400)
+
+    def test_settlement_adds_the_difference(self) -> None:
+        c = client(tokens_per_day=1000)
+        self.redis.answer = [0, 0]
+        held = self.reserve(c, estimate=100, prompt=100)
+        held.settle(30)
+        (_, keys, args) = self.redis.calls[-1]
+        self.assertEqual(keys[0], "p:budget:{alice}:day:2026-12-03")
+        self.assertEqual(args, [-70, round((30 - 100) * 1.0 * 1000)])
+        self.assertEqual(self.store.spent(c)["day"].tokens, 30)
+        # Nothing to add: no call.
+        held = self.reserve(c, estimate=50, prompt=50)
+        calls = len(self.redis.calls)
+        held.settle(50)
+        self.assertEqual(len(self.redis.calls), calls)
+
+    def test_refusal_names_the_budget(self) -> None:
+        """
+        The script's answer (the month's key, its dollar budget) becomes
+        the refusal naming C{usd_per_month} and its reset; nothing is
+        reserved locally.
+        """
+        c = client(tokens_per_day=1000, usd_per_month=2.5)
+        self.redis.answer = [2, 2]
+        refused = self.reserve(c)
+        self.assertIsInstance(refused, Exhausted)
+        self.assertEqual((refused.budget, refused.resets), ("usd_per_month", MONTH_END))
+        self.assertIn("2027-01-01T00:00:00Z", refused.message)
+        self.assertEqual(self.store.spent(c)["day"].tokens, 0)
+
+    def test_fallback_without_ledger_takes_the_share(self) -> None:
+        """
+        Redis not answering within the deadline: each call decided
+        locally (the link stays up: a miss decides only that call), on
+        this process's own spend, at 1 / instances of the budget; counted.
+        """
+        c = client(tokens_per_day=1000)
+        self.redis.answer = None
+
+        def late() -> Any:
+            pending = self.store.reserve(c, "gpt-4o", 20, 100)
+            self.clock.advance(0.05)
+            return self.successResultOf(pending)
+
+        first = late()
+        self.assertIsInstance(first, BudgetHold)
+        self.assertNotIsInstance(first, SharedBudgetHold)
+        self.assertTrue(self.link.up)
+        more = [late() for _ in range(10)]
+        self.assertEqual(sum(isinstance(m, BudgetHold) for m in more), 4)
+        self.assertIsInstance(more[-1], Exhausted)
+        self.assertEqual(self.store.fallback_admitted, 5)
+
+    def test_fallback_with_ledger_takes_the_whole_budget(self) -> None:
+        """
+        With a ledger (the others' spend read every second), the fallback
+        decides on the whole budget.
+        """
+        store = self.make(ledger=True)
+        c = client(tokens_per_day=1000)
+        store.seed(c, [("2026-12-03", 300, 0.0)])
+        self.link.stopService()
+        results = [self.reserve(c, store=store) for _ in range(10)]
+        self.assertEqual(sum(isinstance(r, BudgetHold) for r in results), 7)
+
+    def test_current_reads_redis(self) -> None:
+        """
+        The group's totals come from Redis; a period whose key is absent,
+        or Redis down, answers with the local totals.
+        """
+        c = client(tokens_per_day=1000)
+        self.store.seed(c, [("2026-12-03", 42, 0.0)])
+        self.redis.answer = [1, 900, 1_500_000_000, 0, 0, 0]
+        spent = self.successResultOf(self.store.current(c))
+        self.assertEqual((spent["day"].tokens, spent["day"].usd), (900, 1.5))
+        self.assertEqual(spent["month"].tokens, 42)
+        self.link.stopService()
+        self.assertEqual(self.successResultOf(self.store.current(c))["day"].tokens, 42)
