@@ -42,6 +42,7 @@ __all__ = [
     "parse_milliseconds",
     "parse_shared_state",
     "load_shared_state_password",
+    "load_admin_key",
     "SHARED_STATE_CREDENTIAL",
     "parse_workers",
     "parse_upstream",
@@ -136,6 +137,8 @@ class Config:
     log_format: str = "text"
     metrics_port: Optional[str] = None
     metrics_key: Optional[Secret] = None
+    #: The admin key (C{--admin-key-file}, the credential C{admin_key}).
+    admin_key: Optional[Secret] = None
     sse_keepalive: float = 15.0
     stream_usage: bool = True
     upstream_headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -457,6 +460,40 @@ def _read_key_file(path: str, what: str = "API key file") -> Secret:
     if b"\n" in value or b" " in value:
         raise ConfigError(f"the {what} {path} must hold the key alone on one line")
     return Secret(value)
+
+
+#: The systemd credential holding the admin key.
+ADMIN_KEY_CREDENTIAL = "admin_key"
+
+#: The shortest admin key accepted: it opens every client's usage, so it
+#: must not be guessable (L{ADMIN_KEY_RECIPE} makes 58 characters).
+ADMIN_KEY_MIN_LENGTH = 24
+
+#: A command that makes a good admin key, for messages and the README.
+ADMIN_KEY_RECIPE = "python -c 'import secrets; print(\"oaiproxy-admin-\" + secrets.token_urlsafe(32))'"
+
+
+def load_admin_key(key_file: Optional[str], environ: Mapping[str, str]) -> Optional[Secret]:
+    """
+    The admin key (it reads every client's usage and the dashboard's data):
+    C{--admin-key-file} (or C{OAIPROXY_ADMIN_KEY_FILE}, a path), else the
+    systemd credential C{$CREDENTIALS_DIRECTORY/admin_key}; C{None} when
+    none is set, which leaves the admin endpoints closed.  Never the
+    command line, never a variable's value: both are visible to other
+    local users.
+
+    @raise ConfigError: for an unreadable, empty or short key file.
+    """
+    path = config_file_path(key_file, "OAIPROXY_ADMIN_KEY_FILE", ADMIN_KEY_CREDENTIAL, environ)
+    if path is None:
+        return None
+    key = _read_key_file(path, "admin key file")
+    if len(key.reveal()) < ADMIN_KEY_MIN_LENGTH:
+        raise ConfigError(
+            f"the admin key in {path} is shorter than {ADMIN_KEY_MIN_LENGTH} characters: "
+            f"make one with {ADMIN_KEY_RECIPE}"
+        )
+    return key
 
 
 #: The systemd credential holding the shared state's (Redis) password.

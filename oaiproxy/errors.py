@@ -21,6 +21,7 @@ __all__ = [
     "ApiError",
     "bad_request",
     "invalid_api_key",
+    "admin_key_required",
     "not_found",
     "not_an_id",
     "model_not_found",
@@ -110,6 +111,23 @@ def invalid_api_key() -> ApiError:
     return ApiError(
         401,
         "Incorrect or missing API key: this proxy expects one of its client keys as 'Authorization: Bearer <key>'.",
+        INVALID_REQUEST,
+        None,
+        "invalid_api_key",
+        NO_RETRY,
+    )
+
+
+def admin_key_required(configured: bool) -> ApiError:
+    """
+    A 401 for a proxy endpoint that only the admin key opens.  Says so when
+    no admin key is configured, so that the operator knows what to set;
+    never echoes what was presented.
+    """
+    hint = "" if configured else " (none is configured: see --admin-key-file)"
+    return ApiError(
+        401,
+        f"This endpoint needs the proxy's admin key as 'Authorization: Bearer <key>'{hint}.",
         INVALID_REQUEST,
         None,
         "invalid_api_key",

@@ -44,6 +44,8 @@ CASES: list[tuple[Callable[..., ApiError], tuple[Any, ...], int, str, Optional[s
         NO_RETRY,
     ),
     (errors.invalid_api_key, (), 401, "invalid_request_error", None, "invalid_api_key", NO_RETRY),
+    (errors.admin_key_required, (True,), 401, "invalid_request_error", None, "invalid_api_key", NO_RETRY),
+    (errors.admin_key_required, (False,), 401, "invalid_request_error", None, "invalid_api_key", NO_RETRY),
     (errors.not_found, ("GET", "/v2/models"), 404, "invalid_request_error", None, "unknown_url", NO_RETRY),
     (errors.not_found, ("GET", "/v1/v1/models"), 404, "invalid_request_error", None, "unknown_url", NO_RETRY),
     (

@@ -433,14 +433,19 @@ class Credentials:
     @ivar api_key: the upstream key.
     @ivar clients: who may use the proxy; empty means anyone who can
         connect.
+    @ivar admin_key: the key that reads every client's usage and the
+        dashboard's data (L{oaiproxy.access.admin}); C{None}: nobody.
     """
 
-    def __init__(self, api_key: Secret, clients: Optional[ClientRegistry] = None) -> None:
+    def __init__(
+        self, api_key: Secret, clients: Optional[ClientRegistry] = None, admin_key: Optional[Secret] = None
+    ) -> None:
         self.api_key = api_key
         self.clients = clients if clients is not None else ClientRegistry()
+        self.admin_key = admin_key
 
-    def replace(self, api_key: Secret, clients: ClientRegistry) -> None:
-        self.api_key, self.clients = api_key, clients
+    def replace(self, api_key: Secret, clients: ClientRegistry, admin_key: Optional[Secret] = None) -> None:
+        self.api_key, self.clients, self.admin_key = api_key, clients, admin_key
 
     def __repr__(self) -> str:
         return f"Credentials(api_key=<redacted>, clients={self.clients!r})"

@@ -401,6 +401,15 @@ SETTINGS: tuple[Setting, ...] = (
         env_note="the key itself, not a path",
     ),
     Setting(
+        "admin-key-file",
+        "OAIPROXY_ADMIN_KEY_FILE",
+        "File holding the admin key, which reads every client's usage (GET /usage) and the dashboard.",
+        "the admin key: this file, else `$CREDENTIALS_DIRECTORY/admin_key` (systemd `LoadCredential=`); "
+        "none = no admin endpoints",
+        metavar="PATH",
+        sources="env OAIPROXY_ADMIN_KEY_FILE, else the systemd credential admin_key",
+    ),
+    Setting(
         "sse-keepalive",
         "OAIPROXY_SSE_KEEPALIVE",
         "Seconds of upstream silence in a stream before a ': keepalive' comment is sent; 0 for never.",

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from twisted.python.systemd import ListenFDs
 
 from oaiproxy import __version__
+from oaiproxy.access.admin import check_admin_key
 from oaiproxy.access.clients import ClientRegistry, Credentials, load_clients
 from oaiproxy.config import (
     DEFAULT_PORT,
@@ -51,6 +52,7 @@ from oaiproxy.config import (
     Secret,
     api_base,
     is_private_address,
+    load_admin_key,
     load_api_key,
     load_shared_state_password,
     parse_deployment,
@@ -373,6 +375,7 @@ class Options(usage.Options):
             api_key_file=self["api-key-file"],
             client_keys_file=self["client-keys-file"],
             metrics_key=None if worker else self._metrics_key(),
+            admin_key=None if worker else self._admin_key(clients),
             stream_usage=not self["no-stream-usage"] and env.get(_env("no-stream-usage"), "on") != "off",
             worker_listeners=tuple(self["worker-listener"]),
             worker_metrics_listener=self["worker-metrics-listener"],
@@ -408,6 +411,16 @@ class Options(usage.Options):
             create_engine(target, password)
         path = self["prices-file"] or self.environ.get(_env("prices-file"))
         return {"usage_db": target, "usage_db_password": password, "prices": load_prices(path) if path else None}
+
+    def _admin_key(self, clients: Optional[ClientRegistry]) -> Optional[Secret]:
+        """
+        The admin key, read here in the process that checks the
+        configuration (a worker is handed it), and refused when it is also
+        a client's key.
+        """
+        key = load_admin_key(self["admin-key-file"], self.environ)
+        check_admin_key(key, clients if clients is not None else ClientRegistry())
+        return key
 
     def _metrics_key(self) -> Optional[Secret]:
         if self["metrics-key-file"]:
@@ -905,6 +918,8 @@ def _load_credentials(options: Options, credentials: Credentials, exposure: _Exp
         else:
             api_key = load_api_key(config.api_key_file, options.environ)
         clients = load_clients(config.client_keys_file, options.environ)
+        admin_key = load_admin_key(options["admin-key-file"], options.environ)
+        check_admin_key(admin_key, clients)
         if exposure.public and not len(clients) and not config.allow_open_relay:
             raise ConfigError("the new configuration has no client keys, and the proxy is reachable from other hosts")
     except ConfigError as e:
@@ -913,7 +928,7 @@ def _load_credentials(options: Options, credentials: Credentials, exposure: _Exp
     _warn_if_no_clients(config, options.environ, clients)
     # The Redis password is the one the group started with: the links
     # keep their connections, and a worker started later needs the same.
-    return GroupSecrets(api_key, clients, config.metrics_key, config.shared_state_password)
+    return GroupSecrets(api_key, clients, config.metrics_key, config.shared_state_password, admin_key)
 
 
 def _reloader(
@@ -944,7 +959,7 @@ def _reloader(
             return False
         assert secrets.api_key is not None
         changed = secrets.api_key != credentials.api_key
-        credentials.replace(secrets.api_key, secrets.clients)
+        credentials.replace(secrets.api_key, secrets.clients, secrets.admin_key)
         if upstreams is not None and isinstance(entries, tuple):
             upstreams.replace(entries)
             log.info("reloaded the upstreams file: {names}", names=", ".join(u.name for u in entries))
@@ -1018,7 +1033,7 @@ def _worker_reloader(
             upstreams.replace(entries)
         api_key = _MOCK_KEY if config.mock_upstream or secrets.api_key is None else secrets.api_key
         changed = api_key != credentials.api_key
-        credentials.replace(api_key, secrets.clients)
+        credentials.replace(api_key, secrets.clients, secrets.admin_key)
         log.info(
             "reloaded: upstream key {key}, {count} client(s)",
             key="changed" if changed else "unchanged",
@@ -1100,7 +1115,7 @@ def _supervise(
         return write
 
     clients: ClientRegistry = config.clients if config.clients is not None else ClientRegistry()
-    credentials = Credentials(config.api_key or _MOCK_KEY, clients)
+    credentials = Credentials(config.api_key or _MOCK_KEY, clients, config.admin_key)
     _warn_if_no_clients(config, options.environ, clients)
 
     def bound(description: str, port: IListeningPort) -> None:
@@ -1114,7 +1129,7 @@ def _supervise(
         notifier,
         dict(options.environ),
         writer(sys.__stdout__),
-        GroupSecrets(config.api_key, clients, config.metrics_key, config.shared_state_password),
+        GroupSecrets(config.api_key, clients, config.metrics_key, config.shared_state_password, config.admin_key),
         report,
         bound,
         error_output=writer(sys.__stderr__),
@@ -1237,6 +1252,7 @@ def makeService(
             clients=secrets.clients,
             metrics_key=secrets.metrics_key,
             shared_state_password=secrets.shared_state_password,
+            admin_key=secrets.admin_key,
         )
         die_with_parent()
         inherited = [(listener, int(listener.partition(":")[0])) for listener in config.worker_listeners]
@@ -1279,7 +1295,7 @@ def makeService(
     assert config.mock_upstream or config.upstreams is not None or config.api_key is not None, (
         "Options guarantees a key unless mocking or pooled"
     )
-    credentials = Credentials(api_key, clients)
+    credentials = Credentials(api_key, clients, config.admin_key)
     if not config.worker_listeners:
         _warn_if_no_clients(config, options.environ, clients)
     lifecycle = Lifecycle()

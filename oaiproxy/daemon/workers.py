@@ -107,12 +107,14 @@ class GroupSecrets:
     @ivar metrics_key: the key that may read C{/metrics}, if any.
     @ivar shared_state_password: the Redis password of C{--shared-state},
         if any: the file may have changed since the group started.
+    @ivar admin_key: the admin key, if any (read again on each reload).
     """
 
     api_key: Optional[Secret]
     clients: ClientRegistry
     metrics_key: Optional[Secret] = None
     shared_state_password: Optional[Secret] = None
+    admin_key: Optional[Secret] = None
 
 
 def encode_secrets(secrets: GroupSecrets) -> bytes:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
+from oaiproxy.access.admin import is_admin
 from oaiproxy.access.admission import admission_gate
 from oaiproxy.access.budgetstore import BudgetedLimits, BudgetStore
 from oaiproxy.access.clients import ClientRegistry, Credentials
@@ -304,14 +305,17 @@ def watch_pool(metrics: Metrics, pool: Pool) -> None:
 
 def metrics_check(credentials: Credentials, metrics_key: Optional[Secret]) -> MetricsCheck:
     """
-    Who may read /metrics on the API port: the holder of the metrics key, or
-    any client; with neither configured, anyone who may use the API.
+    Who may read /metrics on the API port: the holder of the metrics key or
+    of the admin key, or any client; with none configured, anyone who may
+    use the API.
     """
 
     def check(request: Any) -> Optional[bytes]:
         token = bearer_token(request.requestHeaders)
         if token is not None:
             if metrics_key is not None and hmac.compare_digest(token, metrics_key.reveal()):
+                return None
+            if is_admin(credentials, request.requestHeaders):
                 return None
             clients: ClientRegistry = credentials.clients
             if clients.identify(token) is not None:
