@@ -153,36 +153,18 @@ class AdminTests(UsageCase):
         self.assertAlmostEqual(document["generated_at"], NOON)
         self.assertEqual([c["client"] for c in document["clients"]], ["alice", "bob", "carol", "retired"])
         alice = self.by_name(document)["alice"]
-        self.assertEqual(
-            alice["days"],
-            [
-                {
-                    "day": "2026-12-03",
-                    "model": "gpt-4o-mini",
-                    "upstream": "default",
-                    "requests": 3,
-                    "errors": 0,
-                    "prompt_tokens": 30,
-                    "completion_tokens": 21,
-                    "cached_tokens": 0,
-                    "reasoning_tokens": 0,
-                    "cost_usd": 0.0012,
-                    "estimated": False,
-                }
-            ],
-        )
-        self.assertEqual(
-            alice["totals"],
-            {
-                "requests": 3,
-                "errors": 0,
-                "prompt_tokens": 30,
-                "completion_tokens": 21,
-                "cached_tokens": 0,
-                "reasoning_tokens": 0,
-                "cost_usd": 0.0012,
-            },
-        )
+        sums = {
+            "requests": 3,
+            "errors": 0,
+            "prompt_tokens": 30,
+            "completion_tokens": 21,
+            "cached_tokens": 0,
+            "reasoning_tokens": 0,
+            "cost_usd": 0.0012,
+        }
+        row = {"day": "2026-12-03", "model": "gpt-4o-mini", "upstream": "default", **sums, "estimated": False}
+        self.assertEqual(alice["days"], [row])
+        self.assertEqual(alice["totals"], sums)
         entries = self.by_name(document)
         # Unpriced: unknown, never 0.
         self.assertIsNone(entries["bob"]["days"][0]["cost_usd"])
