@@ -44,6 +44,8 @@ __all__ = [
     "rate_limited",
     "shut_down_mid_response",
     "sse_error_event",
+    "usage_forbidden",
+    "ledger_unavailable",
 ]
 
 INVALID_REQUEST = "invalid_request_error"
@@ -213,6 +215,40 @@ def model_unpriced(client: str, model: Optional[str], prices_file: Optional[str]
         "model",
         "model_not_priced",
         NO_RETRY,
+    )
+
+
+def usage_forbidden() -> ApiError:
+    """
+    A 403 for a client key asking C{GET /usage} for another client's usage.
+    The same words whoever was asked for, whether that client exists or
+    not: the answer tells nothing about the others.
+    """
+    return ApiError(
+        403,
+        "A client key reads only its own usage: leave out 'client', or name your own client. "
+        "Every client's usage needs the proxy's admin key.",
+        INVALID_REQUEST,
+        "client",
+        "permission_denied",
+        NO_RETRY,
+    )
+
+
+def ledger_unavailable() -> ApiError:
+    """
+    A 503 for C{GET /usage} while the usage ledger's database cannot be
+    read (down, locked, too slow).  Requests are still served and their
+    usage is held for the ledger; only this report has to wait.
+    """
+    return ApiError(
+        503,
+        "The usage ledger cannot be read right now (its database is down or too slow); requests are still "
+        "served and their usage is kept. Retry later.",
+        API_ERROR,
+        None,
+        "ledger_unavailable",
+        ((b"retry-after", b"5"),),
     )
 
 

@@ -41,6 +41,7 @@ from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource, Unr
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
+from oaiproxy.routes.usage import UsageResource
 from oaiproxy.routetable import ROUTES, Route, in_order
 from oaiproxy.server.site import ProxySite
 from oaiproxy.server.tree import HealthResource, UpstreamsHealthResource, build_root, build_tree
@@ -242,7 +243,14 @@ def build_site(
         access_log = JsonAccessLog() if config.log_format == "json" else TextAccessLog()
     access_log = _both(access_log, usage)
     site = ProxySite(
-        build_tree(api, health, on_api_port, disabled=served, unavailable=unavailable),
+        build_tree(
+            api,
+            health,
+            on_api_port,
+            disabled=served,
+            unavailable=unavailable,
+            usage=UsageResource(credentials, clock, usage.writer, budgets),
+        ),
         streamed_paths=streamed_paths(enabled),
         max_body_bytes=config.max_body_bytes,
         idle_timeout=config.idle_timeout,
