@@ -217,10 +217,11 @@ class UsageResource(Endpoint):
 
     def _spent(self, client: Client) -> "Deferred[dict[str, Cost]]":
         """
-        What C{client} spent and reserved in its current periods.
+        What C{client} spent and reserved in its current periods: the
+        group's figure (Redis, with --shared-state), else this process's.
         """
         assert self._budgets is not None
-        return succeed(self._budgets.spent(client))
+        return self._budgets.current(client)
 
     def _periods(self, client: Client) -> dict[str, Period]:
         assert self._budgets is not None

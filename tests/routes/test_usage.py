@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import treq
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
@@ -23,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
+from oaiproxy.access.budgets import Cost
 from oaiproxy.access.clients import Budgets, Client, ClientRegistry
 from oaiproxy.config import Secret
 from oaiproxy.fake.harness import Harness, chat_body, harness_config
@@ -352,6 +354,19 @@ class ClientTests(UsageCase):
         by_admin = self.by_name(self.usage())
         self.assertEqual(by_admin["alice"]["budgets"][0]["used"], 3000)
         self.assertEqual(by_admin["bob"]["budgets"], [])
+
+    def test_budgets_are_the_groups_figure(self) -> None:
+        """
+        What is used comes from the store's group-wide reading (Redis, with
+        --shared-state), not only what this process saw.
+        """
+        budgets = self.harness.built.budgets
+        assert budgets is not None
+        group = {"day": Cost(40_000, 1.0), "month": Cost(40_000, 20.0)}
+        self.patch(budgets, "current", lambda client: succeed(group))
+        entries = {b["budget"]: b for b in self.usage(key=ALICE_KEY)["clients"][0]["budgets"]}
+        self.assertEqual((entries["tokens_per_day"]["used"], entries["tokens_per_day"]["left"]), (40_000, 60_000))
+        self.assertEqual(entries["usd_per_month"]["left"], 30.0)
 
 
 class TrafficTests(UsageCase):
