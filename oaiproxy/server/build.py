@@ -39,6 +39,7 @@ from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routetable import ROUTES, Route, in_order
+from oaiproxy.server.dashboard import Dashboard, mount
 from oaiproxy.server.site import ProxySite
 from oaiproxy.server.tree import HealthResource, UpstreamsHealthResource, build_root, build_tree
 from oaiproxy.upstream.client import TreqLike, UpstreamClient
@@ -76,6 +77,8 @@ class Built:
     @ivar api: the resource of each enabled route, by route name.
     @ivar routes: the enabled routes, in the table's order.
     @ivar usage: the spend metrics and the usage ledger's recorder.
+    @ivar dashboard: the dashboard's live state; the daemon calls its
+        C{tick} every C{dashboard.interval} seconds.
     """
 
     site: ProxySite
@@ -87,6 +90,7 @@ class Built:
     upstreams: Upstreams
     limit_store: LimitStore
     usage: Optional[UsageRecorder] = None
+    dashboard: Optional[Dashboard] = None
 
 
 def style_of(config: Config) -> UpstreamStyle:
@@ -163,6 +167,7 @@ def build_site(
     http_for: Optional[HttpFor] = None,
     shared: Optional[SharedState] = None,
     usage: Optional[UsageRecorder] = None,
+    group_dir: Optional[str] = None,
 ) -> Built:
     """
     Wire the proxy for C{config}.
@@ -183,6 +188,8 @@ def build_site(
         (C{--shared-state}); without it, all state is in this process.
     @param usage: reads every finished request into the spend metrics and
         the usage ledger; by default, the metrics only, at C{config.prices}.
+    @param group_dir: in a worker of a group, the group's metrics
+        directory (the dashboard's per-worker files go there too).
     """
     group = None
     if shared is not None and config.upstreams is not None:
@@ -223,9 +230,12 @@ def build_site(
         access_log = JsonAccessLog() if config.log_format == "json" else TextAccessLog()
     if usage is None:
         usage = UsageRecorder(clock, metrics, Prices(config.prices or EMPTY))
-    access_log = _both(access_log, usage)
+    dashboard = Dashboard(metrics, upstreams.pool, clock, group_dir)
+    access_log = _both(access_log, usage, dashboard.refusals)
+    tree = build_tree(api, health, on_api_port, disabled=served, unavailable=unavailable)
+    mount(tree, dashboard, credentials)
     site = ProxySite(
-        build_tree(api, health, on_api_port, disabled=served, unavailable=unavailable),
+        tree,
         streamed_paths=streamed_paths(enabled),
         max_body_bytes=config.max_body_bytes,
         idle_timeout=config.idle_timeout,
@@ -245,8 +255,11 @@ def build_site(
         # metrics key still applies when one is set.
         private = check if config.metrics_key else None
         private_health = HealthResource(lifecycle, UpstreamsHealthResource(upstreams.pool, private))
+        private_tree = build_root(None, private_health, MetricsResource(metrics, private))
+        # The dashboard's live figures still need the admin key here.
+        mount(private_tree, dashboard, credentials)
         metrics_site = ProxySite(
-            build_root(None, private_health, MetricsResource(metrics, private)),
+            private_tree,
             max_body_bytes=1024,
             idle_timeout=config.idle_timeout,
             header_timeout=config.header_timeout,
@@ -255,7 +268,7 @@ def build_site(
             metrics=Unrecorded(),
             reactor=clock,
         )
-    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage)
+    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage, dashboard)
 
 
 def shared_limit_store(
@@ -275,14 +288,16 @@ def shared_limit_store(
     return store
 
 
-def _both(access_log: AccessLog, usage: UsageRecorder) -> AccessLog:
+def _both(access_log: AccessLog, usage: UsageRecorder, refusals: Callable[[RequestRecord], None]) -> AccessLog:
     """
-    Every finished record to the access log, then to the usage recorder.
+    Every finished record to the access log, then to the usage recorder
+    and the dashboard's recent refusals.
     """
 
     def record(record: RequestRecord) -> None:
         access_log(record)
         usage(record)
+        refusals(record)
 
     return record
 
