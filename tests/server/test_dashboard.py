@@ -1,0 +1,154 @@
+# -*- test-case-name: tests.server.test_dashboard -*-
+"""
+The dashboard's resources through the whole site, in memory: the page and
+its files are public, with strict security headers; the live figures need
+the admin key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Optional
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from oaiproxy.config import Secret
+from oaiproxy.fake.harness import Harness, chat_body
+from oaiproxy.server.dashboard import CSP
+from tests.support import exchange
+
+ADMIN = b"oaiproxy-admin-0123456789abcdefghij"
+CLIENT = b"client-key-alice"
+
+HEADERS = {
+    b"content-security-policy": CSP.encode("ascii"),
+    b"x-frame-options": b"DENY",
+    b"referrer-policy": b"no-referrer",
+    b"x-content-type-options": b"nosniff",
+}
+
+
+class DashboardTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness(client_keys=[CLIENT])
+        self.h.credentials.admin_key = Secret(ADMIN)
+        self.h.clock.advance(1_000_000)
+
+    def get(self, path: str, token: Optional[bytes] = None, **more: list[bytes]) -> tuple[Any, bytes]:
+        headers = {name.encode().replace(b"_", b"-"): value for name, value in more.items()}
+        if token is not None:
+            headers[b"authorization"] = [b"Bearer " + token]
+        return exchange(self, self.h, "GET", path, headers=headers)
+
+    def assertSecured(self, response: Any) -> None:
+        for name, value in HEADERS.items():
+            self.assertEqual(response.headers.getRawHeaders(name), [value], name)
+
+    def test_page_and_files_are_public_with_security_headers(self) -> None:
+        """
+        The page, its script and styles and uPlot need no key (they hold no
+        data), each with its type, revalidated on every use, and every one
+        with the security headers.  The page has no inline script or style.
+        """
+        for path, kind in [
+            ("/dashboard/", b"text/html; charset=utf-8"),
+            ("/dashboard/dashboard.js", b"text/javascript; charset=utf-8"),
+            ("/dashboard/dashboard.css", b"text/css; charset=utf-8"),
+            ("/dashboard/uPlot.iife.min.js", b"text/javascript; charset=utf-8"),
+            ("/dashboard/uPlot.min.css", b"text/css; charset=utf-8"),
+        ]:
+            response, body = self.get(path)
+            self.assertEqual(response.code, 200, path)
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [kind], path)
+            self.assertEqual(response.headers.getRawHeaders(b"cache-control"), [b"no-cache"], path)
+            self.assertSecured(response)
+            self.assertTrue(body)
+        _, page = self.get("/dashboard/")
+        self.assertNotIn(b"<script>", page)
+        self.assertNotIn(b"<style", page)
+        self.assertNotIn(b" style=", page)
+        self.assertIsNone(re.search(rb"\son[a-z]+=", page))
+
+    def test_revalidation(self) -> None:
+        """
+        An unchanged file is a 304 for the ETag the browser holds.
+        """
+        response, _ = self.get("/dashboard/dashboard.js")
+        (etag,) = response.headers.getRawHeaders(b"etag")
+        again, body = self.get("/dashboard/dashboard.js", if_none_match=[etag])
+        self.assertEqual((again.code, body), (304, b""))
+        changed, body = self.get("/dashboard/dashboard.js", if_none_match=[b'"other"'])
+        self.assertEqual(changed.code, 200)
+
+    def test_redirect_and_unknown_files(self) -> None:
+        """
+        C{/dashboard} sends the browser to C{/dashboard/} (relative, so a
+        path prefix in front of the proxy works); anything else below it
+        is the JSON 404.
+        """
+        response, _ = self.get("/dashboard")
+        self.assertEqual(response.code, 301)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"dashboard/"])
+        missing, body = self.get("/dashboard/../../etc/passwd")
+        self.assertEqual(missing.code, 404)
+        missing, body = self.get("/dashboard/secrets.py")
+        self.assertEqual(missing.code, 404)
+        self.assertEqual(json.loads(body)["error"]["code"], "unknown_url")
+
+    def test_live_needs_the_admin_key(self) -> None:
+        """
+        No key, a client's key or a wrong key: 401 invalid_api_key, with the
+        security headers; the admin key: 200 JSON, never cached.
+        """
+        for token in (None, CLIENT, b"oaiproxy-admin-wrong-key-0123456789"):
+            response, body = self.get("/dashboard/live", token)
+            self.assertEqual(response.code, 401, token)
+            self.assertEqual(json.loads(body)["error"]["code"], "invalid_api_key")
+            self.assertNotIn(ADMIN, body)
+            self.assertSecured(response)
+        response, body = self.get("/dashboard/live", ADMIN)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(response.headers.getRawHeaders(b"cache-control"), [b"no-store"])
+        self.assertSecured(response)
+        self.assertEqual(json.loads(body)["object"], "dashboard.live")
+
+    def test_no_admin_key_configured(self) -> None:
+        """
+        Without an admin key nobody reads it, and the refusal says what to set.
+        """
+        self.h.credentials.admin_key = None
+        response, body = self.get("/dashboard/live", ADMIN)
+        self.assertEqual(response.code, 401)
+        self.assertIn("--admin-key-file", json.loads(body)["error"]["message"])
+
+    def test_live_figures_of_traffic(self) -> None:
+        """
+        Traffic between two ticks shows as requests per second by status
+        class; the refusals (a wrong key, a client's key on the live
+        figures) are listed with their code, never a key; the upstream
+        with its breaker.
+        """
+        dashboard = self.h.built.dashboard
+        dashboard.tick()
+        for _ in range(5):
+            d = self.h.post(chat_body(), headers={b"authorization": [b"Bearer " + CLIENT]})
+            self.assertEqual(self.successResultOf(d).code, 200)
+        refused = self.h.post(chat_body(), headers={b"authorization": [b"Bearer not-a-key"]})
+        self.assertEqual(self.successResultOf(refused).code, 401)
+        self.h.clock.advance(5)
+        dashboard.tick()
+        response, body = self.get("/dashboard/live", ADMIN)
+        live = json.loads(body)
+        self.assertEqual(live["series"]["requests_per_second"], {"2xx": [1.0], "4xx": [0.2]})
+        self.assertEqual(live["series"]["t"], [1_000_005.0])
+        self.assertEqual([u["name"] for u in live["upstreams"]], ["default"])
+        self.assertEqual(live["upstreams"][0]["state"], "closed")
+        self.assertEqual(
+            [(r["client"], r["status"], r["code"]) for r in live["refusals"]],
+            [("-", 401, "invalid_api_key")],
+        )
+        self.assertNotIn(b"not-a-key", body)
+        self.assertNotIn(CLIENT, body)
+        self.assertEqual((live["group"], live["workers"]), (False, 1))
