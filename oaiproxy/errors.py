@@ -44,6 +44,8 @@ __all__ = [
     "rate_limited",
     "shut_down_mid_response",
     "sse_error_event",
+    "usage_forbidden",
+    "ledger_unavailable",
 ]
 
 INVALID_REQUEST = "invalid_request_error"
@@ -188,6 +190,66 @@ def rate_limited(message: str, retry_after: Optional[float], headers: tuple[tupl
             (b"retry-after-ms", b"%d" % max(1, math.ceil(retry_after * 1000))),
         )
     return ApiError(429, message, "rate_limit_error", None, "rate_limit_exceeded", timing + headers)
+
+
+def insufficient_quota(message: str) -> ApiError:
+    """
+    A 429 for a client whose budget ran out, with OpenAI's type and code
+    for an exhausted balance (what the SDKs and users recognise), and
+    C{x-should-retry: false}: retrying before the period resets cannot help.
+    """
+    return ApiError(429, message, "insufficient_quota", None, "insufficient_quota", NO_RETRY)
+
+
+def model_unpriced(client: str, model: Optional[str], prices_file: Optional[str]) -> ApiError:
+    """
+    A 403 for a model without a price asked for by a client with a dollar
+    budget: its spend could not be counted against the budget.
+    """
+    where = f"the prices file {prices_file}" if prices_file else "a prices file (--prices-file)"
+    return ApiError(
+        403,
+        f"Client {client!r} has a dollar budget, so it may only use models with a price in {where}; "
+        f"{model!r} has none.",
+        INVALID_REQUEST,
+        "model",
+        "model_not_priced",
+        NO_RETRY,
+    )
+
+
+def usage_forbidden() -> ApiError:
+    """
+    A 403 for a client key asking C{GET /usage} for another client's usage.
+    The same words whoever was asked for, whether that client exists or
+    not: the answer tells nothing about the others.
+    """
+    return ApiError(
+        403,
+        "A client key reads only its own usage: leave out 'client', or name your own client. "
+        "Every client's usage needs the proxy's admin key.",
+        INVALID_REQUEST,
+        "client",
+        "permission_denied",
+        NO_RETRY,
+    )
+
+
+def ledger_unavailable() -> ApiError:
+    """
+    A 503 for C{GET /usage} while the usage ledger's database cannot be
+    read (down, locked, too slow).  Requests are still served and their
+    usage is held for the ledger; only this report has to wait.
+    """
+    return ApiError(
+        503,
+        "The usage ledger cannot be read right now (its database is down or too slow); requests are still "
+        "served and their usage is kept. Retry later.",
+        API_ERROR,
+        None,
+        "ledger_unavailable",
+        ((b"retry-after", b"5"),),
+    )
 
 
 def not_found(method: str, path: str) -> ApiError:

@@ -22,10 +22,21 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from oaiproxy.access.budgets import Exhausted
+from oaiproxy.access.budgetstore import BudgetedLimits, BudgetStore, Unpriced
 from oaiproxy.access.clients import Client, Credentials
 from oaiproxy.access.limits import UNLIMITED, Held, Limiter, LimitStore, LocalLimitStore, Refusal
 from oaiproxy.drain import Lifecycle
-from oaiproxy.errors import ApiError, draining, invalid_api_key, model_not_allowed, openai_key_sent, rate_limited
+from oaiproxy.errors import (
+    ApiError,
+    draining,
+    insufficient_quota,
+    invalid_api_key,
+    model_not_allowed,
+    model_unpriced,
+    openai_key_sent,
+    rate_limited,
+)
 from oaiproxy.observe.records import record_of
 from oaiproxy.upstream.headers import bearer_token, openai_key_carrier, scope_openai_headers
 from oaiproxy.web import error_response
@@ -88,7 +99,9 @@ class Admission:
     @param clock: the clock of the limits.
     @param lifecycle: tells whether the proxy is draining.
     @param store: where the clients' limits live, shared by every route
-        (by default a fresh in-process L{Limiter} on C{clock}).
+        (by default a fresh in-process L{Limiter} on C{clock}); a
+        L{BudgetedLimits} brings the clients' budgets too, reserved once the
+        limits admit a request.
     """
 
     log = Logger()
@@ -102,6 +115,10 @@ class Admission:
     ) -> None:
         self._credentials = credentials
         self._lifecycle = lifecycle or Lifecycle()
+        self._budgets: Optional[BudgetStore] = None
+        if isinstance(store, BudgetedLimits):
+            self._budgets = store.budgets
+            store = store.limits
         self._store: LimitStore = store if store is not None else LocalLimitStore(Limiter(clock))
 
     def admit(self, request: Request, route: str) -> "Optional[Client] | bytes":
@@ -125,6 +142,7 @@ class Admission:
         model: Optional[str],
         estimate: int,
         names_model: bool = True,
+        prompt_estimate: Optional[int] = None,
     ) -> "Deferred[Held | bytes]":
         """
         Check the client's allow-list for C{model} and take C{estimate}
@@ -137,6 +155,9 @@ class Admission:
 
         @param names_model: the request is about a model (false for reading
             a stored response: no allow-list applies, the limits do).
+        @param prompt_estimate: the part of C{estimate} that is prompt (for
+            its price in a dollar budget); by default all of it is priced
+            as output, the dearer part.
         @return: the hold to settle when the response is over, or the body
             of the error already set on the request.
         """
@@ -144,12 +165,43 @@ class Admission:
             return succeed(UNLIMITED)
         if names_model and not client.allows(model):
             return succeed(error_response(request, model_not_allowed(client.name, model)))
-        return self._store.admit(client, estimate).addCallback(self._answered, request, client)
+        budgets = self._budgets
+        if budgets is not None and client.budgets.any and names_model:
+            price = budgets.price(client, model)
+            if isinstance(price, Unpriced):
+                self.log.info("client {client} refused an unpriced model under a dollar budget", client=client.name)
+                return succeed(error_response(request, model_unpriced(client.name, model, price.prices_file)))
+        prompt = 0 if prompt_estimate is None else prompt_estimate
+        return self._store.admit(client, estimate).addCallback(
+            self._answered, request, client, model if names_model else None, prompt, estimate
+        )
 
-    def _answered(self, admitted: "Held | Refusal", request: Request, client: Client) -> "Held | bytes":
+    def _answered(
+        self,
+        admitted: "Held | Refusal",
+        request: Request,
+        client: Client,
+        model: Optional[str],
+        prompt: int,
+        estimate: int,
+    ) -> "Held | bytes":
         if isinstance(admitted, Refusal):
             self.log.info("client {client} over its {limit} limit", client=client.name, limit=admitted.limit)
             return error_response(
                 request, rate_limited(admitted.message, admitted.retry_after, tuple(admitted.headers))
             )
-        return admitted
+        budgets = self._budgets
+        if budgets is None:
+            return admitted
+        # Reserved only now, in the same reactor turn as the check: the
+        # limits' answer may have been a round trip away, and a budget
+        # checked before it could be overshot by the requests in between.
+        held = budgets.admit(client, model, prompt, estimate, record_of(request))
+        if isinstance(held, (Exhausted, Unpriced)):
+            # Its limits' hold goes back: the request never runs.
+            admitted.settle(0)
+            if isinstance(held, Unpriced):
+                return error_response(request, model_unpriced(client.name, held.model, held.prices_file))
+            self.log.info("client {client} over its {budget} budget", client=client.name, budget=held.budget)
+            return error_response(request, insufficient_quota(held.message))
+        return BudgetedLimits.both(admitted, held)

@@ -24,6 +24,9 @@ non-blank character is C{{}})::
     tokens_per_minute = 100000
     models = ["gpt-4o-mini"]     # optional allow-list
     project = "proj_..."         # optional: the OpenAI-Project sent for it
+    tokens_per_day = 2000000     # budgets: tokens_per_day, tokens_per_month,
+    usd_per_month = 50.0         # usd_per_day, usd_per_month (per client or
+    budget_timezone = "Europe/Paris"  # in [defaults]); periods in this zone
 
 C{OpenAI-Organization} and C{OpenAI-Project} pick what the shared upstream
 key acts for, so a client's own are dropped unless its entry (or
@@ -41,6 +44,7 @@ import hmac
 import json
 import re
 import secrets
+import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -56,6 +60,7 @@ from oaiproxy.config import (
 
 __all__ = [
     "Limits",
+    "Budgets",
     "Client",
     "ClientRegistry",
     "hash_key",
@@ -74,6 +79,8 @@ _LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "concurrent_request
 #: What a client's entry (or the defaults) says about C{OpenAI-Organization}
 #: and C{OpenAI-Project}; see L{Client}.
 _HEADER_FIELDS = ("organization", "project", "pass_openai_headers")
+#: A client's spending caps over calendar periods; see L{Budgets}.
+_BUDGET_FIELDS = ("tokens_per_day", "tokens_per_month", "usd_per_day", "usd_per_month", "budget_timezone")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -117,6 +124,42 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Budgets:
+    """
+    A client's budgets over calendar days and months; C{None} means no
+    budget.  Unlike L{Limits}, budgets are not split between workers: they
+    are totals the whole deployment enforces.
+
+    @ivar budget_timezone: the IANA zone whose midnights and 1sts end the
+        periods (UTC unless the file says otherwise).
+    """
+
+    tokens_per_day: Optional[int] = None
+    tokens_per_month: Optional[int] = None
+    usd_per_day: Optional[float] = None
+    usd_per_month: Optional[float] = None
+    budget_timezone: str = "UTC"
+
+    @property
+    def any(self) -> bool:
+        return any(
+            v is not None for v in (self.tokens_per_day, self.tokens_per_month, self.usd_per_day, self.usd_per_month)
+        )
+
+    @property
+    def in_usd(self) -> bool:
+        """
+        Whether a dollar budget is set: the client may then use only
+        priced models, or its spend could not be known.
+        """
+        return self.usd_per_day is not None or self.usd_per_month is not None
+
+    @property
+    def zone(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.budget_timezone)
+
+
+@dataclass(frozen=True)
 class Client:
     """
     One client.  Its repr shows the name only.
@@ -134,6 +177,7 @@ class Client:
     #: go upstream (where no fixed value is set); by default they are
     #: dropped, since they pick what the shared key acts for.
     pass_openai_headers: bool = False
+    budgets: Budgets = Budgets()
 
     def allows(self, model: Optional[str]) -> bool:
         """
@@ -214,6 +258,37 @@ def _limits(table: Mapping[str, Any], where: str, base: Limits) -> Limits:
     return Limits(**{**base.__dict__, **values})
 
 
+def _budgets(table: Mapping[str, Any], where: str, base: Budgets) -> Budgets:
+    """
+    The budgets of an entry, over those of C{base} (the defaults).
+    """
+    values: dict[str, Any] = {}
+    for name in ("tokens_per_day", "tokens_per_month"):
+        if name in table:
+            value = table[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{where}: {name} must be a positive whole number of tokens")
+            values[name] = value
+    for name in ("usd_per_day", "usd_per_month"):
+        if name in table:
+            value = table[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ConfigError(f"{where}: {name} must be a positive number of US dollars")
+            values[name] = float(value)
+    if "budget_timezone" in table:
+        value = table["budget_timezone"]
+        try:
+            if not isinstance(value, str) or not value:
+                raise ValueError(value)
+            zoneinfo.ZoneInfo(value)
+        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+            raise ConfigError(
+                f"{where}: budget_timezone must be an IANA time zone name such as UTC or Europe/Paris"
+            ) from None
+        values["budget_timezone"] = value
+    return Budgets(**{**base.__dict__, **values})
+
+
 def _header_settings(table: Mapping[str, Any], where: str, base: Mapping[str, Any]) -> dict[str, Any]:
     """
     The C{organization}, C{project} and C{pass_openai_headers} of an entry,
@@ -262,11 +337,14 @@ def _parse_clients(data: bytes, path: str) -> tuple[Limits, dict[str, Any], list
     defaults_table = document.get("defaults", {})
     if not isinstance(defaults_table, dict):
         raise ConfigError(f"{path}: [defaults] must be a table")
-    unknown = set(defaults_table) - set(_LIMIT_FIELDS) - set(_HEADER_FIELDS)
+    unknown = set(defaults_table) - set(_LIMIT_FIELDS) - set(_HEADER_FIELDS) - set(_BUDGET_FIELDS)
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) in [defaults]: {sorted(unknown)}")
     defaults = _limits(defaults_table, f"{path} [defaults]", Limits())
     header_defaults = _header_settings(defaults_table, f"{path} [defaults]", {})
+    # The budgets ride with the header settings: both are what the keys of
+    # OAIPROXY_CLIENT_KEYS take from [defaults] besides the limits.
+    header_defaults["budgets"] = _budgets(defaults_table, f"{path} [defaults]", Budgets())
     entries = document.get("clients", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: clients must be a list of [[clients]] tables")
@@ -281,7 +359,7 @@ def _parse_clients(data: bytes, path: str) -> tuple[Limits, dict[str, Any], list
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"{where}: name must be a non-empty string")
         where = f"{path} client {name!r}"
-        unknown = set(entry) - {"name", "key_sha256", "models", *_LIMIT_FIELDS, *_HEADER_FIELDS}
+        unknown = set(entry) - {"name", "key_sha256", "models", *_LIMIT_FIELDS, *_HEADER_FIELDS, *_BUDGET_FIELDS}
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
         digest = entry.get("key_sha256")
@@ -306,7 +384,10 @@ def _parse_clients(data: bytes, path: str) -> tuple[Limits, dict[str, Any], list
                 key_sha256=bytes.fromhex(digest),
                 limits=_limits(entry, where, defaults),
                 models=frozenset(models) if models is not None else None,
-                **_header_settings(entry, where, header_defaults),
+                **{
+                    **_header_settings(entry, where, header_defaults),
+                    "budgets": _budgets(entry, where, header_defaults["budgets"]),
+                },
             )
         )
     return defaults, header_defaults, clients

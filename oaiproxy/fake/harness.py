@@ -245,7 +245,7 @@ class Harness:
         # The proxy's own client configuration (no cookies, one-write
         # bodies) over an in-memory agent instead of a connection pool.
         self.upstream_agent = RequestTraversalAgent(upstream_resource or self.fake)
-        self.credentials = Credentials(Secret(UPSTREAM_KEY), config.clients)
+        self.credentials = Credentials(Secret(UPSTREAM_KEY), config.clients, config.admin_key)
         self.lifecycle = Lifecycle()
         self.metrics = Metrics()
         self.records: list[RequestRecord] = []

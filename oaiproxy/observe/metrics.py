@@ -380,7 +380,9 @@ class Metrics:
         route = record.route
         accepted = record.upstream_status is not None and record.upstream_status < 400
         model = self.model_label(record.model, claim=accepted)
-        self.requests.labels(record.client, model, route, f"{record.status // 100}xx").inc()
+        # GET /usage is the proxy's own report, not its caller's API request.
+        client = "-" if route == "usage" else record.client
+        self.requests.labels(client, model, route, f"{record.status // 100}xx").inc()
         upstream = record.upstream or "-"
         if record.upstream_seconds is not None:
             self.upstream_latency.labels(route, upstream).observe(record.upstream_seconds)

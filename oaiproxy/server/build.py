@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.access.admin import is_admin
 from oaiproxy.access.admission import admission_gate
+from oaiproxy.access.budgetstore import BudgetedLimits, BudgetStore
 from oaiproxy.access.clients import ClientRegistry, Credentials
 from oaiproxy.access.limits import Limiter, LimitStore, LocalLimitStore
 from oaiproxy.config import Config, Secret
@@ -38,6 +39,7 @@ from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource, Unr
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
+from oaiproxy.routes.usage import UsageResource
 from oaiproxy.routetable import ROUTES, Route, in_order
 from oaiproxy.server.dashboard import Dashboard, mount
 from oaiproxy.server.site import ProxySite
@@ -77,6 +79,7 @@ class Built:
     @ivar api: the resource of each enabled route, by route name.
     @ivar routes: the enabled routes, in the table's order.
     @ivar usage: the spend metrics and the usage ledger's recorder.
+    @ivar budgets: the clients' budget totals in this process.
     @ivar dashboard: the dashboard's live state; the daemon calls its
         C{tick} every C{dashboard.interval} seconds.
     """
@@ -90,6 +93,7 @@ class Built:
     upstreams: Upstreams
     limit_store: LimitStore
     usage: Optional[UsageRecorder] = None
+    budgets: Optional[BudgetStore] = None
     dashboard: Optional[Dashboard] = None
 
 
@@ -210,6 +214,11 @@ def build_site(
         LocalLimitStore(limiter) if shared is None else shared_limit_store(config, shared, clock, metrics)
     )
     enabled = in_order(config.routes)
+    if usage is None:
+        usage = UsageRecorder(clock, metrics, Prices(config.prices or EMPTY))
+    # The budgets price requests with the recorder's prices, which a
+    # reload replaces in place.
+    budgets = BudgetStore(clock, usage.prices)
     api = api_resources(
         enabled,
         upstreams,
@@ -217,7 +226,7 @@ def build_site(
         credentials,
         lifecycle,
         config.connect_timeout,
-        store,
+        BudgetedLimits(store, budgets),
         stream_usage=config.stream_usage,
         sse_keepalive=config.sse_keepalive,
     )
@@ -228,11 +237,16 @@ def build_site(
     unavailable = [r.name for r in ROUTES if r.name not in api and r.name not in served]
     if access_log is None:
         access_log = JsonAccessLog() if config.log_format == "json" else TextAccessLog()
-    if usage is None:
-        usage = UsageRecorder(clock, metrics, Prices(config.prices or EMPTY))
     dashboard = Dashboard(metrics, upstreams.pool, clock, group_dir)
     access_log = _both(access_log, usage, dashboard.refusals)
-    tree = build_tree(api, health, on_api_port, disabled=served, unavailable=unavailable)
+    tree = build_tree(
+        api,
+        health,
+        on_api_port,
+        disabled=served,
+        unavailable=unavailable,
+        usage=UsageResource(credentials, clock, usage.writer, budgets),
+    )
     mount(tree, dashboard, credentials)
     site = ProxySite(
         tree,
@@ -268,7 +282,9 @@ def build_site(
             metrics=Unrecorded(),
             reactor=clock,
         )
-    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage, dashboard)
+    return Built(
+        site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage, budgets, dashboard=dashboard
+    )
 
 
 def shared_limit_store(

@@ -143,7 +143,7 @@ def raw_error_response(error: ApiError, request_id: Optional[str] = None) -> byt
 
 #: Route labels for metrics and logs, by path (an API route with or
 #: without the /v1 prefix).
-ROUTE_LABELS = {b"/health": "health", b"/metrics": "metrics"}
+ROUTE_LABELS = {b"/health": "health", b"/metrics": "metrics", b"/usage": "usage"}
 for _route in ROUTES:
     ROUTE_LABELS[b"/v1" + _route.path.encode("ascii")] = ROUTE_LABELS[_route.path.encode("ascii")] = _route.label
 

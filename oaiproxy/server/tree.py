@@ -142,6 +142,7 @@ def build_tree(
     metrics: Optional[IResource] = None,
     disabled: Iterable[str] = (),
     unavailable: Iterable[str] = (),
+    usage: Optional[IResource] = None,
 ) -> Resource:
     """
     Assemble the tree::
@@ -150,6 +151,7 @@ def build_tree(
         /v1/<route>             each API route (SDK base URL .../v1)
         /<route>                the same (SDK base URL without /v1)
         /metrics                Prometheus metrics, when given
+        /usage                  the clients' usage and budgets, when given
 
     @param api: the resource for each enabled route, by route name
         (C{chat/completions}, C{audio/speech}...).
@@ -161,6 +163,8 @@ def build_tree(
     root.putChild(b"health", health if health is not None else HealthResource())
     if metrics is not None:
         root.putChild(b"metrics", metrics)
+    if usage is not None:
+        root.putChild(b"usage", usage)
     mounted: list[tuple[str, IResource]] = list(api.items())
     mounted += [(name, DisabledRoute(name)) for name in disabled if name not in api]
     mounted += [(name, DisabledRoute(name, route_not_available(name, "Azure OpenAI"))) for name in unavailable]

@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaiproxy.__main__ import main
 from oaiproxy.access.clients import (
     KEY_PREFIX,
+    Budgets,
     Client,
     ClientRegistry,
     Credentials,
@@ -405,6 +406,69 @@ class OpenAIHeaderSettingsTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             parse("[defaults]\npass_openai_headers = 1\n" + alice())
         self.assertIn("[defaults]", str(caught.exception))
+
+
+class BudgetSettingsTests(SynchronousTestCase):
+    """
+    Budgets (tokens and dollars, per day and month, in a time zone) are
+    read per client and from C{[defaults]}, and every mistake is refused
+    with the client and the field named.
+    """
+
+    def test_none_by_default(self) -> None:
+        """
+        An entry that sets no budget has none, over UTC days.
+        """
+        _, [client] = parse(alice())
+        self.assertEqual(client.budgets, Budgets())
+        self.assertFalse(client.budgets.any)
+        self.assertEqual(str(client.budgets.zone), "UTC")
+
+    def test_defaults_and_overrides(self) -> None:
+        """
+        C{[defaults]} sets budgets for every client, the keys of
+        C{OAIPROXY_CLIENT_KEYS} included; a client's own values override
+        them one by one.
+        """
+        text = (
+            '[defaults]\ntokens_per_day = 1000\nusd_per_month = 5\nbudget_timezone = "Europe/Paris"\n'
+            + alice(usd_per_month=7.5, tokens_per_month=20000)
+            + bob()
+        )
+        _, [a, b] = parse(text)
+        self.assertEqual(a.budgets, Budgets(1000, 20000, None, 7.5, "Europe/Paris"))
+        self.assertEqual(b.budgets, Budgets(1000, None, None, 5.0, "Europe/Paris"))
+        self.assertTrue(b.budgets.in_usd)
+        self.assertFalse(Budgets(tokens_per_day=1).in_usd)
+        path = write(temp_dir(self), "clients.toml", text)
+        registry = load_clients(path, {"OAIPROXY_CLIENT_KEYS": "env-key-0123456789"})
+        env = registry.identify(b"env-key-0123456789")
+        assert env is not None
+        self.assertEqual(env.budgets, b.budgets)
+
+    def test_bad_values(self) -> None:
+        """
+        A budget that is not a positive amount, or a zone that is not an
+        IANA name, is refused naming the client and the field.
+        """
+        for fields, field in [
+            ({"tokens_per_day": 0}, "tokens_per_day"),
+            ({"tokens_per_month": 1.5}, "tokens_per_month"),
+            ({"tokens_per_day": True}, "tokens_per_day"),
+            ({"usd_per_day": -1}, "usd_per_day"),
+            ({"usd_per_month": "10"}, "usd_per_month"),
+            ({"budget_timezone": "Mars/Olympus"}, "budget_timezone"),
+            ({"budget_timezone": "../etc/passwd"}, "budget_timezone"),
+            ({"budget_timezone": 1}, "budget_timezone"),
+        ]:
+            with self.assertRaises(ConfigError) as caught:
+                parse(alice(**fields))
+            self.assertIn("'alice'", str(caught.exception))
+            self.assertIn(field, str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            parse("[defaults]\nusd_per_day = 0\n" + alice())
+        self.assertIn("[defaults]", str(caught.exception))
+        self.assertIn("usd_per_day", str(caught.exception))
 
 
 class IdentifyTests(SynchronousTestCase):
