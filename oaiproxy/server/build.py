@@ -239,13 +239,14 @@ def build_site(
         access_log = JsonAccessLog() if config.log_format == "json" else TextAccessLog()
     dashboard = Dashboard(metrics, upstreams.pool, clock, group_dir)
     access_log = _both(access_log, usage, dashboard.refusals)
+    usage_resource = UsageResource(credentials, clock, usage.writer, budgets)
     tree = build_tree(
         api,
         health,
         on_api_port,
         disabled=served,
         unavailable=unavailable,
-        usage=UsageResource(credentials, clock, usage.writer, budgets),
+        usage=usage_resource,
     )
     mount(tree, dashboard, credentials)
     site = ProxySite(
@@ -270,8 +271,10 @@ def build_site(
         private = check if config.metrics_key else None
         private_health = HealthResource(lifecycle, UpstreamsHealthResource(upstreams.pool, private))
         private_tree = build_root(None, private_health, MetricsResource(metrics, private))
-        # The dashboard's live figures still need the admin key here.
+        # The dashboard and the usage it shows, with the admin key as on
+        # the API port.
         mount(private_tree, dashboard, credentials)
+        private_tree.putChild(b"usage", usage_resource)
         metrics_site = ProxySite(
             private_tree,
             max_body_bytes=1024,

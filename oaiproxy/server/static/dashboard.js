@@ -166,6 +166,11 @@
     } else {
       chart.plot.setData(data);
     }
+    // What the chart holds, for a glance in the inspector (and the tests).
+    let max = 0;
+    for (const ys of data.slice(1)) for (const y of ys) if (y !== null && y > max) max = y;
+    node.dataset.points = String(data[0].length);
+    node.dataset.max = String(max);
   }
 
   function resizeCharts() {
