@@ -190,5 +190,5 @@ class Demo:
             wrong = self.client("team-a", key="sk-proxy-not-a-real-key-0000000000000000")
             count(lambda: wrong.chat.completions.create(model="gpt-4o-mini", messages=messages))
             failing = self.client("batch-jobs")
-            count(lambda: failing.chat.completions.create(model="fake-500", messages=messages))
+            count(lambda: failing.chat.completions.create(model="fake-500", messages=messages, max_tokens=60))
         return seen

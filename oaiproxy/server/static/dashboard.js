@@ -10,7 +10,9 @@
   const KEY = "oaiproxy.admin_key";
   const LIVE = "live";
   const USAGE = "../usage";
-  const USAGE_EVERY = 60000;
+  const USAGE_EVERY = 30000;
+  const REFUSALS_SHOWN = 15;
+  const DAY = 86400;
   const STATUS_COLOURS = { "1xx": "--c8", "2xx": "--ok", "3xx": "--info", "4xx": "--warn", "5xx": "--bad" };
   const PALETTE = ["--c1", "--c2", "--c3", "--c4", "--c5", "--c6", "--c7", "--c8"];
 
@@ -102,7 +104,7 @@
 
   function amount(value, unit) {
     if (value === null || value === undefined) return "unknown";
-    if (unit === "usd") return "$" + value.toFixed(value < 10 ? 2 : 0);
+    if (unit === "usd") return "$" + value.toFixed(value < 0.1 ? 4 : value < 10 ? 2 : 0);
     return Math.round(value).toLocaleString() + " " + (unit === "tokens" ? "tokens" : unit);
   }
 
@@ -118,7 +120,7 @@
     const grid = { stroke: css("--grid"), width: 1 };
     return [
       { stroke, grid, ticks: grid },
-      { stroke, grid, ticks: grid, size: 52, values: valueFormat ? (u, vals) => vals.map(valueFormat) : undefined },
+      { stroke, grid, ticks: grid, size: 64, values: valueFormat ? (u, vals) => vals.map(valueFormat) : undefined },
     ];
   }
 
@@ -146,7 +148,6 @@
           width: 1.6,
           points: { show: data[0].length < 40 },
           spanGaps: false,
-          paths: opts.bars ? uPlot.paths.bars({ size: [0.7, 40] }) : undefined,
         })),
       );
       const plot = new uPlot(
@@ -155,7 +156,10 @@
           height: window.innerWidth >= 1800 ? 240 : 190,
           series,
           axes: axes(opts.format),
-          scales: { x: { time: opts.time !== false }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
+          scales: {
+            x: opts.xRange ? { time: true, range: () => opts.xRange } : { time: true },
+            y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] },
+          },
           legend: { live: true },
           cursor: { points: { size: 6 } },
         },
@@ -243,11 +247,11 @@
     const refusals = $("refusals").tBodies[0];
     clear(refusals);
     if (!live.refusals.length) refusals.appendChild(row([{ text: "none in memory", cls: "muted" }, {}, {}, {}, {}]));
-    for (const r of live.refusals.slice(0, 50)) {
+    for (const r of live.refusals.slice(0, REFUSALS_SHOWN)) {
       refusals.appendChild(
         row([
           { text: clock(r.at) },
-          { text: r.client },
+          r.client === "-" ? { text: "(no valid key)", cls: "muted" } : { text: r.client },
           { text: r.route },
           { text: r.status, cls: "num status-" + String(r.status).charAt(0) },
           { text: r.code || "-" },
@@ -298,7 +302,7 @@
               " left; resets " +
               until(b.resets_at) +
               " (" +
-              new Date(Date.parse(b.resets_at)).toLocaleString() +
+              new Date(Date.parse(b.resets_at)).toLocaleString([], { dateStyle: "medium", timeStyle: "short" }) +
               ")",
             "detail",
           ),
@@ -316,14 +320,17 @@
     const index = new Map(days.map((d, i) => [new Date(d * 1000).toISOString().slice(0, 10), i]));
     const names = [];
     const perClient = [];
+    const tokensPerClient = [];
     const models = new Map();
     const clientRows = $("spend-clients").tBodies[0];
     clear(clientRows);
     for (const client of usage.clients) {
       const values = days.map(() => 0);
+      const tokens = days.map(() => 0);
       for (const day of client.days || []) {
         const i = index.get(day.day);
         if (i !== undefined && day.cost_usd !== null) values[i] += day.cost_usd;
+        if (i !== undefined) tokens[i] += day.prompt_tokens + day.completion_tokens;
         const m = models.get(day.model) || { requests: 0, tokens: 0, usd: 0, unpriced: false };
         m.requests += day.requests;
         m.tokens += day.prompt_tokens + day.completion_tokens;
@@ -335,6 +342,7 @@
       if ((totals.requests || 0) > 0) {
         names.push(client.client);
         perClient.push(values);
+        tokensPerClient.push(tokens);
       }
       clientRows.appendChild(
         row([
@@ -358,13 +366,17 @@
       );
     }
     const shown = names.length ? names : ["no spend"];
-    draw(
-      "chart-spend",
-      shown,
-      shown.map((_, i) => PALETTE[i % PALETTE.length]),
-      [days].concat(names.length ? perClient : [days.map(() => 0)]),
-      { bars: true, format: (v) => "$" + +v.toPrecision(3) },
-    );
+    const colours = shown.map((_, i) => PALETTE[i % PALETTE.length]);
+    const zero = [days.map(() => 0)];
+    const xRange = [days[0] - DAY / 2, days[days.length - 1] + DAY / 2];
+    draw("chart-spend", shown, colours, [days].concat(names.length ? perClient : zero), {
+      format: (v) => "$" + +v.toPrecision(2),
+      xRange,
+    });
+    draw("chart-tokens", shown, colours, [days].concat(names.length ? tokensPerClient : zero), {
+      format: (v) => (v >= 1e6 ? +(v / 1e6).toPrecision(3) + "M" : v >= 1e3 ? +(v / 1e3).toPrecision(3) + "k" : v),
+      xRange,
+    });
   }
 
   function usageUnavailable(error) {
