@@ -180,3 +180,40 @@ class DashboardBrowserTests(SynchronousTestCase):
         with self.assertRaises(urllib.error.HTTPError) as raised:
             urllib.request.urlopen(request, timeout=20)
         self.assertEqual(raised.exception.code, 401)
+
+
+class DashboardGroupTests(SynchronousTestCase):
+    def test_a_group_shows_the_whole_group(self) -> None:
+        """
+        With C{--workers 2} whichever worker answers shows the group: both
+        workers, their upstream views merged, every refusal of either, and
+        the requests of both in the rates.
+        """
+        cwd = temp_dir(self)
+        demo = Demo(cwd, "--workers", "2").start()
+        self.addCleanup(demo.stop)
+        assert demo.process is not None
+        demo.process.wait_until(lambda out: out.count("oaiproxy listening on") >= 2)
+        seen = demo.traffic(rounds=3)
+        refused = seen["401"]
+
+        def settled() -> Any:
+            answers = [live(demo.base) for _ in range(6)]
+            good = all(
+                a["group"]
+                and a["workers"] == 2
+                and a["upstreams"][0]["workers"] == 2
+                and len([r for r in a["refusals"] if r["status"] == 401]) == refused
+                and sum(sum(v) for v in a["series"]["requests_per_second"].values()) > 0
+                for a in answers
+            )
+            return answers if good else None
+
+        answers = until(settled, "every worker to show the group's figures")
+        total = sum(seen.values())
+        for answer in answers:
+            # Every request of both workers, once: the rates add up to them.
+            counted = sum(
+                sum(v) * answer["series"]["interval"] for v in answer["series"]["requests_per_second"].values()
+            )
+            self.assertGreaterEqual(round(counted), total)
