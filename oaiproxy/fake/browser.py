@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from oaiproxy.access.clients import file_entry, mint_key
 from oaiproxy.fake.processes import Process, start_proxy
@@ -151,9 +151,7 @@ class Demo:
         """
         import openai
 
-        return openai.OpenAI(
-            api_key=key or self.keys[name], base_url=self.base + "/v1", max_retries=0, timeout=20.0
-        )
+        return openai.OpenAI(api_key=key or self.keys[name], base_url=self.base + "/v1", max_retries=0, timeout=20.0)
 
     def traffic(self, rounds: int = 3, stop: Optional[threading.Event] = None) -> dict[str, int]:
         """
@@ -165,10 +163,10 @@ class Demo:
 
         seen: dict[str, int] = {}
 
-        def count(call: Callable[[], Any]) -> None:
+        def count(sdk: Any, **request: Any) -> None:
             try:
-                result = call()
-                if hasattr(result, "__iter__") and not isinstance(result, (str, bytes)):
+                result = sdk.chat.completions.create(messages=messages, **request)
+                if request.get("stream"):
                     for _ in result:
                         pass
                 key = "200"
@@ -179,16 +177,15 @@ class Demo:
             seen[key] = seen.get(key, 0) + 1
 
         messages = [{"role": "user", "content": "Say hello to the dashboard."}]
+        wrong = self.client("team-a", key="sk-proxy-not-a-real-key-0000000000000000")
         for round_ in range(rounds):
             if stop is not None and stop.is_set():
                 break
             for name in self.keys:
                 sdk = self.client(name)
                 model = "gpt-4o" if name == "team-a" and round_ % 2 else "gpt-4o-mini"
-                count(lambda: sdk.chat.completions.create(model=model, messages=messages, max_tokens=60))
-                count(lambda: sdk.chat.completions.create(model=model, messages=messages, stream=True, max_tokens=60))
-            wrong = self.client("team-a", key="sk-proxy-not-a-real-key-0000000000000000")
-            count(lambda: wrong.chat.completions.create(model="gpt-4o-mini", messages=messages))
-            failing = self.client("batch-jobs")
-            count(lambda: failing.chat.completions.create(model="fake-500", messages=messages, max_tokens=60))
+                count(sdk, model=model, max_tokens=60)
+                count(sdk, model=model, max_tokens=60, stream=True)
+            count(wrong, model="gpt-4o-mini")
+            count(self.client("batch-jobs"), model="fake-500", max_tokens=60)
         return seen

@@ -453,7 +453,9 @@
     } catch (error) {
       sessionStorage.removeItem(KEY);
       $("signin-error").textContent =
-        error instanceof AuthError ? "Wrong key: " + error.message : "The proxy did not answer: " + error.message;
+        error instanceof AuthError
+          ? (/none is configured/.test(error.message) ? "" : "Wrong key. ") + error.message
+          : "The proxy did not answer: " + error.message;
     } finally {
       button.disabled = false;
     }
