@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from typing import Any, Optional
 
+import treq
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import Secret
-from oaiproxy.fake.harness import Harness, chat_body
+from oaiproxy.fake.harness import Harness, SiteAgent, chat_body, harness_config, registry
 from oaiproxy.server.dashboard import CSP
+from oaiproxy.upstream.client import http_client
 from tests.support import exchange
 
 ADMIN = b"oaiproxy-admin-0123456789abcdefghij"
@@ -152,3 +155,35 @@ class DashboardTests(SynchronousTestCase):
         self.assertNotIn(b"not-a-key", body)
         self.assertNotIn(CLIENT, body)
         self.assertEqual((live["group"], live["workers"]), (False, 1))
+
+
+class MetricsPortTests(SynchronousTestCase):
+    """
+    With C{--metrics-port}, the dashboard and the usage it reads are on
+    that listener too, with the same admin key.
+    """
+
+    def test_on_the_metrics_port(self) -> None:
+        config = replace(harness_config(clients=registry(CLIENT)), metrics_port="tcp:0:interface=127.0.0.1")
+        h = Harness(config=config)
+        h.credentials.admin_key = Secret(ADMIN)
+        assert h.built.metrics_site is not None
+        agent = SiteAgent(h.built.metrics_site)
+        client = http_client(agent)
+
+        def get(path: str, token: Optional[bytes]) -> tuple[int, bytes]:
+            headers = {b"authorization": [b"Bearer " + token]} if token else {}
+            d = client.get("http://metrics.test" + path, headers=headers, allow_redirects=False)
+            agent.flush()
+            response = self.successResultOf(d)
+            body = treq.content(response)
+            agent.flush()
+            return response.code, self.successResultOf(body)
+
+        self.assertEqual(get("/dashboard/", None)[0], 200)
+        self.assertEqual(get("/dashboard/live", None)[0], 401)
+        self.assertEqual(get("/dashboard/live", CLIENT)[0], 401)
+        code, body = get("/dashboard/live", ADMIN)
+        self.assertEqual((code, json.loads(body)["object"]), (200, "dashboard.live"))
+        code, body = get("/usage", ADMIN)
+        self.assertEqual((code, json.loads(body)["object"]), (200, "usage"))
