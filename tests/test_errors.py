@@ -124,6 +124,8 @@ CASES: list[tuple[Callable[..., ApiError], tuple[Any, ...], int, str, Optional[s
         ((b"x-should-retry", b"true"), (b"retry-after", b"1")),
     ),
     (errors.shut_down_mid_response, (), 503, "api_error", None, "proxy_shutting_down", ()),
+    (errors.usage_forbidden, (), 403, "invalid_request_error", "client", "permission_denied", NO_RETRY),
+    (errors.ledger_unavailable, (), 503, "api_error", None, "ledger_unavailable", ((b"retry-after", b"5"),)),
     (
         errors.rate_limited,
         ("slow down", 1.2, RATE_HEADERS),
@@ -168,7 +170,8 @@ def made(case: tuple[Any, ...]) -> ApiError:
 
 #: The constructors whose answer a retry can change: a slow client (408),
 #: an unreachable, silent or dropped upstream, a bug, a restart (or a
-#: stream it cut short), a rate limit with a time to wait.  Every other error is the same on a retry.
+#: stream it cut short), a rate limit with a time to wait, a usage ledger
+#: that cannot be read now.  Every other error is the same on a retry.
 RETRYABLE = {
     "request_timeout",
     "upstream_unreachable",
@@ -177,6 +180,7 @@ RETRYABLE = {
     "internal_error",
     "proxy_draining",
     "proxy_shutting_down",
+    "ledger_unavailable",
 }
 
 

@@ -36,6 +36,9 @@ from oaiproxy.access.clients import Client, ClientRegistry, Credentials, Limits
 from oaiproxy.config import Config, Secret
 from oaiproxy.daemon.lifecycle import Lifecycle
 from oaiproxy.fake.upstream import FakeUpstream
+from oaiproxy.ledger.prices import EMPTY, Prices
+from oaiproxy.ledger.recorder import UsageRecorder
+from oaiproxy.ledger.writer import LedgerWriter
 from oaiproxy.observe.metrics import Metrics
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routetable import DEFAULT_ROUTES
@@ -207,6 +210,10 @@ class Harness:
     @ivar clock: drives read timeouts and the fake's chunk pacing.
     @ivar proxy: a treq client whose requests reach the proxy's Site.
     @ivar records: the record of every finished request, in order.
+
+    @param clock: the clock (by default a new one): a ledger's, to share it.
+    @param ledger: the usage ledger's writer every finished request goes
+        to (by default, none: the spend metrics only).
     """
 
     def __init__(
@@ -224,6 +231,8 @@ class Harness:
         style: Optional[UpstreamStyle] = None,
         max_body_bytes: int = 64 * 1024 * 1024,
         config: Optional[Config] = None,
+        clock: Optional[Clock] = None,
+        ledger: Optional[LedgerWriter] = None,
     ) -> None:
         if config is None:
             config = harness_config(
@@ -239,7 +248,7 @@ class Harness:
             # Whatever host it names, the upstream is the fake, in memory.
             config = replace(config, clients=config.clients if config.clients is not None else ClientRegistry())
         self.config = config
-        self.clock = Clock()
+        self.clock = clock if clock is not None else Clock()
         azure = config.upstream_style == "azure"
         self.fake = FakeUpstream(self.clock, api_key=UPSTREAM_KEY, chunk_interval=chunk_interval, azure=azure)
         # The proxy's own client configuration (no cookies, one-write
@@ -257,6 +266,9 @@ class Harness:
             lifecycle=self.lifecycle,
             metrics=self.metrics,
             access_log=self.records.append,
+            usage=None
+            if ledger is None
+            else UsageRecorder(self.clock, self.metrics, Prices(config.prices or EMPTY), ledger),
         )
         self.built = built
         self.site = built.site

@@ -26,7 +26,7 @@ import datetime
 import re
 from dataclasses import dataclass
 from typing import Optional, Union
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_to_bytes
 
 from oaiproxy.access.admin import ADMIN, Caller
 from oaiproxy.access.budgets import period_of
@@ -113,17 +113,17 @@ def parse_query(raw: bytes, today: datetime.date) -> Union[Query, ApiError]:
     """
     if len(raw) > MAX_QUERY_BYTES:
         return bad_request(f"The query string is longer than {MAX_QUERY_BYTES} bytes.", None, "query_too_long")
-    try:
-        pairs = parse_qsl(raw, keep_blank_values=True, max_num_fields=MAX_CLIENTS + len(_PARAMS))
-    except ValueError:
+    fields = [field for field in raw.split(b"&") if field]
+    if len(fields) > MAX_CLIENTS + len(_PARAMS):
         return bad_request(f"The query string has more than {MAX_CLIENTS + len(_PARAMS)} parameters.", None)
     clients: list[str] = []
     dates: dict[str, datetime.date] = {}
-    for raw_name, raw_value in pairs:
+    for field in fields:
+        raw_name, _, raw_value = field.partition(b"=")
         try:
-            name, value = raw_name.decode("utf-8"), raw_value.decode("utf-8")
+            name, value = _decoded(raw_name), _decoded(raw_value)
         except UnicodeDecodeError:
-            return bad_request("The query string must be UTF-8 (percent-encoded).", None)
+            return bad_request("The query string must be UTF-8, percent-encoded.", None)
         if name not in _PARAMS:
             shown = name if len(name) <= 64 else name[:64] + "..."
             return bad_request(
@@ -141,6 +141,17 @@ def parse_query(raw: bytes, today: datetime.date) -> Union[Query, ApiError]:
             return day
         dates[name] = day
     return Query(tuple(clients), dates.get("since"), dates.get("until"))
+
+
+def _decoded(raw: bytes) -> str:
+    """
+    One name or value of a query string: ASCII on the wire, C{+} for a
+    space, percent-encoded UTF-8.
+
+    @raise UnicodeDecodeError: for anything else.
+    """
+    raw.decode("ascii")
+    return unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
 
 
 def _add_clients(clients: list[str], value: str) -> Optional[ApiError]:
