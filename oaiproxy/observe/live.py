@@ -289,7 +289,7 @@ class WorkerFiles:
     PREFIX = "dashboard-"
 
     def __init__(self, directory: str, pid: int, clock: IReactorTime, interval: float, window: float) -> None:
-        self._directory = directory
+        self.directory = directory
         self._path = os.path.join(directory, f"{self.PREFIX}{pid}.json")
         self._clock = clock
         self._interval = interval
@@ -312,11 +312,11 @@ class WorkerFiles:
         now = self._clock.seconds()
         upstreams: list[list[dict[str, Any]]] = []
         refusals: list[dict[str, Any]] = []
-        for name in sorted(os.listdir(self._directory)):
+        for name in sorted(os.listdir(self.directory)):
             if not (name.startswith(self.PREFIX) and name.endswith(".json")):
                 continue
             try:
-                with open(os.path.join(self._directory, name), encoding="utf-8") as source:
+                with open(os.path.join(self.directory, name), encoding="utf-8") as source:
                     document = json.load(source)
             except (OSError, ValueError):
                 continue  # removed meanwhile

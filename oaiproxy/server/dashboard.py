@@ -30,6 +30,7 @@ from importlib import resources
 from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
@@ -139,6 +140,7 @@ class Dashboard:
         pid: Optional[int] = None,
     ) -> None:
         self.stats = LiveStats(metrics.registry.collect, clock, interval, window)
+        self._write_failed = False
         self.refusals = Refusals()
         self._metrics = metrics
         self._pool = pool
@@ -148,6 +150,8 @@ class Dashboard:
             if group_dir is None
             else WorkerFiles(group_dir, pid if pid is not None else os.getpid(), clock, interval, window)
         )
+
+    log = Logger()
 
     @property
     def interval(self) -> float:
@@ -161,10 +165,20 @@ class Dashboard:
         One sample of the metrics and, in a group, this worker's file.
         """
         if self._files is not None:
-            # This worker's pool gauges into the group's files first, so
-            # the sample sees them as a scrape would.
-            self._metrics.refresh_upstreams()
-            self._files.write({"upstreams": self._upstreams(), "refusals": self.refusals.recent()})
+            try:
+                self._files.write({"upstreams": self._upstreams(), "refusals": self.refusals.recent()})
+            except OSError as error:
+                # The directory went (the group stopping) or the disk is
+                # full: the timer must keep running; said once a spell.
+                if not self._write_failed:
+                    self.log.warn(
+                        "cannot write the dashboard's file in {directory}: {error}",
+                        directory=self._files.directory,
+                        error=error,
+                    )
+                self._write_failed = True
+            else:
+                self._write_failed = False
         self.stats.sample()
 
     def document(self) -> dict[str, Any]:

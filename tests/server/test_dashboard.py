@@ -8,18 +8,21 @@ the admin key.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import replace
 from typing import Any, Optional
 
 import treq
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import Secret
 from oaiproxy.fake.harness import Harness, SiteAgent, chat_body, harness_config, registry
-from oaiproxy.server.dashboard import CSP
+from oaiproxy.observe.records import RequestRecord
+from oaiproxy.server.dashboard import CSP, Dashboard
 from oaiproxy.upstream.client import http_client
-from tests.support import exchange
+from tests.support import exchange, temp_dir
 
 ADMIN = b"oaiproxy-admin-0123456789abcdefghij"
 CLIENT = b"client-key-alice"
@@ -187,3 +190,46 @@ class MetricsPortTests(SynchronousTestCase):
         self.assertEqual((code, json.loads(body)["object"]), (200, "dashboard.live"))
         code, body = get("/usage", ADMIN)
         self.assertEqual((code, json.loads(body)["object"]), (200, "usage"))
+
+
+class GroupDashboardTests(SynchronousTestCase):
+    """
+    L{Dashboard} in a worker of a group: its own file, every worker's read.
+    """
+
+    def test_every_workers_file(self) -> None:
+        """
+        Two workers' dashboards over one directory: either answers with
+        both workers, the upstream seen by both, the refusals of each.
+        """
+        h = Harness(client_keys=[CLIENT])
+        directory = temp_dir(self)
+        pool = h.built.upstreams.pool
+        one = Dashboard(h.metrics, pool, h.clock, directory, pid=1)
+        two = Dashboard(h.metrics, pool, h.clock, directory, pid=2)
+        refused = RequestRecord("req_x", 3.0)
+        refused.status, refused.client, refused.error_code = 429, "alice", "rate_limit_exceeded"
+        one.refusals(refused)
+        one.tick()
+        two.tick()
+        document = two.document()
+        self.assertEqual((document["group"], document["workers"]), (True, 2))
+        self.assertEqual(document["upstreams"][0]["workers"], 2)
+        self.assertEqual([(r["client"], r["code"]) for r in document["refusals"]], [("alice", "rate_limit_exceeded")])
+
+    def test_a_file_that_cannot_be_written(self) -> None:
+        """
+        A directory gone (the group stopping) does not stop the sampler:
+        the tick samples, and says so once.
+        """
+        h = Harness(client_keys=[CLIENT])
+        missing = os.path.join(temp_dir(self), "gone")
+        dashboard = Dashboard(h.metrics, h.built.upstreams.pool, h.clock, missing, pid=1)
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        for _ in range(3):
+            dashboard.tick()
+            h.clock.advance(5)
+        self.assertEqual(len(dashboard.stats.series()["t"]), 2)
+        self.assertEqual(len([e for e in logged if "dashboard's file" in e.get("log_format", "")]), 1)
