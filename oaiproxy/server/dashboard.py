@@ -142,7 +142,6 @@ class Dashboard:
         self.stats = LiveStats(metrics.registry.collect, clock, interval, window)
         self._write_failed = False
         self.refusals = Refusals()
-        self._metrics = metrics
         self._pool = pool
         self._clock = clock
         self._files = (
