@@ -25,6 +25,9 @@ setup(
         "oaiproxy.sharedstate": ["scripts/*.lua"],
         # The usage ledger's versioned schema deltas (oaiproxy/ledger/schema.py).
         "oaiproxy.ledger": ["schema/*/*.sql*"],
+        # The dashboard's page, script, styles and vendored uPlot (with its
+        # licence): static files, served as they are (oaiproxy/server/dashboard.py).
+        "oaiproxy.server": ["static/*"],
     },
     # Each floor is the oldest version the suite passes on: .ci/run runs it
     # against exactly these (.ci/oldest.py pins them), and README's
@@ -62,6 +65,10 @@ setup(
             # The PostgreSQL ledger tests run against a real server, so CI
             # never skips them (tests/ledger/test_schema.py, tests/e2e/test_ledger.py).
             "psycopg2-binary>=2.9.13",
+            # The dashboard's browser tests drive Debian's chromium through its
+            # chromedriver (tests/e2e/test_dashboard.py); 4.11 takes the
+            # driver's path (Service) without Selenium Manager.
+            "selenium>=4.11.0",
         ],
         # State shared through Redis (oaiproxy/sharedstate/).
         # txredisapi is the maintained Twisted-native Redis client: no

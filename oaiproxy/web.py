@@ -55,6 +55,10 @@ def error_response(request: Request, error: ApiError) -> bytes:
     headers.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
     for name, value in error.headers:
         headers.setRawHeaders(name, [value])
+    # The record (oaiproxy.observe.records, above this module) if the site made one.
+    record = getattr(request, "record", None)
+    if record is not None:
+        record.error_code = error.code or error.type
     return body
 
 

@@ -1346,11 +1346,17 @@ def makeService(
         http_for=http_for,
         shared=shared,
         usage=usage,
+        group_dir=options.environ.get(MULTIPROC_ENV) if config.worker_listeners else None,
     )
     upstream, site = built.upstream, built.site
     _seed_budgets(config, built, credentials)
     assert built.budget_refresh is not None
     built.budget_refresh.setServiceParent(service)
+    if built.dashboard is not None:
+        # The dashboard's live figures, sampled off the request path.
+        sampler = TimerService(built.dashboard.interval, built.dashboard.tick)
+        sampler.clock = reactor
+        sampler.setServiceParent(service)
     if config.mock_upstream:
         _MockUpstreamService(reactor, upstream).setServiceParent(service)
     if config.worker_listeners and MULTIPROC_ENV in options.environ:

@@ -61,6 +61,9 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "ended": _SITE,
     "end_sent": _EXCHANGE,
     "worker": _SITE,
+    # Whichever layer answers with an OpenAI-shaped error, through the one
+    # helper they all share.
+    "error_code": ("oaiproxy.web",),
 }
 
 
@@ -132,6 +135,7 @@ class RequestRecord:
         "ended",
         "end_sent",
         "worker",
+        "error_code",
     )
 
     def __init__(self, request_id: str, started: float) -> None:
@@ -168,6 +172,9 @@ class RequestRecord:
         self.end_sent = False
         #: Which worker process served it (see oaiproxy.daemon.workers), or None.
         self.worker: Optional[int] = None
+        #: The code (or else the type) of the error the proxy answered
+        #: with itself, if any (the dashboard's recent refusals).
+        self.error_code: Optional[str] = None
 
     @property
     def duration(self) -> float:

@@ -43,6 +43,7 @@ from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routes.usage import UsageResource
 from oaiproxy.routetable import ROUTES, Route, in_order
+from oaiproxy.server.dashboard import Dashboard, mount
 from oaiproxy.server.site import ProxySite
 from oaiproxy.server.tree import HealthResource, UpstreamsHealthResource, build_root, build_tree
 from oaiproxy.upstream.client import TreqLike, UpstreamClient
@@ -85,6 +86,8 @@ class Built:
     @ivar budget_refresh: the service that reads them again from the
         ledger every second and sets the remaining gauges (the daemon
         starts it).
+    @ivar dashboard: the dashboard's live state; the daemon calls its
+        C{tick} every C{dashboard.interval} seconds.
     """
 
     site: ProxySite
@@ -98,6 +101,7 @@ class Built:
     usage: Optional[UsageRecorder] = None
     budgets: Optional[BudgetStore] = None
     budget_refresh: Optional[BudgetRefresh] = None
+    dashboard: Optional[Dashboard] = None
 
 
 def style_of(config: Config) -> UpstreamStyle:
@@ -174,6 +178,7 @@ def build_site(
     http_for: Optional[HttpFor] = None,
     shared: Optional[SharedState] = None,
     usage: Optional[UsageRecorder] = None,
+    group_dir: Optional[str] = None,
 ) -> Built:
     """
     Wire the proxy for C{config}.
@@ -194,6 +199,8 @@ def build_site(
         (C{--shared-state}); without it, all state is in this process.
     @param usage: reads every finished request into the spend metrics and
         the usage ledger; by default, the metrics only, at C{config.prices}.
+    @param group_dir: in a worker of a group, the group's metrics
+        directory (the dashboard's per-worker files go there too).
     """
     group = None
     if shared is not None and config.upstreams is not None:
@@ -241,16 +248,20 @@ def build_site(
     unavailable = [r.name for r in ROUTES if r.name not in api and r.name not in served]
     if access_log is None:
         access_log = JsonAccessLog() if config.log_format == "json" else TextAccessLog()
-    access_log = _both(access_log, usage)
+    dashboard = Dashboard(metrics, upstreams.pool, clock, group_dir)
+    access_log = _both(access_log, usage, dashboard.refusals)
+    usage_resource = UsageResource(credentials, clock, usage.writer, budgets)
+    tree = build_tree(
+        api,
+        health,
+        on_api_port,
+        disabled=served,
+        unavailable=unavailable,
+        usage=usage_resource,
+    )
+    mount(tree, dashboard, credentials)
     site = ProxySite(
-        build_tree(
-            api,
-            health,
-            on_api_port,
-            disabled=served,
-            unavailable=unavailable,
-            usage=UsageResource(credentials, clock, usage.writer, budgets),
-        ),
+        tree,
         streamed_paths=streamed_paths(enabled),
         max_body_bytes=config.max_body_bytes,
         idle_timeout=config.idle_timeout,
@@ -270,8 +281,13 @@ def build_site(
         # metrics key still applies when one is set.
         private = check if config.metrics_key else None
         private_health = HealthResource(lifecycle, UpstreamsHealthResource(upstreams.pool, private))
+        private_tree = build_root(None, private_health, MetricsResource(metrics, private))
+        # The dashboard and the usage it shows, with the admin key as on
+        # the API port.
+        mount(private_tree, dashboard, credentials)
+        private_tree.putChild(b"usage", usage_resource)
         metrics_site = ProxySite(
-            build_root(None, private_health, MetricsResource(metrics, private)),
+            private_tree,
             max_body_bytes=1024,
             idle_timeout=config.idle_timeout,
             header_timeout=config.header_timeout,
@@ -281,7 +297,9 @@ def build_site(
             reactor=clock,
         )
     refresh = budget_refresh(budgets, credentials, clock, usage, metrics)
-    return Built(site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage, budgets, refresh)
+    return Built(
+        site, metrics_site, upstream, limiter, api, enabled, upstreams, store, usage, budgets, refresh, dashboard
+    )
 
 
 def budget_refresh(
@@ -342,14 +360,16 @@ def shared_budget_store(
     return store
 
 
-def _both(access_log: AccessLog, usage: UsageRecorder) -> AccessLog:
+def _both(access_log: AccessLog, usage: UsageRecorder, refusals: Callable[[RequestRecord], None]) -> AccessLog:
     """
-    Every finished record to the access log, then to the usage recorder.
+    Every finished record to the access log, then to the usage recorder
+    and the dashboard's recent refusals.
     """
 
     def record(record: RequestRecord) -> None:
         access_log(record)
         usage(record)
+        refusals(record)
 
     return record
 
