@@ -1,21 +1,24 @@
 """
-What the usage ledger costs: requests per second and the added p50 with
-the ledger on (SQLite) against off (issue 15; the target is at most 5%).
+What the usage ledger and the budgets cost: requests per second and the
+added p50 with the ledger on (SQLite) against off (issue 15; the target is
+at most 5%), and with budgets enforced on top.
 
-Starts the fake upstream and two daemons as real processes on 127.0.0.1,
-both with a prices file (so both count spend in the metrics): one with
-C{--usage-db off}, one with a SQLite ledger in a temporary directory.  The
-daemons are pinned to CPU 0 with taskset when available, this script and
-the upstream to CPU 1.  Rounds alternate between the two, so a machine
-that slows down mid-run slows both; each figure is the median of the
-rounds.
+Starts the fake upstream and three daemons as real processes on
+127.0.0.1, all with a prices file (so all count spend in the metrics) and
+one client key: one with C{--usage-db off}, one with a SQLite ledger in a
+temporary directory, and one with a ledger and a client whose token and
+dollar budgets (day and month) are checked, reserved and settled on every
+request and re-read from the ledger every second.  The daemons are pinned
+to CPU 0 with taskset when available, this script and the upstream to
+CPU 1.  Rounds rotate among them, so a machine that slows down mid-run
+slows all; each figure is the median of the rounds.
 
  - latency: plain chat completions over one keep-alive connection (p50);
  - throughput: 8 clients on their own keep-alive connections for a few
    seconds (requests per second).
 
-At the end the ledger must hold exactly the requests sent through the
-daemon that has one (a ledger that is fast because it drops records would
+At the end each ledger must hold exactly the requests sent through its
+daemon (a ledger that is fast because it drops records would
 fail here).
 
     PYTHONPATH=. python bench/ledger.py            # about a minute
@@ -36,13 +39,17 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from quick import timed  # bench/ is this script's directory
+from quick import CLIENT_KEY, timed  # bench/ is this script's directory
 
+from oaiproxy.access.clients import file_entry
 from oaiproxy.fake.processes import start_fake_upstream, start_proxy
 
 KEY = "sk-bench-not-a-real-key"
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say something short."}]}).encode()
 PRICES = '[models."gpt-4o-mini"]\ninput = 0.15\ncached_input = 0.075\noutput = 0.60\n'
+#: Budgets no run comes near, so that every request is checked and admitted.
+BUDGETS = "tokens_per_day = 1000000000\ntokens_per_month = 1000000000\nusd_per_day = 100000.0\nusd_per_month = 100000.0\n"
+NAMES = ("off", "on", "budgets")
 
 
 def latencies(base: str, count: int) -> list[float]:
@@ -64,7 +71,8 @@ def throughput(base: str, clients: int, seconds: float) -> tuple[float, int]:
     def client(i: int) -> None:
         connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
         while time.monotonic() < stop:
-            connection.request("POST", "/v1/chat/completions", BODY, {"Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json", "Authorization": "Bearer " + CLIENT_KEY}
+            connection.request("POST", "/v1/chat/completions", BODY, headers)
             response = connection.getresponse()
             response.read()
             if response.status != 200:
@@ -98,34 +106,44 @@ def main() -> None:
     prices = os.path.join(workdir, "prices.toml")
     with open(prices, "w") as f:
         f.write(PRICES)
-    ledger = os.path.join(workdir, "usage.sqlite3")
+    plain, budgeted = os.path.join(workdir, "clients.toml"), os.path.join(workdir, "budgeted.toml")
+    with open(plain, "w") as f:
+        f.write(file_entry("bench", CLIENT_KEY))
+    with open(budgeted, "w") as f:
+        f.write(file_entry("bench", CLIENT_KEY) + BUDGETS)
+    ledgers = {"on": os.path.join(workdir, "usage.sqlite3"), "budgets": os.path.join(workdir, "budgets.sqlite3")}
     upstream, direct = start_fake_upstream(workdir, "")
     env = {"OPENAI_API_KEY": KEY}
     common = ["--upstream", direct, "--prices-file", prices]
-    off, off_base = start_proxy(workdir, [*common, "--usage-db", "off"], env, prefix=pin)
-    on, on_base = start_proxy(workdir, [*common, "--usage-db", ledger], env, prefix=pin)
-    targets = {"off": off_base, "on": on_base}
-    sent_on = 0
-    p50: dict[str, list[float]] = {"direct": [], "off": [], "on": []}
-    rps: dict[str, list[float]] = {"off": [], "on": []}
+    argv = {
+        "off": [*common, "--usage-db", "off", "--client-keys-file", plain],
+        "on": [*common, "--usage-db", ledgers["on"], "--client-keys-file", plain],
+        "budgets": [*common, "--usage-db", ledgers["budgets"], "--client-keys-file", budgeted],
+    }
+    daemons = {name: start_proxy(workdir, argv[name], env, prefix=pin) for name in NAMES}
+    targets = {name: base for name, (_, base) in daemons.items()}
+    sent = {name: 0 for name in NAMES}
+    p50: dict[str, list[float]] = {"direct": [], **{name: [] for name in NAMES}}
+    rps: dict[str, list[float]] = {name: [] for name in NAMES}
     try:
-        for target in targets.values():
+        for name, target in targets.items():
             latencies(target, 50)  # warm up: connection pools, the ledger's first flush
-        sent_on += 50
+            sent[name] += 50
         p50["direct"].append(statistics.median(latencies(direct.rsplit("/v1", 1)[0], args.requests)))
         for n in range(args.rounds):
-            order = ("off", "on") if n % 2 == 0 else ("on", "off")
-            for name in order:
+            for name in NAMES[n % 3 :] + NAMES[: n % 3]:
                 p50[name].append(statistics.median(latencies(targets[name], args.requests)))
                 rate, count = throughput(targets[name], 8, args.seconds)
                 rps[name].append(rate)
-                if name == "on":
-                    sent_on += args.requests + count
+                sent[name] += args.requests + count
     finally:
-        off.stop()
-        on.stop()
+        for daemon, _ in daemons.values():
+            daemon.stop()
         upstream.stop()
-    written = sqlite3.connect(ledger).execute("SELECT SUM(requests) FROM usage_daily").fetchone()[0]
+    written = {
+        name: sqlite3.connect(path).execute("SELECT SUM(requests) FROM usage_daily").fetchone()[0]
+        for name, path in ledgers.items()
+    }
     shutil.rmtree(workdir, ignore_errors=True)
 
     med = {name: statistics.median(values) for name, values in p50.items()}
@@ -133,15 +151,22 @@ def main() -> None:
     print(f"{args.rounds} round(s), {args.requests} latency requests and {args.seconds:g}s of 8 clients per round")
     print("| ledger | requests/s (8 clients) | p50, 1 connection | added p50 vs direct |")
     print("|---|---|---|---|")
-    for name in ("off", "on"):
-        print(f"| {name} | {rate[name]:,.0f} | {med[name]:.2f} ms | +{med[name] - med['direct']:.2f} ms |")
-    print(
-        f"ledger on / off: requests/s {rate['on'] / rate['off']:.3f}, added p50 "
-        f"{(med['on'] - med['direct']) / max(1e-9, med['off'] - med['direct']):.3f}"
-    )
-    print(f"ledger holds {written} requests of {sent_on} sent through it")
-    if written != sent_on:
-        raise SystemExit("the ledger lost requests")
+    labels = {"off": "off", "on": "on (SQLite)", "budgets": "on, and budgets enforced"}
+    for name in NAMES:
+        print(f"| {labels[name]} | {rate[name]:,.0f} | {med[name]:.2f} ms | +{med[name] - med['direct']:.2f} ms |")
+
+    def added(name: str) -> float:
+        return med[name] - med["direct"]
+
+    for name, base in (("on", "off"), ("budgets", "on")):
+        print(
+            f"{name} / {base}: requests/s {rate[name] / rate[base]:.3f}, "
+            f"added p50 {added(name) / max(1e-9, added(base)):.3f}"
+        )
+    for name in ledgers:
+        print(f"ledger of {name!r} holds {written[name]} requests of {sent[name]} sent through it")
+        if written[name] != sent[name]:
+            raise SystemExit("a ledger lost requests")
 
 
 if __name__ == "__main__":
