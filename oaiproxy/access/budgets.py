@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 from zoneinfo import ZoneInfo
 
@@ -54,10 +55,11 @@ class Period:
     begins: float
     ends: float
 
-    @property
+    @cached_property
     def key(self) -> str:
         """
-        Its name in the totals: C{2026-12-03} or C{2026-12}.
+        Its name in the totals: C{2026-12-03} or C{2026-12} (computed once:
+        every admission looks it up).
         """
         return self.start.isoformat() if self.kind == "day" else self.start.strftime("%Y-%m")
 
@@ -83,6 +85,13 @@ def _midnight(day: datetime.date, zone: ZoneInfo) -> float:
     # A local midnight that does not exist (a zone that skips it for DST)
     # resolves forward, as zoneinfo does with fold=0.
     return datetime.datetime(day.year, day.month, day.day, tzinfo=zone).timestamp()
+
+
+def current_periods(now: float, zone: ZoneInfo) -> dict[str, Period]:
+    """
+    The day and the month holding C{now} in C{zone}, by kind.
+    """
+    return {kind: period_of(now, zone, kind) for kind in PERIODS}
 
 
 def period_of(now: float, zone: ZoneInfo, kind: str) -> Period:

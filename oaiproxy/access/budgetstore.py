@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from zoneinfo import ZoneInfo
 
 from prometheus_client import CollectorRegistry, Gauge
 from twisted.application.service import Service
@@ -44,7 +45,15 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from oaiproxy.access.budgets import PERIODS, Cost, Exhausted, Period, decide, period_of, reservation_cost
+from oaiproxy.access.budgets import (
+    PERIODS,
+    Cost,
+    Exhausted,
+    Period,
+    current_periods,
+    decide,
+    reservation_cost,
+)
 from oaiproxy.access.clients import Client
 from oaiproxy.access.limits import Held, LimitStore, Refusal
 from oaiproxy.ledger.prices import Price, Prices
@@ -195,14 +204,23 @@ class BudgetStore:
         self.prices = prices
         self.share = share
         self._totals: dict[tuple[str, str, str], _Total] = {}
+        self._periods: dict[ZoneInfo, dict[str, Period]] = {}
 
     def periods(self, client: Client) -> dict[str, Period]:
         """
-        The client's current day and month.
+        The client's current day and month (not to be changed: the same
+        dict serves every client in that zone until the day ends, since
+        working them out is most of an admission's cost otherwise).
         """
         now = self._clock.seconds()
         zone = client.budgets.zone
-        return {kind: period_of(now, zone, kind) for kind in PERIODS}
+        known = self._periods.get(zone)
+        if known is not None:
+            day = known["day"]
+            if day.begins <= now < day.ends:
+                return known
+        periods = self._periods[zone] = current_periods(now, zone)
+        return periods
 
     def _total(self, client: str, period: Period) -> _Total:
         key = (client, period.kind, period.key)
