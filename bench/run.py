@@ -291,7 +291,7 @@ def main() -> None:
         plain: dict[str, tuple[Process, str]] = {}
         sse_proxies: dict[str, tuple[Process, str]] = {}
         for name, version_env in versions.items():
-            for kind, upstream, table in (("plain", plain_url, plain), ("sse", sse_url, sse_proxies)):
+            for upstream, table in ((plain_url, plain), (sse_url, sse_proxies)):
                 process, base = start_proxy(work, ["--upstream", upstream, *common], version_env, prefix=pin, port=port)
                 started.append(process)
                 table[name] = (process, base)
