@@ -110,6 +110,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def system_seconds(pid: int) -> float:
+    """
+    The kernel's part of C{pid}'s CPU time (system calls: socket reads and
+    writes, epoll).
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def memory_kb(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -341,6 +351,7 @@ def main() -> None:
             for target, base in stream_targets.items():
                 process = sse_proxies[target][0] if target in sse_proxies else None
                 cpu = cpu_seconds(process.pid) if process else 0.0
+                kernel = system_seconds(process.pid) if process else 0.0
                 with profiled(args.profile, process.pid if process else None, f"{target}-c{count}"):
                     measured = streams(base, count, seconds, work)
                 measured["delivered"] = measured["received"] / max(1, measured["expected"])
@@ -350,6 +361,7 @@ def main() -> None:
                     # Stream setup included: the CPU of the whole scenario
                     # over the chunks the client received.
                     measured["proxy_cpu_us_per_chunk"] = 1e6 * used / max(1, measured["received"])
+                    measured["proxy_system_share_of_cpu"] = (system_seconds(process.pid) - kernel) / max(used, 1e-9)
                     measured["proxy_peak_rss_mb"] = memory_kb(process.pid, "VmHWM") / 1024
                 row[target] = measured
             results["c"][str(count)] = row
@@ -424,6 +436,9 @@ def report(r: dict[str, Any]) -> str:
         row(f"(c) {count} streams: time to first chunk p50, ms", figures, lambda x: x["first_p50_ms"], ".1f", False)
         row(f"(c) {count} streams: proxy CPU per chunk, µs", figures, lambda x: x.get("proxy_cpu_us_per_chunk"), ".1f")
         row(f"(c) {count} streams: proxy CPU, share of a core", figures, lambda x: x.get("proxy_cpu_share"), ".0%")
+        row(
+            f"(c) {count} streams: of which in the kernel", figures, lambda x: x.get("proxy_system_share_of_cpu"), ".0%"
+        )
         row(f"(c) {count} streams: proxy peak RSS, MB", figures, lambda x: x.get("proxy_peak_rss_mb"), ".0f")
     for count, idle in r["d"].items():
         lines.append(
