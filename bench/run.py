@@ -24,6 +24,7 @@ Scenarios:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -34,7 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from oaiproxy.access.clients import file_entry
 from oaiproxy.fake.processes import Process, child_env, start_proxy
@@ -107,6 +108,16 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def system_seconds(pid: int) -> float:
+    """
+    The kernel's part of C{pid}'s CPU time (system calls: socket reads and
+    writes, epoll).
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def memory_kb(pid: int, field: str) -> int:
@@ -198,19 +209,55 @@ def idle_streams(base: str, count: int, proxy_pid: int, work: str) -> dict[str, 
     return {"open": opened, "kb_per_stream": (after - before) / max(1, opened)}
 
 
+@contextlib.contextmanager
+def profiled(directory: Optional[str], pid: Optional[int], name: str) -> Iterator[None]:
+    """
+    With C{directory}, sample C{pid} with py-spy (on the load generators'
+    CPU) while the block runs, into C{directory/name.txt} as collapsed
+    stacks (one line per stack, its sample count last).
+    """
+    if not directory or not pid:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    out = os.path.join(directory, name + ".txt")
+    argv = ["taskset", "-c", UPSTREAM_CPU, "py-spy", "record", "--nonblocking", "-r", "250", "-f", "raw"]
+    spy = subprocess.Popen([*argv, "-o", out, "--pid", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="seconds-long run: the suite works, figures mean nothing")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--only", default="a,b,c,d,workers", help="scenarios to run (default: all)")
+    parser.add_argument(
+        "--before",
+        metavar="CHECKOUT",
+        help="also run (a), (b) and (c) through the proxy of another checkout (its root, first on its PYTHONPATH), "
+        "right before this one's, so before and after come from one run",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="record the proxies under py-spy (collapsed stacks in DIR; the CPU figures then include py-spy's sampling)",
+    )
+    parser.add_argument("--seconds", type=float, help="length of each measurement (default: 10, smoke: 2)")
+    parser.add_argument("--streams", help="stream counts for (c), comma-separated (default: 200,1000)")
     args = parser.parse_args()
     need("wrk", "nginx", "node", "taskset")
     # Thousands of streams need thousands of descriptors, here and in every
     # process started from here.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    seconds = 2.0 if args.smoke else 10.0
+    seconds = args.seconds or (2.0 if args.smoke else 10.0)
     stream_counts = (20, 50) if args.smoke else (200, 1000)
+    if args.streams:
+        stream_counts = tuple(int(n) for n in args.streams.split(","))
     idle_counts = (50, 100) if args.smoke else (1000, 5000)
 
     work = tempfile.mkdtemp(prefix="oaiproxy-bench-")
@@ -246,56 +293,76 @@ def main() -> None:
         env = {"OPENAI_API_KEY": UPSTREAM_KEY}
         common = ["--client-keys-file", clients, "--max-connections-per-ip", "100000", "--sse-keepalive", "0"]
         port = "tcp:0:interface=127.0.0.1:backlog=4096"
-        plain_proxy, plain_base = start_proxy(work, ["--upstream", plain_url, *common], env, prefix=pin, port=port)
-        started.append(plain_proxy)
-        sse_proxy, sse_base = start_proxy(work, ["--upstream", sse_url, *common], env, prefix=pin, port=port)
-        started.append(sse_proxy)
-        targets = {"direct": plain_url, "proxy": plain_base + "/v1"}
+        # Each proxy under test: a plain one (nginx upstream) and a stream
+        # one (the SSE upstream).  "before" is another checkout's code.
+        versions = {"proxy": env}
+        if args.before:
+            versions = {"before": {**env, "PYTHONPATH": os.path.abspath(args.before)}, **versions}
+        plain: dict[str, tuple[Process, str]] = {}
+        sse_proxies: dict[str, tuple[Process, str]] = {}
+        for name, version_env in versions.items():
+            for upstream, table in ((plain_url, plain), (sse_url, sse_proxies)):
+                process, base = start_proxy(work, ["--upstream", upstream, *common], version_env, prefix=pin, port=port)
+                started.append(process)
+                table[name] = (process, base)
+        sse_proxy, sse_base = sse_proxies["proxy"]
+        targets = {"direct": plain_url, **{name: base + "/v1" for name, (_, base) in plain.items()}}
 
         only = set(args.only.split(","))
         # (a) plain requests
         small = lua(work, "small", body(1024))
         for base in targets.values():
             wrk(base + "/chat/completions", small, 64, 1)  # warm up
-        results["a"] = (
-            {}
-            if "a" not in only
-            else {
-                target: {
-                    "rps_64": wrk(base + "/chat/completions", small, 64, seconds)["rps"],
-                    "c1": wrk(base + "/chat/completions", small, 1, seconds),
-                    "c8": wrk(base + "/chat/completions", small, 8, seconds),
-                }
-                for target, base in targets.items()
+        results["a"] = {}
+        for target, base in targets.items() if "a" in only else ():
+            pid = plain[target][0].pid if target in plain else None
+            cpu = cpu_seconds(pid) if pid else 0.0
+            with profiled(args.profile, pid, f"{target}-a"):
+                run = wrk(base + "/chat/completions", small, 64, seconds)
+            results["a"][target] = {
+                "rps_64": run["rps"],
+                "proxy_cpu_us_per_request": 1e6 * (cpu_seconds(pid) - cpu) / run["requests"]
+                if pid and run["requests"]
+                else None,
+                "c1": wrk(base + "/chat/completions", small, 1, seconds),
+                "c8": wrk(base + "/chat/completions", small, 8, seconds),
             }
-        )
 
         # (b) 1 MB bodies
         large = lua(work, "large", body(1024 * 1024))
         results["b"] = {}
         for target, base in targets.items() if "b" in only else ():
-            cpu = cpu_seconds(plain_proxy.pid)
+            process = plain[target][0] if target in plain else None
+            cpu = cpu_seconds(process.pid) if process else 0.0
             run = wrk(base + "/chat/completions", large, 8, seconds)
-            used = cpu_seconds(plain_proxy.pid) - cpu
+            used = cpu_seconds(process.pid) - cpu if process else 0.0
             results["b"][target] = {
                 "mb_per_s": run["rps"] * len(body(1024 * 1024)) / 1e6,
                 "errors": run["errors"],
-                "proxy_cpu_ms_per_request": 1000 * used / run["requests"]
-                if target == "proxy" and run["requests"]
-                else None,
+                "proxy_cpu_ms_per_request": 1000 * used / run["requests"] if process and run["requests"] else None,
+                "proxy_peak_rss_mb": memory_kb(process.pid, "VmHWM") / 1024 if process else None,
             }
 
         # (c) concurrent streams at 20 chunks/s
         results["c"] = {}
         for count in stream_counts if "c" in only else ():
             row: dict[str, Any] = {}
-            for target, base in {"direct": sse_url, "proxy": sse_base + "/v1"}.items():
-                cpu = cpu_seconds(sse_proxy.pid)
-                measured = streams(base, count, seconds, work)
+            stream_targets = {"direct": sse_url, **{name: base + "/v1" for name, (_, base) in sse_proxies.items()}}
+            for target, base in stream_targets.items():
+                process = sse_proxies[target][0] if target in sse_proxies else None
+                cpu = cpu_seconds(process.pid) if process else 0.0
+                kernel = system_seconds(process.pid) if process else 0.0
+                with profiled(args.profile, process.pid if process else None, f"{target}-c{count}"):
+                    measured = streams(base, count, seconds, work)
                 measured["delivered"] = measured["received"] / max(1, measured["expected"])
-                if target == "proxy":
-                    measured["proxy_cpu_share"] = (cpu_seconds(sse_proxy.pid) - cpu) / (seconds + 2)
-                    measured["proxy_peak_rss_mb"] = memory_kb(sse_proxy.pid, "VmHWM") / 1024
+                if process:
+                    used = cpu_seconds(process.pid) - cpu
+                    measured["proxy_cpu_share"] = used / (seconds + 2)
+                    # Stream setup included: the CPU of the whole scenario
+                    # over the chunks the client received.
+                    measured["proxy_cpu_us_per_chunk"] = 1e6 * used / max(1, measured["received"])
+                    measured["proxy_system_share_of_cpu"] = (system_seconds(process.pid) - kernel) / max(used, 1e-9)
+                    measured["proxy_peak_rss_mb"] = memory_kb(process.pid, "VmHWM") / 1024
                 row[target] = measured
             results["c"][str(count)] = row
 
@@ -327,34 +394,52 @@ def main() -> None:
 
 
 def report(r: dict[str, Any]) -> str:
+    """
+    The figures as a Markdown table: direct, then each proxy version (with
+    C{--before}: before, then this checkout's), then this checkout's ratio
+    to direct (or, with C{--before}, to before).
+    """
     a, b = r["a"], r["b"]
-    lines = ["| scenario | direct | proxy | proxy / direct |", "|---|---|---|---|"]
+    names = [n for n in ("before", "proxy") if n in (a or b or next(iter(r["c"].values()), {}))]
+    base = "before" if "before" in names else "direct"
+    heads = ["direct", *names, f"proxy / {base}"]
+    lines = ["| scenario | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+
+    def row(label: str, figures: dict[str, Any], key: Any, fmt: str, ratio: bool = True) -> None:
+        values = {n: key(figures[n]) if n in figures else None for n in ("direct", *names)}
+        cells = [format(values[n], fmt) if values[n] is not None else "" for n in ("direct", *names)]
+        rel = ""
+        if ratio and values.get(base) and values["proxy"] is not None:
+            rel = f"{values['proxy'] / values[base]:.3f}"
+        lines.append(f"| {label} | " + " | ".join([*cells, rel]) + " |")
+
     if a:
-        lines.append(
-            f"| (a) requests/s at 64 connections | {a['direct']['rps_64']:,.0f} | {a['proxy']['rps_64']:,.0f} | {a['proxy']['rps_64'] / a['direct']['rps_64']:.3f} |"
-        )
+        row("(a) requests/s at 64 connections", a, lambda x: x["rps_64"], ",.0f")
+        row("(a) proxy CPU per request, µs", a, lambda x: x["proxy_cpu_us_per_request"], ".0f")
         for c in ("c1", "c8"):
             for p in ("p50", "p99"):
-                d, x = a["direct"][c][f"{p}_ms"], a["proxy"][c][f"{p}_ms"]
-                lines.append(
-                    f"| (a) latency {p} at {c[1:]} connection(s), ms (added) | {d:.2f} | {x:.2f} | +{x - d:.2f} ms |"
+                row(
+                    f"(a) latency {p} at {c[1:]} connection(s), ms",
+                    a,
+                    lambda x, c=c, p=p: x[c][f"{p}_ms"],
+                    ".2f",
+                    False,
                 )
     if b:
-        lines.append(
-            f"| (b) 1 MB bodies, MB/s | {b['direct']['mb_per_s']:,.0f} | {b['proxy']['mb_per_s']:,.0f} | {b['proxy']['mb_per_s'] / b['direct']['mb_per_s']:.3f} |"
+        row("(b) 1 MB bodies, MB/s", b, lambda x: x["mb_per_s"], ",.0f")
+        row("(b) proxy CPU per 1 MB request, ms", b, lambda x: x["proxy_cpu_ms_per_request"], ".2f")
+        row("(b) proxy peak RSS (8 concurrent), MB", b, lambda x: x["proxy_peak_rss_mb"], ".0f")
+    for count, figures in r["c"].items():
+        row(f"(c) {count} streams: chunks delivered", figures, lambda x: 100 * x["delivered"], ".1f", False)
+        row(f"(c) {count} streams: chunk delay p50, ms", figures, lambda x: x["delay_p50_ms"], ".1f", False)
+        row(f"(c) {count} streams: chunk delay p99, ms", figures, lambda x: x["delay_p99_ms"], ".1f", False)
+        row(f"(c) {count} streams: time to first chunk p50, ms", figures, lambda x: x["first_p50_ms"], ".1f", False)
+        row(f"(c) {count} streams: proxy CPU per chunk, µs", figures, lambda x: x.get("proxy_cpu_us_per_chunk"), ".1f")
+        row(f"(c) {count} streams: proxy CPU, share of a core", figures, lambda x: x.get("proxy_cpu_share"), ".0%")
+        row(
+            f"(c) {count} streams: of which in the kernel", figures, lambda x: x.get("proxy_system_share_of_cpu"), ".0%"
         )
-        lines.append(f"| (b) proxy CPU per 1 MB request, ms | | {b['proxy']['proxy_cpu_ms_per_request']:.2f} | |")
-    for count, row in r["c"].items():
-        d, x = row["direct"], row["proxy"]
-        lines += [
-            f"| (c) {count} streams: chunks delivered | {d['delivered']:.1%} | {x['delivered']:.1%} | |",
-            f"| (c) {count} streams: chunk delay p50 / p99, ms (added) | {d['delay_p50_ms']:.1f} / {d['delay_p99_ms']:.1f} "
-            f"| {x['delay_p50_ms']:.1f} / {x['delay_p99_ms']:.1f} | +{x['delay_p50_ms'] - d['delay_p50_ms']:.1f} / "
-            f"+{x['delay_p99_ms'] - d['delay_p99_ms']:.1f} ms |",
-            f"| (c) {count} streams: time to first chunk p50, ms | {d['first_p50_ms']:.1f} | {x['first_p50_ms']:.1f} | |",
-            f"| (c) {count} streams: proxy CPU (share of a core), peak RSS | | {x['proxy_cpu_share']:.0%}, "
-            f"{x['proxy_peak_rss_mb']:.0f} MB | |",
-        ]
+        row(f"(c) {count} streams: proxy peak RSS, MB", figures, lambda x: x.get("proxy_peak_rss_mb"), ".0f")
     for count, idle in r["d"].items():
         lines.append(
             f"| (d) {count} idle streams ({idle['open']} open): proxy memory per stream | | {idle['kb_per_stream']:.1f} KB | |"

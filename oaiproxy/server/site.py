@@ -40,7 +40,14 @@ from oaiproxy.observe.accesslog import AccessLog, TextAccessLog
 from oaiproxy.observe.metrics import Metrics
 from oaiproxy.observe.records import RequestRecord, new_request_id
 from oaiproxy.routetable import ROUTES
-from oaiproxy.server.twisted_internals import bound_chunked_body, held, hold_channel, release_channel, unparsed_head
+from oaiproxy.server.twisted_internals import (
+    bound_chunked_body,
+    held,
+    hold_channel,
+    release_channel,
+    unparsed_head,
+    write_now,
+)
 from oaiproxy.upstream.bodies import BodyPipe, BodyRefused
 from oaiproxy.upstream.headers import client_request_id
 from oaiproxy.upstream.relay import KEEPALIVE
@@ -507,6 +514,9 @@ class ProxyRequest(Request):
             self.record.head_sent = self._clock.seconds()
         if data and self.record.first_chunk is None and data != KEEPALIVE:
             self.record.first_chunk = self._clock.seconds()
+        if self._streaming and self.startedWriting and data and write_now(self, data):
+            # An event goes to the client's socket at once (see write_now).
+            return
         super().write(data)
 
     def processingFailed(self, reason: Failure) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Protocol
 
+from twisted.internet import tcp
 from twisted.protocols.basic import LineReceiver
 
 # _ChunkedTransferDecoder: the decoder twisted.web picks for
@@ -38,6 +39,7 @@ __all__ = [
     "hold_channel",
     "release_channel",
     "held",
+    "write_now",
 ]
 
 #: The significant digits of a chunk size.
@@ -152,3 +154,53 @@ def held(request: Request) -> bool:
     Whether L{hold_channel} holds C{request}.
     """
     return bool(request.queued)
+
+
+def write_now(request: Request, data: bytes) -> bool:
+    """
+    Send C{data}, a chunk of C{request}'s chunked response whose head is
+    out, to the socket now, if the connection is plain TCP and has nothing
+    waiting to be sent; return whether it did (if not, the caller writes it
+    the usual way, C{Request.write}).
+
+    Why: C{Request.write} only buffers; the chunk leaves at the reactor's
+    next turn, when the socket is reported writable, after an epoll
+    registration for writing and before one to undo it.  A stream chunk
+    goes out alone anyway (each comes in its own read from upstream), so
+    that is a reactor event, two C{epoll_ctl} calls and their Python per
+    chunk for nothing: about a third of a relayed chunk's instructions
+    (bench/README.md, issue 17).  What the socket does not take now is
+    buffered by C{transport.write} as before, and every later chunk waits
+    behind it, so the order and the backpressure (the transport pauses its
+    producer past its buffer size) stay as they were.  A lost connection
+    is left for the reactor to find, as a buffered write would be.
+
+    Relies on: C{Request._disconnected} (the client is gone) and
+    C{Request._encoder} (a content encoding, which the proxy never sets);
+    on C{FileDescriptor.dataBuffer}, C{_tempDataLen} and
+    C{_writeDisconnected} (what is waiting, and a closed write side) and
+    C{tcp.Connection.TLS}; and on public C{Request.chunked},
+    C{Request.sentLength} and C{FileDescriptor.writeSomeData}.  The
+    framing is C{http.toChunk}'s.
+    """
+    if request.finished or request._disconnected or not request.chunked or getattr(request, "_encoder", None):
+        return False
+    transport: Any = request.channel.transport
+    if (
+        type(transport) is not tcp.Server
+        or transport.TLS
+        or transport.dataBuffer
+        or transport._tempDataLen
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnected
+    ):
+        return False
+    framed = b"%x\r\n%b\r\n" % (len(data), data)
+    request.sentLength += len(data)
+    sent = transport.writeSomeData(framed)
+    if type(sent) is not int:
+        sent = 0
+    if sent < len(framed):
+        transport.write(framed[sent:])
+    return True

@@ -57,9 +57,21 @@ class UpstreamIdle(Exception):
         self.seconds = seconds
 
 
+#: Seconds of a timer's rest that are only floating-point rounding.
+_ROUNDING = 1e-6
+
+
 class _IdleTimer:
     """
-    A restartable one-shot timer.
+    A restartable one-shot timer that costs a clock read per restart.
+
+    It is restarted on every chunk of every stream, so a restart only notes
+    the time: the one delayed call, when it comes due, checks how long it
+    has really been quiet and waits out the rest, or expires.  It fires
+    when a timer moved on every restart would (to the microsecond: a rest
+    below that is rounding, and waiting it out could loop on a clock that
+    does not move between calls, like a test's C{Clock}), without a
+    C{DelayedCall.active()} and C{reset()} per chunk.
     """
 
     def __init__(self, clock: IReactorTime, seconds: float, expired: Callable[[], None]) -> None:
@@ -67,12 +79,20 @@ class _IdleTimer:
         self._seconds = seconds
         self._expired = expired
         self._call: Optional[IDelayedCall] = None
+        self._since = 0.0
 
     def restart(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.reset(self._seconds)
+        self._since = self._clock.seconds()
+        if self._call is None:
+            self._call = self._clock.callLater(self._seconds, self._due)
+
+    def _due(self) -> None:
+        self._call = None
+        left = self._since + self._seconds - self._clock.seconds()
+        if left > _ROUNDING:
+            self._call = self._clock.callLater(left, self._due)
         else:
-            self._call = self._clock.callLater(self._seconds, self._expired)
+            self._expired()
 
     def stop(self) -> None:
         if self._call is not None and self._call.active():

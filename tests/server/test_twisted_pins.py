@@ -7,9 +7,13 @@ misbehaving somewhere downstream.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 from twisted.web.resource import Resource
@@ -215,3 +219,116 @@ class HoldChannelPins(SynchronousTestCase):
         why = "it is what finish() deferred: the channel moves on"
         self.assertEqual(channel.requests, [], CHANGED.format(what="Request._cleanup", why=why))
         self.assertEqual(finished, [None], CHANGED.format(what="Request._cleanup", why=why))
+
+
+class _FDSet:
+    """
+    Just the reactor a C{tcp.Server} needs here: which descriptors want
+    reading and writing.
+    """
+
+    def __init__(self) -> None:
+        self.readers: set[Any] = set()
+        self.writers: set[Any] = set()
+
+    def addReader(self, reader: Any) -> None:
+        self.readers.add(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        self.readers.discard(reader)
+
+    def addWriter(self, writer: Any) -> None:
+        self.writers.add(writer)
+
+    def removeWriter(self, writer: Any) -> None:
+        self.writers.discard(writer)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunks.append(sock.recv(1 << 20))
+        except BlockingIOError:
+            return b"".join(chunks)
+
+
+class WriteNowTests(SynchronousTestCase):
+    """
+    L{twisted_internals.write_now} sends a chunk of a streamed response to
+    a plain TCP socket at once, framed as twisted.web would, and falls back
+    to twisted.web's buffered write without reordering anything.
+    """
+
+    def setUp(self) -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.peer = socket.create_connection(listener.getsockname())
+        ours, address = listener.accept()
+        listener.close()
+        ours.setblocking(False)
+        self.peer.setblocking(False)
+        self.addCleanup(ours.close)
+        self.addCleanup(self.peer.close)
+        self.reactor = _FDSet()
+        channel = http.HTTPChannel()
+        channel.site = Site(_Pending())  # type: ignore[attr-defined]
+        channel.requestFactory = Request  # type: ignore[assignment]
+        self.transport = tcp.Server(ours, channel, address, None, 1, self.reactor)  # type: ignore[arg-type]
+        channel.makeConnection(self.transport)
+        self.addCleanup(channel.setTimeout, None)
+        channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        (self.request,) = channel.requests
+        self.request.setHeader(b"content-type", b"text/event-stream")
+        self.request.write(b"")
+        self.transport.doWrite()
+        self.head = _read_all(self.peer)
+
+    def test_sent_at_once(self) -> None:
+        """
+        The chunk is on the socket without a reactor turn, framed as
+        C{Request.write} frames it, and counted in C{sentLength}; the
+        connection was never registered for writing.
+        """
+        self.assertIn(b"transfer-encoding: chunked", self.head.lower())
+        why = "a stream chunk must be written to the socket at once"
+        self.assertTrue(twisted_internals.write_now(self.request, b"data: 1\n\n"), why)
+        self.assertEqual(_read_all(self.peer), b"9\r\ndata: 1\n\n\r\n")
+        self.assertEqual(self.reactor.writers, set())
+        self.assertEqual(self.request.sentLength, 9)
+
+    def test_order_kept_when_the_socket_is_full(self) -> None:
+        """
+        When the socket takes only part of a chunk, the rest is buffered
+        (and the connection waits to be writable), the next chunks queue
+        behind it, and the client receives every byte in order.
+        """
+        big = b"data: " + b"x" * (32 << 20) + b"\n\n"
+        chunks = [big, b"data: after\n\n", b"data: last\n\n"]
+        self.assertTrue(twisted_internals.write_now(self.request, big))
+        self.assertEqual(self.reactor.writers, {self.transport}, "the socket took all of 32 MB at once")
+        for chunk in chunks[1:]:
+            # As ProxyRequest.write does: at once if it can, else buffered.
+            self.assertFalse(twisted_internals.write_now(self.request, chunk), "something is waiting")
+            self.request.write(chunk)
+        received = [_read_all(self.peer)]
+        while self.reactor.writers:
+            self.transport.doWrite()
+            received.append(_read_all(self.peer))
+        expected = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
+        self.assertEqual(b"".join(received), expected)
+
+    def test_not_for_other_transports(self) -> None:
+        """
+        Anything but an open plain TCP connection is left to
+        C{Request.write}: a TLS one, a closing one, a request whose client
+        has gone.
+        """
+        self.transport.TLS = True
+        self.assertFalse(twisted_internals.write_now(self.request, b"data: 1\n\n"))
+        self.transport.TLS = False
+        self.transport.disconnecting = True
+        self.assertFalse(twisted_internals.write_now(self.request, b"data: 1\n\n"))
+        self.transport.disconnecting = False
+        self.request.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(twisted_internals.write_now(self.request, b"data: 1\n\n"))
+        self.assertEqual(_read_all(self.peer), b"")

@@ -5,9 +5,12 @@ forwarded request, and the connection pool.
 
 from __future__ import annotations
 
-from typing import Any
+import gzip
+from http.cookiejar import CookieJar
+from typing import Any, Optional
 
-from twisted.internet.defer import Deferred
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
@@ -15,9 +18,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI
+from twisted.web.client import URI, ResponseDone
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from zope.interface import implementer
 
 from oaiproxy.access.clients import Credentials
 from oaiproxy.config import Secret
@@ -26,6 +31,9 @@ from oaiproxy.upstream.client import (
     UpstreamClient,
     UpstreamEndpoints,
     UpstreamTimeout,
+    _body_producer,
+    _NoCookies,
+    http_client,
     make_pool,
 )
 
@@ -182,3 +190,130 @@ class EndpointTests(SynchronousTestCase):
         transport = StringTransport()
         protocol.makeConnection(transport)
         self.assertEqual(transport.value()[:1], b"\x16")
+
+
+@implementer(IAgent)
+class _AgentLog:
+    """
+    An agent that records what it is asked to send, its body included, and
+    answers each request with the next of C{answers}.
+    """
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.sent: list[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]] = []
+        self._answers = answers
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Optional[Headers] = None, bodyProducer: Any = None
+    ) -> Deferred[Any]:
+        body = StringTransport()
+        if bodyProducer is not None:
+            bodyProducer.startProducing(body)
+        pairs = sorted((name, value) for name, values in (headers or Headers()).getAllRawHeaders() for value in values)
+        self.sent.append((method, uri, pairs, body.value()))
+        return succeed(self._answers.pop(0))
+
+
+@implementer(IResponse)
+class _Answer:
+    """
+    An upstream response with a body in memory.
+    """
+
+    version = (b"HTTP", 1, 1)
+    phrase = b"OK"
+    request = None
+    previousResponse = None
+
+    def __init__(self, code: int, headers: dict[bytes, list[bytes]], body: bytes) -> None:
+        self.code = code
+        self.headers = Headers(headers)
+        self.length = len(body)
+        self._body = body
+
+    def deliverBody(self, protocol: Protocol) -> None:
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+    def setPreviousResponse(self, response: Any) -> None:
+        self.previousResponse = response
+
+
+def _body_of(response: Any) -> bytes:
+    chunks: list[bytes] = []
+
+    class Collect(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            chunks.append(data)
+
+    response.deliverBody(Collect())
+    return b"".join(chunks)
+
+
+class ProxyHTTPClientTests(SynchronousTestCase):
+    """
+    The production treq client sends what treq itself would send for the
+    proxy's calls (it only skips work that does nothing for a proxy).
+    """
+
+    URLS = [
+        "http://127.0.0.1:9/v1/chat/completions",
+        "https://api.test/v1/responses/resp_1/input_items?after=a%20b&limit=2",
+        "https://api.test/openai/deployments/caf\u00e9/chat/completions?api-version=2024-10-21",
+        "https://api.test/v1/models/x y",
+    ]
+
+    def sent(self, client_of: Any, url: str, body: Any) -> list[Any]:
+        agent = _AgentLog(
+            [
+                _Answer(200, {b"set-cookie": [b"session=UPSTREAM; path=/"]}, b"{}"),
+                _Answer(200, {}, b"{}"),
+            ]
+        )
+        client = client_of(agent)
+        for _ in range(2):
+            headers = Headers({b"content-type": [b"application/json"], b"authorization": [b"Bearer sk-UP"]})
+            d = client.request("POST", url, data=body, headers=headers, unbuffered=True, allow_redirects=False)
+            self.assertEqual(_body_of(self.successResultOf(d)), b"{}")
+        return agent.sent
+
+    def test_same_as_treq(self) -> None:
+        """
+        Method, URL (as treq encodes it), headers (C{Accept-Encoding: gzip}
+        added, no cookie from an earlier answer) and body are what treq's
+        own C{HTTPClient}, with a jar that refuses cookies, sends.
+        """
+
+        def treq_itself(agent: IAgent) -> HTTPClient:
+            return HTTPClient(agent, cookiejar=CookieJar(policy=_NoCookies()), data_to_body_producer=_body_producer)
+
+        for url in self.URLS:
+            for body in [b'{"model": "m"}', b"", None]:
+                expected = self.sent(treq_itself, url, body)
+                self.assertEqual(self.sent(http_client, url, body), expected, (url, body))
+                [(_, _, headers, _), _] = expected
+                self.assertIn((b"Accept-Encoding", b"gzip"), headers)
+                self.assertNotIn(b"Cookie", [name for name, _ in headers])
+
+    def test_gzip_decoded(self) -> None:
+        """
+        A gzipped answer reaches the proxy decoded, without its
+        C{Content-Encoding}.
+        """
+        answer = _Answer(200, {b"content-encoding": [b"gzip"]}, gzip.compress(b'{"id": "x"}'))
+        client = http_client(_AgentLog([answer]))
+        d = client.request("POST", self.URLS[0], data=b"{}", headers=Headers(), unbuffered=True, allow_redirects=False)
+        response = self.successResultOf(d)
+        self.assertFalse(response.headers.hasHeader(b"content-encoding"))
+        self.assertEqual(_body_of(response), b'{"id": "x"}')
+
+    def test_other_calls_go_to_treq(self) -> None:
+        """
+        A call the proxy does not make (here: following redirects) is
+        treq's as it is.
+        """
+        agent = _AgentLog([_Answer(302, {b"location": [b"https://api.test/v1/other"]}, b""), _Answer(200, {}, b"{}")])
+        d = http_client(agent).request("GET", self.URLS[1], headers=Headers(), unbuffered=True)
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual([uri for _, uri, _, _ in agent.sent], [self.URLS[1].encode(), b"https://api.test/v1/other"])

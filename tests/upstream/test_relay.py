@@ -100,6 +100,21 @@ class RelayTests(SynchronousTestCase):
         assert outcome is not None
         self.assertIsInstance(outcome.value, UpstreamIdle)
 
+    def test_silence_counts_from_the_last_of_many_chunks(self) -> None:
+        """
+        However many chunks came, the timeout ends the read timeout after
+        the last of them, not later; one timer is pending all along (a
+        chunk only notes its time).
+        """
+        for _ in range(500):
+            self.clock.advance(0.37)
+            self.relay.dataReceived(b"x")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(9.99)
+        self.assertEqual(self.upstream.producerState, "producing")
+        self.clock.advance(0.01)
+        self.assertEqual(self.upstream.producerState, "stopped")
+
     def test_silence_on_close_delimited_body(self) -> None:
         """
         A body without length or chunking ends at connection close, so the

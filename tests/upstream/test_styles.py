@@ -167,6 +167,20 @@ class PathSegmentTests(SynchronousTestCase):
         # Resource-wide routes take the model in the body, not the path.
         self.assertTrue(azure.addressable("/responses", ".."))
 
+    def test_addressable_asked_again(self) -> None:
+        """
+        The answer is the same the second time a path is asked about (short
+        paths' answers are kept), and for a path longer than those kept.
+        """
+        openai = OpenAIStyle()
+        long_id = "r" * 300
+        for _ in range(2):
+            self.assertTrue(openai.addressable("/chat/completions", None))
+            self.assertFalse(openai.addressable("/responses/..", None))
+            self.assertTrue(openai.addressable("/responses/" + long_id, None))
+            self.assertFalse(openai.addressable("/responses/" + long_id + "/..", None))
+            self.assertFalse(openai.addressable("/responses/" + long_id + "%2F..", None))
+
     def test_query_is_inert(self) -> None:
         """
         What is not a query character is encoded, so a raw C{#} cannot cut
