@@ -48,7 +48,9 @@ KEY = "sk-bench-not-a-real-key"
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say something short."}]}).encode()
 PRICES = '[models."gpt-4o-mini"]\ninput = 0.15\ncached_input = 0.075\noutput = 0.60\n'
 #: Budgets no run comes near, so that every request is checked and admitted.
-BUDGETS = "tokens_per_day = 1000000000\ntokens_per_month = 1000000000\nusd_per_day = 100000.0\nusd_per_month = 100000.0\n"
+BUDGETS = (
+    "tokens_per_day = 1000000000\ntokens_per_month = 1000000000\nusd_per_day = 100000.0\nusd_per_month = 100000.0\n"
+)
 NAMES = ("off", "on", "budgets")
 
 
