@@ -361,8 +361,8 @@ class UsageMeter:
         details_in = usage.get(prefix_in + "_tokens_details")
         details_out = usage.get(prefix_out + "_tokens_details")
         self.reported = Usage(
-            prompt=prompt,
-            completion=completion,
+            prompt=_number(prompt),
+            completion=_number(completion),
             reasoning=_number(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0,
             cached=_number(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0,
         )
