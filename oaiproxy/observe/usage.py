@@ -346,16 +346,23 @@ class UsageMeter:
         total = usage.get("total_tokens")
         if not _count(total):
             return
-        self.total_tokens = total
         # Chat and embeddings say prompt/completion; the Responses API (and
         # the audio and image routes that follow it) says input/output.
         responses = "input_tokens" in usage or "output_tokens" in usage
         prefix_in, prefix_out = ("input", "output") if responses else ("prompt", "completion")
+        prompt, completion = usage.get(prefix_in + "_tokens"), usage.get(prefix_out + "_tokens", 0)
+        if not (_count(prompt) and _count(completion)):
+            # A total without counts the request can be charged (a float,
+            # a string, a negative figure, or none: embeddings report no
+            # completion, never no prompt) is no report: charging it 0
+            # would let such an upstream's requests cost nothing.
+            return
+        self.total_tokens = total
         details_in = usage.get(prefix_in + "_tokens_details")
         details_out = usage.get(prefix_out + "_tokens_details")
         self.reported = Usage(
-            prompt=_number(usage.get(prefix_in + "_tokens")),
-            completion=_number(usage.get(prefix_out + "_tokens")),
+            prompt=_number(prompt),
+            completion=_number(completion),
             reasoning=_number(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0,
             cached=_number(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0,
         )
@@ -437,8 +444,15 @@ def _json_string_length(raw: bytes) -> int:
     return len(text) - escapes - 4 * unicode_escapes
 
 
+#: More tokens than any request uses (a billion): a figure above it is not
+#: a count but a hostile or broken upstream's, and would not even fit the
+#: ledger's 64-bit columns once summed (one row that cannot be written
+#: stops every write of the ledger).
+MAX_REPORTED_TOKENS = 10**9
+
+
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REPORTED_TOKENS
 
 
 def _number(value: Any) -> int:

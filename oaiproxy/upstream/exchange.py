@@ -279,6 +279,8 @@ class Exchange:
         self._relay: Optional[BodyRelay] = None
         self._meter: Optional[UsageMeter] = None
         self._event_stream = False
+        #: The upstream body arrived whole.
+        self._body_whole = False
         self.finished = False
         self._attempts: Optional[Attempts] = None
         #: The attempt in progress, until its outcome is reported.
@@ -510,7 +512,11 @@ class Exchange:
             return 0
         usage = meter.usage(self._prompt_estimate)
         self._record.usage = usage
-        if meter.reported is None and unread:
+        # A plain answer is generated whole before its head is sent: cut
+        # short (upstream broke, or the client hung up at the head), its
+        # output was made, and paid upstream, but never counted.
+        cut = not self._event_stream and not self._body_whole
+        if meter.reported is None and (unread or cut):
             # Part of the output could not be counted: the reservation (the
             # most the request was admitted for) is the floor.
             return max(usage.total, self._reservation.estimate)
@@ -741,6 +747,7 @@ class Exchange:
         if self._meter is not None and failure is None:
             # (It never raises: a failure is kept for _settle to log.)
             self._meter.finish()
+            self._body_whole = True
         self._settle()
         request = self._request
         request.unregisterProducer()

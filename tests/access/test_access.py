@@ -190,6 +190,21 @@ class TokenLimitTests(SynchronousTestCase):
         self.assertGreater(charged, 20)  # at least the prompt estimate
         self.assertLess(charged, 100)  # far less than the 500 reserved for output
 
+    def test_plain_answer_cut_short_charges_its_reservation(self) -> None:
+        """
+        A non-streamed answer is generated whole before upstream sends its
+        head, so one whose body never arrives whole (upstream broke, or
+        the client hung up after the head) is charged its reservation, not
+        only its prompt: else hanging up at the head would make any
+        request cost the client's budget almost nothing.
+        """
+        h = self.harness(tokens_per_minute=1000)
+        before = self.remaining(h)
+        response = self.successResultOf(h.post(chat_body(model="fake-crash", max_tokens=500), headers=BEARER))
+        self.assertEqual(response.code, 200)
+        self.failureResultOf(treq.content(response))
+        self.assertGreater(before - self.remaining(h), 500)
+
 
 class SettlementTests(SynchronousTestCase):
     def harness(self) -> Harness:

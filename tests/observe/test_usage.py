@@ -215,6 +215,33 @@ class EventStreamTests(SynchronousTestCase):
         """
         self.assertEqual(meter([chunk(content="abcdefgh"), usage_chunk(0)]).usage(50).total, 0)
 
+    def test_hostile_counts_are_not_a_report(self) -> None:
+        """
+        A usage whose total is a count but whose prompt or completion is
+        not one (a float, a string, negative, or more tokens than any
+        request can use, which no 64-bit ledger column holds) is not a
+        report: the request is charged the estimate, marked inexact,
+        rather than nothing or a figure that stops the ledger's writes.
+        """
+        for usage in [
+            {"prompt_tokens": 50.0, "completion_tokens": 50.0, "total_tokens": 100},
+            {"prompt_tokens": "50", "completion_tokens": 5, "total_tokens": 55},
+            {"prompt_tokens": 5, "completion_tokens": -5, "total_tokens": 1},
+            {"prompt_tokens": 2**64 - 1, "completion_tokens": 5, "total_tokens": 2**64 - 1},
+            {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 2**64 - 1},
+            {"total_tokens": 100},
+        ]:
+            result = meter([chunk(content="abcdefgh"), event({"choices": [], "usage": usage})])
+            self.assertIsNone(result.reported, usage)
+            self.assertEqual((result.usage(30).total, result.usage(30).exact), (32, False), usage)
+
+    def test_embeddings_usage_without_completion_is_a_report(self) -> None:
+        """
+        An embeddings answer reports only prompt tokens: that is a report.
+        """
+        result = meter([json.dumps({"usage": {"prompt_tokens": 8, "total_tokens": 8}}).encode()], event_stream=False)
+        self.assertEqual((result.usage(30).total, result.usage(30).exact), (8, True))
+
 
 class PlainBodyTests(SynchronousTestCase):
     """
@@ -560,7 +587,11 @@ class HostileUpstreamTests(SynchronousTestCase):
         completed = event(
             {
                 "type": "response.completed",
-                "response": {"instructions": "i" * (2 * MAX_LINE), "usage": {"total_tokens": 77}, "metadata": {}},
+                "response": {
+                    "instructions": "i" * (2 * MAX_LINE),
+                    "usage": {"input_tokens": 7, "output_tokens": 70, "total_tokens": 77},
+                    "metadata": {},
+                },
             }
         )
         for pieces in ([completed], split(completed, *range(4096, len(completed), 4096))):
