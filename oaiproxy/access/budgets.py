@@ -182,12 +182,22 @@ def decide(
     return None
 
 
+def _dollars(amount: float) -> str:
+    """
+    C{$12.50}; a budget under a dollar keeps its significant digits
+    (C{$0.001}), so no refusal reads "a budget of $0.00".
+    """
+    if amount >= 1 or amount == 0:
+        return f"${amount:.2f}"
+    return f"${amount:.6f}".rstrip("0")
+
+
 def exhausted_message(client: Client, budget: str, limit: float, period: Period) -> str:
     """
     What the refusal says: which budget ran out, and when it resets (in the
     client's zone, and in UTC).
     """
-    amount = f"{int(limit)} tokens" if budget.startswith("tokens") else f"${limit:.2f}"
+    amount = f"{int(limit)} tokens" if budget.startswith("tokens") else _dollars(limit)
     per = "day" if budget.endswith("day") else "month"
     zone = client.budgets.zone
     resets = datetime.datetime.fromtimestamp(period.ends, zone)

@@ -136,5 +136,14 @@ class DecideTests(SynchronousTestCase):
         self.assertEqual(refused.resets, at("2027-01-01T00:00:00+01:00"))
         self.assertIsNone(decide(client, {"month": Cost(10, 4.98)}, self.periods, Cost(10, 0.02)))
 
+    def test_small_dollar_budget_named_as_it_is(self) -> None:
+        """
+        A budget under a dollar is named with its digits, never "$0.00".
+        """
+        client = self.client(usd_per_day=0.001)
+        refused = decide(client, {"day": Cost(10, 0.001)}, self.periods, Cost(10, 0.0001))
+        assert refused is not None
+        self.assertIn("budget of $0.001 per day", refused.message)
+
     def test_no_budgets(self) -> None:
         self.assertIsNone(decide(Client("bob", b"\0" * 32), {}, self.periods, Cost(10**12, 10**6)))
