@@ -805,7 +805,8 @@ def _announcer(
     def announce(port: IListeningPort) -> None:
         base = _exposure_check(description, config, lambda: credentials.clients, exposure, report, port)
         log.info(
-            "oaiproxy listening on {base}: API at {base}/v1 ({first}...), health at {base}/health",
+            "oaiproxy listening on {base}: API at {base}/v1 ({first}...), health at {base}/health, "
+            "dashboard at {base}/dashboard/",
             base=base,
             first=f"{base}/v1/{in_order(config.routes)[0].name}",
             endpoint=description,
