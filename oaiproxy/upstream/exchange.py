@@ -517,6 +517,14 @@ class Exchange:
         return usage.total
 
     def _client_done(self, result: Optional[Failure]) -> None:
+        # The client's request is over, so no attempt follows (see _next):
+        # an in-memory body and its variants for other styles (with the
+        # parsed document) need not live on while an upstream connection
+        # still sends its copy, which can outlast the answer (issue 17:
+        # 1 MB bodies at 8 concurrent held about 27 of each at once).
+        if not IStreamedBody.providedBy(self._body):
+            self._body = None
+        self._body_for = None
         if self.finished:
             return
         self.finished = True
