@@ -225,6 +225,26 @@ class LargeBodyTests(SynchronousTestCase):
         self.assertTrue(exchanges)
         self.assertEqual(_large_values([vars(e) for e in exchanges] + agent.kept, 4), [])
 
+    def test_open_stream_lets_go_of_its_body(self) -> None:
+        """
+        A stream still open after its head holds neither its request body's
+        variants nor the parsed document: no attempt follows once the client
+        has the head, and a stream may stay open for minutes.  (The body
+        itself stays in the request's C{content} until it finishes.)
+        """
+        h = Harness(chunk_interval=1.0)
+        body = chat_body(stream=True, messages=[{"role": "user", "content": "x" * 1_000_000}])
+        response = self.successResultOf(h.post(body))
+        self.assertEqual(response.code, 200)
+        # (With the proxy's usage request in front.)
+        self.assertEqual(h.fake.requests[0].body, b'{"stream_options":{"include_usage":true},' + body[1:])
+        del h.fake.requests[:]
+        [exchange] = [kept for kept in gc.get_objects() if isinstance(kept, Exchange) and not kept.finished]
+        roots = [value for name, value in vars(exchange).items() if name != "_request"]
+        self.assertEqual(_large_values(roots, 4), [])
+        h.clock.advance(60)
+        h.pump()
+
 
 class ValidationTests(SynchronousTestCase):
     def test_bad_body_never_reaches_upstream(self) -> None:
