@@ -114,7 +114,11 @@ class _BytesProducer:
         self.length = len(body)
 
     def startProducing(self, consumer: Any) -> "Deferred[None]":
-        consumer.write(self._body)
+        # The connection keeps what it has not sent yet; the producer lives
+        # as long as the upstream request (until upstream has read the
+        # body, which can be after the answer), so it lets go of its copy.
+        body, self._body = self._body, b""
+        consumer.write(body)
         return succeed(None)
 
     def pauseProducing(self) -> None:

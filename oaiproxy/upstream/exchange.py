@@ -523,6 +523,11 @@ class Exchange:
         return usage.total
 
     def _client_done(self, result: Optional[Failure]) -> None:
+        # The client's request is over, so no attempt follows (see _next):
+        # an upstream connection still sending its copy of the body can
+        # outlast the answer (issue 17: 1 MB bodies at 8 concurrent held
+        # about 27 bodies and parsed documents at once).
+        self._release_body()
         if self.finished:
             return
         self.finished = True
@@ -632,6 +637,21 @@ class Exchange:
         request.setResponseCode(response.code, response.phrase)
         for name, values in client_response_headers(response.headers, length):
             request.responseHeaders.setRawHeaders(name, values)
+        if self._deadline is None:
+            # The client has this answer's head and no first-byte deadline
+            # can cut it: no attempt follows.  A stream may stay open for
+            # minutes; its body is not needed for them.
+            self._release_body()
+
+    def _release_body(self) -> None:
+        """
+        Let go of an in-memory body and its variants for other styles (with
+        the parsed document): once no attempt can follow, only memory.  An
+        upload's pipe stays (it is still being read, and refuses the rest).
+        """
+        if not IStreamedBody.providedBy(self._body):
+            self._body = None
+        self._body_for = None
 
     def _collector_for(self, response: IResponse) -> BoundedCollector:
         """

@@ -6,6 +6,7 @@ responses (C{StubTreq}), with a fake clock for every timeout.
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any, Optional
 
@@ -16,13 +17,16 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.iweb import IAgent, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from oaiproxy.access.clients import Limits
 from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body, registry
 from oaiproxy.observe.usage import MAX_LINE, UsageMeter
-from oaiproxy.upstream.exchange import classify_upstream_failure
+from oaiproxy.upstream.client import http_client
+from oaiproxy.upstream.exchange import Exchange, classify_upstream_failure
 
 BEARER = {b"authorization": [b"Bearer " + CLIENT_KEY]}
 
@@ -144,6 +148,102 @@ class PlainCompletionTests(SynchronousTestCase):
         response = self.successResultOf(self.h.post(chat_body(model="fake-redirect")))
         self.assertEqual(response.code, 307)
         self.assertEqual(len(self.h.fake.requests), 1)
+
+
+@implementer(IAgent)
+class _Lingering:
+    """
+    An agent that keeps each request's body producer, response and body
+    protocol, as a C{_newclient} connection does while upstream is still
+    reading a body it has already answered (nginx's C{return}, any early
+    error).
+    """
+
+    agent: IAgent
+
+    def __init__(self) -> None:
+        self.kept: list[Any] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
+        self.kept.append(bodyProducer)
+
+        def keep(response: IResponse) -> IResponse:
+            deliver = response.deliverBody
+
+            def deliverBody(protocol: Any) -> None:
+                self.kept.append(protocol)
+                deliver(protocol)
+
+            response.deliverBody = deliverBody  # type: ignore[method-assign]
+            self.kept.append(response)
+            return response
+
+        return self.agent.request(method, uri, headers, bodyProducer).addCallback(keep)
+
+
+def _large_values(roots: list[Any], depth: int) -> list[int]:
+    """
+    The sizes of the bytes and strings of 100 KB or more within C{depth}
+    references of C{roots}.
+    """
+    seen: set[int] = set()
+    found: list[int] = []
+    level = list(roots)
+    for _ in range(depth):
+        following: list[Any] = []
+        for value in level:
+            if id(value) in seen or isinstance(value, type):
+                continue
+            seen.add(id(value))
+            if isinstance(value, (bytes, str)):
+                if len(value) >= 100_000:
+                    found.append(len(value))
+                continue
+            following.extend(gc.get_referents(value))
+        level = following
+    return found
+
+
+class LargeBodyTests(SynchronousTestCase):
+    """
+    A large JSON body goes upstream byte for byte, and once the client has
+    its answer the proxy holds neither the body nor its parsed document,
+    even while the upstream connection is kept (issue 17: at 8 concurrent
+    1 MB bodies, 27 of each were alive at the peak).
+    """
+
+    def test_large_body_forwarded_and_let_go(self) -> None:
+        agent = _Lingering()
+        h = Harness(http=http_client(agent))
+        agent.agent = h.upstream_agent
+        body = chat_body(messages=[{"role": "user", "content": "x" * 1_000_000}])
+        response = self.successResultOf(h.post(body))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(h.fake.requests[0].body, body)
+        del h.fake.requests[:]
+        exchanges = [kept for kept in gc.get_objects() if isinstance(kept, Exchange)]
+        self.assertTrue(exchanges)
+        self.assertEqual(_large_values([vars(e) for e in exchanges] + agent.kept, 4), [])
+
+    def test_open_stream_lets_go_of_its_body(self) -> None:
+        """
+        A stream still open after its head holds neither its request body's
+        variants nor the parsed document: no attempt follows once the client
+        has the head, and a stream may stay open for minutes.  (The body
+        itself stays in the request's C{content} until it finishes.)
+        """
+        h = Harness(chunk_interval=1.0)
+        body = chat_body(stream=True, messages=[{"role": "user", "content": "x" * 1_000_000}])
+        response = self.successResultOf(h.post(body))
+        self.assertEqual(response.code, 200)
+        # (With the proxy's usage request in front.)
+        self.assertEqual(h.fake.requests[0].body, b'{"stream_options":{"include_usage":true},' + body[1:])
+        del h.fake.requests[:]
+        [exchange] = [kept for kept in gc.get_objects() if isinstance(kept, Exchange) and kept._clock is h.clock]
+        roots = [value for name, value in vars(exchange).items() if name != "_request"]
+        self.assertEqual(_large_values(roots, 4), [])
+        h.clock.advance(60)
+        h.pump()
 
 
 class ValidationTests(SynchronousTestCase):

@@ -5,6 +5,7 @@ forwarded request, and the connection pool.
 
 from __future__ import annotations
 
+import gc
 import gzip
 from http.cookiejar import CookieJar
 from typing import Any, Optional
@@ -317,3 +318,21 @@ class ProxyHTTPClientTests(SynchronousTestCase):
         d = http_client(agent).request("GET", self.URLS[1], headers=Headers(), unbuffered=True)
         self.assertEqual(self.successResultOf(d).code, 200)
         self.assertEqual([uri for _, uri, _, _ in agent.sent], [self.URLS[1].encode(), b"https://api.test/v1/other"])
+
+
+class BytesProducerTests(SynchronousTestCase):
+    """
+    An in-memory body goes to the connection in one write, and the
+    producer does not hold it afterwards: the connection's request (and
+    its producer) lives until upstream has read the whole body, which can
+    be long after upstream answered.
+    """
+
+    def test_body_written_then_let_go(self) -> None:
+        body = b'{"model": "m", "pad": "' + b"x" * 1_000_000 + b'"}'
+        producer = _body_producer(body)
+        self.assertEqual(producer.length, len(body))
+        consumer = StringTransport()
+        self.successResultOf(producer.startProducing(consumer))
+        self.assertEqual(consumer.value(), body)
+        self.assertFalse(any(held is body for held in gc.get_referents(vars(producer))))
