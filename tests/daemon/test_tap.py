@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from oaiproxy.access.clients import Credentials, file_entry
 from oaiproxy.config import DEFAULT_PORT, DEFAULT_UPSTREAM, Secret
+from oaiproxy.daemon import lifecycle
 from oaiproxy.daemon.lifecycle import Lifecycle, StartupError, StartupReport
 from oaiproxy.daemon.tap import Options, _Exposure, _reloader, _SecretsService, fd_address, makeService, planned_address
 from oaiproxy.daemon.workers import GroupSecrets, encode_secrets
@@ -279,6 +280,21 @@ class ServiceTests(SynchronousTestCase):
             service.startService()
         self.addCleanup(service.stopService)
         return service, reactor, events
+
+    def test_startup_heap_frozen_once_running(self) -> None:
+        """
+        Once every listener is bound and the reactor runs, the startup heap
+        is collected and frozen out of the garbage collector's full
+        collections (L{freeze_startup_heap}), not before: an object made
+        during startup is frozen with the rest.
+        """
+        calls: list[str] = []
+        self.patch(lifecycle.gc, "collect", lambda: calls.append("collect"))
+        self.patch(lifecycle.gc, "freeze", lambda: calls.append("freeze"))
+        _, reactor, _ = self.start(["--mock-upstream"])
+        self.assertEqual(calls, [])
+        reactor.run()
+        self.assertEqual(calls, ["collect", "freeze"])
 
     def test_routes_in_the_tree(self) -> None:
         """

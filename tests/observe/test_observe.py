@@ -15,13 +15,13 @@ from typing import Any, Optional
 import treq
 from twisted.internet.defer import fail
 from twisted.internet.error import ConnectionRefusedError
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.access.clients import Credentials
 from oaiproxy.config import Secret
 from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body, registry
-from oaiproxy.observe.accesslog import JsonAccessLog
+from oaiproxy.observe.accesslog import JsonAccessLog, TextAccessLog
 from oaiproxy.observe.metrics import MODEL_LABEL_LIMIT, Metrics, MetricsResource, UpstreamGauges
 from oaiproxy.observe.records import RequestRecord, Usage
 from oaiproxy.server.build import metrics_check
@@ -101,6 +101,27 @@ class RecordTests(SynchronousTestCase):
         assert record.usage is not None
         self.assertEqual((record.usage.prompt, record.usage.completion, record.usage.exact), (2, 8, True))
         self.assertEqual(record.ended, "complete")
+
+
+class TextAccessLogTests(SynchronousTestCase):
+    def test_the_line_and_the_fields_to_filter_on(self) -> None:
+        """
+        The text access line shows peer, client, method, path, status, bytes
+        sent, duration (to the millisecond), request id and how it ended;
+        the event also carries the fields worth filtering on.
+        """
+        record = RequestRecord("req-1", 100.0)
+        record.peer, record.client, record.method = "10.0.0.7", "client-1", "POST"
+        record.path, record.status, record.bytes_out = "/v1/chat/completions", 200, 1234
+        record.ended_at, record.ended, record.model = 100.01234, "client_disconnected", "gpt-4o"
+        with capturedLogs() as logged:
+            TextAccessLog()(record)
+        [event] = logged
+        self.assertEqual(
+            formatEvent(event),
+            "10.0.0.7 client-1 POST /v1/chat/completions 200 1234 0.012s req-1 (client disconnected)",
+        )
+        self.assertEqual((event["log_namespace"], event["status"], event["model"]), ("oaiproxy.access", 200, "gpt-4o"))
 
 
 class JsonAccessLogTests(SynchronousTestCase):

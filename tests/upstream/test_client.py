@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI, ResponseDone
+from twisted.web.client import URI, Agent, ResponseDone
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
@@ -34,6 +34,7 @@ from oaiproxy.upstream.client import (
     UpstreamTimeout,
     _body_producer,
     _NoCookies,
+    host_header,
     http_client,
     make_pool,
 )
@@ -77,6 +78,36 @@ class UpstreamClientTests(SynchronousTestCase):
         self.assertIs(kwargs["allow_redirects"], False)
         self.assertEqual(kwargs["headers"].getRawHeaders(b"authorization"), [b"Bearer sk-UP"])
         self.assertEqual(kwargs["headers"].getRawHeaders(b"x-stainless-lang"), [b"python"])
+
+    def test_host_header_as_agent_sends_it(self) -> None:
+        """
+        The client sets C{Host} itself, once per upstream, to exactly what
+        twisted.web's C{Agent} would have added (host, IPv6 in brackets,
+        the port unless the scheme's default), so upstream sees the same
+        request; a client's own C{Host} never goes upstream.
+        """
+        agent = Agent(MemoryReactorClock())
+        for url in [
+            "https://api.test/v1",
+            "https://api.test:8443/v1",
+            "http://127.0.0.1:8000/v1",
+            "http://127.0.0.1:80/v1",
+            "http://[::1]:8080/v1",  # (treq cannot send to it: Agent adds no header)
+            "http://vllm.internal/v1",
+        ]:
+            uri = URI.fromBytes(url.encode("ascii"))
+            expected = agent._computeHostValue(uri.scheme, uri.host, uri.port)
+            if host_header(url) is None:
+                # hyperlink's IDNA check refuses an IPv6 host: treq fails
+                # such a request before it is sent, as it always did.
+                self.assertEqual(url, "http://[::1]:8080/v1")
+                continue
+            self.assertEqual(host_header(url), expected, url)
+            http = Recording()
+            client = UpstreamClient(http, url, Credentials(Secret(b"sk-UP")), self.clock, 30.0)
+            client.request("POST", "/chat/completions", b"{}", Headers({b"host": [b"evil.test"]}))
+            [(_, kwargs)] = http.calls
+            self.assertEqual(kwargs["headers"].getRawHeaders(b"host"), [expected], url)
 
     def test_head_timeout(self) -> None:
         """
