@@ -8,7 +8,6 @@ opening /metrics.
 from __future__ import annotations
 
 import os
-from typing import Mapping
 
 from treq.testing import StubTreq
 from twisted.logger import capturedLogs
@@ -16,23 +15,18 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.access.clients import Credentials, file_entry
 from oaiproxy.config import Secret
-from oaiproxy.daemon.tap import Options, _Exposure, _reloader, makeService
+from oaiproxy.daemon.tap import _Exposure, _reloader, makeService
 from oaiproxy.daemon.workers import GroupSecrets, Supervisor, encode_secrets
 from oaiproxy.fake.harness import registry
-from tests.daemon.test_tap import KEY, HonestReactor, inherited_socket
+from tests.daemon.test_shared_state import password_file
+from tests.daemon.test_tap import KEY, HonestReactor, inherited_socket, parse
 from tests.support import temp_dir
 
 ADMIN_KEY = "oaiproxy-admin-SESAME-0123456789abcdef"
 
 
-def parse(argv: list[str], env: Mapping[str, str] = {"OPENAI_API_KEY": KEY}) -> Options:
-    options = Options(environ=dict(env))
-    options.parseOptions(argv)
-    return options
-
-
 def key_file(case: SynchronousTestCase, name: str = "admin_key", value: str = ADMIN_KEY) -> str:
-    return write(os.path.join(temp_dir(case), name), value)
+    return password_file(case, name, value)
 
 
 def write(path: str, value: str) -> str:
