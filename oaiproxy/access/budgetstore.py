@@ -495,7 +495,14 @@ class BudgetRefresh(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop.start(self._interval, now=True)
+        # A tick that raised would end the loop (and its Deferred's error
+        # would otherwise go unseen): said, then the loop starts again.
+        self._loop.start(self._interval, now=True).addErrback(self._stopped)
+
+    def _stopped(self, failure: Failure) -> None:
+        _log.failure("budgets: the refresh failed; starting it again", failure)
+        if self.running and not self._loop.running:
+            self._loop.start(self._interval, now=False).addErrback(self._stopped)
 
     def stopService(self) -> "Deferred[None]":
         super().stopService()
@@ -512,7 +519,8 @@ class BudgetRefresh(Service):
             days = ledger_days(self._store, budgeted)
             if days is not None:
                 d = self._read(*days)
-                self._reading = d.addCallbacks(self._read_back, self._read_failed)
+                # (_read_failed also sees an error of _read_back itself.)
+                self._reading = d.addCallback(self._read_back).addErrback(self._read_failed)
                 self._reading.addBoth(self._done)
         self._gauges(budgeted)
 

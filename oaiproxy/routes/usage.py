@@ -8,9 +8,10 @@ The policy (the query, the window, who sees whom) is
 L{oaiproxy.routes.usagepolicy}; here the rows are read and the answer
 written.  The ledger is read in its pool's thread
 (L{oaiproxy.ledger.writer.LedgerWriter.rows}), never on the reactor, and
-what the writer still holds in memory is added (taken when the read is
-queued: the pool has one thread, so a flush already in flight is written
-before the read, and one that starts later is still in that snapshot).
+what the writer still holds in memory is added (taken when the read's
+answer is back, as L{LedgerWriter.pending_rows} says: the pool has one
+thread, so a flush whose batch is still in flight then ran after the read,
+and a flush that ran before it has been cleared from the writer).
 Rows are added up with the report command's own
 L{oaiproxy.ledger.report.summarize}.
 
@@ -139,11 +140,6 @@ class UsageResource(Endpoint):
         if writer is None:
             return succeed(None)
         first, last = window.days
-        held = [
-            Row(*key, *totals)
-            for key, totals in writer.pending_rows().items()
-            if first <= key[0] <= last and (names is None or key[1] in names)
-        ]
         outcome: Deferred[Optional[list[Row]] | ApiError] = Deferred()
         timer = self._clock.callLater(self._read_seconds, self._timed_out, outcome, writer)
         read = writer.rows(first, last, names[0] if names is not None and len(names) == 1 else None)
@@ -161,6 +157,13 @@ class UsageResource(Endpoint):
             if self._failing:
                 self._failing = False
                 log.info("GET /usage: reading the usage ledger {db} again", db=writer.pool.engine.describe())
+            # What the writer holds, taken now that the answer is back: the
+            # rows the database did not have when it was read.
+            held = [
+                Row(*key, *totals)
+                for key, totals in writer.pending_rows().items()
+                if first <= key[0] <= last and (names is None or key[1] in names)
+            ]
             outcome.callback([r for r in result if names is None or r.client in names] + held)
 
         read.addBoth(done)

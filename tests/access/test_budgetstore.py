@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
@@ -384,6 +385,61 @@ class LedgerRefreshTests(SynchronousTestCase):
         said = [e for e in events if "budgets:" in e.get("log_format", "")]
         self.assertEqual(len(said), 2)
         self.assertIn("database is locked", said[0]["why"])
+
+
+class RefreshFailureTests(SynchronousTestCase):
+    """
+    The refresh survives its own mistakes: an error while applying a read
+    is said like a failed read, and a tick that raises is said and the
+    loop goes on.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(at("2026-12-03T10:00:00+00:00"))
+        [client] = registry(CLIENT_KEY)
+        self.client = replace(client, budgets=Budgets(tokens_per_day=1000))
+        self.store = BudgetStore(self.clock, Prices(PriceBook({}, None)))
+        self.reads: list[str] = []
+        self.clients: Any = lambda: [self.client]
+
+        def read(first: str, last: str) -> Any:
+            self.reads.append(first)
+            return succeed([("2026-12-03", "client-1", "not-a-number", 0.0)])
+
+        self.refresh = BudgetRefresh(self.store, lambda: self.clients(), self.clock, read, registry=CollectorRegistry())
+
+    def test_bad_read_said_and_the_loop_goes_on(self) -> None:
+        """
+        Rows the store cannot apply are said once, as a failed read, and
+        the next tick reads again.
+        """
+        with capturedLogs() as events:
+            self.refresh.startService()
+            self.addCleanup(self.refresh.stopService)
+            self.clock.advance(1)
+        said = [e for e in events if "budgets:" in e.get("log_format", "")]
+        self.assertEqual(len(said), 1)
+        self.assertEqual(len(self.reads), 2)
+
+    def test_tick_that_raises_is_said_and_started_again(self) -> None:
+        """
+        A tick that raises is logged once and the refresh keeps ticking.
+        """
+
+        def broken() -> Any:
+            raise RuntimeError("boom")
+
+        self.clients = broken
+        with capturedLogs() as events:
+            self.refresh.startService()
+            self.addCleanup(self.refresh.stopService)
+            self.clients = lambda: [self.client]
+            self.clock.advance(1)
+            self.clock.advance(1)
+        self.assertEqual(len([e for e in events if "refresh failed" in e.get("log_format", "")]), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(self.reads), 2)
 
 
 class MemoryTests(SynchronousTestCase):

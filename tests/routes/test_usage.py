@@ -224,6 +224,20 @@ class AdminTests(UsageCase):
         self.assertEqual(bob["totals"]["requests"], 4)
         self.assertIn("newcomer", self.by_name(document))
 
+    def test_flush_in_flight_counted_once(self) -> None:
+        """
+        A flush still in flight when the read is asked for is written
+        before the read runs (one pool thread): its rows are counted once,
+        from the database, not again from what the writer held.
+        """
+        key = ("2026-12-03", "bob", "gpt-4o-mini", "default")
+        self.writer.add(key, totals(2, 20, 10, 0.002))
+        flushing = self.writer.flush()
+        bob = self.by_name(self.usage())["bob"]
+        self.assertTrue(self.successResultOf(flushing))
+        self.assertEqual(bob["totals"]["requests"], 2)
+        self.assertEqual(bob["days"][0]["prompt_tokens"], 20)
+
     def test_hostile_names(self) -> None:
         """
         A client name is data: it comes back as a JSON string, the same
