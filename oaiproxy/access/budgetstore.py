@@ -205,6 +205,7 @@ class BudgetStore:
         self.share = share
         self._totals: dict[tuple[str, str, str], _Total] = {}
         self._periods: dict[ZoneInfo, dict[str, Period]] = {}
+        self._forget_at = 4 * _PERIOD_KEYS
 
     def periods(self, client: Client) -> dict[str, Period]:
         """
@@ -226,7 +227,7 @@ class BudgetStore:
         key = (client, period.kind, period.key)
         total = self._totals.get(key)
         if total is None:
-            if len(self._totals) > 4 * _PERIOD_KEYS:
+            if len(self._totals) > self._forget_at:
                 self._forget_past()
             total = self._totals[key] = _Total()
         return total
@@ -240,6 +241,10 @@ class BudgetStore:
         for key, total in list(self._totals.items()):
             if total.reserved_tokens == 0 and key[2] < oldest[key[1]]:
                 del self._totals[key]
+        # With many clients and little to drop, the next scan waits until
+        # the totals have doubled: a scan per new total would make every
+        # admission O(clients).
+        self._forget_at = max(4 * _PERIOD_KEYS, 2 * len(self._totals))
 
     def spent(self, client: Client) -> dict[str, Cost]:
         """

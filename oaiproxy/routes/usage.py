@@ -41,7 +41,7 @@ from oaiproxy.access.admin import Caller, caller
 from oaiproxy.access.budgets import PERIODS, Cost, Period
 from oaiproxy.access.budgetstore import BudgetStore
 from oaiproxy.access.clients import Client, Credentials
-from oaiproxy.errors import ApiError, internal_error, invalid_api_key, ledger_unavailable
+from oaiproxy.errors import ApiError, internal_error, invalid_api_key, ledger_unavailable, rate_limited
 from oaiproxy.ledger.queries import Row
 from oaiproxy.ledger.report import summarize
 from oaiproxy.ledger.writer import LedgerWriter
@@ -88,6 +88,9 @@ class UsageResource(Endpoint):
         self._stuck = False
         # The episode of failed reads in progress (logged once).
         self._failing = False
+        # Who has a read queued: one each, so that no one key can fill the
+        # pool's one thread (which the ledger's writes share) with reads.
+        self._reading: set[str] = set()
 
     def render_GET(self, request: Request) -> bytes | int:
         who = caller(self._credentials, request.requestHeaders)
@@ -106,9 +109,20 @@ class UsageResource(Endpoint):
         writer = self._writer
         if writer is not None and self._stuck:
             return error_response(request, ledger_unavailable())
+        asker = "client " + who.name if isinstance(who, Client) else "admin"
+        if asker in self._reading:
+            return error_response(
+                request,
+                rate_limited("GET /usage: one read at a time per key; this key's last is still running.", 1, ()),
+            )
+        self._reading.add(asker)
         finished: list[bool] = []
         request.notifyFinish().addBoth(lambda _: finished.append(True))
-        answer = self._read(writer, window, names).addCallback(self._answer, who, names, window, now)
+        answer = (
+            self._read(writer, window, names)
+            .addBoth(self._read_over, asker)
+            .addCallback(self._answer, who, names, window, now)
+        )
 
         def send(result: bytes | ApiError) -> None:
             if finished:
@@ -121,6 +135,13 @@ class UsageResource(Endpoint):
 
         answer.addCallback(send).addErrback(self._bug, request, finished)
         return NOT_DONE_YET
+
+    def _read_over(self, result: Any, asker: str) -> Any:
+        """
+        The read of C{asker} is back (or given up on): it may ask again.
+        """
+        self._reading.discard(asker)
+        return result
 
     @staticmethod
     def _bug(failure: Failure, request: Request, finished: list[bool]) -> None:

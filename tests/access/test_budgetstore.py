@@ -468,3 +468,24 @@ class MemoryTests(SynchronousTestCase):
         self.assertEqual(store.spent(client)["day"].tokens, 10)
         assert isinstance(late, BudgetHold)
         late.settle(0)
+
+    def test_many_clients_do_not_make_admission_scan(self) -> None:
+        """
+        With more current totals than the bound and nothing to drop, the
+        store does not scan them all again for every new one.
+        """
+        from oaiproxy.access import budgetstore
+
+        self.patch(budgetstore, "_PERIOD_KEYS", 2)
+        clock = Clock()
+        clock.advance(at("2026-12-03T10:00:00+00:00"))
+        store = BudgetStore(clock, PRICES)
+        scans = []
+        forget = store._forget_past
+        self.patch(store, "_forget_past", lambda: (scans.append(1), forget()))
+        [client] = registry(CLIENT_KEY)
+        for i in range(200):
+            someone = replace(client, name=f"client-{i}", budgets=Budgets(tokens_per_day=1000))
+            self.assertIsInstance(store.admit(someone, "gpt-4o", 0, 10), BudgetHold)
+        self.assertEqual(len(store._totals), 400)
+        self.assertLessEqual(len(scans), 8)

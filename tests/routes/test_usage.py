@@ -539,6 +539,32 @@ class DatabaseTests(UsageCase):
         self.thread.release()
         self.assertEqual(self.fetch()[0], 200)
 
+    def test_one_read_at_a_time_per_key(self) -> None:
+        """
+        While a key's read is queued, that key's next request is a 429 at
+        once, queueing nothing; another key still reads; once the first
+        read is back, the key reads again.
+        """
+        self.thread.held = True
+        d = self.harness.proxy_agent.request(
+            b"GET", b"http://proxy.test/usage", Headers({b"authorization": [b"Bearer " + ALICE_KEY]})
+        )
+        self.settle()
+        queued = len(self.thread.queued)
+        status, headers, body = self.fetch(key=ALICE_KEY)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (429, "rate_limit_exceeded"))
+        self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"1"])
+        self.assertEqual(len(self.thread.queued), queued)
+        other = self.harness.proxy_agent.request(
+            b"GET", b"http://proxy.test/usage", Headers({b"authorization": [b"Bearer " + BOB_KEY]})
+        )
+        self.settle()
+        self.assertEqual(len(self.thread.queued), queued + 1)
+        self.thread.release()
+        self.settle()
+        self.assertEqual((self.successResultOf(d).code, self.successResultOf(other).code), (200, 200))
+        self.assertEqual(self.fetch(key=ALICE_KEY)[0], 200)
+
     def test_client_gone(self) -> None:
         """
         A client that leaves before the ledger answers: nothing is written
