@@ -23,13 +23,22 @@ of each budget against its own spend alone.  Every request so decided is
 counted (C{oaiproxy_shared_state_budget_fallback_admitted_total}).  A
 settlement lost while Redis is down leaves the reservation charged there
 (the safe side) until the period's key expires; the ledger has the truth.
+
+An admission the process gave up waiting for (its deadline missed, its
+caller cancelled) is decided locally, but Redis may still run it: the
+script also writes a marker of what it reserved (L{KeySpace.budget_marker},
+living L{MARKER_TTL}), settlement deletes it, and an abandoned admission
+sends C{budget_release.lua}, which gives the marker's amounts back only if
+the marker is there.  A release that cannot be sent (the link down) is
+sent again when the link is back up, while its marker can still exist.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Callable, Optional, Sequence
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,10 +50,18 @@ from oaiproxy.ledger.prices import Price, Prices
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.sharedstate.link import KeySpace, RedisLink, Unavailable
 
-__all__ = ["SharedBudgetStore", "SharedBudgetHold", "EXPIRY_MARGIN"]
+__all__ = ["SharedBudgetStore", "SharedBudgetHold", "EXPIRY_MARGIN", "MARKER_TTL"]
 
 #: Seconds a period's key outlives the period (clocks differ a little).
 EXPIRY_MARGIN = 3600.0
+
+#: Seconds an admission's marker lives in Redis: how long a release of an
+#: abandoned admission can still give its reservation back (a link down
+#: longer than this leaves it charged until the period's key expires).
+MARKER_TTL = 600.0
+
+#: Releases kept for the link's return at most (each is a few keys).
+MAX_PENDING_RELEASES = 10_000
 
 _log = Logger()
 
@@ -120,6 +137,34 @@ class SharedBudgetStore(BudgetStore):
         self.fallback_admitted = 0
         #: Called for each request decided locally (the metrics).
         self.on_fallback: Callable[[], None] = lambda: None
+        #: Releases not sent (the link down): (keys, when given up).
+        self._pending: list[tuple[list[str], float]] = []
+        link.watchers.append(self._link_changed)
+
+    def _link_changed(self, up: bool) -> None:
+        if not up:
+            return
+        now = self._clock.seconds()
+        pending, self._pending = self._pending, []
+        for keys, since in pending:
+            if now - since < MARKER_TTL:
+                self._release(keys, since)
+
+    def _release(self, keys: list[str], since: Optional[float] = None) -> None:
+        """
+        Give back what Redis may have reserved for an admission this
+        process gave up on (see the module's docstring).
+        """
+        since = self._clock.seconds() if since is None else since
+
+        def unsent(failure: Failure) -> None:
+            if failure.check(Unavailable, CancelledError):
+                if len(self._pending) < MAX_PENDING_RELEASES:
+                    self._pending.append((keys, since))
+                return
+            _log.failure("the budget_release script failed", failure)
+
+        self.link.call("budget_release", keys, []).addCallbacks(lambda _: None, unsent)
 
     def _keys(self, client: Client, periods: dict[str, Period]) -> list[str]:
         return [self.keys.budget(client.name, kind, periods[kind].key) for kind in PERIODS]
@@ -154,11 +199,21 @@ class SharedBudgetStore(BudgetStore):
                 nano(seeds[kind].usd),
                 int((periods[kind].ends + EXPIRY_MARGIN) * 1000),
             ]
-        keys = self._keys(client, periods)
+        args.append(int(MARKER_TTL * 1000))
+        keys = self._keys(client, periods) + [self.keys.budget_marker(client.name, uuid.uuid4().hex)]
+        # The caller's Deferred is not the link's: cancelling it abandons
+        # the admission (decided by nobody; released in Redis) without
+        # cancelling the call, whose late reply is then only read.
+        result: "Deferred[Optional[BudgetHold] | Exhausted | Unpriced]" = Deferred(lambda _: None)
         d = self.link.call("budget_admit", keys, args)
 
-        def answered(reply: Sequence[int]) -> "BudgetHold | Exhausted":
+        def answered(reply: Sequence[int]) -> "Optional[BudgetHold | Exhausted]":
             index, unit = (int(v) for v in reply[:2])
+            if result.called:
+                # The caller cancelled: nobody holds this reservation.
+                if index == 0:
+                    self._release(keys)
+                return None
             if index == 0:
                 totals = [self._total(client.name, periods[kind]) for kind in PERIODS]
                 for total in totals:
@@ -171,11 +226,21 @@ class SharedBudgetStore(BudgetStore):
             return Exhausted(name, period.ends, exhausted_message(client, name, limit, period))
 
         def unanswered(failure: Failure) -> "Optional[BudgetHold] | Exhausted | Unpriced":
-            if not failure.check(Unavailable):
+            if not failure.check(Unavailable, CancelledError):
                 _log.failure("the budget_admit script failed; deciding locally", failure)
+            # Redis may still run it (or have run it): give back what it
+            # reserves, since this request is decided locally.
+            self._release(keys)
+            if result.called:
+                return None
             return self._locally(client, model, prompt_estimate, estimate, record)
 
-        return d.addCallbacks(answered, unanswered)
+        def deliver(outcome: "Optional[BudgetHold] | Exhausted | Unpriced") -> None:
+            if not result.called:
+                result.callback(outcome)
+
+        d.addCallbacks(answered, unanswered).addCallback(deliver)
+        return result
 
     def _locally(
         self, client: Client, model: Optional[str], prompt: int, estimate: int, record: Optional[RequestRecord]
