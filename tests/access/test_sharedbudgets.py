@@ -219,3 +219,42 @@ class SharedBudgetsTests(SynchronousTestCase):
         [admitted] = self.calls_to("budget_admit")
         self.assertEqual(self.calls_to("budget_settle"), [admitted])
         self.assertEqual(self.calls_to("budget_release"), [])
+
+    def test_spend_decided_while_down_reaches_redis_on_return(self) -> None:
+        """
+        A request decided locally while Redis was unreachable: what it
+        cost is added to Redis once the link is back up (with the release
+        of the admission that went unanswered).
+        """
+        c = client(tokens_per_day=1000)
+        self.redis.answer = None
+        pending = self.store.reserve(c, "gpt-4o", 20, 100)
+        self.clock.advance(0.05)
+        held = self.successResultOf(pending)
+        self.clock.advance(self.link.silence)
+        self.assertFalse(self.link.up)
+        held.settle(30)
+        self.assertEqual(self.store.lost_settles, 0)
+        self.clock.advance(1.0)
+        self.assertTrue(self.link.up)
+        back = self.connector.connections[-1]
+        [(_, keys, args)] = [call for call in back.calls if call[0] == script("budget_settle")]
+        self.assertEqual(keys[:2], ["p:budget:{alice}:day:2026-12-03", "p:budget:{alice}:month:2026-12"])
+        self.assertEqual(args, [30, round(30 * 1.0 * 1000)])  # no record: all at the input price
+        self.assertEqual(len(self.calls_to("budget_release", back)), 1)
+
+    def test_unconfirmed_settlements_counted_and_warned_once(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        c = client(tokens_per_day=1000)
+        self.redis.answer = [0, 0]
+        holds = [self.reserve(c), self.reserve(c)]
+        self.redis.answer = None
+        for held in holds:
+            held.settle(30)
+        self.clock.advance(0.05)
+        self.assertEqual(self.store.lost_settles, 2)
+        warnings = [e for e in events if e.get("log_level") == LogLevel.warn and "settlements" in e["log_format"]]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(self.successResultOf(holds[0].settled), None)
