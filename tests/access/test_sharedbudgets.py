@@ -11,13 +11,14 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from prometheus_client import CollectorRegistry
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.access.budgets import Exhausted
-from oaiproxy.access.budgetstore import BudgetHold
+from oaiproxy.access.budgetstore import BudgetHold, BudgetRefresh
 from oaiproxy.access.clients import Budgets, Client
 from oaiproxy.access.sharedbudgets import SharedBudgetHold, SharedBudgetStore
 from oaiproxy.ledger.prices import Price, PriceBook, Prices
@@ -258,3 +259,29 @@ class SharedBudgetsTests(SynchronousTestCase):
         warnings = [e for e in events if e.get("log_level") == LogLevel.warn and "settlements" in e["log_format"]]
         self.assertEqual(len(warnings), 1)
         self.assertEqual(self.successResultOf(holds[0].settled), None)
+
+    def test_gauge_reads_one_in_flight_per_client(self) -> None:
+        """
+        The per-second gauge refresh does not pile reads up on a slow
+        Redis: one read per client at a time.
+        """
+        c = client(tokens_per_day=1000)
+        refresh = BudgetRefresh(self.store, lambda: [c], self.clock, registry=CollectorRegistry())
+        self.redis.answer = None
+        refresh.tick()
+        refresh.tick()
+        self.assertEqual(len(self.calls_to("budget_read")), 1)
+        self.clock.advance(0.05)  # that read missed its deadline: the next is sent
+        refresh.tick()
+        self.assertEqual(len(self.calls_to("budget_read")), 2)
+
+    def test_gauge_read_failure_logged_once(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        c = client(tokens_per_day=1000)
+        self.store.current = lambda _: fail(RuntimeError("boom"))  # type: ignore[method-assign]
+        refresh = BudgetRefresh(self.store, lambda: [c], self.clock, registry=CollectorRegistry())
+        refresh.tick()
+        refresh.tick()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
