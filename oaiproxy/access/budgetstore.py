@@ -483,6 +483,9 @@ class BudgetRefresh(Service):
         self._unwritten = unwritten
         self._reading: Optional[Deferred[None]] = None
         self._failing = False
+        #: Clients whose figure is being read (one read each at a time).
+        self._gauging: set[str] = set()
+        self._gauge_failing = False
         self._loop = LoopingCall(self.tick)
         self._loop.clock = clock
         self._interval = interval
@@ -554,7 +557,12 @@ class BudgetRefresh(Service):
             fields = [(name, getattr(client.budgets, name)) for name in BUDGETS]
             fields = [(name, limit) for name, limit in fields if limit is not None]
             shown.update((client.name, name) for name, _ in fields)
-            self._store.current(client).addCallback(self._show, client.name, fields)
+            if client.name in self._gauging:
+                # The last read has not come back (Redis slow): no pile-up.
+                continue
+            self._gauging.add(client.name)
+            d = self._store.current(client).addCallback(self._show, client.name, fields)
+            d.addErrback(self._gauge_failed).addBoth(self._gauged, client.name)
         if not self._group:
             # (In a group the files keep a removed series anyway, and
             # prometheus_client warns: the scrape leaves it out instead.)
@@ -562,11 +570,24 @@ class BudgetRefresh(Service):
                 self.remaining.remove(*gone)
         self.shown = shown
 
+    def _gauged(self, _: object, client: str) -> None:
+        self._gauging.discard(client)
+
+    def _gauge_failed(self, failure: Failure) -> None:
+        """
+        A figure could not be read: the gauge keeps its last value; logged
+        once until a read succeeds again.
+        """
+        if not self._gauge_failing:
+            self._gauge_failing = True
+            _log.failure("could not read a client's budget totals for oaiproxy_budget_remaining", failure)
+
     def _show(self, spent: dict[str, Cost], client: str, fields: Sequence[tuple[str, float]]) -> None:
         for name, limit in fields:
             used = spent[name.rpartition("_")[2]]
             value = used.tokens if name.startswith("tokens") else (used.usd or 0.0)
             self.remaining.labels(client, name).set(max(0.0, limit - value))
+        self._gauge_failing = False
 
 
 #: The budgets a client can have, as the clients file names them.

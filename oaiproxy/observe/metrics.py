@@ -299,6 +299,7 @@ class Metrics:
         self.shared_state_fallback: Optional[Counter] = None
         self.shared_state_late: Optional[Counter] = None
         self.shared_state_budget_fallback: Optional[Counter] = None
+        self.shared_state_budget_lost_settles: Optional[Counter] = None
 
     def watch_shared_state(self, up: bool) -> None:
         """
@@ -332,6 +333,11 @@ class Metrics:
             "Requests whose budgets this process decided on its own totals while the shared state was unreachable.",
             registry=r,
         )
+        self.shared_state_budget_lost_settles = Counter(
+            "oaiproxy_shared_state_budget_lost_settles",
+            "Budget settlements sent to the shared state (Redis) and not confirmed: Redis may keep them reserved.",
+            registry=r,
+        )
         self.shared_state_up.set(1 if up else 0)
 
     def shared_state_changed(self, up: bool) -> None:
@@ -351,6 +357,10 @@ class Metrics:
     def budget_decided_in_fallback(self) -> None:
         if self.shared_state_budget_fallback is not None:
             self.shared_state_budget_fallback.inc()
+
+    def budget_settle_lost(self) -> None:
+        if self.shared_state_budget_lost_settles is not None:
+            self.shared_state_budget_lost_settles.inc()
 
     def watch_budgets(self, read: Callable[[], Collection[tuple[str, str]]]) -> None:
         """

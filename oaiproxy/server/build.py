@@ -357,6 +357,7 @@ def shared_budget_store(
         clock, prices, shared.link, shared.keys, shared.instances, ledger=config.usage_db is not None
     )
     store.on_fallback = metrics.budget_decided_in_fallback
+    store.on_lost_settle = metrics.budget_settle_lost
     return store
 
 

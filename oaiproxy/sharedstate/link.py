@@ -86,6 +86,7 @@ SCRIPTS = (
     "budget_admit",
     "budget_settle",
     "budget_read",
+    "budget_release",
 )
 
 
@@ -366,6 +367,13 @@ class KeySpace:
         C{month:2026-12}, in the client's zone.
         """
         return self.key("budget", client, f"{kind}:{period}")
+
+    def budget_marker(self, client: str, request: str) -> str:
+        """
+        What one admission reserved in Redis (hash), until it is settled
+        or released (L{oaiproxy.access.sharedbudgets}).
+        """
+        return self.key("budget", client, f"r:{request}")
 
 
 class RedisLink(Service):

@@ -289,6 +289,7 @@ class SharedStateBudgetTests(BudgetCase):
         for _, base in processes:
             text = metrics(base, self.key)
             self.assertRegex(text, r"(?m)^oaiproxy_shared_state_budget_fallback_admitted_total 0\.0$")
+            self.assertRegex(text, r"(?m)^oaiproxy_shared_state_budget_lost_settles_total 0\.0$")
         # Every stream is over: the settlements gave back what they did not
         # use, and both processes show the group's one figure.
         (_, a), (_, b) = processes

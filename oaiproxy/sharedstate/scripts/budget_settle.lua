@@ -1,12 +1,14 @@
 -- Settle a budget reservation: add what the request cost minus what it
 -- reserved (negative gives back) to every period it was reserved in.
--- KEYS: those of budget_admit.lua.  ARGV: tokens to add, nano-USD to add.
+-- KEYS: those of budget_admit.lua (the marker last: deleted, the request is
+-- settled and nothing is to be released).  ARGV: tokens, nano-USD to add.
 -- A key gone (a Redis restart) is left alone: the next admission seeds it
 -- from the ledger, which has this request by then.
-for _, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then
-    redis.call('HINCRBY', key, 't', ARGV[1])
-    redis.call('HINCRBY', key, 'u', ARGV[2])
+for i = 1, #KEYS - 1 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('HINCRBY', KEYS[i], 't', ARGV[1])
+    redis.call('HINCRBY', KEYS[i], 'u', ARGV[2])
   end
 end
+redis.call('DEL', KEYS[#KEYS])
 return 0
