@@ -199,24 +199,28 @@ class DashboardGroupTests(SynchronousTestCase):
         demo.process.wait_until(lambda out: out.count("oaiproxy listening on") >= 2)
         seen = demo.traffic(rounds=3)
         refused = seen["401"]
+        total = sum(seen.values())
+
+        def counted(answer: Any) -> int:
+            return round(
+                sum(sum(v) * answer["series"]["interval"] for v in answer["series"]["requests_per_second"].values())
+            )
 
         def settled() -> Any:
+            # (Until a sample after the last request: each worker samples
+            # every 5 s, so the latest requests may not be in a rate yet.)
             answers = [live(demo.base) for _ in range(6)]
             good = all(
                 a["group"]
                 and a["workers"] == 2
                 and a["upstreams"][0]["workers"] == 2
                 and len([r for r in a["refusals"] if r["status"] == 401]) == refused
-                and sum(sum(v) for v in a["series"]["requests_per_second"].values()) > 0
+                and counted(a) >= total
                 for a in answers
             )
             return answers if good else None
 
         answers = until(settled, "every worker to show the group's figures")
-        total = sum(seen.values())
         for answer in answers:
             # Every request of both workers, once: the rates add up to them.
-            counted = sum(
-                sum(v) * answer["series"]["interval"] for v in answer["series"]["requests_per_second"].values()
-            )
-            self.assertGreaterEqual(round(counted), total)
+            self.assertGreaterEqual(counted(answer), total)
