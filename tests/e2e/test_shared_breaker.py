@@ -29,7 +29,7 @@ from oaiproxy.upstream.breaker import Breaker, BreakerPolicy, State, Transition
 from oaiproxy.upstream.pool import Choice, Kind, Outcome, Pool, Upstream
 from oaiproxy.upstream.shared import SharedBreakers
 from tests.e2e.test_pool import CLIENT_KEY, KEYS, MESSAGES, Fake, http, until
-from tests.e2e.test_shared_redis import until_up
+from tests.e2e.test_shared_redis import RedisCase, until_up
 from tests.support import temp_dir
 
 SERVER = shutil.which("redis-server")
@@ -83,16 +83,7 @@ def soon(condition: Any, what: str, within: float = 10.0) -> Any:
         yield pause(0.01)
 
 
-class TwoPoolsTests(TestCase):
-    if SERVER is None:
-        skip = "redis-server is not on PATH (Debian package redis-server)"
-
-    timeout = 60
-
-    def setUp(self) -> None:
-        self.redis = RedisServer().start()
-        self.addCleanup(self.redis.remove)
-
+class TwoPoolsTests(RedisCase):
     @defer.inlineCallbacks
     def hosts(self) -> Any:
         one, two = Host(self, self.redis.port), Host(self, self.redis.port)

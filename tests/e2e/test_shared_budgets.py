@@ -9,39 +9,22 @@ from __future__ import annotations
 import shutil
 
 from twisted.internet import defer, reactor, task
-from twisted.trial.unittest import TestCase
 
 from oaiproxy.access.budgetstore import BudgetHold
 from oaiproxy.access.clients import Budgets, Client
 from oaiproxy.access.sharedbudgets import SharedBudgetHold, SharedBudgetStore
-from oaiproxy.fake.processes import RedisServer
 from oaiproxy.ledger.prices import Price, PriceBook, Prices
-from oaiproxy.sharedstate.link import KeySpace, RedisLink, RedisTarget, redis_connector
-from tests.e2e.test_shared_redis import until_up
+from oaiproxy.sharedstate.link import KeySpace
+from tests.e2e.test_shared_redis import RedisCase, started_link, until_up
 
 SERVER = shutil.which("redis-server")
 PRICES = Prices(PriceBook({"gpt-4o": Price(input=1.0, cached_input=0.5, output=4.0)}, None))
 
 
-class SharedBudgetsRedisTests(TestCase):
-    if SERVER is None:
-        skip = "redis-server is not on PATH (Debian package redis-server)"
-
-    timeout = 60
-
-    def setUp(self) -> None:
-        self.redis = RedisServer().start()
-        self.addCleanup(self.redis.remove)
-
+class SharedBudgetsRedisTests(RedisCase):
     @defer.inlineCallbacks
     def store(self, deadline: float = 0.05):
-        link = RedisLink(
-            redis_connector(reactor, RedisTarget("127.0.0.1", self.redis.port)),
-            reactor,
-            deadline=deadline,
-            retry=(0.1, 0.2),
-        )
-        link.startService()
+        link = started_link(self.redis.port, deadline)
         self.addCleanup(link.stopService)
         yield until_up(link)
         return SharedBudgetStore(reactor, PRICES, link, KeySpace("t:"), instances=1)

@@ -75,20 +75,28 @@ def until_admitted(store: SharedLimitStore, client: Client, within: float = 10.0
     raise AssertionError(f"{client.name} not admitted within {within} s")
 
 
-@defer.inlineCallbacks
-def host(port: int, instances: int = 2, lease: float = 30.0, deadline: float = 0.05, prefix: str = "t:"):
+def started_link(port: int, deadline: float = 0.05) -> RedisLink:
+    """
+    A started link to the redis-server on C{port}, retrying fast.
+    """
     link = RedisLink(
         redis_connector(reactor, RedisTarget("127.0.0.1", port)), reactor, deadline=deadline, retry=(0.1, 0.2)
     )
     link.startService()
+    return link
+
+
+@defer.inlineCallbacks
+def host(port: int, instances: int = 2, lease: float = 30.0, deadline: float = 0.05, prefix: str = "t:"):
+    link = started_link(port, deadline)
     yield until_up(link)
     return SharedLimitStore(link, reactor, KeySpace(prefix), instances=instances, lease=lease)
 
 
-class SharedRedisTests(TestCase):
+class RedisCase(TestCase):
     """
-    Two stores standing for two hosts, each with its own connection, in
-    front of one real redis-server.
+    A real redis-server for each test (C{self.redis}), on a free port,
+    stopped by PID; skipped where Debian's redis-server is not installed.
     """
 
     if SERVER is None:
@@ -99,6 +107,13 @@ class SharedRedisTests(TestCase):
     def setUp(self) -> None:
         self.redis = RedisServer().start()
         self.addCleanup(self.redis.remove)
+
+
+class SharedRedisTests(RedisCase):
+    """
+    Two stores standing for two hosts, each with its own connection, in
+    front of one real redis-server.
+    """
 
     @defer.inlineCallbacks
     def test_thirty_admits_over_two_hosts_exactly_ten(self):
