@@ -26,7 +26,7 @@ setup(
         # The usage ledger's versioned schema deltas (oaiproxy/ledger/schema.py).
         "oaiproxy.ledger": ["schema/*/*.sql*"],
         # The dashboard's page, script, styles and vendored uPlot (with its
-        # licence): static files, served as they are (oaiproxy/server/dashboard.py).
+        # licence): static files, served as they are (oaiproxy/server/dashboard.py, oaiproxy/routes/live.py).
         "oaiproxy.server": ["static/*"],
     },
     # Each floor is the oldest version the suite passes on: .ci/run runs it

@@ -41,9 +41,10 @@ from oaiproxy.observe.metrics import Metrics, MetricsCheck, MetricsResource, Unr
 from oaiproxy.observe.records import RequestRecord
 from oaiproxy.routes.forwarding import ForwardingResource
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
+from oaiproxy.routes.live import Dashboard
 from oaiproxy.routes.usage import UsageResource
 from oaiproxy.routetable import ROUTES, Route, in_order
-from oaiproxy.server.dashboard import Dashboard, mount
+from oaiproxy.server.dashboard import mount
 from oaiproxy.server.site import ProxySite
 from oaiproxy.server.tree import HealthResource, UpstreamsHealthResource, build_root, build_tree
 from oaiproxy.upstream.client import TreqLike, UpstreamClient

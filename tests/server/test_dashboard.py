@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from oaiproxy.config import Secret
 from oaiproxy.fake.harness import Harness, SiteAgent, chat_body, harness_config, registry
 from oaiproxy.observe.records import RequestRecord
-from oaiproxy.server.dashboard import CSP, Dashboard
+from oaiproxy.routes.live import CSP, Dashboard
 from oaiproxy.upstream.client import http_client
 from tests.support import exchange, temp_dir
 
