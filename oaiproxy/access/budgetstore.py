@@ -62,6 +62,7 @@ from oaiproxy.observe.metrics import BUDGET_REMAINING
 from oaiproxy.observe.records import RequestRecord
 
 __all__ = [
+    "PeriodTotal",
     "BUDGETS",
     "REFRESH_SECONDS",
     "BudgetHold",
@@ -87,7 +88,7 @@ class Unpriced:
     prices_file: Optional[str]
 
 
-class _Total:
+class PeriodTotal:
     """
     One client's total in one period, in three parts: what the ledger said
     at its last read (every process's settled spend, written or still in
@@ -160,7 +161,7 @@ class BudgetHold:
     __slots__ = ("_totals", "_reserved", "_record", "_price", "_settled", "estimate")
 
     def __init__(
-        self, totals: Sequence[_Total], reserved: Cost, record: Optional[RequestRecord], price: Optional[Price]
+        self, totals: Sequence[PeriodTotal], reserved: Cost, record: Optional[RequestRecord], price: Optional[Price]
     ) -> None:
         self._totals = totals
         self._reserved = reserved
@@ -203,7 +204,7 @@ class BudgetStore:
         self._clock = clock
         self.prices = prices
         self.share = share
-        self._totals: dict[tuple[str, str, str], _Total] = {}
+        self._totals: dict[tuple[str, str, str], PeriodTotal] = {}
         self._periods: dict[ZoneInfo, dict[str, Period]] = {}
         self._forget_at = 4 * _PERIOD_KEYS
 
@@ -223,13 +224,13 @@ class BudgetStore:
         periods = self._periods[zone] = current_periods(now, zone)
         return periods
 
-    def _total(self, client: str, period: Period) -> _Total:
+    def _total(self, client: str, period: Period) -> PeriodTotal:
         key = (client, period.kind, period.key)
         total = self._totals.get(key)
         if total is None:
             if len(self._totals) > self._forget_at:
                 self._forget_past()
-            total = self._totals[key] = _Total()
+            total = self._totals[key] = PeriodTotal()
         return total
 
     def _forget_past(self) -> None:

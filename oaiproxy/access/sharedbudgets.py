@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from oaiproxy.access.budgets import PERIODS, Cost, Exhausted, Period, exhausted_message, reservation_cost
-from oaiproxy.access.budgetstore import BudgetHold, BudgetStore, Unpriced, _Total
+from oaiproxy.access.budgetstore import BudgetHold, BudgetStore, PeriodTotal, Unpriced
 from oaiproxy.access.clients import Client
 from oaiproxy.ledger.prices import Price, Prices
 from oaiproxy.observe.records import RequestRecord
@@ -89,7 +89,7 @@ class SharedBudgetHold(BudgetHold):
 
     def __init__(
         self,
-        totals: Sequence[_Total],
+        totals: Sequence[PeriodTotal],
         reserved: Cost,
         record: Optional[RequestRecord],
         price: Optional[Price],
