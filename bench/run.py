@@ -175,14 +175,13 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-def load_generator(argv: list[str], timeout: float, cwd: Optional[str] = None) -> str:
+def load_generator(argv: list[str], timeout: float, cwd: Optional[str] = None, pinned: bool = True) -> str:
     """
-    Run a load generator on the upstream's CPU (away from the proxy's) and
-    return its output.
+    Run a load generator on the upstream's CPU (away from the proxy's;
+    not C{pinned}: wherever the kernel puts it) and return its output.
     """
-    return subprocess.run(
-        ["taskset", "-c", UPSTREAM_CPU, *argv], capture_output=True, text=True, timeout=timeout, check=True, cwd=cwd
-    ).stdout
+    pin = ["taskset", "-c", UPSTREAM_CPU] if pinned else []
+    return subprocess.run([*pin, *argv], capture_output=True, text=True, timeout=timeout, check=True, cwd=cwd).stdout
 
 
 def wrk(url: str, script: str, connections: int, seconds: float) -> dict[str, float]:
@@ -212,9 +211,9 @@ def lua(work: str, name: str, payload: bytes) -> str:
     return script
 
 
-def streams(base: str, count: int, seconds: float, work: str) -> dict[str, Any]:
+def streams(base: str, count: int, seconds: float, work: str, pinned: bool = True) -> dict[str, Any]:
     argv = ["node", os.path.join(HERE, "stream_client.js"), base, str(count), str(seconds), "live", CLIENT_KEY]
-    out = load_generator(argv, seconds + 120, cwd=work)
+    out = load_generator(argv, seconds + 120, cwd=work, pinned=pinned)
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -303,6 +302,12 @@ def main() -> None:
     parser.add_argument("--streams", help="stream counts for (c), comma-separated (default: 200,1000)")
     parser.add_argument(
         "--worker-streams", type=int, help="stream count for workers-streams (default: 2000, smoke: 50)"
+    )
+    parser.add_argument(
+        "--worker-loads-pinned",
+        action="store_true",
+        help="keep workers-streams' Node.js upstream and load generator on CPU 1 (default: every process of it "
+        "unpinned, on both cores)",
     )
     args = parser.parse_args()
     need("wrk", "nginx", "node", "taskset")
@@ -452,13 +457,37 @@ def main() -> None:
         # unpinned like "workers"; the CPU is the whole group's.
         results["workers-streams"] = {}
         if "workers-streams" in only:
-            row = {"direct": streams(sse_url, worker_streams, seconds, work)}
-            proxy, base = start_proxy(work, ["--upstream", sse_url, "--workers", "2", *common], env, port=port)
+            # Its own upstream: on both cores unless pinned like the others.
+            pinned = args.worker_loads_pinned
+            upstream = Process(
+                [*(["taskset", "-c", UPSTREAM_CPU] if pinned else []), "node", os.path.join(HERE, "sse_upstream.js")]
+                + ["0", "1000000", "20"],
+                child_env({}),
+                work,
+            )
+            started.append(upstream)
+            url = upstream.wait_for(r"listening on (http://\S+/v1)").group(1)
+
+            def loaded(base: str) -> dict[str, Any]:
+                """
+                The streams through C{base}, with the share of a core the
+                Node.js upstream and load generator used meanwhile.
+                """
+                before = cpu_seconds(upstream.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+                figures = streams(base, worker_streams, seconds, work, pinned)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                client = after.ru_utime + after.ru_stime - before[1].ru_utime - before[1].ru_stime
+                figures["upstream_cpu_share"] = (cpu_seconds(upstream.pid) - before[0]) / (seconds + 2)
+                figures["client_cpu_share"] = client / (seconds + 2)
+                return figures
+
+            row = {"direct": loaded(url)}
+            proxy, base = start_proxy(work, ["--upstream", url, "--workers", "2", *common], env, port=port)
             started.append(proxy)
-            streams(base + "/v1", min(200, worker_streams), 1, work)  # warm up: imports, pools, caches
+            streams(base + "/v1", min(200, worker_streams), 1, work, pinned)  # warm up: imports, pools, caches
             group = group_pids(proxy.pid)
             cpu = {pid: cpu_seconds(pid) for pid in group}
-            row["workers 2"] = streams(base + "/v1", worker_streams, seconds, work)
+            row["workers 2"] = loaded(base + "/v1")
             used = {pid: group_cpu_seconds([pid]) - cpu[pid] for pid in group}
             measured = row["workers 2"]
             measured["processes"] = len(group)
@@ -467,8 +496,10 @@ def main() -> None:
             measured["supervisor_cpu_share"] = used[proxy.pid] / (seconds + 2)
             for figures in row.values():
                 figures["delivered"] = figures["received"] / max(1, figures["expected"])
+            row["layout"] = {"loads_pinned": pinned}
             results["workers-streams"][str(worker_streams)] = row
             proxy.stop()
+            upstream.stop()
     finally:
         for process in reversed(started):
             process.stop()
@@ -546,10 +577,11 @@ def report(r: dict[str, Any]) -> str:
         lines = []  # only the streams through two workers were measured
     for count, w in r.get("workers-streams", {}).items():
         d, p = w["direct"], w["workers 2"]
+        where = "on CPU 1, beside one of the workers" if w["layout"]["loads_pinned"] else "on the same two cores"
         lines += [
             "",
             f"{count} streams x 20 chunks/s, `--workers 2` unpinned on both cores; the Node.js upstream and load "
-            "generator run on CPU 1, beside one of the workers:",
+            f"generator (one process each) run {where}:",
             "",
             "| figure | direct | --workers 2 | added |",
             "|---|---|---|---|",
@@ -568,6 +600,8 @@ def report(r: dict[str, Any]) -> str:
             f"| group CPU per chunk ({p['processes']} processes), µs | | {p['proxy_cpu_us_per_chunk']:.1f} | |",
             f"| group CPU, share of one core (supervisor's) | | {p['proxy_cpu_share']:.0%} "
             f"({p['supervisor_cpu_share']:.0%}) | |",
+            f"| Node.js upstream / load generator CPU, share of one core | {d['upstream_cpu_share']:.0%} / "
+            f"{d['client_cpu_share']:.0%} | {p['upstream_cpu_share']:.0%} / {p['client_cpu_share']:.0%} | |",
         ]
     return "\n".join(lines)
 
