@@ -494,6 +494,7 @@ def main() -> None:
             measured["proxy_cpu_share"] = sum(used.values()) / (seconds + 2)
             measured["proxy_cpu_us_per_chunk"] = 1e6 * sum(used.values()) / max(1, measured["received"])
             measured["supervisor_cpu_share"] = used[proxy.pid] / (seconds + 2)
+            measured["worker_cpu_shares"] = [used[pid] / (seconds + 2) for pid in group if pid != proxy.pid]
             for figures in row.values():
                 figures["delivered"] = figures["received"] / max(1, figures["expected"])
             row["layout"] = {"loads_pinned": pinned}
@@ -598,8 +599,8 @@ def report(r: dict[str, Any]) -> str:
         lines += [
             f"| streams failed | {d['failed']} | {p['failed']} | |",
             f"| group CPU per chunk ({p['processes']} processes), µs | | {p['proxy_cpu_us_per_chunk']:.1f} | |",
-            f"| group CPU, share of one core (supervisor's) | | {p['proxy_cpu_share']:.0%} "
-            f"({p['supervisor_cpu_share']:.0%}) | |",
+            f"| group CPU, share of one core (supervisor's; each worker's) | | {p['proxy_cpu_share']:.0%} "
+            f"({p['supervisor_cpu_share']:.0%}; {', '.join(format(w, '.0%') for w in p['worker_cpu_shares'])}) | |",
             f"| Node.js upstream / load generator CPU, share of one core | {d['upstream_cpu_share']:.0%} / "
             f"{d['client_cpu_share']:.0%} | {p['upstream_cpu_share']:.0%} / {p['client_cpu_share']:.0%} | |",
         ]
