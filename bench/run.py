@@ -44,6 +44,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any, Iterator, Optional
 
 from oaiproxy.access.clients import file_entry
@@ -147,6 +148,20 @@ def group_cpu_seconds(pids: list[int]) -> float:
         with contextlib.suppress(OSError):
             total += cpu_seconds(pid)
     return total
+
+
+def settle(pid: int, limit: float = 30.0) -> None:
+    """
+    Wait (at most C{limit} seconds) until C{pid} uses under 5% of a core
+    over half a second: the streams a warm-up's client left are torn down
+    before the measurement's open.
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(0.5)
+        if cpu_seconds(pid) - before < 0.025:
+            return
 
 
 def system_seconds(pid: int) -> float:
@@ -421,6 +436,7 @@ def main() -> None:
                 process = sse_proxies[target][0] if target in sse_proxies else None
                 if process and args.warmup:
                     streams(base, count, args.warmup, work)
+                    settle(process.pid)
                 cpu = cpu_seconds(process.pid) if process else 0.0
                 kernel = system_seconds(process.pid) if process else 0.0
                 with profiled(args.profile, process.pid if process else None, f"{target}-c{count}"):
