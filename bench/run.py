@@ -608,6 +608,8 @@ def report(r: dict[str, Any]) -> str:
         for key, label in (
             ("delay_p50_ms", "chunk delay p50, ms"),
             ("delay_p99_ms", "chunk delay p99, ms"),
+            ("steady_delay_p50_ms", "chunk delay p50 once every stream is open, ms"),
+            ("steady_delay_p99_ms", "chunk delay p99 once every stream is open, ms"),
             ("first_p50_ms", "time to first chunk p50, ms"),
             ("first_p99_ms", "time to first chunk p99, ms"),
         ):
