@@ -503,15 +503,15 @@ def main() -> None:
             started.append(proxy)
             streams(base + "/v1", min(200, worker_streams), 1, work, pinned)  # warm up: imports, pools, caches
             group = group_pids(proxy.pid)
-            cpu = {pid: cpu_seconds(pid) for pid in group}
+            start = {pid: cpu_seconds(pid) for pid in group}
             row["workers 2"] = loaded(base + "/v1")
-            used = {pid: group_cpu_seconds([pid]) - cpu[pid] for pid in group}
+            spent = {pid: group_cpu_seconds([pid]) - start[pid] for pid in group}
             measured = row["workers 2"]
             measured["processes"] = len(group)
-            measured["proxy_cpu_share"] = sum(used.values()) / (seconds + 2)
-            measured["proxy_cpu_us_per_chunk"] = 1e6 * sum(used.values()) / max(1, measured["received"])
-            measured["supervisor_cpu_share"] = used[proxy.pid] / (seconds + 2)
-            measured["worker_cpu_shares"] = [used[pid] / (seconds + 2) for pid in group if pid != proxy.pid]
+            measured["proxy_cpu_share"] = sum(spent.values()) / (seconds + 2)
+            measured["proxy_cpu_us_per_chunk"] = 1e6 * sum(spent.values()) / max(1, measured["received"])
+            measured["supervisor_cpu_share"] = spent[proxy.pid] / (seconds + 2)
+            measured["worker_cpu_shares"] = [spent[pid] / (seconds + 2) for pid in group if pid != proxy.pid]
             for figures in row.values():
                 figures["delivered"] = figures["received"] / max(1, figures["expected"])
             row["layout"] = {"loads_pinned": pinned}
@@ -549,8 +549,9 @@ def report(r: dict[str, Any]) -> str:
         cells = [format(values[n], fmt) if values[n] is not None else "" for n in ("direct", *names)]
         for top, bottom in ratios:
             rel = ""
-            if ratio and values.get(bottom) and values.get(top) is not None:
-                rel = f"{values[top] / values[bottom]:.3f}"
+            numerator, denominator = values.get(top), values.get(bottom)
+            if ratio and denominator and numerator is not None:
+                rel = f"{numerator / denominator:.3f}"
             cells.append(rel)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
