@@ -18,7 +18,16 @@ Scenarios:
  (b) 1 MB request bodies: MB/s and proxy CPU per request;
  (c) N concurrent long streams at 20 chunks/s: share of chunks delivered, added
      per-chunk delay p50/p99, time to first chunk, proxy CPU and peak RSS;
- (d) N idle open streams: proxy memory per stream.
+ (d) N idle open streams: proxy memory per stream;
+ workers: ~1 KB requests/s through 1 and through 2 workers (unpinned);
+ workers-streams: 2,000 streams at 20 chunks/s direct and through
+     --workers 2 (unpinned: the two workers share both cores with the Node.js
+     upstream and load generator, which stay on CPU 1): as (c), with the CPU
+     of the whole group (supervisor and workers) per chunk.
+
+With --python PATH, (a) and (c) also run through a proxy under that
+interpreter (e.g. PyPy: PATH runs this installation's twistd script, so it
+needs Twisted, treq and the rest installed for it), beside CPython's.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any, Iterator, Optional
 
 from oaiproxy.access.clients import file_entry
@@ -110,6 +120,50 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def group_pids(pid: int) -> list[int]:
+    """
+    C{pid} and its live descendants (a supervisor and its workers), found by
+    their parent PIDs in C{/proc}.
+    """
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found = [pid]
+    for member in found:
+        found.extend(child for child, parent in parents.items() if parent == member)
+    return found
+
+
+def group_cpu_seconds(pids: list[int]) -> float:
+    """
+    The CPU time of C{pids} together (one that has exited counts as zero).
+    """
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def settle(pid: int, limit: float = 30.0) -> None:
+    """
+    Wait (at most C{limit} seconds) until C{pid} uses under 5% of a core
+    over half a second: the streams a warm-up's client left are torn down
+    before the measurement's open.
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(0.5)
+        if cpu_seconds(pid) - before < 0.025:
+            return
+
+
 def system_seconds(pid: int) -> float:
     """
     The kernel's part of C{pid}'s CPU time (system calls: socket reads and
@@ -136,14 +190,13 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-def load_generator(argv: list[str], timeout: float, cwd: Optional[str] = None) -> str:
+def load_generator(argv: list[str], timeout: float, cwd: Optional[str] = None, pinned: bool = True) -> str:
     """
-    Run a load generator on the upstream's CPU (away from the proxy's) and
-    return its output.
+    Run a load generator on the upstream's CPU (away from the proxy's;
+    not C{pinned}: wherever the kernel puts it) and return its output.
     """
-    return subprocess.run(
-        ["taskset", "-c", UPSTREAM_CPU, *argv], capture_output=True, text=True, timeout=timeout, check=True, cwd=cwd
-    ).stdout
+    pin = ["taskset", "-c", UPSTREAM_CPU] if pinned else []
+    return subprocess.run([*pin, *argv], capture_output=True, text=True, timeout=timeout, check=True, cwd=cwd).stdout
 
 
 def wrk(url: str, script: str, connections: int, seconds: float) -> dict[str, float]:
@@ -173,9 +226,9 @@ def lua(work: str, name: str, payload: bytes) -> str:
     return script
 
 
-def streams(base: str, count: int, seconds: float, work: str) -> dict[str, Any]:
+def streams(base: str, count: int, seconds: float, work: str, pinned: bool = True) -> dict[str, Any]:
     argv = ["node", os.path.join(HERE, "stream_client.js"), base, str(count), str(seconds), "live", CLIENT_KEY]
-    out = load_generator(argv, seconds + 120, cwd=work)
+    out = load_generator(argv, seconds + 120, cwd=work, pinned=pinned)
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -234,7 +287,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="seconds-long run: the suite works, figures mean nothing")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--only", default="a,b,c,d,workers", help="scenarios to run (default: all)")
+    parser.add_argument(
+        "--only", default="a,b,c,d,workers,workers-streams", help="scenarios to run, comma-separated (default: all)"
+    )
     parser.add_argument(
         "--before",
         metavar="CHECKOUT",
@@ -246,8 +301,29 @@ def main() -> None:
         metavar="DIR",
         help="record the proxies under py-spy (collapsed stacks in DIR; the CPU figures then include py-spy's sampling)",
     )
+    parser.add_argument(
+        "--python",
+        metavar="PATH",
+        help="also run (a) and (c) through a proxy under this interpreter (e.g. /tmp/pypyvenv/bin/pypy3, which "
+        "needs the project's dependencies installed), beside CPython's, so both come from one run",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        metavar="SECONDS",
+        help="load each proxy this long before measuring (a) and (c), e.g. for a JIT (default: 1 s of (a), none for (c))",
+    )
     parser.add_argument("--seconds", type=float, help="length of each measurement (default: 10, smoke: 2)")
     parser.add_argument("--streams", help="stream counts for (c), comma-separated (default: 200,1000)")
+    parser.add_argument(
+        "--worker-streams", type=int, help="stream count for workers-streams (default: 2000, smoke: 50)"
+    )
+    parser.add_argument(
+        "--worker-loads-pinned",
+        action="store_true",
+        help="keep workers-streams' Node.js upstream and load generator on CPU 1 (default: every process of it "
+        "unpinned, on both cores)",
+    )
     args = parser.parse_args()
     need("wrk", "nginx", "node", "taskset")
     # Thousands of streams need thousands of descriptors, here and in every
@@ -259,6 +335,7 @@ def main() -> None:
     if args.streams:
         stream_counts = tuple(int(n) for n in args.streams.split(","))
     idle_counts = (50, 100) if args.smoke else (1000, 5000)
+    worker_streams = args.worker_streams or (50 if args.smoke else 2000)
 
     work = tempfile.mkdtemp(prefix="oaiproxy-bench-")
     started: list[Process] = []
@@ -295,14 +372,20 @@ def main() -> None:
         port = "tcp:0:interface=127.0.0.1:backlog=4096"
         # Each proxy under test: a plain one (nginx upstream) and a stream
         # one (the SSE upstream).  "before" is another checkout's code.
-        versions = {"proxy": env}
+        # "pypy" is this checkout's code under another interpreter, which
+        # runs this installation's twistd script.
+        versions = {"proxy": (env, pin)}
         if args.before:
-            versions = {"before": {**env, "PYTHONPATH": os.path.abspath(args.before)}, **versions}
+            versions = {"before": ({**env, "PYTHONPATH": os.path.abspath(args.before)}, pin), **versions}
+        if args.python:
+            versions["pypy"] = (env, [*pin, args.python])
         plain: dict[str, tuple[Process, str]] = {}
         sse_proxies: dict[str, tuple[Process, str]] = {}
-        for name, version_env in versions.items():
+        for name, (version_env, prefix) in versions.items():
             for upstream, table in ((plain_url, plain), (sse_url, sse_proxies)):
-                process, base = start_proxy(work, ["--upstream", upstream, *common], version_env, prefix=pin, port=port)
+                process, base = start_proxy(
+                    work, ["--upstream", upstream, *common], version_env, prefix=prefix, port=port
+                )
                 started.append(process)
                 table[name] = (process, base)
         sse_proxy, sse_base = sse_proxies["proxy"]
@@ -311,8 +394,9 @@ def main() -> None:
         only = set(args.only.split(","))
         # (a) plain requests
         small = lua(work, "small", body(1024))
-        for base in targets.values():
-            wrk(base + "/chat/completions", small, 64, 1)  # warm up
+        for target, base in targets.items():
+            # Warm up (direct needs no JIT's warm-up).
+            wrk(base + "/chat/completions", small, 64, (args.warmup or 1) if target != "direct" else 1)
         results["a"] = {}
         for target, base in targets.items() if "a" in only else ():
             pid = plain[target][0].pid if target in plain else None
@@ -350,6 +434,9 @@ def main() -> None:
             stream_targets = {"direct": sse_url, **{name: base + "/v1" for name, (_, base) in sse_proxies.items()}}
             for target, base in stream_targets.items():
                 process = sse_proxies[target][0] if target in sse_proxies else None
+                if process and args.warmup:
+                    streams(base, count, args.warmup, work)
+                    settle(process.pid)
                 cpu = cpu_seconds(process.pid) if process else 0.0
                 kernel = system_seconds(process.pid) if process else 0.0
                 with profiled(args.profile, process.pid if process else None, f"{target}-c{count}"):
@@ -382,6 +469,55 @@ def main() -> None:
             wrk(base + "/v1/chat/completions", small, 64, 1)
             results["workers"][workers] = wrk(base + "/v1/chat/completions", small, 64, seconds)["rps"]
             proxy.stop()
+
+        # Multi-core streams: many streams direct and through 2 workers,
+        # unpinned like "workers"; the CPU is the whole group's.
+        results["workers-streams"] = {}
+        if "workers-streams" in only:
+            # Its own upstream: on both cores unless pinned like the others.
+            pinned = args.worker_loads_pinned
+            upstream = Process(
+                [*(["taskset", "-c", UPSTREAM_CPU] if pinned else []), "node", os.path.join(HERE, "sse_upstream.js")]
+                + ["0", "1000000", "20"],
+                child_env({}),
+                work,
+            )
+            started.append(upstream)
+            url = upstream.wait_for(r"listening on (http://\S+/v1)").group(1)
+
+            def loaded(base: str) -> dict[str, Any]:
+                """
+                The streams through C{base}, with the share of a core the
+                Node.js upstream and load generator used meanwhile.
+                """
+                before = cpu_seconds(upstream.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+                figures = streams(base, worker_streams, seconds, work, pinned)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                client = after.ru_utime + after.ru_stime - before[1].ru_utime - before[1].ru_stime
+                figures["upstream_cpu_share"] = (cpu_seconds(upstream.pid) - before[0]) / (seconds + 2)
+                figures["client_cpu_share"] = client / (seconds + 2)
+                return figures
+
+            row = {"direct": loaded(url)}
+            proxy, base = start_proxy(work, ["--upstream", url, "--workers", "2", *common], env, port=port)
+            started.append(proxy)
+            streams(base + "/v1", min(200, worker_streams), 1, work, pinned)  # warm up: imports, pools, caches
+            group = group_pids(proxy.pid)
+            start = {pid: cpu_seconds(pid) for pid in group}
+            row["workers 2"] = loaded(base + "/v1")
+            spent = {pid: group_cpu_seconds([pid]) - start[pid] for pid in group}
+            measured = row["workers 2"]
+            measured["processes"] = len(group)
+            measured["proxy_cpu_share"] = sum(spent.values()) / (seconds + 2)
+            measured["proxy_cpu_us_per_chunk"] = 1e6 * sum(spent.values()) / max(1, measured["received"])
+            measured["supervisor_cpu_share"] = spent[proxy.pid] / (seconds + 2)
+            measured["worker_cpu_shares"] = [spent[pid] / (seconds + 2) for pid in group if pid != proxy.pid]
+            for figures in row.values():
+                figures["delivered"] = figures["received"] / max(1, figures["expected"])
+            row["layout"] = {"loads_pinned": pinned}
+            results["workers-streams"][str(worker_streams)] = row
+            proxy.stop()
+            upstream.stop()
     finally:
         for process in reversed(started):
             process.stop()
@@ -396,22 +532,28 @@ def main() -> None:
 def report(r: dict[str, Any]) -> str:
     """
     The figures as a Markdown table: direct, then each proxy version (with
-    C{--before}: before, then this checkout's), then this checkout's ratio
-    to direct (or, with C{--before}, to before).
+    C{--before}: before, then this checkout's; with C{--python}: then
+    that interpreter's), then this checkout's ratio to direct (or, with
+    C{--before}, to before) and the other interpreter's to this one's.
+    The streams through two workers follow in a table of their own.
     """
     a, b = r["a"], r["b"]
-    names = [n for n in ("before", "proxy") if n in (a or b or next(iter(r["c"].values()), {}))]
+    names = [n for n in ("before", "proxy", "pypy") if n in (a or b or next(iter(r["c"].values()), {}))]
     base = "before" if "before" in names else "direct"
-    heads = ["direct", *names, f"proxy / {base}"]
+    ratios = [("proxy", base)] + ([("pypy", "proxy")] if "pypy" in names else [])
+    heads = ["direct", *names, *(f"{top} / {bottom}" for top, bottom in ratios)]
     lines = ["| scenario | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
 
     def row(label: str, figures: dict[str, Any], key: Any, fmt: str, ratio: bool = True) -> None:
         values = {n: key(figures[n]) if n in figures else None for n in ("direct", *names)}
         cells = [format(values[n], fmt) if values[n] is not None else "" for n in ("direct", *names)]
-        rel = ""
-        if ratio and values.get(base) and values["proxy"] is not None:
-            rel = f"{values['proxy'] / values[base]:.3f}"
-        lines.append(f"| {label} | " + " | ".join([*cells, rel]) + " |")
+        for top, bottom in ratios:
+            rel = ""
+            numerator, denominator = values.get(top), values.get(bottom)
+            if ratio and denominator and numerator is not None:
+                rel = f"{numerator / denominator:.3f}"
+            cells.append(rel)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     if a:
         row("(a) requests/s at 64 connections", a, lambda x: x["rps_64"], ",.0f")
@@ -450,6 +592,38 @@ def report(r: dict[str, Any]) -> str:
             f"| (a) requests/s at 64 connections, 1 vs 2 workers (unpinned) | {w['1']:,.0f} | {w['2']:,.0f} | "
             f"{w['2'] / w['1']:.2f}x |"
         )
+    if len(lines) == 2:
+        lines = []  # only the streams through two workers were measured
+    for count, w in r.get("workers-streams", {}).items():
+        d, p = w["direct"], w["workers 2"]
+        where = "on CPU 1, beside one of the workers" if w["layout"]["loads_pinned"] else "on the same two cores"
+        lines += [
+            "",
+            f"{count} streams x 20 chunks/s, `--workers 2` unpinned on both cores; the Node.js upstream and load "
+            f"generator (one process each) run {where}:",
+            "",
+            "| figure | direct | --workers 2 | added |",
+            "|---|---|---|---|",
+            f"| chunks delivered | {100 * d['delivered']:.1f}% | {100 * p['delivered']:.1f}% | |",
+        ]
+        for key, label in (
+            ("delay_p50_ms", "chunk delay p50, ms"),
+            ("delay_p99_ms", "chunk delay p99, ms"),
+            ("steady_delay_p50_ms", "chunk delay p50 once every stream is open, ms"),
+            ("steady_delay_p99_ms", "chunk delay p99 once every stream is open, ms"),
+            ("first_p50_ms", "time to first chunk p50, ms"),
+            ("first_p99_ms", "time to first chunk p99, ms"),
+        ):
+            if d[key] is not None and p[key] is not None:
+                lines.append(f"| {label} | {d[key]:.1f} | {p[key]:.1f} | {p[key] - d[key]:+.1f} |")
+        lines += [
+            f"| streams failed | {d['failed']} | {p['failed']} | |",
+            f"| group CPU per chunk ({p['processes']} processes), µs | | {p['proxy_cpu_us_per_chunk']:.1f} | |",
+            f"| group CPU, share of one core (supervisor's; each worker's) | | {p['proxy_cpu_share']:.0%} "
+            f"({p['supervisor_cpu_share']:.0%}; {', '.join(format(w, '.0%') for w in p['worker_cpu_shares'])}) | |",
+            f"| Node.js upstream / load generator CPU, share of one core | {d['upstream_cpu_share']:.0%} / "
+            f"{d['client_cpu_share']:.0%} | {p['upstream_cpu_share']:.0%} / {p['client_cpu_share']:.0%} | |",
+        ]
     return "\n".join(lines)
 
 

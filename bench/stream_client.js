@@ -2,7 +2,8 @@
 // the share of chunks delivered, each chunk's delay from its send time
 // upstream ("t", ms) to its arrival here, and the time to first chunk.
 // Usage: node stream_client.js BASE_URL STREAMS DURATION_S [idle] [KEY]
-// Prints one JSON line.  In idle mode it opens the streams, prints
+// Prints one JSON line (steady_*: the delays of the chunks that arrived once
+// every stream had its first, without the ramp of opening them).  In idle mode it opens the streams, prints
 // {"open": N, "failed": F} once all have their first event (or after 60 s,
 // with those that have), and holds them until killed.
 "use strict";
@@ -19,6 +20,7 @@ const agent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
 const body = JSON.stringify({ model: idle ? "idle" : "gpt-4o-mini", stream: true, messages: [{ role: "user", content: "hi" }] });
 const RATE = 20; // chunks per second per stream, as sse_upstream.js sends them
 const delays = [];
+const arrivals = [];
 const firsts = [];
 const firstAt = [];
 let received = 0, opened = 0, failed = 0, started = 0;
@@ -46,6 +48,7 @@ function one() {
         if (!m) continue;
         received++;
         delays.push(at - Number(m[1]));
+        arrivals.push(at);
         if (first) {
           first = false;
           firsts.push(at - t0);
@@ -80,10 +83,14 @@ if (!idle) {
     // What the upstream sent each stream since its first chunk.
     const end = now();
     const expected = firstAt.reduce((sum, t) => sum + 1 + Math.floor(((end - t) * RATE) / 1000), 0);
+    // The steady state: chunks that arrived once every stream had its first.
+    const allOpen = firstAt.length === streams ? firstAt.reduce((a, b) => Math.max(a, b), 0) : Infinity;
+    const steady = delays.filter((_, i) => arrivals[i] > allOpen);
     console.log(JSON.stringify({
       streams, started, received, failed, expected,
       delay_p50_ms: pct(delays, 0.5), delay_p99_ms: pct(delays, 0.99),
       first_p50_ms: pct(firsts, 0.5), first_p99_ms: pct(firsts, 0.99),
+      steady_delay_p50_ms: pct(steady, 0.5), steady_delay_p99_ms: pct(steady, 0.99), steady_chunks: steady.length,
     }));
     process.exit(0);
   }, duration + 2000);
