@@ -184,7 +184,7 @@ class _Response:
         self._delivered = False
         #: Where body bytes go: the buffer until deliverBody, then the
         #: protocol's dataReceived.
-        self.sink: Callable[[bytes], None] = self._buffer.append  # type: ignore[union-attr]
+        self.sink: Callable[[bytes], None] = self._buffer.append
         self._paused_for_delivery = False
 
     def setPreviousResponse(self, response: IResponse) -> None:
@@ -194,7 +194,7 @@ class _Response:
         if self._delivered:
             raise RuntimeError("Response body already delivered")
         self._delivered = True
-        protocol.makeConnection(self)  # type: ignore[arg-type]
+        protocol.makeConnection(self)
         buffered, self._buffer = self._buffer, None
         for data in buffered or ():
             protocol.dataReceived(data)
@@ -560,6 +560,9 @@ class _Connection(Protocol):
     """
     One upstream connection: at most one exchange at a time.
     """
+
+    #: A TCP or TLS transport: a push producer that can be aborted.
+    transport: Any
 
     def __init__(self, pool: "ConnectionPool", key: Hashable) -> None:
         self._pool = pool
