@@ -785,13 +785,13 @@ def host_value(uri: URI) -> bytes:
     return b"%b:%d" % (host, uri.port)
 
 
-def _should_retry(method: bytes, failure: Failure, producer: Optional[IBodyProducer]) -> bool:
+def _should_retry(failure: Failure) -> bool:
     """
-    Whether a request that failed on a reused connection is sent again on a
-    new one: C{HTTPConnectionPool}'s rule.
+    Whether an idempotent request without a body (the caller checks that)
+    that failed on a reused connection is sent again on a new one:
+    C{HTTPConnectionPool}'s rule, for a failure before any answer that the
+    caller did not cause by cancelling.
     """
-    if method not in _RETRYABLE or producer is not None:
-        return False
     exception = failure.value
     if not isinstance(exception, (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)):
         return False
@@ -843,7 +843,7 @@ class HTTP11Agent:
             if pool.retryAutomatically and method in _RETRYABLE and bodyProducer is None:
 
                 def retry(failure: Failure) -> Any:
-                    if _should_retry(method, failure, bodyProducer):
+                    if _should_retry(failure):
                         return self._connected(key, parsed).addCallback(
                             lambda fresh: fresh.request(method, path, headers, bodyProducer, info)
                         )

@@ -684,9 +684,10 @@ class PoolTests(_Case):
     def test_closed_while_idle(self) -> None:
         protocol, _ = self.complete()
         protocol.connectionLost(Failure(ConnectionDone()))
+        # Dropped at once: no idle timer left for it.
+        self.assertEqual(self.clock.getDelayedCalls(), [])
         self.agent.request(b"GET", URL)
         self.assertEqual(len(self.endpoints.connections), 2)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_bytes_while_idle(self) -> None:
         """
@@ -725,12 +726,28 @@ class PoolTests(_Case):
         self.endpoints.connections[1][0].dataReceived(self.OK)
         self.assertEqual(self.successResultOf(d).code, 200)
 
+        # Nor one that failed after part of an answer, or that was
+        # cancelled.
         self.setUp()
-        self.complete(b"POST")
-        d = self.agent.request(b"POST", URL)
+        self.complete()
+        d = self.agent.request(b"GET", URL)
+        self.endpoints.connections[0][0].dataReceived(b"HTTP/1.1 200 OK\r\n")
+        self.endpoints.connections[0][0].connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, ResponseFailed)
+        self.setUp()
+        self.complete()
+        d = self.agent.request(b"GET", URL)
+        d.cancel()
         self.endpoints.connections[0][0].connectionLost(Failure(ConnectionDone()))
         self.failureResultOf(d, ResponseNeverReceived)
         self.assertEqual(len(self.endpoints.connections), 1)
+        for method, body in [(b"POST", None), (b"GET", _body_producer(b"{}"))]:
+            self.setUp()
+            self.complete(method)
+            d = self.agent.request(method, URL, None, body)
+            self.endpoints.connections[0][0].connectionLost(Failure(ConnectionDone()))
+            self.failureResultOf(d, ResponseNeverReceived)
+            self.assertEqual(len(self.endpoints.connections), 1)
 
     def test_fresh_connection_not_retried(self) -> None:
         d, protocol, _ = self.request()
