@@ -762,13 +762,14 @@ class ConnectionPool:
 
 
 @functools.lru_cache(maxsize=512)
-def _parsed(uri: bytes) -> tuple[URI, tuple[bytes, bytes, int], bytes]:
+def _parsed(uri: bytes) -> tuple[URI, tuple[bytes, bytes, int], bytes, bytes]:
     """
-    A request URI as Agent takes it apart: the parsed URI, the pool key
-    and the C{Host} value it would add.
+    A request URI as Agent takes it apart: the parsed URI, the pool key,
+    the C{Host} value it would add and the path it sends (C{originForm},
+    which URI computes anew at every read).
     """
     parsed = URI.fromBytes(uri)
-    return parsed, (parsed.scheme, parsed.host, parsed.port), host_value(parsed)
+    return parsed, (parsed.scheme, parsed.host, parsed.port), host_value(parsed), parsed.originForm
 
 
 def host_value(uri: URI) -> bytes:
@@ -828,13 +829,12 @@ class HTTP11Agent:
             raise TypeError(f"method={method!r} is {type(method)}, but must be bytes")
         if not _VALID_METHOD.match(method):
             raise _token_error(method)
-        parsed, key, host = _parsed(uri)
+        parsed, key, host, path = _parsed(uri)
         if headers is None:
             headers = Headers()
         if not headers.hasHeader(b"host"):
             headers = headers.copy()
             headers.addRawHeader(b"Host", host)
-        path = parsed.originForm
         info = _RequestInfo(method, parsed, headers)
         pool = self._pool
         connection = pool._take(key)
