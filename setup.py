@@ -43,8 +43,8 @@ setup(
         # the cgi module, removed there).
         "treq>=24.9.0",
         # llhttp (Node's HTTP parser) frames upstream responses in
-        # oaiproxy/upstream/http11.py; 0.6 added set_dangerous_leniencies
-        # and builds on Python 3.12+.
+        # oaiproxy/upstream/http11.py; 0.6.0 is the oldest the agent's tests
+        # were run on (and the first with Python 3.12 wheels).
         "httptools>=0.6",
         # The metric types and the exposition format; /metrics itself is a
         # small twisted.web resource of ours.
