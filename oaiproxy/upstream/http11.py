@@ -268,6 +268,8 @@ class _LengthConsumer:
             self.remaining -= len(data)
             self._transport.write(data)
         else:
+            # Nothing more passes, whatever the producer still writes.
+            self.remaining = -1
             self._exchange.body_failed(Failure(WrongBodyLength("too many bytes written")))
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
@@ -379,9 +381,8 @@ class _Exchange:
         transport.unregisterProducer()
         if isinstance(consumer, _ChunkedConsumer):
             transport.write(b"0\r\n\r\n")
-        if self.complete:
-            # The response ended first; its connection is being closed.
-            return
+        # (If the response ended first, its connection is being closed:
+        # see _Connection._completed.)
 
     def body_failed(self, reason: Failure) -> None:
         """
@@ -412,11 +413,17 @@ class _Exchange:
         self.result.errback(Failure(RequestGenerationFailed([reason])))
 
     def stop_writing(self) -> None:
+        """
+        The request body can no longer go anywhere (the connection is gone
+        or given up): stop its producer, which lets go of what it holds and
+        of the client it may have paused.
+        """
         if self.writing:
             self.writing = False
             producer, self.producer = self.producer, None
             assert producer is not None
             try:
+                self.connection.transport.unregisterProducer()
                 producer.stopProducing()
             except Exception:
                 _log.failure("while stopping a request body")
