@@ -42,6 +42,10 @@ setup(
         # 24.9 is the first that imports on Python 3.13 (older ones import
         # the cgi module, removed there).
         "treq>=24.9.0",
+        # llhttp (Node's HTTP parser) frames upstream responses in
+        # oaiproxy/upstream/http11.py; 0.6.0 is the oldest the agent's tests
+        # were run on (and the first with Python 3.12 wheels).
+        "httptools>=0.6",
         # The metric types and the exposition format; /metrics itself is a
         # small twisted.web resource of ours.
         "prometheus_client>=0.17.0",

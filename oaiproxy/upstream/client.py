@@ -21,14 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    ContentDecoderAgent,
-    GzipDecoder,
-    HTTPConnectionPool,
-)
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS, ContentDecoderAgent, GzipDecoder
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
@@ -37,6 +30,7 @@ from zope.interface import implementer
 from oaiproxy.config import Secret
 from oaiproxy.upstream.bodies import IStreamedBody
 from oaiproxy.upstream.headers import upstream_request_headers
+from oaiproxy.upstream.http11 import ConnectionPool, HTTP11Agent, host_value
 from oaiproxy.upstream.styles import OpenAIStyle, UpstreamStyle
 
 try:
@@ -134,10 +128,12 @@ class _BytesProducer:
 def make_http_client(reactor: Any, connect_timeout: float) -> HTTPClient:
     """
     Build the production treq client: pooled persistent connections and
-    certificate-verifying TLS (Agent's default policy).
+    certificate-verifying TLS (Agent's default policy), over the lean
+    HTTP/1.1 agent of L{oaiproxy.upstream.http11} (llhttp framing; see
+    its docstring for why).
     """
     endpoints = UpstreamEndpoints(reactor, connect_timeout)
-    return http_client(Agent.usingEndpointFactory(reactor, endpoints, pool=make_pool(reactor)))
+    return http_client(HTTP11Agent(reactor, endpoints, make_pool(reactor)))
 
 
 @implementer(IAgentEndpointFactory)
@@ -179,11 +175,11 @@ class UpstreamEndpoints:
         return endpoint
 
 
-def make_pool(reactor: Any) -> HTTPConnectionPool:
+def make_pool(reactor: Any) -> ConnectionPool:
     """
     A pool of persistent upstream connections, many per host.
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = ConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
     return pool
 
@@ -219,15 +215,9 @@ def host_header(url: str) -> Optional[bytes]:
     C{Agent} copies every header of every request to add it (about 6 µs).
     """
     try:
-        uri = URI.fromBytes(_uri_bytes(url))
-        host = uri.host
-        if isIPv6Address(host.decode("ascii")):
-            host = b"[" + host + b"]"
+        return host_value(URI.fromBytes(_uri_bytes(url)))
     except Exception:
         return None
-    if (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443)):
-        return bytes(host)
-    return b"%b:%d" % (host, uri.port)
 
 
 class _ProxyHTTPClient(HTTPClient):

@@ -36,6 +36,7 @@ from oaiproxy.upstream.client import (
     _NoCookies,
     host_header,
     http_client,
+    make_http_client,
     make_pool,
 )
 
@@ -139,6 +140,42 @@ class PoolTests(SynchronousTestCase):
         self.assertTrue(pool.persistent)
         self.assertEqual(pool.maxPersistentPerHost, MAX_PERSISTENT_PER_HOST)
         self.assertGreaterEqual(MAX_PERSISTENT_PER_HOST, 64)
+
+
+class ProductionClientTests(SynchronousTestCase):
+    def test_wired_through_the_lean_agent(self) -> None:
+        """
+        The production client connects through L{UpstreamEndpoints} (an
+        address directly, with the connect timeout), writes the request
+        with treq's C{Accept-Encoding: gzip}, and hands back a gzipped
+        answer decoded, through L{oaiproxy.upstream.http11}'s agent.
+        """
+        reactor = MemoryReactorClock()
+        client = make_http_client(reactor, 5.0)
+        headers = Headers({b"host": [b"127.0.0.1:9"], b"authorization": [b"Bearer sk-UP"]})
+        d = client.request(
+            "POST",
+            "http://127.0.0.1:9/v1/chat/completions",
+            data=b"{}",
+            headers=headers,
+            unbuffered=True,
+            allow_redirects=False,
+        )
+        host, port, factory, timeout, _ = reactor.tcpClients[-1]
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 9, 5.0))
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        sent = transport.value()
+        self.assertTrue(sent.startswith(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n"))
+        self.assertIn(b"\r\nAccept-Encoding: gzip\r\n", sent)
+        self.assertTrue(sent.endswith(b"\r\n\r\n{}"))
+        answer = gzip.compress(b'{"id": "x"}')
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
+        )
+        response = self.successResultOf(d)
+        self.assertEqual(_body_of(response), b'{"id": "x"}')
 
 
 class StaticHeaderTests(SynchronousTestCase):
