@@ -256,32 +256,34 @@ class Held(Protocol):
 class LimitStore(Protocol):
     """
     Where client limits live, as the admission will use them: admission
-    may be a round trip away (Redis), so it is asynchronous.
+    may be a round trip away (Redis), so it may be asynchronous.
     """
 
-    def admit(self, client: Client, estimate: int) -> "Deferred[Held | Refusal]":
+    def admit(self, client: Client, estimate: int) -> "Held | Refusal | Deferred[Held | Refusal]":
         """
         Admit a request that may cost up to C{estimate} tokens, or say
-        which limit it is over (with the client's rate headers).  The
-        Deferred never fails: a store that cannot answer decides locally.
+        which limit it is over (with the client's rate headers): the
+        answer itself when it is known at once, or a Deferred of it when
+        it is a round trip away.  The Deferred never fails: a store that
+        cannot answer decides locally.
         """
 
 
 class LocalLimitStore:
     """
-    The in-process L{Limiter} behind the asynchronous L{LimitStore}
-    interface: the same decisions, already made when C{admit} returns.
-    The limiter stays usable directly, synchronously, as before.
+    The in-process L{Limiter} behind the L{LimitStore} interface: the
+    same decisions, answered at once (no Deferred: every request asks).
+    The limiter stays usable directly, as before.
     """
 
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
 
-    def admit(self, client: Client, estimate: int) -> "Deferred[Held | Refusal]":
+    def admit(self, client: Client, estimate: int) -> "Held | Refusal":
         admitted = self.limiter.admit(client, estimate)
         if isinstance(admitted, Refusal) and not admitted.headers:
             admitted.headers = tuple(self.limiter.headers(client))
-        return succeed(admitted)
+        return admitted
 
 
 def rate_headers(kind: str, limit: int, remaining: int, reset: float) -> list[tuple[bytes, bytes]]:
