@@ -212,7 +212,8 @@ class Admission:
                 request, rate_limited(admitted.message, admitted.retry_after, tuple(admitted.headers))
             )
         budgets = self._budgets
-        if budgets is None:
+        if budgets is None or not client.budgets.any:
+            # (No budget to reserve: every store answers None for it.)
             return admitted
         # Reserved only now, after the check of the limits: their answer
         # may have been a round trip away, and a budget reserved before it

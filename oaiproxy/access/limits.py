@@ -166,7 +166,7 @@ class Limiter:
         state = self._states.get(client.name)
         if state is None:
             state = self._states[client.name] = _ClientState(limits, self._clock.seconds())
-        elif state.limits != limits:
+        elif state.limits is not limits and state.limits != limits:
             # Its limits changed on reload.
             state.configure(limits, self._clock.seconds())
         return state
