@@ -30,6 +30,7 @@ __all__ = [
     "parse_static_header",
     "is_credential_header",
     "openai_key_carrier",
+    "url_carries_openai_key",
     "scope_openai_headers",
 ]
 
@@ -296,9 +297,17 @@ def openai_key_carrier(headers: Headers, uri: bytes, accepted: Optional[bytes] =
                 scheme, _, credential = value.strip().partition(b" ")
                 if scheme.lower() == b"basic" and _carries_key(_unbase64(credential), accepted):
                     return lowered.decode("latin-1")
-    if _carries_key(uri, None) or (b"%" in uri and _carries_key(unquote_to_bytes(uri), None)):
+    if url_carries_openai_key(uri):
         return "the URL"
     return None
+
+
+def url_carries_openai_key(uri: bytes) -> bool:
+    """
+    Whether a request's URL carries a real OpenAI secret key, as it is or
+    percent-decoded (L{openai_key_carrier}'s last look).
+    """
+    return _carries_key(uri, None) or (b"%" in uri and _carries_key(unquote_to_bytes(uri), None))
 
 
 def _carries_key(value: bytes, accepted: Optional[bytes]) -> bool:
