@@ -306,12 +306,12 @@ class BudgetStore:
         prompt_estimate: int,
         estimate: int,
         record: Optional[RequestRecord] = None,
-    ) -> "Deferred[Optional[BudgetHold] | Exhausted | Unpriced]":
+    ) -> "Optional[BudgetHold] | Exhausted | Unpriced | Deferred[Optional[BudgetHold] | Exhausted | Unpriced]":
         """
-        L{admit}, as admission calls it: here it has fired on return; the
-        shared store's may be a round trip away.
+        L{admit}, as admission calls it: here the answer itself; the
+        shared store's may be a Deferred, a round trip away.
         """
-        return succeed(self.admit(client, model, prompt_estimate, estimate, record))
+        return self.admit(client, model, prompt_estimate, estimate, record)
 
     def seed(self, client: Client, rows: Iterable[tuple[str, int, float]]) -> None:
         """
@@ -388,7 +388,7 @@ class BudgetedLimits:
         self.limits = limits
         self.budgets = budgets
 
-    def admit(self, client: Client, estimate: int) -> "Deferred[Held | Refusal]":
+    def admit(self, client: Client, estimate: int) -> "Held | Refusal | Deferred[Held | Refusal]":
         return self.limits.admit(client, estimate)
 
     @staticmethod

@@ -46,6 +46,7 @@ import re
 import secrets
 import zoneinfo
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from oaiproxy.config import (
@@ -118,8 +119,12 @@ class Limits:
             self.default_max_tokens,
         )
 
-    @property
+    @cached_property
     def any(self) -> bool:
+        """
+        Whether any limit is set; worked out once per entry (every request
+        asks, twice).
+        """
         return any(v is not None for v in (self.requests_per_minute, self.tokens_per_minute, self.concurrent_requests))
 
 
@@ -140,8 +145,12 @@ class Budgets:
     usd_per_month: Optional[float] = None
     budget_timezone: str = "UTC"
 
-    @property
+    @cached_property
     def any(self) -> bool:
+        """
+        Whether any budget is set; worked out once per entry (every request
+        asks).
+        """
         return any(
             v is not None for v in (self.tokens_per_day, self.tokens_per_month, self.usd_per_day, self.usd_per_month)
         )

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from oaiproxy.access.clients import Client, Limits
@@ -166,7 +166,7 @@ class Limiter:
         state = self._states.get(client.name)
         if state is None:
             state = self._states[client.name] = _ClientState(limits, self._clock.seconds())
-        elif state.limits != limits:
+        elif state.limits is not limits and state.limits != limits:
             # Its limits changed on reload.
             state.configure(limits, self._clock.seconds())
         return state
@@ -256,32 +256,34 @@ class Held(Protocol):
 class LimitStore(Protocol):
     """
     Where client limits live, as the admission will use them: admission
-    may be a round trip away (Redis), so it is asynchronous.
+    may be a round trip away (Redis), so it may be asynchronous.
     """
 
-    def admit(self, client: Client, estimate: int) -> "Deferred[Held | Refusal]":
+    def admit(self, client: Client, estimate: int) -> "Held | Refusal | Deferred[Held | Refusal]":
         """
         Admit a request that may cost up to C{estimate} tokens, or say
-        which limit it is over (with the client's rate headers).  The
-        Deferred never fails: a store that cannot answer decides locally.
+        which limit it is over (with the client's rate headers): the
+        answer itself when it is known at once, or a Deferred of it when
+        it is a round trip away.  The Deferred never fails: a store that
+        cannot answer decides locally.
         """
 
 
 class LocalLimitStore:
     """
-    The in-process L{Limiter} behind the asynchronous L{LimitStore}
-    interface: the same decisions, already made when C{admit} returns.
-    The limiter stays usable directly, synchronously, as before.
+    The in-process L{Limiter} behind the L{LimitStore} interface: the
+    same decisions, answered at once (no Deferred: every request asks).
+    The limiter stays usable directly, as before.
     """
 
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
 
-    def admit(self, client: Client, estimate: int) -> "Deferred[Held | Refusal]":
+    def admit(self, client: Client, estimate: int) -> "Held | Refusal":
         admitted = self.limiter.admit(client, estimate)
         if isinstance(admitted, Refusal) and not admitted.headers:
             admitted.headers = tuple(self.limiter.headers(client))
-        return succeed(admitted)
+        return admitted
 
 
 def rate_headers(kind: str, limit: int, remaining: int, reset: float) -> list[tuple[bytes, bytes]]:

@@ -47,15 +47,20 @@ class TextAccessLog:
     def __call__(self, record: RequestRecord) -> None:
         # The fields the line shows, plus the few worth filtering on; the
         # JSON log has them all.  The line is made here with one f-string
-        # and the event's format only names it: twisted.logger's formatting
-        # of ten fields cost about 14 µs a request (every observer formats
-        # the event), the f-string half a microsecond.
+        # and is the event's format itself, its braces doubled: twisted.
+        # logger's formatting of ten fields cost about 14 µs a request
+        # (every observer formats the event), of a "{line}" field 4.4 µs,
+        # of a format without fields 1.7 µs.  The line is also the event's
+        # "line" field, as before.
         note = _NOTES.get(record.ended, "")
         via = _via(record)
+        line = (
+            f"{record.peer} {record.client} {record.method} {record.path} {record.status} "
+            f"{record.bytes_out} {record.duration:.3f}s {record.request_id}{note}{via}"
+        )
         _log.info(
-            "{line}",
-            line=f"{record.peer} {record.client} {record.method} {record.path} {record.status} "
-            f"{record.bytes_out} {record.duration:.3f}s {record.request_id}{note}{via}",
+            line.replace("{", "{{").replace("}", "}}") if ("{" in line or "}" in line) else line,
+            line=line,
             peer=record.peer,
             client=record.client,
             method=record.method,

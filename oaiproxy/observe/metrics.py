@@ -426,7 +426,7 @@ class Metrics:
         self.open_streams.dec()
 
     def attempt_finished(self, upstream: str, outcome: str) -> None:
-        self.upstream_requests.labels(upstream, outcome).inc()
+        self._child(self.upstream_requests, upstream, outcome).inc()
 
     def failed_over(self, upstream: str, reason: str) -> None:
         self.failovers.labels(upstream, reason).inc()

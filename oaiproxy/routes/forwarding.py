@@ -102,19 +102,20 @@ class ForwardingResource(Endpoint):
     def when_admitted(
         self,
         request: Request,
-        admitted: "Deferred[Held | bytes]",
+        admitted: "Held | bytes | Deferred[Held | bytes]",
         forward: Callable[[Held], object],
         refused: Optional[Callable[[], object]] = None,
     ) -> bytes | int:
         """
-        Go on with C{request} once its admission (L{Admission.reserve})
+        Go on with C{request} once its admission (L{Admission.answer})
         answers: C{forward} it with its hold, or answer with the refusal
         (after telling C{refused}).  What C{render} returns.
 
-        Already answered (the in-process store): the refusal's body is
-        returned for C{render} to send, as any other synchronous refusal,
-        and nothing more is set up.  Still pending (a store a round trip
-        away): C{NOT_DONE_YET}, and, when the answer comes,
+        Already answered (the in-process store's answer, or a Deferred that
+        has fired): the refusal's body is returned for C{render} to send,
+        as any other synchronous refusal, and nothing more is set up.
+        Still pending (a store a round trip away): C{NOT_DONE_YET}, and,
+        when the answer comes,
           - if the request is over meanwhile (its client went away, the
             drain cut it off, or the route answered it itself), a hold is
             settled with 0 at once, so no concurrency slot or token stays
@@ -124,6 +125,8 @@ class ForwardingResource(Endpoint):
             drain began (it passed the draining check), so the drain waits
             for it like for any other, up to the drain's deadline.
         """
+        if not isinstance(admitted, Deferred):
+            return self._go_on(admitted, forward, refused)
         answer: list["Held | bytes"] = []
         admitted.addCallback(answer.append)
         if answer:

@@ -79,7 +79,7 @@ class JsonRouteResource(ForwardingResource):
         self.note(request, model=parsed.model, stream=parsed.stream)
         limits = client.limits if client is not None else Limits()
         prompt_estimate, estimate = estimate_tokens(body, parsed.document, limits, route.generates)
-        admitted = self.admission.reserve(request, client, parsed.model, estimate, prompt_estimate=prompt_estimate)
+        admitted = self.admission.answer(request, client, parsed.model, estimate, prompt_estimate=prompt_estimate)
 
         def forward(held: Held) -> None:
             ask_usage = bool(route.stream_usage and parsed.stream and self._stream_usage)
@@ -161,7 +161,7 @@ class ResponsesResource(JsonRouteResource):
         client = self.admission.admit(request, self.route.label)
         if isinstance(client, bytes):
             return client
-        admitted = self.admission.reserve(request, client, None, 0, names_model=False)
+        admitted = self.admission.answer(request, client, None, 0, names_model=False)
 
         def forward(held: Held) -> None:
             body = read_body(request) if method == "POST" else None

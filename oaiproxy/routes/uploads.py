@@ -192,7 +192,7 @@ class _Upload:
         request = self._request
         resource = self._resource
         self.state = "admitting"
-        admitted = resource.admission.reserve(request, self._client, model, 0)
+        admitted = resource.admission.answer(request, self._client, model, 0)
 
         def forward(held: Held) -> None:
             self.state = "forwarded"

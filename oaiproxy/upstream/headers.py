@@ -30,6 +30,7 @@ __all__ = [
     "parse_static_header",
     "is_credential_header",
     "openai_key_carrier",
+    "url_carries_openai_key",
     "scope_openai_headers",
 ]
 
@@ -144,19 +145,54 @@ def is_credential_header(name: bytes) -> bool:
     return name in _CREDENTIAL_NAMES or _CREDENTIAL_WORD.search(name) is not None
 
 
-def _kept(headers: Headers, drop: frozenset[bytes], credentials: bool = False) -> Iterable[tuple[bytes, list[bytes]]]:
+class _NamePolicy:
+    """
+    Which header names a direction drops (by the name alone: C{drop}, and
+    with C{credentials} every L{is_credential_header}), remembered per raw
+    name: a message's names are the same few again and again, and the
+    credential check is a regular expression.  Memory stays bounded: past
+    C{limit} names, new ones are decided each time.
+    """
+
+    __slots__ = ("_drop", "_credentials", "_known", "_limit")
+
+    def __init__(self, drop: frozenset[bytes], credentials: bool, limit: int = 1024) -> None:
+        self._drop = drop
+        self._credentials = credentials
+        self._known: dict[bytes, Optional[bytes]] = {}
+        self._limit = limit
+
+    def kept(self, name: bytes) -> Optional[bytes]:
+        """
+        The lower-cased name when a header of this name may pass, else
+        C{None}.
+        """
+        try:
+            return self._known[name]
+        except KeyError:
+            pass
+        lowered = name.lower()
+        kept = None if (lowered in self._drop or (self._credentials and is_credential_header(lowered))) else lowered
+        if len(self._known) < self._limit:
+            self._known[name] = kept
+        return kept
+
+
+def _kept(headers: Headers, policy: _NamePolicy) -> Iterable[tuple[bytes, list[bytes]]]:
     also = _connection_tokens(headers)
     for name, values in headers.getAllRawHeaders():
-        lowered = name.lower()
-        if lowered in drop or lowered in also:
-            continue
-        if credentials and is_credential_header(lowered):
+        lowered = policy.kept(name)
+        if lowered is None or lowered in also:
             continue
         if lowered == b"content-encoding" and not b"".join(values).strip():
             # Twisted's ContentDecoderAgent leaves an empty Content-Encoding
             # on responses that had none; it means nothing, so drop it.
             continue
         yield name, list(values)
+
+
+_REQUEST_NAMES = _NamePolicy(_REQUEST_DROP, credentials=True)
+_RESPONSE_NAMES = _NamePolicy(_RESPONSE_DROP, credentials=False)
 
 
 def upstream_request_headers(
@@ -187,7 +223,7 @@ def upstream_request_headers(
         own C{Authorization} and C{api-key} are dropped either way.
     """
     out = Headers()
-    for name, values in _kept(client, _REQUEST_DROP, credentials=True):
+    for name, values in _kept(client, _REQUEST_NAMES):
         out.setRawHeaders(name, values)
     for name, value in extra:
         out.setRawHeaders(name, [value])
@@ -235,7 +271,7 @@ def client_response_headers(upstream: Headers, length: Optional[int]) -> list[tu
         upstream values replace the defaults twisted.web presets (C{Date},
         C{Content-Type}).
     """
-    out = list(_kept(upstream, _RESPONSE_DROP))
+    out = list(_kept(upstream, _RESPONSE_NAMES))
     if length is not None:
         out.append((b"Content-Length", [b"%d" % (length,)]))
     # An nginx in front of the proxy would otherwise buffer event streams.
@@ -296,9 +332,17 @@ def openai_key_carrier(headers: Headers, uri: bytes, accepted: Optional[bytes] =
                 scheme, _, credential = value.strip().partition(b" ")
                 if scheme.lower() == b"basic" and _carries_key(_unbase64(credential), accepted):
                     return lowered.decode("latin-1")
-    if _carries_key(uri, None) or (b"%" in uri and _carries_key(unquote_to_bytes(uri), None)):
+    if url_carries_openai_key(uri):
         return "the URL"
     return None
+
+
+def url_carries_openai_key(uri: bytes) -> bool:
+    """
+    Whether a request's URL carries a real OpenAI secret key, as it is or
+    percent-decoded (L{openai_key_carrier}'s last look).
+    """
+    return _carries_key(uri, None) or (b"%" in uri and _carries_key(unquote_to_bytes(uri), None))
 
 
 def _carries_key(value: bytes, accepted: Optional[bytes]) -> bool:

@@ -20,11 +20,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import RequestGenerationFailed
 from twisted.web.http import HTTPChannel, Request
 
-from oaiproxy.access.admission import Admission, admission_gate
+from oaiproxy.access.admission import Admission, admission_gate, authenticate
 from oaiproxy.access.clients import Credentials, Limits
 from oaiproxy.access.limits import Limiter, LocalLimitStore, Reservation
 from oaiproxy.config import Secret
 from oaiproxy.daemon.tap import Options
+from oaiproxy.errors import ApiError
 from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, registry
 from oaiproxy.routes.jsonapi import api_resources, streamed_paths
 from oaiproxy.routetable import BY_NAME
@@ -36,6 +37,7 @@ from tests.e2e.test_systemd import unit_settings
 from tests.routes.test_pending_admission import RATE_HEADERS, HandStore, refusal
 from tests.routes.test_uploads import AUDIO, ROUTES, _Consumer, _Upstream
 from tests.support import form
+from tests.upstream.test_headers import REAL_KEY
 
 UNIT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "systemd", "oaiproxy.service"
@@ -136,6 +138,45 @@ class UploadAdmissionTests(SynchronousTestCase):
         self.assertEqual(consumer.data, [])
         self.http.requests[0][3].errback(RequestGenerationFailed([failure]))
         self.assertIn(b"HTTP/1.1 413 ", self.transport.value())
+
+
+class AuthenticateTwiceTests(SynchronousTestCase):
+    """
+    The site's gate and the route both ask L{authenticate} about a request;
+    the second answer is the first's unless something changed meanwhile.
+    """
+
+    def setUp(self) -> None:
+        channel = HTTPChannel()
+        channel.makeConnection(StringTransport())
+        self.request = Request(channel)
+        self.request.uri = b"/v1/chat/completions"
+        self.request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + CLIENT_KEY])
+        self.credentials = Credentials(Secret(UPSTREAM_KEY), registry(CLIENT_KEY))
+
+    def test_reload_between_the_two_is_seen(self) -> None:
+        """
+        A client key removed by a reload after the gate let its request in
+        is refused by the route.
+        """
+        client = authenticate(self.request, self.credentials)
+        self.assertEqual(getattr(client, "name", None), "client-1")
+        self.credentials.replace(Secret(UPSTREAM_KEY), registry(b"another-key"))
+        refused = authenticate(self.request, self.credentials)
+        self.assertIsInstance(refused, ApiError)
+        self.assertEqual(getattr(refused, "code", None), "invalid_api_key")
+
+    def test_key_in_the_url_after_the_gate_is_refused(self) -> None:
+        """
+        The gate may see the headers before the URL is known: a real
+        OpenAI key in the URL is refused the second time.
+        """
+        self.request.uri = b""
+        self.assertNotIsInstance(authenticate(self.request, self.credentials), ApiError)
+        self.request.uri = b"/v1/chat/completions?api_key=" + REAL_KEY
+        refused = authenticate(self.request, self.credentials)
+        self.assertIsInstance(refused, ApiError)
+        self.assertEqual(getattr(refused, "code", None), "openai_key_not_accepted")
 
 
 class ReserveTests(SynchronousTestCase):

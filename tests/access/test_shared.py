@@ -202,11 +202,13 @@ class TargetTests(SynchronousTestCase):
 
 class LocalStoreTests(SynchronousTestCase):
     def test_same_decisions_as_the_limiter(self) -> None:
+        """
+        The in-process store answers at once (no Deferred) with the
+        limiter's decisions, a refusal with the limiter's headers.
+        """
         store = LocalLimitStore(Limiter(Clock()))
         c = client(requests_per_minute=1)
-        got: list[Any] = []
-        store.admit(c, 1).addCallback(got.append)
-        store.admit(c, 1).addCallback(got.append)
+        got: list[Any] = [store.admit(c, 1), store.admit(c, 1)]
         self.assertIsInstance(got[0], Reservation)
         self.assertIsInstance(got[1], Refusal)
         self.assertIn((b"x-ratelimit-remaining-requests", b"0"), got[1].headers)

@@ -122,6 +122,19 @@ class TextAccessLogTests(SynchronousTestCase):
             "10.0.0.7 client-1 POST /v1/chat/completions 200 1234 0.012s req-1 (client disconnected)",
         )
         self.assertEqual((event["log_namespace"], event["status"], event["model"]), ("oaiproxy.access", 200, "gpt-4o"))
+        self.assertEqual(event["line"], formatEvent(event))
+
+    def test_braces_in_the_path_are_shown_as_sent(self) -> None:
+        """
+        A path (or client name) with braces in it is shown as it is: the
+        line is no format for the log's formatting to fill in.
+        """
+        record = RequestRecord("req-2", 100.0)
+        record.client, record.method, record.path, record.status = "team-{a}", "GET", "/v1/{x}}/{0}", 404
+        with capturedLogs() as logged:
+            TextAccessLog()(record)
+        [event] = logged
+        self.assertEqual(formatEvent(event), "- team-{a} GET /v1/{x}}/{0} 404 0 0.000s req-2")
 
 
 class JsonAccessLogTests(SynchronousTestCase):

@@ -242,6 +242,25 @@ class UpstreamDropTests(SynchronousTestCase):
         self.assertEqual(sent.getRawHeaders(b"authorization"), [PROXY_AUTH])
 
 
+class NameDecisionsTests(SynchronousTestCase):
+    """
+    The decisions by header name are remembered for the names seen first,
+    and stay right for any name after that.
+    """
+
+    def test_decisions_after_many_names(self) -> None:
+        """
+        After thousands of distinct names (a client making them up), a
+        credential-like name is still dropped and others still pass, in
+        every case, and the same name is decided the same way again.
+        """
+        for i in range(3000):
+            upstream((b"x-made-up-%d" % i, b"v"))
+        for _ in range(2):
+            sent = names_of(upstream((b"X-Auth-Token-9999", b"t"), (b"x-custom-9999", b"c"), (b"Cookie", b"c=1")))
+            self.assertEqual(sent, {b"x-custom-9999", b"authorization"})
+
+
 class UpstreamAuthorizationTests(SynchronousTestCase):
     """
     The proxy's key is sent upstream exactly once.
