@@ -240,6 +240,42 @@ class Exchange:
         disconnected; nothing may be written to it any more.
     """
 
+    # One per request, kept for a stream's minutes: slots instead of an
+    # instance dictionary (31 attributes outgrow CPython's shared-key
+    # dictionaries; 1.6 KB a stream against 0.3 KB; issue 17).
+    __slots__ = (
+        "_request",
+        "_collect",
+        "_collect_limit",
+        "_collector",
+        "_route",
+        "_metered",
+        "_record",
+        "_strip_usage",
+        "_sse_keepalive",
+        "_upstreams",
+        "_body_for",
+        "_clock",
+        "_connect_timeout",
+        "_log",
+        "_reservation",
+        "_prompt_estimate",
+        "_pending",
+        "_body",
+        "_relay",
+        "_meter",
+        "_event_stream",
+        "_body_whole",
+        "finished",
+        "_attempts",
+        "_choice",
+        "_upstream",
+        "_deadline",
+        "_cut",
+        "_held",
+        "_sent",
+    )
+
     def __init__(
         self,
         request: Request,
