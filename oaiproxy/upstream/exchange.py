@@ -25,6 +25,7 @@ releases its in-flight count.
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 from typing import Any, Callable, Optional
 from typing import Protocol as Interface
@@ -216,6 +217,18 @@ class BoundedCollector:
 #: list to filter: OpenAI's is about 10 KB; lists of hundreds of models
 #: with descriptions, as OpenRouter serves, stay in the low megabytes).
 COLLECT_LIMIT = 8 * 1024 * 1024
+
+
+def _drop_request_body(request: Request) -> None:
+    """
+    Let go of the client request's body, read and sent upstream:
+    twisted.web keeps it in C{content} until the request is over, which
+    for a stream is minutes (a long prompt's megabytes, for each open
+    stream).  Only an in-memory body; C{content} stays a readable, empty
+    file.
+    """
+    if type(getattr(request, "content", None)) is io.BytesIO:
+        request.content = io.BytesIO()
 
 
 class Exchange:
@@ -678,6 +691,7 @@ class Exchange:
             # can cut it: no attempt follows.  A stream may stay open for
             # minutes; its body is not needed for them.
             self._release_body()
+            _drop_request_body(request)
 
     def _release_body(self) -> None:
         """

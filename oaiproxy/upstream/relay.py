@@ -74,6 +74,9 @@ class _IdleTimer:
     C{DelayedCall.active()} and C{reset()} per chunk.
     """
 
+    # One or two per open stream (issue 17: memory per stream).
+    __slots__ = ("_clock", "_seconds", "_expired", "_call", "_since")
+
     def __init__(self, clock: IReactorTime, seconds: float, expired: Callable[[], None]) -> None:
         self._clock = clock
         self._seconds = seconds
@@ -106,6 +109,8 @@ class _PauseAwareProducer:
     The upstream transport as the client's producer, with the idle timer
     suspended for as long as the client keeps it paused.
     """
+
+    __slots__ = ("_upstream", "_timer")
 
     def __init__(self, upstream: IPushProducer, timer: _IdleTimer) -> None:
         self._upstream = upstream
@@ -145,6 +150,22 @@ class BodyRelay(Protocol):
         body or the L{Failure} that cut it short (L{UpstreamIdle} for a
         silent upstream).  It decides how to end the client's response.
     """
+
+    # One per open stream: its attributes in slots (issue 17).  (Protocol's
+    # transport and connected stay in the instance dictionary.)
+    __slots__ = (
+        "_request",
+        "_first",
+        "_observe",
+        "_transform",
+        "_read_timeout",
+        "_done",
+        "_timer",
+        "_keepalive",
+        "_at_boundary",
+        "_timed_out",
+        "_upstream",
+    )
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 from typing import Any, Optional, TypeVar
 
 import treq
@@ -25,6 +26,7 @@ from zope.interface import implementer
 from oaiproxy.access.clients import Limits
 from oaiproxy.fake.harness import CLIENT_KEY, UPSTREAM_KEY, Harness, chat_body, registry
 from oaiproxy.observe.usage import MAX_LINE, UsageMeter
+from oaiproxy.server.site import ProxyRequest
 from oaiproxy.upstream.client import http_client
 from oaiproxy.upstream.exchange import Exchange, classify_upstream_failure
 
@@ -227,10 +229,10 @@ class LargeBodyTests(SynchronousTestCase):
 
     def test_open_stream_lets_go_of_its_body(self) -> None:
         """
-        A stream still open after its head holds neither its request body's
-        variants nor the parsed document: no attempt follows once the client
-        has the head, and a stream may stay open for minutes.  (The body
-        itself stays in the request's C{content} until it finishes.)
+        A stream still open after its head holds neither its request body
+        (twisted.web's C{content}) nor its variants nor the parsed
+        document: no attempt follows once the client has the head, and a
+        stream may stay open for minutes.
         """
         h = Harness(chunk_interval=1.0)
         body = chat_body(stream=True, messages=[{"role": "user", "content": "x" * 1_000_000}])
@@ -242,6 +244,11 @@ class LargeBodyTests(SynchronousTestCase):
         [exchange] = [kept for kept in _alive(Exchange) if kept._clock is h.clock]
         roots = [value for name, value in _fields(exchange).items() if name != "_request"]
         self.assertEqual(_large_values(roots, 4), [])
+        [request] = [kept for kept in _alive(ProxyRequest) if kept._clock is h.clock]
+        self.assertFalse(request.finished)
+        # (A BytesIO's buffer is no referent for gc; its size counts it.)
+        self.assertLess(sys.getsizeof(request.content), 100_000)
+        self.assertEqual(_large_values(list(_fields(request).values()), 2), [])
         h.clock.advance(60)
         h.pump()
 
