@@ -228,7 +228,7 @@ def _drop_request_body(request: Request) -> None:
     file.
     """
     if type(getattr(request, "content", None)) is io.BytesIO:
-        request.content = io.BytesIO()
+        request.content = io.BytesIO()  # type: ignore[assignment]
 
 
 class Exchange:
