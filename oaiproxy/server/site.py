@@ -219,11 +219,11 @@ class ProxyRequest(Request):
     @ivar body_pipe: the body still arriving, on an upload route.
     """
 
-    # A stream keeps its request for minutes: this class's own attributes,
-    # and the per-request state twisted.web's Request sets over its class
-    # defaults, go in slots.  What is left of the instance dictionary
-    # stays within CPython's shared-key dictionaries (30 keys); with all of
-    # it a request had a 1.6 KB dictionary of its own (issue 17).
+    # A stream keeps its request for minutes: this class's own attributes
+    # and twisted.web's go in slots; the instance dictionary keeps only
+    # C{content}.  CPython 3.11 gives an instance whose attributes outgrow
+    # its class's shared keys (30, and no new ones once a few dozen
+    # instances exist) a dictionary of its own: 1.6 KB a request (issue 17).
     __slots__ = _TWISTED_STATE + (
         "body_pipe",
         "request_line",
@@ -756,9 +756,9 @@ class ProxyChannel(HTTPChannel):
     arrive within C{header_timeout} of their first byte.
     """
 
-    # As for ProxyRequest: this class's attributes and the state
-    # twisted.web's channel sets over its class defaults in slots, the rest
-    # in a shared-key dictionary (issue 17: 0.8 KB a connection before).
+    # As for ProxyRequest: this class's attributes and twisted.web's in
+    # slots, only C{callLater} in the instance dictionary (issue 17: a
+    # dictionary of 0.8 KB a connection before).
     __slots__ = _CHANNEL_STATE + (
         "site",
         "admitted",
