@@ -84,6 +84,10 @@ class ForwardingResource(Endpoint):
         self._connect_timeout = connect_timeout
         self._stream_usage = stream_usage
         self._sse_keepalive = sse_keepalive
+        # The class's logger bound to this resource, once: each
+        # C{self.log} makes a new one (0.2 KB), which an exchange keeps for
+        # as long as its stream is open.
+        self._exchange_log: Logger = self.log
 
     @staticmethod
     def note(request: Request, model: Optional[str] = None, stream: Optional[bool] = None) -> None:
@@ -193,7 +197,7 @@ class ForwardingResource(Endpoint):
             self._upstream,
             self._clock,
             self._connect_timeout,
-            self.log,
+            self._exchange_log,
             reservation,
             prompt_estimate,
             record_of(request),

@@ -157,6 +157,55 @@ for _route in ROUTES:
 _REQUEST_ID_HEADER = b"x-oaiproxy-request-id"
 
 
+#: twisted.web's per-request attributes, kept in L{ProxyRequest}'s slots.
+#: Those with a class default in C{Request} are set to it first (a slot has
+#: no class value to fall back on); the others read and delete as an
+#: instance dictionary's would.  Not C{content}, which C{Request} deletes
+#: when done, back to its class value, nor anything that shadows a method.
+_TWISTED_STATE = (
+    "producer",
+    "finished",
+    "code",
+    "code_message",
+    "method",
+    "clientproto",
+    "uri",
+    "path",
+    "args",
+    "startedWriting",
+    "chunked",
+    "sentLength",
+    "_disconnected",
+    "site",
+    "prepath",
+    "postpath",
+    "channel",
+    "transport",
+    "client",
+    "host",
+    "queued",
+    "notifications",
+    "cookies",
+    "received_cookies",
+    "requestHeaders",
+    "responseHeaders",
+    "streamingProducer",
+    "sitepath",
+    "_parsePOSTFormSubmission",
+    "_adapterCache",
+)
+
+
+def _class_defaults(kind: type, names: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+    """
+    The names of C{names} that C{kind} has a class value for, with it.
+    """
+    return tuple((name, getattr(kind, name)) for name in names if hasattr(kind, name))
+
+
+_TWISTED_DEFAULTS = _class_defaults(Request, _TWISTED_STATE)
+
+
 class ProxyRequest(Request):
     """
     A request that keeps its body in memory within the site's limit and
@@ -170,14 +219,54 @@ class ProxyRequest(Request):
     @ivar body_pipe: the body still arriving, on an upload route.
     """
 
-    body_pipe: Optional[BodyPipe] = None
+    # A stream keeps its request for minutes: this class's own attributes
+    # and twisted.web's go in slots; the instance dictionary keeps only
+    # C{content}.  CPython 3.11 gives an instance whose attributes outgrow
+    # its class's shared keys (30, and no new ones once a few dozen
+    # instances exist) a dictionary of its own: 1.6 KB a request (issue 17).
+    __slots__ = _TWISTED_STATE + (
+        "body_pipe",
+        "request_line",
+        "connection_lost",
+        "record",
+        "_body_bytes",
+        "_declared_length",
+        "_body_complete",
+        "_early",
+        "_chunks",
+        "_refused",
+        "_logged",
+        "_processing",
+        "_streaming",
+        "_cut_by_proxy",
+        "_shutdown",
+        "_linger",
+        "_linger_until",
+        "_body_deadline",
+        "_body_clock_on",
+        "_body_started",
+        "_body_held",
+        "_held_since",
+        "_timed_out",
+        "_site",
+        "_clock",
+        "_limit",
+        "_lifecycle",
+    )
+
+    body_pipe: Optional[BodyPipe]
     #: The request line (method, target, version) as the channel read it;
     #: set by L{ProxyChannel.lineReceived} before the headers.
-    request_line: tuple[bytes, bytes, bytes] = (b"-", b"-", b"-")
+    request_line: tuple[bytes, bytes, bytes]
     #: The connection was lost (twisted.web's own flag is private).
-    connection_lost = False
+    connection_lost: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        for name, default in _TWISTED_DEFAULTS:
+            setattr(self, name, default)
+        self.body_pipe = None
+        self.request_line = (b"-", b"-", b"-")
+        self.connection_lost = False
         super().__init__(*args, **kwargs)
         self._body_bytes = 0
         self._declared_length: Optional[int] = None
@@ -619,6 +708,43 @@ class ProxyRequest(Request):
         self._site.access_log(record)
 
 
+#: twisted.web's per-connection attributes (of C{HTTPChannel} and its
+#: bases), kept in L{ProxyChannel}'s slots, as L{_TWISTED_STATE} for the
+#: request.  Not C{callLater}, a method the factory shadows per instance.
+_CHANNEL_STATE = (
+    "transport",
+    "connected",
+    "factory",
+    "requestFactory",
+    "line_mode",
+    "_buffer",
+    "_busyReceiving",
+    "length",
+    "persistent",
+    "requests",
+    "_HTTPChannel__header",
+    "_HTTPChannel__first_line",
+    "_HTTPChannel__content",
+    "_command",
+    "_path",
+    "_version",
+    "_savedTimeOut",
+    "timeOut",
+    "_TimeoutMixin__timeoutCall",
+    "_dataBuffer",
+    "_handlingRequest",
+    "_transferDecoder",
+    "_networkProducer",
+    "_requestProducer",
+    "_requestProducerStreaming",
+    "_waitingForTransport",
+    "_receivedHeaderCount",
+    "_receivedHeaderSize",
+    "_abortingCall",
+)
+_CHANNEL_DEFAULTS = _class_defaults(HTTPChannel, _CHANNEL_STATE)
+
+
 class ProxyChannel(HTTPChannel):
     """
     An HTTP/1.1 connection with bounds a hostile client cannot stretch, and
@@ -630,23 +756,47 @@ class ProxyChannel(HTTPChannel):
     arrive within C{header_timeout} of their first byte.
     """
 
+    # As for ProxyRequest: this class's attributes and twisted.web's in
+    # slots, only C{callLater} in the instance dictionary (issue 17: a
+    # dictionary of 0.8 KB a connection before).
+    __slots__ = _CHANNEL_STATE + (
+        "site",
+        "admitted",
+        "_header_deadline",
+        "_in_request",
+        "_bytes_seen",
+        "_not_http",
+        "held_for_upstream",
+    )
+
     site: "ProxySite"
     #: A request on this connection passed the site's gate (see
     #: L{ProxySite.admit}): it no longer counts as unauthenticated.
-    admitted = False
+    admitted: bool
     # A request line plus headers: OpenAI SDK requests use about 1 KB.
     totalHeadersSize = 16384
     maxHeaders = 100
     # The longest single line (request line or header).
     MAX_LENGTH = 16384
 
-    _header_deadline: Optional[IDelayedCall] = None
-    _in_request = False
-    _bytes_seen = False
-    _not_http = False
+    _header_deadline: Optional[IDelayedCall]
+    _in_request: bool
+    _bytes_seen: bool
+    _not_http: bool
     #: Not read from while an upload's upstream is behind (see
     #: L{hold_for_upstream}).
-    held_for_upstream = False
+    held_for_upstream: bool
+
+    def __init__(self) -> None:
+        for name, default in _CHANNEL_DEFAULTS:
+            setattr(self, name, default)
+        self.admitted = False
+        self._header_deadline = None
+        self._in_request = False
+        self._bytes_seen = False
+        self._not_http = False
+        self.held_for_upstream = False
+        super().__init__()
 
     def hold_for_upstream(self) -> None:
         """

@@ -18,7 +18,10 @@ copy loop gets wrong are handled here:
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import heapq
+import itertools
+import weakref
+from typing import Any, Callable, Optional
 from typing import Protocol as Interface
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -61,43 +64,150 @@ class UpstreamIdle(Exception):
 _ROUNDING = 1e-6
 
 
+class _Deadlines:
+    """
+    The due times of every idle timer of one clock, behind one delayed call.
+
+    A C{DelayedCall} with its bound methods is about 0.4 KB, and an open
+    stream keeps one or two timers for its minutes (issue 17: memory per
+    idle stream).  Here a timer's due time is a three-item list, C{[due,
+    order, timer]}, in a heap.  A stopped timer's entry is emptied (its
+    timer C{None}) and dropped when it comes to the top, or all at once when
+    no timer is left or emptied entries outnumber live ones, so a finished
+    stream keeps nothing alive through its timer.
+    """
+
+    __slots__ = ("_clock", "_heap", "_call", "_order", "_live", "_firing", "_added")
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._heap: list[list[Any]] = []
+        self._call: Optional[IDelayedCall] = None
+        self._order = itertools.count()
+        self._live = 0
+        self._firing = False
+        #: Entries added while due ones are being called: they join the
+        #: heap afterwards, so none is called in the round that added it.
+        self._added: list[list[Any]] = []
+
+    def add(self, due: float, timer: "_IdleTimer") -> list[Any]:
+        """
+        Call C{timer._due()} at C{due} (on the clock's time); return the
+        entry to L{discard}.
+        """
+        entry = [due, next(self._order), timer]
+        self._live += 1
+        if self._firing:
+            self._added.append(entry)
+        else:
+            heapq.heappush(self._heap, entry)
+            self._schedule()
+        return entry
+
+    def discard(self, entry: list[Any]) -> None:
+        """
+        Forget C{entry}: its timer was stopped.
+        """
+        entry[2] = None
+        self._live -= 1
+        if self._live == 0:
+            self._heap.clear()
+            self._added.clear()
+            if self._call is not None:
+                if self._call.active():
+                    self._call.cancel()
+                self._call = None
+        elif len(self._heap) > 64 and len(self._heap) > 2 * self._live:
+            self._heap = [kept for kept in self._heap if kept[2] is not None]
+            heapq.heapify(self._heap)
+
+    def _schedule(self) -> None:
+        if not self._heap:
+            return
+        due = self._heap[0][0]
+        delay = max(0.0, due - self._clock.seconds())
+        if self._call is None:
+            self._call = self._clock.callLater(delay, self._fire)
+        elif due < self._call.getTime():
+            self._call.reset(delay)
+
+    def _fire(self) -> None:
+        self._call = None
+        self._firing = True
+        try:
+            now = self._clock.seconds()
+            # (A due time within rounding of now is due: see _IdleTimer.)
+            while self._heap and self._heap[0][0] <= now + _ROUNDING:
+                entry = heapq.heappop(self._heap)
+                timer: Optional[_IdleTimer] = entry[2]
+                if timer is None:
+                    continue
+                entry[2] = None
+                self._live -= 1
+                timer._entry = None
+                timer._due()
+        finally:
+            self._firing = False
+            for entry in self._added:
+                if entry[2] is not None:
+                    heapq.heappush(self._heap, entry)
+            self._added.clear()
+        self._schedule()
+
+
+#: The deadlines of each clock (the reactor; a test's own clocks).
+_DEADLINES: "weakref.WeakKeyDictionary[IReactorTime, _Deadlines]" = weakref.WeakKeyDictionary()
+
+
+def _deadlines_of(clock: IReactorTime) -> _Deadlines:
+    deadlines = _DEADLINES.get(clock)
+    if deadlines is None:
+        deadlines = _DEADLINES[clock] = _Deadlines(clock)
+    return deadlines
+
+
 class _IdleTimer:
     """
     A restartable one-shot timer that costs a clock read per restart.
 
     It is restarted on every chunk of every stream, so a restart only notes
-    the time: the one delayed call, when it comes due, checks how long it
-    has really been quiet and waits out the rest, or expires.  It fires
-    when a timer moved on every restart would (to the microsecond: a rest
-    below that is rounding, and waiting it out could loop on a clock that
-    does not move between calls, like a test's C{Clock}), without a
-    C{DelayedCall.active()} and C{reset()} per chunk.
+    the time: its entry in the clock's L{_Deadlines}, when it comes due,
+    checks how long it has really been quiet and waits out the rest, or
+    expires.  It fires when a timer moved on every restart would (to the
+    microsecond: a rest below that is rounding, and waiting it out could
+    loop on a clock that does not move between calls, like a test's
+    C{Clock}), without a C{DelayedCall.active()} and C{reset()} per chunk,
+    and without a C{DelayedCall} of its own.
     """
+
+    # One or two per open stream (issue 17: memory per stream).
+    __slots__ = ("_clock", "_deadlines", "_seconds", "_expired", "_entry", "_since")
 
     def __init__(self, clock: IReactorTime, seconds: float, expired: Callable[[], None]) -> None:
         self._clock = clock
+        self._deadlines = _deadlines_of(clock)
         self._seconds = seconds
         self._expired = expired
-        self._call: Optional[IDelayedCall] = None
+        self._entry: Optional[list[Any]] = None
         self._since = 0.0
 
     def restart(self) -> None:
         self._since = self._clock.seconds()
-        if self._call is None:
-            self._call = self._clock.callLater(self._seconds, self._due)
+        if self._entry is None:
+            self._entry = self._deadlines.add(self._since + self._seconds, self)
 
     def _due(self) -> None:
-        self._call = None
-        left = self._since + self._seconds - self._clock.seconds()
+        now = self._clock.seconds()
+        left = self._since + self._seconds - now
         if left > _ROUNDING:
-            self._call = self._clock.callLater(left, self._due)
+            self._entry = self._deadlines.add(now + left, self)
         else:
             self._expired()
 
     def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        if self._entry is not None:
+            self._deadlines.discard(self._entry)
+        self._entry = None
 
 
 @implementer(IPushProducer)
@@ -106,6 +216,8 @@ class _PauseAwareProducer:
     The upstream transport as the client's producer, with the idle timer
     suspended for as long as the client keeps it paused.
     """
+
+    __slots__ = ("_upstream", "_timer")
 
     def __init__(self, upstream: IPushProducer, timer: _IdleTimer) -> None:
         self._upstream = upstream
@@ -145,6 +257,22 @@ class BodyRelay(Protocol):
         body or the L{Failure} that cut it short (L{UpstreamIdle} for a
         silent upstream).  It decides how to end the client's response.
     """
+
+    # One per open stream: its attributes in slots (issue 17).  (Protocol's
+    # transport and connected stay in the instance dictionary.)
+    __slots__ = (
+        "_request",
+        "_first",
+        "_observe",
+        "_transform",
+        "_read_timeout",
+        "_done",
+        "_timer",
+        "_keepalive",
+        "_at_boundary",
+        "_timed_out",
+        "_upstream",
+    )
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ pause the client causes is never mistaken for a silent upstream.
 
 from __future__ import annotations
 
+import gc
 from typing import Optional
 
 from twisted.internet.interfaces import IPushProducer
@@ -16,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 
-from oaiproxy.upstream.relay import KEEPALIVE, BodyRelay, UpstreamIdle
+from oaiproxy.upstream.relay import KEEPALIVE, BodyRelay, UpstreamIdle, _deadlines_of
 
 
 class Consumer:
@@ -155,6 +156,76 @@ class RelayTests(SynchronousTestCase):
         self.relay.abort()
         self.assertEqual(self.upstream.producerState, "stopped")
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SharedTimerTests(SynchronousTestCase):
+    """
+    The relays of one clock share one delayed call (a C{DelayedCall} per
+    open stream was about 0.4 KB of its memory), and each still times out
+    on its own.
+    """
+
+    def relay(self, clock: Clock, seconds: float, keepalive: float = 0.0) -> tuple[BodyRelay, StringTransport]:
+        upstream = StringTransport()
+        relay = BodyRelay(Consumer(), clock, seconds, lambda outcome: None, keepalive=keepalive)  # type: ignore[arg-type]
+        relay.makeConnection(upstream)
+        return relay, upstream
+
+    def test_each_stream_times_out_on_its_own(self) -> None:
+        """
+        Streams with different timeouts and chunk times each time out the
+        read timeout after their own last chunk, with one delayed call
+        pending for all of them.
+        """
+        clock = Clock()
+        a, a_up = self.relay(clock, 10.0)
+        clock.advance(3)
+        b, b_up = self.relay(clock, 4.0)
+        c, c_up = self.relay(clock, 30.0, keepalive=5.0)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(2)
+        a.dataReceived(b"x")  # a: due at 15
+        clock.advance(2.5)  # 7.5: b due at 7
+        self.assertEqual((a_up.producerState, b_up.producerState), ("producing", "stopped"))
+        clock.advance(7.4)  # 14.9
+        self.assertEqual(a_up.producerState, "producing")
+        clock.advance(0.1)
+        self.assertEqual(a_up.producerState, "stopped")
+        self.assertEqual(c_up.producerState, "producing")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(18)  # 33: c due at 33
+        self.assertEqual(c_up.producerState, "stopped")
+        c.connectionLost(Failure(ResponseFailed([])))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_finished_stream_kept_by_nothing(self) -> None:
+        """
+        A stream that ended is not kept alive by its timer's place among
+        the deadlines while other streams' timers run.
+        """
+        clock = Clock()
+        kept, _ = self.relay(clock, 60.0)
+        ended, _ = self.relay(clock, 60.0)
+        ended.connectionLost(Failure(ResponseDone()))
+        del ended
+        gc.collect()
+        self.assertEqual(len([r for r in gc.get_objects() if type(r) is BodyRelay and r._timer._clock is clock]), 1)
+        kept.connectionLost(Failure(ResponseDone()))
+
+    def test_ended_streams_leave_no_entries(self) -> None:
+        """
+        Thousands of short requests beside one long stream leave the
+        deadlines' heap bounded, not one entry per request ended.
+        """
+        clock = Clock()
+        long_stream, _ = self.relay(clock, 600.0)
+        for _ in range(5000):
+            short, _ = self.relay(clock, 600.0)
+            short.connectionLost(Failure(ResponseDone()))
+            clock.advance(0.001)
+        self.assertLessEqual(len(_deadlines_of(clock)._heap), 130)
+        long_stream.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class KeepaliveRelayTests(SynchronousTestCase):
