@@ -225,6 +225,9 @@ class ProxyRequest(Request):
     # its class's shared keys (30, and no new ones once a few dozen
     # instances exist) a dictionary of its own: 1.6 KB a request (issue 17).
     __slots__ = _TWISTED_STATE + (
+        # Admission's memo of who the request authenticated as
+        # (oaiproxy.access.admission._AUTHENTICATED), reused by the route.
+        "_oaiproxy_authenticated",
         "body_pipe",
         "request_line",
         "connection_lost",
