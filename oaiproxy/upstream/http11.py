@@ -37,6 +37,11 @@ reused one before any answer.  Where it differs, on purpose:
  - An HTTP/1.0 response without C{Connection: keep-alive} does not return
    its connection to the pool (llhttp's keep-alive rule).
  - Stopping a body's delivery (C{stopProducing}) aborts the connection.
+ - A request body is over once it has left the transport's buffer, not
+   when it was handed to it: an answer that ends before (an upstream that
+   answered a large body early and stopped reading) closes the connection
+   at once, dropping what is buffered, instead of pooling it with
+   megabytes still queued before the next request.
 """
 
 from __future__ import annotations
@@ -186,6 +191,8 @@ class _Response:
         #: protocol's dataReceived.
         self.sink: Callable[[bytes], None] = self._buffer.append
         self._paused_for_delivery = False
+        #: The body protocol asked for a pause (its client is slow).
+        self._protocol_paused = False
 
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
@@ -206,7 +213,9 @@ class _Response:
         self.sink = protocol.dataReceived
         if self._paused_for_delivery:
             self._paused_for_delivery = False
-            if self._transport is not None:
+            if self._transport is not None and not self._protocol_paused:
+                # (A protocol that paused while it was given what was
+                # buffered, its own client being slow, stays paused.)
                 self._transport.resumeProducing()
 
     def _finish(self, reason: Failure) -> None:
@@ -225,11 +234,13 @@ class _Response:
     # IPushProducer, as the body protocol's transport.
 
     def pauseProducing(self) -> None:
+        self._protocol_paused = True
         if self._transport is not None:
             self._transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        if self._transport is not None:
+        self._protocol_paused = False
+        if self._transport is not None and not self._paused_for_delivery:
             self._transport.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -300,6 +311,40 @@ class _ChunkedConsumer:
         self._transport.unregisterProducer()
 
 
+@implementer(IPushProducer)
+class _Sending:
+    """
+    The producer the transport sees while a request body is written: the
+    body's own, passed every call, and whether the transport's buffer is
+    full now (it pauses its producer then, and resumes it once the buffer
+    is empty).
+    """
+
+    def __init__(self, exchange: "_Exchange", producer: IBodyProducer) -> None:
+        self._exchange = exchange
+        self._producer = producer
+        self.paused = False
+        #: What to do once the buffer drains (the body's end, when it was
+        #: all written before it left).
+        self.then: Optional[Callable[[], None]] = None
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+            return
+        self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.then = None
+        self._producer.stopProducing()
+
+
 class _Exchange:
     """
     One request and its response on a connection, and the parser's
@@ -316,6 +361,7 @@ class _Exchange:
         self.parser = HttpResponseParser(self)
         self.result: Deferred[IResponse] = Deferred(self._cancel)
         self.producer: Optional[IBodyProducer] = None
+        self.sending: Optional[_Sending] = None
         self.writing = False
         self.head_pending = True
         self.head_bytes = 0
@@ -360,8 +406,10 @@ class _Exchange:
         else:
             consumer = _LengthConsumer(self, transport, producer.length)
         # Streaming: the transport pauses the producer when its buffer is
-        # full, so an upload keeps its backpressure.
-        transport.registerProducer(producer, True)
+        # full, so an upload keeps its backpressure; the tracker also tells
+        # when what the producer wrote has left the buffer.
+        self.sending = _Sending(self, producer)
+        transport.registerProducer(self.sending, True)
         try:
             produced = producer.startProducing(consumer)
         except BaseException:
@@ -375,7 +423,18 @@ class _Exchange:
         if isinstance(consumer, _LengthConsumer) and consumer.remaining:
             self.body_failed(Failure(WrongBodyLength("too few bytes written")))
             return
+        sending = self.sending
+        if sending is not None and sending.paused:
+            # Written to the transport, not yet to the socket (a body in
+            # memory goes in one write): the request is over only once the
+            # transport's buffer has drained, so an upstream that answered
+            # early and stopped reading does not get this connection back
+            # in the pool with megabytes still queued before the next
+            # request.
+            sending.then = lambda: self._body_written(None, consumer)
+            return
         self.writing = False
+        self.sending = None
         self.producer = None
         transport = self.connection.transport
         transport.unregisterProducer()
@@ -655,10 +714,14 @@ class _Connection(Protocol):
             self._pool._put(self._key, self)
         else:
             if exchange.writing:
-                # The body is still being written: its producer stops when
-                # the connection is gone.
+                # The body is still being written, but the answer is in: its
+                # producer stops when the connection is gone, and what is
+                # still buffered for an upstream that may never read it is
+                # dropped rather than kept until it does.
                 self._finishing = exchange
-            self.transport.loseConnection()
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
         try:
             response._finish(_done())
         except Exception:

@@ -371,6 +371,29 @@ class FramingTests(_Case):
         assert body.reason is not None
         body.reason.trap(ResponseDone)
 
+    def test_pause_while_given_the_buffered_body_holds(self) -> None:
+        """
+        A body protocol that pauses while it is given what was buffered
+        (its own client is slow) stays paused: delivery does not resume
+        the socket over its head, and its own resume does.
+        """
+        d, protocol, transport = self.request()
+        holder: list[Any] = []
+        d.addCallback(holder.append)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+
+        class Slow(_Body):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                self.transport.pauseProducing()
+
+        body = Slow()
+        holder[0].deliverBody(body)
+        self.assertEqual(body.data, [b"first"])
+        self.assertEqual(transport.producerState, "paused", "the protocol asked for a pause")
+        body.transport.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
     def test_http10_keep_alive_rule(self) -> None:
         """
         An HTTP/1.0 response keeps its connection only when it says
@@ -586,13 +609,57 @@ class ProducerTests(_Case):
         """
         upload = _Upload(length=4)
         d, protocol, transport = self.request(b"POST", upload)
-        self.assertIs(transport.producer, upload)
         self.assertTrue(transport.streaming)
+        transport.producer.pauseProducing()
+        self.assertTrue(upload.paused, "a full buffer must pause the upload")
+        transport.producer.resumeProducing()
+        self.assertFalse(upload.paused)
         upload.consumer.write(b"abcd")
         upload.done.callback(None)
         self.assertIsNone(transport.producer)
         self.assertTrue(transport.value().endswith(b"\r\n\r\nabcd"))
         self.assertNoResult(d)
+
+    def test_body_still_buffered_keeps_the_connection_out_of_the_pool(self) -> None:
+        """
+        A body written whole but still in the transport's buffer (it paused
+        its producer: full) is not over: an answer that ends meanwhile (an
+        upstream that answered early and stopped reading) closes the
+        connection at once, dropping what is buffered, instead of pooling
+        it with the rest of the body queued before the next request.
+        """
+        upload = _Upload(length=4)
+        d, protocol, transport = self.request(b"POST", upload)
+        upload.consumer.write(b"abcd")
+        transport.producer.pauseProducing()
+        upload.done.callback(None)
+        self.assertIsNotNone(transport.producer, "the body has not left the buffer")
+        protocol.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\n{}")
+        body = self.body_of(self.successResultOf(d))
+        assert body.reason is not None
+        body.reason.trap(ResponseDone)
+        self.assertTrue(transport.aborted)
+        self.request()
+        self.assertEqual(len(self.endpoints.connections), 2)
+
+    def test_body_that_drained_keeps_the_connection(self) -> None:
+        """
+        Once the buffer has drained (the transport resumes its producer),
+        the body is over and the connection goes back to the pool after
+        its answer.
+        """
+        upload = _Upload(length=4)
+        d, protocol, transport = self.request(b"POST", upload)
+        upload.consumer.write(b"abcd")
+        transport.producer.pauseProducing()
+        upload.done.callback(None)
+        transport.producer.resumeProducing()
+        self.assertIsNone(transport.producer)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.body_of(self.successResultOf(d))
+        self.assertFalse(transport.aborted)
+        self.request()
+        self.assertEqual(len(self.endpoints.connections), 1)
 
     def test_early_response_while_uploading(self) -> None:
         """
@@ -888,6 +955,51 @@ class LoopbackTests(TestCase):
         code, data, reason = await self.fetch(b"/sized")
         self.assertEqual(self.connections, 2)
         self.assertTrue(all(head.endswith(b"Host: 127.0.0.1:%d" % self.port.getHost().port) for head in self.served))
+
+    async def test_early_answer_to_a_big_body_does_not_stall_the_next_request(self) -> None:
+        """
+        An upstream that answers a 5 MB body after its first read, keeps
+        the connection alive and reads no more: the next request gets a
+        fresh connection and its answer, instead of queueing behind the
+        megabytes still buffered on the old one.
+        """
+        from twisted.internet.defer import Deferred as D
+
+        from oaiproxy.upstream.client import _BytesProducer
+
+        outer = self
+
+        class Early(Protocol):
+            def connectionMade(self) -> None:
+                outer.connections += 1
+                self.answered = False
+
+            def dataReceived(self, data: bytes) -> None:
+                if data.startswith(b"POST /big") and not self.answered:
+                    self.answered = True
+                    self.transport.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\n{}")
+                    self.transport.pauseProducing()  # reads no more
+                elif data.startswith(b"POST /next"):
+                    self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        port = self.reactor.listenTCP(0, Factory.forProtocol(Early), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        base = b"http://127.0.0.1:%d" % port.getHost().port
+        response = await self.agent.request(b"POST", base + b"/big", None, _BytesProducer(b"x" * (5 << 20)))
+        self.assertEqual(response.code, 413)
+        done: D[None] = D()
+        body = _Body()
+        body.connectionLost = lambda reason=None: done.callback(None)  # type: ignore[assignment,method-assign]
+        response.deliverBody(body)
+        await done
+        timeout = self.reactor.callLater(10, lambda: next_one.cancel())
+        # (A POST: never retried on a fresh connection, so the old one's
+        # state decides.)
+        next_one = self.agent.request(b"POST", base + b"/next", None, _BytesProducer(b"{}"))
+        second = await next_one
+        timeout.cancel()
+        self.assertEqual(second.code, 200)
+        self.assertEqual(self.connections, 2)
 
     async def test_refused(self) -> None:
         """
