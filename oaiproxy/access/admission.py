@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
@@ -157,22 +157,6 @@ class Admission:
             return error_response(request, client)
         record_of(request).route = route
         return client
-
-    def reserve(
-        self,
-        request: Request,
-        client: Optional[Client],
-        model: Optional[str],
-        estimate: int,
-        names_model: bool = True,
-        prompt_estimate: Optional[int] = None,
-    ) -> "Deferred[Held | bytes]":
-        """
-        L{answer}, always as a Deferred (it never fails; with the
-        in-process store it has fired when this returns).
-        """
-        answer = self.answer(request, client, model, estimate, names_model, prompt_estimate)
-        return answer if isinstance(answer, Deferred) else succeed(answer)
 
     def answer(
         self,

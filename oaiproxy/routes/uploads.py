@@ -15,7 +15,7 @@ sends it after the file (the Node SDK with C{{file, model}}) waits for the
 upload, still without holding it in memory.
 
 Then the client's limits answer (L{oaiproxy.access.admission.Admission.
-reserve}), at once in-process, after a round trip with a shared store;
+answer}), at once in-process, after a round trip with a shared store;
 until they do, nothing goes upstream and what arrives is held the same
 way (L{oaiproxy.upstream.bodies.BodyPipe}: in memory up to a bound, then in
 a temporary file).  A refusal meanwhile (a second C{model} field, a body

@@ -175,7 +175,9 @@ def write_now(request: Request, data: bytes) -> bool:
     producer past its buffer size) stay as they were.  A lost connection
     is left for the reactor to find, as a buffered write would be.
 
-    Relies on: C{Request._disconnected} (the client is gone) and
+    Relies on: C{Request.channel} being C{None} once the client is gone
+    (C{Request.connectionLost} sets it so, beside its private
+    C{_disconnected}) and
     C{Request._encoder} (a content encoding, which the proxy never sets);
     on C{FileDescriptor.dataBuffer}, C{_tempDataLen} and
     C{_writeDisconnected} (what is waiting, and a closed write side) and
@@ -183,7 +185,7 @@ def write_now(request: Request, data: bytes) -> bool:
     C{Request.sentLength} and C{FileDescriptor.writeSomeData}.  The
     framing is C{http.toChunk}'s.
     """
-    if request.finished or request._disconnected or not request.chunked or getattr(request, "_encoder", None):
+    if request.finished or request.channel is None or not request.chunked or getattr(request, "_encoder", None):
         return False
     transport: Any = request.channel.transport
     if (

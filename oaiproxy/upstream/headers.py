@@ -145,6 +145,10 @@ def is_credential_header(name: bytes) -> bool:
     return name in _CREDENTIAL_NAMES or _CREDENTIAL_WORD.search(name) is not None
 
 
+#: Header names up to this long have their decision remembered.
+_REMEMBERED_NAME = 64
+
+
 class _NamePolicy:
     """
     Which header names a direction drops (by the name alone: C{drop}, and
@@ -173,7 +177,9 @@ class _NamePolicy:
             pass
         lowered = name.lower()
         kept = None if (lowered in self._drop or (self._credentials and is_credential_header(lowered))) else lowered
-        if len(self._known) < self._limit:
+        if len(self._known) < self._limit and len(name) <= _REMEMBERED_NAME:
+            # (A client's or an upstream's names: a long one is decided
+            # again each time rather than pinned.)
             self._known[name] = kept
         return kept
 

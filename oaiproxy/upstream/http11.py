@@ -894,7 +894,8 @@ class HTTP11Agent:
     ) -> "Deferred[IResponse]":
         uri = uri.strip()
         if not _VALID_URI.match(uri):
-            raise ValueError(f"Invalid URI {uri!r}")
+            # (Not the URI itself: an upstream style may carry a key in it.)
+            raise ValueError(f"Invalid URI ({len(uri)} bytes)")
         if not isinstance(method, bytes):
             raise TypeError(f"method={method!r} is {type(method)}, but must be bytes")
         if not _VALID_METHOD.match(method):

@@ -3,7 +3,7 @@ What a client must pass before the proxy holds anything for it, on an
 upload route (whose body goes upstream as it arrives): the key checked on
 the headers, a chunk size checked as it is declared, and a body deadline;
 and the process's room for connections (its open-file limit).  Then
-L{Admission.reserve}: the allow-list at once, the limits as their store
+L{Admission.answer}: the allow-list at once, the limits as their store
 answers.
 """
 
@@ -13,6 +13,7 @@ import os
 from typing import Any, Optional
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
@@ -181,7 +182,7 @@ class AuthenticateTwiceTests(SynchronousTestCase):
 
 class ReserveTests(SynchronousTestCase):
     """
-    L{Admission.reserve} on a request whose client is known.
+    L{Admission.answer} on a request whose client is known.
     """
 
     def setUp(self) -> None:
@@ -200,13 +201,13 @@ class ReserveTests(SynchronousTestCase):
         A model outside the client's allow-list is refused at once, and
         the store is not asked (nothing is taken from the limits).
         """
-        body = self.successResultOf(self.admission.reserve(self.request, self.client, "o3", 10))
+        body = self.successResultOf(maybeDeferred(self.admission.answer, self.request, self.client, "o3", 10))
         self.assertEqual(self.request.code, 403)
         self.assertIn(b"model_not_allowed", body)
         self.assertEqual(self.store.asked, [])
 
     def test_store_is_asked_for_the_estimate(self) -> None:
-        d = self.admission.reserve(self.request, self.client, "gpt-4o", 1234)
+        d = maybeDeferred(self.admission.answer, self.request, self.client, "gpt-4o", 1234)
         [(client, estimate, _)] = self.store.asked
         self.assertEqual((client.name, estimate), ("client-1", 1234))
         self.assertNoResult(d)
@@ -219,7 +220,7 @@ class ReserveTests(SynchronousTestCase):
         A refusal is the 429 with the rate headers the store answered with
         (a shared store's, from the same round trip), and its retry time.
         """
-        d = self.admission.reserve(self.request, self.client, "gpt-4o", 10)
+        d = maybeDeferred(self.admission.answer, self.request, self.client, "gpt-4o", 10)
         self.store.answer(refusal())
         body = self.successResultOf(d)
         self.assertEqual(self.request.code, 429)
@@ -236,9 +237,9 @@ class ReserveTests(SynchronousTestCase):
         limiter's headers.
         """
         admission = Admission(self.credentials, self.clock)
-        held = self.successResultOf(admission.reserve(self.request, self.client, "gpt-4o", 10))
+        held = self.successResultOf(maybeDeferred(admission.answer, self.request, self.client, "gpt-4o", 10))
         self.assertIsInstance(held, Reservation)
-        refused = self.successResultOf(admission.reserve(self.request, self.client, "gpt-4o", 10))
+        refused = self.successResultOf(maybeDeferred(admission.answer, self.request, self.client, "gpt-4o", 10))
         self.assertIsInstance(refused, bytes)
         self.assertEqual(self.request.responseHeaders.getRawHeaders(b"x-ratelimit-remaining-requests"), [b"0"])
 
@@ -249,9 +250,9 @@ class ReserveTests(SynchronousTestCase):
         """
         limiter = Limiter(self.clock)
         admission = Admission(self.credentials, self.clock, None, LocalLimitStore(limiter))
-        self.successResultOf(admission.reserve(self.request, self.client, "gpt-4o", 10))
+        self.successResultOf(maybeDeferred(admission.answer, self.request, self.client, "gpt-4o", 10))
         self.clock.advance(30)
-        self.successResultOf(admission.reserve(self.request, self.client, "gpt-4o", 10))
+        self.successResultOf(maybeDeferred(admission.answer, self.request, self.client, "gpt-4o", 10))
         expected = dict(limiter.headers(self.client))
         headers = self.request.responseHeaders
         self.assertEqual({n: headers.getRawHeaders(n)[0] for n in expected}, expected)

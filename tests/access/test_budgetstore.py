@@ -1,6 +1,6 @@
 """
 Tests for L{oaiproxy.access.budgetstore} and budgets at admission
-(L{oaiproxy.access.admission.Admission.reserve} with a
+(L{oaiproxy.access.admission.Admission.answer} with a
 L{BudgetedLimits}): reserve-then-settle under concurrency, the
 C{insufficient_quota} answer, unpriced models under a dollar budget, the
 period reset on a fake clock, and the totals seeded from the ledger.
@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from twisted.internet.defer import succeed
+from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
@@ -69,7 +69,7 @@ class BudgetAdmissionTests(SynchronousTestCase):
 
     def reserve(self, client: Client, model: str = "gpt-4o", estimate: int = 100, prompt: int = 20) -> Any:
         request = new_request()
-        return request, self.admission.reserve(request, client, model, estimate, prompt_estimate=prompt)
+        return request, maybeDeferred(self.admission.answer, request, client, model, estimate, prompt_estimate=prompt)
 
     def test_thirty_concurrent_for_ten(self) -> None:
         """
