@@ -260,6 +260,21 @@ class NameDecisionsTests(SynchronousTestCase):
             sent = names_of(upstream((b"X-Auth-Token-9999", b"t"), (b"x-custom-9999", b"c"), (b"Cookie", b"c=1")))
             self.assertEqual(sent, {b"x-custom-9999", b"authorization"})
 
+    def test_long_names_are_not_remembered(self) -> None:
+        """
+        A header name longer than the remembered bound (a client's 10 KB
+        name) is decided, and passes or is dropped as any other, but is not
+        kept: made-up long names cannot pin memory.
+        """
+        from oaiproxy.upstream.headers import _REQUEST_DROP, _NamePolicy
+
+        policy = _NamePolicy(_REQUEST_DROP, credentials=True)
+        long_name = b"X-" + b"a" * 10_000
+        self.assertEqual(policy.kept(long_name), long_name.lower())
+        self.assertIsNone(policy.kept(b"x-" + b"k" * 100 + b"-api-key"))
+        self.assertEqual(policy.kept(b"X-Short"), b"x-short")
+        self.assertEqual(set(policy._known), {b"X-Short"})
+
 
 class UpstreamAuthorizationTests(SynchronousTestCase):
     """
