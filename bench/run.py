@@ -103,8 +103,35 @@ http {{
   keepalive_requests 1000000;
   client_body_buffer_size 2m;
   client_max_body_size 8m;
+  upstream whole_body {{
+    server unix:{work}/nginx-body.sock;
+    keepalive 16;
+  }}
   server {{
     listen 127.0.0.1:{port};
+    location / {{
+      # A large body is read whole before the answer, as a real upstream
+      # reads a prompt before it answers; nginx's return alone would answer
+      # at once and leave the rest unread, and the proxy would then send
+      # only part of the body (an early answer closes the connection).
+      if ($http_content_length ~ "^[0-9]{{6,}}$") {{
+        rewrite ^ /read-whole-body last;
+      }}
+      default_type application/json;
+      return 200 '{answer}';
+    }}
+    location = /read-whole-body {{
+      internal;
+      # (proxy_request_buffering: nginx reads the whole body first.)
+      proxy_pass http://whole_body;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+    }}
+  }}
+  server {{
+    listen unix:{work}/nginx-body.sock;
     location / {{
       default_type application/json;
       return 200 '{answer}';
@@ -418,7 +445,8 @@ def main() -> None:
         for target, base in targets.items() if "b" in only else ():
             process = plain[target][0] if target in plain else None
             cpu = cpu_seconds(process.pid) if process else 0.0
-            run = wrk(base + "/chat/completions", large, 8, seconds)
+            with profiled(args.profile, process.pid if process else None, f"{target}-b"):
+                run = wrk(base + "/chat/completions", large, 8, seconds)
             used = cpu_seconds(process.pid) - cpu if process else 0.0
             results["b"][target] = {
                 "mb_per_s": run["rps"] * len(body(1024 * 1024)) / 1e6,

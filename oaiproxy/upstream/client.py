@@ -93,36 +93,80 @@ class _NoCookies(CookiePolicy):
         return False
 
 
+#: The most of an in-memory body handed to the connection at once.
+#: Twisted's transport sends at most 128 KiB per writable event anyway
+#: (C{FileDescriptor.SEND_LIMIT}), so pieces of that size cost no extra
+#: turns; what they bound is what a transport holds in its own buffer.
+WRITE_PIECE = 128 * 1024
+
+
 @implementer(IBodyProducer)
 class _BytesProducer:
     """
-    Hand an in-memory body to the connection in one write.
+    Hand an in-memory body to the connection: at once when it is small, in
+    pieces of L{WRITE_PIECE} under the transport's backpressure when it is
+    not.
 
     treq's default producer for bytes feeds a C{FileBodyProducer} through
     the global cooperator 64 KiB per reactor turn; the body is already in
     memory (it was validated), so that only adds latency.
+
+    Why pieces for a large body: a connection that is aborted (an upstream
+    answered before reading it all) keeps whatever is in its transport's
+    buffer until the garbage collector breaks the transport's reference
+    cycles, which can be many requests later; with the whole body written
+    at once that was a megabyte per early answer, and the proxy's peak
+    memory at eight concurrent 1 MB requests doubled (bench/README.md,
+    issue 17).  In pieces, at most one is left there.
     """
 
     def __init__(self, body: bytes) -> None:
         self._body = body
         self.length = len(body)
+        self._at = 0
+        self._consumer: Any = None
+        self._paused = False
+        self._done: Optional[Deferred[None]] = None
 
     def startProducing(self, consumer: Any) -> "Deferred[None]":
-        # The connection keeps what it has not sent yet; the producer lives
-        # as long as the upstream request (until upstream has read the
-        # body, which can be after the answer), so it lets go of its copy.
-        body, self._body = self._body, b""
-        consumer.write(body)
-        return succeed(None)
+        if self.length <= WRITE_PIECE:
+            # The connection keeps what it has not sent yet; the producer
+            # lives as long as the upstream request (until upstream has
+            # read the body, which can be after the answer), so it lets go
+            # of its copy.
+            body, self._body = self._body, b""
+            consumer.write(body)
+            return succeed(None)
+        self._consumer = consumer
+        done = self._done = Deferred()
+        self._write()
+        return done
+
+    def _write(self) -> None:
+        # The transport pauses this producer from inside write() once its
+        # buffer is full, and resumes it once the buffer is empty.
+        while not self._paused and self._done is not None:
+            piece = self._body[self._at : self._at + WRITE_PIECE]
+            self._at += len(piece)
+            self._consumer.write(piece)
+            if self._at >= self.length and self._done is not None:
+                done, self._done = self._done, None
+                self._body, self._consumer = b"", None
+                done.callback(None)
 
     def pauseProducing(self) -> None:
-        pass
+        self._paused = True
 
     def resumeProducing(self) -> None:
-        pass
+        self._paused = False
+        self._write()
 
     def stopProducing(self) -> None:
-        pass
+        # The connection is gone: nothing more goes anywhere, and the
+        # Deferred never fires (as FileBodyProducer's), the agent has
+        # already given the request up.
+        self._done = None
+        self._body, self._consumer = b"", None
 
 
 def make_http_client(reactor: Any, connect_timeout: float) -> HTTPClient:

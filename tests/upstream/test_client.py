@@ -29,6 +29,7 @@ from oaiproxy.access.clients import Credentials
 from oaiproxy.config import Secret
 from oaiproxy.upstream.client import (
     MAX_PERSISTENT_PER_HOST,
+    WRITE_PIECE,
     UpstreamClient,
     UpstreamEndpoints,
     UpstreamTimeout,
@@ -388,13 +389,86 @@ class ProxyHTTPClientTests(SynchronousTestCase):
         self.assertEqual([uri for _, uri, _, _ in agent.sent], [self.URLS[1].encode(), b"https://api.test/v1/other"])
 
 
+class _PausingConsumer:
+    """
+    A transport's side of a streaming producer: it pauses the producer once
+    more than C{limit} bytes wait, and the test drains it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.waiting: list[bytes] = []
+        self.sent: list[bytes] = []
+        self.producer: Any = None
+
+    def write(self, data: bytes) -> None:
+        self.waiting.append(data)
+        if sum(map(len, self.waiting)) > self.limit:
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        self.sent += self.waiting
+        self.waiting = []
+        self.producer.resumeProducing()
+
+
 class BytesProducerTests(SynchronousTestCase):
     """
-    An in-memory body goes to the connection in one write, and the
-    producer does not hold it afterwards: the connection's request (and
-    its producer) lives until upstream has read the whole body, which can
-    be long after upstream answered.
+    An in-memory body goes to the connection in one write when small, in
+    pieces under the transport's backpressure when large, and the producer
+    does not hold it afterwards: the connection's request (and its
+    producer) lives until upstream has read the whole body, which can be
+    long after upstream answered.
     """
+
+    def test_small_body_in_one_write(self) -> None:
+        body = b'{"model": "m", "pad": "' + b"x" * 100_000 + b'"}'
+        consumer = _PausingConsumer(limit=65536)
+        producer = _body_producer(body)
+        consumer.producer = producer
+        self.successResultOf(producer.startProducing(consumer))
+        self.assertEqual(consumer.waiting, [body])
+
+    def test_large_body_waits_for_the_buffer(self) -> None:
+        """
+        A large body is written a piece at a time, each once the transport
+        has room: what waits in the transport is never more than a piece
+        past its limit (an aborted connection keeps it until the garbage
+        collector frees the transport).
+        """
+        body = b'{"model": "m", "pad": "' + bytes(range(256)) * 8000 + b'"}'
+        consumer = _PausingConsumer(limit=65536)
+        producer = _body_producer(body)
+        consumer.producer = producer
+        done = producer.startProducing(consumer)
+        self.assertNoResult(done)
+        drains = 0
+        while consumer.waiting and drains < 100:
+            self.assertLessEqual(sum(map(len, consumer.waiting)), 65536 + WRITE_PIECE)
+            consumer.drain()
+            drains += 1
+        self.successResultOf(done)
+        self.assertEqual(b"".join(consumer.sent), body)
+        self.assertGreater(drains, 4)
+        self.assertFalse(any(held is body for held in gc.get_referents(vars(producer))))
+
+    def test_stopped_large_body_writes_no_more(self) -> None:
+        """
+        Stopped (the connection is gone): nothing more is written, the
+        body is let go of, and the Deferred stays unfired as
+        C{FileBodyProducer}'s does.
+        """
+        body = b'{"model": "m", "pad": "' + b"x" * 1_000_000 + b'"}'
+        consumer = _PausingConsumer(limit=65536)
+        producer = _body_producer(body)
+        consumer.producer = producer
+        done = producer.startProducing(consumer)
+        self.assertEqual(len(consumer.waiting), 1)
+        producer.stopProducing()
+        consumer.drain()
+        self.assertEqual(consumer.waiting, [])
+        self.assertNoResult(done)
+        self.assertFalse(any(held is body for held in gc.get_referents(vars(producer))))
 
     def test_body_written_then_let_go(self) -> None:
         body = b'{"model": "m", "pad": "' + b"x" * 1_000_000 + b'"}'
