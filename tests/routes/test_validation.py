@@ -13,10 +13,11 @@ import json
 from typing import Any, Optional
 
 import treq
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from oaiproxy import fastjson
 from oaiproxy.errors import ApiError
 from oaiproxy.fake.harness import CLIENT_KEY, Harness, registry
 from oaiproxy.routes.validation import JsonRequest, parse_json_request
@@ -424,6 +425,56 @@ class RepeatedMemberTests(SynchronousTestCase):
         self.assertEqual(h.fake.requests, [])
 
 
+def padded(data: bytes, value: str) -> bytes:
+    """
+    C{data} with a C{"padding"} member of raw JSON C{value} first, so that
+    it is large enough to be walked (L{fastjson.WALK_FROM}); a body that is
+    not UTF-8 is left as it is.
+    """
+    if not json.detect_encoding(data).startswith("utf-8") or not data.startswith(b"{"):
+        return data
+    return b'{"padding": ' + value.encode() + b", " + data[1:]
+
+
+#: A long string: the walk jumps over it.
+LONG_STRING = json.dumps("x" * fastjson.WALK_FROM)
+#: A long list of short strings and escapes: more quotes and backslashes
+#: than the walk's budget, so the searches decide.
+DENSE_STRINGS = json.dumps(['a"b', "mode", "x\ny"] * (fastjson.WALK_FROM // 16))
+
+
+class LargeBodyRepeatedMemberTests(RepeatedMemberTests):
+    """
+    The same answers for a large body whose bulk is one long string (the
+    walk from quote to quote decides).
+    """
+
+    padding = LONG_STRING
+
+    def assertRepeated(self, data: bytes, param: str) -> None:
+        super().assertRepeated(padded(data, self.padding), param)
+
+    def assertAccepted(self, data: bytes) -> None:
+        super().assertAccepted(padded(data, self.padding))
+
+    def test_walk_decides(self) -> None:
+        """
+        The padding takes the path this class is for: the walk answers for
+        a long string, and leaves a dense body to the searches.
+        """
+        walked = fastjson.RepeatedMembers(frozenset({"model"}))._walk(padded(members(), self.padding))
+        self.assertEqual(walked, False if self.padding is LONG_STRING else None)
+
+
+class DenseLargeBodyRepeatedMemberTests(LargeBodyRepeatedMemberTests):
+    """
+    The same answers for a large body dense with quotes and escapes (the
+    walk gives up within its budget and the searches decide).
+    """
+
+    padding = DENSE_STRINGS
+
+
 _JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
@@ -435,6 +486,29 @@ class RepeatedMemberProperties(SynchronousTestCase):
     """
     Properties over generated bodies.
     """
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.sampled_from(['"', "\\", "model", "n", '"model"', '"n"', "u0065", "\\u006d", '\\"', "x", " "]),
+            max_size=30,
+        ),
+        st.booleans(),
+    )
+    @example(['"model"', "model", '"'], True)  # the closing quote of a name opens nothing
+    @example(['"x', '"model"', '"model"'], False)
+    def test_walk_answers_as_the_searches(self, pieces: list[str], first: bool) -> None:
+        """
+        The walk over a large body answers what the two searches answer
+        for the same bytes (or leaves it to them), whatever the quotes and
+        backslashes around the names: a quote that closes a name does not
+        open another, one that closes anything else may.
+        """
+        repeated = fastjson.RepeatedMembers(frozenset({"model", "n"}))
+        text = "".join(pieces).encode()
+        spaces = b" " * fastjson.WALK_FROM
+        walked = repeated._walk(text + spaces if first else spaces + text)
+        self.assertEqual(walked, repeated._may_repeat(text), text)
 
     @settings(max_examples=200, deadline=None)
     @given(st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=5), st.booleans())
