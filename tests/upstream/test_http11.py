@@ -869,11 +869,22 @@ class CancelTests(_Case):
         self.assertEqual(len(self.endpoints.cancelled), 1)
         self.failureResultOf(d, CancelledError)
 
-    def test_cancel_after_head_does_nothing(self) -> None:
-        d, _, transport = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    def test_cancel_with_the_head_partly_in(self) -> None:
+        """
+        Cancelling while the head is arriving aborts the connection, and
+        the request fails as twisted.web's does once part of an answer is
+        in (C{ResponseFailed}); the rest of the head, if the transport still
+        delivers it, answers nothing and the connection is not reused.
+        """
+        d, protocol, transport = self.answer(b"HTTP/1.1 200 OK\r\nContent-Le")
         d.cancel()
-        self.successResultOf(d)
-        self.assertFalse(transport.aborted)
+        self.assertTrue(transport.aborted)
+        [reason] = self.failureResultOf(d, ResponseFailed).value.reasons
+        reason.trap(CancelledError)
+        protocol.dataReceived(b"ngth: 2\r\n\r\nok")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.agent.request(b"GET", URL)
+        self.assertEqual(len(self.endpoints.connections), 2)
 
 
 class LoopbackTests(TestCase):
