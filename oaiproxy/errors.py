@@ -112,7 +112,8 @@ def invalid_api_key() -> ApiError:
     """
     return ApiError(
         401,
-        "Incorrect or missing API key: this proxy expects one of its client keys as 'Authorization: Bearer <key>'.",
+        "Incorrect or missing API key: this proxy expects one of its client keys"
+        " in one 'Authorization: Bearer <key>' header.",
         INVALID_REQUEST,
         None,
         "invalid_api_key",

@@ -289,10 +289,13 @@ def bearer_token(headers: Headers) -> Optional[bytes]:
     """
     The token of an C{Authorization: Bearer <token>} header, or C{None}.
 
-    The scheme is matched case-insensitively, as RFC 9110 requires.
+    The scheme is matched case-insensitively, as RFC 9110 requires.  Two
+    or more C{Authorization} headers (a field RFC 9110 allows once) give
+    none, even equal ones: which one counts would otherwise be this
+    function's choice, and a proxy or cache in front may choose the other.
     """
     values = headers.getRawHeaders(b"authorization")
-    if not values:
+    if not values or len(values) > 1:
         return None
     scheme, _, token = values[0].strip().partition(b" ")
     if scheme.lower() != b"bearer":

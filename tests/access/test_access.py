@@ -57,6 +57,22 @@ class EarlyRefusalTests(SynchronousTestCase):
         # Not one byte of the body was taken in.
         self.assertEqual(record.bytes_in, 0)
 
+    def test_two_authorization_headers_are_refused(self) -> None:
+        """
+        Two C{Authorization} headers are refused on the headers even when
+        one (or both) carries a valid key: which one counts must not depend
+        on who reads them, a proxy in front or this one.
+        """
+        h = Harness(client_keys=[CLIENT_KEY])
+        valid = b"Bearer " + CLIENT_KEY
+        for values in ([valid, b"Bearer oai-other"], [b"Bearer oai-other", valid], [valid, valid]):
+            response, body = answer(self, h, chat_body(), {b"authorization": values})
+            self.assertEqual((response.code, body["error"]["code"]), (401, "invalid_api_key"))
+            self.assertIn("one 'Authorization: Bearer <key>' header", body["error"]["message"])
+            self.assertNotIn(CLIENT_KEY.decode(), json.dumps(body))
+        self.assertEqual(h.fake.requests, [])
+        self.assertEqual(answer(self, h, chat_body())[0].code, 200)
+
 
 class AllowListTests(SynchronousTestCase):
     def test_model_outside_allow_list_is_403(self) -> None:

@@ -485,6 +485,15 @@ class BearerTokenTests(SynchronousTestCase):
         """
         self.assertEqual(self.token(b"  Bearer    abc  "), b"abc")
 
+    def test_two_headers(self) -> None:
+        """
+        Two C{Authorization} headers give no token, whichever comes first
+        and even when they are equal.
+        """
+        self.assertIsNone(self.token(b"Bearer " + CLIENT_KEY, b"Bearer other"))
+        self.assertIsNone(self.token(b"Bearer other", b"Bearer " + CLIENT_KEY))
+        self.assertIsNone(self.token(b"Bearer " + CLIENT_KEY, b"Bearer " + CLIENT_KEY))
+
     def test_missing(self) -> None:
         """
         No C{Authorization} header means no token.
