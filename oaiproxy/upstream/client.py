@@ -177,7 +177,7 @@ def make_http_client(reactor: Any, connect_timeout: float) -> HTTPClient:
     its docstring for why).
     """
     endpoints = UpstreamEndpoints(reactor, connect_timeout)
-    return http_client(HTTP11Agent(reactor, endpoints, make_pool(reactor)))
+    return http_client(HTTP11Agent(endpoints, make_pool(reactor)))
 
 
 @implementer(IAgentEndpointFactory)

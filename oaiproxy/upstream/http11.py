@@ -186,7 +186,6 @@ class _Response:
         self._protocol: Optional[Protocol] = None
         self._buffer: Optional[list[bytes]] = []
         self._reason: Optional[Failure] = None
-        self._delivered = False
         #: Where body bytes go: the buffer until deliverBody, then the
         #: protocol's dataReceived.
         self.sink: Callable[[bytes], None] = self._buffer.append
@@ -198,12 +197,11 @@ class _Response:
         self.previousResponse = response
 
     def deliverBody(self, protocol: Protocol) -> None:
-        if self._delivered:
-            raise RuntimeError("Response body already delivered")
-        self._delivered = True
-        protocol.makeConnection(self)
         buffered, self._buffer = self._buffer, None
-        for data in buffered or ():
+        if buffered is None:
+            raise RuntimeError("Response body already delivered")
+        protocol.makeConnection(self)
+        for data in buffered:
             protocol.dataReceived(data)
         if self._reason is not None:
             reason, self._reason = self._reason, None
@@ -320,8 +318,7 @@ class _Sending:
     is empty).
     """
 
-    def __init__(self, exchange: "_Exchange", producer: IBodyProducer) -> None:
-        self._exchange = exchange
+    def __init__(self, producer: IBodyProducer) -> None:
         self._producer = producer
         self.paused = False
         #: What to do once the buffer drains (the body's end, when it was
@@ -362,8 +359,6 @@ class _Exchange:
         self.result: Deferred[IResponse] = Deferred(self._cancel)
         self.producer: Optional[IBodyProducer] = None
         self.sending: Optional[_Sending] = None
-        self.writing = False
-        self.head_pending = True
         self.head_bytes = 0
         self.complete = False
         self.keep_alive = False
@@ -372,6 +367,14 @@ class _Exchange:
         self._phrase = b""
         self._raw: list[tuple[bytes, bytes]] = []
         self._interim = False
+
+    @property
+    def writing(self) -> bool:
+        """
+        Whether the request body is still being written: its producer is
+        let go of once it is written, has failed, or was stopped.
+        """
+        return self.producer is not None
 
     # The request.
 
@@ -399,7 +402,6 @@ class _Exchange:
         if producer is None:
             return
         self.producer = producer
-        self.writing = True
         consumer: Any
         if producer.length is UNKNOWN_LENGTH:
             consumer = _ChunkedConsumer(transport)
@@ -408,7 +410,7 @@ class _Exchange:
         # Streaming: the transport pauses the producer when its buffer is
         # full, so an upload keeps its backpressure; the tracker also tells
         # when what the producer wrote has left the buffer.
-        self.sending = _Sending(self, producer)
+        self.sending = _Sending(producer)
         transport.registerProducer(self.sending, True)
         try:
             produced = producer.startProducing(consumer)
@@ -433,7 +435,6 @@ class _Exchange:
             # request.
             sending.then = lambda: self._body_written(None, consumer)
             return
-        self.writing = False
         self.sending = None
         self.producer = None
         transport = self.connection.transport
@@ -448,13 +449,12 @@ class _Exchange:
         The body producer failed (or wrote the wrong length): the request
         cannot be completed, nor the connection reused.
         """
-        if not self.writing:
-            return
-        self.writing = False
         producer, self.producer = self.producer, None
+        if producer is None:
+            return
         connection = self.connection
         connection.transport.unregisterProducer()
-        if reason.check(WrongBodyLength) and producer is not None:
+        if reason.check(WrongBodyLength):
             producer.stopProducing()
         if self.complete:
             return
@@ -477,10 +477,8 @@ class _Exchange:
         or given up): stop its producer, which lets go of what it holds and
         of the client it may have paused.
         """
-        if self.writing:
-            self.writing = False
-            producer, self.producer = self.producer, None
-            assert producer is not None
+        producer, self.producer = self.producer, None
+        if producer is not None:
             try:
                 self.connection.transport.unregisterProducer()
                 producer.stopProducing()
@@ -536,7 +534,7 @@ class _Exchange:
         self._phrase += phrase
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.head_pending:
+        if self.response is None:
             self._raw.append((name, value))
         # (After the head: trailers, ignored.)
 
@@ -580,7 +578,6 @@ class _Exchange:
             version = (b"HTTP", int(major), int(minor))
         response = _Response(version, code, phrase, headers, self.info)
         self.response = response
-        self.head_pending = False
         if no_body:
             response.length = 0
         elif encoding is None:
@@ -686,7 +683,7 @@ class _Connection(Protocol):
         except HttpParserError as e:
             self._give_up(exchange, Failure(MalformedResponse(str(e) or type(e).__name__)), malformed=True)
             return
-        if exchange.head_pending:
+        if exchange.response is None:
             exchange.head_bytes += len(data)
             if exchange.head_bytes > MAX_HEAD_BYTES:
                 self._give_up(exchange, Failure(MalformedResponse("response head too large")), malformed=True)
@@ -876,8 +873,7 @@ class HTTP11Agent:
     included), pooled in C{pool}.
     """
 
-    def __init__(self, reactor: IReactorTime, endpoints: IAgentEndpointFactory, pool: ConnectionPool) -> None:
-        self._reactor = reactor
+    def __init__(self, endpoints: IAgentEndpointFactory, pool: ConnectionPool) -> None:
         self._endpoints = endpoints
         self._pool = pool
 
@@ -909,22 +905,22 @@ class HTTP11Agent:
         info = _RequestInfo(method, parsed, headers)
         pool = self._pool
         connection = pool._take(key)
+
+        def on_fresh(fresh: _Connection) -> "Deferred[IResponse]":
+            return fresh.request(method, path, headers, bodyProducer, info)
+
         if connection is not None:
             d = connection.request(method, path, headers, bodyProducer, info)
             if pool.retryAutomatically and method in _RETRYABLE and bodyProducer is None:
 
                 def retry(failure: Failure) -> Any:
                     if _should_retry(failure):
-                        return self._connected(key, parsed).addCallback(
-                            lambda fresh: fresh.request(method, path, headers, bodyProducer, info)
-                        )
+                        return self._connected(key, parsed).addCallback(on_fresh)
                     return failure
 
                 d.addErrback(retry)
             return d
-        return self._connected(key, parsed).addCallback(
-            lambda fresh: fresh.request(method, path, headers, bodyProducer, info)
-        )
+        return self._connected(key, parsed).addCallback(on_fresh)
 
     def _connected(self, key: tuple[bytes, bytes, int], parsed: URI) -> "Deferred[_Connection]":
         try:

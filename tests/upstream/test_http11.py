@@ -141,7 +141,7 @@ class _Case(SynchronousTestCase):
         self.endpoints = _Endpoints()
         self.pool = ConnectionPool(self.clock)
         self.pool.maxPersistentPerHost = 64
-        self.agent = HTTP11Agent(self.clock, self.endpoints, self.pool)
+        self.agent = HTTP11Agent(self.endpoints, self.pool)
 
     def request(self, method: bytes = b"GET", body: Any = None, url: bytes = URL, headers: Any = None) -> Any:
         d = self.agent.request(method, url, headers, body)
@@ -216,7 +216,7 @@ class RequestBytesTests(_Case):
         written = []
         for agent_of in (
             lambda e: Agent.usingEndpointFactory(Clock(), e, pool=HTTPConnectionPool(Clock())),
-            lambda e: HTTP11Agent(Clock(), e, ConnectionPool(Clock())),
+            lambda e: HTTP11Agent(e, ConnectionPool(Clock())),
         ):
             endpoints = _Endpoints()
             upload = _Upload()
@@ -236,7 +236,7 @@ class RequestBytesTests(_Case):
         sent = []
         for agent_of in (
             lambda e: Agent.usingEndpointFactory(Clock(), e, pool=HTTPConnectionPool(Clock())),
-            lambda e: HTTP11Agent(Clock(), e, ConnectionPool(Clock())),
+            lambda e: HTTP11Agent(e, ConnectionPool(Clock())),
         ):
             endpoints = _Endpoints()
             client = http_client(agent_of(endpoints))
@@ -927,7 +927,7 @@ class LoopbackTests(TestCase):
         self.port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.pool = make_pool(reactor)
-        self.agent = HTTP11Agent(reactor, UpstreamEndpoints(reactor, 5.0), self.pool)
+        self.agent = HTTP11Agent(UpstreamEndpoints(reactor, 5.0), self.pool)
         self.addCleanup(self.pool.closeCachedConnections)
         self.base = b"http://127.0.0.1:%d" % self.port.getHost().port
 
