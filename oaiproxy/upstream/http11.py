@@ -50,7 +50,7 @@ import functools
 import re
 from typing import Any, Callable, Hashable, Optional
 
-from httptools import HttpParserCallbackError, HttpParserError, HttpResponseParser
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, IStreamClientEndpoint, ITCPTransport
@@ -680,6 +680,11 @@ class _Connection(Protocol):
                 error = e.__context__ if e.__context__ is not None else e
                 self._give_up(exchange, Failure(error), malformed=isinstance(error, MalformedResponse))
                 return
+        except HttpParserUpgrade:
+            # A 101 with an Upgrade header, which the proxy never asks for
+            # (llhttp raises it outside its errors; a 101 without one is).
+            self._give_up(exchange, Failure(MalformedResponse("unasked protocol upgrade")), malformed=True)
+            return
         except HttpParserError as e:
             self._give_up(exchange, Failure(MalformedResponse(str(e) or type(e).__name__)), malformed=True)
             return

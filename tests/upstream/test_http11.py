@@ -441,6 +441,20 @@ class MalformedTests(_Case):
             [reason] = failed.reasons
             reason.trap(MalformedResponse)
 
+    def test_switching_protocols(self) -> None:
+        """
+        A 101, with or without an C{Upgrade} header, fails the request as
+        malformed (the proxy never asks for an upgrade), even with a
+        response after it: it is not skipped as an interim head.
+        """
+        for head in [b"Upgrade: websocket\r\nConnection: Upgrade\r\n", b""]:
+            self.setUp()
+            failed, _ = self.refused(
+                b"HTTP/1.1 101 Switching Protocols\r\n" + head + b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+            )
+            [reason] = failed.reasons
+            reason.trap(MalformedResponse)
+
     def test_smuggling_shapes(self) -> None:
         """
         Conflicting or repeated lengths, a length with chunking, and a
