@@ -130,7 +130,7 @@ def admin_key_required(configured: bool) -> ApiError:
     hint = "" if configured else " (none is configured: see --admin-key-file)"
     return ApiError(
         401,
-        f"This endpoint needs the proxy's admin key as 'Authorization: Bearer <key>'{hint}.",
+        f"This endpoint needs the proxy's admin key in one 'Authorization: Bearer <key>' header{hint}.",
         INVALID_REQUEST,
         None,
         "invalid_api_key",

@@ -39,7 +39,13 @@ from oaiproxy.errors import (
     rate_limited,
 )
 from oaiproxy.observe.records import record_of
-from oaiproxy.upstream.headers import bearer_token, openai_key_carrier, scope_openai_headers, url_carries_openai_key
+from oaiproxy.upstream.headers import (
+    bearer_token,
+    bearer_tokens,
+    openai_key_carrier,
+    scope_openai_headers,
+    url_carries_openai_key,
+)
 from oaiproxy.web import error_response
 
 __all__ = ["Admission", "admission_gate", "authenticate"]
@@ -74,7 +80,15 @@ def authenticate(request: Request, credentials: Credentials) -> "Optional[Client
         headers = request.requestHeaders
         token = bearer_token(headers)
         client = clients.identify(token) if (token is not None and len(clients)) else None
-        leaked = openai_key_carrier(headers, request.uri, token if client is not None else None)
+        if token is not None and client is not None:
+            accepted: tuple[bytes, ...] = (token,)
+        elif token is None and len(clients) and len(headers.getRawHeaders(b"authorization", ())) > 1:
+            # Several Authorization headers: refused below, but a client's
+            # key among them is not a leaked OpenAI key, whatever it looks like.
+            accepted = tuple(key for key in bearer_tokens(headers) if clients.identify(key) is not None)
+        else:
+            accepted = ()
+        leaked = openai_key_carrier(headers, request.uri, accepted)
     if leaked is not None:
         # Where, never what: the operator can tell the user to rotate it.
         _log.warn("refused a request carrying a real OpenAI API key in {where}; it should be rotated", where=leaked)

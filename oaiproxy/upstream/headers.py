@@ -26,6 +26,7 @@ __all__ = [
     "upstream_request_headers",
     "client_response_headers",
     "bearer_token",
+    "bearer_tokens",
     "client_request_id",
     "parse_static_header",
     "is_credential_header",
@@ -297,7 +298,20 @@ def bearer_token(headers: Headers) -> Optional[bytes]:
     values = headers.getRawHeaders(b"authorization")
     if not values or len(values) > 1:
         return None
-    scheme, _, token = values[0].strip().partition(b" ")
+    return _bearer_of(values[0])
+
+
+def bearer_tokens(headers: Headers) -> list[bytes]:
+    """
+    The token of every C{Authorization: Bearer} header, for a request that
+    sent several (which L{bearer_token} refuses to choose among).
+    """
+    tokens = (_bearer_of(value) for value in headers.getRawHeaders(b"authorization", ()))
+    return [token for token in tokens if token is not None]
+
+
+def _bearer_of(value: bytes) -> Optional[bytes]:
+    scheme, _, token = value.strip().partition(b" ")
     if scheme.lower() != b"bearer":
         return None
     token = token.strip()
@@ -316,7 +330,7 @@ def client_request_id(value: Optional[bytes]) -> Optional[str]:
     return value.decode("ascii")
 
 
-def openai_key_carrier(headers: Headers, uri: bytes, accepted: Optional[bytes] = None) -> Optional[str]:
+def openai_key_carrier(headers: Headers, uri: bytes, accepted: tuple[bytes, ...] = ()) -> Optional[str]:
     """
     Where a request carries a real OpenAI secret key (see
     L{contains_openai_key}): the lower-cased name of a
@@ -328,9 +342,10 @@ def openai_key_carrier(headers: Headers, uri: bytes, accepted: Optional[bytes] =
     Each look is a substring search for the keys' fixed marker, so a
     request carrying none costs one C{in} per header value.
 
-    @param accepted: the client key that identified the client, which is
-        accepted whatever it looks like (teams may keep keys they already
-        hand out); it is not taken for a leaked key.
+    @param accepted: client keys, which are accepted whatever they look
+        like (teams may keep keys they already hand out): not taken for
+        leaked keys.  The one that identified the client, or those among
+        several C{Authorization} headers (refused, but not as a leak).
     """
     for name, values in headers.getAllRawHeaders():
         lowered = name.lower()
@@ -351,14 +366,14 @@ def url_carries_openai_key(uri: bytes) -> bool:
     Whether a request's URL carries a real OpenAI secret key, as it is or
     percent-decoded (L{openai_key_carrier}'s last look).
     """
-    return _carries_key(uri, None) or (b"%" in uri and _carries_key(unquote_to_bytes(uri), None))
+    return _carries_key(uri, ()) or (b"%" in uri and _carries_key(unquote_to_bytes(uri), ()))
 
 
-def _carries_key(value: bytes, accepted: Optional[bytes]) -> bool:
+def _carries_key(value: bytes, accepted: tuple[bytes, ...]) -> bool:
     if OPENAI_KEY_MARKER not in value:
         return False
-    if accepted is not None:
-        value = value.replace(accepted, b"")
+    for key in accepted:
+        value = value.replace(key, b"")
     return contains_openai_key(value)
 
 

@@ -586,10 +586,12 @@ class OpenAIKeyCarrierTests(SynchronousTestCase):
         still found.
         """
         headers = make_headers((b"Authorization", b"Bearer " + REAL_KEY))
-        self.assertIsNone(openai_key_carrier(headers, b"/v1/models", accepted=REAL_KEY))
+        self.assertIsNone(openai_key_carrier(headers, b"/v1/models", accepted=(REAL_KEY,)))
         headers.addRawHeader(b"x-api-key", LEGACY_KEY)
-        self.assertEqual(openai_key_carrier(headers, b"/v1/models", accepted=REAL_KEY), "x-api-key")
-        self.assertEqual(openai_key_carrier(Headers(), b"/v1/models?api_key=" + REAL_KEY, accepted=REAL_KEY), "the URL")
+        self.assertEqual(openai_key_carrier(headers, b"/v1/models", accepted=(REAL_KEY,)), "x-api-key")
+        self.assertEqual(
+            openai_key_carrier(Headers(), b"/v1/models?api_key=" + REAL_KEY, accepted=(REAL_KEY,)), "the URL"
+        )
 
 
 class ScopeOpenAIHeadersTests(SynchronousTestCase):
@@ -704,6 +706,22 @@ class RequestHeaderPolicyTests(SynchronousTestCase):
             [request] = h.fake.requests
             self.assertEqual(request.headers["authorization"], ["Bearer " + UPSTREAM_KEY.decode()])
             self.assertNotIn(key.decode(), repr(request.headers))
+
+    def test_configured_key_twice_is_no_leak(self) -> None:
+        """
+        A configured key of OpenAI's shape sent in two C{Authorization}
+        headers is refused as two headers are (C{invalid_api_key}), not
+        reported as a leaked OpenAI key; a real OpenAI key beside a client
+        key still is.
+        """
+        other = REAL_KEY.replace(b"Ab1_", b"Zz9_")
+        h = Harness(client_keys=[REAL_KEY, CLIENT_KEY])
+        for values in ([REAL_KEY, REAL_KEY], [CLIENT_KEY, REAL_KEY], [REAL_KEY, CLIENT_KEY]):
+            response, body = self.post(h, {b"authorization": [b"Bearer " + v for v in values]})
+            self.assertEqual((response.code, body["error"]["code"]), (401, "invalid_api_key"), values)
+        response, body = self.post(h, {b"authorization": [b"Bearer " + CLIENT_KEY, b"Bearer " + other]})
+        self.assertEqual((response.code, body["error"]["code"]), (401, "openai_key_not_accepted"))
+        self.assertEqual(h.fake.requests, [])
 
     def test_organization_and_project(self) -> None:
         """
