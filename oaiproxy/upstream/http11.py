@@ -50,7 +50,7 @@ import functools
 import re
 from typing import Any, Callable, Hashable, Optional
 
-from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
+from httptools import HttpParserCallbackError, HttpParserError, HttpResponseParser
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, IStreamClientEndpoint, ITCPTransport
@@ -543,6 +543,11 @@ class _Exchange:
         code = parser.get_status_code()
         raw, self._raw = self._raw, []
         phrase, self._phrase = self._phrase, b""
+        if code == 101:
+            # The proxy never asks for an upgrade.  (Left to llhttp, a 101
+            # with an Upgrade header raises outside its parser errors, and
+            # one without is skipped by some versions as an interim head.)
+            raise MalformedResponse("unasked protocol upgrade")
         if 100 <= code < 200:
             # An interim response: skipped, as twisted.web does.
             self._interim = True
@@ -680,11 +685,6 @@ class _Connection(Protocol):
                 error = e.__context__ if e.__context__ is not None else e
                 self._give_up(exchange, Failure(error), malformed=isinstance(error, MalformedResponse))
                 return
-        except HttpParserUpgrade:
-            # A 101 with an Upgrade header, which the proxy never asks for
-            # (llhttp raises it outside its errors; a 101 without one is).
-            self._give_up(exchange, Failure(MalformedResponse("unasked protocol upgrade")), malformed=True)
-            return
         except HttpParserError as e:
             self._give_up(exchange, Failure(MalformedResponse(str(e) or type(e).__name__)), malformed=True)
             return
