@@ -82,7 +82,7 @@ def authenticate(request: Request, credentials: Credentials) -> "Optional[Client
         client = clients.identify(token) if (token is not None and len(clients)) else None
         if token is not None and client is not None:
             accepted: tuple[bytes, ...] = (token,)
-        elif token is None and len(clients) and len(headers.getRawHeaders(b"authorization", ())) > 1:
+        elif len(clients) and len(headers.getRawHeaders(b"authorization", ())) > 1:
             # Several Authorization headers: refused below, but a client's
             # key among them is not a leaked OpenAI key, whatever it looks like.
             accepted = tuple(key for key in bearer_tokens(headers) if clients.identify(key) is not None)

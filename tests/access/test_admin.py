@@ -35,6 +35,16 @@ class CallerTests(SynchronousTestCase):
         self.assertFalse(is_admin(self.credentials, Headers({b"authorization": [b"Basic " + ADMIN_KEY]})))
         self.assertFalse(is_admin(self.credentials, Headers()))
 
+    def test_admin_key_twice(self) -> None:
+        """
+        The admin key in two C{Authorization} headers, or beside a client's
+        key, is neither the admin nor a client.
+        """
+        for values in ([ADMIN_KEY, ADMIN_KEY], [ADMIN_KEY, b"key-of-alice"], [b"key-of-alice", ADMIN_KEY]):
+            headers = Headers({b"authorization": [b"Bearer " + v for v in values]})
+            self.assertFalse(is_admin(self.credentials, headers))
+            self.assertIsNone(caller(self.credentials, headers))
+
     def test_client_key(self) -> None:
         """
         A client's key is that client, never the admin; an unknown key and
