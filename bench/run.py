@@ -201,6 +201,17 @@ def system_seconds(pid: int) -> float:
     return int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
+def minor_faults(pid: int) -> int:
+    """
+    C{pid}'s minor page faults so far: each is a fresh page of memory the
+    kernel maps (and zeroes) on first touch, a large part of a 1 MB
+    body's cost when the allocator hands memory back and takes it again.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[7])
+
+
 def memory_kb(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -445,13 +456,19 @@ def main() -> None:
         for target, base in targets.items() if "b" in only else ():
             process = plain[target][0] if target in plain else None
             cpu = cpu_seconds(process.pid) if process else 0.0
+            kernel = system_seconds(process.pid) if process else 0.0
+            faults = minor_faults(process.pid) if process else 0
             with profiled(args.profile, process.pid if process else None, f"{target}-b"):
                 run = wrk(base + "/chat/completions", large, 8, seconds)
             used = cpu_seconds(process.pid) - cpu if process else 0.0
+            in_kernel = system_seconds(process.pid) - kernel if process else 0.0
+            faulted = minor_faults(process.pid) - faults if process else 0
             results["b"][target] = {
                 "mb_per_s": run["rps"] * len(body(1024 * 1024)) / 1e6,
                 "errors": run["errors"],
                 "proxy_cpu_ms_per_request": 1000 * used / run["requests"] if process and run["requests"] else None,
+                "proxy_kernel_share": in_kernel / used if process and used else None,
+                "proxy_faults_per_request": faulted / run["requests"] if process and run["requests"] else None,
                 "proxy_peak_rss_mb": memory_kb(process.pid, "VmHWM") / 1024 if process else None,
             }
 
@@ -598,6 +615,8 @@ def report(r: dict[str, Any]) -> str:
     if b:
         row("(b) 1 MB bodies, MB/s", b, lambda x: x["mb_per_s"], ",.0f")
         row("(b) proxy CPU per 1 MB request, ms", b, lambda x: x["proxy_cpu_ms_per_request"], ".2f")
+        row("(b) proxy CPU in the kernel, share", b, lambda x: x["proxy_kernel_share"], ".0%")
+        row("(b) proxy minor page faults per 1 MB request", b, lambda x: x["proxy_faults_per_request"], ",.0f")
         row("(b) proxy peak RSS (8 concurrent), MB", b, lambda x: x["proxy_peak_rss_mb"], ".0f")
     for count, figures in r["c"].items():
         row(f"(c) {count} streams: chunks delivered", figures, lambda x: 100 * x["delivered"], ".1f", False)
