@@ -62,6 +62,7 @@ from oaiproxy.config import (
     port_from_env,
     unix_listener,
 )
+from oaiproxy.daemon.allocator import Mallopt, libc_mallopt, malloc_settings, tune_allocator
 from oaiproxy.daemon.lifecycle import (
     DrainService,
     Lifecycle,
@@ -1229,6 +1230,7 @@ def makeService(
     report: Optional[StartupReport] = None,
     supervisor_input: int = 0,
     check_shared: Optional[Callable[[Config], None]] = None,
+    mallopt: Callable[[], Optional[Mallopt]] = libc_mallopt,
 ) -> IService:
     """
     Build the daemon: listeners on every C{--port}, the Resource tree, the
@@ -1249,6 +1251,9 @@ def makeService(
         writes the configuration to (standard input).
     @param check_shared: the startup check of C{--shared-state}
         (L{check_shared_state_now}; injected for tests).
+    @param mallopt: finds the C library's C{mallopt}, which
+        L{tune_allocator} calls once the process serves (injected for
+        tests).
     """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -1421,9 +1426,14 @@ def makeService(
     ReadinessService(notifier, listening, status, lambda ready: reactor.callWhenRunning(ready)).setServiceParent(
         service
     )
-    gatherResults(listening).addCallback(lambda _: report.done()).addCallback(
-        lambda _: reactor.callWhenRunning(freeze_startup_heap)
-    )
+
+    def serving(_: object) -> None:
+        # Both shape the heap the requests will use, so both wait until
+        # startup's own objects are made.
+        reactor.callWhenRunning(freeze_startup_heap)
+        reactor.callWhenRunning(tune_allocator, malloc_settings(options.environ), mallopt())
+
+    gatherResults(listening).addCallback(lambda _: report.done()).addCallback(serving)
 
     log.info(
         "oaiproxy {version} forwarding {routes} to {upstream} ({style}) "

@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import socket
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from treq.testing import StubTreq
 from twisted.application.service import IServiceCollection
@@ -31,6 +31,7 @@ from zope.interface import implementer
 from oaiproxy.access.clients import Credentials, file_entry
 from oaiproxy.config import DEFAULT_PORT, DEFAULT_UPSTREAM, Secret
 from oaiproxy.daemon import lifecycle
+from oaiproxy.daemon.allocator import malloc_settings
 from oaiproxy.daemon.lifecycle import Lifecycle, StartupError, StartupReport
 from oaiproxy.daemon.tap import Options, _Exposure, _reloader, _SecretsService, fd_address, makeService, planned_address
 from oaiproxy.daemon.workers import GroupSecrets, encode_secrets
@@ -266,7 +267,10 @@ class OptionsTests(SynchronousTestCase):
 
 class ServiceTests(SynchronousTestCase):
     def start(
-        self, argv: list[str], env: Mapping[str, str] = {"OPENAI_API_KEY": KEY}
+        self,
+        argv: list[str],
+        env: Mapping[str, str] = {"OPENAI_API_KEY": KEY},
+        mallopt: Callable[[int, int], int] = lambda parameter, value: 1,
     ) -> tuple[Any, HonestReactor, list[dict[str, Any]]]:
         reactor = HonestReactor()
         # A --mock-upstream run keeps its usage ledger in the current
@@ -275,7 +279,7 @@ class ServiceTests(SynchronousTestCase):
         os.chdir(temp_dir(self))
         self.addCleanup(os.chdir, here)
         with capturedLogs() as events:
-            service = makeService(parse(argv, env), reactor=reactor)
+            service = makeService(parse(argv, env), reactor=reactor, mallopt=lambda: mallopt)
             service.privilegedStartService()
             service.startService()
         self.addCleanup(service.stopService)
@@ -295,6 +299,28 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(calls, [])
         reactor.run()
         self.assertEqual(calls, ["collect", "freeze"])
+
+    def test_allocator_tuned_once_running(self) -> None:
+        """
+        Once the reactor runs, the allocator is tuned to keep freed large
+        blocks (L{oaiproxy.daemon.allocator}), not before; an operator's
+        own malloc tunables in the environment are left to stand.
+        """
+        calls: list[tuple[int, int]] = []
+        _, reactor, _ = self.start(
+            ["--mock-upstream"], mallopt=lambda parameter, value: calls.append((parameter, value)) or 1
+        )
+        self.assertEqual(calls, [])
+        reactor.run()
+        self.assertEqual(calls, list(malloc_settings({})))
+        calls.clear()
+        _, reactor, _ = self.start(
+            ["--mock-upstream"],
+            {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"},
+            lambda parameter, value: calls.append((parameter, value)) or 1,
+        )
+        reactor.run()
+        self.assertEqual(calls, [])
 
     def test_routes_in_the_tree(self) -> None:
         """
