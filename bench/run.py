@@ -426,7 +426,6 @@ def main() -> None:
                 )
                 started.append(process)
                 table[name] = (process, base)
-        sse_proxy, sse_base = sse_proxies["proxy"]
         targets = {"direct": plain_url, **{name: base + "/v1" for name, (_, base) in plain.items()}}
 
         only = set(args.only.split(","))
@@ -498,11 +497,16 @@ def main() -> None:
                 row[target] = measured
             results["c"][str(count)] = row
 
-        # (d) idle open streams
-        results["d"] = {
-            str(count): idle_streams(sse_base + "/v1", count, sse_proxy.pid, work)
-            for count in (idle_counts if "d" in only else ())
-        }
+        # (d) idle open streams, each count on a proxy of its own: one that
+        # served (c) or a smaller count keeps that load's freed heap for
+        # reuse (oaiproxy/daemon/allocator.py), and new streams filling it
+        # would not show in its RSS.
+        results["d"] = {}
+        for count in idle_counts if "d" in only else ():
+            fresh, fresh_base = start_proxy(work, ["--upstream", sse_url, *common], env, prefix=pin, port=port)
+            started.append(fresh)
+            results["d"][str(count)] = idle_streams(fresh_base + "/v1", count, fresh.pid, work)
+            fresh.stop()
 
         # Multi-core: the same plain load through 1 and through 2 workers,
         # unpinned (two workers need both cores, which the upstream and the
