@@ -470,6 +470,11 @@ def main() -> None:
                 "proxy_faults_per_request": faulted / run["requests"] if process and run["requests"] else None,
                 "proxy_peak_rss_mb": memory_kb(process.pid, "VmHWM") / 1024 if process else None,
             }
+            if process:
+                # What the proxy keeps once the load is over: glibc's trim
+                # returns free heap at the next free, so 2 s is ample.
+                time.sleep(2)
+                results["b"][target]["proxy_rss_after_mb"] = memory_kb(process.pid, "VmRSS") / 1024
 
         # (c) concurrent streams at 20 chunks/s
         results["c"] = {}
@@ -622,6 +627,7 @@ def report(r: dict[str, Any]) -> str:
         row("(b) proxy CPU in the kernel, share", b, lambda x: x["proxy_kernel_share"], ".0%")
         row("(b) proxy minor page faults per 1 MB request", b, lambda x: x["proxy_faults_per_request"], ",.0f")
         row("(b) proxy peak RSS (8 concurrent), MB", b, lambda x: x["proxy_peak_rss_mb"], ".0f")
+        row("(b) proxy RSS 2 s after the load, MB", b, lambda x: x.get("proxy_rss_after_mb"), ".0f")
     for count, figures in r["c"].items():
         row(f"(c) {count} streams: chunks delivered", figures, lambda x: 100 * x["delivered"], ".1f", False)
         row(f"(c) {count} streams: chunk delay p50, ms", figures, lambda x: x["delay_p50_ms"], ".1f", False)
