@@ -147,6 +147,8 @@ class Config:
     azure_api_version: Optional[str] = None
     azure_deployments: tuple[tuple[str, str], ...] = ()
     workers: int = 1
+    #: Keep freed large blocks for reuse (L{oaiproxy.daemon.allocator}).
+    malloc_tuning: bool = True
     worker_listeners: tuple[str, ...] = ()
     #: A worker's inherited C{--metrics-port} socket (C{fd:family}).
     worker_metrics_listener: Optional[str] = None

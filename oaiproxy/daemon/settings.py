@@ -437,6 +437,17 @@ SETTINGS: tuple[Setting, ...] = (
         field="workers",
         parse=parse_workers,
     ),
+    Setting(
+        "no-malloc-tuning",
+        "OAIPROXY_MALLOC_TUNING",
+        "Leave glibc's allocator at its defaults, which hand each freed large block back to the kernel, "
+        "instead of keeping freed blocks for the next request's bodies.",
+        "leave glibc's allocator at its defaults instead of keeping freed large blocks "
+        "([above](#performance-and-several-cores))",
+        kind=FLAG,
+        default="on",
+        env_value="=off",
+    ),
     # The usage ledger and prices (issue 15).
     Setting(
         "usage-db",

@@ -62,7 +62,7 @@ from oaiproxy.config import (
     port_from_env,
     unix_listener,
 )
-from oaiproxy.daemon.allocator import Mallopt, libc_mallopt, malloc_settings, tune_allocator
+from oaiproxy.daemon.allocator import Mallopt, allocator_plan, libc_mallopt, tune_allocator
 from oaiproxy.daemon.lifecycle import (
     DrainService,
     Lifecycle,
@@ -380,6 +380,7 @@ class Options(usage.Options):
             metrics_key=None if worker else self._metrics_key(),
             admin_key=None if worker else self._admin_key(clients),
             stream_usage=not self["no-stream-usage"] and env.get(_env("no-stream-usage"), "on") != "off",
+            malloc_tuning=not self["no-malloc-tuning"] and env.get(_env("no-malloc-tuning"), "on") != "off",
             worker_listeners=tuple(self["worker-listener"]),
             worker_metrics_listener=self["worker-metrics-listener"],
             upstream_headers=tuple(self["upstream-header"]),
@@ -1230,7 +1231,7 @@ def makeService(
     report: Optional[StartupReport] = None,
     supervisor_input: int = 0,
     check_shared: Optional[Callable[[Config], None]] = None,
-    mallopt: Callable[[], Optional[Mallopt]] = libc_mallopt,
+    find_mallopt: Callable[[], Optional[Mallopt]] = libc_mallopt,
 ) -> IService:
     """
     Build the daemon: listeners on every C{--port}, the Resource tree, the
@@ -1251,7 +1252,7 @@ def makeService(
         writes the configuration to (standard input).
     @param check_shared: the startup check of C{--shared-state}
         (L{check_shared_state_now}; injected for tests).
-    @param mallopt: finds the C library's C{mallopt}, which
+    @param find_mallopt: finds the C library's C{mallopt}, which
         L{tune_allocator} calls once the process serves (injected for
         tests).
     """
@@ -1431,7 +1432,7 @@ def makeService(
         # Both shape the heap the requests will use, so both wait until
         # startup's own objects are made.
         reactor.callWhenRunning(freeze_startup_heap)
-        reactor.callWhenRunning(tune_allocator, malloc_settings(options.environ), mallopt())
+        reactor.callWhenRunning(tune_allocator, allocator_plan(options.environ, config.malloc_tuning), find_mallopt())
 
     gatherResults(listening).addCallback(lambda _: report.done()).addCallback(serving)
 

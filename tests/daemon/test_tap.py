@@ -31,7 +31,7 @@ from zope.interface import implementer
 from oaiproxy.access.clients import Credentials, file_entry
 from oaiproxy.config import DEFAULT_PORT, DEFAULT_UPSTREAM, Secret
 from oaiproxy.daemon import lifecycle
-from oaiproxy.daemon.allocator import malloc_settings
+from oaiproxy.daemon.allocator import SETTINGS as MALLOC_SETTINGS
 from oaiproxy.daemon.lifecycle import Lifecycle, StartupError, StartupReport
 from oaiproxy.daemon.tap import Options, _Exposure, _reloader, _SecretsService, fd_address, makeService, planned_address
 from oaiproxy.daemon.workers import GroupSecrets, encode_secrets
@@ -279,7 +279,7 @@ class ServiceTests(SynchronousTestCase):
         os.chdir(temp_dir(self))
         self.addCleanup(os.chdir, here)
         with capturedLogs() as events:
-            service = makeService(parse(argv, env), reactor=reactor, mallopt=lambda: mallopt)
+            service = makeService(parse(argv, env), reactor=reactor, find_mallopt=lambda: mallopt)
             service.privilegedStartService()
             service.startService()
         self.addCleanup(service.stopService)
@@ -304,23 +304,28 @@ class ServiceTests(SynchronousTestCase):
         """
         Once the reactor runs, the allocator is tuned to keep freed large
         blocks (L{oaiproxy.daemon.allocator}), not before; an operator's
-        own malloc tunables in the environment are left to stand.
+        own malloc thresholds in the environment are left to stand, and so
+        is glibc with C{--no-malloc-tuning} or its variable.
         """
         calls: list[tuple[int, int]] = []
-        _, reactor, _ = self.start(
-            ["--mock-upstream"], mallopt=lambda parameter, value: calls.append((parameter, value)) or 1
-        )
+
+        def mallopt(parameter: int, value: int) -> int:
+            calls.append((parameter, value))
+            return 1
+
+        _, reactor, _ = self.start(["--mock-upstream"], mallopt=mallopt)
         self.assertEqual(calls, [])
         reactor.run()
-        self.assertEqual(calls, list(malloc_settings({})))
-        calls.clear()
-        _, reactor, _ = self.start(
-            ["--mock-upstream"],
-            {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"},
-            lambda parameter, value: calls.append((parameter, value)) or 1,
-        )
-        reactor.run()
-        self.assertEqual(calls, [])
+        self.assertEqual(calls, list(MALLOC_SETTINGS))
+        for argv, env in (
+            (["--mock-upstream"], {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}),
+            (["--mock-upstream", "--no-malloc-tuning"], {}),
+            (["--mock-upstream"], {"OAIPROXY_MALLOC_TUNING": "off"}),
+        ):
+            calls.clear()
+            _, reactor, _ = self.start(argv, env, mallopt)
+            reactor.run()
+            self.assertEqual(calls, [], (argv, env))
 
     def test_routes_in_the_tree(self) -> None:
         """
