@@ -375,9 +375,9 @@ SETTINGS: tuple[Setting, ...] = (
         "log-format",
         "OAIPROXY_LOG_FORMAT",
         "Logs as 'text' or 'json': one JSON object per line on standard output, the access entries and, "
-        "under twistd --nodaemon, every other line too.",
-        "logs as text lines, or one JSON object per line on standard output (access entries and, under "
-        "`--nodaemon`, every other line)",
+        "unless twistd's --logfile or --syslog takes the rest, every other line too (needs twistd --nodaemon).",
+        "logs as text lines, or one JSON object per line on standard output (needs `-n`; access entries and, "
+        "without `--logfile` or `--syslog`, every other line)",
         metavar="text|json",
         field="log_format",
         parse=parse_log_format,

@@ -36,7 +36,7 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.internet.interfaces import IAddress, IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.systemd import ListenFDs
@@ -89,6 +89,7 @@ from oaiproxy.ledger.prices import EMPTY, Prices, load_prices
 from oaiproxy.ledger.recorder import UsageRecorder
 from oaiproxy.ledger.startup import migrate, open_writer, read_spend, reload_prices
 from oaiproxy.observe.jsonlog import OBSERVER_NAME
+from oaiproxy.observe.jsonlog import observer as json_observer
 from oaiproxy.observe.metrics import MULTIPROC_ENV, UPSTREAM_GAUGE_SECONDS, GroupDirectory, Metrics
 from oaiproxy.routetable import BY_NAME, in_order
 from oaiproxy.server.build import Built, build_site
@@ -265,6 +266,14 @@ class Options(usage.Options):
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self.config.log_format == "json":
+            twistd = getattr(self, "parent", None)
+            if isinstance(twistd, dict) and "nodaemon" in twistd and not twistd["nodaemon"]:
+                # Daemonising, twistd points standard output at /dev/null:
+                # every access entry would be lost.
+                raise usage.UsageError(
+                    "--log-format json writes its lines to standard output, which twistd closes when it "
+                    "daemonizes: add -n (--nodaemon; the systemd unit runs so) or use --log-format text"
+                )
             self._log_as_json()
 
     def _log_as_json(self) -> None:
@@ -1093,6 +1102,22 @@ def _worker_index(environ: Mapping[str, str]) -> Optional[int]:
     return int(index) if index.isdigit() else None
 
 
+def logs_to_standard_output(twistd: Optional[Mapping[str, Any]]) -> bool:
+    """
+    Whether twistd's own log goes to this process's standard output
+    (C{--nodaemon} with no C{--logfile}, C{--syslog} or C{--logger} but
+    the JSON one C{--log-format json} selects), where the workers' lines
+    can pass through as they are.  C{None}: not run by twistd (tests).
+    """
+    if twistd is None:
+        return True
+    if not twistd.get("nodaemon") or twistd.get("syslog"):
+        return False
+    if twistd.get("logfile") not in (None, "", "-"):
+        return False
+    return twistd.get("logger") in (None, json_observer, OBSERVER_NAME)
+
+
 def _supervise(
     options: Options,
     reactor: Any,
@@ -1140,6 +1165,7 @@ def _supervise(
         error_output=writer(sys.__stderr__),
         metrics_listener=metrics_listener,
         metrics_dir=GroupDirectory(options.environ),
+        relay=None if logs_to_standard_output(getattr(options, "parent", None)) else globalLogPublisher,
     )
     supervisor.setServiceParent(service)
 

@@ -14,7 +14,10 @@ every worker listens, a reload on SIGHUP, and on SIGTERM C{STOPPING=1},
 then SIGTERM to every worker, each of which drains, and the supervisor
 exits when the last one has.  A worker that dies unexpectedly is started
 again.  Workers' standard output (their logs, and JSON access lines) and
-standard error pass through the supervisor's own, unchanged.
+standard error pass through the supervisor's own, unchanged, where the
+supervisor logs to its standard output; where it logs anywhere else
+(daemonised, C{--logfile}, C{--syslog}) their log events are relayed into
+its log instead (L{oaiproxy.observe.relay}).
 
 The configuration is the supervisor's: it reads and checks the secrets
 (the upstream key, the clients, the metrics key) before binding, and hands
@@ -57,7 +60,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IFileDescriptor, IListeningPort, IReadDescriptor, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -66,6 +69,8 @@ from oaiproxy.config import ConfigError, Secret
 from oaiproxy.daemon.lifecycle import StartupReport, bind_now, exit_after_shutdown
 from oaiproxy.daemon.sdnotify import Notifier
 from oaiproxy.observe.metrics import GroupDirectory
+from oaiproxy.observe.relay import OBSERVER_NAME as RELAY_OBSERVER
+from oaiproxy.observe.relay import relayed_event
 
 __all__ = [
     "Supervisor",
@@ -302,8 +307,12 @@ class _WorkerProcess(ProcessProtocol):
         self.pid: Optional[int] = None
         self.ready = False
         self.ended: Deferred[None] = Deferred()
-        self._out = _Lines(supervisor.output)
-        self._err = _Lines(supervisor.error_output)
+        if supervisor.relay is None:
+            self._out = _Lines(supervisor.output)
+            self._err = _Lines(supervisor.error_output)
+        else:
+            self._out = _Lines(self._relay_output)
+            self._err = _Lines(self._relay_errors)
 
     def connectionMade(self) -> None:
         # Kept for after its end, when the transport no longer has it.
@@ -317,6 +326,33 @@ class _WorkerProcess(ProcessProtocol):
 
     def errReceived(self, data: bytes) -> None:
         self._err.feed(data)
+
+    def _relay_output(self, lines: bytes) -> None:
+        """
+        Publish each log record of the worker's to the supervisor's log, and
+        pass its other lines (JSON access entries) on to standard output.
+        """
+        relay = self._supervisor.relay
+        assert relay is not None
+        others = []
+        for line in lines.split(b"\n")[:-1]:
+            event = relayed_event(line, self.index)
+            if event is None:
+                others.append(line + b"\n")
+            else:
+                relay(event)
+        if others:
+            self._supervisor.output(b"".join(others))
+
+    def _relay_errors(self, lines: bytes) -> None:
+        """
+        What a worker writes to standard error before its log begins (a
+        startup failure, a fatal error) goes into the supervisor's log.
+        """
+        for line in lines.split(b"\n")[:-1]:
+            self._supervisor.relay_log.error(
+                "worker {worker}: {text}", worker=self.index, text=line.decode("utf-8", "replace")
+            )
 
     def hand_over(self, secrets: GroupSecrets) -> None:
         transport = self.transport
@@ -347,6 +383,10 @@ class Supervisor(Service):
     @param metrics_dir: the group's metrics directory, made before the
         first worker starts and removed once the last has stopped;
         C{None} leaves each worker's metrics its own.
+    @param relay: where the workers' log events go when the supervisor's
+        log is not its standard output (L{oaiproxy.observe.relay}): the
+        workers then log as JSON records, decoded here.  C{None} passes
+        their output through unchanged.
     """
 
     def __init__(
@@ -365,8 +405,11 @@ class Supervisor(Service):
         error_output: Optional[Callable[[bytes], None]] = None,
         metrics_listener: Optional[tuple[str, IStreamServerEndpoint]] = None,
         metrics_dir: Optional[GroupDirectory] = None,
+        relay: Optional[ILogObserver] = None,
     ) -> None:
         self._reactor = reactor
+        self.relay = relay
+        self.relay_log = Logger(namespace=__name__, observer=relay)
         self._metrics_listener = metrics_listener
         self._metrics_inherited: Optional[str] = None
         self.metrics_dir = metrics_dir
@@ -437,6 +480,7 @@ class Supervisor(Service):
             "from twisted.scripts.twistd import run; run()",
             "--nodaemon",
             "--pidfile=",
+            *([f"--logger={RELAY_OBSERVER}"] if self.relay is not None else []),
             "oaiproxy",
             *worker_argv(self._plugin_argv, self._inherited, self._count, self._metrics_inherited),
         ]

@@ -33,7 +33,16 @@ from oaiproxy.config import DEFAULT_PORT, DEFAULT_UPSTREAM, Secret
 from oaiproxy.daemon import lifecycle
 from oaiproxy.daemon.allocator import SETTINGS as MALLOC_SETTINGS
 from oaiproxy.daemon.lifecycle import Lifecycle, StartupError, StartupReport
-from oaiproxy.daemon.tap import Options, _Exposure, _reloader, _SecretsService, fd_address, makeService, planned_address
+from oaiproxy.daemon.tap import (
+    Options,
+    _Exposure,
+    _reloader,
+    _SecretsService,
+    fd_address,
+    logs_to_standard_output,
+    makeService,
+    planned_address,
+)
 from oaiproxy.daemon.workers import GroupSecrets, encode_secrets
 from oaiproxy.fake.harness import chat_body, registry
 from oaiproxy.observe.jsonlog import OBSERVER_NAME, JsonLogObserver
@@ -862,8 +871,8 @@ class JsonLogTests(SynchronousTestCase):
         """
         --log-format json makes twistd log as JSON when it would log to
         standard output (--nodaemon, no --logfile), as --logger would; an
-        operator's own --logger, --logfile or --syslog, or a daemon that
-        logs to a file, is left alone.
+        operator's own --logger, --logfile or --syslog is left alone (a
+        daemon is refused: test_refused_daemonizing).
         """
 
         def logger(*twistd: str, log_format: str = "json") -> Any:
@@ -873,7 +882,6 @@ class JsonLogTests(SynchronousTestCase):
 
         self.assertEqual(getattr(logger("--nodaemon"), "__name__", None), "observer")
         self.assertIsNone(logger("--nodaemon", log_format="text"))
-        self.assertIsNone(logger())
         self.assertIsNone(logger("--nodaemon", "--logfile", "x.log"))
         self.assertIsNone(logger("--nodaemon", "--syslog"))
         self.assertEqual(
@@ -881,6 +889,44 @@ class JsonLogTests(SynchronousTestCase):
             textFileLogObserver,
         )
         self.assertEqual(OBSERVER_NAME, "oaiproxy.observe.jsonlog.observer")
+
+    def test_refused_daemonizing(self) -> None:
+        """
+        --log-format json while twistd daemonizes is refused before it
+        does: its lines would go to the /dev/null twistd makes standard
+        output, every access entry lost.
+        """
+        config = ServerOptions()
+        with self.assertRaises(SystemExit) as raised:
+            config.parseOptions(["oaiproxy", "--mock-upstream", "--log-format", "json"])
+        self.assertIn("add -n (--nodaemon", str(raised.exception.code))
+        config = ServerOptions()
+        config.parseOptions(["--nodaemon", "oaiproxy", "--mock-upstream", "--log-format", "json"])
+
+    def test_where_workers_log(self) -> None:
+        """
+        The workers' lines pass through the supervisor's standard output
+        only where its own log is that output; daemonised, or logging to a
+        file, syslog or an operator's observer, they are relayed into its
+        log.
+        """
+
+        def through(*twistd: str) -> bool:
+            config = ServerOptions()
+            config.parseOptions([*twistd, "oaiproxy", "--mock-upstream", "--workers", "2"])
+            return logs_to_standard_output(config)
+
+        self.assertTrue(through("--nodaemon"))
+        self.assertTrue(through("--nodaemon", "--logfile", "-"))
+        self.assertTrue(logs_to_standard_output(None))
+        self.assertFalse(through())
+        self.assertFalse(through("--logfile", "x.log"))
+        self.assertFalse(through("--nodaemon", "--logfile", "x.log"))
+        self.assertFalse(through("--nodaemon", "--syslog"))
+        self.assertFalse(through("--nodaemon", "--logger", "twisted.logger.textFileLogObserver"))
+        config = ServerOptions()
+        config.parseOptions(["--nodaemon", "oaiproxy", "--mock-upstream", "--log-format", "json"])
+        self.assertTrue(logs_to_standard_output(config))
 
 
 class UpstreamsFileTests(SynchronousTestCase):

@@ -7,12 +7,14 @@ worker).  The group as real processes is in C{tests.e2e.test_workers}.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IFileDescriptor
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, LogLevel, formatEvent, jsonFileLogObserver
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -200,6 +202,95 @@ class HandoverTests(SynchronousTestCase):
         worker.outReceived(b": 2}\n")
         self.assertEqual(self.out, [b'{"a": 1}\n', b'{"b": 2}\n'])
         self.assertEqual(self.err, [b"Traceback...\n"])
+
+
+def record(format: str, **fields: Any) -> bytes:
+    """
+    One log event as a relaying worker writes it (L{relay.observer}: the
+    JSON record twisted's own observer makes).
+    """
+    stream = io.StringIO()
+    Logger(namespace="oaiproxy.example", observer=jsonFileLogObserver(stream)).info(format, **fields)
+    return stream.getvalue().encode("utf-8")
+
+
+class RelayTests(SynchronousTestCase):
+    """
+    Where the supervisor's log is not its standard output (daemonised,
+    --logfile), the workers log as JSON records and the supervisor
+    publishes their events to its own log.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.argvs: list[list[str]] = []
+        self.spawned: list[Any] = []
+        self.out: list[bytes] = []
+        self.events: list[dict[str, Any]] = []
+
+    def start(self, relay: bool) -> None:
+        def spawn(protocol: Any, executable: str, argv: list[str], env: Any, childFDs: Any) -> _Transport:
+            transport = _Transport()
+            protocol.makeConnection(transport)
+            self.argvs.append(argv)
+            self.spawned.append(protocol)
+            return transport
+
+        supervisor = Supervisor(
+            self.reactor,
+            [("tcp:8080:interface=127.0.0.1", _Endpoint())],
+            ["--port", "tcp:8080:interface=127.0.0.1", "--workers", "2"],
+            2,
+            Notifier(None),
+            {},
+            self.out.append,
+            GroupSecrets(Secret(b"sk-first"), registry(b"key-one")),
+            StartupReport(self.reactor),
+            spawn=spawn,
+            error_output=self.out.append,
+            relay=self.events.append if relay else None,
+        )
+        supervisor.privilegedStartService()
+        supervisor.startService()
+
+    def test_workers_log_as_records(self) -> None:
+        """
+        Relaying, each worker's twistd logs through the relay observer;
+        otherwise as twistd would.
+        """
+        self.start(relay=True)
+        for argv in self.argvs:
+            self.assertEqual(argv[argv.index("oaiproxy") - 1], "--logger=oaiproxy.observe.relay.observer")
+        self.argvs.clear()
+        self.start(relay=False)
+        self.assertFalse([a for argv in self.argvs for a in argv if a.startswith("--logger")])
+
+    def test_records_published_other_lines_passed_on(self) -> None:
+        """
+        A record, even split across reads, reaches the supervisor's log as
+        the worker's event (same text, namespace, level, time); a line that
+        is not one (a JSON access entry) goes on to standard output; what
+        the worker writes to standard error is logged as an error naming
+        the worker; a record saying the worker listens makes it ready.
+        """
+        self.start(relay=True)
+        worker = self.spawned[1]
+        line = record("oaiproxy listening on {base}", base="http://127.0.0.1:8080")
+        worker.outReceived(line[:20])
+        self.assertEqual(self.events, [])
+        worker.outReceived(line[20:] + b'{"request_id":"req_1","status":200}\n')
+        worker.errReceived(b"Fatal Python error: Aborted\n")
+        [listening, error] = self.events
+        self.assertEqual(formatEvent(listening), "oaiproxy listening on http://127.0.0.1:8080")
+        self.assertEqual(
+            (listening["log_namespace"], listening["log_level"], listening["oaiproxy_worker"]),
+            ("oaiproxy.example", LogLevel.info, 1),
+        )
+        self.assertIsInstance(listening["log_time"], float)
+        self.assertTrue(worker.ready)
+        self.assertEqual(self.out, [b'{"request_id":"req_1","status":200}\n'])
+        self.assertEqual(formatEvent(error), "worker 1: Fatal Python error: Aborted")
+        self.assertEqual(error["log_level"], LogLevel.error)
 
 
 class GroupMetricsTests(SynchronousTestCase):

@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -234,3 +235,60 @@ class OrphanTests(SynchronousTestCase):
         proxy.send_signal(signal.SIGKILL)
         for pid in workers:
             self.assertTrue(wait_for_exit(pid, 30), f"worker {pid} outlived its supervisor")
+
+
+class DaemonLogTests(SynchronousTestCase):
+    def test_daemonised_group_logs_to_the_log_file(self) -> None:
+        """
+        Daemonised (no -n), the group's log is twistd's log file, as one
+        process's is: each worker's startup lines, the access entry of a
+        request it served and its shutdown are there as ordinary text
+        lines, though twistd pointed the workers' standard output at
+        /dev/null; the upstream key appears nowhere.
+        """
+        cwd = temp_dir(self)
+        upstream, url = start_fake_upstream(cwd, "")
+        self.addCleanup(upstream.stop)
+        pidfile, logfile = os.path.join(cwd, "twistd.pid"), os.path.join(cwd, "twistd.log")
+        started = subprocess.run(
+            [
+                twistd(),
+                f"--pidfile={pidfile}",
+                f"--logfile={logfile}",
+                "oaiproxy",
+                "--upstream",
+                url,
+                "--port",
+                "tcp:0:interface=127.0.0.1",
+                "--workers",
+                "2",
+            ],
+            env=child_env({"OPENAI_API_KEY": KEY}),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
+        # twistd's parent returns once the group is ready: both workers listen.
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(lambda: wait_for_exit(pid, 0) or os.kill(pid, signal.SIGTERM))
+        with open(logfile) as f:
+            ready = [line for line in f if "oaiproxy listening on" in line]
+        self.assertEqual(len(ready), 2, ready)
+        listening = re.search(r"oaiproxy listening on (http://127\.[\d.]+:\d+)", ready[0])
+        assert listening is not None
+        client = openai.OpenAI(base_url=listening.group(1) + "/v1", api_key="unused")
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        os.kill(pid, signal.SIGTERM)
+        self.assertTrue(wait_for_exit(pid, 60), "the daemon did not stop")
+        with open(logfile) as f:
+            text = f.read()
+        self.assertIn("POST /v1/chat/completions 200", text)
+        # Two workers' and the supervisor's.
+        self.assertEqual(text.count("Main loop terminated."), 3, text)
+        for line in text.splitlines():
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]]+\] ")
+        self.assertNotIn("\x1e", text)
+        self.assertNotIn(KEY, text)
