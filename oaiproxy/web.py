@@ -16,6 +16,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from oaiproxy.errors import ApiError, method_not_allowed, not_found
+from oaiproxy.keyshape import redact_openai_keys
 
 __all__ = [
     "read_body",
@@ -78,8 +79,18 @@ def query_of(request: Request) -> bytes:
     return request.uri.partition(b"?")[2]
 
 
+def shown_path(path: bytes) -> str:
+    """
+    A request path as the access log, the live views and a 404 show it:
+    without its query string (where credentials end up), and with any real
+    OpenAI key in it blanked (a client that pasted one into the URL is
+    refused, and its key must not then sit in the log line or the answer).
+    """
+    return redact_openai_keys(path.split(b"?", 1)[0]).decode("latin-1")
+
+
 def _path(request: Request) -> str:
-    return request.path.decode("latin-1")
+    return shown_path(request.path)
 
 
 _ALLOWED: dict[type, list[str]] = {}

@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "oaiproxy.errors",
             "oaiproxy.config",
             "oaiproxy.fastjson",
+            "oaiproxy.keyshape",
             "oaiproxy",
         ),
     ),

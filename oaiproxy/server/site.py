@@ -51,7 +51,7 @@ from oaiproxy.server.twisted_internals import (
 from oaiproxy.upstream.bodies import BodyPipe, BodyRefused
 from oaiproxy.upstream.headers import client_request_id
 from oaiproxy.upstream.relay import KEEPALIVE
-from oaiproxy.web import error_response
+from oaiproxy.web import error_response, shown_path
 
 try:
     import resource as _resource
@@ -560,7 +560,7 @@ class ProxyRequest(Request):
         record = self.record
         record.started = self._clock.seconds()
         record.method = self.method.decode("latin-1")
-        record.path = self.path.decode("latin-1")
+        record.path = shown_path(self.path)
         record.route = ROUTE_LABELS.get(self.path, "other")
         # A client's own request id is kept (and forwarded upstream with
         # the other end-to-end headers); otherwise the proxy makes one.
@@ -694,8 +694,7 @@ class ProxyRequest(Request):
         record = self.record
         record.bytes_in = self._body_bytes
         record.method = method.decode("latin-1")
-        # Never the query string: it is where credentials end up.
-        record.path = path.split(b"?", 1)[0].decode("latin-1")
+        record.path = shown_path(path)
         # A client that left before any answer was written: nginx's 499,
         # not twisted.web's default 200.
         record.status = self.code if (self.startedWriting or ended == "complete") else 499

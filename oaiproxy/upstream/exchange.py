@@ -61,7 +61,7 @@ from oaiproxy.upstream.pool import Attempts, Choice, Kind, Outcome, advice, deci
 from oaiproxy.upstream.relay import BodyRelay, UpstreamIdle
 from oaiproxy.upstream.styles import UpstreamStyle
 from oaiproxy.upstream.upstreams import Upstreams
-from oaiproxy.web import error_response, send_error
+from oaiproxy.web import error_response, send_error, shown_path
 
 __all__ = [
     "Exchange",
@@ -404,7 +404,7 @@ class Exchange:
             if upstream.style.addressable(path, None):
                 send_error(self._request, model_not_found(model or ""))
             else:
-                send_error(self._request, not_found(method, self._request.path.decode("latin-1")))
+                send_error(self._request, not_found(method, shown_path(self._request.path)))
             return
         body = self._body
         if self._body_for is not None:

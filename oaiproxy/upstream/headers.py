@@ -18,6 +18,8 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.web.http_headers import Headers
 
+from oaiproxy.keyshape import OPENAI_KEY_MARKER, contains_openai_key
+
 __all__ = [
     "OPENAI_KEY_MARKER",
     "contains_openai_key",
@@ -80,26 +82,6 @@ _REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | frozenset(
 #: framing, which twisted.web recomputes for the body it actually sends, and
 #: C{Server}, which names the proxy the client is really talking to.
 _RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | frozenset({b"set-cookie", b"set-cookie2", b"content-length", b"server"})
-
-
-#: What every OpenAI secret key carries between its two random halves:
-#: C{T3BlbkFJ}, the base64 of "OpenAI".  Secret scanners (gitleaks'
-#: C{openai-api-key} rule) key on it; a C{sk-} prefix alone is also worn by
-#: LiteLLM virtual keys and many local servers' dummy keys.
-OPENAI_KEY_MARKER = b"T3BlbkFJ"
-# Legacy keys are sk- + 20 + marker + 20 letters and digits; project,
-# service-account and admin keys (sk-proj-, sk-svcacct-, sk-admin-) have
-# 58 or 74 characters of [A-Za-z0-9_-] on each side.  The bounds keep a
-# search linear in the header's length.
-_OPENAI_KEY = re.compile(rb"sk-[A-Za-z0-9_-]{20,200}T3BlbkFJ[A-Za-z0-9_-]{20}")
-
-
-def contains_openai_key(data: bytes) -> bool:
-    """
-    Whether C{data} holds a real OpenAI secret key (by the shape above),
-    anywhere in it.
-    """
-    return OPENAI_KEY_MARKER in data and _OPENAI_KEY.search(data) is not None
 
 
 def looks_like_openai_key(token: bytes) -> bool:
@@ -321,11 +303,14 @@ def _bearer_of(value: bytes) -> Optional[bytes]:
 def client_request_id(value: Optional[bytes]) -> Optional[str]:
     """
     A client's own C{X-Request-Id}, if it is a reasonable one to echo and
-    log: at most 128 printable ASCII characters, no spaces.
+    log: at most 128 printable ASCII characters, no spaces, no OpenAI key.
     """
     if value is None or not (0 < len(value) <= 128):
         return None
     if not all(0x21 <= b < 0x7F for b in value):
+        return None
+    if contains_openai_key(value):
+        # Refused (openai_key_carrier), and never an id to log or echo.
         return None
     return value.decode("ascii")
 

@@ -213,6 +213,25 @@ class SiteTests(SynchronousTestCase):
         self.assertNotIn("QUERYSECRET", everything)
         self.assertNotIn("HEADERSECRET", everything)
 
+    def test_openai_key_never_logged(self) -> None:
+        """
+        A real OpenAI key pasted into the path or sent as X-Request-Id
+        (both refused upstream of this site) is replaced in the access
+        entry's path, and never becomes the request id the log and the
+        response carry.
+        """
+        key = b"sk-proj-" + b"A" * 40 + b"T3BlbkFJ" + b"B" * 20
+        protocol, transport = self.connect()
+        with capturedLogs() as events:
+            protocol.dataReceived(post(b"/v1/models/" + key + b"/x", b"{}", b"X-Request-Id: " + key))
+        [access] = [e for e in events if "status" in e]
+        self.assertEqual(access["path"], "/v1/models/<redacted>/x")
+        self.assertTrue(access["request_id"].startswith("req_"), access["request_id"])
+        self.assertNotIn(key.decode(), repr(events))
+        # The 404's message names the path it could not serve, blanked too.
+        self.assertIn(b"/v1/models/<redacted>/x", transport.value())
+        self.assertNotIn(key, transport.value())
+
     def test_disconnect_is_logged_once(self) -> None:
         """
         A request that ends by the client leaving still gets its one access
