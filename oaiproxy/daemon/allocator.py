@@ -141,7 +141,7 @@ def libc_mallopt() -> Optional[Mallopt]:
 
 
 _LEFT = {
-    DISABLED: "Memory allocator: left at glibc's defaults (--no-malloc-tuning)",
+    DISABLED: "Memory allocator: left at glibc's defaults (--no-malloc-tuning or OAIPROXY_MALLOC_TUNING=off)",
     OPERATOR: "Memory allocator: left as the operator tuned it ({malloc_tunable} is set)",
     NARROW: "Memory allocator: left at its defaults (a 32-bit process cannot keep 1 MB blocks on the heap)",
 }

@@ -238,6 +238,10 @@ def exit_after_shutdown(reactor: Any, status: int) -> None:
         reactor.stop()
 
 
+#: How every startup failure's one line begins.
+ERROR_PREFIX = "twistd oaiproxy: error: "
+
+
 class StartupReport:
     """
     Where a startup failure is told: the standard error the daemon was
@@ -281,7 +285,7 @@ class StartupReport:
         twistd turns into exit status 1; later (an endpoint that bound
         asynchronously) it stops the reactor and exits 1.
         """
-        line = f"twistd oaiproxy: error: {reason}"
+        line = ERROR_PREFIX + reason
         running = bool(getattr(self._reactor, "running", False))
         if self._moved() or running:
             log.critical("{line}", line=line)

@@ -1166,6 +1166,8 @@ def _supervise(
         metrics_listener=metrics_listener,
         metrics_dir=GroupDirectory(options.environ),
         relay=None if logs_to_standard_output(getattr(options, "parent", None)) else globalLogPublisher,
+        # Before twistd moves to --rundir (it does after this returns).
+        cwd=os.getcwd(),
     )
     supervisor.setServiceParent(service)
 

@@ -66,11 +66,11 @@ from zope.interface import implementer
 
 from oaiproxy.access.clients import ClientRegistry
 from oaiproxy.config import ConfigError, Secret
-from oaiproxy.daemon.lifecycle import StartupReport, bind_now, exit_after_shutdown
+from oaiproxy.daemon.lifecycle import ERROR_PREFIX, StartupReport, bind_now
 from oaiproxy.daemon.sdnotify import Notifier
 from oaiproxy.observe.metrics import GroupDirectory
 from oaiproxy.observe.relay import OBSERVER_NAME as RELAY_OBSERVER
-from oaiproxy.observe.relay import relayed_event
+from oaiproxy.observe.relay import RECORD_SEPARATOR, relayed_event
 
 __all__ = [
     "Supervisor",
@@ -306,6 +306,7 @@ class _WorkerProcess(ProcessProtocol):
         self.index = index
         self.pid: Optional[int] = None
         self.ready = False
+        self.last_error = ""
         self.ended: Deferred[None] = Deferred()
         if supervisor.relay is None:
             self._out = _Lines(supervisor.output)
@@ -325,7 +326,11 @@ class _WorkerProcess(ProcessProtocol):
             self._supervisor.worker_ready(self)
 
     def errReceived(self, data: bytes) -> None:
-        self._err.feed(data)
+        lines = self._err.feed(data)
+        if lines and not self.ready:
+            # The reason a worker gives for failing to start is its last
+            # line on standard error.
+            self.last_error = lines.rsplit(b"\n", 1)[-1].decode("utf-8", "replace").strip()
 
     def _relay_output(self, lines: bytes) -> None:
         """
@@ -337,10 +342,18 @@ class _WorkerProcess(ProcessProtocol):
         others = []
         for line in lines.split(b"\n")[:-1]:
             event = relayed_event(line, self.index)
-            if event is None:
-                others.append(line + b"\n")
-            else:
+            if event is not None:
                 relay(event)
+            elif line.startswith(RECORD_SEPARATOR):
+                # Cut off (the worker died mid-write) or not readable: said
+                # once, not written raw where the JSON access entries go.
+                self._supervisor.relay_log.warn(
+                    "worker {worker}: an unreadable log record ({size} bytes) dropped",
+                    worker=self.index,
+                    size=len(line),
+                )
+            else:
+                others.append(line + b"\n")
         if others:
             self._supervisor.output(b"".join(others))
 
@@ -387,6 +400,9 @@ class Supervisor(Service):
         log is not its standard output (L{oaiproxy.observe.relay}): the
         workers then log as JSON records, decoded here.  C{None} passes
         their output through unchanged.
+    @param cwd: the directory the workers start in: the one the supervisor
+        was started in, where it read the configuration's relative paths,
+        not the C{--rundir} twistd moved it to since.
     """
 
     def __init__(
@@ -406,8 +422,10 @@ class Supervisor(Service):
         metrics_listener: Optional[tuple[str, IStreamServerEndpoint]] = None,
         metrics_dir: Optional[GroupDirectory] = None,
         relay: Optional[ILogObserver] = None,
+        cwd: Optional[str] = None,
     ) -> None:
         self._reactor = reactor
+        self._cwd = cwd
         self.relay = relay
         self.relay_log = Logger(namespace=__name__, observer=relay)
         self._metrics_listener = metrics_listener
@@ -490,7 +508,7 @@ class Supervisor(Service):
         env = {**self._environ, WORKER_INDEX: str(index)}
         if self.metrics_dir is not None:
             env.update(self.metrics_dir.environ())
-        self._spawn(worker, sys.executable, argv, env=env, childFDs=child_fds)
+        self._spawn(worker, sys.executable, argv, env=env, childFDs=child_fds, path=self._cwd)
         # Its first read: the configuration the group runs with now, not
         # what the files say.
         worker.hand_over(self.secrets)
@@ -522,11 +540,14 @@ class Supervisor(Service):
             # It never got as far as listening: a configuration or startup
             # problem that starting it again will not fix.  Stop the group
             # with a failure status, which systemd reports.
-            log.critical(
-                "worker {index} failed before it was ready; stopping (see its output above)", index=worker.index
-            )
+            # Told through the startup report: daemonised, twistd's parent
+            # has returned by now, and the terminal it kept open is the
+            # only place the operator who started it still looks.
             self.failed = True
-            self._reactor.callLater(0, exit_after_shutdown, self._reactor, 1)
+            told = worker.last_error.removeprefix(ERROR_PREFIX) or "see its output above"
+            self._reactor.callLater(
+                0, self._report.fail, f"worker {worker.index} failed before it was ready, stopping: {told}"
+            )
             return
         log.warn("worker {index} exited unexpectedly; starting it again", index=worker.index)
         self._respawns[worker.index] = self._reactor.callLater(RESPAWN_DELAY, self._start, worker.index)

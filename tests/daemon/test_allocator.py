@@ -175,7 +175,10 @@ class TuneAllocatorTests(SynchronousTestCase):
                 AllocatorPlan((), OPERATOR, "MALLOC_TOP_PAD_"),
                 "Memory allocator: left as the operator tuned it (MALLOC_TOP_PAD_ is set)",
             ),
-            (AllocatorPlan((), DISABLED), "Memory allocator: left at glibc's defaults (--no-malloc-tuning)"),
+            (
+                AllocatorPlan((), DISABLED),
+                "Memory allocator: left at glibc's defaults (--no-malloc-tuning or OAIPROXY_MALLOC_TUNING=off)",
+            ),
             (
                 AllocatorPlan((), NARROW),
                 "Memory allocator: left at its defaults (a 32-bit process cannot keep 1 MB blocks on the heap)",

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IFileDescriptor
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, LogLevel, formatEvent, jsonFileLogObserver
+from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent, jsonFileLogObserver
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -138,7 +138,9 @@ class HandoverTests(SynchronousTestCase):
         self.out: list[bytes] = []
         self.err: list[bytes] = []
 
-        def spawn(protocol: Any, executable: str, argv: list[str], env: Any, childFDs: Any) -> _Transport:
+        def spawn(
+            protocol: Any, executable: str, argv: list[str], env: Any, childFDs: Any, path: Any = None
+        ) -> _Transport:
             transport = _Transport()
             protocol.makeConnection(transport)
             self.spawned.append((protocol, transport))
@@ -227,12 +229,21 @@ class RelayTests(SynchronousTestCase):
         self.spawned: list[Any] = []
         self.out: list[bytes] = []
         self.events: list[dict[str, Any]] = []
+        self.paths: list[Any] = []
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.addCleanup(os.close, write)
+        self.terminal = read
+        self.report = StartupReport(self.reactor, write)
 
     def start(self, relay: bool) -> None:
-        def spawn(protocol: Any, executable: str, argv: list[str], env: Any, childFDs: Any) -> _Transport:
+        def spawn(
+            protocol: Any, executable: str, argv: list[str], env: Any, childFDs: Any, path: Any = None
+        ) -> _Transport:
             transport = _Transport()
             protocol.makeConnection(transport)
             self.argvs.append(argv)
+            self.paths.append(path)
             self.spawned.append(protocol)
             return transport
 
@@ -245,10 +256,11 @@ class RelayTests(SynchronousTestCase):
             {},
             self.out.append,
             GroupSecrets(Secret(b"sk-first"), registry(b"key-one")),
-            StartupReport(self.reactor),
+            self.report,
             spawn=spawn,
             error_output=self.out.append,
             relay=self.events.append if relay else None,
+            cwd="/where/it/was/started",
         )
         supervisor.privilegedStartService()
         supervisor.startService()
@@ -264,6 +276,51 @@ class RelayTests(SynchronousTestCase):
         self.argvs.clear()
         self.start(relay=False)
         self.assertFalse([a for argv in self.argvs for a in argv if a.startswith("--logger")])
+
+    def test_workers_start_where_the_supervisor_did(self) -> None:
+        """
+        Workers start in the directory the supervisor was started in (where
+        it resolved the configuration's relative paths), not the --rundir
+        twistd moved it to.
+        """
+        self.start(relay=False)
+        self.assertEqual(self.paths, ["/where/it/was/started"] * 2)
+
+    def test_cut_off_record_dropped(self) -> None:
+        """
+        A record a dying worker left half written is not written raw where
+        the access entries go: one warning says it was dropped.
+        """
+        self.start(relay=True)
+        worker = self.spawned[0]
+        worker.outReceived(record("a long line {n}", n=1)[:30])
+        worker.processEnded(None)
+        self.assertEqual(self.out, [])
+        self.assertEqual(
+            [formatEvent(e) for e in self.events], ["worker 0: an unreadable log record (30 bytes) dropped"]
+        )
+
+    def test_failure_before_ready_told_on_the_terminal(self) -> None:
+        """
+        A worker that fails before it listens stops the group with status
+        1 through the startup report: its reason reaches the standard error
+        the daemon was started from (a daemonised group's terminal) and the
+        log.
+        """
+        self.start(relay=True)
+        self.reactor.running = True
+        worker = self.spawned[1]
+        worker.errReceived(b"Traceback...\ntwistd oaiproxy: error: the upstreams file given does not exist\n")
+        worker.processEnded(None)
+        with capturedLogs() as logged:
+            self.reactor.advance(0)
+        line = (
+            "twistd oaiproxy: error: worker 1 failed before it was ready, stopping: "
+            "the upstreams file given does not exist"
+        )
+        self.assertEqual(os.read(self.terminal, 4096).decode(), line + "\n")
+        self.assertEqual([formatEvent(e) for e in logged if e["log_level"] == LogLevel.critical], [line])
+        self.assertFalse(self.reactor.running)
 
     def test_records_published_other_lines_passed_on(self) -> None:
         """
@@ -304,7 +361,9 @@ class GroupMetricsTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         spawned: list[tuple[Any, dict[str, str], list[str], dict[int, Any]]] = []
 
-        def spawn(protocol: Any, executable: str, argv: list[str], env: Any, childFDs: Any) -> _Transport:
+        def spawn(
+            protocol: Any, executable: str, argv: list[str], env: Any, childFDs: Any, path: Any = None
+        ) -> _Transport:
             transport = _Transport()
             transport.pid = 4000 + len(spawned)  # type: ignore[assignment]
             protocol.makeConnection(transport)
