@@ -271,8 +271,8 @@ class Options(usage.Options):
                 # Daemonising, twistd points standard output at /dev/null:
                 # every access entry would be lost.
                 raise usage.UsageError(
-                    "--log-format json writes its lines to standard output, which twistd closes when it "
-                    "daemonizes: add -n (--nodaemon; the systemd unit runs so) or use --log-format text"
+                    "--log-format json writes its lines to standard output, which twistd points at /dev/null "
+                    "when it daemonizes: add -n (--nodaemon; the systemd unit runs so) or use --log-format text"
                 )
             self._log_as_json()
 
@@ -1107,9 +1107,10 @@ def logs_to_standard_output(twistd: Optional[Mapping[str, Any]]) -> bool:
     Whether twistd's own log goes to this process's standard output
     (C{--nodaemon} with no C{--logfile}, C{--syslog} or C{--logger} but
     the JSON one C{--log-format json} selects), where the workers' lines
-    can pass through as they are.  C{None}: not run by twistd (tests).
+    can pass through as they are.  C{None}, or options without twistd's
+    (tests): as if it did.
     """
-    if twistd is None:
+    if twistd is None or "nodaemon" not in twistd:
         return True
     if not twistd.get("nodaemon") or twistd.get("syslog"):
         return False

@@ -334,8 +334,9 @@ class _WorkerProcess(ProcessProtocol):
 
     def _relay_output(self, lines: bytes) -> None:
         """
-        Publish each log record of the worker's to the supervisor's log, and
-        pass its other lines (JSON access entries) on to standard output.
+        Publish each log record of the worker's to the supervisor's log,
+        pass its JSON access entries on to standard output, and log any
+        other line.
         """
         relay = self._supervisor.relay
         assert relay is not None
@@ -352,8 +353,17 @@ class _WorkerProcess(ProcessProtocol):
                     worker=self.index,
                     size=len(line),
                 )
-            else:
+            elif line.startswith(b"{"):
+                # A JSON access entry (--log-format json under -n).
                 others.append(line + b"\n")
+            else:
+                # Written before the worker's log began (twistd prints a
+                # usage error to standard output): daemonised, the
+                # supervisor's own standard output is /dev/null.
+                text = line.decode("utf-8", "replace")
+                self._supervisor.relay_log.warn("worker {worker}: {text}", worker=self.index, text=text)
+                if not self.ready and text.strip():
+                    self.last_error = text.strip()
         if others:
             self._supervisor.output(b"".join(others))
 

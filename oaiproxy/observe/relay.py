@@ -10,21 +10,24 @@ through as they are, the cheapest way.  Anywhere else (daemonised, where
 twistd points standard output at C{/dev/null}; C{--logfile};
 C{--syslog}; an operator's C{--logger}) they would land where nobody
 reads them, so each worker logs through L{observer} instead: every event
-as one record of Twisted's JSON text sequence (C{jsonFileLogObserver},
-which flattens the formatted fields first), and the supervisor decodes
+as one record of Twisted's JSON text sequence (C{jsonFileLogObserver}),
+and the supervisor decodes
 each record with L{relayed_event} and publishes it to its own log.  The
-event keeps the worker's time, namespace, level and text, so the log file
-reads as a single process's would.
+event keeps the worker's time, namespace, level and text (formatted in the
+worker: L{shown_event}), so the log file reads as a single process's
+would; an observer of the operator's own (C{--logger}) gets those, not the
+event's other structured fields.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
-from twisted.logger import ILogObserver, eventFromJSON, jsonFileLogObserver
+from twisted.logger import ILogObserver, eventFromJSON, formatEvent, jsonFileLogObserver
+from zope.interface import implementer
 
-__all__ = ["OBSERVER_NAME", "RECORD_SEPARATOR", "observer", "relayed_event"]
+__all__ = ["OBSERVER_NAME", "RECORD_SEPARATOR", "observer", "relayed_event", "shown_event"]
 
 #: The name twistd's C{--logger} takes for L{observer}.
 OBSERVER_NAME = "oaiproxy.observe.relay.observer"
@@ -34,13 +37,46 @@ OBSERVER_NAME = "oaiproxy.observe.relay.observer"
 RECORD_SEPARATOR = b"\x1e"
 
 
+def shown_event(event: dict[str, Any]) -> dict[str, Any]:
+    """
+    What of an event crosses to the supervisor: its time, level, namespace
+    and system, and its text as this process shows it, a failure's
+    traceback (with the exception's message) appended.  The text is
+    formatted here because Twisted's flattening keeps a field's value but
+    not its format spec (C{{elapsed:.3f}}), and a failure's exception does
+    not survive JSON; the other fields stay behind, so what the supervisor
+    gets is what a log line shows and no more.
+    """
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            text += "\n" + failure.getTraceback()
+        except Exception:
+            text += "\n(unable to obtain traceback)"
+    shown = {key: event[key] for key in _KEPT if key in event}
+    shown["log_format"] = "{oaiproxy_text}"
+    shown["oaiproxy_text"] = text
+    return shown
+
+
+_KEPT = ("log_time", "log_level", "log_namespace", "log_system")
+
+
 def observer() -> ILogObserver:
     """
     The log observer factory a relaying worker's twistd calls
     (C{--logger}) as logging begins, while C{sys.stdout} is still the
-    real standard output.
+    real standard output: each event's L{shown_event}, as a record of
+    Twisted's JSON text sequence.
     """
-    return jsonFileLogObserver(sys.stdout)
+    records = jsonFileLogObserver(sys.stdout)
+
+    @implementer(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        records(shown_event(event))
+
+    return cast(ILogObserver, observe)
 
 
 def relayed_event(line: bytes, worker: int) -> Optional[dict[str, Any]]:

@@ -919,6 +919,7 @@ class JsonLogTests(SynchronousTestCase):
         self.assertTrue(through("--nodaemon"))
         self.assertTrue(through("--nodaemon", "--logfile", "-"))
         self.assertTrue(logs_to_standard_output(None))
+        self.assertTrue(logs_to_standard_output({}))
         self.assertFalse(through())
         self.assertFalse(through("--logfile", "x.log"))
         self.assertFalse(through("--nodaemon", "--logfile", "x.log"))

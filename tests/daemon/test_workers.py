@@ -300,6 +300,19 @@ class RelayTests(SynchronousTestCase):
             [formatEvent(e) for e in self.events], ["worker 0: an unreadable log record (30 bytes) dropped"]
         )
 
+    def test_plain_output_logged(self) -> None:
+        """
+        A plain line on a relaying worker's standard output (twistd prints
+        a usage error there, before logging begins) is logged, where a
+        daemon's own standard output would lose it, and is the reason given
+        if the worker then fails.
+        """
+        self.start(relay=True)
+        self.spawned[0].outReceived(b"twistd oaiproxy: error: bad option\n")
+        self.assertEqual([formatEvent(e) for e in self.events], ["worker 0: twistd oaiproxy: error: bad option"])
+        self.assertEqual(self.out, [])
+        self.assertEqual(self.spawned[0].last_error, "twistd oaiproxy: error: bad option")
+
     def test_failure_before_ready_told_on_the_terminal(self) -> None:
         """
         A worker that fails before it listens stops the group with status
