@@ -287,6 +287,17 @@ def parse_log_format(name: str, text: str) -> str:
     return text
 
 
+def parse_switch(name: str, text: str) -> bool:
+    """
+    A variable that turns a default on or off: C{on} or C{off} (any case),
+    nothing else, so that a C{0} or a typo is not taken silently for on.
+    """
+    value = text.strip().lower()
+    if value not in ("on", "off"):
+        raise ConfigError(f"{name} must be on or off, not {text!r}")
+    return value == "on"
+
+
 def parse_byte_count(name: str, text: str) -> int:
     """
     Parse a positive whole number of bytes.

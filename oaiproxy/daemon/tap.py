@@ -58,6 +58,7 @@ from oaiproxy.config import (
     load_shared_state_password,
     parse_deployment,
     parse_deployments,
+    parse_switch,
     parse_upstream,
     port_from_env,
     unix_listener,
@@ -388,8 +389,8 @@ class Options(usage.Options):
             client_keys_file=self["client-keys-file"],
             metrics_key=None if worker else self._metrics_key(),
             admin_key=None if worker else self._admin_key(clients),
-            stream_usage=not self["no-stream-usage"] and env.get(_env("no-stream-usage"), "on") != "off",
-            malloc_tuning=not self["no-malloc-tuning"] and env.get(_env("no-malloc-tuning"), "on") != "off",
+            stream_usage=not self["no-stream-usage"] and self._switch(env, "no-stream-usage"),
+            malloc_tuning=not self["no-malloc-tuning"] and self._switch(env, "no-malloc-tuning"),
             worker_listeners=tuple(self["worker-listener"]),
             worker_metrics_listener=self["worker-metrics-listener"],
             upstream_headers=tuple(self["upstream-header"]),
@@ -412,6 +413,14 @@ class Options(usage.Options):
                 raise ConfigError("--shared-state-password-file needs --shared-state (OAIPROXY_SHARED_STATE)")
             return None
         return load_shared_state_password(self["shared-state-password-file"], self.environ)
+
+    @staticmethod
+    def _switch(env: Mapping[str, str], option: str) -> bool:
+        """
+        The on/off variable of a C{--no-...} flag (on when unset).
+        """
+        variable = _env(option)
+        return parse_switch(variable, env.get(variable, "on"))
 
     def _ledger_settings(self, mock: bool) -> dict[str, Any]:
         """

@@ -309,6 +309,19 @@ class ServiceTests(SynchronousTestCase):
         reactor.run()
         self.assertEqual(calls, ["collect", "freeze"])
 
+    def test_switch_variables_only_on_or_off(self) -> None:
+        """
+        The on/off variables of --no-stream-usage and --no-malloc-tuning take
+        on or off (any case); anything else (a 0, a typo) stops the start
+        with a line naming the variable, instead of meaning on.
+        """
+        self.assertFalse(parse(["--mock-upstream"], {"OAIPROXY_MALLOC_TUNING": "OFF"}).config.malloc_tuning)
+        self.assertTrue(parse(["--mock-upstream"], {"OAIPROXY_STREAM_USAGE": "on"}).config.stream_usage)
+        for variable in ("OAIPROXY_MALLOC_TUNING", "OAIPROXY_STREAM_USAGE"):
+            with self.assertRaises(SystemExit) as raised:
+                parse(["--mock-upstream"], {variable: "0"})
+            self.assertIn(f"{variable} must be on or off, not '0'", str(raised.exception.code))
+
     def test_allocator_tuned_once_running(self) -> None:
         """
         Once the reactor runs, the allocator is tuned to keep freed large
