@@ -11,12 +11,13 @@ which an SDK reports as an undecodable body; here every answer is JSON.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from oaiproxy.errors import ApiError, method_not_allowed, not_found
-from oaiproxy.keyshape import redact_openai_keys
+from oaiproxy.keyshape import contains_openai_key, redact_openai_keys
 
 __all__ = [
     "read_body",
@@ -85,8 +86,15 @@ def shown_path(path: bytes) -> str:
     without its query string (where credentials end up), and with any real
     OpenAI key in it blanked (a client that pasted one into the URL is
     refused, and its key must not then sit in the log line or the answer).
+    A key hidden in percent escapes, which the refusal decodes to find, is
+    shown decoded and so blanked too.
     """
-    return redact_openai_keys(path.split(b"?", 1)[0]).decode("latin-1")
+    path = path.split(b"?", 1)[0]
+    if b"%" in path:
+        decoded = unquote_to_bytes(path)
+        if contains_openai_key(decoded):
+            path = decoded
+    return redact_openai_keys(path).decode("latin-1")
 
 
 def _path(request: Request) -> str:

@@ -39,3 +39,6 @@ class RedactTests(SynchronousTestCase):
         """
         self.assertEqual(shown_path(b"/v1/models/" + PROJECT_KEY + b"?api_key=x"), "/v1/models/<redacted>")
         self.assertEqual(shown_path(b"/v1/chat/completions?api_key=sk-QUERY"), "/v1/chat/completions")
+        escaped = b"".join(b"%%%02X" % byte for byte in PROJECT_KEY)
+        self.assertEqual(shown_path(b"/v1/models/" + escaped), "/v1/models/<redacted>")
+        self.assertEqual(shown_path(b"/v1/files/a%20b"), "/v1/files/a%20b")

@@ -267,14 +267,6 @@ class Options(usage.Options):
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self.config.log_format == "json":
-            twistd = getattr(self, "parent", None)
-            if isinstance(twistd, dict) and "nodaemon" in twistd and not twistd["nodaemon"]:
-                # Daemonising, twistd points standard output at /dev/null:
-                # every access entry would be lost.
-                raise usage.UsageError(
-                    "--log-format json writes its lines to standard output, which twistd points at /dev/null "
-                    "when it daemonizes: add -n (--nodaemon; the systemd unit runs so) or use --log-format text"
-                )
             self._log_as_json()
 
     def _log_as_json(self) -> None:
@@ -283,15 +275,19 @@ class Options(usage.Options):
         would go to standard output (beside the JSON access entries): as if
         C{twistd --logger oaiproxy.observe.jsonlog.observer} had been given.  A
         --logfile, --syslog or --logger of the operator's own is left alone.
+        A daemon is refused: twistd points its standard output at
+        C{/dev/null}, and every access entry would be lost.
         """
         twistd = getattr(self, "parent", None)
-        if not isinstance(twistd, dict) or "logger" not in twistd:
+        if not isinstance(twistd, dict) or "nodaemon" not in twistd:
             return
-        if twistd.get("logger") or twistd.get("syslog") or not twistd.get("nodaemon"):
-            return
-        if twistd.get("logfile") not in (None, "", "-"):
-            return
-        twistd["logger"] = OBSERVER_NAME
+        if not twistd["nodaemon"]:
+            raise usage.UsageError(
+                "--log-format json writes its lines to standard output, which twistd points at /dev/null "
+                "when it daemonizes: add -n (--nodaemon; the systemd unit runs so) or use --log-format text"
+            )
+        if not twistd.get("logger") and logs_to_standard_output(twistd):
+            twistd["logger"] = OBSERVER_NAME
 
     def _build(self) -> Config:
         config = self._settings()
