@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from typing import Any, Iterator, Optional
 
 from oaiproxy.access.clients import file_entry
@@ -271,6 +272,20 @@ def streams(base: str, count: int, seconds: float, work: str, pinned: bool = Tru
     return result
 
 
+def start_floor(work: str, upstream: str, prefix: list[str]) -> tuple[Process, str]:
+    """
+    bench/floor.py in front of C{upstream} (a C{http://host:port/v1} URL),
+    under C{prefix}; return it and its base URL (without /v1).
+    """
+    where = urllib.parse.urlsplit(upstream)
+    relay = Process(
+        [*prefix, sys.executable, os.path.join(HERE, "floor.py"), "0", str(where.hostname), str(where.port)],
+        child_env({}),
+        work,
+    )
+    return relay, relay.wait_for(r"floor relay listening on (http://\S+)").group(1)
+
+
 def idle_streams(base: str, count: int, proxy_pid: int, work: str) -> dict[str, float]:
     """
     Proxy memory per idle open stream, in KB.
@@ -351,6 +366,12 @@ def main() -> None:
         metavar="SECONDS",
         help="load each proxy this long before measuring (a) and (c), e.g. for a JIT (default: 1 s of (a), none for (c))",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run (a), (b), (c) and (d) through bench/floor.py, a Twisted byte relay that parses, checks and "
+        "logs nothing (what the proxy's CPU and memory could at best come down to on Twisted's reactor)",
+    )
     parser.add_argument("--seconds", type=float, help="length of each measurement (default: 10, smoke: 2)")
     parser.add_argument("--streams", help="stream counts for (c), comma-separated (default: 200,1000)")
     parser.add_argument(
@@ -426,6 +447,10 @@ def main() -> None:
                 )
                 started.append(process)
                 table[name] = (process, base)
+        if args.floor:
+            for upstream, table in ((plain_url, plain), (sse_url, sse_proxies)):
+                table["floor"] = start_floor(work, upstream, pin)
+                started.append(table["floor"][0])
         targets = {"direct": plain_url, **{name: base + "/v1" for name, (_, base) in plain.items()}}
 
         only = set(args.only.split(","))
@@ -512,6 +537,11 @@ def main() -> None:
             started.append(fresh)
             results["d"][str(count)] = idle_streams(fresh_base + "/v1", count, fresh.pid, work)
             fresh.stop()
+            if args.floor:
+                relay, relay_base = start_floor(work, sse_url, pin)
+                started.append(relay)
+                results["d"][f"{count} (floor)"] = idle_streams(relay_base + "/v1", count, relay.pid, work)
+                relay.stop()
 
         # Multi-core: the same plain load through 1 and through 2 workers,
         # unpinned (two workers need both cores, which the upstream and the
@@ -592,9 +622,10 @@ def report(r: dict[str, Any]) -> str:
     The streams through two workers follow in a table of their own.
     """
     a, b = r["a"], r["b"]
-    names = [n for n in ("before", "proxy", "pypy") if n in (a or b or next(iter(r["c"].values()), {}))]
+    names = [n for n in ("before", "proxy", "floor", "pypy") if n in (a or b or next(iter(r["c"].values()), {}))]
     base = "before" if "before" in names else "direct"
-    ratios = [("proxy", base)] + ([("pypy", "proxy")] if "pypy" in names else [])
+    ratios = [("proxy", base)] + ([("proxy", "floor")] if "floor" in names else [])
+    ratios += [("pypy", "proxy")] if "pypy" in names else []
     heads = ["direct", *names, *(f"{top} / {bottom}" for top, bottom in ratios)]
     lines = ["| scenario | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
 

@@ -1,0 +1,129 @@
+"""
+The floor under any proxy built on Twisted's reactor: a byte relay that
+does nothing a proxy could leave out.
+
+    python bench/floor.py PORT UPSTREAM_HOST UPSTREAM_PORT [--buffered]
+
+Each client connection is held until its request's head and body (by
+Content-Length) are in, then one upstream connection is opened, the
+request's bytes are sent on it as they came, and every read from upstream
+is written to the client as it came.  No HTTP is parsed beyond finding the
+head's end and its length, no header is changed, nothing is checked,
+metered, counted or logged: what remains is the reactor's dispatch of
+each read (epoll, C{callWithLogger}, C{doRead}), the protocol calls, and
+the kernel's loopback TCP.  By default a read from upstream goes to the
+client's socket at once (C{writeSomeData} when nothing is waiting, as the
+proxy sends stream chunks); C{--buffered} leaves it to C{transport.write},
+which sends at the reactor's next turn.
+
+bench/run.py runs it as the "floor" target of (c) and (d) (C{--floor}),
+pinned like the proxy and fed the same streams, so its CPU per chunk and
+memory per idle stream are what the proxy's could at best come down to
+in this process model.  It is a measuring tool: it takes any request and
+holds no key.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any, Optional
+
+from twisted.internet import reactor
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+
+_LENGTH = re.compile(rb"(?im)^content-length:[ \t]*(\d+)")
+_HEAD_LIMIT = 65536
+
+
+class Upstream(Protocol):
+    def __init__(self, client: "Client") -> None:
+        self.client = client
+
+    def connectionMade(self) -> None:
+        self.client.upstream = self
+        self.transport.write(self.client.pending)
+        self.client.pending = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.client.send(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.client.transport.loseConnection()
+
+
+class UpstreamFactory(ClientFactory):
+    def __init__(self, client: "Client") -> None:
+        self.client = client
+
+    def buildProtocol(self, addr: Any) -> Upstream:
+        return Upstream(self.client)
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        self.client.transport.loseConnection()
+
+
+class Client(Protocol):
+    upstream: Optional[Upstream] = None
+    connecting = False
+
+    def __init__(self, target: tuple[str, int], buffered: bool) -> None:
+        self.target = target
+        self.buffered = buffered
+        self.pending = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.write(data)
+            return
+        self.pending += data
+        if self.connecting:
+            return
+        end = self.pending.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.pending) > _HEAD_LIMIT:
+                self.transport.loseConnection()
+            return
+        length = _LENGTH.search(self.pending, 0, end)
+        if len(self.pending) < end + 4 + (int(length.group(1)) if length else 0):
+            return
+        self.connecting = True
+        reactor.connectTCP(self.target[0], self.target[1], UpstreamFactory(self))  # type: ignore[attr-defined]
+
+    def send(self, data: bytes) -> None:
+        transport: Any = self.transport
+        if self.buffered or transport.dataBuffer or transport._tempDataLen:
+            transport.write(data)
+            return
+        sent = transport.writeSomeData(data)
+        if type(sent) is not int:
+            sent = 0
+        if sent < len(data):
+            transport.write(data[sent:])
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.loseConnection()
+
+
+class Relay(Factory):
+    def __init__(self, target: tuple[str, int], buffered: bool) -> None:
+        self.target = target
+        self.buffered = buffered
+
+    def buildProtocol(self, addr: Any) -> Client:
+        return Client(self.target, self.buffered)
+
+
+def main(argv: list[str]) -> None:
+    buffered = "--buffered" in argv
+    port, host, upstream_port = (a for a in argv if not a.startswith("--"))
+    listening = reactor.listenTCP(  # type: ignore[attr-defined]
+        int(port), Relay((host, int(upstream_port)), buffered), backlog=4096, interface="127.0.0.1"
+    )
+    print(f"floor relay listening on http://127.0.0.1:{listening.getHost().port}", flush=True)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
