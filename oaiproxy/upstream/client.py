@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS, ContentDecoderAgent, GzipDecoder
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS, ContentDecoderAgent
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from oaiproxy.config import Secret
 from oaiproxy.upstream.bodies import IStreamedBody
+from oaiproxy.upstream.gzipped import BoundedGzipDecoder
 from oaiproxy.upstream.headers import upstream_request_headers
 from oaiproxy.upstream.http11 import ConnectionPool, HTTP11Agent, host_value
 from oaiproxy.upstream.styles import OpenAIStyle, UpstreamStyle
@@ -278,13 +279,15 @@ class _ProxyHTTPClient(HTTPClient):
     proxy uses only L{IResponse}).  Here the URL's encoding is cached, the
     cookie agent is left out, and one C{ContentDecoderAgent} serves every
     request: upstream still gets C{Accept-Encoding: gzip} and a gzipped
-    answer is still decoded.  Any other call (a keyword the proxy does not
+    answer is still decoded, by L{BoundedGzipDecoder} (a piece at a time,
+    under backpressure) instead of twisted.web's C{GzipDecoder}, which
+    inflates each read whole.  Any other call (a keyword the proxy does not
     use, buffering, redirects) goes to treq as it is.
     """
 
     def __init__(self, agent: IAgent) -> None:
         super().__init__(agent, cookiejar=_CookieJar(policy=_NoCookies()), data_to_body_producer=_body_producer)
-        self._decoding = ContentDecoderAgent(agent, [(b"gzip", GzipDecoder)])
+        self._decoding = ContentDecoderAgent(agent, [(b"gzip", BoundedGzipDecoder)])
 
     def request(
         self,
