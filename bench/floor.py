@@ -2,7 +2,7 @@
 The floor under any proxy built on Twisted's reactor: a byte relay that
 does nothing a proxy could leave out.
 
-    python bench/floor.py PORT UPSTREAM_HOST UPSTREAM_PORT [--buffered]
+    python bench/floor.py PORT UPSTREAM_HOST UPSTREAM_PORT [--buffered] [--reuseport]
 
 Each client connection is held until its request's head and body (by
 Content-Length) are in, then one upstream connection is opened, the
@@ -14,7 +14,9 @@ each read (epoll, C{callWithLogger}, C{doRead}), the protocol calls, and
 the kernel's loopback TCP.  By default a read from upstream goes to the
 client's socket at once (C{writeSomeData} when nothing is waiting, as the
 proxy sends stream chunks); C{--buffered} leaves it to C{transport.write},
-which sends at the reactor's next turn.
+which sends at the reactor's next turn.  C{--reuseport} listens with
+C{SO_REUSEPORT}, so that several relays share one port and the kernel
+spreads the connections among them, as among the proxy's workers.
 
 bench/run.py runs it as the "floor" target of (c) and (d) (C{--floor}),
 pinned like the proxy and fed the same streams, so its CPU per chunk and
@@ -26,6 +28,7 @@ holds no key.
 from __future__ import annotations
 
 import re
+import socket
 import sys
 from typing import Any, Optional
 
@@ -118,9 +121,17 @@ class Relay(Factory):
 def main(argv: list[str]) -> None:
     buffered = "--buffered" in argv
     port, host, upstream_port = (a for a in argv if not a.startswith("--"))
-    listening = reactor.listenTCP(  # type: ignore[attr-defined]
-        int(port), Relay((host, int(upstream_port)), buffered), backlog=4096, interface="127.0.0.1"
-    )
+    relay = Relay((host, int(upstream_port)), buffered)
+    if "--reuseport" in argv:
+        shared = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        shared.bind(("127.0.0.1", int(port)))
+        shared.listen(4096)
+        shared.setblocking(False)
+        listening = reactor.adoptStreamPort(shared.fileno(), socket.AF_INET, relay)  # type: ignore[attr-defined]
+        shared.close()
+    else:
+        listening = reactor.listenTCP(int(port), relay, backlog=4096, interface="127.0.0.1")  # type: ignore[attr-defined]
     print(f"floor relay listening on http://127.0.0.1:{listening.getHost().port}", flush=True)
     reactor.run()  # type: ignore[attr-defined]
 

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from oaiproxy.access.clients import file_entry
 from oaiproxy.fake.processes import Process, child_env, start_proxy
@@ -272,14 +272,17 @@ def streams(base: str, count: int, seconds: float, work: str, pinned: bool = Tru
     return result
 
 
-def start_floor(work: str, upstream: str, prefix: list[str]) -> tuple[Process, str]:
+def start_floor(
+    work: str, upstream: str, prefix: list[str], options: Sequence[str] = (), port: int = 0
+) -> tuple[Process, str]:
     """
     bench/floor.py in front of C{upstream} (a C{http://host:port/v1} URL),
     under C{prefix}; return it and its base URL (without /v1).
     """
     where = urllib.parse.urlsplit(upstream)
     relay = Process(
-        [*prefix, sys.executable, os.path.join(HERE, "floor.py"), "0", str(where.hostname), str(where.port)],
+        [*prefix, sys.executable, os.path.join(HERE, "floor.py"), str(port), str(where.hostname), str(where.port)]
+        + list(options),
         child_env({}),
         work,
     )
@@ -590,6 +593,23 @@ def main() -> None:
             start = {pid: cpu_seconds(pid) for pid in group}
             row["workers 2"] = loaded(base + "/v1")
             spent = {pid: group_cpu_seconds([pid]) - start[pid] for pid in group}
+            proxy.stop()
+            if args.floor:
+                # Two relays on one port (SO_REUSEPORT), unpinned like the
+                # workers: what two processes on Twisted's reactor can do.
+                shared_port = free_port()
+                relays = [start_floor(work, url, [], ["--reuseport"], port=shared_port)[0] for _ in range(2)]
+                started.extend(relays)
+                streams(f"http://127.0.0.1:{shared_port}/v1", min(200, worker_streams), 1, work, pinned)
+                relay_start = {relay.pid: cpu_seconds(relay.pid) for relay in relays}
+                row["floor x2"] = loaded(f"http://127.0.0.1:{shared_port}/v1")
+                row["floor x2"]["proxy_cpu_us_per_chunk"] = (
+                    1e6
+                    * sum(cpu_seconds(pid) - was for pid, was in relay_start.items())
+                    / max(1, row["floor x2"]["received"])
+                )
+                for relay in relays:
+                    relay.stop()
             measured = row["workers 2"]
             measured["processes"] = len(group)
             measured["proxy_cpu_share"] = sum(spent.values()) / (seconds + 2)
@@ -600,7 +620,6 @@ def main() -> None:
                 figures["delivered"] = figures["received"] / max(1, figures["expected"])
             row["layout"] = {"loads_pinned": pinned}
             results["workers-streams"][str(worker_streams)] = row
-            proxy.stop()
             upstream.stop()
     finally:
         for process in reversed(started):
@@ -684,15 +703,17 @@ def report(r: dict[str, Any]) -> str:
         lines = []  # only the streams through two workers were measured
     for count, w in r.get("workers-streams", {}).items():
         d, p = w["direct"], w["workers 2"]
+        floor = w.get("floor x2")
         where = "on CPU 1, beside one of the workers" if w["layout"]["loads_pinned"] else "on the same two cores"
         lines += [
             "",
             f"{count} streams x 20 chunks/s, `--workers 2` unpinned on both cores; the Node.js upstream and load "
             f"generator (one process each) run {where}:",
             "",
-            "| figure | direct | --workers 2 | added |",
-            "|---|---|---|---|",
-            f"| chunks delivered | {100 * d['delivered']:.1f}% | {100 * p['delivered']:.1f}% | |",
+            "| figure | direct | --workers 2 | added |" + (" two floor relays | added |" if floor else ""),
+            "|---|---|---|---|" + ("---|---|" if floor else ""),
+            f"| chunks delivered | {100 * d['delivered']:.1f}% | {100 * p['delivered']:.1f}% | |"
+            + (f" {100 * floor['delivered']:.1f}% | |" if floor else ""),
         ]
         for key, label in (
             ("delay_p50_ms", "chunk delay p50, ms"),
@@ -703,14 +724,19 @@ def report(r: dict[str, Any]) -> str:
             ("first_p99_ms", "time to first chunk p99, ms"),
         ):
             if d[key] is not None and p[key] is not None:
-                lines.append(f"| {label} | {d[key]:.1f} | {p[key]:.1f} | {p[key] - d[key]:+.1f} |")
+                cells = f"| {label} | {d[key]:.1f} | {p[key]:.1f} | {p[key] - d[key]:+.1f} |"
+                if floor and floor[key] is not None:
+                    cells += f" {floor[key]:.1f} | {floor[key] - d[key]:+.1f} |"
+                lines.append(cells)
         lines += [
-            f"| streams failed | {d['failed']} | {p['failed']} | |",
-            f"| group CPU per chunk ({p['processes']} processes), µs | | {p['proxy_cpu_us_per_chunk']:.1f} | |",
+            f"| streams failed | {d['failed']} | {p['failed']} | |" + (f" {floor['failed']} | |" if floor else ""),
+            f"| group CPU per chunk ({p['processes']} processes), µs | | {p['proxy_cpu_us_per_chunk']:.1f} | |"
+            + (f" {floor['proxy_cpu_us_per_chunk']:.1f} | |" if floor else ""),
             f"| group CPU, share of one core (supervisor's; each worker's) | | {p['proxy_cpu_share']:.0%} "
             f"({p['supervisor_cpu_share']:.0%}; {', '.join(format(w, '.0%') for w in p['worker_cpu_shares'])}) | |",
             f"| Node.js upstream / load generator CPU, share of one core | {d['upstream_cpu_share']:.0%} / "
-            f"{d['client_cpu_share']:.0%} | {p['upstream_cpu_share']:.0%} / {p['client_cpu_share']:.0%} | |",
+            f"{d['client_cpu_share']:.0%} | {p['upstream_cpu_share']:.0%} / {p['client_cpu_share']:.0%} | |"
+            + (f" {floor['upstream_cpu_share']:.0%} / {floor['client_cpu_share']:.0%} | |" if floor else ""),
         ]
     return "\n".join(lines)
 
