@@ -178,7 +178,7 @@ def make_http_client(reactor: Any, connect_timeout: float) -> HTTPClient:
     its docstring for why).
     """
     endpoints = UpstreamEndpoints(reactor, connect_timeout)
-    return http_client(HTTP11Agent(endpoints, make_pool(reactor)))
+    return http_client(HTTP11Agent(endpoints, make_pool(reactor)), reactor)
 
 
 @implementer(IAgentEndpointFactory)
@@ -229,12 +229,14 @@ def make_pool(reactor: Any) -> ConnectionPool:
     return pool
 
 
-def http_client(agent: IAgent) -> HTTPClient:
+def http_client(agent: IAgent, clock: IReactorTime) -> HTTPClient:
     """
     A treq client over C{agent} configured for a proxy: a cookie jar that
-    stores nothing, and request bodies written in one go.
+    stores nothing, request bodies written in one go, and gzipped answers
+    inflated in bounded pieces and turns of C{clock}
+    (L{BoundedGzipDecoder}).
     """
-    return _ProxyHTTPClient(agent)
+    return _ProxyHTTPClient(agent, clock)
 
 
 #: Upstream URLs up to this long have their parsed form cached.
@@ -285,9 +287,9 @@ class _ProxyHTTPClient(HTTPClient):
     use, buffering, redirects) goes to treq as it is.
     """
 
-    def __init__(self, agent: IAgent) -> None:
+    def __init__(self, agent: IAgent, clock: IReactorTime) -> None:
         super().__init__(agent, cookiejar=_CookieJar(policy=_NoCookies()), data_to_body_producer=_body_producer)
-        self._decoding = ContentDecoderAgent(agent, [(b"gzip", BoundedGzipDecoder)])
+        self._decoding = ContentDecoderAgent(agent, [(b"gzip", functools.partial(BoundedGzipDecoder, clock=clock))])
 
     def request(
         self,

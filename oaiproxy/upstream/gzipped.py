@@ -1,25 +1,38 @@
 # -*- test-case-name: tests.upstream.test_gzipped -*-
 """
 A gzipped upstream body, decoded a bounded piece at a time, under the body
-protocol's backpressure.
+protocol's backpressure and in bounded turns of the reactor.
 
 Why: twisted.web's C{GzipDecoder} inflates each read from upstream whole,
 in one call.  Zeros compress about a thousandfold, so one 64 KB read from a
 hostile or broken upstream became some 64 MB in the proxy's memory before
 anything could push back; and C{ContentDecoderAgent} stacks one decoder per
 C{gzip} in C{Content-Encoding}, so C{gzip, gzip} multiplied the ratios, a
-few kilobytes becoming gigabytes in a single read.  Here each call to zlib
-yields at most L{STEP} bytes, each piece goes to the body protocol before
-the next is inflated, and a protocol that pauses (its client is slow, or a
-collector has read its limit) stops the inflating there: what is still
-compressed waits, and upstream's socket is paused until the protocol
-resumes.  Stacked layers compose (each is the producer of the next), so the
-memory of a bomb is a few L{STEP}s per layer, whatever its ratio.
+few kilobytes becoming gigabytes in a single read.  Here:
+
+ - each call to zlib yields at most L{STEP} bytes, and each piece goes to
+   the body protocol before the next is inflated;
+ - a protocol that pauses (its client is slow, or a collector has read its
+   limit) stops the inflating there, and upstream's socket is paused while
+   anything inflated or compressed waits, so what is held is a few
+   L{STEP}s per layer whatever the ratio (stacked layers compose: each is
+   the producer of the next);
+ - one turn of the reactor inflates at most L{PIECES_PER_TURN} pieces, then
+   the rest waits for the next turn: a client fast enough never to push
+   back (a stream's chunks go to its socket at once) cannot have one
+   response's gigabytes hold the reactor from every other connection;
+ - a gzip stream that does not reach its end (cut short, or a hostile
+   upstream's truncated bomb) fails the body with L{ResponseFailed}, as any
+   body cut short does, instead of passing for complete; and bytes after
+   its end that do not start another gzip member are ignored up to
+   L{TRAILING_LIMIT}, past which the upstream is stopped and the body,
+   complete, ends.  (twisted.web's decoder ends a truncated stream as
+   complete, drops further members, and lets zlib keep every byte after
+   the end.)
 
 What it keeps of C{GzipDecoder}: the response's length becomes unknown, a
-corrupt stream fails the body with L{ResponseFailed}, a stream cut short
-ends with what could be inflated, and bytes after the gzip stream's end are
-ignored.
+corrupt stream fails the body with L{ResponseFailed}, and a body with no
+bytes at all is an empty body.
 """
 
 from __future__ import annotations
@@ -27,11 +40,12 @@ from __future__ import annotations
 import zlib
 from typing import Any, Optional
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
@@ -39,19 +53,38 @@ from zope.interface import implementer
 #: protocol is given.
 STEP = 64 * 1024
 
+#: The most pieces inflated in one turn of the reactor (1 MiB).
+PIECES_PER_TURN = 16
+
+#: Bytes after the gzip stream's end ignored before the upstream is stopped.
+TRAILING_LIMIT = 64 * 1024
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class GzipTruncated(Exception):
+    """
+    The body ended before its gzip stream did.
+    """
+
 
 class BoundedGzipDecoder(proxyForInterface(IResponse)):  # type: ignore[misc]
     """
     A C{ContentDecoderAgent} decoder for C{gzip}: the response, with its
-    body inflated by L{_Inflating}.
+    body inflated by L{_Inflating}.  (C{ContentDecoderAgent} calls a
+    decoder with the response alone: bind the clock first, as
+    C{functools.partial(BoundedGzipDecoder, clock=reactor)}.)
+
+    @param clock: where the next turn's inflating is scheduled.
     """
 
-    def __init__(self, response: IResponse) -> None:
+    def __init__(self, response: IResponse, clock: IReactorTime) -> None:
         self.original = response
         self.length = UNKNOWN_LENGTH
+        self._clock = clock
 
     def deliverBody(self, protocol: Any) -> None:
-        self.original.deliverBody(_Inflating(protocol, self.original))
+        self.original.deliverBody(_Inflating(protocol, self.original, self._clock))
 
 
 @implementer(IPushProducer)
@@ -60,24 +93,36 @@ class _Inflating(Protocol):
     Between the response (whose producer is upstream's socket) and the body
     protocol, to which it is the producer: compressed bytes in, at most
     L{STEP} inflated bytes per piece out, none while the protocol is
-    paused.
+    paused.  Upstream's socket reads only while nothing waits here.
     """
 
     #: The response's producer: upstream's socket, paused, resumed and
     #: stopped for the protocol.
     transport: Any
 
-    def __init__(self, protocol: Any, response: IResponse) -> None:
+    def __init__(self, protocol: Any, response: IResponse, clock: IReactorTime) -> None:
         self._protocol = protocol
         self._response = response
+        self._clock = clock
         self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
         #: Compressed bytes not inflated yet.
         self._pending = b""
         #: The last inflation filled its piece: zlib may hold more output.
         self._full = False
+        #: Some compressed byte came (a body with none is an empty body).
+        self._begun = False
+        #: Bytes after the gzip stream's end, ignored so far.
+        self._trailing = 0
         self._paused = False
         #: The protocol wants no more of the body.
         self._stopped = False
+        #: Upstream's socket is paused by this layer.
+        self._holding = False
+        #: The next turn's inflating.
+        self._later: Optional[IDelayedCall] = None
+        #: Inside L{_inflate} (a protocol may pause and resume from its
+        #: dataReceived: the loop already running goes on).
+        self._inflating = False
         #: The body's end, once it came and until it is passed on.
         self._ended: Optional[Failure] = None
         self._done = False
@@ -86,6 +131,12 @@ class _Inflating(Protocol):
         self._protocol.makeConnection(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._stopped or self._done:
+            return
+        if self._zlib.eof:
+            self._after_end(data)
+            return
+        self._begun = True
         self._pending += data
         self._inflate()
 
@@ -93,52 +144,129 @@ class _Inflating(Protocol):
         self._ended = reason
         self._inflate()
 
+    def _waiting(self) -> bool:
+        return bool(self._pending) or self._full
+
     def _inflate(self) -> None:
         """
         Give the protocol what can be inflated, a piece at a time, until
-        nothing is left or it pauses; then the end, if it came (a paused
-        protocol is told of it once what is left has reached it).
+        nothing is left, it pauses, or this turn's pieces are spent; then
+        the end, if it came (a paused protocol is told of it once what is
+        left has reached it).
         """
-        while not (self._paused or self._stopped or self._done) and (self._pending or self._full):
-            try:
-                piece = self._zlib.decompress(self._pending, STEP)
-            except zlib.error:
-                self._fail()
-                return
-            self._pending = self._zlib.unconsumed_tail
-            self._full = len(piece) == STEP
-            if self._zlib.eof:
-                # (What follows the gzip stream is ignored, as twisted.web does.)
-                self._pending, self._full = b"", False
-            if piece:
-                self._protocol.dataReceived(piece)
-        if self._done or self._ended is None or (self._pending or self._full) and not self._stopped:
+        if self._inflating:
             return
-        self._done = True
-        self._protocol.connectionLost(self._ended)
+        self._inflating = True
+        try:
+            pieces = PIECES_PER_TURN
+            while not (self._paused or self._stopped or self._done) and self._waiting():
+                if not pieces:
+                    if self._later is None:
+                        self._later = self._clock.callLater(0, self._next_turn)
+                    break
+                pieces -= 1
+                try:
+                    piece = self._zlib.decompress(self._pending, STEP)
+                except zlib.error:
+                    self._fail(Failure())
+                    return
+                self._pending = self._zlib.unconsumed_tail
+                self._full = len(piece) == STEP
+                if self._zlib.eof and not self._full:
+                    rest, self._pending = self._zlib.unused_data, b""
+                    if piece:
+                        self._protocol.dataReceived(piece)
+                        piece = b""
+                    self._after_end(rest)
+                if piece:
+                    self._protocol.dataReceived(piece)
+        finally:
+            self._inflating = False
+        self._flow()
+        if self._done or self._ended is None or (self._waiting() and not self._stopped):
+            return
+        self._finish(self._ended)
 
-    def _fail(self) -> None:
+    def _after_end(self, data: bytes) -> None:
+        """
+        Bytes after a gzip stream's end: another member (RFC 1952 allows a
+        series), or what is ignored up to L{TRAILING_LIMIT}.
+        """
+        if not data or self._done:
+            return
+        if not self._trailing and data.startswith(_GZIP_MAGIC):
+            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self._pending += data
+            if not self._inflating:
+                self._inflate()
+            return
+        self._trailing += len(data)
+        if self._trailing > TRAILING_LIMIT:
+            self._finish(Failure(ResponseDone("gzip stream complete; what followed was dropped")))
+            self.transport.stopProducing()
+
+    def _next_turn(self) -> None:
+        self._later = None
+        self._inflate()
+
+    def _flow(self) -> None:
+        """
+        Upstream's socket reads only while nothing waits here and the
+        protocol is not paused.
+        """
+        if self._ended is not None or self._stopped or self._done:
+            return
+        hold = self._paused or self._waiting()
+        if hold != self._holding:
+            self._holding = hold
+            if hold:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def _finish(self, reason: Failure) -> None:
         self._done = True
-        failure = Failure()
-        self.transport.stopProducing()
-        self._protocol.connectionLost(Failure(ResponseFailed([failure], self._response)))
+        self._pending, self._full = b"", False
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
+        if (
+            reason.check(ResponseDone, PotentialDataLoss)
+            and self._begun
+            and not self._zlib.eof
+            and not self._stopped
+            and not self._trailing
+        ):
+            # (PotentialDataLoss: a body delimited by the connection's close.)
+            reason = Failure(ResponseFailed([reason, Failure(GzipTruncated())], self._response))
+        self._protocol.connectionLost(reason)
+
+    def _fail(self, failure: Failure) -> None:
+        if self._ended is None:
+            self.transport.stopProducing()
+        self._finish(Failure(ResponseFailed([failure], self._response)))
 
     # IPushProducer, for the body protocol.
 
     def pauseProducing(self) -> None:
         self._paused = True
-        if self._ended is None:
-            self.transport.pauseProducing()
+        self._flow()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._inflate()
-        if not (self._paused or self._stopped or self._done) and self._ended is None:
-            self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        # The end still comes, as the connection's loss.
+        # The end still comes: now if the connection's loss came already,
+        # else with it.
+        if self._stopped or self._done:
+            return
         self._stopped = True
         self._pending, self._full = b"", False
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         if self._ended is None:
             self.transport.stopProducing()
+        else:
+            self._inflate()

@@ -14,6 +14,7 @@ from typing import Any, Optional, TypeVar
 import treq
 from twisted.internet.defer import fail
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, TimeoutError
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -216,7 +217,7 @@ class LargeBodyTests(SynchronousTestCase):
 
     def test_large_body_forwarded_and_let_go(self) -> None:
         agent = _Lingering()
-        h = Harness(http=http_client(agent))
+        h = Harness(http=http_client(agent, Clock()))
         agent.agent = h.upstream_agent
         body = chat_body(messages=[{"role": "user", "content": "x" * 1_000_000}])
         response = self.successResultOf(h.post(body))

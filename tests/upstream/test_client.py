@@ -361,7 +361,7 @@ class ProxyHTTPClientTests(SynchronousTestCase):
         for url in self.URLS:
             for body in [b'{"model": "m"}', b"", None]:
                 expected = self.sent(treq_itself, url, body)
-                self.assertEqual(self.sent(http_client, url, body), expected, (url, body))
+                self.assertEqual(self.sent(lambda agent: http_client(agent, Clock()), url, body), expected, (url, body))
                 [(_, _, headers, _), _] = expected
                 self.assertIn((b"Accept-Encoding", b"gzip"), headers)
                 self.assertNotIn(b"Cookie", [name for name, _ in headers])
@@ -372,7 +372,7 @@ class ProxyHTTPClientTests(SynchronousTestCase):
         C{Content-Encoding}.
         """
         answer = _Answer(200, {b"content-encoding": [b"gzip"]}, gzip.compress(b'{"id": "x"}'))
-        client = http_client(_AgentLog([answer]))
+        client = http_client(_AgentLog([answer]), Clock())
         d = client.request("POST", self.URLS[0], data=b"{}", headers=Headers(), unbuffered=True, allow_redirects=False)
         response = self.successResultOf(d)
         self.assertFalse(response.headers.hasHeader(b"content-encoding"))
@@ -384,7 +384,7 @@ class ProxyHTTPClientTests(SynchronousTestCase):
         treq's as it is.
         """
         agent = _AgentLog([_Answer(302, {b"location": [b"https://api.test/v1/other"]}, b""), _Answer(200, {}, b"{}")])
-        d = http_client(agent).request("GET", self.URLS[1], headers=Headers(), unbuffered=True)
+        d = http_client(agent, Clock()).request("GET", self.URLS[1], headers=Headers(), unbuffered=True)
         self.assertEqual(self.successResultOf(d).code, 200)
         self.assertEqual([uri for _, uri, _, _ in agent.sent], [self.URLS[1].encode(), b"https://api.test/v1/other"])
 

@@ -159,7 +159,8 @@ class Pooled:
         config = replace(harness_config(clients=ClientRegistry()), upstreams=tuple(members), **settings)
         if routes is not None:
             config = replace(config, routes=frozenset(routes))
-        self.h = Harness(config=config, http=http_client(self.agent))
+        clock = Clock()
+        self.h = Harness(config=config, clock=clock, http=http_client(self.agent, clock))
         self.h.upstream_agent = agent
         self.pool = self.h.built.upstreams.pool
 

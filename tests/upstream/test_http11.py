@@ -239,7 +239,7 @@ class RequestBytesTests(_Case):
             lambda e: HTTP11Agent(e, ConnectionPool(Clock())),
         ):
             endpoints = _Endpoints()
-            client = http_client(agent_of(endpoints))
+            client = http_client(agent_of(endpoints), Clock())
             client.request(
                 "POST",
                 URL.decode(),
