@@ -23,6 +23,12 @@ pinned like the proxy and fed the same streams, so its CPU per chunk and
 memory per idle stream are what the proxy's could at best come down to
 in this process model.  It is a measuring tool: it takes any request and
 holds no key.
+
+Its send at once relies on what the proxy's does
+(C{oaiproxy.server.twisted_internals.write_now}): C{FileDescriptor}'s
+C{dataBuffer} and C{_tempDataLen} (nothing waiting), C{_writeDisconnected}
+and C{tcp.Connection.TLS}, beside public C{writeSomeData}; anywhere those
+do not hold it writes the usual way.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import socket
 import sys
 from typing import Any, Optional
 
-from twisted.internet import reactor
+from twisted.internet import tcp
+from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
 _LENGTH = re.compile(rb"(?im)^content-length:[ \t]*(\d+)")
@@ -40,6 +47,11 @@ _HEAD_LIMIT = 65536
 
 
 class Upstream(Protocol):
+    """
+    The upstream side: the request's bytes out as they came, each read back
+    to the client.
+    """
+
     def __init__(self, client: "Client") -> None:
         self.client = client
 
@@ -56,6 +68,10 @@ class Upstream(Protocol):
 
 
 class UpstreamFactory(ClientFactory):
+    """
+    One upstream connection for C{client}; a failure to connect closes it.
+    """
+
     def __init__(self, client: "Client") -> None:
         self.client = client
 
@@ -67,10 +83,15 @@ class UpstreamFactory(ClientFactory):
 
 
 class Client(Protocol):
+    """
+    The client side: held until its request is in, then relayed both ways.
+    """
+
     upstream: Optional[Upstream] = None
     connecting = False
 
-    def __init__(self, target: tuple[str, int], buffered: bool) -> None:
+    def __init__(self, reactor: IReactorTCP, target: tuple[str, int], buffered: bool) -> None:
+        self.reactor = reactor
         self.target = target
         self.buffered = buffered
         self.pending = b""
@@ -91,11 +112,20 @@ class Client(Protocol):
         if len(self.pending) < end + 4 + (int(length.group(1)) if length else 0):
             return
         self.connecting = True
-        reactor.connectTCP(self.target[0], self.target[1], UpstreamFactory(self))  # type: ignore[attr-defined]
+        self.reactor.connectTCP(self.target[0], self.target[1], UpstreamFactory(self))
 
     def send(self, data: bytes) -> None:
         transport: Any = self.transport
-        if self.buffered or transport.dataBuffer or transport._tempDataLen:
+        if (
+            self.buffered
+            or type(transport) is not tcp.Server
+            or transport.TLS
+            or transport.dataBuffer
+            or transport._tempDataLen
+            or not transport.connected
+            or transport.disconnecting
+            or transport._writeDisconnected
+        ):
             transport.write(data)
             return
         sent = transport.writeSomeData(data)
@@ -110,18 +140,25 @@ class Client(Protocol):
 
 
 class Relay(Factory):
-    def __init__(self, target: tuple[str, int], buffered: bool) -> None:
+    """
+    A L{Client} for each connection, relaying to C{target} on C{reactor}.
+    """
+
+    def __init__(self, reactor: IReactorTCP, target: tuple[str, int], buffered: bool) -> None:
+        self.reactor = reactor
         self.target = target
         self.buffered = buffered
 
     def buildProtocol(self, addr: Any) -> Client:
-        return Client(self.target, self.buffered)
+        return Client(self.reactor, self.target, self.buffered)
 
 
 def main(argv: list[str]) -> None:
+    from twisted.internet import reactor
+
     buffered = "--buffered" in argv
     port, host, upstream_port = (a for a in argv if not a.startswith("--"))
-    relay = Relay((host, int(upstream_port)), buffered)
+    relay = Relay(reactor, (host, int(upstream_port)), buffered)  # type: ignore[arg-type]
     if "--reuseport" in argv:
         shared = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -283,8 +283,10 @@ class Harness:
         """
         Move every pending byte between client, proxy and upstream, and run
         what was left for the reactor's next turn (C{callLater(0)}: a
-        gzipped body is inflated a bounded amount per turn).  Ten rounds
-        bound the loop; one request needs at most three.
+        gzipped body is inflated a bounded amount per turn; C{Clock} runs
+        the turns those calls schedule in the same C{advance}, so one round
+        inflates a body whole).  Ten rounds bound the loop; one request
+        needs at most three.
         """
         for _ in range(10):
             self.proxy_agent.flush()

@@ -11,7 +11,6 @@ from dataclasses import replace
 from typing import Any, Optional
 
 import treq
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import Secret
@@ -138,7 +137,7 @@ class MetricsPortTests(SynchronousTestCase):
     def get(self, h: Harness, token: Optional[bytes]) -> int:
         assert h.built.metrics_site is not None
         agent = SiteAgent(h.built.metrics_site)
-        client = http_client(agent, Clock())
+        client = http_client(agent, h.clock)
         headers = {b"authorization": [b"Bearer " + token]} if token else {}
         d = client.get("http://metrics.test/health/upstreams", headers=headers)
         agent.flush()

@@ -217,7 +217,8 @@ class LargeBodyTests(SynchronousTestCase):
 
     def test_large_body_forwarded_and_let_go(self) -> None:
         agent = _Lingering()
-        h = Harness(http=http_client(agent, Clock()))
+        clock = Clock()
+        h = Harness(clock=clock, http=http_client(agent, clock))
         agent.agent = h.upstream_agent
         body = chat_body(messages=[{"role": "user", "content": "x" * 1_000_000}])
         response = self.successResultOf(h.post(body))

@@ -14,7 +14,6 @@ from dataclasses import replace
 from typing import Any, Optional
 
 import treq
-from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -173,7 +172,7 @@ class MetricsPortTests(SynchronousTestCase):
         h.credentials.admin_key = Secret(ADMIN)
         assert h.built.metrics_site is not None
         agent = SiteAgent(h.built.metrics_site)
-        client = http_client(agent, Clock())
+        client = http_client(agent, h.clock)
 
         def get(path: str, token: Optional[bytes]) -> tuple[int, bytes]:
             headers = {b"authorization": [b"Bearer " + token]} if token else {}

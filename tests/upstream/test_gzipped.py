@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 from twisted.internet.defer import succeed
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ContentDecoderAgent, ResponseDone, ResponseFailed
@@ -22,7 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from oaiproxy.upstream.gzipped import PIECES_PER_TURN, STEP, TRAILING_LIMIT, BoundedGzipDecoder, GzipTruncated
+from oaiproxy.upstream.gzipped import STEP, TRAILING_LIMIT, TURN_BYTES, BoundedGzipDecoder, GzipTruncated
 
 
 class _Upstream:
@@ -140,13 +139,13 @@ class _Body(Protocol):
         return sum(self.pieces)
 
 
-def _decoded(encoding: bytes, clock: Optional[Clock] = None) -> tuple[_Response, IResponse]:
+def _decoded(encoding: bytes, clock: Optional["_Turns"] = None) -> tuple[_Response, IResponse]:
     """
     A response with C{Content-Encoding: encoding}, through the proxy's
     C{ContentDecoderAgent} with L{BoundedGzipDecoder}.
     """
     raw = _Response(encoding)
-    decoder = functools.partial(BoundedGzipDecoder, clock=clock or Clock())
+    decoder = functools.partial(BoundedGzipDecoder, clock=clock if clock is not None else _Turns())
     agent = ContentDecoderAgent(_Agent(raw), [(b"gzip", decoder)])
     d = agent.request(b"GET", b"http://upstream.test/v1/models")
     response: list[IResponse] = []
@@ -159,30 +158,35 @@ class BoundedGzipDecoderTests(SynchronousTestCase):
         """
         One read of a gzip bomb (16 MiB of zeros in about 16 KB) is not
         inflated whole: each piece is at most L{STEP}, and once the body
-        protocol pauses, inflating stops and upstream's socket is paused,
-        with at most one piece beyond the protocol's threshold given.  Each
-        resume goes on from where it stopped, until all of it and then the
-        end have reached the protocol.
+        protocol pauses (well before a turn's pieces are spent), inflating
+        stops and upstream's socket is paused, with at most one piece
+        beyond the protocol's threshold given.  Each resume goes on from
+        where it stopped, until all of it and then the end have reached the
+        protocol.
         """
         size = 16 * 1024 * 1024
         bomb = gzip.compress(b"\0" * size)
         self.assertLess(len(bomb), 20_000)
-        raw, response = _decoded(b"gzip")
+        clock = _Turns()
+        raw, response = _decoded(b"gzip", clock)
         self.assertIs(response.length, UNKNOWN_LENGTH)
         self.assertIsNone(response.headers.getRawHeaders(b"content-encoding"))
-        body = _Body(pause_after=1024 * 1024)
+        threshold = 300 * 1024
+        self.assertLess(threshold + STEP, TURN_BYTES)
+        body = _Body(pause_after=threshold)
         response.deliverBody(body)
         assert raw.protocol is not None
         raw.protocol.dataReceived(bomb)
         self.assertLessEqual(max(body.pieces), STEP)
-        self.assertLessEqual(body.received, 1024 * 1024 + STEP)
+        self.assertLessEqual(body.received, threshold + STEP)
         self.assertTrue(raw.upstream.paused)
         raw.protocol.connectionLost(Failure(ResponseDone()))
         self.assertIsNone(body.ended, "the end went ahead of the body")
-        for _ in range(size // (1024 * 1024) + 2):
+        for _ in range(2 * size // threshold + 2):
             if body.ended is not None:
                 break
             body.resume()
+            clock.turn()
         self.assertEqual(body.received, size)
         self.assertEqual(set(b"".join(body.data)), {0})
         self.assertLessEqual(max(body.pieces), STEP)
@@ -200,18 +204,21 @@ class BoundedGzipDecoderTests(SynchronousTestCase):
         size = 64 * 1024 * 1024
         bomb = gzip.compress(gzip.compress(b"\0" * size))
         self.assertLess(len(bomb), 10_000)
-        raw, response = _decoded(b"gzip, gzip")
-        body = _Body(pause_after=512 * 1024)
+        clock = _Turns()
+        raw, response = _decoded(b"gzip, gzip", clock)
+        threshold = 300 * 1024
+        body = _Body(pause_after=threshold)
         response.deliverBody(body)
         assert raw.protocol is not None
         raw.protocol.dataReceived(bomb)
-        self.assertLessEqual(body.received, 512 * 1024 + STEP)
+        self.assertLessEqual(body.received, threshold + STEP)
         self.assertTrue(raw.upstream.paused)
         raw.protocol.connectionLost(Failure(ResponseDone()))
-        for _ in range(size // (512 * 1024) + 2):
+        for _ in range(2 * size // threshold + 2):
             if body.ended is not None:
                 break
             body.resume()
+            clock.turn()
         self.assertEqual(body.received, size)
         self.assertLessEqual(max(body.pieces), STEP)
         self.assertEqual(body.ends, 1)
@@ -322,29 +329,29 @@ class BoundedGzipDecoderTests(SynchronousTestCase):
     def test_fast_client_gets_bounded_turns(self) -> None:
         """
         A protocol that never pauses (a stream's client whose socket takes
-        every chunk) gets at most L{PIECES_PER_TURN} pieces per turn of the
+        every chunk) gets at most L{TURN_BYTES} (and a piece) per turn of the
         reactor: the rest waits for the next turn, with upstream's socket
         paused meanwhile, so one bomb cannot hold the reactor from every
         other connection.
         """
         size = 8 * 1024 * 1024
         clock = _Turns()
-        raw, response = _decoded(b"gzip", clock)  # type: ignore[arg-type]
+        raw, response = _decoded(b"gzip", clock)
         body = _Body()
         response.deliverBody(body)
         assert raw.protocol is not None
         raw.protocol.dataReceived(gzip.compress(b"\0" * size))
-        self.assertEqual(len(body.pieces), PIECES_PER_TURN)
+        self.assertEqual(body.received, TURN_BYTES)
         self.assertTrue(raw.upstream.paused)
         raw.protocol.connectionLost(Failure(ResponseDone()))
         turns = 0
         while body.ended is None and turns < 100:
-            before = len(body.pieces)
+            before = body.received
             clock.turn()
-            self.assertLessEqual(len(body.pieces) - before, PIECES_PER_TURN)
+            self.assertLessEqual(body.received - before, TURN_BYTES + STEP)
             turns += 1
         self.assertEqual(body.received, size)
-        self.assertGreaterEqual(turns, size // (STEP * PIECES_PER_TURN) - 1)
+        self.assertGreaterEqual(turns, size // TURN_BYTES - 1)
         assert body.ended is not None
         self.assertTrue(body.ended.check(ResponseDone))
 
@@ -354,17 +361,17 @@ class BoundedGzipDecoderTests(SynchronousTestCase):
         once the protocol has had them all.
         """
         clock = _Turns()
-        raw, response = _decoded(b"gzip", clock)  # type: ignore[arg-type]
+        raw, response = _decoded(b"gzip", clock)
         body = _Body()
         response.deliverBody(body)
         assert raw.protocol is not None
-        compressed = gzip.compress(b"\0" * (4 * STEP * PIECES_PER_TURN))
+        compressed = gzip.compress(b"\0" * (4 * TURN_BYTES))
         raw.protocol.dataReceived(compressed)
         self.assertTrue(raw.upstream.paused)
         for _ in range(4):
             self.assertTrue(raw.upstream.paused)
             clock.turn()
-        self.assertEqual(body.received, 4 * STEP * PIECES_PER_TURN)
+        self.assertEqual(body.received, 4 * TURN_BYTES)
         self.assertFalse(raw.upstream.paused)
         self.assertEqual(clock.calls, [])
 
@@ -397,8 +404,10 @@ class BoundedGzipDecoderTests(SynchronousTestCase):
         A gzip body of several members (RFC 1952 allows a series) is
         decoded whole, wherever the reads split it.
         """
-        compressed = gzip.compress(b'{"a": ') + gzip.compress(b'"b"}')
-        for split in (1, 10, len(compressed) // 2, len(compressed)):
+        first = gzip.compress(b'{"a": ')
+        compressed = first + gzip.compress(b'"b"}')
+        # (len(first) + 1: a read that ends inside the next member's magic.)
+        for split in (1, 10, len(first), len(first) + 1, len(compressed) // 2, len(compressed)):
             raw, response = _decoded(b"gzip")
             body = _Body()
             response.deliverBody(body)
@@ -443,15 +452,15 @@ class BoundedGzipDecoderTests(SynchronousTestCase):
                 self.transport.resumeProducing()
                 self.depth -= 1
 
-        clock = Clock()
+        clock = _Turns()
         raw, response = _decoded(b"gzip", clock)
         body = Bouncing()
         response.deliverBody(body)
         assert raw.protocol is not None
         raw.protocol.dataReceived(gzip.compress(b"\0" * (64 * STEP)))
         raw.protocol.connectionLost(Failure(ResponseDone()))
-        for _ in range(10):
-            clock.advance(0)
+        for _ in range(64 * STEP // TURN_BYTES + 1):
+            clock.turn()
         self.assertEqual(body.received, 64 * STEP)
         self.assertEqual(body.ends, 1)
         self.assertEqual(body.deepest, 1)
@@ -468,3 +477,46 @@ class BoundedGzipDecoderTests(SynchronousTestCase):
         raw.protocol.dataReceived(zlib.compress(b"{}"))
         assert body.ended is not None
         self.assertTrue(body.ended.check(ResponseFailed))
+
+    def test_pause_while_idle_holds_upstream(self) -> None:
+        """
+        A protocol that pauses while nothing waits here (its client's
+        buffer filled) pauses upstream's socket, and its resume lets it
+        read again.
+        """
+        raw, response = _decoded(b"gzip")
+        body = _Body()
+        response.deliverBody(body)
+        assert raw.protocol is not None
+        raw.protocol.dataReceived(gzip.compress(b"hello")[:10])
+        self.assertFalse(raw.upstream.paused)
+        body.transport.pauseProducing()
+        self.assertTrue(raw.upstream.paused)
+        body.resume()
+        self.assertFalse(raw.upstream.paused)
+
+    def test_stacked_encodings_bounded_per_turn(self) -> None:
+        """
+        Stacked decoders share the bound of a turn: the outer layer's
+        pieces do not each give the inner one a new turn's worth, so a fast
+        protocol gets at most L{TURN_BYTES} (and a piece) per turn of the
+        reactor from C{gzip, gzip} too.
+        """
+        size = 32 * 1024 * 1024
+        clock = _Turns()
+        raw, response = _decoded(b"gzip, gzip", clock)
+        body = _Body()
+        response.deliverBody(body)
+        assert raw.protocol is not None
+        raw.protocol.dataReceived(gzip.compress(gzip.compress(random.Random(1).randbytes(4096) * (size // 4096))))
+        self.assertLessEqual(body.received, TURN_BYTES + STEP)
+        raw.protocol.connectionLost(Failure(ResponseDone()))
+        turns = 0
+        while body.ended is None and turns < 1000:
+            before = body.received
+            clock.turn()
+            self.assertLessEqual(body.received - before, TURN_BYTES + STEP)
+            turns += 1
+        self.assertEqual(body.received, size)
+        assert body.ended is not None
+        self.assertTrue(body.ended.check(ResponseDone))
