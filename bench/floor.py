@@ -24,11 +24,9 @@ memory per idle stream are what the proxy's could at best come down to
 in this process model.  It is a measuring tool: it takes any request and
 holds no key.
 
-Its send at once relies on what the proxy's does
-(C{oaiproxy.server.twisted_internals.write_now}): C{FileDescriptor}'s
-C{dataBuffer} and C{_tempDataLen} (nothing waiting), C{_writeDisconnected}
-and C{tcp.Connection.TLS}, beside public C{writeSomeData}; anywhere those
-do not hold it writes the usual way.
+Its send at once is the proxy's own (C{send_now} of
+C{oaiproxy.server.twisted_internals}, below C{write_now}'s chunk framing):
+where that does not apply (something is waiting) it writes the usual way.
 """
 
 from __future__ import annotations
@@ -38,9 +36,10 @@ import socket
 import sys
 from typing import Any, Optional
 
-from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
+
+from oaiproxy.server.twisted_internals import send_now
 
 _LENGTH = re.compile(rb"(?im)^content-length:[ \t]*(\d+)")
 _HEAD_LIMIT = 65536
@@ -115,24 +114,8 @@ class Client(Protocol):
         self.reactor.connectTCP(self.target[0], self.target[1], UpstreamFactory(self))
 
     def send(self, data: bytes) -> None:
-        transport: Any = self.transport
-        if (
-            self.buffered
-            or type(transport) is not tcp.Server
-            or transport.TLS
-            or transport.dataBuffer
-            or transport._tempDataLen
-            or not transport.connected
-            or transport.disconnecting
-            or transport._writeDisconnected
-        ):
-            transport.write(data)
-            return
-        sent = transport.writeSomeData(data)
-        if type(sent) is not int:
-            sent = 0
-        if sent < len(data):
-            transport.write(data[sent:])
+        if self.buffered or not send_now(self.transport, data):
+            self.transport.write(data)  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.upstream is not None:

@@ -141,7 +141,7 @@ def admin_key_required(configured: bool) -> ApiError:
 def openai_key_sent(where: Optional[str] = None) -> ApiError:
     """
     A 401 for a request carrying a real OpenAI secret key (by its shape:
-    see L{oaiproxy.upstream.headers.contains_openai_key}).  It is never forwarded:
+    see L{oaiproxy.keyshape.contains_openai_key}).  It is never forwarded:
     the proxy holds the OpenAI key, clients need only a proxy key, and a
     real key in every app's configuration is one leak away from misuse.
     The message says where the key was (a header's name, or the URL),

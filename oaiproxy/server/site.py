@@ -42,7 +42,6 @@ from oaiproxy.observe.records import RequestRecord, new_request_id
 from oaiproxy.routetable import ROUTES
 from oaiproxy.server.twisted_internals import (
     bound_chunked_body,
-    held,
     hold_channel,
     release_channel,
     unparsed_head,
@@ -238,6 +237,7 @@ class ProxyRequest(Request):
         "_early",
         "_chunks",
         "_refused",
+        "_channel_held",
         "_logged",
         "_processing",
         "_streaming",
@@ -277,6 +277,8 @@ class ProxyRequest(Request):
         self._early = False
         self._chunks: list[bytes] = []
         self._refused = False
+        #: The channel is kept on this request (hold_channel) until its body is in.
+        self._channel_held = False
         self._logged = False
         self._processing = False
         self._streaming = False
@@ -536,9 +538,10 @@ class ProxyRequest(Request):
             self._body_complete = True
             if not self._refused and self.body_pipe is not None:
                 self.body_pipe.finish()
-            if self.finished and held(self):
+            if self._channel_held:
                 # It was answered early (see finish): now that the rest of
                 # the body is read, the channel may move on.
+                self._channel_held = False
                 self._cancel_linger()
                 release_channel(self)
             return
@@ -634,6 +637,7 @@ class ProxyRequest(Request):
             # runs out and closes the connection.  (Pinned by
             # tests.routes.test_uploads.StreamingTests.)
             self._refused = True
+            self._channel_held = True
             hold_channel(self)
             self._stop_body_clock()
             if not self._timed_out:
@@ -693,8 +697,11 @@ class ProxyRequest(Request):
         self._lifecycle.ended(self)
         record = self.record
         record.bytes_in = self._body_bytes
-        record.method = method.decode("latin-1")
-        record.path = shown_path(path)
+        if record.path == "-":
+            # Not processed (refused at its head): the request line's.
+            # (process() set both from the same request otherwise.)
+            record.method = method.decode("latin-1")
+            record.path = shown_path(path)
         # A client that left before any answer was written: nginx's 499,
         # not twisted.web's default 200.
         record.status = self.code if (self.startedWriting or ended == "complete") else 499

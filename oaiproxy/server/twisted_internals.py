@@ -38,8 +38,8 @@ __all__ = [
     "unparsed_head",
     "hold_channel",
     "release_channel",
-    "held",
     "write_now",
+    "send_now",
 ]
 
 #: The significant digits of a chunk size.
@@ -149,13 +149,6 @@ def release_channel(request: Request) -> None:
     request._cleanup()
 
 
-def held(request: Request) -> bool:
-    """
-    Whether L{hold_channel} holds C{request}.
-    """
-    return bool(request.queued)
-
-
 def write_now(request: Request, data: bytes) -> bool:
     """
     Send C{data}, a chunk of C{request}'s chunked response whose head is
@@ -187,7 +180,25 @@ def write_now(request: Request, data: bytes) -> bool:
     """
     if request.finished or request.channel is None or not request.chunked or getattr(request, "_encoder", None):
         return False
-    transport: Any = request.channel.transport
+    framed = b"%x\r\n%b\r\n" % (len(data), data)
+    if not send_now(request.channel.transport, framed):
+        return False
+    request.sentLength += len(data)
+    return True
+
+
+def send_now(transport: Any, data: bytes) -> bool:
+    """
+    Send C{data} on C{transport} now if it is a plain TCP connection with
+    nothing waiting to be sent, buffering what the socket does not take;
+    return whether it did (if not, nothing was written).  L{write_now}'s
+    part below HTTP, and what C{bench/floor.py} sends with, so that the
+    floor measures the proxy's own path.
+
+    Relies on C{FileDescriptor.dataBuffer}, C{_tempDataLen} and
+    C{_writeDisconnected} and C{tcp.Connection.TLS}, beside public
+    C{writeSomeData} and C{write}.
+    """
     if (
         type(transport) is not tcp.Server
         or transport.TLS
@@ -198,11 +209,9 @@ def write_now(request: Request, data: bytes) -> bool:
         or transport._writeDisconnected
     ):
         return False
-    framed = b"%x\r\n%b\r\n" % (len(data), data)
-    request.sentLength += len(data)
-    sent = transport.writeSomeData(framed)
+    sent = transport.writeSomeData(data)
     if type(sent) is not int:
         sent = 0
-    if sent < len(framed):
-        transport.write(framed[sent:])
+    if sent < len(data):
+        transport.write(data[sent:])
     return True

@@ -21,8 +21,6 @@ from twisted.web.http_headers import Headers
 from oaiproxy.keyshape import OPENAI_KEY_MARKER, contains_openai_key
 
 __all__ = [
-    "OPENAI_KEY_MARKER",
-    "contains_openai_key",
     "looks_like_openai_key",
     "HOP_BY_HOP",
     "upstream_request_headers",

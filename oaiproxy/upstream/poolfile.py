@@ -47,7 +47,8 @@ from oaiproxy.config import (
     read_config_file,
     read_document,
 )
-from oaiproxy.upstream.headers import contains_openai_key, is_credential_header, parse_static_header
+from oaiproxy.keyshape import contains_openai_key
+from oaiproxy.upstream.headers import is_credential_header, parse_static_header
 from oaiproxy.upstream.pool import Upstream
 
 __all__ = [

@@ -36,7 +36,8 @@ from oaiproxy.access.clients import (
     parse_clients,
 )
 from oaiproxy.config import ConfigError, Secret
-from oaiproxy.upstream.headers import OPENAI_KEY_MARKER, contains_openai_key, looks_like_openai_key
+from oaiproxy.keyshape import OPENAI_KEY_MARKER, contains_openai_key
+from oaiproxy.upstream.headers import looks_like_openai_key
 from tests.support import temp_dir
 
 ALICE_KEY = "oaiproxy-ALICE-secret-key-0123456789abcdef"

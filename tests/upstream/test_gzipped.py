@@ -154,6 +154,34 @@ def _decoded(encoding: bytes, clock: Optional["_Turns"] = None) -> tuple[_Respon
 
 
 class BoundedGzipDecoderTests(SynchronousTestCase):
+    def resume_to_the_end(self, clock: _Turns, body: _Body, limit: int) -> None:
+        """
+        Resume C{body}'s producer, a turn of the reactor after each, until
+        C{body} has its end (at most C{limit} times): a client reading as
+        fast as it can.
+        """
+        for _ in range(limit):
+            if body.ended is not None:
+                return
+            body.resume()
+            clock.turn()
+
+    def turn_to_the_end(self, clock: _Turns, body: _Body, limit: int) -> int:
+        """
+        Run reactor turns until C{body} has its end (at most C{limit}),
+        checking that no turn gives it more than L{TURN_BYTES} and a piece;
+        return how many it took.  The end must be a complete body's.
+        """
+        turns = 0
+        while body.ended is None and turns < limit:
+            before = body.received
+            clock.turn()
+            self.assertLessEqual(body.received - before, TURN_BYTES + STEP)
+            turns += 1
+        assert body.ended is not None
+        self.assertTrue(body.ended.check(ResponseDone))
+        return turns
+
     def test_bomb_inflated_a_piece_at_a_time(self) -> None:
         """
         One read of a gzip bomb (16 MiB of zeros in about 16 KB) is not
@@ -182,11 +210,7 @@ class BoundedGzipDecoderTests(SynchronousTestCase):
         self.assertTrue(raw.upstream.paused)
         raw.protocol.connectionLost(Failure(ResponseDone()))
         self.assertIsNone(body.ended, "the end went ahead of the body")
-        for _ in range(2 * size // threshold + 2):
-            if body.ended is not None:
-                break
-            body.resume()
-            clock.turn()
+        self.resume_to_the_end(clock, body, 2 * size // threshold + 2)
         self.assertEqual(body.received, size)
         self.assertEqual(set(b"".join(body.data)), {0})
         self.assertLessEqual(max(body.pieces), STEP)
@@ -214,11 +238,7 @@ class BoundedGzipDecoderTests(SynchronousTestCase):
         self.assertLessEqual(body.received, threshold + STEP)
         self.assertTrue(raw.upstream.paused)
         raw.protocol.connectionLost(Failure(ResponseDone()))
-        for _ in range(2 * size // threshold + 2):
-            if body.ended is not None:
-                break
-            body.resume()
-            clock.turn()
+        self.resume_to_the_end(clock, body, 2 * size // threshold + 2)
         self.assertEqual(body.received, size)
         self.assertLessEqual(max(body.pieces), STEP)
         self.assertEqual(body.ends, 1)
@@ -344,16 +364,9 @@ class BoundedGzipDecoderTests(SynchronousTestCase):
         self.assertEqual(body.received, TURN_BYTES)
         self.assertTrue(raw.upstream.paused)
         raw.protocol.connectionLost(Failure(ResponseDone()))
-        turns = 0
-        while body.ended is None and turns < 100:
-            before = body.received
-            clock.turn()
-            self.assertLessEqual(body.received - before, TURN_BYTES + STEP)
-            turns += 1
+        turns = self.turn_to_the_end(clock, body, 100)
         self.assertEqual(body.received, size)
         self.assertGreaterEqual(turns, size // TURN_BYTES - 1)
-        assert body.ended is not None
-        self.assertTrue(body.ended.check(ResponseDone))
 
     def test_upstream_read_again_once_all_is_given(self) -> None:
         """
@@ -511,12 +524,5 @@ class BoundedGzipDecoderTests(SynchronousTestCase):
         raw.protocol.dataReceived(gzip.compress(gzip.compress(random.Random(1).randbytes(4096) * (size // 4096))))
         self.assertLessEqual(body.received, TURN_BYTES + STEP)
         raw.protocol.connectionLost(Failure(ResponseDone()))
-        turns = 0
-        while body.ended is None and turns < 1000:
-            before = body.received
-            clock.turn()
-            self.assertLessEqual(body.received - before, TURN_BYTES + STEP)
-            turns += 1
+        self.turn_to_the_end(clock, body, 1000)
         self.assertEqual(body.received, size)
-        assert body.ended is not None
-        self.assertTrue(body.ended.check(ResponseDone))

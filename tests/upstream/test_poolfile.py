@@ -13,7 +13,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from oaiproxy.config import ConfigError, Secret
-from oaiproxy.upstream.headers import OPENAI_KEY_MARKER
+from oaiproxy.keyshape import OPENAI_KEY_MARKER
 from oaiproxy.upstream.poolfile import (
     check_allow_lists,
     load_upstreams,
